@@ -1,0 +1,8 @@
+"""potstill: one teacher in, a family of small, verified students out.
+
+The root package holds the Graph IR (capture, coupled-channel analysis, blocks, cost model,
+surgery), the pass infrastructure and the command line. Passes, targets and device profiles live
+in ``potstill.passes``, ``potstill.targets`` and ``potstill.profiles``.
+"""
+
+__version__ = "0.1.0"

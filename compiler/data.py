@@ -1,0 +1,142 @@
+"""Batches and user data: one convention for calibration, training and evaluation data.
+
+A ``Batch`` is what a model consumes: positional ``args``, keyword ``kwargs`` and an optional
+``target`` (labels). ``as_batch`` turns what users naturally yield into one:
+
+* a tensor ``x``                       -> ``Batch((x,))``
+* a pair ``(x, y)``                    -> ``Batch((x,), target=y)``
+* a dict (Hugging Face style)          -> ``Batch((), kwargs, target=kwargs.pop("labels"))``
+* a ``Batch``                          -> itself
+
+``load_callable("path/to/file.py:fn")`` imports a user function from a file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputError
+
+
+@dataclass
+class Batch:
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    target: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> Batch:
+        def move(x: Any) -> Any:
+            return x.to(device) if isinstance(x, torch.Tensor) else x
+
+        return Batch(
+            tuple(move(a) for a in self.args),
+            {k: move(v) for k, v in self.kwargs.items()},
+            move(self.target),
+        )
+
+    @property
+    def size(self) -> int:
+        """Batch size: the leading dim of the first tensor input."""
+        for x in (*self.args, *self.kwargs.values()):
+            if isinstance(x, torch.Tensor) and x.dim() > 0:
+                return int(x.shape[0])
+        return 1
+
+    def run(self, model: Callable[..., Any]) -> Any:
+        return model(*self.args, **self.kwargs)
+
+
+def as_batch(obj: Any) -> Batch:
+    if isinstance(obj, Batch):
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return Batch((obj,))
+    if isinstance(obj, Mapping):
+        kwargs = dict(obj)
+        target = kwargs.pop("labels", None)
+        return Batch((), kwargs, target)
+    if isinstance(obj, (tuple, list)):
+        if len(obj) == 2 and all(isinstance(o, torch.Tensor) for o in obj):
+            return Batch((obj[0],), target=obj[1])
+        if len(obj) == 2 and isinstance(obj[0], (tuple, list)):
+            return Batch(tuple(obj[0]), target=obj[1])
+        return Batch(tuple(obj))
+    raise InputError(
+        f"cannot use a {type(obj).__name__} as a batch: yield a tensor, an (inputs, labels) pair "
+        "or a dict of model keyword inputs"
+    )
+
+
+def primary_output(out: Any) -> torch.Tensor:
+    """The tensor that stands for a model's output: logits, last hidden state, or the first tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+        if isinstance(out, Mapping) and isinstance(out.get(key), torch.Tensor):
+            return out[key]
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            if isinstance(o, torch.Tensor):
+                return o
+    raise TypeError(f"model output of type {type(out).__name__} holds no tensor")
+
+
+def import_file(path: str | Path, module_name: str | None = None) -> Any:
+    """Import a Python file as a module (its directory goes on sys.path for sibling imports)."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; give path/to/file.py:NAME")
+    name = module_name or f"potstill_user_{path.stem}_{abs(hash(str(path))) % 10**8}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise InputError(f"{path}: cannot be imported as Python")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(name, None)
+        raise InputError(f"{path}: importing it failed: {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def load_callable(spec: str) -> Callable[..., Any]:
+    """``"path/to/file.py:NAME"`` -> the callable ``NAME`` defined in that file."""
+    if ":" not in spec:
+        raise InputError(f"'{spec}': expected path/to/file.py:NAME")
+    path, name = spec.rsplit(":", 1)
+    module = import_file(path)
+    fn = getattr(module, name, None)
+    if fn is None or not callable(fn):
+        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise InputError(f"{path}: defines no callable '{name}' (callables there: {', '.join(found)})")
+    return fn
+
+
+def iter_batches(source: Callable[..., Any] | Iterable[Any], limit: int | None = None) -> Iterator[Batch]:
+    """Batches from a user data function (called with no args) or an iterable, at most ``limit``."""
+    data = source() if callable(source) and not inspect.isgenerator(source) else source
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        data = torch.utils.data.DataLoader(data, batch_size=32)
+    for i, item in enumerate(data):
+        if limit is not None and i >= limit:
+            break
+        yield as_batch(item)
