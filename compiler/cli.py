@@ -1,0 +1,186 @@
+"""The ``potstill`` command: compile, inspect, profile, profiles, passes.
+
+Everything heavy (torch, transformers, NNCF, TensorRT) is imported inside the command that needs
+it, so ``potstill --help`` starts fast and never imports an optional dependency. A
+``PotstillError`` prints its message in red without a traceback and exits with status 2; any other
+exception is a bug and propagates with its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .errors import PotstillError
+
+EXIT_USER_ERROR = 2
+
+TEACHER_HELP = "path/to/file.py:FACTORY (FACTORY() returns an nn.Module) or hf:PATH (a Hugging Face model directory)"
+SHAPE_HELP = "shape of one float input, e.g. 1x3x224x224; once per input (when the file has no example_inputs())"
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="potstill",
+        description="Compile a trained PyTorch teacher into small, verified students for a device.",
+    )
+    parser.add_argument("--version", action="version", version=f"potstill {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    c = sub.add_parser("compile", help="prune / distil / quantize a teacher and lower the students for a profile")
+    c.add_argument("teacher", nargs="?", metavar="TEACHER", help=TEACHER_HELP + " (or 'teacher:' in --recipe)")
+    c.add_argument("--profile", metavar="NAME", help="device profile: a built-in name (see 'potstill profiles') or a YAML file; default cpu")
+    c.add_argument("--ratio", type=float, action="append", metavar="R",
+                   help="fraction of channels to remove; repeat for several students (default 0.5)")  # fmt: skip
+    c.add_argument("--input-shape", action="append", default=[], metavar="S", help=SHAPE_HELP)
+    c.add_argument("--pipeline", metavar="STR",
+                   help="pass pipeline, e.g. 'importance.taylor,prune.width{ratio=0.5},distill{epochs=3}'; "
+                        "'$ratio' there makes one student per --ratio")  # fmt: skip
+    c.add_argument("--recipe", metavar="recipe.yaml", help="YAML with teacher, profile, data, pipeline/stages; flags override it")
+    c.add_argument("--data", metavar="FILE.py:FN", help="training data for distillation (FN() yields batches)")
+    c.add_argument("--calib", metavar="FILE.py:FN", help="calibration data (FN() yields batches); for text models also a .txt file")
+    depth = c.add_mutually_exclusive_group()
+    depth.add_argument("--drop-layers", type=int, metavar="N", help="also remove N blocks (depth pruning)")
+    depth.add_argument("--keep-layers", type=int, metavar="N", help="also prune depth down to N blocks")
+    c.add_argument("--importance", metavar="NAME", help="importance estimator: magnitude (default), taylor, fisher, activation")
+    c.add_argument("--target", metavar="T", help="override the profile's target: onnxruntime, onnx, tensorrt, aoti")
+    c.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    c.add_argument("--debug", action="store_true", help="verify the IR after every pass, dump IR before/after under OUT/debug/, show tracebacks")
+    c.add_argument("-o", "--output", metavar="OUT", help="output folder (written atomically)")
+    c.set_defaults(func=cmd_compile)
+
+    i = sub.add_parser("inspect", help="print a teacher's graph IR, coupled channel groups, blocks and cost")
+    i.add_argument("teacher", metavar="TEACHER", help=TEACHER_HELP)
+    i.add_argument("--input-shape", action="append", default=[], metavar="S", help=SHAPE_HELP)
+    i.add_argument("--no-ops", action="store_true", help="leave out the op-by-op IR listing")
+    i.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("profile", help="measure a latency table on this machine and write a profile YAML")
+    p.add_argument("--profile", default="cpu", metavar="BASE", help="profile to start from (default cpu)")
+    p.add_argument("-o", "--output", required=True, metavar="my-device.yaml")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (a minute, less exact)")
+    p.set_defaults(func=cmd_profile)
+
+    ps = sub.add_parser("profiles", help="list the built-in device profiles")
+    ps.set_defaults(func=cmd_profiles)
+
+    pa = sub.add_parser("passes", help="list the passes a pipeline can name")
+    pa.set_defaults(func=cmd_passes)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .driver import CompileOptions, compile_teacher
+    from .report import results_table
+
+    out, err = _console(), _console(stderr=True)
+    opts = CompileOptions(
+        teacher=args.teacher, out=args.output, profile=args.profile, ratios=tuple(args.ratio or ()),
+        input_shapes=tuple(args.input_shape), pipeline=args.pipeline, recipe=args.recipe, data=args.data,
+        calib=args.calib, drop_layers=args.drop_layers, keep_layers=args.keep_layers,
+        importance=args.importance, target=args.target, seed=args.seed, debug=args.debug,
+    )  # fmt: skip
+    result = compile_teacher(opts, note=lambda msg: err.print(msg, style="dim", markup=False))
+    for timing in result.timings:
+        if timing.times:
+            err.print(timing.table())
+    out.print(results_table(result.manifest))
+    out.print(f"wrote {result.out}/ (manifest.json, report.md, pareto.png, students/)", markup=False)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .frontend import load_teacher
+    from .ir import analyze
+    from .report import human
+
+    out = _console()
+    teacher = load_teacher(args.teacher, args.input_shape)
+    a = analyze(teacher.module, teacher.example_inputs, teacher.example_kwargs)
+    if not args.no_ops:
+        out.print(a.text(), markup=False)
+
+    groups = Table(title=f"coupled channel groups of {teacher.label}")
+    for col in ("id", "kind", "units", "members", "producer", "pinned (reason)"):
+        groups.add_column(col, justify="right" if col in ("id", "units", "members") else "left")
+    for g in a.groups:
+        groups.add_row(str(g.id), g.kind, str(g.n_units), str(len(g.members)), str(g.producer or "—"), g.pinned or "")
+    out.print(groups)
+
+    blocks = Table(title="blocks (removable)")
+    for col in ("name", "kind", "MACs", "params"):
+        blocks.add_column(col, justify="right" if col in ("MACs", "params") else "left")
+    for b in a.blocks:
+        blocks.add_row(b.name, b.kind, human(b.macs), human(b.params))
+    out.print(blocks)
+
+    unknown = getattr(a, "unknown_ops", None) or {}
+    if unknown:
+        out.print("ops without a coupling rule (their channels are pinned):", style="yellow")
+        for op, where in unknown.items():
+            out.print(f"  {op}: {', '.join(where[:5])}{' …' if len(where) > 5 else ''}", markup=False)
+    c = a.cost
+    pinned = sum(1 for g in a.groups if g.pinned)
+    out.print(
+        f"cost: {human(c.macs)} MACs, {human(c.params)} parameters, peak activation "
+        f"{human(c.peak_activation_bytes)}B; {len(a.groups)} groups ({pinned} pinned), {len(a.blocks)} blocks",
+        markup=False,
+    )
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from potstill.profiles import profile_command
+
+    path = profile_command(args.profile, args.output, args.quick)
+    _console().print(f"wrote {path}", markup=False)
+    return 0
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    from potstill.profiles import profiles_table
+
+    _console().print(profiles_table())
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from .pipeline import available_passes
+
+    for name in available_passes():
+        print(name)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except PotstillError as e:
+        err = _console(stderr=True)
+        if getattr(args, "debug", False):
+            err.print_exception()
+        err.print(f"error: {e}", style="bold red", markup=False)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""Load a teacher and its example inputs from what a user types on the command line.
+
+Two spellings:
+
+* ``path/to/file.py:FACTORY`` — ``FACTORY()`` returns an ``nn.Module``. Example inputs come from
+  an ``example_inputs()`` function in the same file, or from ``--input-shape 1x3x224x224`` given
+  once per (float) input. The file may also define ``calib_data``, ``train_data``, ``eval_data``
+  and ``metric``; they become the compilation's defaults.
+* ``hf:PATH`` — a Hugging Face model directory. The task is read from ``config.architectures``
+  (``…ForCausalLM``, ``…ForSequenceClassification``, ``…ForImageClassification``, else the base
+  model) and the task's standard inputs are built: token ids of real sentences for text (with the
+  directory's tokenizer when it has one), ``pixel_values`` for vision.
+
+``load_calibration`` picks the calibration batches: a ``FILE.py:FN``, the teacher file's
+``calib_data``, or for text models a tokenizer over a text file or, by default, the docstrings of
+installed packages.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import import_file, load_callable
+from .errors import InputError
+
+#: Real sentences for the example inputs of text models (not a benchmark: shapes and realism).
+SENTENCES = (
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Compilers translate programs written in one language into another language.",
+    "A small model that runs fast on the device is often better than a large one that does not.",
+    "She planted tomatoes in the garden before the first rain of spring.",
+)
+
+#: Hooks a teacher file may define; they become the defaults of a compilation.
+TEACHER_HOOKS = ("calib_data", "train_data", "eval_data", "metric")
+
+#: (architecture suffix, task, Auto class name), first match wins.
+HF_TASKS = (
+    ("ForCausalLM", "text-generation", "AutoModelForCausalLM"),
+    ("ForSequenceClassification", "text-classification", "AutoModelForSequenceClassification"),
+    ("ForImageClassification", "image-classification", "AutoModelForImageClassification"),
+)
+HF_BASE = ("feature-extraction", "AutoModel")
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher: the module (eval mode), its example inputs and where it came from."""
+
+    module: nn.Module
+    example_inputs: tuple[Any, ...]
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: {"path", "task", "auto_class"} for Hugging Face teachers, else None
+    hf: dict[str, Any] | None = None
+    #: short name for tables and the manifest, e.g. ``digits_cnn.py:teacher`` or ``hf:all-MiniLM-L6-v2``
+    label: str = "teacher"
+    spec: str = ""
+    #: files that define the teacher (the .py file, or the HF directory's files), for hashes
+    sources: list[Path] = field(default_factory=list)
+    #: optional functions from the teacher file: calib_data, train_data, eval_data, metric
+    hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``"1x3x224x224"`` -> ``(1, 3, 224, 224)``.
+
+    >>> parse_input_shape("1x3x32x32")
+    (1, 3, 32, 32)
+    """
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if not dims or any(d <= 0 for d in dims):
+        raise InputError(f"--input-shape '{text}': expected positive sizes joined by 'x', e.g. 1x3x224x224")
+    return dims
+
+
+def load_teacher(
+    spec: str, input_shapes: Sequence[str] = (), seed: int = 0, default_shapes: Sequence[str] = ()
+) -> Teacher:
+    """Load ``path/to/file.py:FACTORY`` or ``hf:PATH`` (see the module docstring).
+
+    ``default_shapes`` (the profile's input shapes) serve a file without ``example_inputs()`` when
+    no ``--input-shape`` is given.
+    """
+    if spec.startswith("hf:"):
+        if input_shapes:
+            raise InputError(f"'{spec}': --input-shape does not apply to Hugging Face teachers")
+        return load_hf_teacher(spec[3:])
+    return load_file_teacher(spec, input_shapes, seed, default_shapes)
+
+
+# ---------------------------------------------------------------------------------------------
+# path/to/file.py:FACTORY
+
+
+def load_file_teacher(
+    spec: str, input_shapes: Sequence[str] = (), seed: int = 0, default_shapes: Sequence[str] = ()
+) -> Teacher:
+    path_text, sep, factory_name = spec.rpartition(":")
+    if not sep or not path_text or not factory_name:
+        hint = f" (it is a directory: did you mean hf:{spec}?)" if Path(spec).is_dir() else ""
+        raise InputError(f"teacher '{spec}': expected path/to/file.py:FACTORY or hf:PATH{hint}")
+    path = Path(path_text)
+    if path.is_dir():
+        raise InputError(f"teacher '{spec}': {path} is a directory; for a Hugging Face model write hf:{path}")
+    if path.suffix != ".py":
+        raise InputError(f"teacher '{spec}': {path} is not a Python file; expected path/to/file.py:FACTORY")
+    module_file = import_file(path)
+    factory = load_callable(spec)
+    try:
+        model = factory()
+    except Exception as e:
+        raise InputError(f"teacher '{spec}': {factory_name}() raised {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"teacher '{spec}': {factory_name}() returned a {type(model).__name__}; it must return a torch.nn.Module"
+        )
+    hooks = {name: fn for name in TEACHER_HOOKS if callable(fn := getattr(module_file, name, None))}
+    args, kwargs = _file_inputs(spec, path, module_file, input_shapes or default_shapes, seed)
+    return Teacher(
+        module=model.eval(),
+        example_inputs=args,
+        example_kwargs=kwargs,
+        label=f"{path.name}:{factory_name}",
+        spec=spec,
+        sources=[path.resolve()],
+        hooks=hooks,
+    )
+
+
+def _file_inputs(
+    spec: str, path: Path, module_file: Any, input_shapes: Sequence[str], seed: int
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    fn = getattr(module_file, "example_inputs", None)
+    if input_shapes:
+        gen = torch.Generator().manual_seed(seed)
+        return tuple(torch.randn(parse_input_shape(s), generator=gen) for s in input_shapes), {}
+    if not callable(fn):
+        raise InputError(
+            f"teacher '{spec}': no example inputs. Add to {path}:\n"
+            "    def example_inputs():\n"
+            "        return (torch.randn(1, 3, 224, 224),)\n"
+            "or pass --input-shape 1x3x224x224 (once per input)"
+        )
+    try:
+        value = fn()
+    except Exception as e:
+        raise InputError(f"{path}: example_inputs() raised {type(e).__name__}: {e}") from e
+    return _split_inputs(value, f"{path}: example_inputs()")
+
+
+def _split_inputs(value: Any, where: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A tensor, a tuple/list of inputs, a dict of keyword inputs, or an (args, kwargs) pair."""
+    if isinstance(value, torch.Tensor):
+        return (value,), {}
+    if isinstance(value, dict):
+        return (), dict(value)
+    if isinstance(value, (tuple, list)):
+        if len(value) == 2 and isinstance(value[0], (tuple, list)) and isinstance(value[1], dict):
+            return tuple(value[0]), dict(value[1])
+        return tuple(value), {}
+    raise InputError(
+        f"{where} returned a {type(value).__name__}; return a tensor, a tuple of tensors or a dict of keyword inputs"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# hf:PATH
+
+
+def hf_task(architectures: Sequence[str] | None) -> tuple[str, str]:
+    """(task, Auto class name) for a config's ``architectures`` list.
+
+    >>> hf_task(["LlamaForCausalLM"])
+    ('text-generation', 'AutoModelForCausalLM')
+    >>> hf_task(["BertModel"])
+    ('feature-extraction', 'AutoModel')
+    """
+    for arch in architectures or ():
+        for suffix, task, auto in HF_TASKS:
+            if arch.endswith(suffix):
+                return task, auto
+    return HF_BASE
+
+
+def load_hf_teacher(path_text: str) -> Teacher:
+    spec = f"hf:{path_text}"
+    path = Path(path_text)
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise InputError(
+            f"teacher '{spec}': {path} {what}; give a local Hugging Face model directory "
+            "(one written by save_pretrained), e.g. hf:./models/my-bert"
+        )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        import transformers
+    except ImportError as e:
+        raise InputError(f"teacher '{spec}' needs transformers: pip install 'potstill[hf]'") from e
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    task, auto_name = hf_task(getattr(config, "architectures", None))
+    auto_class = getattr(transformers, auto_name)
+    config.use_cache = False
+    config.return_dict = True
+    model = _hf_from_pretrained(auto_class, path, config, spec)
+    tokenizer = load_tokenizer(path)
+    kwargs = _hf_example_inputs(model, config, tokenizer)
+    sources = sorted(p.resolve() for p in path.iterdir() if p.is_file())
+    return Teacher(
+        module=model.eval(),
+        example_inputs=(),
+        example_kwargs=kwargs,
+        hf={"path": str(path.resolve()), "task": task, "auto_class": auto_name},
+        label=hf_label(path),
+        spec=spec,
+        sources=sources,
+    )
+
+
+def hf_label(path: Path) -> str:
+    """``hf:NAME`` with the directory's name, or its parent's when the name is a generic one."""
+    path = path.resolve()
+    generic = {"model", "models", "hf", "checkpoint", "snapshot"}
+    return f"hf:{path.parent.name}/{path.name}" if path.name.lower() in generic else f"hf:{path.name}"
+
+
+def _hf_from_pretrained(auto_class: Any, path: Path, config: Any, spec: str) -> nn.Module:
+    errors = []
+    for attn in ("sdpa", "eager"):
+        try:
+            return auto_class.from_pretrained(path, config=config, attn_implementation=attn)
+        except (ValueError, ImportError) as e:  # the architecture does not support this attention
+            errors.append(f"{attn}: {e}")
+        except OSError as e:
+            raise InputError(f"teacher '{spec}': cannot load the weights: {e}") from e
+    raise InputError(f"teacher '{spec}': {auto_class.__name__} could not load it ({'; '.join(errors)})")
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved in a model directory, or None when there is none."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError, ImportError):
+        return None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _hf_example_inputs(model: nn.Module, config: Any, tokenizer: Any, seq_len: int = 32) -> dict[str, Any]:
+    main = getattr(model, "main_input_name", "input_ids")
+    if main == "pixel_values":
+        return {"pixel_values": example_pixels(config)}
+    if tokenizer is not None:
+        return tokenize(tokenizer, list(SENTENCES[:1]), model, seq_len)
+    vocab = int(getattr(config, "vocab_size", 1000))
+    gen = torch.Generator().manual_seed(0)
+    kwargs: dict[str, Any] = {
+        "input_ids": torch.randint(0, vocab, (1, seq_len), generator=gen),
+        "attention_mask": torch.ones(1, seq_len, dtype=torch.long),
+    }
+    if _accepts(model, "token_type_ids") and int(getattr(config, "type_vocab_size", 0) or 0) > 0:
+        kwargs["token_type_ids"] = torch.zeros(1, seq_len, dtype=torch.long)
+    return kwargs
+
+
+def tokenize(tokenizer: Any, texts: list[str], model: nn.Module, seq_len: int) -> dict[str, Any]:
+    """Token ids padded to ``seq_len``, with the inputs the model's forward accepts."""
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    keep = ("input_ids", "attention_mask", "token_type_ids")
+    return {k: enc[k] for k in keep if k in enc and (k == "input_ids" or _accepts(model, k))}
+
+
+def example_pixels(config: Any) -> torch.Tensor:
+    """One real photograph (scikit-image's cat), resized and normalised to the config's image size."""
+    size = getattr(config, "image_size", 224)
+    size = size if isinstance(size, int) else int(size[0])
+    channels = int(getattr(config, "num_channels", 3))
+    try:
+        from skimage import data as skdata
+
+        img = torch.tensor(skdata.chelsea(), dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
+        img = torch.nn.functional.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)
+        img = (img - 0.5) / 0.5
+        if channels != 3:
+            img = img.mean(1, keepdim=True).expand(1, channels, size, size).contiguous()
+        return img
+    except ImportError:
+        return torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration data
+
+
+def load_calibration(
+    spec: str | None,
+    teacher: Teacher,
+    *,
+    batch_size: int = 8,
+    num_batches: int = 8,
+    seq_len: int = 64,
+    note: Callable[[str], None] = print,
+) -> Callable[[], Iterable[Any]] | None:
+    """Calibration batches: ``FILE.py:FN``, a text file (text models), the teacher file's
+    ``calib_data``, or for Hugging Face text models the docstrings of installed packages.
+
+    Returns a callable producing an iterable of batches, or None when nothing applies (the
+    importance pass then falls back to random inputs and says so).
+    """
+    if spec and not _is_text_file(spec):
+        return load_callable(spec)
+    if spec:  # a text corpus
+        if teacher.hf is None or "input_ids" not in teacher.example_kwargs:
+            raise InputError(f"--calib '{spec}': a text file calibrates text models only; give FILE.py:FN")
+        texts = read_texts(spec)
+        return _text_batches(teacher, texts, batch_size, num_batches, seq_len)
+    if "calib_data" in teacher.hooks:
+        return teacher.hooks["calib_data"]
+    if teacher.hf is not None and "input_ids" in teacher.example_kwargs:
+        texts = docstring_corpus(batch_size * num_batches)
+        note(
+            f"note: no --calib given; calibrating on {len(texts)} sentences from the docstrings of "
+            "installed packages (give --calib corpus.txt or FILE.py:FN for your domain)"
+        )
+        return _text_batches(teacher, texts, batch_size, num_batches, seq_len)
+    return None
+
+
+def _is_text_file(spec: str) -> bool:
+    path = Path(spec)
+    return path.suffix in {".txt", ".text", ".md"} and ":" not in path.name
+
+
+def read_texts(path_text: str) -> list[str]:
+    """Non-empty lines of a UTF-8 text file."""
+    path = Path(path_text)
+    if not path.is_file():
+        raise InputError(f"--calib '{path_text}': no such file")
+    texts = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    texts = [t for t in texts if t]
+    if not texts:
+        raise InputError(f"--calib '{path_text}': the file has no text lines")
+    return texts
+
+
+def _text_batches(
+    teacher: Teacher, texts: list[str], batch_size: int, num_batches: int, seq_len: int
+) -> Callable[[], Iterator[dict[str, Any]]]:
+    assert teacher.hf is not None  # callers checked
+    tokenizer = load_tokenizer(teacher.hf["path"])
+    if tokenizer is None:
+        raise InputError(f"{teacher.spec}: the model directory has no tokenizer to calibrate with; give --calib FILE.py:FN")
+    module = teacher.module
+
+    def batches() -> Iterator[dict[str, Any]]:
+        for i in range(num_batches):
+            chunk = texts[i * batch_size : (i + 1) * batch_size]
+            if not chunk:
+                return
+            yield tokenize(tokenizer, chunk, module, seq_len)
+
+    return batches
+
+
+#: Modules whose docstrings make the default English corpus (installed with potstill's dependencies).
+CORPUS_MODULES = (
+    "argparse", "json", "collections", "pathlib", "functools", "itertools", "subprocess", "logging",
+    "torch.nn.modules.conv", "torch.nn.modules.linear", "torch.nn.modules.activation", "torch.optim.adamw",
+)  # fmt: skip
+
+
+def docstring_corpus(limit: int = 64, modules: Sequence[str] = CORPUS_MODULES) -> list[str]:
+    """English sentences from installed packages' docstrings, in a fixed order (deterministic)."""
+    import importlib
+
+    sentences: list[str] = []
+    seen: set[str] = set()
+    for name in modules:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        docs = [inspect.getdoc(mod) or ""]
+        docs += [inspect.getdoc(obj) or "" for _, obj in sorted(vars(mod).items()) if inspect.isclass(obj) or inspect.isfunction(obj)]
+        for doc in docs:
+            for para in re.split(r"\n\s*\n", doc):
+                text = " ".join(para.split())
+                for sent in re.split(r"(?<=[.!?])\s+", text):
+                    if 40 <= len(sent) <= 300 and sent[0].isupper() and sent.endswith(".") and sent not in seen:
+                        if sum(c.isalpha() or c == " " for c in sent) < 0.9 * len(sent):
+                            continue  # code, formulas, tables
+                        seen.add(sent)
+                        sentences.append(sent)
+                        if len(sentences) >= limit:
+                            return sentences
+    return sentences

@@ -1,0 +1,323 @@
+"""Graph IR: a teacher captured with ``torch.export`` and the analyses built on it.
+
+``analyze(model, example_inputs)`` exports the model (strict=False), builds a networkx graph of
+ops and values (each with shape and dtype; each parameter tied to its module's qualified name),
+and runs the coupled-channel analysis (``potstill.coupling``), block detection
+(``potstill.blocks``) and the cost model (``potstill.cost``).
+
+    >>> a = analyze(model, (torch.randn(1, 3, 32, 32),))
+    >>> [g.kind for g in a.prunable()]
+    ['channels', 'channels', ...]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import fx, nn
+
+from .coupling import UNSET, CouplingAnalysis, Fixed, Seg, seg_length
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Member:
+    """One parameter slice family of a coupled group (see docs/internals.md)."""
+
+    param: str
+    module: str
+    dim: int
+    offset: int
+    unit_len: int
+    role: str
+
+
+@dataclass
+class CoupledGroup:
+    id: int
+    n_units: int
+    members: tuple[Member, ...]
+    kind: str = "channels"
+    pinned: str | None = None
+    exact: bool = True
+    inexact_reason: str | None = None
+    unit_channels: int = 1
+    producer: str | None = None
+    macs_per_unit: float = 0.0
+    params_per_unit: int = 0
+
+    def positions(self, member: Member, units: Sequence[int]) -> list[int]:
+        """Indices along ``member.dim`` covered by the given units, in order."""
+        out: list[int] = []
+        for u in sorted(units):
+            start = member.offset + u * member.unit_len
+            out.extend(range(start, start + member.unit_len))
+        return out
+
+    @property
+    def channels(self) -> int:
+        return self.n_units * self.unit_channels
+
+    def describe(self) -> str:
+        names = sorted({m.module for m in self.members})
+        head = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
+        return f"g{self.id} {self.kind} x{self.n_units} [{head}]"
+
+
+@dataclass
+class Block:
+    name: str
+    container: str
+    index: int
+    kind: str
+    macs: int = 0
+    params: int = 0
+
+
+@dataclass
+class GraphIR:
+    """Ops and values of the exported graph; the networkx graph stays inside."""
+
+    exported: Any
+    graph: nx.DiGraph
+    param_names: dict[str, str]
+    node_module: dict[str, str]
+
+    def text(self) -> str:
+        lines = []
+        for name in nx.topological_sort(self.graph):
+            d = self.graph.nodes[name]
+            if d["op"] == "placeholder" and name in self.param_names:
+                continue
+            args = ", ".join(
+                f"@{self.param_names[p]}" if p in self.param_names else f"%{p}" for p in d["args"]
+            )
+            shape = "x".join(str(s) for s in d["shape"]) if d["shape"] is not None else "-"
+            mod = f"  # {d['module']}" if d["module"] else ""
+            lines.append(f"%{name}: {d['dtype']}[{shape}] = {d['target']}({args}){mod}")
+        return "\n".join(lines)
+
+    @property
+    def n_ops(self) -> int:
+        return sum(1 for _, d in self.graph.nodes(data=True) if d["op"] == "call_function")
+
+
+@dataclass
+class Analysis:
+    ir: GraphIR
+    groups: list[CoupledGroup]
+    blocks: list[Block]
+    cost: Any
+    unknown_ops: dict[str, list[str]] = field(default_factory=dict)
+    param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    conv_groups: dict[str, int] = field(default_factory=dict)
+
+    def prunable(self) -> list[CoupledGroup]:
+        return [g for g in self.groups if g.pinned is None]
+
+    def pinned(self) -> list[CoupledGroup]:
+        return [g for g in self.groups if g.pinned is not None]
+
+    def group(self, gid: int) -> CoupledGroup:
+        return self.groups[gid]
+
+    def text(self) -> str:
+        out = [self.ir.text(), "", "# groups"]
+        for g in self.groups:
+            state = f"pinned: {g.pinned}" if g.pinned else ("prunable" if g.exact else f"prunable (inexact: {g.inexact_reason})")
+            out.append(f"{g.describe()}  {state}")
+        out.append("# blocks")
+        out.extend(f"{b.name} ({b.kind}) macs={b.macs} params={b.params}" for b in self.blocks)
+        return "\n".join(out)
+
+
+def _module_of(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return _clean_path(path)
+
+
+def _clean_path(path: str) -> str:
+    # nn_module_stack paths look like "L['self'].layer1[0].conv1" or "layer1.0.conv1"
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    out = []
+    for part in path.replace("[", ".").replace("]", "").split("."):
+        part = part.strip("'\"")
+        if part:
+            out.append(part)
+    return ".".join(out)
+
+
+def canonical_param_names(model: nn.Module) -> dict[str, str]:
+    """Every parameter/buffer name (aliases of tied tensors included) -> its first name."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out[name] = first.setdefault(id(p), name)
+    for name, b in model.named_buffers(remove_duplicate=False):
+        out[name] = first.setdefault(id(b), name)
+    return out
+
+
+def export(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: dict[str, Any] | None = None,
+           dynamic_shapes: Any = None) -> Any:
+    """``torch.export.export(strict=False)`` with an error that says what to do when it fails."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.export.export(
+                model, tuple(example_inputs), kwargs=example_kwargs or {}, strict=False, dynamic_shapes=dynamic_shapes
+            )
+        except Exception as e:
+            raise InputError(
+                f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}. Make the forward traceable (no data-dependent "
+                "Python control flow on tensor values) or give example inputs that match it."
+            ) from e
+
+
+def analyze(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: dict[str, Any] | None = None) -> Analysis:
+    """Export ``model`` and compute coupled groups, blocks and costs."""
+    from .blocks import find_blocks
+    from .cost import cost_model
+
+    was_training = model.training
+    model.eval()
+    try:
+        ep = export(model, example_inputs, example_kwargs)
+    finally:
+        model.train(was_training)
+    canon = canonical_param_names(model)
+    sig = ep.graph_signature
+    placeholder_to_param: dict[str, str] = {}
+    for ph, fqn in {**sig.inputs_to_parameters, **sig.inputs_to_buffers}.items():
+        placeholder_to_param[ph] = canon.get(fqn, fqn)
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    param_shapes = {canon.get(k, k): tuple(v.shape) for k, v in state.items()}
+    param_modules = {k: k.rsplit(".", 1)[0] if "." in k else "" for k in param_shapes}
+
+    gm = ep.graph_module
+    ca = CouplingAnalysis(gm, placeholder_to_param, param_shapes, param_modules)
+    ca.run()
+
+    graph = nx.DiGraph()
+    node_module: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        shape = tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+        dtype = str(val.dtype).replace("torch.", "") if isinstance(val, torch.Tensor) else "-"
+        mod = _module_of(node)
+        node_module[node.name] = mod
+        graph.add_node(
+            node.name, op=node.op, target=_target_name(node), shape=shape, dtype=dtype, module=mod,
+            args=[a.name for a in node.all_input_nodes],
+        )
+        for a in node.all_input_nodes:
+            graph.add_edge(a.name, node.name)
+    ir = GraphIR(ep, graph, placeholder_to_param, node_module)
+    groups = _build_groups(ca, param_modules)
+    conv_groups = _conv_groups(gm, placeholder_to_param)
+    analysis = Analysis(ir, groups, [], None, dict(ca.unknown_ops), param_shapes, conv_groups)
+    analysis.cost = cost_model(analysis, model)
+    analysis.blocks = find_blocks(analysis, model)
+    return analysis
+
+
+def _target_name(node: fx.Node) -> str:
+    if node.op != "call_function":
+        return node.op
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return str(t).replace("aten.", "").replace(".default", "")
+    return getattr(t, "__name__", str(t))
+
+
+def _conv_groups(gm: fx.GraphModule, p2p: dict[str, str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = _target_name(node)
+        if name.startswith("conv") and len(node.args) > 1 and isinstance(node.args[1], fx.Node):
+            w = p2p.get(node.args[1].name)
+            if w is None:
+                continue
+            if name.startswith("convolution"):
+                g = int(node.args[8]) if len(node.args) > 8 else 1
+            else:
+                g = int(node.args[6]) if len(node.args) > 6 else 1
+            out[w] = g
+    return out
+
+
+def _build_groups(ca: CouplingAnalysis, param_modules: dict[str, str]) -> list[CoupledGroup]:
+    table = ca.table
+    by_root: dict[int, list[Member]] = {}
+    for name, maps in ca.param_dims.items():
+        for d, dm in enumerate(maps):
+            if dm is UNSET or dm is None:
+                continue
+            offset = 0
+            role = ca.param_roles.get((name, d), "other")
+            for seg in dm:
+                length = seg_length(table, seg)
+                if isinstance(seg, Seg):
+                    root = table.find(seg.space)
+                    n = table.info[root].n_units
+                    by_root.setdefault(root, []).append(
+                        Member(name, param_modules.get(name, ""), d, offset, length // n, role)
+                    )
+                else:
+                    assert isinstance(seg, Fixed)
+                offset += length
+    groups: list[CoupledGroup] = []
+    for root, members in by_root.items():
+        info = table.info[root]
+        pinned = "; ".join(info.pinned[:3]) if info.pinned else None
+        producers = [m for m in members if m.role == "out"]
+        if pinned is None and not producers:
+            pinned = "no layer produces these channels (parameters only)"
+        if pinned is None and info.n_units <= 1:
+            pinned = "a single unit cannot be pruned"
+        unit_channels = producers[0].unit_len if producers else 1
+        kind = info.kind
+        if kind == "neurons" and unit_channels > 1:
+            kind = "heads"
+        groups.append(
+            CoupledGroup(
+                id=len(groups), n_units=info.n_units, members=tuple(sorted(members, key=lambda m: (m.param, m.dim))),
+                kind=kind, pinned=pinned, exact=not info.inexact,
+                inexact_reason="; ".join(info.inexact[:2]) if info.inexact else None,
+                unit_channels=unit_channels, producer=info.producer,
+            )
+        )
+    _label_attention(groups)
+    return groups
+
+
+def _label_attention(groups: list[CoupledGroup]) -> None:
+    """Heads whose units span several producers' heads of different sizes are KV groups (GQA)."""
+    for g in groups:
+        if g.kind != "heads":
+            continue
+        lens = {m.unit_len for m in g.members if m.role == "out" and m.dim == 0}
+        if len(lens) > 1:
+            g.kind = "kv_heads"
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Any:
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)

@@ -1,0 +1,275 @@
+"""What a compilation leaves behind: ``OUT/manifest.json`` and each student's files.
+
+The manifest is enough to rebuild the run and to pick a student without opening anything else::
+
+    {"manifest_version": 1, "potstill": "0.1.0", "created": "...",
+     "teacher":  {"spec", "label", "macs", "params", "peak_activation_bytes", "latency_ms", "metric",
+                  "architecture", "hf"},
+     "students": [{"name", "dir", "macs", "params", "peak_activation_bytes",
+                   "latency_ms": {"median", "p90"}, "parity": {"max_abs", "rel", "ok"},
+                   "speedup", "macs_reduction", "metric", "target", "precision",
+                   "architecture": {"widths": {group: units}, "blocks": [...]},
+                   "pipeline": [...], "history": [...], "files": {...}, "notes": [...]}],
+     "inputs":   {"teacher": {"spec", "sha256": {file: hash}, "weights_sha256"}, "input_shapes",
+                  "calib", "data", "recipe", "seed", "pipeline"},
+     "profile":  {... the DeviceProfile as a dict ...},
+     "versions": {"python", "potstill", "torch", ...}}
+
+Each student's folder ``OUT/students/<name>/`` holds the engines the target wrote, ``student.pt2``
+(``torch.export.save``, batch dimension dynamic unless the profile fixes the batch) and, for
+Hugging Face teachers, ``hf/`` (``save_pretrained`` with the tokenizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import inspect
+import platform
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .atomic import atomic_write_json
+from .data import Batch
+
+MANIFEST_VERSION = 1
+VERSIONED_PACKAGES = ("potstill", "torch", "numpy", "onnx", "onnxruntime", "onnxscript", "transformers",
+                      "optimum-onnx", "nncf", "tensorrt")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashes and versions
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_files(paths: Iterable[str | Path]) -> dict[str, str]:
+    """``{file name: sha256}`` of existing files (directories are skipped)."""
+    return {Path(p).name: sha256_file(p) for p in paths if Path(p).is_file()}
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """A hash of the state dict (names, dtypes, shapes and values), whatever file it came from."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Pydantic models, dataclasses, paths, numpy and torch scalars -> plain JSON values."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if hasattr(obj, "model_dump"):
+        return to_jsonable(obj.model_dump(mode="json"))
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        return to_jsonable(obj.to_dict())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    if hasattr(obj, "item") and callable(obj.item):
+        try:
+            return obj.item()
+        except (TypeError, ValueError):
+            pass
+    return str(obj)
+
+
+def field_of(obj: Any, key: str, default: Any = None) -> Any:
+    """``obj[key]`` for mappings, ``obj.key`` otherwise."""
+    if obj is None:
+        return default
+    if isinstance(obj, Mapping):
+        return obj.get(key, default)
+    return getattr(obj, key, default)
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture and cost of one model
+
+
+def group_name(group: Any) -> str:
+    """A stable readable name for a coupled group: its producer module (or first member)."""
+    producer = field_of(group, "producer")
+    if producer:
+        return str(producer)
+    members = list(field_of(group, "members", ()) or ())
+    for role in ("out", "norm", "in"):
+        for m in members:
+            if field_of(m, "role") == role:
+                name = field_of(m, "module") or field_of(m, "param")
+                return f"{name}" if role == "out" else f"{name}[{role}]"
+    return f"group{field_of(group, 'id')}"
+
+
+def architecture(analysis: Any) -> dict[str, Any]:
+    """Widths (units) per coupled group and the names of the blocks."""
+    widths: dict[str, int] = {}
+    for g in field_of(analysis, "groups", ()) or ():
+        name = group_name(g)
+        while name in widths:  # two groups led by one module (e.g. heads and channels)
+            name += "'"
+        widths[name] = int(field_of(g, "n_units", 0))
+    blocks = [str(field_of(b, "name")) for b in field_of(analysis, "blocks", ()) or ()]
+    return {"widths": widths, "blocks": blocks}
+
+
+def cost(analysis: Any) -> dict[str, Any]:
+    c = field_of(analysis, "cost")
+    return {
+        "macs": int(field_of(c, "macs", 0) or 0),
+        "params": int(field_of(c, "params", 0) or 0),
+        "peak_activation_bytes": int(field_of(c, "peak_activation_bytes", 0) or 0),
+    }
+
+
+def latency_dict(value: Any) -> dict[str, float] | None:
+    if value is None:
+        return None
+    median, p90 = field_of(value, "median"), field_of(value, "p90")
+    if median is None:
+        return None
+    return {"median": float(median), "p90": float(p90 if p90 is not None else median)}
+
+
+def parity_dict(value: Any) -> dict[str, Any] | None:
+    if not value or field_of(value, "max_abs") is None:
+        return None
+    return {
+        "max_abs": float(field_of(value, "max_abs", float("nan"))),
+        "rel": float(field_of(value, "rel", float("nan"))),
+        "ok": bool(field_of(value, "ok", False)),
+    }
+
+
+def find_artifact(artifacts: Mapping[str, Any]) -> Any:
+    """The engine artifact a ``lower.*`` pass left on a student (the last one with a parity record)."""
+    found = None
+    for value in artifacts.values():
+        if field_of(value, "parity") is not None or field_of(value, "files") is not None:
+            found = value
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# student.pt2 and hf/
+
+
+def example_batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
+    return Batch(tuple(args), dict(kwargs)).size
+
+
+def rebatch(args: tuple[Any, ...], kwargs: Mapping[str, Any], batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Repeat the example along the batch dim to ``batch`` rows (a batch of 1 cannot be dynamic)."""
+    size = example_batch_size(args, kwargs)
+
+    def grow(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == size and size != batch:
+            reps = -(-batch // size)
+            return x.repeat(reps, *([1] * (x.dim() - 1)))[:batch]
+        return x
+
+    return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
+
+
+def _dynamic_shapes(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+
+    def spec(x: Any) -> Any:
+        return {0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+
+    params = inspect.signature(module.forward).parameters
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    shapes: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = params[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            shapes[name] = {k: spec(v) for k, v in value.items()}
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes[name] = tuple(spec(v) for v in value)
+        else:
+            shapes[name] = spec(value)
+    return shapes
+
+
+def save_program(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    path: Path,
+    fixed_batch: int | None = None,
+) -> dict[str, Any]:
+    """``torch.export`` the module to ``path`` (a ``.pt2``); batch dynamic unless ``fixed_batch``.
+
+    Returns ``{"file", "dynamic_batch", "note"}``; a model whose batch cannot be made dynamic is
+    saved with a static batch and the note says why.
+    """
+    module = module.eval()
+    note = ""
+    dynamic = fixed_batch is None
+    args, kw = rebatch(args, kwargs, fixed_batch or 2)
+    program = None
+    if dynamic:
+        try:
+            program = torch.export.export(module, args, kw, dynamic_shapes=_dynamic_shapes(module, args, kw), strict=False)
+        except Exception as e:  # export names the guard that fixed the batch; keep it for the manifest
+            dynamic = False
+            note = f"batch could not be made dynamic ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    if program is None:
+        program = torch.export.export(module, args, kw, strict=False)
+    torch.export.save(program, str(path))
+    return {"file": path.name, "dynamic_batch": dynamic, "note": note}
+
+
+def save_hf(module: nn.Module, hf: Mapping[str, Any], directory: Path) -> list[str]:
+    """``save_pretrained`` the student and a copy of the teacher's tokenizer into ``directory``."""
+    from .frontend import load_tokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save = getattr(module, "save_pretrained", None)
+    if save is None:
+        return [f"{type(module).__name__} has no save_pretrained; hf/ not written"]
+    save(str(directory))
+    tokenizer = load_tokenizer(hf["path"])
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    return []
+
+
+def write_manifest(out_dir: Path, manifest: Mapping[str, Any]) -> Path:
+    return atomic_write_json(out_dir / "manifest.json", to_jsonable(manifest))
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,253 @@
+"""Surgery: physically smaller students from keep-decisions over coupled groups and blocks.
+
+``prune_width`` slices every member of every pruned group (new, smaller tensors; no masks left)
+and updates module attributes (``out_channels``, ``in_features``, ``num_features``, ``groups``,
+``normalized_shape``, head counts) and Hugging Face config fields (``num_attention_heads``,
+``num_key_value_heads``, ``intermediate_size``, ``hidden_size``) so the student saves, reloads
+and runs. ``remove_blocks`` drops whole blocks and renumbers what depends on layer indices.
+
+Exactness invariant (tested over random architectures): for groups marked ``exact``, the pruned
+student computes what ``masked_reference`` computes: the teacher with the dropped units' slices
+zeroed in every member (producer rows, norm affine, consumer columns).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from .ir import Analysis, CoupledGroup
+
+
+def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    t = getattr(mod, attr)
+    if not isinstance(t, torch.Tensor):
+        raise KeyError(name)
+    return t
+
+
+def _drop_plan(analysis: Analysis, keep: Mapping[int, Sequence[int]]) -> dict[tuple[str, int], set[int]]:
+    drops: dict[tuple[str, int], set[int]] = {}
+    for gid, units in keep.items():
+        if gid < 0 or gid >= len(analysis.groups):
+            raise InputError(f"no coupled group {gid}; the model has groups 0..{len(analysis.groups) - 1}")
+        g = analysis.groups[gid]
+        kept = sorted(set(int(u) for u in units))
+        if g.pinned and len(kept) != g.n_units:
+            raise InputError(f"group {g.describe()} is pinned ({g.pinned}); it cannot be pruned")
+        if not kept:
+            raise InputError(f"group {g.describe()}: keep at least one unit")
+        if kept[0] < 0 or kept[-1] >= g.n_units:
+            raise InputError(f"group {g.describe()}: unit indices must lie in 0..{g.n_units - 1}")
+        dropped = sorted(set(range(g.n_units)) - set(kept))
+        if not dropped:
+            continue
+        for m in g.members:
+            drops.setdefault((m.param, m.dim), set()).update(g.positions(m, dropped))
+    return drops
+
+
+def prune_width(model: nn.Module, analysis: Analysis, keep: Mapping[int, Sequence[int]]) -> nn.Module:
+    """A physically smaller copy of ``model`` keeping the given units of each group."""
+    drops = _drop_plan(analysis, keep)
+    new = copy.deepcopy(model)
+    for (name, dim), dropped in sorted(drops.items()):
+        t = _get_tensor(new, name)
+        idx = torch.tensor([i for i in range(t.shape[dim]) if i not in dropped], dtype=torch.long, device=t.device)
+        with torch.no_grad():
+            t.data = t.data.index_select(dim, idx).contiguous()
+        if t.grad is not None:
+            t.grad = None
+    kept_ratio = _kept_ratio(analysis, keep)
+    _update_attributes(new, analysis, kept_ratio)
+    _update_hf_config(new)
+    return new
+
+
+def _kept_ratio(analysis: Analysis, keep: Mapping[int, Sequence[int]]) -> dict[str, float]:
+    """param -> fraction of its dim 0 kept (pieces of several groups add up)."""
+    out: dict[str, float] = {}
+    for g in analysis.groups:
+        kept = len(set(keep[g.id])) if g.id in keep else g.n_units
+        for m in g.members:
+            if m.dim == 0:
+                size = analysis.param_shapes[m.param][0]
+                out[m.param] = out.get(m.param, 0.0) + (g.n_units * m.unit_len / size) * kept / g.n_units
+    return out
+
+
+def _update_attributes(model: nn.Module, analysis: Analysis, kept: dict[str, float]) -> None:
+    for name, mod in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            w = mod.weight
+            g0 = analysis.conv_groups.get(prefix + "weight", mod.groups)
+            if g0 > 1 and prefix + "weight" in kept:
+                mod.groups = round(g0 * kept[prefix + "weight"])
+            if mod.transposed:
+                mod.in_channels, mod.out_channels = w.shape[0], w.shape[1] * mod.groups
+            else:
+                mod.out_channels, mod.in_channels = w.shape[0], w.shape[1] * mod.groups
+        elif isinstance(mod, nn.Linear):
+            mod.out_features, mod.in_features = mod.weight.shape
+        elif isinstance(mod, nn.modules.batchnorm._NormBase):
+            ref = mod.weight if mod.weight is not None else mod.running_mean
+            if ref is not None:
+                mod.num_features = ref.shape[0]
+        elif isinstance(mod, nn.GroupNorm):
+            if mod.weight is not None:
+                if prefix + "weight" in kept:
+                    mod.num_groups = round(mod.num_groups * kept[prefix + "weight"])
+                mod.num_channels = mod.weight.shape[0]
+        elif isinstance(mod, nn.LayerNorm):
+            if mod.weight is not None:
+                mod.normalized_shape = tuple(mod.weight.shape)
+        elif isinstance(mod, nn.Embedding):
+            mod.num_embeddings, mod.embedding_dim = mod.weight.shape
+        _update_attention(mod)
+
+
+_Q_NAMES = ("query", "q_proj", "q", "q_lin", "wq", "to_q")
+_K_NAMES = ("key", "k_proj", "k", "k_lin", "wk", "to_k")
+
+
+def _child_linear(mod: nn.Module, names: Iterable[str]) -> nn.Linear | None:
+    for n in names:
+        c = getattr(mod, n, None)
+        if isinstance(c, nn.Linear):
+            return c
+    return None
+
+
+def _update_attention(mod: nn.Module) -> None:
+    """Head counts of attention modules follow their (pruned) Q/K projections."""
+    head_dim = getattr(mod, "attention_head_size", None) or getattr(mod, "head_dim", None)
+    if not isinstance(head_dim, int) or head_dim <= 0:
+        return
+    q, k = _child_linear(mod, _Q_NAMES), _child_linear(mod, _K_NAMES)
+    if q is None:
+        return
+    heads = q.out_features // head_dim
+    for attr in ("num_attention_heads", "num_heads", "n_heads"):
+        if isinstance(getattr(mod, attr, None), int):
+            setattr(mod, attr, heads)
+    if isinstance(getattr(mod, "all_head_size", None), int):
+        mod.all_head_size = heads * head_dim
+    if k is not None:
+        kv = k.out_features // head_dim
+        for attr in ("num_key_value_heads", "num_kv_heads"):
+            if isinstance(getattr(mod, attr, None), int):
+                setattr(mod, attr, kv)
+        if isinstance(getattr(mod, "num_key_value_groups", None), int) and kv:
+            mod.num_key_value_groups = heads // kv
+
+
+def _first_uniform(values: list[int]) -> tuple[int | None, bool]:
+    return (values[0] if values else None), len(set(values)) <= 1
+
+
+def _update_hf_config(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return
+    heads, kv_heads, ffn = [], [], []
+    for name, mod in model.named_modules():
+        head_dim = getattr(mod, "attention_head_size", None) or getattr(mod, "head_dim", None)
+        q = _child_linear(mod, _Q_NAMES)
+        if isinstance(head_dim, int) and q is not None:
+            heads.append(q.out_features // head_dim)
+            k = _child_linear(mod, _K_NAMES)
+            if k is not None:
+                kv_heads.append(k.out_features // head_dim)
+        if name.endswith(("intermediate.dense", "mlp.up_proj", "mlp.fc1", "mlp.c_fc", "mlp.dense_h_to_4h")) and isinstance(mod, nn.Linear):
+            ffn.append(mod.out_features)
+    nonuniform = []
+    for field_name, values in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads), ("intermediate_size", ffn)):
+        first, uniform = _first_uniform(values)
+        if first is None or not hasattr(config, field_name):
+            continue
+        setattr(config, field_name, first)
+        if not uniform:
+            nonuniform.append(field_name)
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    if isinstance(emb, nn.Embedding) and hasattr(config, "hidden_size"):
+        config.hidden_size = emb.embedding_dim
+    if nonuniform:
+        config.potstill_nonuniform = nonuniform
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def remove_blocks(model: nn.Module, analysis: Analysis, names: Sequence[str]) -> nn.Module:
+    """A copy of ``model`` without the named blocks (see ``Analysis.blocks``)."""
+    known = {b.name: b for b in analysis.blocks}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InputError(f"not removable blocks: {unknown}; blocks are: {', '.join(known) or 'none'}")
+    new = copy.deepcopy(model)
+    by_container: dict[str, set[int]] = {}
+    for n in names:
+        by_container.setdefault(known[n].container, set()).add(known[n].index)
+    for cname, drop in by_container.items():
+        container = new.get_submodule(cname)
+        children = list(container.named_children())
+        if len(drop) >= len(children):
+            raise InputError(f"removing every block of '{cname}' leaves nothing; keep at least one")
+        kept = [(n, c) for i, (n, c) in enumerate(children) if i not in drop]
+        if isinstance(container, nn.ModuleList):
+            replacement: nn.Module = nn.ModuleList([c for _, c in kept])
+        else:
+            replacement = nn.Sequential(OrderedDict((str(i), c) for i, (_, c) in enumerate(kept)))
+        parent_name, _, attr = cname.rpartition(".")
+        parent = new.get_submodule(parent_name) if parent_name else new
+        setattr(parent, attr, replacement)
+        if isinstance(replacement, nn.ModuleList):
+            for i, layer in enumerate(replacement):
+                for sub in layer.modules():
+                    if isinstance(getattr(sub, "layer_idx", None), int):
+                        sub.layer_idx = i
+    config = getattr(new, "config", None)
+    if config is not None and hasattr(config, "num_hidden_layers") and len(by_container) == 1:
+        cname, drop = next(iter(by_container.items()))
+        container = new.get_submodule(cname)
+        if isinstance(container, nn.ModuleList) and config.num_hidden_layers == len(container) + len(drop):
+            config.num_hidden_layers = len(container)
+            layer_types = getattr(config, "layer_types", None)
+            if isinstance(layer_types, list) and len(layer_types) == len(container) + len(drop):
+                config.layer_types = [t for i, t in enumerate(layer_types) if i not in drop]
+    return new
+
+
+def masked_reference(model: nn.Module, analysis: Analysis, keep: Mapping[int, Sequence[int]]) -> nn.Module:
+    """The teacher with every dropped unit's slices zeroed in all members (same shapes)."""
+    drops = _drop_plan(analysis, keep)
+    new = copy.deepcopy(model)
+    for (name, dim), dropped in drops.items():
+        t = _get_tensor(new, name)
+        if not t.is_floating_point():
+            continue
+        idx = torch.tensor(sorted(dropped), dtype=torch.long, device=t.device)
+        with torch.no_grad():
+            t.data.index_fill_(dim, idx, 0.0)
+    return new
+
+
+def keep_top(group: CoupledGroup, scores: Any, n_keep: int) -> list[int]:
+    """Indices of the ``n_keep`` highest-scoring units of a group, in ascending order."""
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    if s.numel() != group.n_units:
+        raise ValueError(f"{group.describe()}: {s.numel()} scores for {group.n_units} units")
+    n_keep = max(1, min(group.n_units, int(n_keep)))
+    return sorted(torch.topk(s, n_keep).indices.tolist())
