@@ -8,7 +8,7 @@ Depth passes act on blocks only.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -18,6 +18,22 @@ if TYPE_CHECKING:
 
 def _containers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))}
+
+
+_ALIASES = ("to", "_to_copy", "alias", "clone", "contiguous", "detach", "type_as", "dropout")
+
+
+def _reaches(g: Any, n: str, targets: list[str]) -> bool:
+    """Whether ``n`` is one of ``targets`` up to value-preserving ops (no-op casts, clones)."""
+    while True:
+        if n in targets:
+            return True
+        if g.nodes[n]["op"] != "call_function" or g.nodes[n]["target"].split(".")[0] not in _ALIASES:
+            return False
+        args = g.nodes[n]["args"]
+        if not args:
+            return False
+        n = args[0]
 
 
 def find_blocks(analysis: Analysis, model: nn.Module) -> list[Block]:
@@ -48,7 +64,8 @@ def find_blocks(analysis: Analysis, model: nn.Module) -> list[Block]:
             if not main_in:
                 continue
             residual = any(
-                g.nodes[n]["target"].startswith("add") and any(p in main_in for p in g.predecessors(n)) for n in inside
+                g.nodes[n]["target"].startswith("add") and any(_reaches(g, p, main_in) for p in g.predecessors(n))
+                for n in inside
             )
             if not residual:
                 continue

@@ -94,12 +94,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
         calib=args.calib, drop_layers=args.drop_layers, keep_layers=args.keep_layers,
         importance=args.importance, target=args.target, seed=args.seed, debug=args.debug,
     )  # fmt: skip
-    result = compile_teacher(opts, note=lambda msg: err.print(msg, style="dim", markup=False))
+    result = compile_teacher(opts, note=lambda msg: err.print(msg, style="dim", markup=False, soft_wrap=True))
     for timing in result.timings:
         if timing.times:
             err.print(timing.table())
     out.print(results_table(result.manifest))
-    out.print(f"wrote {result.out}/ (manifest.json, report.md, pareto.png, students/)", markup=False)
+    out.print(f"wrote {result.out}/ (manifest.json, report.md, pareto.png, students/)", markup=False, soft_wrap=True)
     return 0
 
 
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         err = _console(stderr=True)
         if getattr(args, "debug", False):
             err.print_exception()
-        err.print(f"error: {e}", style="bold red", markup=False)
+        err.print(f"error: {e}", style="bold red", markup=False, soft_wrap=True)
         return EXIT_USER_ERROR
 
 

@@ -89,7 +89,7 @@ def cost_model(analysis: Analysis, model: nn.Module) -> CostReport:
 
 def _peak_activation(analysis: Analysis) -> int:
     g = analysis.ir.graph
-    order = [n for n in g.nodes]  # insertion order is the graph's topological order
+    order = list(g.nodes)  # insertion order is the graph's topological order
     last_use: dict[str, int] = {}
     for i, n in enumerate(order):
         for p in g.predecessors(n):

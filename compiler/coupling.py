@@ -26,7 +26,7 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import fx
@@ -44,8 +44,8 @@ class Fixed:
     length: int
 
 
-Segment = Union[Seg, Fixed]
-DimMap = Union[tuple[Segment, ...], None]
+Segment = Seg | Fixed
+DimMap = tuple[Segment, ...] | None
 
 
 class _Unset:
@@ -273,7 +273,7 @@ class CouplingAnalysis:
     def _call(self, node: fx.Node) -> None:
         target = node.target
         if target is operator.getitem:
-            src, idx = node.args[0], node.args[1]
+            src, idx = _args(node)[0], _args(node)[1]
             outs = self.dims.get(src) if isinstance(src, fx.Node) else None
             if isinstance(outs, tuple) and isinstance(idx, int) and idx < len(outs):
                 self.dims[node] = outs[idx]
@@ -321,14 +321,22 @@ class CouplingAnalysis:
                         maps[d] = (Seg(self.table.new(size, producer=name)),)
                         self.param_roles[(name, d)] = "other"
             return list(maps)
-        maps = self.dimmaps(x)
-        if maps is None:
+        found = self.dimmaps(x)
+        if found is None:
             raise _Unsupported(f"argument {x} is not a tensor")
-        return maps
+        return found
 
 
 class _Unsupported(Exception):
     pass
+
+
+def _args(node: fx.Node) -> list[Any]:
+    return list(node.args)
+
+
+def _kw(node: fx.Node) -> dict[str, Any]:
+    return dict(node.kwargs)
 
 
 def _op_name(target: Any) -> str:
@@ -381,7 +389,7 @@ UNARY = (
 
 @rule(*UNARY)
 def _unary(a: CouplingAnalysis, node: fx.Node) -> Any:
-    maps = a.arg_maps(node.args[0], node.name)
+    maps = a.arg_maps(_args(node)[0], node.name)
     if _op_name(node.target) == "native_dropout":
         return (maps, list(maps))
     return maps
@@ -395,7 +403,7 @@ def _broadcast(a: CouplingAnalysis, node: fx.Node) -> Any:
     out_shape = a.shape(node)
     if out_shape is None:
         return None
-    tensors = [x for x in node.args if isinstance(x, fx.Node) and a.shape(x) is not None]
+    tensors = [x for x in _args(node) if isinstance(x, fx.Node) and a.shape(x) is not None]
     out: list[DimMap] = [None] * len(out_shape)
     seen: list[bool] = [False] * len(out_shape)
     for x in tensors:
@@ -418,8 +426,8 @@ def _broadcast(a: CouplingAnalysis, node: fx.Node) -> Any:
 
 @rule("linear")
 def _linear(a: CouplingAnalysis, node: fx.Node) -> Any:
-    x, w = node.args[0], node.args[1]
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    x, w = _args(node)[0], _args(node)[1]
+    bias = _args(node)[2] if len(_args(node)) > 2 else _kw(node).get("bias")
     xm = a.arg_maps(x, node.name)
     if not a.is_param(w):
         raise _Unsupported("linear weight is not a parameter")
@@ -433,7 +441,7 @@ def _linear(a: CouplingAnalysis, node: fx.Node) -> Any:
 @rule("conv1d", "conv2d", "conv3d", "convolution", "_convolution")
 def _conv(a: CouplingAnalysis, node: fx.Node) -> Any:
     name = _op_name(node.target)
-    args = list(node.args)
+    args = list(_args(node))
     x, w = args[0], args[1]
     bias = args[2] if len(args) > 2 else None
     if name in ("convolution", "_convolution"):
@@ -442,7 +450,7 @@ def _conv(a: CouplingAnalysis, node: fx.Node) -> Any:
         if transposed:
             raise _Unsupported("transposed convolution")
     else:
-        groups = int(args[6]) if len(args) > 6 else int(node.kwargs.get("groups", 1))
+        groups = int(args[6]) if len(args) > 6 else int(_kw(node).get("groups", 1))
     if not a.is_param(w):
         raise _Unsupported("convolution weight is not a parameter")
     xm = a.arg_maps(x, node.name)
@@ -475,7 +483,7 @@ def _grouped_conv(a: CouplingAnalysis, node: fx.Node, w: fx.Node, xin: DimMap, o
     why = f"{node.name}: grouped convolution"
     wname = a.pname(w)
     cout = a.param_shapes[wname][0]
-    cin = (a.shape(node.args[0]) or (0, 0))[1]
+    cin = (a.shape(_args(node)[0]) or (0, 0))[1]
     if xin is None or out_map is None or len(out_map) != 1 or not isinstance(out_map[0], Seg):
         a.pin_map(xin, f"{why} over fixed channels")
         a.pin_map(out_map, f"{why} over fixed channels")
@@ -510,8 +518,8 @@ def _grouped_conv(a: CouplingAnalysis, node: fx.Node, w: fx.Node, xin: DimMap, o
 @rule("batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit", "native_batch_norm",
       "_native_batch_norm_legit_functional", "instance_norm")
 def _batch_norm(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(node.args[0], node.name)
-    for p in node.args[1:5]:
+    xm = a.arg_maps(_args(node)[0], node.name)
+    for p in _args(node)[1:5]:
         if isinstance(p, fx.Node) and a.is_param(p):
             a.bind(p, 0, xm[1], "norm", node.name)
     if _op_name(node.target) in ("batch_norm", "instance_norm"):
@@ -523,11 +531,11 @@ def _batch_norm(a: CouplingAnalysis, node: fx.Node) -> Any:
 
 @rule("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm")
 def _layer_norm(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(node.args[0], node.name)
-    shape = node.args[1]
+    xm = a.arg_maps(_args(node)[0], node.name)
+    shape = _args(node)[1]
     nd = len(shape) if isinstance(shape, (list, tuple)) else 1
-    weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
-    bias = node.args[3] if len(node.args) > 3 and _op_name(node.target) != "rms_norm" else node.kwargs.get("bias")
+    weight = _args(node)[2] if len(_args(node)) > 2 else _kw(node).get("weight")
+    bias = _args(node)[3] if len(_args(node)) > 3 and _op_name(node.target) != "rms_norm" else _kw(node).get("bias")
     norm_dims = list(range(len(xm) - nd, len(xm)))
     seg_dims = [d for d in norm_dims if xm[d] is not None]
     if len(seg_dims) > 1 or (seg_dims and nd > 1):
@@ -552,14 +560,14 @@ def _layer_norm(a: CouplingAnalysis, node: fx.Node) -> Any:
 
 @rule("group_norm", "native_group_norm")
 def _group_norm(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(node.args[0], node.name)
+    xm = a.arg_maps(_args(node)[0], node.name)
     if _op_name(node.target) == "group_norm":
-        groups, weight, bias = int(node.args[1]), node.args[2] if len(node.args) > 2 else None, node.args[3] if len(node.args) > 3 else None
+        groups, weight, bias = int(_args(node)[1]), _args(node)[2] if len(_args(node)) > 2 else None, _args(node)[3] if len(_args(node)) > 3 else None
     else:
-        weight, bias, groups = node.args[1], node.args[2], int(node.args[6])
+        weight, bias, groups = _args(node)[1], _args(node)[2], int(_args(node)[6])
     cm = xm[1]
     if cm is not None:
-        per_group = (a.shape(node.args[0]) or (0, 0))[1] // groups
+        per_group = (a.shape(_args(node)[0]) or (0, 0))[1] // groups
         for seg in cm:
             n = seg_length(a.table, seg)
             if n % per_group:
@@ -576,7 +584,7 @@ def _group_norm(a: CouplingAnalysis, node: fx.Node) -> Any:
 
 @rule("embedding")
 def _embedding(a: CouplingAnalysis, node: fx.Node) -> Any:
-    w, ids = node.args[0], node.args[1]
+    w, ids = _args(node)[0], _args(node)[1]
     if not a.is_param(w):
         raise _Unsupported("embedding table is not a parameter")
     name = a.pname(w)
@@ -623,13 +631,13 @@ def _matmul_like(a: CouplingAnalysis, node: fx.Node, x: Any, y: Any) -> list[Dim
 
 @rule("matmul", "bmm", "mm")
 def _matmul(a: CouplingAnalysis, node: fx.Node) -> Any:
-    return _matmul_like(a, node, node.args[0], node.args[1])
+    return _matmul_like(a, node, _args(node)[0], _args(node)[1])
 
 
 @rule("addmm", "baddbmm")
 def _addmm(a: CouplingAnalysis, node: fx.Node) -> Any:
-    out = _matmul_like(a, node, node.args[1], node.args[2])
-    bias = node.args[0]
+    out = _matmul_like(a, node, _args(node)[1], _args(node)[2])
+    bias = _args(node)[0]
     if isinstance(bias, fx.Node):
         if a.is_param(bias):
             a.bind(bias, len(a.param_shapes[a.pname(bias)]) - 1, out[-1], "out", node.name)
@@ -643,7 +651,7 @@ def _addmm(a: CouplingAnalysis, node: fx.Node) -> Any:
 @rule("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
       "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention")
 def _sdpa(a: CouplingAnalysis, node: fx.Node) -> Any:
-    q, k, v = node.args[0], node.args[1], node.args[2]
+    q, k, v = _args(node)[0], _args(node)[1], _args(node)[2]
     qs, ks, vs = a.shape(q), a.shape(k), a.shape(v)
     if qs is None or ks is None or vs is None or len(qs) != 4:
         raise _Unsupported("attention inputs are not [B, H, S, D]")
@@ -670,8 +678,8 @@ def _sdpa(a: CouplingAnalysis, node: fx.Node) -> Any:
 @rule("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "cumprod", "flip", "roll", "logcumsumexp",
       "_safe_softmax")
 def _along_dim(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(node.args[0], node.name)
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("dims", -1))
+    xm = a.arg_maps(_args(node)[0], node.name)
+    dims = _args(node)[1] if len(_args(node)) > 1 else _kw(node).get("dim", _kw(node).get("dims", -1))
     dims = dims if isinstance(dims, (list, tuple)) else [dims]
     for d in dims:
         if isinstance(d, int) and xm[_dim(d, len(xm))] is not None:
@@ -682,15 +690,15 @@ def _along_dim(a: CouplingAnalysis, node: fx.Node) -> Any:
 @rule("mean", "sum", "amax", "amin", "var", "std", "max", "min", "prod", "norm", "linalg_vector_norm", "any", "all",
       "logsumexp", "argmax", "argmin")
 def _reduce(a: CouplingAnalysis, node: fx.Node) -> Any:
-    x = node.args[0]
+    x = _args(node)[0]
     xm = a.arg_maps(x, node.name)
     name = _op_name(node.target)
-    dims: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims: Any = _args(node)[1] if len(_args(node)) > 1 else _kw(node).get("dim")
     if name in ("norm", "linalg_vector_norm"):
-        dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-        keepdim = bool(node.args[3]) if len(node.args) > 3 else bool(node.kwargs.get("keepdim", False))
+        dims = _args(node)[2] if len(_args(node)) > 2 else _kw(node).get("dim")
+        keepdim = bool(_args(node)[3]) if len(_args(node)) > 3 else bool(_kw(node).get("keepdim", False))
     else:
-        keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+        keepdim = bool(_args(node)[2]) if len(_args(node)) > 2 else bool(_kw(node).get("keepdim", False))
     if dims is None or dims == []:
         dims = list(range(len(xm)))
     dims = [_dim(int(d), len(xm)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
@@ -719,7 +727,7 @@ def _reduce(a: CouplingAnalysis, node: fx.Node) -> Any:
       "upsample_nearest2d", "upsample_bilinear2d", "upsample_nearest1d", "upsample_linear1d", "_upsample_nearest_exact2d",
       "upsample_bicubic2d", "_adaptive_avg_pool2d", "interpolate", "_upsample_bilinear2d_aa")
 def _pool(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(node.args[0], node.name)
+    xm = a.arg_maps(_args(node)[0], node.name)
     out_shape = a.shape(node)
     if out_shape is None:
         val = node.meta.get("val")
@@ -732,8 +740,8 @@ def _pool(a: CouplingAnalysis, node: fx.Node) -> Any:
 
 @rule("constant_pad_nd", "pad", "reflection_pad2d", "replication_pad2d", "reflection_pad1d")
 def _pad(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(node.args[0], node.name)
-    pads = list(node.args[1])
+    xm = a.arg_maps(_args(node)[0], node.name)
+    pads = list(_args(node)[1])
     for i in range(0, len(pads), 2):
         d = len(xm) - 1 - i // 2
         if (pads[i] or pads[i + 1]) and xm[d] is not None:
@@ -743,27 +751,27 @@ def _pad(a: CouplingAnalysis, node: fx.Node) -> Any:
 
 @rule("transpose", "swapaxes")
 def _transpose(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = list(a.arg_maps(node.args[0], node.name))
-    i, j = _dim(int(node.args[1]), len(xm)), _dim(int(node.args[2]), len(xm))
+    xm = list(a.arg_maps(_args(node)[0], node.name))
+    i, j = _dim(int(_args(node)[1]), len(xm)), _dim(int(_args(node)[2]), len(xm))
     xm[i], xm[j] = xm[j], xm[i]
     return xm
 
 
 @rule("t")
 def _t(a: CouplingAnalysis, node: fx.Node) -> Any:
-    return list(reversed(a.arg_maps(node.args[0], node.name)))
+    return list(reversed(a.arg_maps(_args(node)[0], node.name)))
 
 
 @rule("permute")
 def _permute(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(node.args[0], node.name)
-    return [xm[_dim(int(d), len(xm))] for d in node.args[1]]
+    xm = a.arg_maps(_args(node)[0], node.name)
+    return [xm[_dim(int(d), len(xm))] for d in _args(node)[1]]
 
 
 @rule("expand", "expand_copy", "broadcast_to")
 def _expand(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(node.args[0], node.name)
-    xs = a.shape(node.args[0])
+    xm = a.arg_maps(_args(node)[0], node.name)
+    xs = a.shape(_args(node)[0])
     out_shape = a.shape(node)
     assert xs is not None and out_shape is not None
     lead = len(out_shape) - len(xm)
@@ -779,8 +787,8 @@ def _expand(a: CouplingAnalysis, node: fx.Node) -> Any:
 
 @rule("repeat")
 def _repeat(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(node.args[0], node.name)
-    reps = list(node.args[1])
+    xm = a.arg_maps(_args(node)[0], node.name)
+    reps = list(_args(node)[1])
     lead = len(reps) - len(xm)
     out: list[DimMap] = [None] * lead
     for d, dm in enumerate(xm):
@@ -794,10 +802,10 @@ def _repeat(a: CouplingAnalysis, node: fx.Node) -> Any:
 
 @rule("cat", "concat", "concatenate")
 def _cat(a: CouplingAnalysis, node: fx.Node) -> Any:
-    tensors = [t for t in node.args[0] if isinstance(t, fx.Node)]
+    tensors = [t for t in _args(node)[0] if isinstance(t, fx.Node)]
     out_shape = a.shape(node)
     assert out_shape is not None
-    d = _dim(int(node.args[1]) if len(node.args) > 1 else int(node.kwargs.get("dim", 0)), len(out_shape))
+    d = _dim(int(_args(node)[1]) if len(_args(node)) > 1 else int(_kw(node).get("dim", 0)), len(out_shape))
     maps = [a.arg_maps(t, node.name) for t in tensors]
     shapes = [a.shape(t) for t in tensors]
     maps = [m for m, s in zip(maps, shapes) if s is not None and len(s) == len(out_shape)]
@@ -807,7 +815,8 @@ def _cat(a: CouplingAnalysis, node: fx.Node) -> Any:
         if i == d:
             segs: list[Segment] = []
             for m, s in zip(maps, shapes):
-                segs.extend(m[i] if m[i] is not None else (Fixed(s[i]),))
+                piece = m[i]
+                segs.extend(piece if piece is not None else (Fixed(int(s[i])),))  # type: ignore[index]
             out.append(tuple(segs) if any(isinstance(x, Seg) for x in segs) else None)
         else:
             cur = maps[0][i]
@@ -819,10 +828,10 @@ def _cat(a: CouplingAnalysis, node: fx.Node) -> Any:
 
 @rule("stack")
 def _stack(a: CouplingAnalysis, node: fx.Node) -> Any:
-    tensors = [t for t in node.args[0] if isinstance(t, fx.Node)]
+    tensors = [t for t in _args(node)[0] if isinstance(t, fx.Node)]
     out_shape = a.shape(node)
     assert out_shape is not None
-    d = _dim(int(node.args[1]) if len(node.args) > 1 else 0, len(out_shape))
+    d = _dim(int(_args(node)[1]) if len(_args(node)) > 1 else 0, len(out_shape))
     maps = [a.arg_maps(t, node.name) for t in tensors]
     cur = list(maps[0])
     for m in maps[1:]:
@@ -831,7 +840,7 @@ def _stack(a: CouplingAnalysis, node: fx.Node) -> Any:
 
 
 def _slice_like(a: CouplingAnalysis, node: fx.Node, d: int, full: bool, removes: bool) -> Any:
-    xm = a.arg_maps(node.args[0], node.name)
+    xm = a.arg_maps(_args(node)[0], node.name)
     d = _dim(d, len(xm))
     if xm[d] is not None and not full:
         raise _Unsupported("slices a channel dim")
@@ -842,34 +851,34 @@ def _slice_like(a: CouplingAnalysis, node: fx.Node, d: int, full: bool, removes:
 
 @rule("slice")
 def _slice(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xs = a.shape(node.args[0])
+    xs = a.shape(_args(node)[0])
     out = a.shape(node)
     assert xs is not None and out is not None
-    d = int(node.args[1]) if len(node.args) > 1 else 0
+    d = int(_args(node)[1]) if len(_args(node)) > 1 else 0
     return _slice_like(a, node, d, xs == out, removes=False)
 
 
 @rule("narrow")
 def _narrow(a: CouplingAnalysis, node: fx.Node) -> Any:
-    return _slice_like(a, node, int(node.args[1]), a.shape(node.args[0]) == a.shape(node), removes=False)
+    return _slice_like(a, node, int(_args(node)[1]), a.shape(_args(node)[0]) == a.shape(node), removes=False)
 
 
 @rule("select")
 def _select(a: CouplingAnalysis, node: fx.Node) -> Any:
-    return _slice_like(a, node, int(node.args[1]), False, removes=True)
+    return _slice_like(a, node, int(_args(node)[1]), False, removes=True)
 
 
 @rule("index_select")
 def _index_select(a: CouplingAnalysis, node: fx.Node) -> Any:
-    return _slice_like(a, node, int(node.args[1]), False, removes=False)
+    return _slice_like(a, node, int(_args(node)[1]), False, removes=False)
 
 
 @rule("split", "split_with_sizes", "chunk", "unbind", "tensor_split")
 def _split(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(node.args[0], node.name)
+    xm = a.arg_maps(_args(node)[0], node.name)
     name = _op_name(node.target)
-    d = int(node.args[1]) if name == "unbind" and len(node.args) > 1 else (
-        int(node.args[2]) if len(node.args) > 2 else int(node.kwargs.get("dim", 0)))
+    d = int(_args(node)[1]) if name == "unbind" and len(_args(node)) > 1 else (
+        int(_args(node)[2]) if len(_args(node)) > 2 else int(_kw(node).get("dim", 0)))
     d = _dim(d, len(xm))
     val = node.meta.get("val")
     n = len(val) if isinstance(val, (tuple, list)) else 1
@@ -883,7 +892,7 @@ def _split(a: CouplingAnalysis, node: fx.Node) -> Any:
 @rule("squeeze", "unsqueeze", "view", "reshape", "_unsafe_view", "flatten", "unflatten", "view_copy", "_reshape_alias",
       "squeeze_", "unsqueeze_")
 def _reshape(a: CouplingAnalysis, node: fx.Node) -> Any:
-    x = node.args[0]
+    x = _args(node)[0]
     xs, out_shape = a.shape(x), a.shape(node)
     if xs is None or out_shape is None:
         raise _Unsupported("unknown shapes")

@@ -250,13 +250,19 @@ def _hf_from_pretrained(auto_class: Any, path: Path, config: Any, spec: str) -> 
     raise InputError(f"teacher '{spec}': {auto_class.__name__} could not load it ({'; '.join(errors)})")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
+
+
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer saved in a model directory, or None when there is none."""
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        return None
     try:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError, ImportError):
+    except Exception:  # a broken or partial tokenizer: the caller falls back to token ids
         return None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token

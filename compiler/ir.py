@@ -198,9 +198,12 @@ def analyze(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: d
     canon = canonical_param_names(model)
     sig = ep.graph_signature
     placeholder_to_param: dict[str, str] = {}
-    for ph, fqn in {**sig.inputs_to_parameters, **sig.inputs_to_buffers}.items():
-        placeholder_to_param[ph] = canon.get(fqn, fqn)
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for ph, fqn in {**sig.inputs_to_parameters, **sig.inputs_to_buffers}.items():
+        tensor = state.get(canon.get(fqn, fqn))
+        if tensor is not None and not tensor.is_floating_point():
+            continue  # integer buffers (position ids, counters) are constants, not channels
+        placeholder_to_param[ph] = canon.get(fqn, fqn)
     param_shapes = {canon.get(k, k): tuple(v.shape) for k, v in state.items()}
     param_modules = {k: k.rsplit(".", 1)[0] if "." in k else "" for k in param_shapes}
 

@@ -225,7 +225,9 @@ def available_passes() -> list[str]:
 
 def _split_top(text: str, sep: str) -> list[str]:
     """Split on ``sep`` outside braces and brackets."""
-    parts, depth, cur = [], 0, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in text:
         if ch in "{[":
             depth += 1

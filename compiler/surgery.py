@@ -42,7 +42,7 @@ def _drop_plan(analysis: Analysis, keep: Mapping[int, Sequence[int]]) -> dict[tu
         if gid < 0 or gid >= len(analysis.groups):
             raise InputError(f"no coupled group {gid}; the model has groups 0..{len(analysis.groups) - 1}")
         g = analysis.groups[gid]
-        kept = sorted(set(int(u) for u in units))
+        kept = sorted({int(u) for u in units})
         if g.pinned and len(kept) != g.n_units:
             raise InputError(f"group {g.describe()} is pinned ({g.pinned}); it cannot be pruned")
         if not kept:
@@ -70,8 +70,46 @@ def prune_width(model: nn.Module, analysis: Analysis, keep: Mapping[int, Sequenc
             t.grad = None
     kept_ratio = _kept_ratio(analysis, keep)
     _update_attributes(new, analysis, kept_ratio)
-    _update_hf_config(new)
+    via_pruned_heads = _record_pruned_heads(new, analysis, keep)
+    _update_hf_config(new, heads=not via_pruned_heads)
     return new
+
+
+def _layer_index(path: str) -> int | None:
+    parts = path.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p in ("layer", "layers", "h", "blocks") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def _record_pruned_heads(model: nn.Module, analysis: Analysis, keep: Mapping[int, Sequence[int]]) -> bool:
+    """Hugging Face models that derive the head size from ``hidden_size / num_attention_heads``
+    (BERT, ViT, ...) describe removed heads in ``config.pruned_heads``; ``from_pretrained`` then
+    rebuilds the pruned shapes. Returns whether that route was taken."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "pruned_heads") or not hasattr(model, "prune_heads"):
+        return False
+    if getattr(config, "head_dim", None) is not None:
+        return False  # the config states the head size itself (Llama-style): head counts suffice
+    pruned = {int(k): set(v) for k, v in dict(config.pruned_heads).items()}
+    for gid, units in keep.items():
+        g = analysis.groups[gid]
+        if g.kind not in ("heads", "kv_heads"):
+            continue
+        q = [m for m in g.members if m.role == "out" and m.dim == 0 and m.module.rsplit(".", 1)[-1] in _Q_NAMES]
+        layer = _layer_index(q[0].module) if q else None
+        if layer is None:
+            return False
+        total = g.n_units + len(pruned.get(layer, ()))
+        original = [h for h in range(total) if h not in pruned.get(layer, set())]
+        removed = {original[u] for u in range(g.n_units) if u not in set(units)}
+        pruned.setdefault(layer, set()).update(removed)
+        for name, mod in model.named_modules():
+            if _layer_index(name) == layer and isinstance(getattr(mod, "pruned_heads", None), set):
+                mod.pruned_heads = set(pruned[layer])
+    config.pruned_heads = {k: sorted(v) for k, v in pruned.items() if v}
+    return True
 
 
 def _kept_ratio(analysis: Analysis, keep: Mapping[int, Sequence[int]]) -> dict[str, float]:
@@ -137,42 +175,45 @@ def _update_attention(mod: nn.Module) -> None:
     q, k = _child_linear(mod, _Q_NAMES), _child_linear(mod, _K_NAMES)
     if q is None:
         return
-    heads = q.out_features // head_dim
+    heads = q.weight.shape[0] // head_dim
     for attr in ("num_attention_heads", "num_heads", "n_heads"):
         if isinstance(getattr(mod, attr, None), int):
             setattr(mod, attr, heads)
     if isinstance(getattr(mod, "all_head_size", None), int):
-        mod.all_head_size = heads * head_dim
+        mod.all_head_size = heads * head_dim  # type: ignore[assignment]
     if k is not None:
-        kv = k.out_features // head_dim
+        kv = k.weight.shape[0] // head_dim
         for attr in ("num_key_value_heads", "num_kv_heads"):
             if isinstance(getattr(mod, attr, None), int):
                 setattr(mod, attr, kv)
         if isinstance(getattr(mod, "num_key_value_groups", None), int) and kv:
-            mod.num_key_value_groups = heads // kv
+            mod.num_key_value_groups = heads // kv  # type: ignore[assignment]
 
 
 def _first_uniform(values: list[int]) -> tuple[int | None, bool]:
     return (values[0] if values else None), len(set(values)) <= 1
 
 
-def _update_hf_config(model: nn.Module) -> None:
+def _update_hf_config(model: nn.Module, heads: bool = True) -> None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
-    heads, kv_heads, ffn = [], [], []
+    head_counts: list[int] = []
+    kv_heads: list[int] = []
+    ffn: list[int] = []
     for name, mod in model.named_modules():
         head_dim = getattr(mod, "attention_head_size", None) or getattr(mod, "head_dim", None)
         q = _child_linear(mod, _Q_NAMES)
         if isinstance(head_dim, int) and q is not None:
-            heads.append(q.out_features // head_dim)
+            head_counts.append(q.weight.shape[0] // head_dim)
             k = _child_linear(mod, _K_NAMES)
             if k is not None:
-                kv_heads.append(k.out_features // head_dim)
+                kv_heads.append(k.weight.shape[0] // head_dim)
         if name.endswith(("intermediate.dense", "mlp.up_proj", "mlp.fc1", "mlp.c_fc", "mlp.dense_h_to_4h")) and isinstance(mod, nn.Linear):
-            ffn.append(mod.out_features)
+            ffn.append(mod.weight.shape[0])
     nonuniform = []
-    for field_name, values in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads), ("intermediate_size", ffn)):
+    fields = [("num_attention_heads", head_counts), ("num_key_value_heads", kv_heads)] if heads else []
+    for field_name, values in (*fields, ("intermediate_size", ffn)):
         first, uniform = _first_uniform(values)
         if first is None or not hasattr(config, field_name):
             continue
@@ -217,7 +258,7 @@ def remove_blocks(model: nn.Module, analysis: Analysis, names: Sequence[str]) ->
             for i, layer in enumerate(replacement):
                 for sub in layer.modules():
                     if isinstance(getattr(sub, "layer_idx", None), int):
-                        sub.layer_idx = i
+                        sub.layer_idx = i  # type: ignore[assignment]
     config = getattr(new, "config", None)
     if config is not None and hasattr(config, "num_hidden_layers") and len(by_container) == 1:
         cname, drop = next(iter(by_container.items()))

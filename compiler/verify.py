@@ -5,6 +5,7 @@ Run by ``VerifyInstrument`` after every pass that changed the working student (`
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,7 +40,7 @@ def verify_analysis(analysis: Analysis) -> list[str]:
             covered.setdefault((m.param, m.dim), []).append((m.offset, end, grp.id))
     for (param, dim), spans in covered.items():
         spans.sort()
-        for (s0, e0, g0), (s1, _e1, g1) in zip(spans, spans[1:]):
+        for (_s0, e0, g0), (s1, _e1, g1) in itertools.pairwise(spans):
             if s1 < e0:
                 problems.append(f"{param} dim {dim}: groups {g0} and {g1} overlap at {s1}..{e0}")
     return problems
