@@ -1,0 +1,124 @@
+"""``lower()``: one entry point for every target, and the ``lower.*`` passes.
+
+``lower(module, example_inputs, profile, out_dir, target=None, ...)`` lowers a student for a
+profile (target defaults to the profile's) and returns an ``Artifact``: engine files, parity
+against PyTorch on held-out inputs and measured latency. A parity failure raises ``ParityError``.
+
+=============  ==============================================================================
+target         what is produced
+=============  ==============================================================================
+onnx           ``model.onnx`` (checked), parity and latency through ONNX Runtime
+onnxruntime    the same, with the profile's ORT settings; INT8 via NNCF when precision is int8
+tensorrt       a TensorRT engine where TensorRT and CUDA are present, else a build bundle
+aoti           ``model.pt2`` (AOTInductor), loaded and checked in a child process
+=============  ==============================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from potstill.errors import InputError
+from potstill.pipeline import Pass, PassResult, register_pass
+from potstill.profiles import DeviceProfile, load_profile
+from torch import nn
+
+from .artifact import Artifact
+
+TARGETS = ("onnx", "onnxruntime", "tensorrt", "aoti")
+
+
+def lower(
+    module: nn.Module,
+    example_inputs: Sequence[Any],
+    profile: DeviceProfile | str,
+    out_dir: str | Path,
+    *,
+    target: str | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    dynamic_batch: bool = True,
+    calib: Any = None,
+    hf: dict[str, Any] | None = None,
+) -> Artifact:
+    """Lower ``module`` for ``profile`` into ``out_dir``; see the module docstring.
+
+    >>> art = lower(model, (torch.randn(1, 3, 32, 32),), "cpu", "out/student")  # doctest: +SKIP
+    >>> art.parity["ok"], art.latency_ms["median"]                               # doctest: +SKIP
+    """
+    profile = load_profile(profile)
+    target = target or profile.target
+    if target not in TARGETS:
+        raise InputError(f"unknown target '{target}'; targets: {', '.join(TARGETS)}")
+    args = tuple(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    if target in ("onnx", "onnxruntime"):
+        if profile.precision == "int8":
+            from .int8 import lower_int8
+
+            return lower_int8(module, args, profile, out_dir, kwargs=kwargs, dynamic_batch=dynamic_batch,
+                              calib=calib, hf=hf)
+        from .onnxruntime import lower_onnxruntime
+
+        return lower_onnxruntime(module, args, profile, out_dir, kwargs=kwargs, dynamic_batch=dynamic_batch,
+                                 hf=hf, target=target)
+    if target == "tensorrt":
+        from .tensorrt import lower_tensorrt
+
+        return lower_tensorrt(module, args, profile, out_dir, kwargs=kwargs, dynamic_batch=dynamic_batch,
+                              calib=calib, hf=hf)
+    from .aoti import lower_aoti
+
+    return lower_aoti(module, args, profile, out_dir, kwargs=kwargs, dynamic_batch=dynamic_batch)
+
+
+@dataclass(frozen=True)
+class NoLowerOptions:
+    """Lowering passes take their settings from the profile."""
+
+
+class _LowerPass(Pass):
+    target = ""
+    Options = NoLowerOptions
+    ensures = frozenset({"lowered"})
+
+    def run(self, state: Any) -> PassResult:
+        from .students import lower_students
+
+        lower_students(state, self.target)
+        # engines and records were added; the students' modules (the IR) are unchanged
+        return PassResult(state, False)
+
+
+@register_pass
+class LowerOnnxPass(_LowerPass):
+    """Export every student to a checked ONNX file (parity and latency through ONNX Runtime)."""
+
+    name = "lower.onnx"
+    target = "onnx"
+
+
+@register_pass
+class LowerOnnxRuntimePass(_LowerPass):
+    """Lower every student to ONNX Runtime with the profile's settings (INT8 when it asks)."""
+
+    name = "lower.onnxruntime"
+    target = "onnxruntime"
+
+
+@register_pass
+class LowerTensorRTPass(_LowerPass):
+    """Build TensorRT engines (or bundles to build on the device) for every student."""
+
+    name = "lower.tensorrt"
+    target = "tensorrt"
+
+
+@register_pass
+class LowerAotiPass(_LowerPass):
+    """Compile every student to an AOTInductor package and check it in a child process."""
+
+    name = "lower.aoti"
+    target = "aoti"

@@ -1,0 +1,56 @@
+"""Hugging Face students through Optimum's ONNX exporter, where it supports the architecture.
+
+``optimum.exporters.onnx.main_export`` reads a saved model directory (``hf={"dir": ..., "task":
+...}``) and writes ONNX with the standard input names (``input_ids``, ``attention_mask``,
+``token_type_ids``) and outputs (``last_hidden_state`` / ``logits``), batch and sequence dynamic.
+When Optimum is missing or does not support the model, callers fall back to potstill's own export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from potstill.atomic import atomic_path
+
+PRIMARY_OUTPUTS = ("logits", "last_hidden_state")
+
+
+def optimum_export(hf: dict[str, Any], path: Path) -> tuple[list[str], str]:
+    """Export the saved HF model ``hf["dir"]`` to ``path``; returns (input names, primary output).
+
+    Raises whatever Optimum raises when it cannot export (unsupported architecture, missing files).
+    """
+    import onnx
+    from optimum.exporters.onnx import main_export
+
+    src = Path(hf.get("dir") or hf.get("path") or "")
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src}: no saved Hugging Face model (config.json) to export with Optimum")
+    task = hf.get("task") or "feature-extraction"
+    work = Path(tempfile.mkdtemp(prefix="potstill-optimum-"))
+    try:
+        sink = io.StringIO()
+        logging.getLogger("optimum").setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            main_export(str(src), output=str(work), task=task, device="cpu", do_validation=False)
+        produced = work / "model.onnx"
+        if not produced.is_file():
+            raise FileNotFoundError(f"Optimum wrote no model.onnx for task '{task}'")
+        model = onnx.load(str(produced))  # folds any external-data side file into one proto
+        onnx.checker.check_model(model)
+        names = [i.name for i in model.graph.input]
+        outputs = [o.name for o in model.graph.output]
+        primary = next((o for o in PRIMARY_OUTPUTS if o in outputs), outputs[0])
+        with atomic_path(path) as tmp:
+            onnx.save(model, str(tmp))
+        return names, primary
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,116 @@
+"""Parity of an engine against the PyTorch module on held-out inputs.
+
+Held-out inputs are the example itself plus random inputs of the same shape, dtype and value range
+(integer inputs such as token ids keep their range; masks are kept as given), and, when the engine
+has a dynamic batch, inputs at another batch size. Errors: ``max_abs = max|engine − torch|`` and
+``rel = max_abs / max|torch|`` (the error against the output's scale), maxima over all inputs.
+An engine passes when ``max_abs <= tolerance.max_abs`` or ``rel <= tolerance.rel``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from potstill.data import primary_output
+from potstill.errors import ParityError
+
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _like(x: Any, batch: int | None, gen: torch.Generator, name: str = "") -> Any:
+    if not isinstance(x, torch.Tensor):
+        return x
+    shape = list(x.shape)
+    if batch is not None and shape:
+        shape[0] = batch
+    if "mask" in name or x.dtype == torch.bool or x.numel() == 0:
+        return _tile(x, batch)
+    if x.is_floating_point():
+        lo, hi = float(x.min()), float(x.max())
+        if hi - lo < 1e-6:
+            return torch.randn(shape, generator=gen, dtype=x.dtype)
+        return torch.rand(shape, generator=gen, dtype=x.dtype) * (hi - lo) + lo
+    lo_i, hi_i = int(x.min()), int(x.max())
+    return torch.randint(lo_i, hi_i + 1, shape, generator=gen, dtype=x.dtype)
+
+
+def _tile(x: torch.Tensor, batch: int | None) -> torch.Tensor:
+    if batch is None or x.dim() == 0 or x.shape[0] == batch:
+        return x.clone()
+    reps = -(-batch // x.shape[0])
+    return x.repeat(reps, *([1] * (x.dim() - 1)))[:batch].clone()
+
+
+def held_out_inputs(
+    args: Sequence[Any],
+    kwargs: dict[str, Any] | None = None,
+    n_random: int = 2,
+    other_batch: int | None = None,
+    seed: int = 0,
+) -> list[Inputs]:
+    """The example, ``n_random`` random look-alikes, and one at ``other_batch`` when given."""
+    kwargs = kwargs or {}
+    gen = torch.Generator().manual_seed(seed)
+    out: list[Inputs] = [(tuple(args), dict(kwargs))]
+    batches: list[int | None] = [None] * n_random + ([other_batch] if other_batch else [])
+    for batch in batches:
+        out.append(
+            (
+                tuple(_like(a, batch, gen) for a in args),
+                {k: _like(v, batch, gen, k) for k, v in kwargs.items()},
+            )
+        )
+    return out
+
+
+def batch_size(args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> int:
+    for x in (*args, *(kwargs or {}).values()):
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return int(x.shape[0])
+    return 1
+
+
+def torch_reference(module: torch.nn.Module, inputs: Inputs) -> np.ndarray:
+    with torch.inference_mode():
+        out = primary_output(module(*inputs[0], **inputs[1]))
+    return out.detach().float().cpu().numpy()
+
+
+def errors(engine: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """(max_abs, rel) of ``engine`` against ``reference``; shapes must agree."""
+    engine = np.asarray(engine, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    if engine.shape != reference.shape:
+        return float("inf"), float("inf")
+    max_abs = float(np.max(np.abs(engine - reference))) if engine.size else 0.0
+    scale = float(np.max(np.abs(reference))) if reference.size else 0.0
+    return max_abs, (max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")))
+
+
+def check_parity(
+    module: torch.nn.Module,
+    run_engine: Callable[[Inputs], np.ndarray],
+    inputs: Sequence[Inputs],
+    tolerance: Any,
+) -> dict[str, Any]:
+    """Run torch and the engine on each input; ``{"max_abs", "rel", "ok", "n_inputs"}``."""
+    worst_abs, worst_rel = 0.0, 0.0
+    for item in inputs:
+        max_abs, rel = errors(run_engine(item), torch_reference(module, item))
+        worst_abs, worst_rel = max(worst_abs, max_abs), max(worst_rel, rel)
+    ok = worst_abs <= tolerance.max_abs or worst_rel <= tolerance.rel
+    return {"max_abs": worst_abs, "rel": worst_rel, "ok": bool(ok), "n_inputs": len(inputs)}
+
+
+def raise_if_failed(parity: dict[str, Any], engine: Any, tolerance: Any) -> None:
+    """``ParityError`` naming the engine, its errors and the tolerance, when parity is not ok."""
+    if not parity.get("ok", False):
+        raise ParityError(
+            f"{engine}: engine does not match PyTorch on {parity.get('n_inputs')} held-out inputs: "
+            f"max_abs={parity['max_abs']:.3g} (tolerance {tolerance.max_abs:g}), "
+            f"rel={parity['rel']:.3g} (tolerance {tolerance.rel:g}); check the export for ops that "
+            "change numerics, or loosen the profile's tolerance if this precision is expected"
+        )

@@ -1,0 +1,118 @@
+"""ONNX export + ONNX Runtime: parity on held-out inputs, dynamic batch, parity failures, the pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from potstill.errors import ParityError
+from potstill.pipeline import PassManager, build_pipeline
+from potstill.profiles import load_profile
+from potstill.state import CompileState
+from potstill.targets import Artifact, lower, measure_torch_latency
+from potstill.targets.onnx_export import flat_spec
+from potstill.targets.onnxruntime import OnnxExport, ort_parity_and_latency
+from torch import nn
+
+
+def _ort(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["output"], feeds)[0]
+
+
+def test_cnn_parity_and_dynamic_batch(cnn: nn.Module, tmp_path: Path) -> None:
+    x = torch.randn(1, 3, 16, 16)
+    art = lower(cnn, (x,), "cpu", tmp_path)
+    assert isinstance(art, Artifact) and art.target == "onnxruntime" and art.precision == "fp32"
+    path = art.files["onnx"]
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    assert not list(tmp_path.glob("*.data")), "weights must be inside the one ONNX file"
+    assert art.parity["ok"] and art.parity["max_abs"] < 1e-4 and art.parity["n_inputs"] >= 4
+    assert art.latency_ms["median"] > 0 and art.latency_ms["p90"] >= art.latency_ms["median"]
+    assert any("dynamo" in n for n in art.notes)
+    # engines run batches, not the one example
+    x5 = torch.randn(5, 3, 16, 16)
+    got = _ort(path, {"x": x5.numpy()})
+    np.testing.assert_allclose(got, cnn(x5).detach().numpy(), atol=1e-4)
+    assert art.to_dict()["files"]["onnx"] == str(path)
+
+
+def test_fixed_batch_profile_exports_static_batch(cnn: nn.Module, tmp_path: Path) -> None:
+    profile = load_profile("cpu").model_copy(update={"batch": 2})
+    art = lower(cnn, (torch.randn(1, 3, 16, 16),), profile, tmp_path)
+    dim0 = onnx.load(str(art.files["onnx"])).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_value == 2
+    assert any("batch fixed" in n for n in art.notes)
+
+
+def test_transformer_like_with_keyword_inputs(encoder: nn.Module, token_inputs: dict, tmp_path: Path) -> None:
+    art = lower(encoder, (), "cpu", tmp_path, example_kwargs=token_inputs)
+    model = onnx.load(str(art.files["onnx"]))
+    assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in model.graph.output] == ["output"]
+    assert art.parity["ok"] and art.parity["rel"] < 1e-4
+    feeds = {k: v.repeat(2, 1).numpy() for k, v in token_inputs.items()}  # batch 4
+    ref = encoder(**{k: torch.from_numpy(v) for k, v in feeds.items()})["last_hidden_state"]
+    np.testing.assert_allclose(_ort(art.files["onnx"], feeds), ref.detach().numpy(), atol=1e-4)
+
+
+def test_hf_model_through_optimum(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("optimum.exporters.onnx")
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32)
+    model = transformers.BertModel(cfg).eval()
+    model.save_pretrained(tmp_path / "hf")
+    kwargs = {"input_ids": torch.randint(0, 64, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    art = lower(model, (), "cpu", tmp_path / "out", example_kwargs=kwargs,
+                hf={"dir": str(tmp_path / "hf"), "task": "feature-extraction"})
+    assert art.parity["ok"]
+    assert any("Optimum" in n for n in art.notes)
+    names = [i.name for i in onnx.load(str(art.files["onnx"])).graph.input]
+    assert names[:2] == ["input_ids", "attention_mask"]
+    # a directory Optimum cannot read falls back to the own exporter and says so
+    art2 = lower(model, (), "cpu", tmp_path / "out2", example_kwargs=kwargs, hf={"dir": str(tmp_path / "none")})
+    assert art2.parity["ok"] and any("Optimum export not used" in n for n in art2.notes)
+    # hf naming another model (the teacher's dir for a changed student): detected, own export used
+    other = transformers.BertModel(cfg).eval()
+    art3 = lower(other, (), "cpu", tmp_path / "out3", example_kwargs=kwargs, hf={"dir": str(tmp_path / "hf")})
+    assert art3.parity["ok"] and any("is not this module" in n for n in art3.notes)
+
+
+def test_tampered_weights_raise_parity_error(cnn: nn.Module, tmp_path: Path) -> None:
+    x = torch.randn(1, 3, 16, 16)
+    art = lower(cnn, (x,), "cpu", tmp_path)
+    path = art.files["onnx"]
+    model = onnx.load(str(path))
+    init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    tampered = numpy_helper.to_array(init) * 1.5
+    init.CopyFrom(numpy_helper.from_array(tampered.astype(np.float32), init.name))
+    onnx.save(model, str(path))
+    profile = load_profile("cpu")
+    exported = OnnxExport(path, flat_spec(cnn, (x,), {}), "tampered")
+    with pytest.raises(ParityError) as err:
+        ort_parity_and_latency(cnn, path, exported, ((x,), {}), profile, dynamic=True)
+    message = str(err.value)
+    assert str(path) in message and "max_abs=" in message and "rel=" in message
+    assert f"tolerance {profile.tolerance.max_abs:g}" in message
+
+
+def test_lower_pass_lowers_every_student(cnn: nn.Module, tmp_path: Path) -> None:
+    state = CompileState(teacher=cnn, example_inputs=(torch.randn(1, 3, 16, 16),), profile=load_profile("cpu"),
+                         out_dir=tmp_path)
+    PassManager(build_pipeline("lower.onnxruntime")).run(state)
+    student = state.students[0]
+    assert "lowered" in state.facts
+    art = student.artifacts["onnxruntime"]
+    assert art.files["onnx"] == tmp_path / "students" / student.name / "model.onnx"
+    assert student.metrics["parity"]["ok"] and student.metrics["latency_ms"]["median"] > 0
+    assert student.metrics["targets"]["onnxruntime"]["precision"] == "fp32"
+
+
+def test_measure_torch_latency(cnn: nn.Module) -> None:
+    lat = measure_torch_latency(cnn, (torch.randn(1, 3, 16, 16),), budget_s=0.1)
+    assert lat["runs"] >= 5 and 0 < lat["median"] <= lat["p90"]
