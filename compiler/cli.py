@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", metavar="T", help="override the profile's target: onnxruntime, onnx, tensorrt, aoti")
     c.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     c.add_argument("--debug", action="store_true", help="verify the IR after every pass, dump IR before/after under OUT/debug/, show tracebacks")
+    c.add_argument("--no-cache", action="store_true",
+                   help="rebuild every student (by default students of an earlier run into OUT with unchanged inputs are reused)")  # fmt: skip
     c.add_argument("-o", "--output", metavar="OUT", help="output folder (written atomically)")
     c.set_defaults(func=cmd_compile)
 
@@ -92,7 +94,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         teacher=args.teacher, out=args.output, profile=args.profile, ratios=tuple(args.ratio or ()),
         input_shapes=tuple(args.input_shape), pipeline=args.pipeline, recipe=args.recipe, data=args.data,
         calib=args.calib, drop_layers=args.drop_layers, keep_layers=args.keep_layers,
-        importance=args.importance, target=args.target, seed=args.seed, debug=args.debug,
+        importance=args.importance, target=args.target, seed=args.seed, debug=args.debug, cache=not args.no_cache,
     )  # fmt: skip
     result = compile_teacher(opts, note=lambda msg: err.print(msg, style="dim", markup=False, soft_wrap=True))
     for timing in result.timings:
@@ -156,7 +158,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_profiles(args: argparse.Namespace) -> int:
     from potstill.profiles import profiles_table
 
-    _console().print(profiles_table())
+    out = _console()
+    if not out.is_terminal:  # piped or captured: rich would squeeze the wide table into 80 columns
+        out.width = max(out.width, 160)
+    out.print(profiles_table())
     return 0
 
 

@@ -1,29 +1,33 @@
 """One compilation, start to finish: what ``potstill compile`` runs, callable from Python too.
 
     from potstill.driver import CompileOptions, compile_teacher
-    manifest = compile_teacher(CompileOptions("examples/digits_cnn.py:teacher", out="out/demo"))
+    result = compile_teacher(CompileOptions("examples/digits_cnn.py:teacher", out="out/demo", ratios=(0.5,)))
+    result.manifest["students"][0]["latency_ms"]
 
 Steps: read the recipe (if any) -> load the profile and the teacher -> plan one pipeline per
 student (``--ratio`` values, depth options, or the user's ``--pipeline``) -> run each with the
-``PassManager`` on a shared ``CompileState`` -> lower any student its pipeline did not lower ->
-write ``student.pt2`` (and ``hf/``), ``manifest.json``, ``report.md`` and ``pareto.png``. All of
-``OUT`` is built in a temporary sibling and renamed into place at the end, so a failed run leaves
-no ``OUT`` that looks finished.
+``PassManager`` on its own ``CompileState`` (the teacher's analysis is shared) -> lower any student
+its pipeline did not lower -> write ``student.pt2`` (and ``hf/``), ``manifest.json``, ``report.md``
+and ``pareto.png``. All of ``OUT`` is built in a temporary sibling and renamed into place at the
+end, so a failed run leaves no ``OUT`` that looks finished. A student of an earlier run into the
+same ``OUT`` whose inputs (teacher and data hashes, profile, versions) and pipeline are unchanged is
+copied instead of rebuilt.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import random
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from . import __version__
 from .atomic import atomic_path
@@ -47,57 +51,10 @@ from .manifest import (
     weights_sha256,
     write_manifest,
 )
-from .pipeline import (
-    DumpIRInstrument,
-    Pass,
-    PassInstrument,
-    PassManager,
-    TimingInstrument,
-    VerifyInstrument,
-    build_pipeline,
-    get_pass,
-)
+from .pipeline import DumpIRInstrument, PassInstrument, PassManager, TimingInstrument, VerifyInstrument
+from .plan import CompileOptions, Plan, apply_recipe, plan_students
 from .report import write_report
 from .state import CompileState, Student
-
-TARGETS = ("onnx", "onnxruntime", "tensorrt", "aoti")
-RATIO_PLACEHOLDER = "$ratio"
-
-
-@dataclass
-class CompileOptions:
-    """Everything ``potstill compile`` takes; a recipe YAML fills the fields the caller left unset."""
-
-    teacher: str | None = None
-    out: str | Path | None = None
-    profile: str | None = None
-    ratios: tuple[float, ...] = ()
-    input_shapes: tuple[str, ...] = ()
-    pipeline: str | list[Any] | None = None
-    recipe: str | None = None
-    data: str | None = None
-    calib: str | None = None
-    drop_layers: int | None = None
-    keep_layers: int | None = None
-    importance: str | None = None
-    target: str | None = None
-    seed: int | None = None
-    debug: bool = False
-    name: str | None = None
-    #: everything else the recipe said (stages, distillation settings); passes read state.records["recipe"]
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Plan:
-    """One student to build: its name and the passes that make it."""
-
-    name: str
-    passes: list[Pass]
-
-    @property
-    def spec(self) -> str:
-        return ",".join(p.spec() for p in self.passes)
 
 
 @dataclass
@@ -105,146 +62,6 @@ class CompileResult:
     manifest: dict[str, Any]
     out: Path
     timings: list[TimingInstrument]
-
-
-# ---------------------------------------------------------------------------------------------
-# Recipe and plans
-
-RECIPE_KEYS = {
-    "teacher": "teacher", "output": "out", "out": "out", "profile": "profile", "ratio": "ratios",
-    "ratios": "ratios", "input_shape": "input_shapes", "input_shapes": "input_shapes",
-    "pipeline": "pipeline", "stages": "pipeline", "data": "data", "calib": "calib",
-    "drop_layers": "drop_layers", "keep_layers": "keep_layers", "importance": "importance",
-    "target": "target", "seed": "seed", "name": "name",
-}  # fmt: skip
-RECIPE_PATH_KEYS = ("teacher", "data", "calib")  # the output stays relative to the working folder
-
-
-def apply_recipe(opts: CompileOptions) -> CompileOptions:
-    """Fill unset options from ``opts.recipe`` (YAML); paths in it are relative to the recipe file."""
-    if not opts.recipe:
-        return opts
-    path = Path(opts.recipe)
-    if not path.is_file():
-        raise InputError(f"--recipe '{path}': no such file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise InputError(f"--recipe '{path}': not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise InputError(f"--recipe '{path}': expected a mapping of settings (teacher:, pipeline:, ...)")
-    values: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    for key, value in data.items():
-        attr = RECIPE_KEYS.get(str(key).replace("-", "_"))
-        if attr is None:
-            extra[str(key)] = value
-            continue
-        if attr in RECIPE_PATH_KEYS and isinstance(value, str):
-            value = _resolve_recipe_path(value, path.parent)
-        if attr in ("ratios", "input_shapes"):
-            value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-        values[attr] = value
-    merged = {}
-    for f in fields(opts):
-        current = getattr(opts, f.name)
-        unset = current is None or current == () or (f.name == "extra" and not current)
-        if unset and f.name in values:
-            merged[f.name] = values[f.name]
-    return replace(opts, **merged, extra={**extra, **opts.extra})
-
-
-def _resolve_recipe_path(value: str, base: Path) -> str:
-    if value.startswith("hf:"):
-        rest = value[3:]
-        return "hf:" + (rest if Path(rest).is_absolute() else str(base / rest))
-    file_part, sep, name = value.partition(".py:")
-    file_part += ".py" if sep else ""
-    resolved = file_part if Path(file_part).is_absolute() else str(base / file_part)
-    return f"{resolved}:{name}" if sep else resolved
-
-
-def _pipeline_items(spec: str | list[Any]) -> list[str | Pass]:
-    """A pipeline string, or a recipe list of strings and ``{name: {option: value}}`` mappings."""
-    if isinstance(spec, str):
-        return [spec]
-    items: list[str | Pass] = []
-    for item in spec:
-        if isinstance(item, str):
-            items.append(item)
-        elif isinstance(item, dict) and len(item) == 1:
-            (name, opts), = item.items()
-            items.append(get_pass(str(name))(**(opts or {})))
-        else:
-            raise InputError(f"pipeline entry {item!r}: write 'name{{k=v}}' or a mapping {{name: {{k: v}}}}")
-    return items
-
-
-def _ratio_name(ratio: float) -> str:
-    return f"w{round(ratio * 100):d}"
-
-
-def _check_ratio(ratio: float) -> float:
-    if not 0.0 < ratio < 1.0:
-        raise InputError(f"--ratio {ratio}: expected a fraction of channels to remove, between 0 and 1")
-    return ratio
-
-
-def _depth_steps(opts: CompileOptions) -> tuple[list[str], str]:
-    if opts.drop_layers is None and opts.keep_layers is None:
-        return [], ""
-    if opts.drop_layers is not None and opts.keep_layers is not None:
-        raise InputError("give --drop-layers or --keep-layers, not both")
-    if opts.drop_layers is not None:
-        if opts.drop_layers < 1:
-            raise InputError(f"--drop-layers {opts.drop_layers}: must be at least 1")
-        step, tag = f"prune.depth{{drop={opts.drop_layers}}}", f"d{opts.drop_layers}"
-    else:
-        if opts.keep_layers is None or opts.keep_layers < 1:
-            raise InputError(f"--keep-layers {opts.keep_layers}: must be at least 1")
-        step, tag = f"prune.depth{{keep={opts.keep_layers}}}", f"k{opts.keep_layers}"
-    steps = [step]
-    if "block_importance" in get_pass("prune.depth").requires:
-        steps.insert(0, "importance.blocks")
-    return steps, tag
-
-
-def plan_students(opts: CompileOptions, target: str) -> list[Plan]:
-    """One plan per student: the user's pipeline, or the default prune-and-lower per ratio."""
-    if target not in TARGETS:
-        raise InputError(f"--target '{target}': expected one of {', '.join(TARGETS)}")
-    ratios = [_check_ratio(float(r)) for r in opts.ratios]
-    if opts.pipeline:
-        text = opts.pipeline if isinstance(opts.pipeline, str) else None
-        if ratios and (text is None or RATIO_PLACEHOLDER not in text):
-            raise InputError(
-                "--ratio with --pipeline: write the ratio into the pipeline (prune.width{ratio=0.5}) "
-                f"or use '{RATIO_PLACEHOLDER}' there to build one student per --ratio"
-            )
-        if text is not None and RATIO_PLACEHOLDER in text:
-            if not ratios:
-                raise InputError(f"the pipeline uses '{RATIO_PLACEHOLDER}': give --ratio")
-            return [Plan(_ratio_name(r), build_pipeline(text.replace(RATIO_PLACEHOLDER, f"{r:g}"))) for r in ratios]
-        return [Plan(opts.name or "student", build_pipeline(_pipeline_items(opts.pipeline)))]
-    depth, depth_tag = _depth_steps(opts)
-    if not ratios and not depth:
-        ratios = [0.5]
-    importance = opts.importance or "magnitude"
-    importance = importance if "." in importance else f"importance.{importance}"
-    plans = []
-    width_ratios: list[float | None] = list(ratios) if ratios else [None]
-    for r in width_ratios:
-        steps = list(depth)
-        tags = [depth_tag] if depth_tag else []
-        if r is not None:
-            steps += [importance, f"prune.width{{ratio={r:g}}}"]
-            tags.insert(0, _ratio_name(r))
-        steps.append(f"lower.{target}")
-        plans.append(Plan("-".join(tags), build_pipeline(",".join(steps))))
-    names = [p.name for p in plans]
-    if len(set(names)) != len(names):
-        raise InputError(f"two students would share a name ({names}); give distinct --ratio values")
-    return plans
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,6 +207,56 @@ def _argv(opts: CompileOptions) -> str:
     return " ".join(parts)
 
 
+def check_output_folder(out: Path) -> None:
+    """OUT is replaced whole at the end: refuse a folder that is not an earlier potstill output."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"-o {out}: exists and is not a folder")
+    resolved, cwd = out.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise InputError(f"-o {out}: is the working folder or above it; potstill replaces OUT whole, give a new folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise InputError(
+            f"-o {out}: the folder has files but no manifest.json, so it is not a potstill output; "
+            "potstill replaces OUT whole: give a new folder or empty this one"
+        )
+
+
+def cache_key(inputs: dict[str, Any], profile: Any, target: str, extra: dict[str, Any]) -> str:
+    """Hash of everything a student depends on besides its own pipeline."""
+    keyed = {k: v for k, v in inputs.items() if k not in ("ratios", "pipelines", "argv_equivalent")}
+    blob = json.dumps(to_jsonable([keyed, profile, target, extra, versions()]), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _plan_key(base_key: str, plan: Plan) -> str:
+    return hashlib.sha256(f"{base_key}|{plan.spec}".encode()).hexdigest()
+
+
+def _previous_entries(out: Path, base_key: str) -> dict[str, list[dict[str, Any]]]:
+    """Entries of a finished earlier run into ``out`` with the same inputs, by plan name."""
+    try:
+        old = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(old, dict) or old.get("inputs", {}).get("cache_key") != base_key:
+        return {}
+    found: dict[str, list[dict[str, Any]]] = {"__teacher__": [old["teacher"]]}
+    for entry in old.get("students", []):
+        if entry.get("plan") and entry.get("cache_key"):
+            found.setdefault(str(entry["plan"]), []).append(entry)
+    return found
+
+
+def _copy_previous(out: Path, tmp_out: Path, entries: list[dict[str, Any]]) -> bool:
+    """Copy the earlier run's student folders into the new OUT; False when one is missing."""
+    dirs = [out / str(e.get("dir", "")) for e in entries]
+    if not all(d.is_dir() and d != out for d in dirs):
+        return False
+    for entry, src in zip(entries, dirs):
+        shutil.copytree(src, tmp_out / str(entry["dir"]))
+    return True
+
+
 def compile_teacher(
     opts: CompileOptions,
     note: Callable[[str], None] = print,
@@ -407,6 +274,7 @@ def compile_teacher(
     seed = 0 if opts.seed is None else int(opts.seed)
     opts = replace(opts, profile=opts.profile or DEFAULT_PROFILE, seed=seed)
     out = Path(out_spec)
+    check_output_folder(out)
     _seed_everything(seed)
     profile = load_profile(opts.profile or DEFAULT_PROFILE)
     target = opts.target or profile.target
@@ -417,7 +285,9 @@ def compile_teacher(
     teacher = load_teacher(teacher_spec, opts.input_shapes, seed=seed, default_shapes=default_shapes)
     calib = load_calibration(opts.calib, teacher, note=note)
     train = load_callable(opts.data) if opts.data else teacher.hooks.get("train_data")
+    evaluation = load_callable(opts.eval_data) if opts.eval_data else teacher.hooks.get("eval_data")
     timings: list[TimingInstrument] = []
+    timed: list[str] = []
     with atomic_path(out) as tmp_out:
         tmp_out.mkdir(parents=True)
 
@@ -425,23 +295,40 @@ def compile_teacher(
             state = CompileState(
                 teacher=teacher.module, example_inputs=teacher.example_inputs, example_kwargs=teacher.example_kwargs,
                 profile=profile, out_dir=tmp_out, calib_data=calib, train_data=train,
-                eval_data=teacher.hooks.get("eval_data"), metric=teacher.hooks.get("metric"), hf=teacher.hf,
+                eval_data=evaluation, metric=teacher.hooks.get("metric"), hf=teacher.hf,
                 dynamic_batch=profile.batch is None, seed=seed,
             )  # fmt: skip
             state.records["recipe"] = dict(opts.extra)
             return state
 
-        note("analysing the teacher")
+        inputs = _inputs_record(opts, teacher, plans)
+        base_key = cache_key(inputs, profile, target, opts.extra)
+        previous = {} if (opts.debug or not opts.cache) else _previous_entries(out, base_key)
         base = new_state()
-        t_analysis = base.teacher_analysis()
+        t_analysis: Any = None
+
+        def teacher_analysis() -> Any:
+            nonlocal t_analysis
+            if t_analysis is None:
+                note("analysing the teacher")
+                t_analysis = base.teacher_analysis()
+            return t_analysis
+
         # one state per plan (lowering passes lower every student of a state); the teacher's
         # analysis is shared so it is computed once
         states: list[tuple[Plan, CompileState]] = []
+        reused: list[dict[str, Any]] = []
         for plan in plans:
+            key = _plan_key(base_key, plan)
+            old = previous.get(plan.name)
+            if old and all(e.get("cache_key") == key for e in old) and _copy_previous(out, tmp_out, old):
+                note(f"student {plan.name}: unchanged since the last run; reusing {out}/students")
+                reused += old
+                continue
             note(f"student {plan.name}: {plan.spec}")
             _seed_everything(seed)
             state = new_state()
-            state.records["_teacher_analysis"] = t_analysis
+            state.records["_teacher_analysis"] = teacher_analysis()
             state.students.append(Student(plan.name, copy.deepcopy(teacher.module).eval()))
             timing = TimingInstrument()
             insts: list[PassInstrument] = [timing, *instruments]
@@ -449,6 +336,7 @@ def compile_teacher(
                 insts += [VerifyInstrument(), DumpIRInstrument(directory=tmp_out / "debug" / "ir" / plan.name)]
             state = PassManager(plan.passes, insts).run(state).state
             timings.append(timing)
+            timed.append(plan.name)
             for student in state.students:
                 if find_artifact(student.artifacts) is None:
                     note(f"student {student.name}: the pipeline did not lower it; lowering to {target}")
@@ -457,28 +345,36 @@ def compile_teacher(
                     )
             states.append((plan, state))
 
-        teacher_entry: dict[str, Any] = {
-            "spec": teacher.spec, "label": teacher.label, **cost(t_analysis),
-            "metric": float(base.metric(teacher.module)) if base.metric else None,
-            "architecture": architecture(t_analysis), "hf": teacher.hf,
-        }  # fmt: skip
-        note(f"timing the teacher on {target}")
-        teacher_entry.update(_teacher_latency(base, tmp_out.parent / "teacher-engine", target, note))
+        if previous.get("__teacher__") and not states:
+            teacher_entry: dict[str, Any] = previous["__teacher__"][0]
+        else:
+            analysis = teacher_analysis()
+            teacher_entry = {
+                "spec": teacher.spec, "label": teacher.label, **cost(analysis),
+                "metric": float(base.metric(teacher.module)) if base.metric else None,
+                "architecture": architecture(analysis), "hf": teacher.hf,
+            }  # fmt: skip
+            note(f"timing the teacher on {target}")
+            teacher_entry.update(_teacher_latency(base, tmp_out.parent / "teacher-engine", target, note))
         entries = [
-            _student_entry(state, student, plan, tmp_out, teacher_entry)
+            {**_student_entry(state, student, plan, tmp_out, teacher_entry), "plan": plan.name,
+             "cache_key": _plan_key(base_key, plan)}
             for plan, state in states
             for student in state.students
-        ]
+        ]  # fmt: skip
+        order = {p.name: i for i, p in enumerate(plans)}
+        entries = sorted(reused + entries, key=lambda e: order.get(str(e.get("plan")), len(order)))
+        inputs["cache_key"] = base_key
         manifest = {
             "manifest_version": MANIFEST_VERSION,
             "potstill": __version__,
             "created": now_iso(),
             "teacher": teacher_entry,
             "students": entries,
-            "inputs": _inputs_record(opts, teacher, plans),
+            "inputs": inputs,
             "profile": to_jsonable(profile),
             "target": target,
-            "timings": {p.name: [[n, round(s, 3), c] for n, s, c in t.times] for p, t in zip(plans, timings)},
+            "timings": {name: [[n, round(s, 3), c] for n, s, c in t.times] for name, t in zip(timed, timings)},
             "versions": versions(),
         }
         write_report(manifest, tmp_out)

@@ -223,6 +223,42 @@ def _dynamic_shapes(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[st
     return shapes
 
 
+def _plain(value: Any) -> Any:
+    """Outputs with only built-in containers: a Hugging Face ``ModelOutput`` becomes a dict."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value) if type(value) in (tuple, list) else tuple(_plain(v) for v in value)
+    return value
+
+
+def _needs_plain(value: Any) -> bool:
+    if isinstance(value, torch.Tensor) or value is None or isinstance(value, (int, float, bool)):
+        return False
+    if type(value) in (tuple, list):
+        return any(_needs_plain(v) for v in value)
+    if type(value) is dict:
+        return any(_needs_plain(v) for v in value.values())
+    return True
+
+
+class PlainOutputs(nn.Module):
+    """Wraps a model whose outputs are classes ``torch.export.load`` cannot rebuild (HF ``ModelOutput``).
+
+    ``forward`` takes the wrapped model's signature, so dynamic shapes are named as for the model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return _plain(self.model(*args, **kwargs))
+
+        forward.__signature__ = inspect.signature(model.forward)  # type: ignore[attr-defined]
+        self.forward = forward
+
+
 def save_program(
     module: nn.Module,
     args: tuple[Any, ...],
@@ -239,13 +275,18 @@ def save_program(
     note = ""
     dynamic = fixed_batch is None
     args, kw = rebatch(args, kwargs, fixed_batch or 2)
+    with torch.no_grad():
+        if _needs_plain(module(*args, **kw)):
+            module = PlainOutputs(module)
+            note = "outputs saved as a dict of tensors (the model returns a class torch.export.load cannot rebuild)"
     program = None
     if dynamic:
         try:
             program = torch.export.export(module, args, kw, dynamic_shapes=_dynamic_shapes(module, args, kw), strict=False)
         except Exception as e:  # export names the guard that fixed the batch; keep it for the manifest
             dynamic = False
-            note = f"batch could not be made dynamic ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            reason = f"batch could not be made dynamic ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            note = f"{note}; {reason}" if note else reason
     if program is None:
         program = torch.export.export(module, args, kw, strict=False)
     torch.export.save(program, str(path))
@@ -253,7 +294,8 @@ def save_program(
 
 
 def save_hf(module: nn.Module, hf: Mapping[str, Any], directory: Path) -> list[str]:
-    """``save_pretrained`` the student and a copy of the teacher's tokenizer into ``directory``."""
+    """``save_pretrained`` the student and a copy of the teacher's tokenizer into ``directory``,
+    then reload it with the teacher's Auto class; returns notes (empty when all is well)."""
     from .frontend import load_tokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -264,6 +306,14 @@ def save_hf(module: nn.Module, hf: Mapping[str, Any], directory: Path) -> list[s
     tokenizer = load_tokenizer(hf["path"])
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
+    import transformers
+
+    auto_name = str(hf.get("auto_class") or "AutoModel")
+    try:
+        getattr(transformers, auto_name).from_pretrained(str(directory))
+    except Exception as e:  # reported in the manifest: the folder is written but a user cannot load it
+        first = str(e).strip().splitlines()[-1][:300] if str(e).strip() else ""
+        return [f"hf/ does not reload with {auto_name}.from_pretrained: {type(e).__name__}: {first}"]
     return []
 
 

@@ -46,7 +46,7 @@ class ConvProgram(nn.Module):
                 self.layers[str(i)] = nn.ModuleDict(mods)
                 chans.append(cout)
             elif op == "res":
-                _, src, k, act = ins
+                _, src, k, _act = ins
                 c = chans[src]
                 self.layers[str(i)] = nn.ModuleDict({"conv": nn.Conv2d(c, c, k, padding=k // 2), "norm": nn.BatchNorm2d(c)})
                 chans.append(c)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 from potstill.ir import analyze
 from potstill.surgery import masked_reference, prune_width
 from potstill.verify import verify_analysis
+from torch import nn
+from torch.nn import functional as F
 
 from .archgen import Attention
 

@@ -12,7 +12,6 @@ import random
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from potstill.ir import analyze
 from potstill.surgery import masked_reference, prune_width
 from potstill.verify import verify_analysis

@@ -12,12 +12,11 @@ import random
 
 import pytest
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 from potstill.data import primary_output
 from potstill.ir import analyze
 from potstill.surgery import masked_reference, prune_width, remove_blocks
+from torch import nn
+from torch.nn import functional as F
 
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -172,7 +171,7 @@ def test_resnet18_shaped():
 
     m = resnet18_shaped()
     randomize(m, 0)
-    a, student = _assert_exact(m, (torch.randn(1, 3, 64, 64),))
+    a, _student = _assert_exact(m, (torch.randn(1, 3, 64, 64),))
     # 4 stage-wide residual groups + 8 inner groups (conv1 of each block)
     assert len(a.prunable()) == 12
     assert [b.name for b in a.blocks] == ["4", "5", "7", "9", "11"]  # identity-residual blocks
