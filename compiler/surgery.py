@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .ir import HF_FFN_MODULES
 
 if TYPE_CHECKING:
     from .ir import Analysis, CoupledGroup
@@ -209,7 +210,7 @@ def _update_hf_config(model: nn.Module, heads: bool = True) -> None:
             k = _child_linear(mod, _K_NAMES)
             if k is not None:
                 kv_heads.append(k.weight.shape[0] // head_dim)
-        if name.endswith(("intermediate.dense", "mlp.up_proj", "mlp.fc1", "mlp.c_fc", "mlp.dense_h_to_4h")) and isinstance(mod, nn.Linear):
+        if name.endswith(HF_FFN_MODULES) and isinstance(mod, nn.Linear):
             ffn.append(mod.weight.shape[0])
     nonuniform = []
     fields = [("num_attention_heads", head_counts), ("num_key_value_heads", kv_heads)] if heads else []
