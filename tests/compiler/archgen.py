@@ -29,7 +29,7 @@ class ConvProgram(nn.Module):
         for i, ins in enumerate(program):
             op = ins[0]
             if op == "conv":
-                _, src, cout, k, grouping, norm, act = ins
+                _, src, cout, k, grouping, norm, _act = ins
                 cin = chans[src]
                 if grouping == "dw":
                     groups, cout = cin, cin
