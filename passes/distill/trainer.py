@@ -1,0 +1,379 @@
+"""One distillation trainer for every method.
+
+Per step, for students ``S_1..S_K`` with weights ``w_k`` and teacher ``T``:
+
+    L = Σ_k w_k · ℓ(S_k(x), T(x), x, masks)
+
+``T`` is frozen, or — in-place distillation (Yu et al., Slimmable / BigNAS; OFA) — the first
+(largest) student's detached output teaches the others while the first learns from the frozen
+teacher if any, else from the labels. With ``balance=True`` each term is rescaled as in AmoebaLLM
+(arXiv 2411.10606): ``ℓ_k · ℓ_1.detach() / ℓ_k.detach()``. A student is a module, or a
+``StudentSpec(module, config, forward)`` — a configuration of a shared module (an elastic
+supernet's subnet); ``sample_students(step)`` may pick new configurations every step.
+
+Optimisation: AdamW or SGD, cosine schedule with warm-up, gradient clipping, autocast (bf16 on CPU
+only when asked; fp16 with a grad scaler or bf16 on CUDA), seeded. Under ``torchrun`` the
+students run in DDP (see ``distributed``); checkpoints and logs come from rank 0 only (see
+``checkpoint`` for the resume guarantee).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from potstill.data import Batch, as_batch
+from potstill.errors import InputError
+from torch import nn
+
+from . import checkpoint as ckpt
+from . import distributed as ddp
+from .batches import count_batches, epoch_batches
+from .capture import ForwardFn, ModelOutputs, Want, run_model, unwrap
+from .evaluate import Evaluator, MetricsLog, evaluate
+from .losses import DistillLoss, LossInputs, make_loss
+from .progress import StepProgress
+from .schedule import make_optimizer, make_scheduler
+
+DataSource = Callable[..., Iterable[Any]] | Iterable[Any]
+
+
+@dataclass
+class StudentSpec:
+    """A student: a module, or a configuration of one run by ``forward(module, batch, config)``."""
+
+    module: nn.Module
+    config: Any = None
+    weight: float = 1.0
+    forward: ForwardFn | None = None
+    name: str = ""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int | None = None
+    steps_per_epoch: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on CUDA only)
+    seed: int = 0
+    device: str | None = None
+    inplace: bool = False
+    balance: bool = False
+    shard: str = "split"  # split | batches
+    find_unused_parameters: bool = False
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 1
+    resume: bool = False
+    log_path: Path | None = None
+    log_every: int = 10
+    eval_every: int = 0
+    eval_limit: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs: int
+    loss: float
+    seconds: float
+    samples: int
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    resumed_from: int | None = None
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+class DistillTrainer:
+    """Distil ``teacher`` into ``students`` with ``loss`` (a name, a sum such as ``"kd+hidden"``, or
+    a ``DistillLoss``).
+
+    >>> trainer = DistillTrainer(student, teacher, "kd", TrainConfig(epochs=3), temperature=2.0)
+    >>> result = trainer.fit(TensorBatches(x, y, batch_size=64))
+    """
+
+    def __init__(
+        self,
+        students: nn.Module | StudentSpec | Sequence[nn.Module | StudentSpec],
+        teacher: nn.Module | None,
+        loss: str | DistillLoss = "kd",
+        config: TrainConfig | None = None,
+        *,
+        sample_students: Callable[[int], Sequence[StudentSpec]] | None = None,
+        evaluators: dict[str, Evaluator] | None = None,
+        mask_fn: Callable[[Batch], tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
+        **loss_options: Any,
+    ) -> None:
+        self.config = config or TrainConfig()
+        items = [students] if isinstance(students, (nn.Module, StudentSpec)) else list(students)
+        self.students = [s if isinstance(s, StudentSpec) else StudentSpec(s) for s in items]
+        if not self.students:
+            raise InputError("distillation needs at least one student")
+        for i, s in enumerate(self.students):
+            s.name = s.name or f"student{i}"
+        self.teacher = teacher
+        self.loss = make_loss(loss, **loss_options)
+        if teacher is None and not self.config.inplace and self.loss.needs_teacher():
+            raise InputError("no teacher given: pass a teacher, set inplace=True, or use a label loss (kd alpha=0)")
+        self.sample_students = sample_students
+        self.evaluators = dict(evaluators or {})
+        self.mask_fn = mask_fn
+        self.dist = ddp.init_distributed(torch.device(self.config.device) if self.config.device else None)
+        self.device = self._pick_device()
+        self.modules = list({id(s.module): s.module for s in self.students}.values())
+        self.wrapped: dict[int, nn.Module] = {}
+        self.log = MetricsLog(self.config.log_path if self.dist.is_main else None)
+
+    # -- setup -------------------------------------------------------------------------------------
+
+    def _pick_device(self) -> torch.device:
+        if self.config.device:
+            return torch.device(self.config.device)
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.dist.local_rank)
+        return torch.device("cpu")
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        p = self.config.precision
+        if p == "fp32":
+            return contextlib.nullcontext()
+        if p not in {"bf16", "fp16"}:
+            raise InputError(f"precision must be fp32, bf16 or fp16, got {p!r}")
+        if p == "fp16" and self.device.type != "cuda":
+            raise InputError("precision fp16 needs CUDA; on CPU use bf16 or fp32")
+        dtype = torch.bfloat16 if p == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _setup(self, probe: Batch) -> None:
+        for m in self.modules:
+            m.to(self.device).train()
+        if self.teacher is not None:
+            self.teacher.to(self.device).eval().requires_grad_(False)
+        self.loss.to(self.device)
+        for m in self.loss.frozen_models():
+            m.to(self.device).eval().requires_grad_(False)
+        if self.loss.needs_probe():
+            # a dry run creates the loss's lazily-built projections before the optimizer exists
+            with torch.no_grad():
+                self._losses(probe, self.students)
+        ddp.broadcast_parameters(self.loss.parameters(), self.dist)
+        for m in self.modules:
+            trainable = any(p.requires_grad for p in m.parameters())
+            if self.dist.enabled and trainable:
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                self.wrapped[id(m)] = nn.parallel.DistributedDataParallel(
+                    m, device_ids=ids, find_unused_parameters=self.config.find_unused_parameters
+                )
+            else:
+                self.wrapped[id(m)] = m
+        params = {id(p): p for m in self.modules for p in m.parameters() if p.requires_grad}
+        params.update({id(p): p for p in self.loss.parameters() if p.requires_grad})
+        c = self.config
+        self.optimizer = make_optimizer(params.values(), c.optimizer, c.lr, c.weight_decay, c.momentum)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=c.precision == "fp16" and self.device.type == "cuda")
+
+    # -- one step ----------------------------------------------------------------------------------
+
+    def _run(self, spec: StudentSpec, batch: Batch, want: Want) -> ModelOutputs:
+        model = self.wrapped.get(id(spec.module), spec.module)
+        return run_model(model, batch, want, spec.forward, spec.config)
+
+    def _rerun(self, spec: StudentSpec, want: Want) -> Callable[[Batch], ModelOutputs]:
+        def run(batch: Batch) -> ModelOutputs:
+            return self._run(spec, batch, want)
+
+        return run
+
+    def _losses(self, batch: Batch, specs: Sequence[StudentSpec]) -> list[torch.Tensor]:
+        s_want, t_want = self.loss.student_want(), self.loss.teacher_want()
+        t_out = None
+        if self.teacher is not None and self.loss.needs_teacher():
+            with torch.no_grad():
+                t_out = run_model(self.teacher, batch, t_want).detached()
+        token_mask, sample_weight = self.mask_fn(batch) if self.mask_fn else (None, None)
+        losses: list[torch.Tensor] = []
+        first: ModelOutputs | None = None
+        for i, spec in enumerate(specs):
+            s_out = self._run(spec, batch, s_want | (t_want if self.config.inplace and i == 0 else Want()))
+            teacher_out = t_out
+            if self.config.inplace:
+                if i == 0:
+                    first = s_out.detached()
+                else:
+                    teacher_out = first
+            inputs = LossInputs(
+                s_out, teacher_out, batch, token_mask, sample_weight, unwrap(spec.module),
+                self._rerun(spec, s_want), self.teacher,
+            )
+            losses.append(self.loss(inputs))
+        return losses
+
+    def train_step(self, raw: Any, step: int) -> tuple[torch.Tensor, int]:
+        """One optimisation step on one raw batch; returns (detached loss, samples on this rank).
+
+        The loss stays a device tensor: reading it (``float``) would synchronise CUDA every step.
+        """
+        batch = as_batch(raw)
+        if self.config.shard == "split":
+            batch, scale = ddp.shard_batch(batch, self.dist)
+        else:
+            scale = 1.0
+        batch = batch.to(self.device)
+        specs = list(self.sample_students(step)) if self.sample_students else self.students
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            losses = self._losses(batch, specs)
+        if self.config.balance and len(losses) > 1:
+            ref = losses[0].detach()
+            losses = [losses[0]] + [li * ref / li.detach().clamp_min(1e-12) for li in losses[1:]]
+        total = sum((spec.weight * li.float() for spec, li in zip(specs, losses)), torch.zeros((), device=self.device))
+        self.scaler.scale(total * scale).backward()
+        ddp.average_gradients(self.loss.parameters(), self.dist)
+        self.scaler.unscale_(self.optimizer)
+        if self.config.grad_clip:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return total.detach(), batch.size
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def _state(self, step: int, epoch: int, position: int) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "step": step,
+            "epoch": epoch,
+            "position": position,
+            "world_size": self.dist.world_size,
+            "students": [m.state_dict() for m in self.modules],
+            "loss": self.loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def save(self, step: int, epoch: int, position: int) -> Path | None:
+        rngs = ddp.gather_objects(ckpt.rng_state(), self.dist)
+        path = None
+        if self.dist.is_main and self.config.checkpoint_dir is not None:
+            payload = self._state(step, epoch, position) | {"rng": rngs}
+            path = ckpt.save_checkpoint(self.config.checkpoint_dir, step, payload, self.config.keep_checkpoints)
+        ddp.barrier(self.dist)
+        return path
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        for m, sd in zip(self.modules, state["students"]):
+            m.load_state_dict(sd)
+        self.loss.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _epoch_iter(self, data: DataSource, epoch: int) -> Iterator[Any]:
+        items = epoch_batches(data, self.config.seed, epoch)
+        if self.config.shard == "batches" and self.dist.enabled:
+            return ddp.shard_batches(items, self.dist)
+        return items
+
+    def fit(self, data: DataSource, eval_data: DataSource | None = None) -> TrainResult:
+        """Train for ``epochs`` (or ``max_steps``) over ``data``; evaluate on ``eval_data``."""
+        c = self.config
+        per_epoch = c.steps_per_epoch or count_batches(data, c.seed)
+        if c.shard == "batches" and self.dist.enabled:
+            per_epoch = -(-per_epoch // self.dist.world_size)
+        total = min(c.max_steps or per_epoch * c.epochs, per_epoch * c.epochs)
+        if total <= 0:
+            raise InputError("the training data yielded no batches")
+        probe = next(iter(self._epoch_iter(data, 0)))
+        probe_batch = ddp.shard_batch(as_batch(probe), self.dist)[0] if c.shard == "split" else as_batch(probe)
+        ckpt.seed_everything(c.seed)
+        self._setup(probe_batch.to(self.device))
+        self.scheduler = make_scheduler(self.optimizer, c.schedule, total, c.warmup_steps, c.min_lr_ratio)
+        step, epoch0, position, resumed = 0, 0, 0, None
+        rng: dict[str, Any] | None = None
+        last = ckpt.latest_checkpoint(c.checkpoint_dir) if c.resume else None
+        if last is not None:
+            state = ckpt.load_checkpoint(last)
+            self._restore(state)
+            step, epoch0, position, resumed = state["step"], state["epoch"], state["position"], state["step"]
+            rngs = state["rng"]
+            rng = rngs[self.dist.rank] if len(rngs) == self.dist.world_size else rngs[0]
+            self.log.truncate_after(step)
+        t0, samples, loss_value = time.perf_counter(), 0, float("nan")
+        loss_t: torch.Tensor | None = None
+        epoch, pos = epoch0, position
+        bar = StepProgress(total, enabled=c.progress and self.dist.is_main, start=step)
+        with bar:
+            for epoch in range(epoch0, c.epochs):
+                if step >= total:
+                    break
+                it = self._epoch_iter(data, epoch)
+                if epoch == epoch0 and position:
+                    for _ in range(position):
+                        if next(it, None) is None:
+                            break
+                if rng is not None:
+                    ckpt.set_rng_state(rng)
+                    rng = None
+                pos = position if epoch == epoch0 else 0
+                for raw in it:
+                    loss_t, n = self.train_step(raw, step)
+                    step, pos, samples = step + 1, pos + 1, samples + n * self.dist.world_size
+                    rate = samples / max(time.perf_counter() - t0, 1e-9)
+                    log_now = step % max(c.log_every, 1) == 0 or step == total
+                    if log_now:
+                        loss_value = float(loss_t)
+                    bar.update(step, loss_value if log_now else None, rate)
+                    if log_now:
+                        lr = self.optimizer.param_groups[0]["lr"]
+                        self.log.append({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
+                                         "samples_per_s": rate})
+                    if c.eval_every and eval_data is not None and step % c.eval_every == 0:
+                        self.log.append({"step": step, "eval": self.evaluate(eval_data)})
+                    if c.checkpoint_every and step % c.checkpoint_every == 0:
+                        self.save(step, epoch, pos)
+                    if step >= total:
+                        break
+                position = 0
+        if loss_t is not None:
+            loss_value = float(loss_t)
+        if c.checkpoint_dir is not None and (not c.checkpoint_every or step % c.checkpoint_every):
+            self.save(step, epoch, pos)
+        metrics = self.evaluate(eval_data) if eval_data is not None else {}
+        seconds = time.perf_counter() - t0
+        self.log.append({"step": step, "final": True, "loss": loss_value, "seconds": seconds, "eval": metrics})
+        for m in self.modules:
+            m.eval()
+        return TrainResult(step, epoch + 1, loss_value, seconds, samples, metrics, resumed)
+
+    def evaluate(self, data: DataSource) -> dict[str, dict[str, float]]:
+        """Built-in accuracy/fidelity plus the registered evaluators, per student."""
+        out: dict[str, dict[str, float]] = {}
+        for spec in self.students:
+            if spec.config is not None:
+                continue  # subnet configurations are evaluated by their owner (elastic pass)
+            metrics = evaluate(spec.module, self.teacher, data, self.config.eval_limit)
+            for name, fn in self.evaluators.items():
+                metrics.update({f"{name}.{k}" if k != name else k: v for k, v in fn(spec.module, self.teacher, data).items()})
+            out[spec.name] = metrics
+        return out
