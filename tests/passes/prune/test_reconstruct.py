@@ -1,0 +1,77 @@
+"""Least-squares reconstruction of the consumers of pruned units."""
+
+from __future__ import annotations
+
+import torch
+from potstill.data import Batch
+from potstill.ir import analyze
+from potstill.passes.prune.reconstruct import consumers, reconstruct
+from potstill.pipeline import PassManager, build_pipeline
+from potstill.state import CompileState
+from potstill.surgery import prune_width
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 8)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def redundant_mlp() -> MLP:
+    """Neurons 4..7 are exactly twice neurons 0..3 (relu(2z) = 2 relu(z))."""
+    torch.manual_seed(0)
+    m = MLP().eval()
+    with torch.no_grad():
+        m.fc1.weight[4:] = 2 * m.fc1.weight[:4]
+        m.fc1.bias[4:] = 2 * m.fc1.bias[:4]
+    return m
+
+
+def test_exact_when_dropped_units_are_redundant():
+    model = redundant_mlp()
+    x = torch.randn(64, 3)
+    a = analyze(model, (x,))
+    (g,) = [g for g in a.prunable() if g.n_units == 8]
+    assert consumers(model, a, [g.id]) == {"fc2": g.id}
+    keep = {g.id: [0, 1, 2, 3]}
+    refit, done = reconstruct(model, a, keep, [Batch((x,))], ridge=1e-10)
+    assert done == ["fc2"]
+    student = prune_width(refit, a, keep)
+    plain = prune_width(model, a, keep)
+    x_test = torch.randn(16, 3)
+    with torch.no_grad():
+        ref = model(x_test)
+        torch.testing.assert_close(student(x_test), ref, rtol=1e-4, atol=1e-4)
+        assert (plain(x_test) - ref).abs().max() > 1e-2
+
+
+class PointwiseNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(4, 16, 1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.project = nn.Conv2d(16, 4, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bn(self.project(torch.relu(self.dw(torch.relu(self.expand(x))))))
+
+
+def test_pass_reduces_error_on_linear_and_pointwise_consumers():
+    torch.manual_seed(0)
+    for model, shape in ((MLP().eval(), (32, 3)), (PointwiseNet().eval(), (4, 4, 8, 8))):
+        x = torch.randn(*shape)
+        errors = []
+        for recon in ("false", "true"):
+            state = CompileState(model, (x,), calib_data=lambda shape=shape: [torch.randn(*shape) for _ in range(4)])
+            PassManager(build_pipeline(f"prune.width{{ratio=0.5,align=1,reconstruct={recon}}}")).run(state)
+            with torch.no_grad():
+                errors.append(float((state.working().module(x) - model(x)).pow(2).mean()))
+            if recon == "true":
+                assert state.working().metrics["reconstructed"]
+        assert errors[1] < errors[0]

@@ -1,0 +1,159 @@
+"""prune.width on a small CNN: structure, alignment, numerics vs the masked teacher, budgets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from potstill.errors import InputError
+from potstill.passes.importance.magnitude import MagnitudeImportance
+from potstill.passes.prune.budget import CostModel
+from potstill.pipeline import PassManager, build_pipeline
+from potstill.state import CompileState
+from potstill.surgery import keep_top, masked_reference
+from torch import nn
+
+
+class Basic(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(c)
+        self.c2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+
+
+class Net(nn.Module):
+    def __init__(self, c: int = 32) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.layers = nn.Sequential(Basic(c), Basic(c))
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.stem(x)).mean((2, 3)))
+
+
+def make_net() -> Net:
+    torch.manual_seed(0)
+    net = Net().eval()
+    for m in net.modules():  # non-trivial BN so that the masked comparison means something
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+    return net
+
+
+X = torch.randn(2, 3, 12, 12)
+
+
+def run(spec: str, net: nn.Module | None = None, **kw) -> CompileState:
+    state = CompileState(net or make_net(), (X,), calib_data=lambda: [torch.randn(2, 3, 12, 12)], **kw)
+    PassManager(build_pipeline(spec)).run(state)
+    return state
+
+
+def test_ratio_aligned_and_equal_to_masked_teacher():
+    teacher = make_net()
+    state = run("importance.magnitude,prune.width{ratio=0.7}", teacher)
+    s = state.working()
+    assert "pruned" in state.facts and "importance" not in state.facts
+    widths = s.metrics["arch"]["widths"]
+    assert widths and all(w["units"] == 8 and w["of"] == 32 for w in widths.values())  # 9.6 -> 8
+    assert s.module.stem[0].out_channels == 8 and s.module.layers[0].c1.out_channels == 8
+    # numerically: the student is the teacher with the same channels zeroed
+    a = state.teacher_analysis()
+    scores = MagnitudeImportance().scores(teacher, a)
+    keep = {g.id: keep_top(g, scores[g.id], 8) for g in a.prunable() if g.kind == "channels" and g.n_units == 32}
+    ref = masked_reference(teacher, a, keep)
+    with torch.no_grad():
+        torch.testing.assert_close(s.module(X), ref(X), rtol=1e-4, atol=1e-5)
+    assert s.metrics["arch"]["macs"] < a.cost.macs / 8
+
+
+def test_align_option_and_no_op():
+    s = run("prune.width{ratio=0.3,align=1}").working()
+    assert {w["units"] for w in s.metrics["arch"]["widths"].values()} == {22}
+    state = run("prune.width{ratio=0.0}")
+    assert state.working().history == [] and "arch" not in state.working().metrics
+
+
+def test_macs_and_params_budgets():
+    net = make_net()
+    base = CompileState(net, (X,)).analysis().cost
+    s = run("prune.width{macs_budget=0.5}", net).working()
+    assert s.metrics["arch"]["macs"] <= 0.5 * base.macs
+    s = run("prune.width{params_budget=0.3}", net).working()
+    assert s.metrics["arch"]["params"] <= 0.3 * base.params
+    with pytest.raises(Exception, match="cannot be met"):
+        run("prune.width{macs_budget=1000}", net)
+
+
+def test_cost_model_predicts_params_exactly():
+    net = make_net()
+    state = CompileState(net, (X,))
+    a = state.analysis()
+    groups = [g for g in a.prunable() if g.kind == "channels"]
+    keep_counts = {g.id: 8 for g in groups}
+    cm = CostModel.build(net, a)
+    from potstill.ir import analyze
+    from potstill.surgery import prune_width
+
+    student = prune_width(net, a, {g.id: list(range(8)) for g in groups})
+    b = analyze(student, (X,))
+    assert cm.params(keep_counts) == b.cost.params
+    assert cm.macs(keep_counts) == pytest.approx(b.cost.macs, rel=0.02)
+
+
+def test_iterative_steps_and_estimators():
+    for est in ("taylor", "fisher", "activation", "l1"):
+        s = run(f"prune.width{{ratio=0.5,steps=2,importance={est}}}").working()
+        assert all(w["units"] == 16 for w in s.metrics["arch"]["widths"].values())
+        assert sum("prune.width step" in h for h in s.history) == 2
+        assert s.module(X).shape == (2, 10)
+
+
+def test_per_kind_and_global_allocation():
+    s = run("importance.taylor,prune.width{ratio=0.5,allocation=global}").working()
+    assert s.module(X).shape == (2, 10)
+    with pytest.raises(Exception, match="per_kind"):
+        run("prune.width{per_kind=[bogus=0.5]}")
+    with pytest.raises(Exception, match="allocation must be") as info:
+        run("prune.width{ratio=0.5,allocation=nope}")
+    assert isinstance(info.value.__cause__, InputError)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.floats(0.0, 0.95), st.sampled_from(["magnitude", "activation"]), st.sampled_from([1, 8, 16]))
+def test_pruned_models_keep_running(ratio, importance, align):
+    state = run(f"prune.width{{ratio={ratio:.3f},importance={importance},align={align}}}")
+    s = state.working()
+    out = s.module(X)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    for w in s.metrics.get("arch", {}).get("widths", {}).values():
+        assert 1 <= w["units"] <= w["of"]
+        assert w["units"] == w["of"] or w["units"] % align == 0
+    assert np.isfinite(float(out.detach().sum()))
+
+
+def test_latency_budget_from_the_profile():
+    from potstill.profiles import load_profile
+
+    profile = load_profile("cpu")
+    net = make_net()
+    state = CompileState(net, (X,), profile=profile)
+    a = state.analysis()
+    cm = CostModel.build(net, a, (X,), with_layers=True)
+    full = cm.latency_ms({g.id: g.n_units for g in a.prunable()}, profile)
+    budget = 0.5 * full
+    s = run(f"prune.width{{latency_budget_ms={budget}}}", net, profile=profile).working()
+    b = CompileState(s.module, (X,)).analysis()
+    cm2 = CostModel.build(s.module, b, (X,), with_layers=True)
+    assert cm2.latency_ms({g.id: g.n_units for g in b.prunable()}, profile) <= budget * 1.01
+    assert s.metrics["arch"]["macs"] < a.cost.macs
