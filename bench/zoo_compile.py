@@ -60,7 +60,7 @@ def main() -> None:
                    "--ratio", args.ratio, "-o", str(out)]
             console.print(f"[bold]{name}[/]: {' '.join(cmd[2:])}")
             t0 = time.time()
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
             wall = time.time() - t0
             if proc.returncode != 0:
                 console.print(f"[red]{name} failed[/] ({proc.returncode}):\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")

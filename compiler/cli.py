@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", metavar="T", help="override the profile's target: onnxruntime, onnx, tensorrt, aoti")
     c.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     c.add_argument("--debug", action="store_true", help="verify the IR after every pass, dump IR before/after under OUT/debug/, show tracebacks")
+    c.add_argument("--no-distill", action="store_true",
+                   help="do not distil default-pipeline students even when training data is given")
+    c.add_argument("--distill-epochs", type=int, default=3, metavar="N",
+                   help="epochs of distillation in the default pipeline when training data is given (default 3)")
     c.add_argument("--no-cache", action="store_true",
                    help="rebuild every student (by default students of an earlier run into OUT with unchanged inputs are reused)")  # fmt: skip
     c.add_argument("-o", "--output", metavar="OUT", help="output folder (written atomically)")
@@ -95,6 +99,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         input_shapes=tuple(args.input_shape), pipeline=args.pipeline, recipe=args.recipe, data=args.data,
         calib=args.calib, drop_layers=args.drop_layers, keep_layers=args.keep_layers,
         importance=args.importance, target=args.target, seed=args.seed, debug=args.debug, cache=not args.no_cache,
+        distill_epochs=0 if args.no_distill else args.distill_epochs,
     )  # fmt: skip
     result = compile_teacher(opts, note=lambda msg: err.print(msg, style="dim", markup=False, soft_wrap=True))
     for timing in result.timings:
@@ -151,7 +156,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from potstill.profiles import profile_command
 
     path = profile_command(args.profile, args.output, args.quick)
-    _console().print(f"wrote {path}", markup=False)
+    _console().print(f"wrote {path}", markup=False, soft_wrap=True)
     return 0
 
 

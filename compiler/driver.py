@@ -286,6 +286,9 @@ def compile_teacher(
     calib = load_calibration(opts.calib, teacher, note=note)
     train = load_callable(opts.data) if opts.data else teacher.hooks.get("train_data")
     evaluation = load_callable(opts.eval_data) if opts.eval_data else teacher.hooks.get("eval_data")
+    if train is not None and not opts.pipeline and opts.distill_epochs > 0:
+        note(f"training data found: students are distilled from the teacher ({opts.distill_epochs} epochs; --no-distill skips)")
+        plans = plan_students(opts, target, distill_epochs=opts.distill_epochs)
     timings: list[TimingInstrument] = []
     timed: list[str] = []
     with atomic_path(out) as tmp_out:

@@ -226,7 +226,8 @@ def analyze(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: d
         for a in node.all_input_nodes:
             graph.add_edge(a.name, node.name)
     ir = GraphIR(ep, graph, placeholder_to_param, node_module)
-    groups = _build_groups(ca, param_modules)
+    norm_modules = {n for n, m in model.named_modules() if "norm" in type(m).__name__.lower()}
+    groups = _build_groups(ca, param_modules, norm_modules)
     conv_groups = _conv_groups(gm, placeholder_to_param)
     if _is_hf(model):
         _pin_undescribable(groups)
@@ -263,7 +264,7 @@ def _conv_groups(gm: fx.GraphModule, p2p: dict[str, str]) -> dict[str, int]:
     return out
 
 
-def _build_groups(ca: CouplingAnalysis, param_modules: dict[str, str]) -> list[CoupledGroup]:
+def _build_groups(ca: CouplingAnalysis, param_modules: dict[str, str], norm_modules: set[str]) -> list[CoupledGroup]:
     table = ca.table
     by_root: dict[int, list[Member]] = {}
     for name, maps in ca.param_dims.items():
@@ -272,6 +273,8 @@ def _build_groups(ca: CouplingAnalysis, param_modules: dict[str, str]) -> list[C
                 continue
             offset = 0
             role = ca.param_roles.get((name, d), "other")
+            if role == "other" and param_modules.get(name, "") in norm_modules:
+                role = "norm"  # e.g. RMSNorm written as x * rsqrt(mean(x^2)) * weight
             for seg in dm:
                 length = seg_length(table, seg)
                 if isinstance(seg, Seg):

@@ -151,6 +151,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "importance.taylor": "potstill.passes.importance.taylor",
     "importance.fisher": "potstill.passes.importance.fisher",
     "importance.activation": "potstill.passes.importance.activation",
+    "importance.obs": "potstill.passes.importance.obs",
     "importance.blocks": "potstill.passes.importance.blocks",
     "prune.width": "potstill.passes.prune.width",
     "prune.depth": "potstill.passes.prune.depth",

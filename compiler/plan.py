@@ -45,6 +45,8 @@ class CompileOptions:
     name: str | None = None
     #: reuse students of an earlier run into the same OUT whose inputs and pipeline are unchanged
     cache: bool = True
+    #: distil default-pipeline students when training data is at hand (epochs; 0 = never)
+    distill_epochs: int = 3
     #: evaluation data (FILE.py:FN); default: the teacher file's eval_data
     eval_data: str | None = None
     #: the recipe as written (plus its "path"); passes read it from state.records["recipe"]
@@ -168,8 +170,12 @@ def _depth_steps(opts: CompileOptions) -> tuple[list[str], str]:
     return steps, tag
 
 
-def plan_students(opts: CompileOptions, target: str) -> list[Plan]:
-    """One plan per student: the user's pipeline, or the default prune-and-lower per ratio."""
+def plan_students(opts: CompileOptions, target: str, distill_epochs: int = 0) -> list[Plan]:
+    """One plan per student: the user's pipeline, or the default prune-and-lower per ratio.
+
+    With ``distill_epochs`` (the driver sets it when training data is at hand and ``--no-distill``
+    is not given) the default pipeline distils each pruned student from the teacher before lowering.
+    """
     if target not in TARGETS:
         raise InputError(f"--target '{target}': expected one of {', '.join(TARGETS)}")
     ratios = [_check_ratio(float(r)) for r in opts.ratios]
@@ -198,6 +204,8 @@ def plan_students(opts: CompileOptions, target: str) -> list[Plan]:
         if r is not None:
             steps += [importance, f"prune.width{{ratio={r:g}}}"]
             tags.insert(0, _ratio_name(r))
+        if distill_epochs > 0:
+            steps.append(f"distill{{epochs={distill_epochs}}}")
         steps.append(f"lower.{target}")
         plans.append(Plan("-".join(tags), build_pipeline(",".join(steps))))
     names = [p.name for p in plans]

@@ -289,7 +289,9 @@ def test_e2e_manifest(demo: tuple[subprocess.CompletedProcess[str], Path]) -> No
     assert s["parity"]["ok"] is True and s["parity"]["max_abs"] < 1e-3 and "rel" in s["parity"]
     widths_t, widths_s = t["architecture"]["widths"], s["architecture"]["widths"]
     assert set(widths_s) <= set(widths_t) and any(widths_s[k] < widths_t[k] for k in widths_s)
-    assert s["pipeline"] == ["importance.magnitude", "prune.width{ratio=0.5}", "lower.onnxruntime"]
+    # the example file has training data, so the default pipeline distils the pruned student
+    assert s["pipeline"] == ["importance.magnitude", "prune.width{ratio=0.5}", "distill{epochs=3}", "lower.onnxruntime"]
+    assert s["metric"] > 0.9  # accuracy on held-out digits after distillation (0.1 without it)
     assert s["history"] and s["speedup"] > 0 and s["macs_reduction"] > 2
     inputs = m["inputs"]
     assert len(inputs["teacher"]["sha256"]["digits_cnn.py"]) == 64 and len(inputs["teacher"]["weights_sha256"]) == 64

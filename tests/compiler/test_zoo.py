@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,6 @@ from potstill.data import primary_output
 from potstill.ir import analyze
 from potstill.surgery import masked_reference, prune_width, remove_blocks
 from torch import nn
-from torch.nn import functional as F
 
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -141,29 +141,10 @@ def test_efficientnet_lite0_real():
     assert len(a.prunable()) >= 20 and len(a.blocks) >= 5
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                     if stride != 1 or cin != cout else None)
+def resnet18_shaped() -> nn.Module:
+    from potstill.data import load_callable
 
-    def forward(self, x):
-        idn = self.down(x) if self.down is not None else x
-        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + idn)
-
-
-def resnet18_shaped(num_classes: int = 10) -> nn.Module:
-    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
-    cin = 64
-    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-        layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
-        cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
-    return nn.Sequential(*layers)
+    return load_callable(str(Path(__file__).resolve().parents[2] / "examples" / "resnet18.py:resnet18"))(classes=10)
 
 
 def test_resnet18_shaped():
@@ -174,4 +155,4 @@ def test_resnet18_shaped():
     a, _student = _assert_exact(m, (torch.randn(1, 3, 64, 64),))
     # 4 stage-wide residual groups + 8 inner groups (conv1 of each block)
     assert len(a.prunable()) == 12
-    assert [b.name for b in a.blocks] == ["4", "5", "7", "9", "11"]  # identity-residual blocks
+    assert [b.name for b in a.blocks] == ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]

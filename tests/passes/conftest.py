@@ -1,3 +1,5 @@
+"""Every pass test runs on one torch thread with a fixed seed; the thread count is restored after."""
+
 from __future__ import annotations
 
 import pytest
