@@ -59,7 +59,7 @@ class CompileState:
     eval_data: Callable[[], Iterable[Any]] | None = None
     #: metric(model) -> float, higher is better; used by depth DP and search
     metric: Callable[[nn.Module], float] | None = None
-    #: Hugging Face teacher: {"path": ..., "task": ..., "config_class": ...}
+    #: Hugging Face teacher: {"path": ..., "task": ..., "auto_class": ...}
     hf: dict[str, Any] | None = None
     students: list[Student] = field(default_factory=list)
     facts: set[str] = field(default_factory=set)
