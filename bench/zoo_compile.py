@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--json", default=str(HERE / "results" / "zoo_compile.json"))
     args = ap.parse_args()
-    console = Console()
+    console = Console(width=160)
     rows = []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as d:
@@ -71,7 +71,7 @@ def main() -> None:
             for s in man["students"]:
                 rows.append({
                     "model": name, "ok": True, "student": s["name"], "wall_s": round(wall, 1),
-                    "groups": t.get("groups"), "pinned": t.get("pinned_groups"),
+                    "groups": t["architecture"]["groups"], "pinned": len(t["architecture"]["pinned"]),
                     "macs_before": t["macs"], "macs_after": s["macs"],
                     "params_before": t["params"], "params_after": s["params"],
                     "parity_max_abs": s["parity"]["max_abs"], "parity_ok": s["parity"]["ok"],

@@ -132,7 +132,8 @@ def _student_entry(
     profile_batch = getattr(state.profile, "batch", None)
     pt2 = save_program(student.module, state.example_inputs, state.example_kwargs, student_dir / "student.pt2",
                        fixed_batch=profile_batch)  # fmt: skip
-    files["pt2"] = pt2["file"]
+    if pt2["file"]:
+        files["pt2"] = pt2["file"]
     if pt2["note"]:
         notes.append(f"student.pt2: {pt2['note']}")
     if state.hf is not None:

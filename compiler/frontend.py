@@ -347,6 +347,10 @@ def load_calibration(
     if "calib_data" in teacher.hooks:
         return teacher.hooks["calib_data"]
     if teacher.hf is not None and "input_ids" in teacher.example_kwargs:
+        if load_tokenizer(teacher.hf["path"]) is None:
+            note(f"note: {teacher.spec} has no tokenizer and no --calib was given: data-driven importance "
+                 "falls back to random token ids (give --calib FILE.py:FN)")
+            return None
         texts = docstring_corpus(batch_size * num_batches)
         note(
             f"note: no --calib given; calibrating on {len(texts)} sentences from the docstrings of "

@@ -134,15 +134,20 @@ def group_name(group: Any) -> str:
 
 
 def architecture(analysis: Any) -> dict[str, Any]:
-    """Widths (units) per coupled group and the names of the blocks."""
+    """Widths (units) per coupled group, the pinned groups with their reasons, and the blocks."""
     widths: dict[str, int] = {}
-    for g in field_of(analysis, "groups", ()) or ():
+    pinned: dict[str, str] = {}
+    groups = field_of(analysis, "groups", ()) or ()
+    for g in groups:
         name = group_name(g)
         while name in widths:  # two groups led by one module (e.g. heads and channels)
             name += "'"
         widths[name] = int(field_of(g, "n_units", 0))
+        reason = field_of(g, "pinned", None)
+        if reason:
+            pinned[name] = str(reason)
     blocks = [str(field_of(b, "name")) for b in field_of(analysis, "blocks", ()) or ()]
-    return {"widths": widths, "blocks": blocks}
+    return {"widths": widths, "groups": len(groups), "pinned": pinned, "blocks": blocks}
 
 
 def cost(analysis: Any) -> dict[str, Any]:
@@ -289,7 +294,13 @@ def save_program(
             note = f"{note}; {reason}" if note else reason
     if program is None:
         program = torch.export.export(module, args, kw, strict=False)
-    torch.export.save(program, str(path))
+    try:
+        torch.export.save(program, str(path))
+    except Exception as e:  # e.g. higher-order ops (vmap in HF mask code) torch cannot serialize yet
+        path.unlink(missing_ok=True)
+        reason = (f"not written: torch.export cannot serialize this program ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:160]}); the engine and hf/ hold the student")
+        return {"file": None, "dynamic_batch": dynamic, "note": f"{note}; {reason}" if note else reason}
     return {"file": path.name, "dynamic_batch": dynamic, "note": note}
 
 
