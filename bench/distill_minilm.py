@@ -134,18 +134,24 @@ def manual_width(teacher: nn.Module, ffn: int, heads: int) -> nn.Module:
     return student
 
 
-def potstill_students(teacher: nn.Module, example: dict[str, torch.Tensor]) -> tuple[dict[str, nn.Module], str]:
+def potstill_students(teacher: nn.Module, example: dict[str, torch.Tensor],
+                      calib: list[dict[str, torch.Tensor]]) -> tuple[dict[str, nn.Module], str]:
+    """The issue's >= 1.4x (width) and >= 2x (depth) students, made by potstill's best recipes
+    (bench/prune_minilm.py): OBS importance with least-squares refit for width, Block Importance
+    for depth; both calibrated on training sentences (never the held-out ones)."""
     from potstill.pipeline import PassManager, build_pipeline
     from potstill.state import CompileState
-    from potstill.surgery import remove_blocks
 
-    state = CompileState(copy.deepcopy(teacher).eval(), (), dict(example))
-    analysis = state.teacher_analysis()
-    names = [b.name for b in analysis.blocks if re.fullmatch(r"encoder\.layer\.\d+", b.name)]
-    drop = [n for n in names if int(n.rsplit(".", 1)[1]) % 2 == 1]
-    depth = remove_blocks(copy.deepcopy(teacher).eval(), analysis, drop)
-    PassManager(build_pipeline("prune.width{per_kind=[neurons=0.5,heads=0.5]}")).run(state)
-    return {"depth 3/6 layers": depth, "width FFN/2 heads/2": state.working().module}, "potstill (surgery, prune.width)"
+    def state() -> CompileState:
+        return CompileState(copy.deepcopy(teacher).eval(), (), dict(example), calib_data=lambda: calib)
+
+    width = state()
+    PassManager(build_pipeline(
+        "prune.width{per_kind=[neurons=0.5,heads=0.25],importance=obs,reconstruct=true,batches=16}")).run(width)
+    depth = state()
+    PassManager(build_pipeline("importance.blocks{method=bi},prune.depth{drop=3,importance=bi}")).run(depth)
+    return ({"width FFN/2 heads 3/4 (OBS+refit)": width.working().module,
+             "depth 3/6 layers (BI)": depth.working().module}, "potstill (prune.width OBS+refit, prune.depth BI)")
 
 
 def embed(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: str = "cpu") -> torch.Tensor:
@@ -226,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     students: dict[str, nn.Module] = {}
     if not args.manual:
         try:
-            students, how = potstill_students(teacher, test_b[0])
+            students, how = potstill_students(teacher, test_b[0], train_b[:16])
         except Exception as e:  # pruning is built in parallel; fall back rather than fail the bench
             print(f"potstill pruning failed ({type(e).__name__}: {e}); building students by hand", file=sys.stderr)
     if not students:
