@@ -6,14 +6,12 @@ import json
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from potstill import pipeline as pl
 from potstill.cli import main
 from potstill.errors import InputError
 from potstill.pipeline import Pass, PassResult, function_pass, register_pass
@@ -24,14 +22,6 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = f"{REPO / 'examples' / 'digits_cnn.py'}:teacher"
 
 
-@pytest.fixture
-def registry() -> Iterator[dict[str, type[Pass]]]:
-    saved = dict(pl._REGISTRY)
-    try:
-        yield pl._REGISTRY
-    finally:
-        pl._REGISTRY.clear()
-        pl._REGISTRY.update(saved)
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from potstill import pipeline as pl
 from potstill.errors import InputError, PassError, PostconditionError, PreconditionError
 from potstill.pipeline import (
     DumpIRInstrument,
@@ -28,17 +26,6 @@ from potstill.pipeline import (
 )
 from potstill.state import CompileState
 from torch import nn
-
-
-@pytest.fixture
-def registry() -> Iterator[dict[str, type[Pass]]]:
-    """The pass registry, restored after the test (tests register throwaway passes)."""
-    saved = dict(pl._REGISTRY)
-    try:
-        yield pl._REGISTRY
-    finally:
-        pl._REGISTRY.clear()
-        pl._REGISTRY.update(saved)
 
 
 def make_state() -> CompileState:
