@@ -175,11 +175,11 @@ CHILD = r"""
 import sys, time, statistics, torch
 pkg, inp, ref = sys.argv[1:4]
 runner = torch._inductor.aoti_load_package(pkg)
-x = torch.load(inp).to(sys.argv[4])
+x = torch.load(inp, weights_only=True).to(sys.argv[4])
 with torch.inference_mode():
     out = runner(x)
     out = out[0] if isinstance(out, (list, tuple)) else out
-    err = float((out.float().cpu() - torch.load(ref).float()).abs().max())
+    err = float((out.float().cpu() - torch.load(ref, weights_only=True).float()).abs().max())
     for _ in range(10): runner(x)
     sync = torch.cuda.synchronize if sys.argv[4] == "cuda" else (lambda: None)
     sync(); ts = []

@@ -49,6 +49,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it into place, else remove it.
 
     Works for files and directories: whatever the body creates at the temporary path is moved.
+    A folder already at ``path`` is first renamed aside into the temporary folder, never deleted
+    before the new one is in place, so a kill between the steps leaves one whole copy.
+    (``potstill.outdir`` does the same for OUT, with ownership marks and a lock.)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,11 +59,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = tmp / path.name
     try:
         yield target
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
         if target.exists():
             if target.is_dir():
                 os.chmod(target, 0o777 & ~_umask())
+            if path.is_dir() and not path.is_symlink():
+                os.rename(path, tmp / ".old")  # rename(2) cannot replace a non-empty folder
             os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

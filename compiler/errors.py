@@ -29,3 +29,7 @@ class ParityError(PotstillError):
 
 class VerificationError(PotstillError):
     """The IR verifier found an inconsistency (shapes, dangling values, groups)."""
+
+
+class NumericError(PotstillError):
+    """A value became NaN or infinite, or training diverged; the message names where and what to do."""

@@ -28,6 +28,7 @@ from .parity import (
     held_out_inputs,
     raise_if_failed,
     torch_reference,
+    within,
 )
 from .timing import time_callable
 
@@ -35,6 +36,15 @@ _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended"
            "all": "ORT_ENABLE_ALL"}
 _NP_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
              "tensor(float16)": np.float16, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
+
+
+@dataclass(frozen=True)
+class _Tolerance:
+    max_abs: float
+    rel: float
+
+
+_SAME_MODEL = _Tolerance(1e-3, 1e-3)
 
 
 def make_session(path: str | Path, profile: DeviceProfile) -> tuple[Any, list[str]]:
@@ -129,7 +139,7 @@ def _same_model(module: nn.Module, exported: OnnxExport, inputs: Inputs) -> None
 
     session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
     max_abs, rel = errors(OrtRunner(session, exported)(inputs), torch_reference(module, inputs))
-    if max_abs > 1e-3 and rel > 1e-3:
+    if not within(max_abs, rel, _SAME_MODEL):  # NaN included: a non-finite export is not this module
         raise ValueError(f"the saved model in hf['dir'] is not this module (max_abs {max_abs:.3g})")
 
 
@@ -150,9 +160,10 @@ def ort_parity_and_latency(
     runner = OrtRunner(session, exported)
     tolerance = tolerance or profile.tolerance
     other = batch_size(*inputs) + 2 if dynamic else None
-    parity = check_parity(module, runner, held_out_inputs(*inputs, other_batch=other), tolerance)
+    held_out = held_out_inputs(*inputs, other_batch=other)
+    parity = check_parity(module, runner, held_out, tolerance, output=exported.output_name)
     if check:
-        raise_if_failed(parity, path, tolerance)
+        raise_if_failed(parity, f"ONNX Runtime engine {path}", tolerance)
     feeds = runner.feeds(inputs)
     latency = time_callable(lambda: session.run([exported.output_name], feeds), budget_s=budget_s)
     return parity, latency, notes

@@ -5,10 +5,15 @@ Held-out inputs are the example itself plus random inputs of the same shape, dty
 has a dynamic batch, inputs at another batch size. Errors: ``max_abs = max|engine − torch|`` and
 ``rel = max_abs / max|torch|`` (the error against the output's scale), maxima over all inputs.
 An engine passes when ``max_abs <= tolerance.max_abs`` or ``rel <= tolerance.rel``.
+
+NaN-aware: a NaN or infinity anywhere, in the engine's output or in PyTorch's, fails parity and the
+record says where (``nonfinite``), because NaN compares false with everything: ``max(0.0, nan)`` is
+``0.0`` and would have reported a NaN engine as exact.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -80,14 +85,31 @@ def torch_reference(module: torch.nn.Module, inputs: Inputs) -> np.ndarray:
 
 
 def errors(engine: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """(max_abs, rel) of ``engine`` against ``reference``; shapes must agree."""
+    """(max_abs, rel) of ``engine`` against ``reference``; shapes must agree.
+
+    ``nan`` when either holds a NaN or an infinity, ``inf`` when the shapes differ: both fail every
+    tolerance (compare with ``<=``, never keep a worst case with ``max``).
+    """
     engine = np.asarray(engine, dtype=np.float64)
     reference = np.asarray(reference, dtype=np.float64)
     if engine.shape != reference.shape:
         return float("inf"), float("inf")
+    if not (np.isfinite(engine).all() and np.isfinite(reference).all()):
+        return float("nan"), float("nan")
     max_abs = float(np.max(np.abs(engine - reference))) if engine.size else 0.0
     scale = float(np.max(np.abs(reference))) if reference.size else 0.0
     return max_abs, (max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")))
+
+
+def within(max_abs: float, rel: float, tolerance: Any) -> bool:
+    """Whether errors pass ``tolerance``; NaN never does."""
+    if math.isnan(max_abs) or math.isnan(rel):
+        return False
+    return max_abs <= tolerance.max_abs or rel <= tolerance.rel
+
+
+def _nonfinite(x: np.ndarray) -> int:
+    return int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x, dtype=np.float64))))
 
 
 def check_parity(
@@ -95,22 +117,60 @@ def check_parity(
     run_engine: Callable[[Inputs], np.ndarray],
     inputs: Sequence[Inputs],
     tolerance: Any,
+    output: str = "output",
 ) -> dict[str, Any]:
-    """Run torch and the engine on each input; ``{"max_abs", "rel", "ok", "n_inputs"}``."""
+    """Run torch and the engine on each input; ``{"max_abs", "rel", "ok", "n_inputs", "output"}``.
+
+    With a NaN or infinity the record also has ``nonfinite``: ``{"engine": n, "torch": n,
+    "input": i}`` (counts of non-finite values and the first held-out input that had them).
+    """
     worst_abs, worst_rel = 0.0, 0.0
-    for item in inputs:
-        max_abs, rel = errors(run_engine(item), torch_reference(module, item))
-        worst_abs, worst_rel = max(worst_abs, max_abs), max(worst_rel, rel)
-    ok = worst_abs <= tolerance.max_abs or worst_rel <= tolerance.rel
-    return {"max_abs": worst_abs, "rel": worst_rel, "ok": bool(ok), "n_inputs": len(inputs)}
+    nonfinite: dict[str, int] = {}
+    for i, item in enumerate(inputs):
+        engine, reference = run_engine(item), torch_reference(module, item)
+        bad = {"engine": _nonfinite(engine), "torch": _nonfinite(reference)}
+        if any(bad.values()) and not nonfinite:
+            nonfinite = bad | {"input": i}
+        max_abs, rel = errors(engine, reference)
+        # keep NaN: max() would drop it (max(0.0, nan) == 0.0)
+        worst_abs = max_abs if math.isnan(max_abs) or math.isnan(worst_abs) else max(worst_abs, max_abs)
+        worst_rel = rel if math.isnan(rel) or math.isnan(worst_rel) else max(worst_rel, rel)
+    record: dict[str, Any] = {
+        "max_abs": worst_abs,
+        "rel": worst_rel,
+        "ok": within(worst_abs, worst_rel, tolerance) and not nonfinite,
+        "n_inputs": len(inputs),
+        "output": output,
+    }
+    if nonfinite:
+        record["nonfinite"] = nonfinite
+    return record
 
 
 def raise_if_failed(parity: dict[str, Any], engine: Any, tolerance: Any) -> None:
-    """``ParityError`` naming the engine, its errors and the tolerance, when parity is not ok."""
-    if not parity.get("ok", False):
-        raise ParityError(
-            f"{engine}: engine does not match PyTorch on {parity.get('n_inputs')} held-out inputs: "
-            f"max_abs={parity['max_abs']:.3g} (tolerance {tolerance.max_abs:g}), "
-            f"rel={parity['rel']:.3g} (tolerance {tolerance.rel:g}); check the export for ops that "
-            "change numerics, or loosen the profile's tolerance if this precision is expected"
+    """``ParityError`` naming the engine, its output, its errors and the tolerance, when not ok."""
+    if parity.get("ok", False):
+        return
+    output = parity.get("output", "output")
+    bad = parity.get("nonfinite")
+    if bad:
+        where = []
+        if bad.get("engine"):
+            where.append(f"the engine gave {bad['engine']} NaN/inf values")
+        if bad.get("torch"):
+            where.append(f"the PyTorch student gave {bad['torch']} NaN/inf values")
+        fix = (
+            "the student's weights or inputs are not finite: check the training data and the passes before lowering"
+            if bad.get("torch")
+            else "the engine overflows or computes something else: check the export for ops that change numerics"
         )
+        raise ParityError(
+            f"{engine}: output '{output}' is not finite on held-out input {bad.get('input', 0)} of "
+            f"{parity.get('n_inputs')}: {'; '.join(where)}; {fix}"
+        )
+    raise ParityError(
+        f"{engine}: output '{output}' does not match PyTorch on {parity.get('n_inputs')} held-out inputs: "
+        f"max_abs={parity['max_abs']:.3g} (tolerance {tolerance.max_abs:g}), "
+        f"rel={parity['rel']:.3g} (tolerance {tolerance.rel:g}); check the export for ops that "
+        "change numerics, or loosen the profile's tolerance if this precision is expected"
+    )

@@ -266,3 +266,21 @@ def test_lock_of_a_killed_holder_is_free(tmp_path: Path) -> None:
     assert (out / "result.txt").read_text() == "mine"
     assert json.loads((out / MARK).read_text())["state"] == "complete"
     assert _siblings(out) == []
+
+
+def test_atomic_path_replaces_a_folder_by_renaming_it_aside(tmp_path: Path) -> None:
+    from potstill.atomic import atomic_path
+
+    target = tmp_path / "model.dir"
+    target.mkdir()
+    (target / "old.bin").write_bytes(b"old")
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "new.bin").write_bytes(b"new")
+        assert (target / "old.bin").exists()  # the old copy stays until the new one is complete
+    assert sorted(p.name for p in target.iterdir()) == ["new.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.dir"]
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.mkdir()
+        raise RuntimeError
+    assert (target / "new.bin").exists()

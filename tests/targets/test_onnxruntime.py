@@ -101,6 +101,41 @@ def test_tampered_weights_raise_parity_error(cnn: nn.Module, tmp_path: Path) -> 
     assert f"tolerance {profile.tolerance.max_abs:g}" in message
 
 
+def test_nan_student_fails_parity_naming_the_output(cnn: nn.Module, tmp_path: Path) -> None:
+    """One NaN weight makes torch and the engine both NaN; max(0.0, nan) used to call that exact."""
+    with torch.no_grad():
+        cnn.head.weight[0, 0] = float("nan")
+    with pytest.raises(ParityError, match=r"ONNX Runtime engine .*model\.onnx: output 'output' is not finite") as err:
+        lower(cnn, (torch.randn(1, 3, 16, 16),), "cpu", tmp_path)
+    assert "PyTorch student gave" in str(err.value) and "training data" in str(err.value)
+
+
+def test_engine_that_outputs_inf_fails_parity(cnn: nn.Module, tmp_path: Path) -> None:
+    x = torch.randn(1, 3, 16, 16)
+    path = lower(cnn, (x,), "cpu", tmp_path).files["onnx"]
+    model = onnx.load(str(path))
+    (bias,) = [t for t in model.graph.initializer if tuple(t.dims) == (10,)]
+    bias.CopyFrom(numpy_helper.from_array(np.full(10, np.inf, dtype=np.float32), bias.name))
+    onnx.save(model, str(path))
+    exported = OnnxExport(path, flat_spec(cnn, (x,), {}), "tampered")
+    with pytest.raises(ParityError, match=r"output 'output' is not finite.*engine gave 10 NaN/inf") as err:
+        ort_parity_and_latency(cnn, path, exported, ((x,), {}), load_profile("cpu"), dynamic=False)
+    assert "PyTorch student" not in str(err.value)
+    parity, _, _ = ort_parity_and_latency(cnn, path, exported, ((x,), {}), load_profile("cpu"), dynamic=False,
+                                          check=False, budget_s=0.01)
+    assert parity["ok"] is False and parity["nonfinite"] == {"engine": 10, "torch": 0, "input": 0}
+
+
+def test_errors_never_hide_nan() -> None:
+    from potstill.targets.parity import errors, within
+
+    tol = load_profile("cpu").tolerance
+    assert errors(np.array([np.nan]), np.array([np.nan])) != errors(np.array([np.nan]), np.array([np.nan]))  # nan
+    assert not within(*errors(np.array([1.0, np.nan]), np.array([1.0, 2.0])), tol)
+    assert not within(*errors(np.array([1.0]), np.array([np.inf])), tol)
+    assert within(*errors(np.array([1.0, 2.0]), np.array([1.0, 2.0])), tol)
+
+
 def test_lower_pass_lowers_every_student(cnn: nn.Module, tmp_path: Path) -> None:
     state = CompileState(teacher=cnn, example_inputs=(torch.randn(1, 3, 16, 16),), profile=load_profile("cpu"),
                          out_dir=tmp_path)

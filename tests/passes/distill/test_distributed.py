@@ -19,7 +19,7 @@ def test_two_process_gloo_ddp_equals_single_process(tmp_path: Path) -> None:
            str(HERE / "ddp_worker.py"), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ddp = torch.load(tmp_path / "ddp.pt")
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert ddp["world"] == 2
     rows: list[int] = []
     single = ddp_worker.train(rows=rows).state_dict()

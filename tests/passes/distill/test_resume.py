@@ -41,7 +41,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
     resumed = _start(tmp_path, "resume", 0.0)
     _, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err.decode()[-3000:]
-    got = torch.load(tmp_path / "final.pt")
+    got = torch.load(tmp_path / "final.pt", weights_only=True)
     want = resume_worker.run(None, resume=False).state_dict()
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=1e-7)
