@@ -111,3 +111,14 @@ def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()
+
+
+def loss_health(total: torch.Tensor, ctx: DistContext) -> tuple[float, bool]:
+    """(mean loss over ranks, whether any rank's loss is NaN/inf): one all-reduce, so every rank
+    takes the same decision (a rank that raised alone would leave the others waiting forever)."""
+    finite = torch.isfinite(total)
+    if not ctx.enabled:
+        return float(total), not bool(finite)
+    both = torch.stack([torch.where(finite, total.float(), 0.0), (~finite).float()])
+    dist.all_reduce(both)
+    return float(both[0]) / ctx.world_size, bool(both[1] > 0)

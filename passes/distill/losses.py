@@ -330,6 +330,7 @@ class SumLoss(DistillLoss):
         super().__init__()
         self.parts = nn.ModuleDict(dict(parts))
         self.weights = {k: float((weights or {}).get(k, 1.0)) for k in self.parts}
+        self.last_parts: dict[str, torch.Tensor] = {}
 
     def student_want(self) -> Want:
         want = Want()
@@ -353,7 +354,10 @@ class SumLoss(DistillLoss):
         return [m for p in self.parts.values() for m in p.frozen_models()]  # type: ignore[operator]
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
-        return sum((self.weights[k] * p(inputs) for k, p in self.parts.items()), torch.zeros(()))
+        values = {k: p(inputs) for k, p in self.parts.items()}
+        # kept (as floats, read only on failure) so a NaN can be traced to its term
+        self.last_parts = {k: v.detach() for k, v in values.items()}
+        return sum((self.weights[k] * v for k, v in values.items()), torch.zeros(()))
 
 
 # -- registry --------------------------------------------------------------------------------------

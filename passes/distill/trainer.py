@@ -4,7 +4,8 @@ Per step, for students ``S_1..S_K`` with weights ``w_k`` and teacher ``T``:
 
     L = Σ_k w_k · ℓ(S_k(x), T(x), x, masks)
 
-``T`` is frozen, or — in-place distillation (Yu et al., Slimmable / BigNAS; OFA) — the first
+``T`` is frozen during ``fit`` (its ``requires_grad`` and train/eval flags and its device are
+restored afterwards: a teacher shared by several students leaves each run as it came), or — in-place distillation (Yu et al., Slimmable / BigNAS; OFA) — the first
 (largest) student's detached output teaches the others while the first learns from the frozen
 teacher if any, else from the labels. With ``balance=True`` each term is rescaled as in AmoebaLLM
 (arXiv 2411.10606): ``ℓ_k · ℓ_1.detach() / ℓ_k.detach()``. A student is a module, or a
@@ -15,11 +16,18 @@ Optimisation: AdamW or SGD, cosine schedule with warm-up, gradient clipping, aut
 only when asked; fp16 with a grad scaler or bf16 on CUDA), seeded. Under ``torchrun`` the
 students run in DDP (see ``distributed``); checkpoints and logs come from rank 0 only (see
 ``checkpoint`` for the resume guarantee).
+
+Resume: a checkpoint records a fingerprint of what the run started from (``run_key``, the training
+settings, the students' and the teacher's initial weights, the first batch). ``resume=True``
+continues only from a checkpoint with the same fingerprint; others are deleted and the run starts
+fresh. Numeric health (finite loss, gradients and weights; divergence) is checked every step, see
+``health``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,15 +36,16 @@ from typing import Any
 
 import torch
 from potstill.data import Batch, as_batch
-from potstill.errors import InputError
+from potstill.errors import InputError, NumericError
 from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as ddp
+from . import health
 from .batches import count_batches, epoch_batches
 from .capture import ForwardFn, ModelOutputs, Want, run_model, unwrap
 from .evaluate import Evaluator, MetricsLog, evaluate
-from .losses import DistillLoss, LossInputs, make_loss
+from .losses import DistillLoss, LossInputs, SumLoss, make_loss
 from .progress import StepProgress
 from .schedule import make_optimizer, make_scheduler
 
@@ -83,6 +92,15 @@ class TrainConfig:
     eval_every: int = 0
     eval_limit: int | None = None
     progress: bool = True
+    #: identity of the run beyond these settings (the distill pass's spec): part of the fingerprint
+    run_key: str = ""
+    #: fail when the loss ends above this multiple of its start (``health``); None: do not check
+    divergence_factor: float | None = 10.0
+
+
+#: settings that do not change what a run computes (left out of the resume fingerprint)
+_NOT_FINGERPRINTED = {"checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "log_path", "log_every",
+                      "eval_every", "eval_limit", "progress"}  # fmt: skip
 
 
 @dataclass
@@ -129,6 +147,7 @@ class DistillTrainer:
             s.name = s.name or f"student{i}"
         self.teacher = teacher
         self.loss = make_loss(loss, **loss_options)
+        self.loss_name = loss if isinstance(loss, str) else type(loss).__name__
         if teacher is None and not self.config.inplace and self.loss.needs_teacher():
             raise InputError("no teacher given: pass a teacher, set inplace=True, or use a label loss (kd alpha=0)")
         self.sample_students = sample_students
@@ -139,6 +158,11 @@ class DistillTrainer:
         self.modules = list({id(s.module): s.module for s in self.students}.values())
         self.wrapped: dict[int, nn.Module] = {}
         self.log = MetricsLog(self.config.log_path if self.dist.is_main else None)
+        self._teacher_saved: tuple[list[tuple[nn.Parameter, bool]], list[tuple[nn.Module, bool]], Any] | None = None
+        self.discarded: str | None = None
+        self.fingerprint: str | None = None
+        self.monitor: health.DivergenceMonitor | None = None
+        self.last_loss = float("nan")
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -160,11 +184,51 @@ class DistillTrainer:
         dtype = torch.bfloat16 if p == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
+    def _check_students(self) -> None:
+        teacher_params = {id(p) for p in self.teacher.parameters()} if self.teacher is not None else set()
+        for spec in self.students:
+            params = list(spec.module.parameters())
+            if any(id(p) in teacher_params for p in params):
+                raise InputError(
+                    f"student '{spec.name}' shares parameters with the teacher; distil a copy of it "
+                    "(copy.deepcopy(teacher)), or the teacher would learn too"
+                )
+            if not any(p.requires_grad for p in params):
+                raise InputError(
+                    f"student '{spec.name}' has no trainable parameters (requires_grad is False everywhere); "
+                    "unfreeze it (student.requires_grad_(True)) before distilling"
+                )
+
+    def _freeze_teacher(self) -> None:
+        """Freeze the teacher for this run only; ``_restore_teacher`` puts every flag back."""
+        t = self.teacher
+        if t is None:
+            return
+        first = next(iter(t.parameters()), None)
+        self._teacher_saved = (
+            [(p, p.requires_grad) for p in t.parameters()],
+            [(m, m.training) for m in t.modules()],
+            first.device if first is not None else None,
+        )
+        t.to(self.device).eval().requires_grad_(False)
+
+    def _restore_teacher(self) -> None:
+        if self.teacher is None or self._teacher_saved is None:
+            return
+        params, modules, device = self._teacher_saved
+        for p, flag in params:
+            p.requires_grad_(flag)
+        for m, training in modules:
+            m.training = training  # not m.train(): that would also reset the children
+        if device is not None and device != self.device:
+            self.teacher.to(device)
+        self._teacher_saved = None
+
     def _setup(self, probe: Batch) -> None:
+        self._check_students()
         for m in self.modules:
             m.to(self.device).train()
-        if self.teacher is not None:
-            self.teacher.to(self.device).eval().requires_grad_(False)
+        self._freeze_teacher()
         self.loss.to(self.device)
         for m in self.loss.frozen_models():
             m.to(self.device).eval().requires_grad_(False)
@@ -243,16 +307,50 @@ class DistillTrainer:
             ref = losses[0].detach()
             losses = [losses[0]] + [li * ref / li.detach().clamp_min(1e-12) for li in losses[1:]]
         total = sum((spec.weight * li.float() for spec, li in zip(specs, losses)), torch.zeros((), device=self.device))
+        # one read per step (a device sync on CUDA): non-finite losses must stop before backward
+        value, bad = ddp.loss_health(total.detach(), self.dist)
+        if bad:
+            raise NumericError(self._explain_nonfinite(step + 1, specs, losses, batch))
         self.scaler.scale(total * scale).backward()
         ddp.average_gradients(self.loss.parameters(), self.dist)
         self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.config.grad_clip:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if not self.scaler.is_enabled() and not bool(torch.isfinite(norm)):
+            raise NumericError(
+                f"distillation: the gradients are NaN/inf at step {step + 1} (loss {value:.3g} was finite); "
+                f"lower lr (now {self.config.lr:g}) or use fp32 precision"
+            )
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        self.last_loss = value
         return total.detach(), batch.size
+
+    def _explain_nonfinite(
+        self, step: int, specs: Sequence[StudentSpec], losses: Sequence[torch.Tensor], batch: Batch
+    ) -> str:
+        terms: dict[str, dict[str, float]] = {}
+        for spec, li in zip(specs, losses):
+            parts = getattr(self.loss, "last_parts", None) if isinstance(self.loss, SumLoss) else None
+            if parts and len(specs) == 1:
+                terms[spec.name] = {k: float(v) for k, v in parts.items()}
+            else:
+                terms[spec.name] = {self.loss_name: float(li)}
+        teacher_bad = False
+        if self.teacher is not None and self.loss.needs_teacher():
+            with torch.no_grad():
+                out = run_model(self.teacher, batch, Want())
+            teacher_bad = not bool(torch.isfinite(out.logits.float()).all())
+        return health.explain_nonfinite_loss(
+            step, terms, batch, teacher_bad, [(s.name, s.module) for s in specs]
+        )
+
+    def _named_modules(self) -> list[tuple[str, nn.Module]]:
+        return [(spec.name, spec.module) for spec in self.students]
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -268,9 +366,12 @@ class DistillTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "fingerprint": self.fingerprint,
+            "first_loss": self.monitor.first if self.monitor is not None else None,
         }
 
     def save(self, step: int, epoch: int, position: int) -> Path | None:
+        health.check_weights(self._named_modules(), step, self.config.lr)  # never checkpoint a NaN
         rngs = ddp.gather_objects(ckpt.rng_state(), self.dist)
         path = None
         if self.dist.is_main and self.config.checkpoint_dir is not None:
@@ -296,7 +397,47 @@ class DistillTrainer:
         return items
 
     def fit(self, data: DataSource, eval_data: DataSource | None = None) -> TrainResult:
-        """Train for ``epochs`` (or ``max_steps``) over ``data``; evaluate on ``eval_data``."""
+        """Train for ``epochs`` (or ``max_steps``) over ``data``; evaluate on ``eval_data``.
+
+        The teacher's flags are restored on the way out, whether training succeeded or raised.
+        """
+        try:
+            return self._fit(data, eval_data)
+        finally:
+            self._restore_teacher()
+
+    def _fingerprint(self, data: DataSource, probe: Any) -> str:
+        c = self.config
+        if c.shard == "batches" and self.dist.enabled:  # each rank's probe differs: use the unsharded first
+            probe = next(iter(epoch_batches(data, c.seed, 0)))
+        first = as_batch(probe)
+        settings = {k: v for k, v in dataclasses.asdict(c).items() if k not in _NOT_FINGERPRINTED}
+        tensors = [x for x in (*first.args, *first.kwargs.values(), first.target) if isinstance(x, torch.Tensor)]
+        return ckpt.fingerprint(
+            [ckpt.FORMAT, settings, self.dist.world_size, self.loss_name, *self.modules, self.loss,
+             *([self.teacher] if self.teacher is not None else []), *tensors]
+        )  # fmt: skip
+
+    def _resume_state(self, data: DataSource, probe: Any) -> dict[str, Any] | None:
+        """The checkpoint to continue from, if any matches this run; clears the ones that do not."""
+        c = self.config
+        if c.checkpoint_dir is None:
+            return None
+        self.fingerprint = self._fingerprint(data, probe)
+        last = ckpt.latest_checkpoint(c.checkpoint_dir) if c.resume else None  # refuses pickles
+        state = ckpt.load_checkpoint(last) if last is not None else None
+        if state is not None and state.get("fingerprint") != self.fingerprint:
+            self.discarded = f"{last}: written by a run with other settings, weights or data; started afresh"
+            state = None
+        if state is None:
+            ddp.barrier(self.dist)  # every rank has read before rank 0 deletes
+            if self.dist.is_main:
+                ckpt.remove_checkpoints(c.checkpoint_dir)
+                self.log.truncate_after(0)
+            ddp.barrier(self.dist)
+        return state
+
+    def _fit(self, data: DataSource, eval_data: DataSource | None) -> TrainResult:
         c = self.config
         per_epoch = c.steps_per_epoch or count_batches(data, c.seed)
         if c.shard == "batches" and self.dist.enabled:
@@ -311,16 +452,16 @@ class DistillTrainer:
         self.scheduler = make_scheduler(self.optimizer, c.schedule, total, c.warmup_steps, c.min_lr_ratio)
         step, epoch0, position, resumed = 0, 0, 0, None
         rng: dict[str, Any] | None = None
-        last = ckpt.latest_checkpoint(c.checkpoint_dir) if c.resume else None
-        if last is not None:
-            state = ckpt.load_checkpoint(last)
+        state = self._resume_state(data, probe)
+        self.monitor = health.DivergenceMonitor(total, c.divergence_factor)
+        if state is not None:
             self._restore(state)
             step, epoch0, position, resumed = state["step"], state["epoch"], state["position"], state["step"]
+            self.monitor.start_from(state.get("first_loss"))
             rngs = state["rng"]
             rng = rngs[self.dist.rank] if len(rngs) == self.dist.world_size else rngs[0]
             self.log.truncate_after(step)
         t0, samples, loss_value = time.perf_counter(), 0, float("nan")
-        loss_t: torch.Tensor | None = None
         epoch, pos = epoch0, position
         bar = StepProgress(total, enabled=c.progress and self.dist.is_main, start=step)
         with bar:
@@ -337,14 +478,15 @@ class DistillTrainer:
                     rng = None
                 pos = position if epoch == epoch0 else 0
                 for raw in it:
-                    loss_t, n = self.train_step(raw, step)
+                    _, n = self.train_step(raw, step)
                     step, pos, samples = step + 1, pos + 1, samples + n * self.dist.world_size
+                    loss_value = self.last_loss
+                    self.monitor.update(step, loss_value, c.lr)
                     rate = samples / max(time.perf_counter() - t0, 1e-9)
                     log_now = step % max(c.log_every, 1) == 0 or step == total
-                    if log_now:
-                        loss_value = float(loss_t)
                     bar.update(step, loss_value if log_now else None, rate)
                     if log_now:
+                        health.check_weights(self._named_modules(), step, c.lr)
                         lr = self.optimizer.param_groups[0]["lr"]
                         self.log.append({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
                                          "samples_per_s": rate})
@@ -355,8 +497,8 @@ class DistillTrainer:
                     if step >= total:
                         break
                 position = 0
-        if loss_t is not None:
-            loss_value = float(loss_t)
+        health.check_weights(self._named_modules(), step, c.lr)
+        self.monitor.finish(c.lr)
         if c.checkpoint_dir is not None and (not c.checkpoint_every or step % c.checkpoint_every):
             self.save(step, epoch, pos)
         metrics = self.evaluate(eval_data) if eval_data is not None else {}

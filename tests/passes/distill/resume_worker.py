@@ -35,7 +35,8 @@ def run(checkpoint_dir: Path | None, resume: bool, delay: float = 0.0) -> nn.Mod
     cfg = TrainConfig(epochs=3, lr=5e-3, progress=False, checkpoint_dir=checkpoint_dir, checkpoint_every=5,
                       resume=resume, warmup_steps=3, optimizer="adamw", weight_decay=0.01,
                       log_path=None if checkpoint_dir is None else checkpoint_dir / "log.jsonl", log_every=1)
-    DistillTrainer(student, teacher, "kd", cfg, temperature=2.0).fit(make_data(delay))
+    result = DistillTrainer(student, teacher, "kd", cfg, temperature=2.0).fit(make_data(delay))
+    student.resumed_from = result.resumed_from  # type: ignore[assignment]
     return student
 
 
@@ -43,3 +44,4 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     student = run(out / "ck", resume=sys.argv[2] == "resume", delay=float(sys.argv[3]))
     torch.save(student.state_dict(), out / "final.pt")
+    (out / "resumed_from.txt").write_text(str(student.resumed_from))

@@ -42,6 +42,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
     _, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err.decode()[-3000:]
     got = torch.load(tmp_path / "final.pt", weights_only=True)
+    assert (tmp_path / "resumed_from.txt").read_text() == str(state["step"])  # it resumed, not restarted
     want = resume_worker.run(None, resume=False).state_dict()
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=1e-7)

@@ -70,7 +70,7 @@ def test_metrics_log_checkpoints_and_eval(tmp_path: Path, teacher_data) -> None:
     assert [r["step"] for r in lines if "lr" in r] == [4, 8, 12, 16]
     assert any("eval" in r and r["step"] == 8 for r in lines)
     assert lines[-1]["final"] and "accuracy" in lines[-1]["eval"]["student0"]
-    assert [p.name for p in list_checkpoints(tmp_path / "ck")] == ["step-00000015.pt", "step-00000016.pt"]
+    assert [p.name for p in list_checkpoints(tmp_path / "ck")] == ["step-00000015", "step-00000016"]
     assert set(result.metrics["student0"]) == {"accuracy", "cosine", "agreement"}
 
 
