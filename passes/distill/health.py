@@ -53,7 +53,9 @@ def nonfinite_inputs(batch: Batch) -> list[str]:
     named: list[tuple[str, Any]] = [(f"args[{i}]", a) for i, a in enumerate(batch.args)]
     named += [*batch.kwargs.items(), ("target", batch.target)]
     return [
-        k for k, v in named if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+        k
+        for k, v in named
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
     ]
 
 
@@ -80,7 +82,9 @@ def explain_nonfinite_loss(
     where = "; ".join(f"student '{s}', loss term '{t}' = {v}" for s, t, v in bad) or "the total loss"
     inputs = nonfinite_inputs(batch)
     if inputs:
-        cause = f"the batch has NaN/inf in {', '.join(inputs)}: clean the training data (--data / train_data())"
+        cause = (
+            f"the batch has NaN/inf in {', '.join(inputs)}: clean the training data (--data / train_data())"
+        )
     elif teacher_out_bad:
         cause = "the teacher's output is NaN/inf on this batch: check the teacher and the input range"
     else:

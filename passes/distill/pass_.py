@@ -1,18 +1,20 @@
 """The ``distill`` pass: the working student learns from the teacher on the training data.
 
-``prune.width{ratio=0.5},distill{loss=kd,epochs=3}``. The method picks the objective:
+``prune.width{ratio=0.5},distill{method=kd,epochs=3,temperature=2}``. ``method`` alone chooses
+the objective and regime (``kd``, ``hidden``, ``attention``, ``cosine`` or a sum such as
+``kd+hidden``; ``ard``, ``rslad``, ``adaspec``, ``cema``), and each method takes only its own
+options: see ``methods`` for the table. An option of another method is an error listing this
+method's options; ``loss=`` is an error that says which ``method=`` to write.
 
-* ``kd`` — the ``loss`` option (``kd``, ``hidden``, ``attention``, ``cosine`` or a sum such as
-  ``kd+hidden``); ``kd`` is ``α T² KL(p_t^T || q_s^T) + (1 − α) CE`` (Hinton et al. 2015);
-* ``ard`` / ``rslad`` — adversarially robust distillation (Goldblum et al. 2020; Zi et al. 2021)
-  with PGD (ε, ``pgd_steps``); robust accuracy under PGD-20 is reported on labelled eval data;
-* ``adaspec`` — AdaSPEC token selection (arXiv 2510.19779); the reference model is a copy of the
-  student distilled with plain KD for ``ref_steps``;
-* ``cema`` — CEMA entropy-based sample selection and weighting (ICLR 2024).
+Training options (every method): epochs, max_steps, lr, batch_size, optimizer, weight_decay,
+warmup_steps, grad_clip, precision, checkpoint_every, resume, eval_limit, progress,
+divergence_factor. ``None`` means "not set" (no step limit, the data's own batches, no clipping).
 
-Data: ``state.train_data``, else ``state.calib_data``. Metrics go to ``student.metrics["distill"]``;
-with ``state.out_dir`` set, checkpoints and a JSON-lines log go to
-``out_dir/checkpoints/<student>/`` and ``resume=true`` continues an interrupted run.
+Data: ``state.train_data``, else ``state.calib_data``. Metrics go to ``student.metrics["distill"]``
+with the method and every option as it ran. Checkpoints (safetensors + JSON) and a JSON-lines log
+go to ``state.work_dir / "checkpoints" / <student>`` — never into the student's output folder —
+once per epoch (or every ``checkpoint_every`` steps); a re-run with the same inputs resumes from
+the last one (``resume=false`` starts afresh). Without a work folder there are no checkpoints.
 """
 
 from __future__ import annotations
@@ -20,53 +22,105 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from potstill.errors import InputError
 from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.state import CompileState
 
+from . import methods
 from .batches import Rebatched
-from .losses import DistillLoss, make_loss
+from .losses import DistillLoss
+from .methods import require, typed_fields
 from .trainer import DistillTrainer, TrainConfig
 
-METHODS = ("kd", "ard", "rslad", "adaspec", "cema")
+METHODS = methods.METHODS
 
 
 @dataclass(frozen=True)
 class DistillOptions:
-    loss: str = "kd"
+    """Training options, then every method's options (``None``: not given, the method's default)."""
+
     method: str = "kd"
     epochs: int = 1
-    max_steps: int = 0  # 0: no limit beyond epochs
+    max_steps: int | None = None
     lr: float = 1e-3
-    batch_size: int = 0  # 0: the batches as the data yields them
-    temperature: float = 1.0
-    alpha: float = 1.0
+    batch_size: int | None = None
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0
     precision: str = "fp32"
-    eps: float = 8 / 255
-    clamp: bool = True  # keep attacked inputs in [input_min, input_max]
-    input_min: float = 0.0
-    input_max: float = 1.0
-    pgd_steps: int = 10
-    eval_pgd_steps: int = 20
-    k: float = 0.4
-    entropy_fraction: float = 0.4
-    ref_steps: int = 0  # adaspec reference: 0 = one epoch
-    checkpoint_every: int = 0
-    resume: bool = False
-    eval_limit: int = 0
+    checkpoint_every: int | None = None
+    resume: bool | None = None
+    eval_limit: int | None = None
     progress: bool = True
+    divergence_factor: float | None = 10.0
+    # -- method options (see methods.py; each applies to the methods listed there) --
+    temperature: float | None = None
+    alpha: float | None = None
+    project: bool | None = None
+    attention_kind: str | None = None
+    pooling: str | None = None
+    mse_weight: float | None = None
+    eps: float | None = None
+    pgd_steps: int | None = None
+    eval_pgd_steps: int | None = None
+    clamp: bool | None = None
+    input_min: float | None = None
+    input_max: float | None = None
+    adv_weight: float | None = None
+    k: float | None = None
+    ref_steps: int | None = None
+    entropy_fraction: float | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        typed_fields(self, "distill")
+        w = "distill"
+        require(self.epochs >= 1, w, f"epochs must be >= 1, got {self.epochs}")
+        require(
+            self.max_steps is None or self.max_steps >= 1,
+            w,
+            f"max_steps must be >= 1 (or null: no limit), got {self.max_steps}",
+        )
+        require(self.lr > 0, w, f"lr must be > 0, got {self.lr}")
+        require(
+            self.batch_size is None or self.batch_size >= 1,
+            w,
+            f"batch_size must be >= 1, got {self.batch_size}",
+        )
+        require(
+            self.optimizer in ("adamw", "sgd"), w, f"optimizer must be adamw or sgd, got {self.optimizer!r}"
+        )
+        require(self.weight_decay >= 0, w, f"weight_decay must be >= 0, got {self.weight_decay}")
+        require(self.warmup_steps >= 0, w, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        require(self.grad_clip is None or self.grad_clip > 0, w,
+                f"grad_clip must be > 0 (or null: no clipping), got {self.grad_clip}")  # fmt: skip
+        require(
+            self.precision in ("fp32", "bf16", "fp16"),
+            w,
+            f"precision must be fp32, bf16 or fp16, got {self.precision!r}",
+        )
+        require(self.checkpoint_every is None or self.checkpoint_every >= 1, w,
+                f"checkpoint_every must be >= 1 (or null: once per epoch), got {self.checkpoint_every}")  # fmt: skip
+        require(
+            self.eval_limit is None or self.eval_limit >= 1,
+            w,
+            f"eval_limit must be >= 1, got {self.eval_limit}",
+        )
+        require(self.divergence_factor is None or self.divergence_factor > 1, w,
+                f"divergence_factor must be > 1 (or null: do not check), got {self.divergence_factor}")  # fmt: skip
+        self.method_options()  # checks the method and its options now, not when training starts
+
+    def given_method_options(self) -> dict[str, Any]:
+        names = methods.all_method_option_names()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name in names and getattr(self, f.name) is not None}  # fmt: skip
+
+    def method_options(self) -> dict[str, Any]:
+        """Each part of the method with its options object (defaults filled in)."""
+        return methods.build(self.method, self.given_method_options())
 
 
 NO_DATA = (
@@ -83,69 +137,117 @@ class DistillPass(Pass):
     Options = DistillOptions
     ensures = frozenset({"distilled"})
 
+    def __init__(self, options: Any = None, **kwargs: Any) -> None:
+        if "loss" in kwargs:
+            loss = kwargs["loss"]
+            fix = f"write distill{{method={loss}}}" if _is_method(loss) else f"methods: {', '.join(METHODS)}"
+            also = f" and drop loss={loss}" if "method" in kwargs else ""
+            raise InputError(
+                f"distill: there is no 'loss' option: 'method' alone chooses what the student learns "
+                f"(one word, so the two cannot disagree); {fix}{also}"
+            )
+        super().__init__(options, **kwargs)
+
+    def _checkpoint_dir(self, state: CompileState, name: str) -> Path | None:
+        o = self.options
+        work = getattr(state, "work_dir", None)  # CompileState.work_dir: the driver's per-OUT work area
+        if work is None:
+            asked = [k for k, v in (("checkpoint_every", o.checkpoint_every), ("resume", o.resume)) if v]
+            require(not asked, "distill", f"{', '.join(asked)} given, but this compile has no work folder for "
+                    "checkpoints (state.work_dir is not set); drop the option(s) or set state.work_dir")  # fmt: skip
+            return None
+        return Path(work) / "checkpoints" / name
+
     def _config(self, state: CompileState, name: str) -> TrainConfig:
         o = self.options
-        ckpt_dir = state.out_dir / "checkpoints" / name if state.out_dir is not None else None
+        ckpt_dir = self._checkpoint_dir(state, name)
         return TrainConfig(
-            epochs=o.epochs, max_steps=o.max_steps or None, lr=o.lr, weight_decay=o.weight_decay,
-            optimizer=o.optimizer, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip or None,
+            epochs=o.epochs, max_steps=o.max_steps, lr=o.lr, weight_decay=o.weight_decay,
+            optimizer=o.optimizer, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip,
             precision=o.precision, seed=state.seed, checkpoint_dir=ckpt_dir,
-            checkpoint_every=o.checkpoint_every, resume=o.resume,
+            checkpoint_every=o.checkpoint_every or 0, resume=ckpt_dir is not None and o.resume is not False,
             log_path=ckpt_dir / "metrics.jsonl" if ckpt_dir is not None else None,
-            eval_limit=o.eval_limit or None, progress=o.progress,
-        )
+            eval_limit=o.eval_limit, progress=o.progress, run_key=self._run_key(name),
+            divergence_factor=o.divergence_factor,
+        )  # fmt: skip
 
-    def _clamp(self) -> tuple[float, float] | None:
-        return (self.options.input_min, self.options.input_max) if self.options.clamp else None
+    def _run_key(self, name: str) -> str:
+        """What this pass computes, for the resume fingerprint (not how it reports or checkpoints)."""
+        skip = {"checkpoint_every", "resume", "eval_limit", "eval_pgd_steps", "progress"}
+        opts = {k: v for k, v in dataclasses.asdict(self.options).items() if k not in skip}
+        return f"{name}|{sorted(opts.items())}"
 
-    def _loss(self, state: CompileState, student: Any, data: Any, config: TrainConfig) -> DistillLoss:
-        o = self.options
-        pgd = {"eps": o.eps, "step_size": o.eps / 4, "steps": o.pgd_steps, "clamp": self._clamp()}
-        if o.method == "ard":
-            return make_loss("ard", alpha=o.alpha, temperature=o.temperature, **pgd)
-        if o.method == "rslad":
-            return make_loss("rslad", **pgd)
-        if o.method == "cema":
-            return make_loss("cema", fraction=o.entropy_fraction, temperature=o.temperature)
-        if o.method == "adaspec":
+    def _loss(self, state: CompileState, student: Any, data: Any, config: TrainConfig,
+              built: dict[str, Any]) -> DistillLoss:  # fmt: skip
+        method = self.options.method
+        if method == "adaspec":
+            opts = built["adaspec"]
             ref = copy.deepcopy(student)
             ref_cfg = dataclasses.replace(
-                config, max_steps=o.ref_steps or None, epochs=1, checkpoint_dir=None, resume=False,
+                config,
+                max_steps=opts.ref_steps,
+                epochs=1,
+                checkpoint_dir=None,
+                resume=False,
                 log_path=None,
             )
-            DistillTrainer(ref, state.teacher, "kd", ref_cfg, temperature=o.temperature).fit(data)
-            return make_loss("adaspec", ref_model=ref.eval(), k=o.k, temperature=o.temperature)
-        return make_loss(o.loss, strict=False, temperature=o.temperature, alpha=o.alpha)
+            DistillTrainer(ref, state.teacher, "kd", ref_cfg, temperature=opts.temperature).fit(data)
+            return methods.make_method_loss(method, built, ref_model=ref.eval())
+        return methods.make_method_loss(method, built)
 
     def run(self, state: CompileState) -> PassResult:
         o = self.options
         source = state.train_data or state.calib_data
         if source is None:
             raise InputError(NO_DATA)
+        asked_eval = [k for k, v in (("eval_limit", o.eval_limit), ("eval_pgd_steps", o.eval_pgd_steps)) if v]
+        require(state.eval_data is not None or not asked_eval, "distill",
+                f"{', '.join(asked_eval)} given, but there is no evaluation data (--eval-data or eval_data()); "
+                "give it or drop the option(s)")  # fmt: skip
+        built = o.method_options()
         data: Any = Rebatched(source, o.batch_size) if o.batch_size else source
         student = state.working()
         config = self._config(state, student.name)
-        loss = self._loss(state, student.module, data, config)
+        loss = self._loss(state, student.module, data, config, built)
         trainer = DistillTrainer(student.module, state.teacher, loss, config)
+        trainer.loss_name = o.method
         result = trainer.fit(data, state.eval_data)
         metrics: dict[str, Any] = {
             "method": o.method,
-            "loss_name": o.loss if o.method == "kd" else o.method,
+            "options": methods.resolved(built),
             "steps": result.steps,
             "loss": result.loss,
             "seconds": result.seconds,
             "samples_per_s": result.samples_per_s,
             "resumed_from": result.resumed_from,
+            "checkpoints": str(config.checkpoint_dir) if config.checkpoint_dir is not None else None,
         }
+        if trainer.discarded:
+            metrics["checkpoint_discarded"] = trainer.discarded
         if result.metrics:
             metrics["eval"] = next(iter(result.metrics.values()))
-        if o.method in {"ard", "rslad"} and state.eval_data is not None:
-            from .robust import PGDConfig, robust_accuracy
-
-            cfg = PGDConfig(eps=o.eps, step_size=o.eps / 4, steps=o.eval_pgd_steps, clamp=self._clamp())
-            metrics["robust"] = robust_accuracy(student.module, state.eval_data, cfg, o.eval_limit or None)
+        if o.method in {"ard", "rslad"}:
+            metrics["robust"] = self._robust(state, student.module, built[o.method])
         student.module.eval()
         student.metrics["distill"] = metrics
         student.history.append(self.spec())
         state.facts.add("distilled")
         return PassResult(state, True)
+
+    def _robust(self, state: CompileState, module: Any, opts: methods.PGDOptions) -> dict[str, Any] | str:
+        if state.eval_data is None:
+            return "not measured: no evaluation data (--eval-data or eval_data())"
+        from .robust import PGDConfig, robust_accuracy
+
+        cfg = PGDConfig(eps=opts.eps, step_size=opts.eps / 4, steps=opts.eval_pgd_steps,
+                        clamp=opts.bounds if opts.clamp else None)  # fmt: skip
+        result: dict[str, Any] = robust_accuracy(module, state.eval_data, cfg, self.options.eval_limit)
+        return result
+
+
+def _is_method(value: Any) -> bool:
+    try:
+        methods.parse_method(str(value))
+    except InputError:
+        return False
+    return True

@@ -84,6 +84,7 @@ class TrainConfig:
     shard: str = "split"  # split | batches
     find_unused_parameters: bool = False
     checkpoint_dir: Path | None = None
+    #: every this many steps; 0: at the end of each epoch (and always at the end)
     checkpoint_every: int = 0
     keep_checkpoints: int = 1
     resume: bool = False
@@ -496,6 +497,8 @@ class DistillTrainer:
                         self.save(step, epoch, pos)
                     if step >= total:
                         break
+                if c.checkpoint_dir is not None and not c.checkpoint_every and step < total:
+                    self.save(step, epoch, pos)  # once per epoch: a killed run loses at most one
                 position = 0
         health.check_weights(self._named_modules(), step, c.lr)
         self.monitor.finish(c.lr)

@@ -17,15 +17,17 @@ def _state(teacher_data, tmp_path: Path | None, labelled: bool = True) -> Compil
     teacher, x, y = teacher_data
     train = TensorBatches(x[:384], y[:384], batch_size=32) if labelled else TensorBatches(x[:384], batch_size=32)
     test = TensorBatches(x[384:], y[384:], batch_size=128, shuffle=False)
-    state = CompileState(teacher, (x[:2],), out_dir=tmp_path, train_data=train, eval_data=test)
+    state = CompileState(teacher, (x[:2],), out_dir=None if tmp_path is None else tmp_path / "out",
+                         train_data=train, eval_data=test)
+    state.work_dir = tmp_path  # type: ignore[attr-defined]  # the driver's per-OUT work area
     state.students.append(Student("narrow", mlp(8, 16, 5, seed=3)))
     return state
 
 
 def test_distill_pass_from_a_pipeline_string(teacher_data, tmp_path: Path) -> None:
     state = _state(teacher_data, tmp_path)
-    passes = build_pipeline("distill{loss=kd,epochs=4,lr=0.01,temperature=2,progress=false,checkpoint_every=10}")
-    assert passes[0].spec() == "distill{epochs=4,lr=0.01,temperature=2.0,checkpoint_every=10,progress=False}"
+    passes = build_pipeline("distill{method=kd,epochs=4,lr=0.01,temperature=2,progress=false,checkpoint_every=10}")
+    assert passes[0].spec() == "distill{epochs=4,lr=0.01,checkpoint_every=10,progress=False,temperature=2.0}"
     before = state.working().module[0].weight.clone()
     result = PassManager(passes).run(state)
     assert result.changed and "distilled" in state.facts
@@ -33,12 +35,28 @@ def test_distill_pass_from_a_pipeline_string(teacher_data, tmp_path: Path) -> No
     assert not torch.equal(before, student.module[0].weight)
     m = student.metrics["distill"]
     assert m["steps"] == 48 and m["method"] == "kd" and m["eval"]["agreement"] > 0.6
+    assert m["options"] == {"temperature": 2.0, "alpha": 1.0}  # what ran, defaults filled in
     ck = tmp_path / "checkpoints" / "narrow"
-    assert (ck / "metrics.jsonl").exists() and sorted(p.name for p in ck.glob("step-*.pt")) == ["step-00000048.pt"]
+    assert m["checkpoints"] == str(ck)
+    assert (ck / "metrics.jsonl").exists() and sorted(p.name for p in ck.glob("step-*")) == ["step-00000048"]
+    assert not (tmp_path / "out").exists(), "checkpoints stay out of the students' folders"
     assert state.pipeline == [passes[0].spec()] and student.history[-1] == passes[0].spec()
 
-    again = DistillPass(epochs=4, lr=0.01, resume=True, progress=False)(state)
-    assert again.state.working().metrics["distill"]["resumed_from"] == 48
+    # a re-run of the same compile (same student, data and settings) resumes from the checkpoint
+    options = {"epochs": 4, "lr": 0.01, "temperature": 2, "checkpoint_every": 10, "progress": False}
+    rerun = _state(teacher_data, tmp_path)
+    DistillPass(**options)(rerun)
+    assert rerun.working().metrics["distill"]["resumed_from"] == 48
+    torch.testing.assert_close(rerun.working().module.state_dict(), student.module.state_dict(), rtol=0, atol=0)
+
+    # other settings: the old checkpoint does not apply; it is dropped and training starts afresh
+    other = _state(teacher_data, tmp_path)
+    m = DistillPass(**(options | {"temperature": 3}))(other).state.working().metrics["distill"]
+    assert m["resumed_from"] is None and "other settings" in m["checkpoint_discarded"]
+    # resume=false: never resume
+    fresh = _state(teacher_data, tmp_path)
+    assert DistillPass(**(options | {"temperature": 3}), resume=False)(fresh).state.working().metrics["distill"][
+        "resumed_from"] is None
 
 
 def test_distill_pass_without_data_says_how_to_give_it(teacher_data) -> None:
@@ -48,17 +66,19 @@ def test_distill_pass_without_data_says_how_to_give_it(teacher_data) -> None:
         DistillPass()(state)
     state.calib_data = lambda: TensorBatches(teacher_data[1][:64], batch_size=32)
     assert DistillPass(progress=False)(state).changed  # calibration data is the fallback
-    with pytest.raises(InputError, match="method must be one of"):
+    with pytest.raises(InputError, match="unknown method 'nope'"):
         build_pipeline("distill{method=nope}")
 
 
 @pytest.mark.parametrize("method", ["ard", "rslad", "adaspec", "cema"])
 def test_every_method_runs_through_the_pass(teacher_data, method: str) -> None:
     state = _state(teacher_data, None)
-    options = {"method": method, "max_steps": 4, "pgd_steps": 2, "eval_pgd_steps": 2, "ref_steps": 3,
-               "progress": False, "eps": 0.1, "clamp": False}
-    DistillPass(**options)(state)
+    own = {"ard": {"pgd_steps": 2, "eval_pgd_steps": 2, "eps": 0.1, "clamp": False},
+           "rslad": {"pgd_steps": 2, "eval_pgd_steps": 2, "eps": 0.1, "clamp": False},
+           "adaspec": {"ref_steps": 3}, "cema": {"entropy_fraction": 0.5}}[method]
+    DistillPass(method=method, max_steps=4, progress=False, **own)(state)
     m = state.working().metrics["distill"]
-    assert m["steps"] == 4 and m["loss_name"] == method
+    assert m["steps"] == 4 and m["method"] == method
+    assert all(m["options"][k] == v for k, v in own.items())
     if method in {"ard", "rslad"}:
         assert set(m["robust"]) == {"clean_accuracy", "robust_accuracy"}
