@@ -21,7 +21,7 @@ change. ``recent`` is the mean loss of the last ``W = clamp(total/10, 5, 50)`` s
 
 A transient spike that the schedule recovers from passes (measured on the test MLP: AdamW with
 ``lr=1`` peaks at 44× then ends at 0.8× its start; ``lr=10`` ends at 5–30×). Both errors say the
-fix: a lower ``lr`` (or warm-up steps).
+fix: a lower ``lr`` (the message suggests ``min(lr/100, 1e-3)``) or warm-up steps.
 """
 
 from __future__ import annotations
@@ -134,6 +134,6 @@ class DivergenceMonitor:
         return (
             f"distillation diverged: {prefix}the loss rose from {self.first:.3g} at step {self.first_step} to "
             f"{recent:.3g} (mean of steps {self.last_step - n + 1}-{self.last_step}), more than "
-            f"{factor:g}x its start; lower the learning rate (lr={lr:g} now; try distill{{lr={lr / 100:g}}}) "
+            f"{factor:g}x its start; lower the learning rate (lr={lr:g} now; try distill{{lr={min(lr / 100, 1e-3):g}}}) "
             "or add warmup_steps"
         )

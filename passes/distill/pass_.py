@@ -33,7 +33,7 @@ from . import methods
 from .batches import Rebatched
 from .losses import DistillLoss
 from .methods import require, typed_fields
-from .trainer import DistillTrainer, TrainConfig
+from .trainer import DistillTrainer, StudentSpec, TrainConfig
 
 METHODS = methods.METHODS
 
@@ -209,7 +209,7 @@ class DistillPass(Pass):
         student = state.working()
         config = self._config(state, student.name)
         loss = self._loss(state, student.module, data, config, built)
-        trainer = DistillTrainer(student.module, state.teacher, loss, config)
+        trainer = DistillTrainer(StudentSpec(student.module, name=student.name), state.teacher, loss, config)
         trainer.loss_name = o.method
         result = trainer.fit(data, state.eval_data)
         metrics: dict[str, Any] = {

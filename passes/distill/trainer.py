@@ -340,7 +340,7 @@ class DistillTrainer:
             if parts and len(specs) == 1:
                 terms[spec.name] = {k: float(v) for k, v in parts.items()}
             else:
-                terms[spec.name] = {self.loss_name: float(li)}
+                terms[spec.name] = {self.loss_name: float(li.detach())}
         teacher_bad = False
         if self.teacher is not None and self.loss.needs_teacher():
             with torch.no_grad():
