@@ -413,6 +413,8 @@ def make_loss(spec: str | DistillLoss, *, strict: bool = True, **options: Any) -
     Options go to every part that accepts them; with ``strict`` a name no part accepts is an error.
     """
     if isinstance(spec, DistillLoss):
+        if options:
+            raise InputError(f"loss options {sorted(options)} given with a built loss; pass them to its constructor")
         return spec
     names = [n.strip() for n in spec.split("+") if n.strip()]
     if not names:

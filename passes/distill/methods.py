@@ -8,8 +8,8 @@ is built; an option of another method is an error that lists this method's optio
 method      objective (and regime)                                                   options
 ==========  =======================================================================  ==========================
 kd          ``α T² KL(p_t^T || q_s^T) + (1 − α) CE`` (Hinton et al. 2015)            temperature, alpha
-hidden      ``mean_i MSE(W_i h^s_i, h^t_{m(i)})`` (FitNets 2015; TinyBERT 1909.10351)  project
-attention   KL or MSE of attention maps (TinyBERT; MiniLM 2002.10957)               attention_kind
+hidden      ``mean_i MSE(W_i h^s_i, h^t_{m(i)})`` (FitNets 2015; TinyBERT 1909.10351)  project, MODULES
+attention   KL or MSE of attention maps (TinyBERT; MiniLM 2002.10957)               attention_kind, MODULES
 cosine      ``1 − cos(W e_s, e_t)`` of mean-pooled embeddings                       pooling, mse_weight
 ard         ARD (Goldblum et al. 2020): KD on PGD examples + robust evaluation      alpha, temperature, PGD
 rslad       RSLAD (Zi et al. 2021): teacher-soft-label PGD + robust evaluation      adv_weight, PGD
@@ -19,7 +19,8 @@ cema        CEMA (ICLR 2024): KD on samples with low teacher entropy, weighted  
                                                                                      temperature
 ==========  =======================================================================  ==========================
 
-PGD options: eps, pgd_steps, eval_pgd_steps, clamp, input_min, input_max. The four losses in the
+MODULES: student_modules, teacher_modules (the layers to match in models that are not Hugging Face
+transformers). PGD options: eps, pgd_steps, eval_pgd_steps, clamp, input_min, input_max. The four losses in the
 first rows compose with ``+`` (``method=kd+hidden``: ``L = L_kd + L_hidden``, each part with its own
 options); the regimes below them do not, because each trains differently. There is no separate
 ``loss`` word: it used to choose the objective beside ``method``, and the two could disagree.
@@ -58,6 +59,9 @@ def typed_fields(obj: Any, where: str) -> None:
 
 def _coerce(value: Any, kinds: tuple[Any, ...], name: str, where: str) -> Any:
     for kind in kinds:
+        if typing.get_origin(kind) is tuple and isinstance(value, (list, tuple)):
+            if all(isinstance(v, str) for v in value):
+                return tuple(value)
         if kind is bool and isinstance(value, bool):
             return value
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
@@ -70,7 +74,8 @@ def _coerce(value: Any, kinds: tuple[Any, ...], name: str, where: str) -> Any:
             return float(value)
         if kind is str and isinstance(value, str):
             return value
-    names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+    names = " or ".join("null" if k is type(None) else "a list of names" if typing.get_origin(k) is tuple
+                        else k.__name__ for k in kinds)  # fmt: skip
     raise InputError(f"{where}: option '{name}' must be {names}, got {value!r}")
 
 
@@ -94,6 +99,9 @@ class KDOptions:
 @dataclass(frozen=True)
 class HiddenOptions:
     project: bool = True
+    #: the layers whose outputs to match, for models that are not Hugging Face transformers
+    student_modules: tuple[str, ...] | None = None
+    teacher_modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         typed_fields(self, "distill{method=hidden}")
@@ -102,6 +110,8 @@ class HiddenOptions:
 @dataclass(frozen=True)
 class AttentionOptions:
     attention_kind: str = "kl"
+    student_modules: tuple[str, ...] | None = None
+    teacher_modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         typed_fields(self, "distill{method=attention}")
@@ -297,10 +307,11 @@ def loss_kwargs(part: str, options: Any) -> dict[str, Any]:
     """Constructor arguments of the loss named ``part`` (the losses' own parameter names)."""
     if part == "kd":
         return {"temperature": options.temperature, "alpha": options.alpha}
+    modules = {k: getattr(options, k) for k in ("student_modules", "teacher_modules") if getattr(options, k, None)}
     if part == "hidden":
-        return {"project": options.project}
+        return {"project": options.project, **modules}
     if part == "attention":
-        return {"kind": options.attention_kind}
+        return {"kind": options.attention_kind, **modules}
     if part == "cosine":
         return {"pooling": options.pooling, "mse_weight": options.mse_weight}
     if part == "ard":

@@ -61,6 +61,8 @@ class DistillOptions:
     temperature: float | None = None
     alpha: float | None = None
     project: bool | None = None
+    student_modules: tuple[str, ...] | None = None
+    teacher_modules: tuple[str, ...] | None = None
     attention_kind: str | None = None
     pooling: str | None = None
     mse_weight: float | None = None

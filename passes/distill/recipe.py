@@ -4,15 +4,17 @@
 version: 1
 teacher: models.py:make_teacher
 data: {train: data.py:train, eval: data.py:test}
-pipeline: "prune.width{ratio=0.5},distill{loss=kd,epochs=3}"
+pipeline: "prune.width{ratio=0.5},distill{method=kd,epochs=3}"
 train: {lr: 0.001, batch_size: 64}
 stages:
-  - {name: general, loss: hidden, data: data.py:general, epochs: 1}
-  - {name: task, loss: hidden+kd, loss_options: {alpha: 0.5}, teacher: models.py:finetuned}
+  - {name: general, method: hidden, data: data.py:general, epochs: 1}
+  - {name: task, method: hidden+kd, options: {alpha: 0.5}, teacher: models.py:finetuned}
 ```
 
 The schema is versioned (``version: 1``); unknown fields are errors, and every error names the
-field by its path (``stages.1.loss``). ``build_stages`` turns stages into ``progressive.Stage``.
+field by its path (``stages.1.method``). A stage names its objective with ``method`` and its
+``options`` exactly as ``distill{method=...}`` does (``methods``): one vocabulary, checked the same
+way. ``build_stages`` turns stages into ``progressive.Stage``.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from typing import Any, Literal
 import yaml
 from potstill.data import load_callable
 from potstill.errors import InputError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .losses import available_losses
+from . import methods
 from .progressive import Stage
 from .trainer import TrainConfig
 
@@ -54,8 +56,8 @@ def _check_train_keys(v: dict[str, Any]) -> dict[str, Any]:
 
 class StageSpec(_Strict):
     name: str
-    loss: str = "kd"
-    loss_options: dict[str, Any] = Field(default_factory=dict)
+    method: str = "kd"
+    options: dict[str, Any] = Field(default_factory=dict)
     teacher: str | None = None
     data: str | None = None
     epochs: int | None = Field(default=None, ge=0)
@@ -63,13 +65,22 @@ class StageSpec(_Strict):
     lr: float | None = Field(default=None, gt=0)
     train: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("loss")
+    @model_validator(mode="before")
     @classmethod
-    def _known_loss(cls, v: str) -> str:
-        unknown = [n for n in (p.strip() for p in v.split("+")) if n not in available_losses()]
-        if unknown:
-            raise ValueError(f"unknown loss {unknown}; known: {', '.join(available_losses())}")
+    def _renamed(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            for old, new in (("loss", "method"), ("loss_options", "options")):
+                if old in v:
+                    raise ValueError(f"'{old}' is now '{new}' (one vocabulary with distill{{method=...}}); rename it")
         return v
+
+    @model_validator(mode="after")
+    def _method_and_options(self) -> StageSpec:
+        try:
+            methods.build(self.method, self.options)
+        except InputError as e:
+            raise ValueError(str(e)) from None
+        return self
 
     @field_validator("train")
     @classmethod
@@ -135,5 +146,8 @@ def build_stages(recipe: Recipe, loader: Callable[[str], Callable[..., Any]] = l
                 train[key] = value
         teacher = loader(spec.teacher)() if spec.teacher else None
         data = loader(spec.data) if spec.data else None
-        stages.append(Stage(spec.name, spec.loss, dict(spec.loss_options), teacher, data, train))
+        built = methods.build(spec.method, spec.options)
+        # the losses' own keyword names; every part takes only its own (no name is shared across parts)
+        kwargs = {k: v for part, opts in built.items() for k, v in methods.loss_kwargs(part, opts).items()}
+        stages.append(Stage(spec.name, spec.method, kwargs, teacher, data, train))
     return stages
