@@ -59,9 +59,9 @@ def typed_fields(obj: Any, where: str) -> None:
 
 def _coerce(value: Any, kinds: tuple[Any, ...], name: str, where: str) -> Any:
     for kind in kinds:
-        if typing.get_origin(kind) is tuple and isinstance(value, (list, tuple)):
-            if all(isinstance(v, str) for v in value):
-                return tuple(value)
+        names = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        if typing.get_origin(kind) is tuple and names:
+            return tuple(value)
         if kind is bool and isinstance(value, bool):
             return value
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
