@@ -96,7 +96,9 @@ def encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         if all(isinstance(k, str) and not k.startswith("$") for k in obj):
             return {k: encode(v, tensors) for k, v in obj.items()}
         return {"$dict": [[encode(k, tensors), encode(v, tensors)] for k, v in obj.items()]}
-    raise TypeError(f"checkpoint: cannot store a {type(obj).__name__} as data (only tensors, arrays and JSON values)")
+    raise TypeError(
+        f"checkpoint: cannot store a {type(obj).__name__} as data (only tensors, arrays and JSON values)"
+    )
 
 
 def decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -133,7 +135,9 @@ def refuse_pickles(directory: Path | None) -> None:
     """InputError when a pickled checkpoint lies where potstill keeps checkpoints."""
     if directory is None or not Path(directory).is_dir():
         return
-    pickles = sorted(p.name for p in Path(directory).iterdir() if p.is_file() and p.suffix.lower() in _PICKLES)
+    pickles = sorted(
+        p.name for p in Path(directory).iterdir() if p.is_file() and p.suffix.lower() in _PICKLES
+    )
     if pickles:
         raise InputError(
             f"{directory}: holds pickled checkpoint file(s) {pickles}; potstill never unpickles checkpoints "
@@ -186,9 +190,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = json.loads((path / STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise InputError(f"{path / STATE}: not a readable checkpoint state ({e}); delete {path} to start over") from None
+        raise InputError(
+            f"{path / STATE}: not a readable checkpoint state ({e}); delete {path} to start over"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise InputError(f"{path / STATE}: not a potstill checkpoint of format {FORMAT}; delete {path} to start over")
+        raise InputError(
+            f"{path / STATE}: not a potstill checkpoint of format {FORMAT}; delete {path} to start over"
+        )
     try:
         tensors = load_tensors((path / TENSORS).read_bytes())
     except (OSError, SafetensorError) as e:
@@ -199,7 +207,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return decode(state["payload"], tensors)  # type: ignore[no-any-return]
     except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{path}: the checkpoint's state and tensors do not match ({e}); delete {path}") from None
+        raise InputError(
+            f"{path}: the checkpoint's state and tensors do not match ({e}); delete {path}"
+        ) from None
 
 
 def fingerprint(parts: Iterable[Any]) -> str:

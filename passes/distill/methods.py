@@ -59,8 +59,8 @@ def typed_fields(obj: Any, where: str) -> None:
 
 def _coerce(value: Any, kinds: tuple[Any, ...], name: str, where: str) -> Any:
     for kind in kinds:
-        names = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-        if typing.get_origin(kind) is tuple and names:
+        is_names = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        if typing.get_origin(kind) is tuple and is_names:
             return tuple(value)
         if kind is bool and isinstance(value, bool):
             return value
@@ -85,6 +85,13 @@ def require(ok: bool, where: str, message: str) -> None:
         raise InputError(f"{where}: {message}")
 
 
+def _soft_labels(options: Any) -> None:
+    """The ranges shared by every method with softened teacher labels: ``T > 0``, ``α ∈ [0, 1]``."""
+    require(options.temperature > 0, "distill", f"temperature must be > 0, got {options.temperature}")
+    alpha = getattr(options, "alpha", None)
+    require(alpha is None or 0.0 <= alpha <= 1.0, "distill", f"alpha must be in [0, 1], got {alpha}")
+
+
 @dataclass(frozen=True)
 class KDOptions:
     temperature: float = 1.0
@@ -92,8 +99,7 @@ class KDOptions:
 
     def __post_init__(self) -> None:
         typed_fields(self, "distill{method=kd}")
-        require(self.temperature > 0, "distill", f"temperature must be > 0, got {self.temperature}")
-        require(0.0 <= self.alpha <= 1.0, "distill", f"alpha must be in [0, 1], got {self.alpha}")
+        _soft_labels(self)
 
 
 @dataclass(frozen=True)
@@ -180,8 +186,7 @@ class ARDOptions(PGDOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.temperature > 0, "distill", f"temperature must be > 0, got {self.temperature}")
-        require(0.0 <= self.alpha <= 1.0, "distill", f"alpha must be in [0, 1], got {self.alpha}")
+        _soft_labels(self)
 
 
 @dataclass(frozen=True)
@@ -204,7 +209,7 @@ class AdaSPECOptions:
     def __post_init__(self) -> None:
         typed_fields(self, "distill{method=adaspec}")
         require(0 < self.k <= 1, "distill", f"k must be in (0, 1], got {self.k}")
-        require(self.temperature > 0, "distill", f"temperature must be > 0, got {self.temperature}")
+        _soft_labels(self)
         require(
             self.ref_steps is None or self.ref_steps >= 1,
             "distill",
@@ -224,7 +229,7 @@ class CEMAOptions:
             "distill",
             f"entropy_fraction must be in (0, 1], got {self.entropy_fraction}",
         )
-        require(self.temperature > 0, "distill", f"temperature must be > 0, got {self.temperature}")
+        _soft_labels(self)
 
 
 #: losses that add up with '+'
@@ -307,7 +312,9 @@ def loss_kwargs(part: str, options: Any) -> dict[str, Any]:
     """Constructor arguments of the loss named ``part`` (the losses' own parameter names)."""
     if part == "kd":
         return {"temperature": options.temperature, "alpha": options.alpha}
-    modules = {k: getattr(options, k) for k in ("student_modules", "teacher_modules") if getattr(options, k, None)}
+    modules = {
+        k: getattr(options, k) for k in ("student_modules", "teacher_modules") if getattr(options, k, None)
+    }
     if part == "hidden":
         return {"project": options.project, **modules}
     if part == "attention":

@@ -43,7 +43,11 @@ def test_state_round_trips_exactly(tmp_path: Path) -> None:
     fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
     fresh.load_state_dict(back["optimizer"])
     torch.testing.assert_close(fresh.state_dict()["state"], opt.state_dict()["state"], rtol=0, atol=0)
-    assert back["odd"][3][:2] == (1.5, float("-inf")) and math.isnan(back["odd"][3][2]) and back["odd"]["$k"] is None
+    assert (
+        back["odd"][3][:2] == (1.5, float("-inf"))
+        and math.isnan(back["odd"][3][2])
+        and back["odd"]["$k"] is None
+    )
     ck.set_rng_state(back["rng"][0])
     a = (torch.rand(3), np.random.rand(), random.random())
     ck.set_rng_state(payload["rng"][0])
@@ -57,7 +61,9 @@ def test_planted_pickle_is_refused_not_executed(tmp_path: Path, teacher_data) ->
     ckpt_dir.mkdir()
     (ckpt_dir / "step-00000099.pt").write_bytes(pickle.dumps(_Planted(marker)))
     cfg = TrainConfig(epochs=1, progress=False, checkpoint_dir=ckpt_dir, resume=True)
-    with pytest.raises(InputError, match=r"pickled checkpoint file\(s\) \['step-00000099.pt'\].*never unpickles"):
+    with pytest.raises(
+        InputError, match=r"pickled checkpoint file\(s\) \['step-00000099.pt'\].*never unpickles"
+    ):
         DistillTrainer(mlp(8, 16, 5, seed=3), teacher, "kd", cfg).fit(TensorBatches(x[:64], batch_size=32))
     assert not marker.exists()
 

@@ -26,7 +26,9 @@ def test_nan_in_the_training_data_names_step_student_and_term(teacher_data) -> N
     x[70, 3] = float("nan")  # batch 3 of 4 (32 per batch, fixed order)
     student = mlp(8, 16, 5, seed=3)
     with pytest.raises(NumericError) as err:
-        DistillTrainer(student, teacher, "kd", _cfg()).fit(TensorBatches(x, y[:128], batch_size=32, shuffle=False))
+        DistillTrainer(student, teacher, "kd", _cfg()).fit(
+            TensorBatches(x, y[:128], batch_size=32, shuffle=False)
+        )
     msg = str(err.value)
     assert "not finite at step 3" in msg and "student 'student0', loss term 'kd' = nan" in msg
     assert "the batch has NaN/inf in args[0]" in msg and "clean the training data" in msg
@@ -49,8 +51,12 @@ def test_a_sum_loss_names_the_term_that_went_bad(teacher_data) -> None:
     teacher, x, _ = teacher_data
     x = x[:64].clone()
     x[0, 0] = float("inf")
-    with pytest.raises(NumericError, match=r"loss term 'kd' = nan; student 'student0', loss term 'cosine' = nan"):
-        DistillTrainer(mlp(8, 16, 5, seed=3), teacher, "kd+cosine", _cfg()).fit(TensorBatches(x, batch_size=32))
+    with pytest.raises(
+        NumericError, match=r"loss term 'kd' = nan; student 'student0', loss term 'cosine' = nan"
+    ):
+        DistillTrainer(mlp(8, 16, 5, seed=3), teacher, "kd+cosine", _cfg()).fit(
+            TensorBatches(x, batch_size=32)
+        )
 
 
 def test_nan_teacher_output_is_blamed_on_the_teacher(teacher_data) -> None:
@@ -67,7 +73,9 @@ def test_huge_learning_rate_is_reported_with_the_fix(teacher_data, optimizer: st
     teacher, x, y = teacher_data
     state = CompileState(teacher, (x[:2],), train_data=TensorBatches(x[:256], y[:256], batch_size=32))
     state.students.append(Student("narrow", mlp(8, 16, 5, seed=3)))
-    with pytest.raises(NumericError, match=r"lower (the learning rate|lr) \((lr=)?now 1e\+06|lr=1e\+06 now") as err:
+    with pytest.raises(
+        NumericError, match=r"lower (the learning rate|lr) \((lr=)?now 1e\+06|lr=1e\+06 now"
+    ) as err:
         DistillPass(lr=1e6, epochs=2, optimizer=optimizer, progress=False)(state)
     assert "diverged" in str(err.value) or "NaN/inf" in str(err.value)
 
@@ -78,10 +86,16 @@ def test_divergence_at_the_end_and_a_recovered_spike(teacher_data) -> None:
     # lr=1: the loss spikes ~40x, then the cosine schedule brings it back below its start: not divergence
     DistillTrainer(mlp(8, 16, 5, seed=3), teacher, "kd", _cfg(epochs=3, lr=1.0)).fit(data)
     # lr=10 ends several times above its start: fails at the end (or earlier), naming the fix
-    with pytest.raises(NumericError, match=r"diverged.*lower the learning rate \(lr=10 now; try distill\{lr=0\.001\}\)"):
-        DistillTrainer(mlp(8, 16, 5, seed=3), teacher, "kd", _cfg(epochs=3, lr=10.0, divergence_factor=2.0)).fit(data)
+    with pytest.raises(
+        NumericError, match=r"diverged.*lower the learning rate \(lr=10 now; try distill\{lr=0\.001\}\)"
+    ):
+        DistillTrainer(
+            mlp(8, 16, 5, seed=3), teacher, "kd", _cfg(epochs=3, lr=10.0, divergence_factor=2.0)
+        ).fit(data)
     # the check can be switched off explicitly
-    DistillTrainer(mlp(8, 16, 5, seed=3), teacher, "kd", _cfg(epochs=1, lr=10.0, divergence_factor=None)).fit(data)
+    DistillTrainer(mlp(8, 16, 5, seed=3), teacher, "kd", _cfg(epochs=1, lr=10.0, divergence_factor=None)).fit(
+        data
+    )
 
 
 def _flags(module: torch.nn.Module) -> tuple[list[bool], list[bool]]:
@@ -122,7 +136,7 @@ def test_frozen_or_shared_students_are_input_errors(teacher_data) -> None:
     assert all(p.requires_grad for p in teacher.parameters())
 
 
-FAMILY_TEACHER = '''
+FAMILY_TEACHER = """
 import torch
 from torch import nn
 
@@ -141,7 +155,7 @@ def example_inputs():
 def train_data():
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(3)]
-'''
+"""
 
 
 def test_family_of_two_distilled_students_through_the_cli(tmp_path: Path) -> None:

@@ -18,8 +18,14 @@ BAD = [
     ("distill{method=ard,loss=hidden}", r"no 'loss' option.*drop loss=hidden"),
     ("distill{loss=nope}", r"no 'loss' option.*methods: kd, hidden"),
     # options of another method
-    ("distill{eps=0.1}", r"\['eps'\] do not apply.*eps belongs to ard, rslad.*method kd takes: alpha, temperature"),
-    ("distill{method=cema,alpha=0.5}", r"\['alpha'\] do not apply.*method cema takes: entropy_fraction, temperature"),
+    (
+        "distill{eps=0.1}",
+        r"\['eps'\] do not apply.*eps belongs to ard, rslad.*method kd takes: alpha, temperature",
+    ),
+    (
+        "distill{method=cema,alpha=0.5}",
+        r"\['alpha'\] do not apply.*method cema takes: entropy_fraction, temperature",
+    ),
     ("distill{method=ard,k=0.3}", r"\['k'\] do not apply.*k belongs to adaspec"),
     ("distill{method=hidden,temperature=2}", r"method hidden takes: project"),
     ("distill{method=ard,clamp=false,input_min=-1}", r"input_min only apply with clamp=true"),
@@ -71,8 +77,15 @@ def test_valid_specs_build_and_record_only_what_was_given() -> None:
 
 def test_every_method_lists_its_own_options() -> None:
     assert option_names("kd") == ["temperature", "alpha"]
-    assert set(option_names("rslad")) == {"eps", "pgd_steps", "eval_pgd_steps", "clamp", "input_min", "input_max",
-                                          "adv_weight"}
+    assert set(option_names("rslad")) == {
+        "eps",
+        "pgd_steps",
+        "eval_pgd_steps",
+        "clamp",
+        "input_min",
+        "input_max",
+        "adv_weight",
+    }
     assert option_names("kd+cosine") == ["temperature", "alpha", "pooling", "mse_weight"]
 
 
