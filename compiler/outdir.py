@@ -196,7 +196,16 @@ class OutputFolder:
 
     # -- lock ------------------------------------------------------------------------------------
     def _lock(self) -> None:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            # O_NOFOLLOW: a planted link must not make potstill write its pid into another file
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise InputError(
+                f"-o {self.path}: the lock file {self.lock_path} is a symbolic link; potstill did not make it: "
+                "remove it and run again"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -120,6 +120,15 @@ def test_unwritable_parent_is_refused(tmp_path: Path) -> None:
         OutputFolder(parent / "potstill-out").preflight()
 
 
+def test_planted_lock_link_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / ".out.lock").symlink_to(victim)
+    with pytest.raises(InputError, match="lock file .* is a symbolic link"), OutputFolder(tmp_path / "out"):
+        pass
+    assert victim.read_text() == "keep me" and not (tmp_path / "out").exists()
+
+
 def test_inside_accepts_paths_under_out(tmp_path: Path) -> None:
     (tmp_path / "students" / "s0").mkdir(parents=True)
     assert inside(tmp_path, "students/s0") == (tmp_path / "students" / "s0").resolve()
