@@ -124,7 +124,7 @@ def test_planted_lock_link_is_refused_and_its_target_untouched(tmp_path: Path) -
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     (tmp_path / ".out.lock").symlink_to(victim)
-    with pytest.raises(InputError, match="lock file .* is a symbolic link"), OutputFolder(tmp_path / "out"):
+    with pytest.raises(InputError, match=r"lock file .* is a symbolic link"), OutputFolder(tmp_path / "out"):
         pass
     assert victim.read_text() == "keep me" and not (tmp_path / "out").exists()
 
