@@ -113,12 +113,14 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def loss_health(total: torch.Tensor, ctx: DistContext) -> tuple[float, bool]:
-    """(mean loss over ranks, whether any rank's loss is NaN/inf): one all-reduce, so every rank
-    takes the same decision (a rank that raised alone would leave the others waiting forever)."""
-    finite = torch.isfinite(total)
-    if not ctx.enabled:
-        return float(total), not bool(finite)
-    both = torch.stack([torch.where(finite, total.float(), 0.0), (~finite).float()])
-    dist.all_reduce(both)
-    return float(both[0]) / ctx.world_size, bool(both[1] > 0)
+def step_health(loss: torch.Tensor, grad_norm: torch.Tensor, ctx: DistContext) -> tuple[float, bool, bool]:
+    """(mean loss over ranks, any rank's loss NaN/inf, gradient norm NaN/inf) in one read and one
+    all-reduce, so every rank takes the same decision (a rank that raised alone would leave the
+    others waiting forever)."""
+    finite = torch.isfinite(loss)
+    flags = torch.stack([torch.where(finite, loss.float(), 0.0), (~finite).float(),
+                         (~torch.isfinite(grad_norm.float())).float()])  # fmt: skip
+    if ctx.enabled:
+        dist.all_reduce(flags)
+    total, bad_loss, bad_grad = flags.tolist()
+    return total / ctx.world_size, bad_loss > 0, bad_grad > 0

@@ -3,7 +3,7 @@
 NaN compares false with everything, so a run that goes non-finite keeps "training" and hands on
 all-NaN weights unless something looks. The trainer looks, each step:
 
-1. **Loss** — the step's total loss must be finite, checked *before* the backward pass so the
+1. **Loss** — the step's total loss must be finite, checked before the optimizer steps, so the
    weights never see it. The error names the step, the student, the loss term, and the likely
    source: non-finite values in the batch, in the teacher's output, or in the student's weights.
 2. **Gradients** — the total gradient norm must be finite before the optimizer steps (not under

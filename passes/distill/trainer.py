@@ -308,10 +308,6 @@ class DistillTrainer:
             ref = losses[0].detach()
             losses = [losses[0]] + [li * ref / li.detach().clamp_min(1e-12) for li in losses[1:]]
         total = sum((spec.weight * li.float() for spec, li in zip(specs, losses)), torch.zeros((), device=self.device))
-        # one read per step (a device sync on CUDA): non-finite losses must stop before backward
-        value, bad = ddp.loss_health(total.detach(), self.dist)
-        if bad:
-            raise NumericError(self._explain_nonfinite(step + 1, specs, losses, batch))
         self.scaler.scale(total * scale).backward()
         ddp.average_gradients(self.loss.parameters(), self.dist)
         self.scaler.unscale_(self.optimizer)
@@ -320,7 +316,12 @@ class DistillTrainer:
             norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        if not self.scaler.is_enabled() and not bool(torch.isfinite(norm)):
+        # one read per step (one device sync on CUDA), before the optimizer steps: a NaN loss or
+        # gradient stops the run while the weights are still the last finite ones
+        value, bad_loss, bad_grad = ddp.step_health(total.detach(), norm.detach(), self.dist)
+        if bad_loss:
+            raise NumericError(self._explain_nonfinite(step + 1, specs, losses, batch))
+        if bad_grad and not self.scaler.is_enabled():  # fp16 scaling skips such steps by design
             raise NumericError(
                 f"distillation: the gradients are NaN/inf at step {step + 1} (loss {value:.3g} was finite); "
                 f"lower lr (now {self.config.lr:g}) or use fp32 precision"
