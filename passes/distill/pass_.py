@@ -79,40 +79,24 @@ class DistillOptions:
 
     def __post_init__(self) -> None:
         typed_fields(self, "distill")
-        w = "distill"
-        require(self.epochs >= 1, w, f"epochs must be >= 1, got {self.epochs}")
-        require(
-            self.max_steps is None or self.max_steps >= 1,
-            w,
-            f"max_steps must be >= 1 (or null: no limit), got {self.max_steps}",
-        )
-        require(self.lr > 0, w, f"lr must be > 0, got {self.lr}")
-        require(
-            self.batch_size is None or self.batch_size >= 1,
-            w,
-            f"batch_size must be >= 1, got {self.batch_size}",
-        )
-        require(
-            self.optimizer in ("adamw", "sgd"), w, f"optimizer must be adamw or sgd, got {self.optimizer!r}"
-        )
-        require(self.weight_decay >= 0, w, f"weight_decay must be >= 0, got {self.weight_decay}")
-        require(self.warmup_steps >= 0, w, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        require(self.grad_clip is None or self.grad_clip > 0, w,
-                f"grad_clip must be > 0 (or null: no clipping), got {self.grad_clip}")  # fmt: skip
-        require(
-            self.precision in ("fp32", "bf16", "fp16"),
-            w,
-            f"precision must be fp32, bf16 or fp16, got {self.precision!r}",
-        )
-        require(self.checkpoint_every is None or self.checkpoint_every >= 1, w,
-                f"checkpoint_every must be >= 1 (or null: once per epoch), got {self.checkpoint_every}")  # fmt: skip
-        require(
-            self.eval_limit is None or self.eval_limit >= 1,
-            w,
-            f"eval_limit must be >= 1, got {self.eval_limit}",
-        )
-        require(self.divergence_factor is None or self.divergence_factor > 1, w,
-                f"divergence_factor must be > 1 (or null: do not check), got {self.divergence_factor}")  # fmt: skip
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1 (or null: no limit), got {self.max_steps}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.batch_size is None or self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.optimizer in ("adamw", "sgd"), f"optimizer must be adamw or sgd, got {self.optimizer!r}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 (or null: no clipping), got {self.grad_clip}"),
+            (self.precision in ("fp32", "bf16", "fp16"), f"precision must be fp32, bf16 or fp16, got {self.precision!r}"),
+            (self.checkpoint_every is None or self.checkpoint_every >= 1,
+             f"checkpoint_every must be >= 1 (or null: once per epoch), got {self.checkpoint_every}"),
+            (self.eval_limit is None or self.eval_limit >= 1, f"eval_limit must be >= 1, got {self.eval_limit}"),
+            (self.divergence_factor is None or self.divergence_factor > 1,
+             f"divergence_factor must be > 1 (or null: do not check), got {self.divergence_factor}"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            require(ok, "distill", message)
         self.method_options()  # checks the method and its options now, not when training starts
 
     def given_method_options(self) -> dict[str, Any]:
