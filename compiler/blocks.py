@@ -8,12 +8,11 @@ Depth passes act on blocks only.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from .ir import Analysis, Block
+from .analysis_types import Analysis, Block
 
 
 def _containers(model: nn.Module) -> dict[str, nn.Module]:
@@ -37,8 +36,6 @@ def _reaches(g: Any, n: str, targets: list[str]) -> bool:
 
 
 def find_blocks(analysis: Analysis, model: nn.Module) -> list[Block]:
-    from .ir import Block
-
     g = analysis.ir.graph
     node_module = analysis.ir.node_module
     blocks: list[Block] = []
