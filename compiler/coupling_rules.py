@@ -292,7 +292,7 @@ def _matmul_like(a: ChannelAnalysis, node: fx.Node, x: Any, y: Any) -> list[DimM
     if a.is_param(y):
         name = a.pname(y)
         if a.param_dims[name][-1] is UNSET:
-            a.produce(y, len(ys) - 1)
+            a.produce(y, len(ys) - 1, kind="neurons")
     ym = a.arg_maps(y, node.name)
     if xm is None:
         xm = a.arg_maps(x, node.name)
@@ -823,8 +823,8 @@ def _gather(a: ChannelAnalysis, node: fx.Node) -> Any:
     xs, out_shape = a.shape(x), a.shape(node)
     assert xs is not None and out_shape is not None
     d = _dim(d, len(xm))
-    if xm[d] is not None:
-        raise Unsupported("gathers along a channel dim")
+    # what is picked along ``d`` is data-dependent: those channels stay whole, the other dims go on
+    a.pin_map(xm[d], f"{node.name}: gathers along these channels")
     out: list[DimMap] = []
     for i, dm in enumerate(xm):
         if i == d or dm is None:
