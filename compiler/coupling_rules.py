@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import fx
 
 from .analysis_types import (
@@ -624,9 +625,45 @@ def _reshape(a: ChannelAnalysis, node: fx.Node) -> Any:
     xs, out_shape = a.shape(x), a.shape(node)
     if xs is None or out_shape is None:
         raise Unsupported("unknown shapes")
-    return reshape_maps(a, list(a.arg_maps(x, node.name)), xs, out_shape, node.name)
-def reshape_maps(a: ChannelAnalysis, xm: list[DimMap], xs: Sequence[int], ys: Sequence[int], why: str) -> list[DimMap]:
-    """Dim maps through a reshape: match runs of input and output dims with equal products."""
+    return reshape_maps(a, list(a.arg_maps(x, node.name)), xs, out_shape, node.name, _picked_dims(node))
+
+
+_VALUE_PRESERVING = {"clone", "contiguous", "alias", "_to_copy", "to", "detach", "type_as"}
+
+
+def _picked_dims(node: fx.Node, depth: int = 0) -> set[int]:
+    """Dims of ``node``'s output that a later op takes apart position by position (``unbind``,
+    ``select``), followed through permutes and transposes: ``qkv.reshape(B, N, 3, H, D)
+    .permute(2, 0, 3, 1, 4).unbind(0)`` picks dim 2."""
+    val = node.meta.get("val")
+    if depth > 8 or not isinstance(val, torch.Tensor):
+        return set()
+    nd = val.dim()
+    out: set[int] = set()
+    for user in node.users:
+        name, args = op_name(user.target), node_args(user)
+        if name in ("unbind", "select") and args and args[0] is node:
+            d = args[1] if len(args) > 1 else node_kwargs(user).get("dim", 0)
+            out.add(_dim(int(d), nd))
+        elif name == "permute":
+            perm = [_dim(int(p), nd) for p in args[1]]
+            out |= {perm[k] for k in _picked_dims(user, depth + 1)}
+        elif name in ("transpose", "swapaxes"):
+            i, j = _dim(int(args[1]), nd), _dim(int(args[2]), nd)
+            out |= {{i: j, j: i}.get(k, k) for k in _picked_dims(user, depth + 1)}
+        elif name in _VALUE_PRESERVING:
+            out |= _picked_dims(user, depth + 1)
+    return out
+
+
+def reshape_maps(a: ChannelAnalysis, xm: list[DimMap], xs: Sequence[int], ys: Sequence[int], why: str,
+                 picked: set[int] | None = None) -> list[DimMap]:
+    """Dim maps through a reshape: match runs of input and output dims with equal products.
+
+    A channel dim split into ``[k, ...]`` whose outer ``k`` is taken apart later (``picked``) is
+    read as ``k`` stacked pieces (fused QKV as ``[3, H, D]``): the channels are cut into ``k``
+    pieces joined index-wise, the outer dim carries none, the inner dims carry a piece's channels.
+    """
     out: list[DimMap] = [None] * len(ys)
     i = j = 0
     while i < len(xs) or j < len(ys):
@@ -662,7 +699,8 @@ def reshape_maps(a: ChannelAnalysis, xm: list[DimMap], xs: Sequence[int], ys: Se
         elif len(outs) == 1:
             out[outs[0]] = _merge(a, ins, why)
         elif len(ins) == 1:
-            for k, dm in zip(outs, _split_dim(a, ins[0][1], [ys[k] for k in outs], why)):
+            split = _split_pieces if outs[0] in (picked or ()) else _split_dim
+            for k, dm in zip(outs, split(a, ins[0][1], [ys[k] for k in outs], why)):
                 out[k] = dm
         else:
             for _, dm in ins:
@@ -684,6 +722,18 @@ def _merge(a: ChannelAnalysis, ins: list[tuple[int, DimMap]], why: str) -> DimMa
             acc = None
         size *= s
     return acc
+
+
+def _split_pieces(a: ChannelAnalysis, dm: DimMap, sizes: list[int], why: str) -> list[DimMap]:
+    if dm is None:
+        return [None] * len(sizes)
+    k, each = sizes[0], math.prod(sizes[1:])
+    pieces = a.cut(dm, [each] * k, why)
+    for piece in pieces[1:]:
+        a.join(pieces[0], piece, each, why)
+    first = a.resolve(pieces[0])
+    inner = _split_dim(a, first, sizes[1:], why) if len(sizes) > 2 else [first]
+    return [None, *inner]
 
 
 def _split_dim(a: ChannelAnalysis, dm: DimMap, sizes: list[int], why: str) -> list[DimMap]:

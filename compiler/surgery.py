@@ -163,8 +163,9 @@ def _update_module_kinds(mod: nn.Module) -> None:
     ``[nx, nf]``) and the fused-QKV attention that splits its output (``split_size``, heads)."""
     if isinstance(mod, nn.PReLU):
         mod.num_parameters = mod.weight.numel()
-    elif type(mod).__name__ == "Conv1D" and isinstance(getattr(mod, "weight", None), torch.Tensor):
-        mod.nx, mod.nf = mod.weight.shape  # type: ignore[union-attr]
+    elif type(mod).__name__ == "Conv1D" and isinstance(w := getattr(mod, "weight", None), torch.Tensor):
+        mod.nx = int(w.shape[0])  # type: ignore[assignment]
+        mod.nf = int(w.shape[1])  # type: ignore[assignment]
     fused = getattr(mod, "c_attn", None)
     head_dim = getattr(mod, "head_dim", None)
     if isinstance(getattr(mod, "split_size", None), int) and type(fused).__name__ == "Conv1D" and isinstance(head_dim, int):

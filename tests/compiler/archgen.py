@@ -241,6 +241,16 @@ class FusedAttention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(b, s, -1))
 
 
+class StackedQKVAttention(FusedAttention):
+    """timm's ViT attention: ``qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, s, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(o.transpose(1, 2).reshape(b, s, -1))
+
+
 class SwiGLU(nn.Module):
     """Fused gate-up projection chunked in two; the down projection is an einsum with a weight."""
 
@@ -262,8 +272,8 @@ class TokenProgram(nn.Module):
         for kind, heads, kv, hd, ffn in layers:
             if kind == "attn":
                 self.blocks.append(Attention(dim, heads, kv, hd))
-            elif kind == "fused":
-                self.blocks.append(FusedAttention(dim, heads, hd))
+            elif kind in ("fused", "stacked"):
+                self.blocks.append((FusedAttention if kind == "fused" else StackedQKVAttention)(dim, heads, hd))
             elif kind == "swiglu":
                 self.blocks.append(SwiGLU(dim, ffn))
             else:
@@ -285,13 +295,13 @@ def token_programs(draw: st.DrawFn) -> TokenProgram:
     dim = draw(st.sampled_from([8, 12, 16]))
     layers = []
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["attn", "mlp", "fused", "swiglu"]))
+        kind = draw(st.sampled_from(["attn", "mlp", "fused", "stacked", "swiglu"]))
         if kind == "attn":
             kv = draw(st.integers(1, 3))
             rep = draw(st.integers(1, 3))
             layers.append(("attn", kv * rep, kv, draw(st.sampled_from([2, 4])), 0))
-        elif kind == "fused":
-            layers.append(("fused", draw(st.integers(1, 4)), 0, draw(st.sampled_from([2, 4])), 0))
+        elif kind in ("fused", "stacked"):
+            layers.append((kind, draw(st.integers(1, 4)), 0, draw(st.sampled_from([2, 4])), 0))
         else:
             layers.append((kind, 0, 0, 0, draw(st.integers(4, 24))))
     model = TokenProgram(20, dim, layers, draw(st.integers(2, 5)), draw(st.booleans()))
