@@ -4,6 +4,7 @@ pruned student equals the teacher with the dropped units zeroed)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from potstill.analysis_types import RULES
 from potstill.ir import analyze
@@ -32,9 +33,11 @@ def _exact(model, a, keep, *inputs) -> nn.Module:
     return student
 
 
-def test_fused_qkv_split_maps_each_chunk_to_its_rows():
+@pytest.mark.parametrize("attention", [FusedAttention, StackedQKVAttention])
+def test_fused_qkv_maps_each_chunk_to_its_rows(attention):
+    """``qkv(x).split(E)`` (GPT-2) and ``qkv(x).reshape(B, N, 3, H, D).permute(...).unbind(0)`` (timm)."""
     torch.manual_seed(0)
-    m = nn.Sequential(FusedAttention(8, heads=3, head_dim=2)).eval()
+    m = nn.Sequential(attention(8, heads=3, head_dim=2)).eval()
     x = torch.randn(2, 5, 8)
     a = analyze(m, (x,))
     (g,) = [g for g in _groups_with(a, "0.qkv.weight", 0) if g.kind == "heads"]
@@ -44,17 +47,6 @@ def test_fused_qkv_split_maps_each_chunk_to_its_rows():
     assert _spans(g, "0.proj.weight") == [(1, 0, 2)]
     student = _exact(m, a, {g.id: [0, 2]}, x)
     assert student[0].qkv.out_features == 12 and student[0].proj.in_features == 4
-
-
-def test_stacked_qkv_reshape_then_unbind_prunes_heads():
-    torch.manual_seed(0)
-    m = nn.Sequential(StackedQKVAttention(8, heads=3, head_dim=2)).eval()
-    x = torch.randn(2, 5, 8)
-    a = analyze(m, (x,))
-    (g,) = [g for g in _groups_with(a, "0.qkv.weight", 0) if g.kind == "heads"]
-    assert g.pinned is None and g.n_units == 3
-    assert _spans(g, "0.qkv.weight") == [(0, 0, 2), (0, 6, 2), (0, 12, 2)]
-    _exact(m, a, {g.id: [1]}, x)
 
 
 def test_chunked_gate_up_couples_gate_and_up_index_wise_and_einsum_is_a_linear():
