@@ -174,6 +174,8 @@ NO_OP = {
     "sym_constrain_range_for_size", "sym_constrain_range", "_assert_async", "scalar_tensor",
     "arange", "ones", "zeros", "full", "empty", "lift_fresh_copy", "detach_", "_check_is_size",
     "eye", "randn", "rand", "new_ones", "new_zeros", "new_full", "new_empty", "tensor",
+    # vmap bookkeeping around transformers' mask functions: nesting levels, no tensor
+    "lazy_load_decompositions", "_vmap_increment_nesting", "_vmap_decrement_nesting",
 }
 
 
@@ -186,6 +188,11 @@ def rule(*names: str) -> Callable[[Rule], Rule]:
         return fn
 
     return wrap
+
+
+def dim_index(d: int, ndim: int) -> int:
+    """A possibly negative dim as an index in ``0..ndim-1``."""
+    return d + ndim if d < 0 else d
 
 
 def node_args(node: fx.Node) -> list[Any]:

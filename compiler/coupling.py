@@ -28,8 +28,8 @@ spaces is rewritten to the pieces in order. A fused QKV or gate-up projection th
 producer with several members (row offsets 0, E, 2E), each in the group its chunk joins.
 
 An op without a rule *pins* every channel it touches: the group is never pruned and the reason
-names the node. Rules live in ``potstill.coupling_rules`` and register into
-``analysis_types.RULES``.
+names the node. Rules live in ``potstill.coupling_rules`` (compute ops) and
+``potstill.coupling_layout_rules`` (layout ops) and register into ``analysis_types.RULES``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from . import coupling_rules  # noqa: F401  (registers the op rules)
+from . import coupling_layout_rules, coupling_rules  # noqa: F401  (register the op rules)
 from .analysis_types import (
     NO_OP,
     RULES,
