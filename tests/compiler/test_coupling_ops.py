@@ -171,3 +171,33 @@ def test_rules_exist_for_the_odd_ops():
     for op in ("split", "split_with_sizes", "chunk", "unbind", "prelu", "einsum", "conv_transpose1d",
                "conv_transpose2d", "index", "gather", "slice"):
         assert op in RULES
+
+
+class FusedGQA(nn.Module):
+    """Phi-3 style: one projection, ``split_with_sizes`` into Q (4 heads), K and V (2 KV heads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 16)
+        self.o = nn.Linear(8, 8)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        n = self.qkv.out_features // 4
+        q, k, v = self.qkv(x).split([2 * n, n, n], dim=-1)
+        q, k, v = (t.view(b, s, -1, 2).transpose(1, 2) for t in (q, k, v))
+        k, v = (t[:, :, None].expand(b, t.shape[1], 2, s, 2).reshape(b, -1, s, 2) for t in (k, v))
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.o(o.transpose(1, 2).reshape(b, s, -1))
+
+
+def test_split_with_sizes_of_a_grouped_query_projection_prunes_kv_groups():
+    torch.manual_seed(0)
+    m = FusedGQA().eval()
+    x = torch.randn(2, 3, 8)
+    a = analyze(m, (x,))
+    (g,) = [g for g in _groups_with(a, "qkv.weight", 0) if g.kind == "kv_heads"]
+    assert g.n_units == 2 and g.pinned is None
+    assert _spans(g, "qkv.weight") == [(0, 0, 4), (0, 8, 2), (0, 12, 2)]
+    student = _exact(m, a, {g.id: [1]}, x)
+    assert student.qkv.out_features == 8
