@@ -174,26 +174,32 @@ def test_rules_exist_for_the_odd_ops():
 
 
 class FusedGQA(nn.Module):
-    """Phi-3 style: one projection, ``split_with_sizes`` into Q (4 heads), K and V (2 KV heads)."""
+    """One projection cut into Q (4 heads), K and V (2 KV heads) by ``split_with_sizes`` or slices."""
 
-    def __init__(self) -> None:
+    def __init__(self, slices: bool) -> None:
         super().__init__()
         self.qkv = nn.Linear(8, 16)
         self.o = nn.Linear(8, 8)
+        self.slices = slices
 
     def forward(self, x):
         b, s, _ = x.shape
         n = self.qkv.out_features // 4
-        q, k, v = self.qkv(x).split([2 * n, n, n], dim=-1)
+        qkv = self.qkv(x)
+        if self.slices:  # Phi-3 writes qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], ...
+            q, k, v = qkv[..., : 2 * n], qkv[..., 2 * n : 3 * n], qkv[..., 3 * n :]
+        else:
+            q, k, v = qkv.split([2 * n, n, n], dim=-1)
         q, k, v = (t.view(b, s, -1, 2).transpose(1, 2) for t in (q, k, v))
         k, v = (t[:, :, None].expand(b, t.shape[1], 2, s, 2).reshape(b, -1, s, 2) for t in (k, v))
         o = F.scaled_dot_product_attention(q, k, v)
         return self.o(o.transpose(1, 2).reshape(b, s, -1))
 
 
-def test_split_with_sizes_of_a_grouped_query_projection_prunes_kv_groups():
+@pytest.mark.parametrize("slices", [False, True])
+def test_split_with_sizes_or_slices_of_a_grouped_query_projection_prune_kv_groups(slices):
     torch.manual_seed(0)
-    m = FusedGQA().eval()
+    m = FusedGQA(slices).eval()
     x = torch.randn(2, 3, 8)
     a = analyze(m, (x,))
     (g,) = [g for g in _groups_with(a, "qkv.weight", 0) if g.kind == "kv_heads"]
