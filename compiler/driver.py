@@ -209,7 +209,7 @@ def _spec_files(opts: CompileOptions) -> list[Path]:
 
 
 def _inputs_record(opts: CompileOptions, teacher: Teacher, plans: Sequence[Plan], sources: dict[str, str]) -> dict[str, Any]:
-    from .manifest import sha256_file, weights_sha256
+    from .manifest import sha256_file, sha256_files, weights_sha256
 
     def file_record(spec: str | None) -> dict[str, Any]:
         if not spec:
@@ -218,7 +218,8 @@ def _inputs_record(opts: CompileOptions, teacher: Teacher, plans: Sequence[Plan]
         return {"spec": spec, "sha256": sha256_file(path) if path.is_file() else None}
 
     return {
-        "teacher": {"spec": teacher.spec, "weights_sha256": weights_sha256(teacher.module)},
+        "teacher": {"spec": teacher.spec, "sha256": sha256_files(teacher.sources),
+                    "weights_sha256": weights_sha256(teacher.module)},
         "sources": sources,
         "example_inputs": {
             "args": [list(a.shape) if isinstance(a, torch.Tensor) else repr(a) for a in teacher.example_inputs],

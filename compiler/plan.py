@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InputError
-from .pipeline import Pass, build_pipeline, get_pass, needs_fact, parse_pipeline
+from .pipeline import Fact, Pass, build_pipeline, get_pass, needs_fact, parse_pipeline, predicates
 
 TARGETS = ("onnx", "onnxruntime", "tensorrt", "aoti")
 RATIO_PLACEHOLDER = "$ratio"
@@ -334,11 +334,9 @@ def _feed_training(passes: list[Pass], recipe: Any, source: str) -> list[Pass]:
 
 def _finish(passes: list[Pass], target: str) -> list[Pass]:
     """Append the lowering pass (unless the pipeline lowers) and ``record``: every plan ends the same."""
-    from potstill.targets.passes import is_lowering
-
     if any(p.name.startswith("record") for p in passes):
         raise InputError("'record' is added to every plan by potstill; remove it from the pipeline")
-    if not any(is_lowering(p) for p in passes):
+    if not any(Fact("lowered") in predicates(type(p).ensures) for p in passes):
         passes = [*passes, get_pass(f"lower.{target}")()]
     return [*passes, get_pass("record")()]
 
