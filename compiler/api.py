@@ -51,7 +51,7 @@ class Compiled:
         return {s.name: s.metric for s in self.students}
 
 
-def compile(  # noqa: A001 - the public name the API promises (potstill.compile)
+def compile(
     teacher: str,
     *,
     out: str | Path,

@@ -88,6 +88,10 @@ class Prepared:
 # 1. prepare
 
 
+def _silent(message: str) -> None:
+    return None
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -159,27 +163,30 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     from potstill.profiles import DEFAULT_PROFILE, load_profile
 
     opts = apply_recipe(opts)
-    if not opts.teacher:
+    teacher_spec, out_spec = opts.teacher, opts.out
+    if not teacher_spec:
         raise InputError("no teacher: give TEACHER (path/to/file.py:FACTORY or hf:PATH) or 'teacher:' in the recipe")
-    if not opts.out:
+    if not out_spec:
         raise InputError("no output folder: give -o OUT (or 'output:' in the recipe)")
     check_flags(opts)
     seed = 0 if opts.seed is None else int(opts.seed)
     opts = replace(opts, profile=opts.profile or DEFAULT_PROFILE, seed=seed)
     plugin_files = load_plugins(opts.plugins, note)
-    folder = OutputFolder(Path(opts.out), force=opts.force)
+    folder = OutputFolder(Path(out_spec), force=opts.force)
     ranks = Ranks.detect()
     if ranks.is_writer:
         folder.preflight()
+    else:  # rank 0 speaks for all
+        note = _silent
     _seed_everything(seed)
     profile = load_profile(opts.profile)
     target = opts.target or profile.target
     plan_students(opts, target)  # fails fast on a bad pipeline, before loading anything big
 
     _check_shapes(opts.input_shapes)
-    note(f"loading teacher {opts.teacher}")
+    note(f"loading teacher {teacher_spec}")
     default_shapes = tuple("x".join(map(str, s)) for s in (profile.input_shapes or []))
-    teacher = load_teacher(opts.teacher, opts.input_shapes, seed=seed, default_shapes=default_shapes)
+    teacher = load_teacher(teacher_spec, opts.input_shapes, seed=seed, default_shapes=default_shapes)
     converted = _check_teacher(teacher, note)
     example_output = _run_teacher_once(teacher)
     calib_source = load_calibration(opts.calib, teacher, note=note)
@@ -370,22 +377,21 @@ def compile_teacher(
         try:
             run_plans(p, scratch, note, instruments)
         finally:
-            p.ranks.barrier()
             shutil.rmtree(scratch, ignore_errors=True)
-        return CompileResult({}, p.folder.path, [])
-    try:
-        with p.folder as tmp:
-            for line in p.folder.notes:
-                note(line)
-            entries, timings, teacher_record = run_plans(p, tmp, note, instruments)
-            order = {plan.name: i for i, plan in enumerate(p.plans)}
-            entries.sort(key=lambda e: order.get(str(e.get("plan")), len(order)))
-            manifest = build_manifest(teacher_record, entries, p.inputs, p.state.profile, p.target, timings,
-                                      prepare_s=prep_s, total_s=time.perf_counter() - t0)  # fmt: skip
-            write_report(manifest, tmp)
-            write_manifest(tmp, manifest)  # last: a manifest means the folder is complete
-    finally:
+        # only on success: a rank that fails exits, and torchrun stops the others (a barrier would hang)
         p.ranks.barrier()
+        return CompileResult({}, p.folder.path, [])
+    with p.folder as tmp:
+        for line in p.folder.notes:
+            note(line)
+        entries, timings, teacher_record = run_plans(p, tmp, note, instruments)
+        order = {plan.name: i for i, plan in enumerate(p.plans)}
+        entries.sort(key=lambda e: order.get(str(e.get("plan")), len(order)))
+        manifest = build_manifest(teacher_record, entries, p.inputs, p.state.profile, p.target, timings,
+                                  prepare_s=prep_s, total_s=time.perf_counter() - t0)  # fmt: skip
+        write_report(manifest, tmp)
+        write_manifest(tmp, manifest)  # last: a manifest means the folder is complete
+    p.ranks.barrier()  # the other ranks wait until OUT is written
     warnings = [f"student {e['name']}: {n}" for e in entries for n in e.get("notes", [])
                 if n.startswith(("OVER BUDGET", "FIDELITY"))]  # fmt: skip
     for w in warnings:

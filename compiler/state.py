@@ -134,7 +134,7 @@ class CompileState:
     def fork(self, **changes: Any) -> CompileState:
         """A fresh state for another student: same teacher, data and shared cache; no students,
         facts, pipeline or records of its own."""
-        base = {"students": [], "facts": set(), "pipeline": [], "records": {}}
+        base: dict[str, Any] = {"students": [], "facts": set(), "pipeline": [], "records": {}}
         return replace(self, **{**base, **changes})
 
     def new_student(self, name: str) -> Student:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from potstill.cli import main
 from potstill.errors import InputError
-from potstill.pipeline import Pass, PassResult, function_pass, register_pass
+from potstill.pipeline import Pass, PassResult, function_pass
 from potstill.plan import CompileOptions, apply_recipe, plan_students
 from potstill.state import CompileState
 
@@ -210,7 +210,7 @@ def test_recipe_train_feeds_the_distill_pass_or_is_an_error(fakes: None, tmp_pat
         plan_students(opts, "onnxruntime")  # no training data: nothing would read train:
     with pytest.raises(InputError, match="unknown option"):
         plan_students(_recipe_opts(tmp_path, "train: {lrr: 0.01}\n"), "onnxruntime", distill_epochs=2)
-    with pytest.raises(InputError, match="train.lr is also set"):
+    with pytest.raises(InputError, match=r"train\.lr is also set"):
         plan_students(_recipe_opts(tmp_path, "train: {lr: 0.01}\npipeline: distill{lr=0.1}\n"), "onnxruntime")
 
 
@@ -219,7 +219,7 @@ def test_recipe_stages_drive_progressive_distillation(fakes: None, tmp_path: Pat
     (plan,) = plan_students(opts, "onnxruntime")
     assert [p.name for p in plan.passes][2:] == ["distill.progressive", "lower.onnxruntime", "record"]
     assert [s.name for s in plan.passes[2].options.stages] == ["general", "task"]
-    with pytest.raises(InputError, match="no distill.progressive pass"):
+    with pytest.raises(InputError, match=r"no distill\.progressive pass"):
         plan_students(_recipe_opts(tmp_path, "stages: [{name: a}]\npipeline: prune.width{ratio=0.5}\n"), "onnxruntime")
 
 

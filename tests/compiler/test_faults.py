@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -348,16 +347,14 @@ def test_concurrent_compile_into_one_out_is_refused(good_out: tuple[Path, str], 
 def test_torchrun_two_ranks_train_and_rank_0_writes(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    t0 = time.time()
+    pipeline = "importance.magnitude,prune.width{ratio=0.5},distill{max_steps=8}"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "potstill",
-         "compile", DIGITS, "--ratio", "0.5", "--distill-epochs", "1", "-o", str(out)],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env, check=False,
+         "compile", DIGITS, "--pipeline", pipeline, "-o", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    m = json.loads((out / "manifest.json").read_text())
-    (s,) = m["students"]
-    assert s["pipeline"][2] == "distill{epochs=1}" and s["metrics"]["distill"]["steps"] > 0
-    assert s["metric"] > 0.5  # trained: pruned without distillation it is near chance
-    assert proc.stdout.count("wrote ") == 1  # one writer
-    assert time.time() - t0 < 900
+    (s,) = json.loads((out / "manifest.json").read_text())["students"]
+    assert s["pipeline"][2] == "distill{max_steps=8}" and s["metrics"]["distill"]["steps"] == 8
+    assert proc.stdout.count("wrote ") == 1 and proc.stderr.count("loading teacher") == 1  # rank 0 speaks and writes
+    assert not (tmp_path / ".out.work" / "rank1").exists()  # rank 1's scratch is gone

@@ -212,7 +212,7 @@ def test_a_taken_pass_name_is_refused(registry: dict[str, type[Pass]]) -> None:
     class Other(Pass):
         name = "test.scale"
 
-    with pytest.raises(InputError, match="'test.scale' is taken"):
+    with pytest.raises(InputError, match=r"'test\.scale' is taken"):
         register_pass(Other)
 
     class Shadow(Pass):
