@@ -404,3 +404,29 @@ def test_killed_distillation_resumes_from_its_checkpoint(tmp_path: Path, capsys:
     (s,) = json.loads((out / "manifest.json").read_text())["students"]
     assert s["metrics"]["distill"]["resumed_from"] == 4 and s["metrics"]["distill"]["steps"] == 8
     assert not (tmp_path / ".out.work" / "checkpoints" / "student").exists()  # finished: in OUT now
+
+
+# ---------------------------------------------------------------------------------------------
+# The product surface
+
+
+def test_json_output_and_quiet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(["compile", tiny(tmp_path), "--no-distill", "--json", "-o", str(tmp_path / "out")], capsys)
+    assert code == 0
+    m = json.loads(out)  # stdout is only the manifest
+    assert m["students"][0]["name"] == "w50" and m["host"]["cpu"]
+    assert m["students"][0]["latency_ms"]["source"] == "engine"
+    code, out, err = run_cli(["compile", tiny(tmp_path), "--no-distill", "--quiet", "-o", str(tmp_path / "out")], capsys)
+    assert code == 0 and err == "" and "w50" in out and "wrote" not in out
+    code, out, _ = run_cli(["compile", DIGITS, "--pipeline", ",,", "--json", "-o", str(tmp_path / "o2")], capsys)
+    assert code == 2 and "empty item" in json.loads(out)["error"]
+
+
+def test_python_dash_m_potstill_and_pass_options() -> None:
+    proc = subprocess.run([sys.executable, "-m", "potstill", "passes", "prune.width", "--json"], capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["name"] == "prune.width" and "pruned" in info["ensures"]
+    ratio = next(o for o in info["options"] if o["name"] == "ratio")
+    assert "float" in ratio["type"]
