@@ -430,3 +430,13 @@ def test_python_dash_m_potstill_and_pass_options() -> None:
     assert info["name"] == "prune.width" and "pruned" in info["ensures"]
     ratio = next(o for o in info["options"] if o["name"] == "ratio")
     assert "float" in ratio["type"]
+
+
+def test_a_family_with_distillation_trains_every_student(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code, _, err = run_cli(["compile", tiny(tmp_path, TRAIN), "--ratio", "0.3", "--ratio", "0.5", "--distill-epochs", "1",
+                            "-o", str(out)], capsys)  # fmt: skip
+    assert code == 0, err
+    students = json.loads((out / "manifest.json").read_text())["students"]
+    assert [s["name"] for s in students] == ["w30", "w50"]
+    assert all(s["metrics"]["distill"]["steps"] == 4 for s in students)  # the second student trained too
