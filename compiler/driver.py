@@ -425,6 +425,8 @@ def compile_teacher(
         write_report(manifest, tmp)
         write_manifest(tmp, manifest)  # last: a manifest means the folder is complete
     p.ranks.barrier()  # the other ranks wait until OUT is written
+    # every student is in OUT: checkpoints and the teacher's scratch engine are no longer needed
+    shutil.rmtree(p.folder.work_dir, ignore_errors=True)
     warnings = [f"student {e['name']}: {n}" for e in entries for n in e.get("notes", [])
                 if n.startswith(("OVER BUDGET", "FIDELITY"))]  # fmt: skip
     for w in warnings:
