@@ -1,18 +1,25 @@
 """What a compilation leaves behind: ``OUT/manifest.json`` and each student's files.
 
-The manifest is enough to rebuild the run and to pick a student without opening anything else::
+The manifest is built from what the passes recorded (``build_manifest``) and is enough to rebuild
+the run and to pick a student without opening anything else::
 
     {"manifest_version": 1, "potstill": "0.1.0", "created": "...",
      "teacher":  {"spec", "label", "macs", "params", "peak_activation_bytes", "latency_ms", "metric",
-                  "architecture", "hf"},
-     "students": [{"name", "dir", "macs", "params", "peak_activation_bytes",
-                   "latency_ms": {"median", "p90"}, "parity": {"max_abs", "rel", "ok"},
-                   "speedup", "macs_reduction", "metric", "target", "precision",
+                  "architecture", "hf", "parity", "target", "precision"},
+     "students": [{"name", "dir", "plan", "cache_key", "sha256": {file: hash}, "macs", "params",
+                   "peak_activation_bytes", "memory_bytes",
+                   "latency_ms": {"median", "p90", "source": "engine"|"pytorch"},
+                   "parity": {"max_abs", "rel", "ok"}, "speedup", "macs_reduction", "metric",
+                   "fidelity": {"task", "score", "measures", "n"}, "budgets": {...: {"budget",
+                   "measured", "ok"}}, "robust", "target", "precision",
                    "architecture": {"widths": {group: units}, "blocks": [...]},
                    "pipeline": [...], "history": [...], "files": {...}, "notes": [...]}],
-     "inputs":   {"teacher": {"spec", "sha256": {file: hash}, "weights_sha256"}, "input_shapes",
-                  "calib", "data", "recipe", "seed", "pipeline"},
-     "profile":  {... the DeviceProfile as a dict ...},
+     "inputs":   {"teacher": {"spec", "sha256", "weights_sha256"}, "sources": {file: hash},
+                  "input_shapes", "calib", "data", "recipe", "plugins", "seed", "pipelines",
+                  "cache_key"},
+     "profile":  {... the DeviceProfile as a dict ...}, "target",
+     "host":     {"cpu", "cpu_count", "torch_threads", "platform", "cuda"},
+     "timings":  {"prepare_s", "total_s", "passes": {plan: [[pass, seconds, changed], ...]}},
      "versions": {"python", "potstill", "torch", ...}}
 
 Each student's folder ``OUT/students/<name>/`` holds the engines the target wrote, ``student.pt2``
@@ -159,15 +166,6 @@ def cost(analysis: Any) -> dict[str, Any]:
     }
 
 
-def latency_dict(value: Any) -> dict[str, float] | None:
-    if value is None:
-        return None
-    median, p90 = field_of(value, "median"), field_of(value, "p90")
-    if median is None:
-        return None
-    return {"median": float(median), "p90": float(p90 if p90 is not None else median)}
-
-
 def parity_dict(value: Any) -> dict[str, Any] | None:
     if not value or field_of(value, "max_abs") is None:
         return None
@@ -178,13 +176,97 @@ def parity_dict(value: Any) -> dict[str, Any] | None:
     }
 
 
-def find_artifact(artifacts: Mapping[str, Any]) -> Any:
-    """The engine artifact a ``lower.*`` pass left on a student (the last one with a parity record)."""
-    found = None
-    for value in artifacts.values():
-        if field_of(value, "parity") is not None or field_of(value, "files") is not None:
-            found = value
-    return found
+def host_info() -> dict[str, Any]:
+    """The machine latency was measured on: CPU model, cores, the threads torch uses, OS."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {"cpu": model, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Entries and the manifest, from what the passes recorded
+
+
+def student_entry(state: Any, student: Any, plan: Any, out: Path) -> dict[str, Any]:
+    """The manifest record of one student, read from what its passes recorded (``record`` last)."""
+    record = student.artifacts.get("record")
+    if record is None:
+        raise RuntimeError(f"student '{student.name}' has no record: its plan did not end with the record pass")
+    analysis = state.analysis(student)
+    teacher_cost = cost(state.teacher_analysis())
+    entry = {
+        "name": student.name,
+        "dir": f"students/{student.name}",
+        **cost(analysis),
+        "latency_ms": record["latency_ms"],
+        "parity": parity_dict(student.metrics.get("parity")),
+        "target": record["target"],
+        "precision": record["precision"],
+        "metric": student.metrics.get("metric"),
+        "fidelity": student.metrics.get("fidelity"),
+        "budgets": student.metrics.get("budgets", {}),
+        "memory_bytes": record["memory_bytes"],
+        "architecture": architecture(analysis),
+        "pipeline": [p.spec() for p in plan.passes],
+        "history": list(student.history),
+        "files": record["files"],
+        "dynamic_batch": record["dynamic_batch"],
+        "metrics": to_jsonable({k: v for k, v in student.metrics.items()
+                                if k not in ("metric", "fidelity", "budgets")}),
+        "notes": list(record["notes"]),
+    }  # fmt: skip
+    robust = (student.metrics.get("distill") or {}).get("robust")
+    if robust is not None:
+        entry["robust"] = to_jsonable(robust)
+    entry["macs_reduction"] = teacher_cost["macs"] / entry["macs"] if entry["macs"] else None
+    return entry
+
+
+def build_manifest(
+    teacher: Mapping[str, Any],
+    students: list[dict[str, Any]],
+    inputs: Mapping[str, Any],
+    profile: Any,
+    target: str,
+    timings: Mapping[str, Any],
+    *,
+    prepare_s: float = 0.0,
+    total_s: float = 0.0,
+) -> dict[str, Any]:
+    """The manifest: teacher, students (speed-ups against the teacher's engine), inputs, timings, host."""
+    t_lat = (teacher.get("latency_ms") or {}).get("median")
+    for entry in students:
+        s_lat = (entry.get("latency_ms") or {}).get("median")
+        entry["speedup"] = t_lat / s_lat if t_lat and s_lat and s_lat > 0 else None
+        if teacher.get("macs") and entry.get("macs"):
+            entry["macs_reduction"] = teacher["macs"] / entry["macs"]
+    from . import __version__
+
+    return to_jsonable({
+        "manifest_version": MANIFEST_VERSION,
+        "potstill": __version__,
+        "created": now_iso(),
+        "teacher": dict(teacher),
+        "students": students,
+        "inputs": dict(inputs),
+        "profile": profile,
+        "target": target,
+        "host": host_info(),
+        "timings": {
+            "prepare_s": round(prepare_s, 3), "total_s": round(total_s, 3),
+            "passes": {name: [[n, round(sec, 3), c] for n, sec, c in t.times] for name, t in timings.items()},
+        },
+        "versions": versions(),
+    })  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,6 +122,7 @@ class DistillPass(Pass):
     name = "distill"
     Options = DistillOptions
     ensures = frozenset({"distilled"})
+    collective = True  # under torchrun every rank trains
 
     def __init__(self, options: Any = None, **kwargs: Any) -> None:
         if "loss" in kwargs:
@@ -216,7 +217,6 @@ class DistillPass(Pass):
             metrics["robust"] = self._robust(state, student.module, built[o.method])
         student.module.eval()
         student.metrics["distill"] = metrics
-        student.history.append(self.spec())
         state.facts.add("distilled")
         return PassResult(state, True)
 
