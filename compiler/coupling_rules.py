@@ -347,6 +347,8 @@ def _along_dim(a: CouplingAnalysis, node: fx.Node) -> Any:
 @rule("mean", "sum", "amax", "amin", "var", "std", "max", "min", "prod", "norm", "linalg_vector_norm", "any", "all",
       "logsumexp", "argmax", "argmin")
 def _reduce(a: CouplingAnalysis, node: fx.Node) -> Any:
+    if len(_args(node)) > 1 and isinstance(_args(node)[1], fx.Node):
+        return _broadcast(a, node)  # max.other / min.other: elementwise of two tensors (MPNet buckets)
     x = _args(node)[0]
     xm = a.arg_maps(x, node.name)
     name = _op_name(node.target)

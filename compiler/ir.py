@@ -229,8 +229,6 @@ def analyze(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: d
     norm_modules = {n for n, m in model.named_modules() if "norm" in type(m).__name__.lower()}
     groups = _build_groups(ca, param_modules, norm_modules)
     conv_groups = _conv_groups(gm, placeholder_to_param)
-    if _is_hf(model):
-        _pin_undescribable(groups)
     analysis = Analysis(ir, groups, [], None, dict(ca.unknown_ops), param_shapes, conv_groups)
     analysis.cost = cost_model(analysis, model)
     analysis.blocks = find_blocks(analysis, model)
@@ -314,23 +312,6 @@ def _build_groups(ca: CouplingAnalysis, param_modules: dict[str, str], norm_modu
 #: Hugging Face FFN input projections: their width is ``config.intermediate_size``
 HF_FFN_MODULES = ("intermediate.dense", "mlp.up_proj", "mlp.gate_proj", "mlp.fc1", "mlp.c_fc", "mlp.dense_h_to_4h",
                   "ffn.lin1", "mlp.fc_in")
-
-
-def _is_hf(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    return config is not None and hasattr(config, "to_dict") and hasattr(model, "save_pretrained")
-
-
-def _pin_undescribable(groups: list[CoupledGroup]) -> None:
-    """A Hugging Face student must reload from its config: only heads, KV groups, FFN width and
-    hidden size are fields there, so other groups (poolers, classifier hidden layers) stay whole."""
-    for g in groups:
-        if g.pinned is not None or g.kind in ("heads", "kv_heads", "hidden"):
-            continue
-        producers = [m.module for m in g.members if m.role == "out"]
-        if g.kind == "neurons" and producers and all(p.endswith(HF_FFN_MODULES) for p in producers):
-            continue
-        g.pinned = f"the Hugging Face config cannot describe a narrower {producers[0] if producers else 'layer'}"
 
 
 def _label_attention(groups: list[CoupledGroup]) -> None:

@@ -1,0 +1,85 @@
+"""Tiny random-weight Hugging Face teachers, one per architecture family, for the generality zoo.
+
+Each entry builds a model from a small config (hidden 32-64, two layers) with the class a user's
+``config.architectures`` names; ``save_family(name, root)`` writes it as a model directory for
+``hf:PATH``. Shared by ``tests/compiler/test_zoo_hf.py`` and ``bench/zoo_compile.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TEXT: dict[str, Any] = {"vocab_size": 128, "max_position_embeddings": 128}
+BERTISH = {**TEXT, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+DECODER = {**BERTISH, "use_cache": False}
+VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "intermediate_size": 128, "num_labels": 5}
+
+
+def _families() -> dict[str, Callable[[], Any]]:
+    import transformers as t
+
+    return {
+        "bert": lambda: t.BertModel(t.BertConfig(**BERTISH)),
+        "albert": lambda: t.AlbertModel(t.AlbertConfig(**BERTISH, embedding_size=32)),
+        "deberta-v2": lambda: t.DebertaV2Model(t.DebertaV2Config(**BERTISH, relative_attention=True,
+                                                                 pos_att_type=["p2c", "c2p"], position_buckets=16)),
+        "electra": lambda: t.ElectraModel(t.ElectraConfig(**BERTISH, embedding_size=32)),
+        "distilbert": lambda: t.DistilBertModel(t.DistilBertConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4,
+                                                                   hidden_dim=128, max_position_embeddings=128)),
+        "mpnet": lambda: t.MPNetModel(t.MPNetConfig(**BERTISH)),
+        "roberta": lambda: t.RobertaModel(t.RobertaConfig(**BERTISH)),
+        "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(vocab_size=128, n_positions=128, n_embd=64, n_layer=2, n_head=4)),
+        "gpt-neox": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**DECODER)),
+        "opt": lambda: t.OPTForCausalLM(t.OPTConfig(vocab_size=128, max_position_embeddings=128, hidden_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                                                    word_embed_proj_dim=64)),
+        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**DECODER, num_key_value_heads=2)),
+        "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**DECODER, num_key_value_heads=2, sliding_window=None)),
+        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**DECODER, num_key_value_heads=2)),
+        "qwen3": lambda: t.Qwen3ForCausalLM(t.Qwen3Config(**DECODER, num_key_value_heads=2, head_dim=16)),
+        "phi": lambda: t.PhiForCausalLM(t.PhiConfig(**DECODER, partial_rotary_factor=0.5)),
+        "gemma": lambda: t.GemmaForCausalLM(t.GemmaConfig(**DECODER, num_key_value_heads=2, head_dim=16)),
+        "vit": lambda: t.ViTForImageClassification(t.ViTConfig(**VISION)),
+        "deit": lambda: t.DeiTForImageClassification(t.DeiTConfig(**VISION)),
+        "dinov2": lambda: t.Dinov2Model(t.Dinov2Config(**{k: v for k, v in VISION.items() if k != "num_labels"},
+                                                       mlp_ratio=2)),
+        "swin": lambda: t.SwinForImageClassification(t.SwinConfig(image_size=32, patch_size=4, embed_dim=16,
+                                                                  depths=[1, 1], num_heads=[2, 4], window_size=4,
+                                                                  num_labels=5)),
+        "resnet": lambda: t.ResNetForImageClassification(t.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32],
+                                                                        depths=[1, 1], layer_type="basic",
+                                                                        num_labels=5)),
+        "convnext": lambda: t.ConvNextForImageClassification(t.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1],
+                                                                              num_labels=5, image_size=32)),
+        "regnet": lambda: t.RegNetForImageClassification(t.RegNetConfig(embedding_size=16, hidden_sizes=[16, 32],
+                                                                        depths=[1, 1], groups_width=8,
+                                                                        num_labels=5)),
+        "mobilenet-v2": lambda: t.MobileNetV2ForImageClassification(t.MobileNetV2Config(
+            image_size=32, depth_multiplier=0.25, num_labels=5)),
+        "efficientnet": lambda: t.EfficientNetForImageClassification(t.EfficientNetConfig(
+            image_size=32, width_coefficient=0.25, depth_coefficient=0.25, num_labels=5, hidden_dim=64)),
+    }
+
+
+FAMILIES: tuple[str, ...] = (
+    "bert", "albert", "deberta-v2", "electra", "distilbert", "mpnet", "roberta", "gpt2", "gpt-neox", "opt",
+    "llama", "mistral", "qwen2", "qwen3", "phi", "gemma", "vit", "deit", "dinov2", "swin", "resnet", "convnext",
+    "regnet", "mobilenet-v2", "efficientnet",
+)  # fmt: skip
+
+
+def build_family(name: str, seed: int = 0) -> Any:
+    torch.manual_seed(seed)
+    return _families()[name]().eval()
+
+
+def save_family(name: str, root: Path, seed: int = 0) -> Path:
+    """Build family ``name`` and save it to ``root / name`` (``save_pretrained``); returns the folder."""
+    path = Path(root) / name
+    build_family(name, seed).save_pretrained(path)
+    return path
