@@ -303,8 +303,13 @@ def _hf_from_pretrained(auto_class: Any, path: Path, config: Any, spec: str, tru
         try:
             return auto_class.from_pretrained(path, config=config, attn_implementation=attn,
                                               trust_remote_code=trust_remote_code)
-        except (ValueError, ImportError) as e:  # the architecture does not support this attention
-            errors.append(f"{attn}: {e}")
+        except (ValueError, ImportError) as e:
+            if "attn" in str(e).lower() or "attention implementation" in str(e).lower() or "sdpa" in str(e).lower():
+                errors.append(f"{attn}: {e}")  # the architecture does not support this attention: try the next
+                continue
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise InputError(f"teacher '{spec}': {auto_class.__name__} cannot build it from {path / 'config.json'}: "
+                             f"{type(e).__name__}: {first}") from e
         except OSError as e:
             raise InputError(f"teacher '{spec}': cannot load the weights: {e}") from e
         except (RuntimeError, TypeError, KeyError) as e:  # weights that do not fit the config, bad fields

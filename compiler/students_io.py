@@ -420,3 +420,56 @@ def load_student(directory: str | Path) -> nn.Module:
                 except (AttributeError, TypeError, ValueError):
                     continue  # derived properties (e.g. use_return_dict) follow their sources
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# A student.pt2 for decoders whose mask code torch.export.save cannot serialize
+
+
+class PlainCausalMask(nn.Module):
+    """``forward(input_ids, attention_mask)`` of a Hugging Face decoder with the 4-D causal mask
+    built from plain tensor ops.
+
+    transformers (>= 4.53) builds decoder masks through ``flat_apply``, a higher-order op that
+    ``torch.export.save`` cannot serialize. Given a 4-D float mask, the models skip that code
+    (``mask[b, 0, q, k] = 0`` where key ``k <= q`` is not padding, else the dtype's minimum, as their
+    eager mask is), so the exported program holds only aten ops.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        n = input_ids.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=input_ids.device).tril()
+        keep = causal[None, None] & attention_mask[:, None, None, :].bool()
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(keep.shape, dtype=dtype, device=input_ids.device)
+        mask = mask.masked_fill(~keep, torch.finfo(dtype).min)
+        return self.model(input_ids=input_ids, attention_mask=mask)
+
+
+def plain_mask_module(module: nn.Module, kwargs: Mapping[str, Any]) -> nn.Module | None:
+    """``PlainCausalMask(module)`` when it computes what ``module`` computes on ``kwargs`` (a causal
+    decoder with unpadded and padded rows checked), else None (encoders, sliding windows, ...)."""
+    from .data import primary_output
+
+    ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or set(kwargs) - {"input_ids", "attention_mask"}:
+        return None
+    mask = torch.ones_like(ids) if not isinstance(mask, torch.Tensor) else mask
+    wrapped = PlainCausalMask(module).eval()
+    padded = mask.clone()
+    padded[:, -max(1, ids.shape[1] // 4):] = 0  # right padding: the valid rows must agree too
+    try:
+        with torch.no_grad():
+            for m in (mask, padded):
+                a = primary_output(module(input_ids=ids, attention_mask=m))
+                b = primary_output(wrapped(ids, m))
+                valid = m.bool()
+                if a.shape != b.shape or not torch.allclose(a[valid], b[valid], atol=1e-5, rtol=1e-4):
+                    return None
+    except Exception:  # a model that does not take a 4-D mask: no wrapper
+        return None
+    return wrapped

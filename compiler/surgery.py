@@ -161,11 +161,21 @@ def _update_attributes(model: nn.Module, analysis: Analysis, kept: dict[str, flo
                 mod.normalized_shape = tuple(mod.weight.shape)
         elif isinstance(mod, nn.Embedding):
             mod.num_embeddings, mod.embedding_dim = mod.weight.shape
+        elif _is_hf_conv1d(mod):  # GPT-2's Conv1D: weight (nx, nf), the output view uses nf
+            mod.nx, mod.nf = mod.weight.shape  # type: ignore[union-attr]
         _update_attention(mod)
+
+
+def _is_hf_conv1d(mod: nn.Module) -> bool:
+    w = getattr(mod, "weight", None)
+    return (type(mod).__name__ == "Conv1D" and isinstance(getattr(mod, "nf", None), int)
+            and isinstance(w, torch.Tensor) and w.dim() == 2)
 
 
 _Q_NAMES = ("query", "q_proj", "q", "q_lin", "wq", "to_q")
 _K_NAMES = ("key", "k_proj", "k", "k_lin", "wk", "to_k")
+#: fused Q/K/V projections (GPT-2's Conv1D ``c_attn``, GPT-NeoX ``query_key_value``, ...), 3 x heads wide
+_QKV_NAMES = ("c_attn", "query_key_value", "qkv_proj", "qkv", "Wqkv", "in_proj")
 
 
 def _child_linear(mod: nn.Module, names: Iterable[str]) -> nn.Linear | None:
@@ -173,6 +183,15 @@ def _child_linear(mod: nn.Module, names: Iterable[str]) -> nn.Linear | None:
         c = getattr(mod, n, None)
         if isinstance(c, nn.Linear):
             return c
+    return None
+
+
+def _out_width(mod: nn.Module | None) -> int | None:
+    if isinstance(mod, nn.Linear):
+        return int(mod.weight.shape[0])
+    w = getattr(mod, "weight", None)
+    if mod is not None and _is_hf_conv1d(mod) and isinstance(w, torch.Tensor):
+        return int(w.shape[1])
     return None
 
 
@@ -199,9 +218,14 @@ def attention_counts(mod: nn.Module) -> dict[str, int]:
     Counts come from the projections' widths (they are what the weights hold), never from the config.
     """
     head_dim = _int_attr(mod, _HEAD_DIM_ATTRS)
-    q = _child_linear(mod, _Q_NAMES)
-    if head_dim is None or q is None:
+    if head_dim is None:
         return {}
+    q = _child_linear(mod, _Q_NAMES)
+    if q is None:
+        fused = next((w for n in _QKV_NAMES if (w := _out_width(getattr(mod, n, None))) is not None), None)
+        if fused is None or fused % (3 * head_dim):
+            return {}
+        return {"heads": fused // (3 * head_dim), "head_dim": head_dim, "kv_heads": fused // (3 * head_dim)}
     out = {"heads": q.weight.shape[0] // head_dim, "head_dim": head_dim}
     k = _child_linear(mod, _K_NAMES)
     if k is not None:

@@ -83,3 +83,101 @@ def save_family(name: str, root: Path, seed: int = 0) -> Path:
     path = Path(root) / name
     build_family(name, seed).save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# One family through the real compile: prune, reload, engine on fresh shapes
+
+
+#: families whose student is expected to miss the 20 % MACs cut, with the reason (an upstream or
+#: op-rule limitation); the zoo tests mark them xfail(strict) so a fix shows up as a failure to update
+SHORTFALLS: dict[str, str] = {}
+
+
+def fresh_inputs(example: dict[str, Any], batch: int = 3, seq: int = 11, seed: int = 1) -> dict[str, Any]:
+    """Inputs like the example but with another batch size and (text) sequence length."""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {}
+    for key, value in example.items():
+        if not isinstance(value, torch.Tensor):
+            out[key] = value
+        elif key == "input_ids":
+            out[key] = torch.randint(3, 100, (batch, seq), generator=gen)
+        elif key in ("attention_mask",):
+            out[key] = torch.ones(batch, seq, dtype=value.dtype)
+        elif key in ("token_type_ids", "position_ids"):
+            out[key] = torch.zeros(batch, seq, dtype=value.dtype)
+        else:
+            out[key] = torch.randn((batch, *value.shape[1:]), generator=gen, dtype=value.dtype)
+    return out
+
+
+def compile_and_check(name: str, root: Path, ratio: float = 0.5) -> dict[str, Any]:
+    """Compile family ``name`` with ``--ratio R --no-distill`` through ``compile_teacher``, reload the
+    student with ``potstill.load_student`` (and ``AutoModel`` where promised) and run its ONNX engine
+    in ONNX Runtime on fresh inputs of another batch and sequence length. Returns the zoo table row;
+    raises AssertionError on a reload or engine mismatch."""
+    import numpy as np
+    import onnxruntime as ort
+    import transformers
+    from potstill.data import primary_output
+    from potstill.driver import compile_teacher
+    from potstill.frontend import load_hf_teacher
+    from potstill.pipeline import PassInstrument
+    from potstill.plan import CompileOptions
+    from potstill.students_io import RECORD_FILE, load_student, save_student
+
+    captured: list[Any] = []
+
+    class Capture(PassInstrument):
+        """Keeps the compiled students (the driver writes engines, not yet the record)."""
+
+        def end(self, state: Any) -> None:
+            captured[:] = list(state.students)
+
+    path = save_family(name, root)
+    out = root / f"out-{name}"
+    res = compile_teacher(CompileOptions(teacher=f"hf:{path}", out=str(out), ratios=(ratio,), distill_epochs=0,
+                                         cache=False), note=lambda _: None, instruments=[Capture()])
+    man = res.manifest
+    t, s = man["teacher"], man["students"][0]
+    student_dir = out / s["dir"]
+    teacher = load_hf_teacher(str(path))
+    if (student_dir / RECORD_FILE).is_file():  # the record pass wrote it
+        record_dir = student_dir
+        import json
+
+        record = json.loads((student_dir / RECORD_FILE).read_text())
+    else:  # this driver does not write the record yet: save the compiled student the same way
+        record_dir = root / f"record-{name}"
+        record = save_student(captured[0].module, record_dir, teacher={"spec": teacher.spec, "hf": teacher.hf},
+                              example=((), teacher.example_kwargs))
+    reloaded = load_student(record_dir)
+    fresh = fresh_inputs(teacher.example_kwargs)
+    with torch.no_grad():
+        expect = primary_output(reloaded(**fresh)).numpy()
+    session = ort.InferenceSession(str(student_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    feeds = {k: v.numpy() for k, v in fresh.items() if k in names}
+    got = session.run([session.get_outputs()[0].name], feeds)[0]
+    engine_err = float(np.abs(got - expect).max())
+    scale = float(np.abs(expect).max()) or 1.0
+    assert got.shape == expect.shape, f"{name}: engine output {got.shape} vs student {expect.shape}"
+    assert engine_err <= 1e-4 * max(1.0, scale), f"{name}: engine differs from the reloaded student by {engine_err:.3g}"
+    auto = [loader for loader in record["loaders"] if loader.startswith("transformers.")]
+    for loader in auto:
+        cls = getattr(transformers, loader.split(".", 1)[1])
+        again = cls.from_pretrained(record_dir / "hf").eval()
+        with torch.no_grad():
+            np.testing.assert_allclose(primary_output(again(**fresh)).numpy(), expect, atol=1e-5, rtol=1e-4)
+    return {
+        "family": name,
+        "groups": t["architecture"]["groups"],
+        "pinned": t["architecture"]["pinned"],
+        "macs_before": t["macs"],
+        "macs_after": s["macs"],
+        "loaders": record["loaders"],
+        "engine_max_abs": engine_err,
+        "fresh_shape": {k: list(v.shape) for k, v in fresh.items() if isinstance(v, torch.Tensor)},
+        "notes": s["notes"] + record.get("notes", []),
+    }
