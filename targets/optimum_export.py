@@ -40,7 +40,8 @@ def optimum_export(hf: dict[str, Any], path: Path) -> tuple[list[str], str]:
         logging.getLogger("optimum").setLevel(logging.ERROR)
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")
-            main_export(str(src), output=str(work), task=task, device="cpu", do_validation=False)
+            main_export(str(src), output=str(work), task=task, device="cpu", do_validation=False,
+                        trust_remote_code=False)  # never run a folder's own Python
         produced = work / "model.onnx"
         if not produced.is_file():
             raise FileNotFoundError(f"Optimum wrote no model.onnx for task '{task}'")
