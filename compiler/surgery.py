@@ -288,8 +288,11 @@ def _update_hf_config(model: nn.Module, heads: bool = True) -> None:
         setattr(config, field_name, first)
         if not uniform:
             nonuniform.append(field_name)
-    get_emb = getattr(model, "get_input_embeddings", None)
-    emb = get_emb() if callable(get_emb) else None
+    try:  # vision models raise NotImplementedError here
+        get_emb = getattr(model, "get_input_embeddings", None)
+        emb = get_emb() if callable(get_emb) else None
+    except (NotImplementedError, AttributeError):
+        emb = None
     if isinstance(emb, nn.Embedding) and hasattr(config, "hidden_size"):
         config.hidden_size = emb.embedding_dim
     if nonuniform:

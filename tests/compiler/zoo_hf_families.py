@@ -62,7 +62,7 @@ def _families() -> dict[str, Callable[[], Any]]:
         "mobilenet-v2": lambda: t.MobileNetV2ForImageClassification(t.MobileNetV2Config(
             image_size=32, depth_multiplier=0.25, num_labels=5)),
         "efficientnet": lambda: t.EfficientNetForImageClassification(t.EfficientNetConfig(
-            image_size=32, width_coefficient=0.25, depth_coefficient=0.25, num_labels=5, hidden_dim=64)),
+            image_size=32, width_coefficient=0.25, depth_coefficient=0.25, num_labels=5, hidden_dim=320)),
     }
 
 
@@ -91,7 +91,10 @@ def save_family(name: str, root: Path, seed: int = 0) -> Path:
 
 #: families whose student is expected to miss the 20 % MACs cut, with the reason (an upstream or
 #: op-rule limitation); the zoo tests mark them xfail(strict) so a fix shows up as a failure to update
-SHORTFALLS: dict[str, str] = {}
+SHORTFALLS: dict[str, str] = {
+    "deberta-v2": "17 % fewer MACs: DeBERTa's disentangled attention gathers relative-position scores "
+                  "(aten.gather has no coupling rule yet), so its query/key head groups stay pinned",
+}
 
 
 def fresh_inputs(example: dict[str, Any], batch: int = 3, seq: int = 11, seed: int = 1) -> dict[str, Any]:
@@ -181,3 +184,20 @@ def compile_and_check(name: str, root: Path, ratio: float = 0.5) -> dict[str, An
         "fresh_shape": {k: list(v.shape) for k, v in fresh.items() if isinstance(v, torch.Tensor)},
         "notes": s["notes"] + record.get("notes", []),
     }
+
+
+def zoo_params(families: tuple[str, ...]) -> list[Any]:
+    """pytest parameters: families in ``SHORTFALLS`` are strict xfails carrying their reason."""
+    import pytest
+
+    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=SHORTFALLS[n])) if n in SHORTFALLS else n
+            for n in families]
+
+
+def check_family(name: str, root: Path) -> dict[str, Any]:
+    """``compile_and_check`` plus the zoo's bar: at least 20 % fewer MACs at ratio 0.5."""
+    row = compile_and_check(name, root)
+    assert row["macs_after"] <= 0.8 * row["macs_before"], (
+        f"{name}: {row['macs_after']} of {row['macs_before']} MACs left; pinned: {row['pinned']}")
+    assert row["loaders"][0] == "potstill.load_student"
+    return row
