@@ -74,8 +74,20 @@ FAMILIES: tuple[str, ...] = (
 
 
 def build_family(name: str, seed: int = 0) -> Any:
+    """The family's model in eval mode. BatchNorm statistics and affine terms are randomised too:
+    transformers initialises some CNNs (EfficientNet, MobileNetV2) so that a random-weight model's
+    logits are ~0, which would make engine parity vacuous."""
     torch.manual_seed(seed)
-    return _families()[name]().eval()
+    model = _families()[name]().eval()
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.running_var is not None:
+                mod.running_mean.normal_(0.0, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+                if mod.weight is not None:
+                    mod.weight.uniform_(0.5, 1.5)
+                    mod.bias.normal_(0.0, 0.1)
+    return model
 
 
 def save_family(name: str, root: Path, seed: int = 0) -> Path:
@@ -166,6 +178,7 @@ def compile_and_check(name: str, root: Path, ratio: float = 0.5) -> dict[str, An
     engine_err = float(np.abs(got - expect).max())
     scale = float(np.abs(expect).max()) or 1.0
     assert got.shape == expect.shape, f"{name}: engine output {got.shape} vs student {expect.shape}"
+    assert scale > 1e-3, f"{name}: the student's outputs are ~0 (max {scale:.3g}); parity would be vacuous"
     assert engine_err <= 1e-4 * max(1.0, scale), f"{name}: engine differs from the reloaded student by {engine_err:.3g}"
     auto = [loader for loader in record["loaders"] if loader.startswith("transformers.")]
     for loader in auto:
