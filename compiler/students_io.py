@@ -164,8 +164,30 @@ def _read_config_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def build_teacher(record: Mapping[str, Any]) -> nn.Module:
-    """A freshly built teacher (random weights) from the ``teacher`` part of a record."""
+def _no_init() -> Any:
+    """transformers' context that skips random initialisation (the saved weights replace it)."""
+    import contextlib
+
+    try:
+        from transformers.modeling_utils import no_init_weights
+    except ImportError:  # moved or gone in another release: initialise, only slower
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def build_teacher(record: Mapping[str, Any], *, meta: bool = False) -> nn.Module:
+    """A freshly built teacher (uninitialised weights) from the ``teacher`` part of a record;
+    ``meta``: on the meta device (structure and attributes only, no memory)."""
+    import contextlib
+
+    if meta:
+        try:
+            with torch.device("meta"):
+                return build_teacher(record)
+        except InputError:
+            raise
+        except Exception:  # a factory that needs real tensors (e.g. loads a checkpoint): build on CPU
+            return build_teacher(record)
     kind = record.get("kind")
     if kind == "hf":
         cls = _import_class(str(record["class"]))
@@ -182,9 +204,12 @@ def build_teacher(record: Mapping[str, Any]) -> nn.Module:
                              f"transformers knows: {e}") from e
         from_config = getattr(cls, "_from_config", None)
         attn = record.get("attn_implementation")
-        if callable(from_config) and attn:
-            return from_config(config, attn_implementation=attn)
-        return cls(config)
+        with _no_init() if not meta else contextlib.nullcontext():
+            model = from_config(config, attn_implementation=attn) if callable(from_config) and attn else cls(config)
+        tie = getattr(model, "tie_weights", None)
+        if callable(tie):
+            tie()  # skipped with the initialisation: tied tensors must be one tensor again
+        return model
     if kind == "factory":
         from .data import load_callable
 
@@ -231,7 +256,7 @@ def save_student(
     directory.mkdir(parents=True, exist_ok=True)
     module = module.eval()
     teacher_rec = _teacher_record(module, teacher)
-    fresh = build_teacher(teacher_rec)
+    fresh = build_teacher(teacher_rec, meta=True)
     origin: dict[str, list[int]] = dict(getattr(module, BLOCK_ORIGIN_ATTR, {}) or {})
     removed = _apply_removals(fresh, origin)
     fresh_mods = dict(fresh.named_modules())
