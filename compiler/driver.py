@@ -95,7 +95,7 @@ def _teacher_latency(state: CompileState, scratch: Path, target: str, note: Call
         from potstill.targets import measure_torch_latency
 
         note(f"note: the {target} engine was not timed here; the teacher's latency is PyTorch's")
-        lat = latency_dict(measure_torch_latency(state.teacher, state.example_inputs))
+        lat = latency_dict(measure_torch_latency(state.teacher, state.example_inputs, state.example_kwargs))
     return {"latency_ms": lat, "parity": parity_dict(art.parity)}
 
 

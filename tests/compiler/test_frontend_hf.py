@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,19 @@ def test_sequence_length_sets_the_example_shape(tmp_path: Path) -> None:
                                                  num_attention_heads=2, intermediate_size=16)).save_pretrained(vit)
     with pytest.raises(InputError, match="applies to text models"):
         load_teacher(f"hf:{vit}", sequence_length=8)
+
+
+@pytest.mark.slow
+def test_hf_text_teacher_with_a_tensorrt_profile(tmp_path: Path) -> None:
+    """The teacher is timed with its keyword inputs; the bundle's trtexec line spans batch and tokens."""
+    from potstill.driver import compile_teacher
+    from potstill.plan import CompileOptions
+
+    path = _bert(tmp_path)
+    res = compile_teacher(CompileOptions(teacher=f"hf:{path}", out=str(tmp_path / "out"), profile="h100-trt-fp16",
+                                         ratios=(0.5,), distill_epochs=0), note=lambda _: None)
+    assert res.manifest["teacher"]["latency_ms"]["median"] > 0
+    student = res.out / res.manifest["students"][0]["dir"]
+    build = next(student.rglob("build.sh")).read_text()
+    assert re.search(r"--minShapes=input_ids:\d+x1,", build) and re.search(r"--optShapes=input_ids:\d+x32,", build)
+    assert re.search(r"--maxShapes=input_ids:\d+x128,", build)  # capped by max_position_embeddings
