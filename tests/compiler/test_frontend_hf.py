@@ -98,4 +98,4 @@ def test_hf_text_teacher_with_a_tensorrt_profile(tmp_path: Path) -> None:
     student = res.out / res.manifest["students"][0]["dir"]
     build = next(student.rglob("build.sh")).read_text()
     assert re.search(r"--minShapes=input_ids:\d+x1,", build) and re.search(r"--optShapes=input_ids:\d+x32,", build)
-    assert re.search(r"--maxShapes=input_ids:\d+x128,", build)  # capped by max_position_embeddings
+    assert re.search(r"--maxShapes=input_ids:\d+x512,", build)  # the profile's max_sequence (BERT allows 512)
