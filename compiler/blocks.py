@@ -1,19 +1,24 @@
 """Blocks: residual blocks and transformer layers whose removal leaves a valid model.
 
-A candidate is a child of an ``nn.ModuleList`` or ``nn.Sequential`` whose exported nodes take one
-activation from outside and give back one of the same shape, with a residual ``add`` inside that
-reads an activation from outside the block (output = input + f(input), possibly normalised after).
+A candidate is a child of an ``nn.ModuleList`` or ``nn.Sequential``. It is a block when
+- it is *single-exit*: one of its nodes, the exit, post-dominates every live node of the child
+  (every path from them to the model output passes through the exit; Cooper, Harvey & Kennedy
+  dominators from ``networkx.immediate_dominators`` on the reversed graph), so replacing the
+  exit by the entry leaves no dangling value;
+- it has an entry: an activation from outside with the exit's shape;
+- it is residual: an ``add`` inside reads the entry (output = input + f(input), possibly
+  normalised after).
 Depth passes act on blocks only.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import networkx as nx
 from torch import nn
 
-if TYPE_CHECKING:
-    from .ir import Analysis, Block
+from .analysis_types import Analysis, Block
 
 
 def _containers(model: nn.Module) -> dict[str, nn.Module]:
@@ -36,41 +41,59 @@ def _reaches(g: Any, n: str, targets: list[str]) -> bool:
         n = args[0]
 
 
-def find_blocks(analysis: Analysis, model: nn.Module) -> list[Block]:
-    from .ir import Block
+def _post_dominators(g: nx.DiGraph) -> dict[str, str]:
+    """Immediate post-dominator of every node that reaches the graph's output."""
+    outputs = [n for n, d in g.nodes(data=True) if d["op"] == "output"]
+    if len(outputs) != 1:
+        return {}
+    return dict(nx.immediate_dominators(g.reverse(copy=False), outputs[0]))
 
+
+def _single_exit(inside: set[str], ipdom: dict[str, str], order: dict[str, int]) -> str | None:
+    """The node of ``inside`` that post-dominates all its live nodes, if there is one."""
+    live = [n for n in inside if n in ipdom]
+    if not live:
+        return None
+    exit_ = max(live, key=order.__getitem__)
+    for n in live:
+        while n != exit_:  # climb the post-dominator tree; it only moves forward in graph order
+            up = ipdom[n]
+            if up == n or order[up] > order[exit_]:
+                return None
+            n = up
+    return exit_
+
+
+def find_blocks(analysis: Analysis, model: nn.Module) -> list[Block]:
     g = analysis.ir.graph
     node_module = analysis.ir.node_module
+    ipdom = _post_dominators(g)
+    order = {n: i for i, n in enumerate(g.nodes)}  # insertion order is the graph's topological order
     blocks: list[Block] = []
     for cname, container in _containers(model).items():
         for idx, (child_name, _child) in enumerate(container.named_children()):
             name = f"{cname}.{child_name}" if cname else child_name
             inside = {n for n, m in node_module.items() if m == name or m.startswith(name + ".")}
             inside = {n for n in inside if g.nodes[n]["op"] == "call_function"}
-            if not inside:
+            exit_ = _single_exit(inside, ipdom, order)
+            if exit_ is None:
                 continue
-            external_inputs = set()
-            for n in inside:
-                for p in g.predecessors(n):
-                    if p not in inside and not (g.nodes[p]["op"] == "placeholder" and p in analysis.ir.param_names):
-                        external_inputs.add(p)
-            outputs = [n for n in inside if any(s not in inside for s in g.successors(n))]
-            act_in = [p for p in external_inputs if g.nodes[p]["shape"] is not None and len(g.nodes[p]["shape"]) >= 2]
-            act_out = [o for o in outputs if g.nodes[o]["shape"] is not None and len(g.nodes[o]["shape"]) >= 2]
-            if len(act_out) != 1:
+            out_shape = g.nodes[exit_]["shape"]
+            if out_shape is None or len(out_shape) < 2:
                 continue
-            out_shape = g.nodes[act_out[0]]["shape"]
-            main_in = [p for p in act_in if g.nodes[p]["shape"] == out_shape]
+            main_in = {
+                p for n in inside for p in g.predecessors(n)
+                if p not in inside and p not in analysis.ir.param_names and g.nodes[p]["shape"] == out_shape
+            }
             if not main_in:
                 continue
             residual = any(
-                g.nodes[n]["target"].startswith("add") and any(_reaches(g, p, main_in) for p in g.predecessors(n))
+                g.nodes[n]["target"].startswith("add") and any(_reaches(g, p, list(main_in)) for p in g.predecessors(n))
                 for n in inside
             )
             if not residual:
                 continue
-            cost = analysis.cost
-            macs = sum(cost.node_macs.get(n, 0) for n in inside) if cost is not None else 0
+            macs = sum(analysis.cost.node_macs.get(n, 0) for n in inside)
             params = sum(p.numel() for p in _child.parameters())
             kind = "transformer_layer" if isinstance(container, nn.ModuleList) else "residual"
             blocks.append(Block(name, cname, idx, kind, int(macs), int(params)))

@@ -10,32 +10,15 @@ divided by their sliced dim and multiplied by the unit length: the saving of pru
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from torch import nn
+from torch import fx, nn
 
-if TYPE_CHECKING:
-    from .ir import Analysis
+from .analysis_types import Analysis, CostReport
+from .coupling_rules import einsum_subscripts
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1, "int8": 1, "uint8": 1,
                 "float64": 8}
-
-
-@dataclass
-class CostReport:
-    macs: int
-    params: int
-    peak_activation_bytes: int
-    node_macs: dict[str, int] = field(default_factory=dict)
-    param_macs: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def param_bytes(self) -> int:
-        return self.params * 4
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"macs": self.macs, "params": self.params, "peak_activation_bytes": self.peak_activation_bytes}
 
 
 def _numel(shape: Any) -> int:
@@ -46,6 +29,7 @@ def cost_model(analysis: Analysis, model: nn.Module) -> CostReport:
     g = analysis.ir.graph
     p2p = analysis.ir.param_names
     shapes = analysis.param_shapes
+    fx_nodes = {n.name: n for n in analysis.ir.exported.graph_module.graph.nodes}
     node_macs: dict[str, int] = {}
     param_macs: dict[str, int] = {}
     for name, d in g.nodes(data=True):
@@ -56,20 +40,27 @@ def cost_model(analysis: Analysis, model: nn.Module) -> CostReport:
         macs = 0
         if t.startswith("conv") and len(args) > 1 and args[1] in p2p:
             w = shapes[p2p[args[1]]]
-            macs = _numel(out) * _numel(w[1:])
-            param_macs[p2p[args[1]]] = param_macs.get(p2p[args[1]], 0) + macs
+            # a transposed convolution multiplies every *input* element by a [C_out/groups, *k] slice
+            transposed = t.startswith("conv_transpose") or (
+                t.startswith("convolution") and len(fx_nodes[name].args) > 6 and bool(fx_nodes[name].args[6]))
+            src = g.nodes[args[0]]["shape"]
+            macs = _numel(src) * _numel(w[1:]) if transposed and src else _numel(out) * _numel(w[1:])
         elif t.startswith("linear") and len(args) > 1 and args[1] in p2p:
-            w = shapes[p2p[args[1]]]
-            macs = _numel(out) * w[1]
-            param_macs[p2p[args[1]]] = param_macs.get(p2p[args[1]], 0) + macs
+            macs = _numel(out) * shapes[p2p[args[1]]][1]
         elif t.split(".")[0] in ("matmul", "bmm", "mm", "addmm", "baddbmm") and len(args) >= 2:
             a_shape = g.nodes[args[-2]]["shape"] if t.startswith(("addmm", "baddbmm")) else g.nodes[args[0]]["shape"]
             if a_shape:
                 macs = _numel(out) * a_shape[-1]
+        elif t.startswith("einsum"):
+            macs = _einsum_macs(fx_nodes[name])
         elif "scaled_dot_product" in t and len(args) >= 3:
             q, k, v = (g.nodes[a]["shape"] for a in args[:3])
             if q and k and v:
                 macs = _numel(q[:-1]) * k[-2] * (q[-1] + v[-1])
+        if macs and not t.startswith("scaled_dot_product"):
+            weights = args[1:2] if t.startswith(("conv", "linear")) else args
+            for p in {p2p[a] for a in weights if a in p2p}:
+                param_macs[p] = param_macs.get(p, 0) + int(macs)
         node_macs[name] = int(macs)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     peak = _peak_activation(analysis)
@@ -107,3 +98,18 @@ def _peak_activation(analysis: Analysis) -> int:
             if last_use.get(p) == i and p in sizes:
                 live -= sizes.pop(p)
     return int(peak)
+
+
+def _einsum_macs(node: fx.Node) -> int:
+    """Product of every letter's size: each output element sums over the contracted letters."""
+    equation, operands = node.args[0], node.args[1]
+    shapes = [tuple(o.meta["val"].shape) for o in operands]  # type: ignore[union-attr]
+    try:
+        subs, _ = einsum_subscripts(str(equation), [len(s) for s in shapes])
+    except Exception:
+        return 0
+    size: dict[str, int] = {}
+    for sub, shape in zip(subs, shapes):
+        for c, n in zip(sub, shape):
+            size[c] = max(size.get(c, 1), int(n))
+    return math.prod(size.values())

@@ -1,132 +1,63 @@
 """Coupled-channel analysis: which parameter slices must be pruned together (after DepGraph).
 
-Every tensor dim of the exported ATen graph gets a *dim map*: ``None`` (not a channel dim: batch,
-space, sequence, or the inside of a head), or a tuple of segments. A segment ``Seg(space, c, r)``
-says: the dim's positions come in blocks of ``r`` consecutive positions, block ``k`` stands for the
-``c`` channels ``[k*c, (k+1)*c)`` of channel *space* ``space``. ``Fixed(n)`` segments are never
-pruned (e.g. model-input channels concatenated with features).
+Every tensor dim of the exported ATen graph gets a *dim map* (``potstill.analysis_types``):
+``None`` (not a channel dim: batch, space, sequence, or the inside of a head), or a tuple of
+segments. A segment ``Seg(space, c, r)`` says: the dim's positions come in blocks of ``r``
+consecutive positions, block ``k`` stands for the ``c`` channels ``[k*c, (k+1)*c)`` of channel
+*space* ``space``. ``Fixed(n)`` segments are never pruned (e.g. model-input channels concatenated
+with features).
 
     conv/linear out-dim           starts a space           Seg(s, 1, 1)
     flatten [C, H, W] -> [C*H*W]  repeats each channel      Seg(s, 1, H*W)
     view [H*D] -> [H, D]          makes heads               Seg(s, D, 1), None
     repeat_kv [G, r] -> [G*r]     repeats a KV group        Seg(s, D, r)
     cat along a channel dim       concatenates segments     (Seg(a..), Seg(b..))
+    split/chunk a channel dim     *refines* the space       Seg(s) -> (Seg(s1), Seg(s2), ...)
 
 Spaces joined by an op (residual add, a gate's multiply, Q·Kᵀ, a norm's affine parameters, a
 consumer's in-dim) are merged by union-find. Each merged group has ``n_units``: the number of
 prunable units; unit ``u`` of every member covers positions ``[u*L/n, (u+1)*L/n)``. A join of
 dims whose blocks differ coarsens the units to ``gcd`` of both sides (so heads stay whole and
-grouped-query attention prunes whole KV groups with their query heads). An op without a rule
-*pins* every channel it touches: the group is never pruned and the reason names the node.
+grouped-query attention prunes whole KV groups with their query heads).
+
+Index maps (Torch-Pruning's ``_SplitIndexMapping``/``_ConcatIndexMapping``): where an op cuts a
+channel dim (``split``, ``chunk``, ``unbind``, a slice) or joins dims whose segments do not line
+up (``cat(a, b) + c``), the class of spaces is *refined*: every space in it is cut at the same
+unit boundaries into pieces, each piece a class of its own, and every dim map that named the old
+spaces is rewritten to the pieces in order. A fused QKV or gate-up projection thus becomes one
+producer with several members (row offsets 0, E, 2E), each in the group its chunk joins.
+
+An op without a rule *pins* every channel it touches: the group is never pruned and the reason
+names the node. Rules live in ``potstill.coupling_rules`` and register into
+``analysis_types.RULES``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import fx
 
-
-@dataclass(frozen=True)
-class Seg:
-    space: int
-    c: int = 1
-    r: int = 1
-
-
-@dataclass(frozen=True)
-class Fixed:
-    length: int
-
-
-Segment = Seg | Fixed
-DimMap = tuple[Segment, ...] | None
-
-
-class _Unset:
-    def __repr__(self) -> str:
-        return "UNSET"
-
-
-UNSET: Any = _Unset()
-
-
-@dataclass
-class SpaceInfo:
-    size: int
-    n_units: int
-    producer: str | None = None  # "module.param" that started it
-    kind: str = "channels"
-    pinned: list[str] = field(default_factory=list)
-    inexact: list[str] = field(default_factory=list)
-    group_units: int | None = None  # conv groups / norm groups constraint (informational)
-
-
-_KIND_RANK = {"channels": 0, "neurons": 1, "conv_groups": 2, "hidden": 3, "vocab": 4}
-
-
-class SpaceTable:
-    """Union-find over channel spaces with per-root unit counts, pins and notes."""
-
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-        self.info: list[SpaceInfo] = []
-
-    def new(self, size: int, producer: str | None = None, kind: str = "channels") -> int:
-        sid = len(self.parent)
-        self.parent.append(sid)
-        self.info.append(SpaceInfo(size=size, n_units=size, producer=producer, kind=kind))
-        return sid
-
-    def find(self, s: int) -> int:
-        while self.parent[s] != s:
-            self.parent[s] = self.parent[self.parent[s]]
-            s = self.parent[s]
-        return s
-
-    def root(self, s: int) -> SpaceInfo:
-        return self.info[self.find(s)]
-
-    def coarsen(self, s: int, n: int) -> None:
-        r = self.root(s)
-        r.n_units = math.gcd(r.n_units, n)
-
-    def union(self, a: int, b: int, n: int | None = None) -> None:
-        ra, rb = self.find(a), self.find(b)
-        ia, ib = self.info[ra], self.info[rb]
-        units = math.gcd(ia.n_units, ib.n_units)
-        if n is not None:
-            units = math.gcd(units, n)
-        if ra != rb:
-            self.parent[rb] = ra
-            ia.pinned += ib.pinned
-            ia.inexact += ib.inexact
-            if ia.producer is None:
-                ia.producer = ib.producer
-            if _KIND_RANK.get(ib.kind, 0) > _KIND_RANK.get(ia.kind, 0):
-                ia.kind = ib.kind
-        ia.n_units = units
-
-    def pin(self, s: int, reason: str) -> None:
-        r = self.root(s)
-        if reason not in r.pinned:
-            r.pinned.append(reason)
-
-    def mark_inexact(self, s: int, reason: str) -> None:
-        r = self.root(s)
-        if reason not in r.inexact:
-            r.inexact.append(reason)
-
-
-def seg_length(table: SpaceTable, seg: Segment) -> int:
-    if isinstance(seg, Fixed):
-        return seg.length
-    return table.info[seg.space].size // seg.c * seg.r
+from . import coupling_rules  # noqa: F401  (registers the op rules)
+from .analysis_types import (
+    NO_OP,
+    RULES,
+    UNSET,
+    DimMap,
+    Fixed,
+    Seg,
+    Segment,
+    SpaceTable,
+    Unsupported,
+    node_args,
+    op_name,
+    seg_length,
+)
 
 
 class CouplingAnalysis:
@@ -143,6 +74,7 @@ class CouplingAnalysis:
         self.param_roles: dict[tuple[str, int], str] = {}
         self.dims: dict[fx.Node, Any] = {}
         self.unknown_ops: dict[str, list[str]] = {}
+        self.renamed: dict[int, tuple[int, ...]] = {}  # refined space -> its pieces
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -169,16 +101,18 @@ class CouplingAnalysis:
     def pname(self, x: fx.Node) -> str:
         return self.param_names[x.name]
 
+    def _fresh(self, name: str, d: int, role: str, kind: str = "channels") -> DimMap:
+        sid = self.table.new(self.param_shapes[name][d], producer=name, kind=kind, param_dim=(name, d))
+        self.param_dims[name][d] = (Seg(sid),)
+        self.param_roles[(name, d)] = role
+        return self.param_dims[name][d]
+
     def produce(self, x: fx.Node, d: int, kind: str = "channels") -> DimMap:
         """A parameter dim that starts a channel space (conv/linear out-dim, embedding dim)."""
         name = self.pname(x)
         current = self.param_dims[name][d]
         if current is UNSET:
-            size = self.param_shapes[name][d]
-            sid = self.table.new(size, producer=name, kind=kind)
-            current = (Seg(sid),)
-            self.param_dims[name][d] = current
-            self.param_roles[(name, d)] = "out"
+            return self._fresh(name, d, "out", kind)
         return current
 
     def bind(self, x: fx.Node, d: int, dm: DimMap, role: str, why: str) -> DimMap:
@@ -191,15 +125,25 @@ class CouplingAnalysis:
             return dm
         return self.join(current, dm, self.param_shapes[name][d], why)
 
+    def mark_role(self, dm: DimMap, role: str) -> None:
+        """Parameter dims that reach an op through views (``W.t()``, an einsum operand) and were
+        given a fresh space there take the role the op gives them (producer ``out``, consumer ``in``)."""
+        for seg in dm or ():
+            if isinstance(seg, Seg):
+                pd = self.table.info[seg.space].param_dim
+                if pd is not None and self.param_roles.get(pd) == "other":
+                    self.param_roles[pd] = role
+
     def pin_map(self, dm: DimMap, reason: str) -> None:
         if dm is None:
             return
-        for seg in dm:
+        for seg in self.resolve(dm) or ():
             if isinstance(seg, Seg):
                 self.table.pin(seg.space, reason)
 
     def join(self, a: DimMap, b: DimMap, length: int, why: str) -> DimMap:
         """Two dims that must carry the same channels position by position."""
+        a, b = self.resolve(a), self.resolve(b)
         if a is None and b is None:
             return None
         if a is None or b is None:
@@ -219,9 +163,113 @@ class CouplingAnalysis:
                 elif isinstance(x, Seg) or isinstance(y, Seg):
                     self.pin_map((x,) if isinstance(x, Seg) else (y,), f"{why}: joined with fixed channels")
             return a
-        self.pin_map(a, f"{why}: concatenated channels do not line up")
-        self.pin_map(b, f"{why}: concatenated channels do not line up")
-        return a
+        # Segments that do not line up: cut both sides at every boundary of either, then join piecewise.
+        cuts = sorted(set(itertools.accumulate(la)) | set(itertools.accumulate(lb)))
+        sizes = [y - x for x, y in itertools.pairwise([0, *cuts])]
+        try:
+            pa = self.cut(a, sizes, why)
+            pb = self.cut(b, sizes, why)
+        except Unsupported as e:
+            self.pin_map(a, f"{why}: concatenated channels do not line up ({e})")
+            self.pin_map(b, f"{why}: concatenated channels do not line up ({e})")
+            return a
+        for piece_a, piece_b, n in zip(pa, pb, sizes):
+            self.join(piece_a, piece_b, n, why)
+        return self.resolve(a)
+
+    # -- index maps: refining a class of spaces --------------------------------------------
+
+    def resolve(self, dm: DimMap) -> DimMap:
+        """``dm`` with every refined space replaced by its pieces (in order)."""
+        if dm is None or dm is UNSET or not self.renamed:
+            return dm
+        if not any(isinstance(s, Seg) and s.space in self.renamed for s in dm):
+            return dm
+        out: list[Segment] = []
+        for s in dm:
+            if isinstance(s, Seg) and s.space in self.renamed:
+                pieces = self.resolve(tuple(Seg(p, s.c, s.r) for p in self.renamed[s.space]))
+                out.extend(pieces or ())
+            else:
+                out.append(s)
+        return tuple(out)
+
+    def refine(self, space: int, cuts: Sequence[int], why: str) -> None:
+        """Cut the class of ``space`` at channel offsets ``cuts`` of ``space`` into pieces.
+
+        Every space ``t`` of the class is cut at the same *unit* boundaries (unit ``u`` of ``t``
+        is channels ``[u*|t|/n, (u+1)*|t|/n)``), the ``j``-th pieces of all of them form a class
+        of their own with the same pins and kind, and every stored dim map is rewritten.
+        """
+        table = self.table
+        size = table.info[space].size
+        cuts = sorted({int(c) for c in cuts if 0 < c < size})
+        if not cuts:
+            return
+        root = table.root(space)
+        n = root.n_units
+        per = size // n
+        if any(c % per for c in cuts):
+            raise Unsupported(f"{why}: cuts inside a unit of {per} channels")
+        bounds = [0, *(c // per for c in cuts), n]
+        units = [b - a for a, b in itertools.pairwise(bounds)]
+        members = table.members(space)
+        for t in members:
+            info = table.info[t]
+            step = info.size // n
+            self.renamed[t] = tuple(
+                table.new(k * step, producer=info.producer, kind=info.kind, param_dim=info.param_dim) for k in units
+            )
+        for j, k in enumerate(units):
+            first = self.renamed[members[0]][j]
+            for t in members[1:]:
+                table.union(first, self.renamed[t][j])
+            piece = table.root(first)
+            piece.n_units = math.gcd(piece.n_units, k)
+            piece.pinned, piece.inexact = list(root.pinned), list(root.inexact)
+            piece.kind, piece.producer = root.kind, root.producer
+        for maps in self.param_dims.values():
+            for d, dm in enumerate(maps):
+                maps[d] = self.resolve(dm)
+        for node, val in self.dims.items():
+            if isinstance(val, list):
+                self.dims[node] = [self.resolve(x) for x in val]
+            elif isinstance(val, tuple):
+                self.dims[node] = tuple([self.resolve(x) for x in v] if isinstance(v, list) else v for v in val)
+
+    def cut(self, dm: DimMap, sizes: Sequence[int], why: str) -> list[DimMap]:
+        """The dim maps of consecutive pieces of ``sizes`` positions of a dim (refining as needed)."""
+        if dm is None:
+            return [None] * len(sizes)
+        bounds = list(itertools.accumulate(sizes))
+        while True:  # refine the first segment a boundary falls inside, until none does
+            dm = self.resolve(dm)
+            assert dm is not None
+            start, todo = 0, None
+            for seg in dm:
+                length = seg_length(self.table, seg)
+                inner = [b - start for b in bounds if start < b < start + length]
+                if inner and isinstance(seg, Seg):
+                    if any(q % seg.r for q in inner):
+                        raise Unsupported(f"{why}: cuts inside a repeated channel block")
+                    todo = (seg.space, [q // seg.r * seg.c for q in inner])
+                    break
+                start += length
+            if todo is None:
+                break
+            self.refine(todo[0], todo[1], why)
+        pieces: list[list[Segment]] = [[] for _ in sizes]
+        start, j = 0, 0
+        for seg in dm:
+            length = seg_length(self.table, seg)
+            end = start + length
+            while start < end:
+                take = min(end, bounds[j]) - start
+                pieces[j].append(seg if take == length else Fixed(take))
+                start += take
+                if start == bounds[j] and j < len(bounds) - 1:
+                    j += 1
+        return [tuple(p) if any(isinstance(s, Seg) for s in p) else None for p in pieces]
 
     def pin_node(self, node: fx.Node, reason: str) -> None:
         for arg in node.all_input_nodes:
@@ -230,9 +278,7 @@ class CouplingAnalysis:
                 name = self.pname(arg)
                 for d, cur in enumerate(self.param_dims[name]):
                     if cur is UNSET and self.param_shapes[name][d] > 1:
-                        sid = self.table.new(self.param_shapes[name][d], producer=name)
-                        self.param_dims[name][d] = (Seg(sid),)
-                        self.param_roles[(name, d)] = "other"
+                        self._fresh(name, d, "other")
                 maps = self.param_dims[name]
             for dm in maps or []:
                 if dm is not UNSET:
@@ -263,14 +309,14 @@ class CouplingAnalysis:
     def _call(self, node: fx.Node) -> None:
         target = node.target
         if target is operator.getitem:
-            src, idx = _args(node)[0], _args(node)[1]
+            src, idx = node_args(node)[0], node_args(node)[1]
             outs = self.dims.get(src) if isinstance(src, fx.Node) else None
             if isinstance(outs, tuple) and isinstance(idx, int) and idx < len(outs):
                 self.dims[node] = outs[idx]
             else:
                 self.dims[node] = self._none_like(node)
             return
-        name = _op_name(target)
+        name = op_name(target)
         rule = RULES.get(name)
         if rule is None:
             if name in NO_OP:
@@ -282,7 +328,7 @@ class CouplingAnalysis:
             return
         try:
             result = rule(self, node)
-        except _Unsupported as e:
+        except Unsupported as e:
             self.pin_node(node, f"{node.name} ({name}): {e}")
             result = None
         self.dims[node] = result if result is not None else self._none_like(node)
@@ -304,143 +350,12 @@ class CouplingAnalysis:
             maps = self.param_dims[name]
             for d, cur in enumerate(maps):
                 if cur is UNSET:
-                    size = self.param_shapes[name][d]
-                    if size == 1:
+                    if self.param_shapes[name][d] == 1:
                         maps[d] = None
                     else:
-                        maps[d] = (Seg(self.table.new(size, producer=name)),)
-                        self.param_roles[(name, d)] = "other"
-            return list(maps)
+                        self._fresh(name, d, "other")
+            return [self.resolve(m) for m in maps]
         found = self.dimmaps(x)
         if found is None:
-            raise _Unsupported(f"argument {x} is not a tensor")
-        return found
-
-
-class _Unsupported(Exception):
-    pass
-
-
-def _args(node: fx.Node) -> list[Any]:
-    return list(node.args)
-
-
-def _kw(node: fx.Node) -> dict[str, Any]:
-    return dict(node.kwargs)
-
-
-def _op_name(target: Any) -> str:
-    if isinstance(target, torch._ops.OpOverload):
-        return target.overloadpacket.__name__
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        return target.__name__
-    return getattr(target, "__name__", str(target))
-
-
-# ---------------------------------------------------------------------------------------------
-# Op rules. Each returns the output's dim maps (a list, or a tuple of lists for multi-output ops).
-
-Rule = Callable[[CouplingAnalysis, fx.Node], Any]
-RULES: dict[str, Rule] = {}
-
-#: Ops with no tensor result that matters (assertions, shape queries): they neither pin nor join.
-NO_OP = {
-    "_assert_tensor_metadata", "_assert_scalar", "sym_size", "sym_numel", "sym_stride",
-    "sym_constrain_range_for_size", "sym_constrain_range", "_assert_async", "scalar_tensor",
-    "arange", "ones", "zeros", "full", "empty", "lift_fresh_copy", "detach_", "_check_is_size",
-    "eye", "randn", "rand", "new_ones", "new_zeros", "new_full", "new_empty", "tensor",
-}
-
-
-def rule(*names: str) -> Callable[[Rule], Rule]:
-    def wrap(fn: Rule) -> Rule:
-        for n in names:
-            RULES[n] = fn
-        return fn
-
-    return wrap
-
-
-def reshape_maps(a: CouplingAnalysis, xm: list[DimMap], xs: Sequence[int], ys: Sequence[int], why: str) -> list[DimMap]:
-    """Dim maps through a reshape: match runs of input and output dims with equal products."""
-    out: list[DimMap] = [None] * len(ys)
-    i = j = 0
-    while i < len(xs) or j < len(ys):
-        if i < len(xs) and xs[i] == 1:
-            a.pin_map(xm[i], f"{why}: size-1 channel dim")
-            i += 1
-            continue
-        if j < len(ys) and ys[j] == 1:
-            j += 1
-            continue
-        if i >= len(xs) or j >= len(ys):
-            raise _Unsupported("reshape sizes do not match")
-        i2, j2 = i + 1, j + 1
-        px, py = xs[i], ys[j]
-        while px != py:
-            if px < py:
-                if i2 >= len(xs):
-                    raise _Unsupported("reshape sizes do not match")
-                px *= xs[i2]
-                i2 += 1
-            else:
-                if j2 >= len(ys):
-                    raise _Unsupported("reshape sizes do not match")
-                py *= ys[j2]
-                j2 += 1
-        ins = [(xs[k], xm[k]) for k in range(i, i2) if xs[k] != 1]
-        outs = [k for k in range(j, j2) if ys[k] != 1]
-        for k in range(i, i2):
-            if xs[k] == 1:
-                a.pin_map(xm[k], f"{why}: size-1 channel dim")
-        if len(ins) == 1 and len(outs) == 1:
-            out[outs[0]] = ins[0][1]
-        elif len(outs) == 1:
-            out[outs[0]] = _merge(a, ins, why)
-        elif len(ins) == 1:
-            for k, dm in zip(outs, _split_dim(a, ins[0][1], [ys[k] for k in outs], why)):
-                out[k] = dm
-        else:
-            for _, dm in ins:
-                a.pin_map(dm, f"{why}: reshape mixes several dims")
-        i, j = i2, j2
-    return out
-
-
-def _merge(a: CouplingAnalysis, ins: list[tuple[int, DimMap]], why: str) -> DimMap:
-    size, acc = ins[0]
-    for s, dm in ins[1:]:
-        if dm is None and acc is None:
-            pass
-        elif dm is None and acc is not None:
-            acc = tuple(Seg(x.space, x.c, x.r * s) if isinstance(x, Seg) else Fixed(x.length * s) for x in acc)
-        else:
-            a.pin_map(acc, f"{why}: merges channels with an inner dim")
-            a.pin_map(dm, f"{why}: merges channels with an outer dim")
-            acc = None
-        size *= s
-    return acc
-
-
-def _split_dim(a: CouplingAnalysis, dm: DimMap, sizes: list[int], why: str) -> list[DimMap]:
-    if dm is None:
-        return [None] * len(sizes)
-    if len(dm) != 1 or not isinstance(dm[0], Seg):
-        a.pin_map(dm, f"{why}: splits concatenated channels")
-        return [None] * len(sizes)
-    seg = dm[0]
-    inner = math.prod(sizes[1:])
-    if inner % seg.r == 0:
-        c = seg.c * (inner // seg.r)
-        a.table.coarsen(seg.space, a.table.info[seg.space].size // c)
-        outer: DimMap = (Seg(seg.space, c, 1),)
-    elif seg.r % inner == 0:
-        outer = (Seg(seg.space, seg.c, seg.r // inner),)
-    else:
-        a.pin_map(dm, f"{why}: splits channels unevenly")
-        return [None] * len(sizes)
-    return [outer, *([None] * (len(sizes) - 1))]
-
-
-# The op rules register themselves in RULES on import.
-from . import coupling_rules  # noqa: E402, F401
+            raise Unsupported(f"argument {x} is not a tensor")
+        return [self.resolve(m) for m in found]

@@ -1,29 +1,32 @@
 """Coupling rules for ATen ops: how each op relates the channel dims of its inputs and outputs.
 
-Each rule takes the analysis and the node and returns the output's dim maps (see
-``potstill.coupling``); it may join dims, start a channel space, bind parameter dims, or raise
-``_Unsupported(reason)`` to pin what the node touches. Ops with no rule here pin every channel
-they touch.
+Each rule takes the analysis (through ``analysis_types.ChannelAnalysis``) and the node and returns
+the output's dim maps (see ``potstill.coupling``); it may join dims, start a channel space, bind
+parameter dims, cut a dim into pieces (index maps), or raise ``Unsupported(reason)`` to pin what
+the node touches. Ops with no rule here pin every channel they touch. Rules register into
+``analysis_types.RULES``; this module imports nothing else of the analysis, so there is no cycle.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import fx
 
-from .coupling import (
+from .analysis_types import (
     UNSET,
-    CouplingAnalysis,
+    ChannelAnalysis,
     DimMap,
     Fixed,
     Seg,
     Segment,
-    _args,
-    _kw,
-    _op_name,
-    _Unsupported,
-    reshape_maps,
+    Unsupported,
+    node_args,
+    node_kwargs,
+    op_name,
     rule,
     seg_length,
 )
@@ -46,9 +49,9 @@ UNARY = (
 
 
 @rule(*UNARY)
-def _unary(a: CouplingAnalysis, node: fx.Node) -> Any:
-    maps = a.arg_maps(_args(node)[0], node.name)
-    if _op_name(node.target) == "native_dropout":
+def _unary(a: ChannelAnalysis, node: fx.Node) -> Any:
+    maps = a.arg_maps(node_args(node)[0], node.name)
+    if op_name(node.target) == "native_dropout":
         return (maps, list(maps))
     return maps
 
@@ -57,11 +60,11 @@ def _unary(a: CouplingAnalysis, node: fx.Node) -> Any:
       "masked_fill", "masked_fill_", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or",
       "__and__", "__or__", "bitwise_and", "bitwise_or", "fmod", "remainder", "rsub", "copysign",
       "lerp", "addcmul", "addcdiv")
-def _broadcast(a: CouplingAnalysis, node: fx.Node) -> Any:
+def _broadcast(a: ChannelAnalysis, node: fx.Node) -> Any:
     out_shape = a.shape(node)
     if out_shape is None:
         return None
-    tensors = [x for x in _args(node) if isinstance(x, fx.Node) and a.shape(x) is not None]
+    tensors = [x for x in node_args(node) if isinstance(x, fx.Node) and a.shape(x) is not None]
     out: list[DimMap] = [None] * len(out_shape)
     seen: list[bool] = [False] * len(out_shape)
     for x in tensors:
@@ -83,12 +86,12 @@ def _broadcast(a: CouplingAnalysis, node: fx.Node) -> Any:
 
 
 @rule("linear")
-def _linear(a: CouplingAnalysis, node: fx.Node) -> Any:
-    x, w = _args(node)[0], _args(node)[1]
-    bias = _args(node)[2] if len(_args(node)) > 2 else _kw(node).get("bias")
+def _linear(a: ChannelAnalysis, node: fx.Node) -> Any:
+    x, w = node_args(node)[0], node_args(node)[1]
+    bias = node_args(node)[2] if len(node_args(node)) > 2 else node_kwargs(node).get("bias")
     xm = a.arg_maps(x, node.name)
     if not a.is_param(w):
-        raise _Unsupported("linear weight is not a parameter")
+        raise Unsupported("linear weight is not a parameter")
     out_map = a.produce(w, 0, kind="neurons")
     a.bind(w, 1, xm[-1], "in", node.name)
     if isinstance(bias, fx.Node) and a.is_param(bias):
@@ -96,21 +99,24 @@ def _linear(a: CouplingAnalysis, node: fx.Node) -> Any:
     return [*xm[:-1], out_map]
 
 
-@rule("conv1d", "conv2d", "conv3d", "convolution", "_convolution")
-def _conv(a: CouplingAnalysis, node: fx.Node) -> Any:
-    name = _op_name(node.target)
-    args = list(_args(node))
+@rule("conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d",
+      "conv_transpose3d")
+def _conv(a: ChannelAnalysis, node: fx.Node) -> Any:
+    name = op_name(node.target)
+    args = list(node_args(node))
     x, w = args[0], args[1]
-    bias = args[2] if len(args) > 2 else None
+    bias = args[2] if len(args) > 2 else node_kwargs(node).get("bias")
     if name in ("convolution", "_convolution"):
         transposed = bool(args[6]) if len(args) > 6 else False
         groups = int(args[8]) if len(args) > 8 else 1
-        if transposed:
-            raise _Unsupported("transposed convolution")
+    elif name.startswith("conv_transpose"):
+        transposed = True
+        groups = int(args[6]) if len(args) > 6 else int(node_kwargs(node).get("groups", 1))
     else:
-        groups = int(args[6]) if len(args) > 6 else int(_kw(node).get("groups", 1))
+        transposed = False
+        groups = int(args[6]) if len(args) > 6 else int(node_kwargs(node).get("groups", 1))
     if not a.is_param(w):
-        raise _Unsupported("convolution weight is not a parameter")
+        raise Unsupported("convolution weight is not a parameter")
     xm = a.arg_maps(x, node.name)
     out_shape = a.shape(node)
     assert out_shape is not None
@@ -118,21 +124,44 @@ def _conv(a: CouplingAnalysis, node: fx.Node) -> Any:
     for d in range(2, len(a.param_shapes[wname])):
         if a.param_dims[wname][d] is UNSET:
             a.param_dims[wname][d] = None
-    out_map = a.produce(w, 0)
-    if groups == 1:
-        if isinstance(bias, fx.Node) and a.is_param(bias):
-            a.bind(bias, 0, out_map, "out", node.name)
+    if transposed:
+        out_map = _transposed_conv(a, node, w, xm[1], groups)
+    elif groups == 1:
+        out_map = a.produce(w, 0)
         a.bind(w, 1, xm[1], "in", node.name)
     else:
+        out_map = a.produce(w, 0)
         if a.param_dims[wname][1] is UNSET:
             a.param_dims[wname][1] = None
         out_map = _grouped_conv(a, node, w, xm[1], out_map, groups)
-        if isinstance(bias, fx.Node) and a.is_param(bias):
-            a.bind(bias, 0, out_map, "out", node.name)
+    if isinstance(bias, fx.Node) and a.is_param(bias):
+        a.bind(bias, 0, out_map, "out", node.name)
     return [xm[0], out_map, *([None] * (len(out_shape) - 2))]
 
 
-def _grouped_conv(a: CouplingAnalysis, node: fx.Node, w: fx.Node, xin: DimMap, out_map: DimMap, groups: int) -> DimMap:
+def _transposed_conv(a: ChannelAnalysis, node: fx.Node, w: fx.Node, xin: DimMap, groups: int) -> DimMap:
+    """ConvTranspose weight is ``[C_in, C_out/groups, *k]``: dim 1 starts the output channels and
+    dim 0 reads the input's. With groups, group ``k`` maps input channels ``[k*C_in/G, ...)`` to
+    output channels ``[k*C_out/G, ...)``: whole groups are pruned (dim 0 rows and the outputs)."""
+    wname = a.pname(w)
+    if groups == 1:
+        out_map = a.produce(w, 1)
+        a.bind(w, 0, xin, "in", node.name)
+        return out_map
+    if a.param_dims[wname][1] is UNSET:
+        a.param_dims[wname][1] = None
+    a.bind(w, 0, xin, "in", node.name)
+    xin = a.resolve(xin)
+    cout = (a.shape(node) or (0, 0))[1]
+    if xin is None or len(xin) != 1 or not isinstance(xin[0], Seg):
+        raise Unsupported("grouped transposed convolution over concatenated or fixed channels")
+    sid = a.table.new(cout, producer=wname, kind="conv_groups")
+    a.table.union(xin[0].space, sid, groups)
+    a.table.root(sid).kind = "conv_groups" if groups < cout else "channels"
+    return (Seg(sid),)
+
+
+def _grouped_conv(a: ChannelAnalysis, node: fx.Node, w: fx.Node, xin: DimMap, out_map: DimMap, groups: int) -> DimMap:
     """Grouped/depthwise conv: conv group k ties input channels [k*Cin/G, ...) to output [k*Cout/G, ...).
 
     Over concatenated inputs whose pieces hold whole conv groups, the output channels are split
@@ -141,7 +170,7 @@ def _grouped_conv(a: CouplingAnalysis, node: fx.Node, w: fx.Node, xin: DimMap, o
     why = f"{node.name}: grouped convolution"
     wname = a.pname(w)
     cout = a.param_shapes[wname][0]
-    cin = (a.shape(_args(node)[0]) or (0, 0))[1]
+    cin = (a.shape(node_args(node)[0]) or (0, 0))[1]
     if xin is None or out_map is None or len(out_map) != 1 or not isinstance(out_map[0], Seg):
         a.pin_map(xin, f"{why} over fixed channels")
         a.pin_map(out_map, f"{why} over fixed channels")
@@ -175,12 +204,12 @@ def _grouped_conv(a: CouplingAnalysis, node: fx.Node, w: fx.Node, xin: DimMap, o
 
 @rule("batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit", "native_batch_norm",
       "_native_batch_norm_legit_functional", "instance_norm")
-def _batch_norm(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(_args(node)[0], node.name)
-    for p in _args(node)[1:5]:
+def _batch_norm(a: ChannelAnalysis, node: fx.Node) -> Any:
+    xm = a.arg_maps(node_args(node)[0], node.name)
+    for p in node_args(node)[1:5]:
         if isinstance(p, fx.Node) and a.is_param(p):
             a.bind(p, 0, xm[1], "norm", node.name)
-    if _op_name(node.target) in ("batch_norm", "instance_norm"):
+    if op_name(node.target) in ("batch_norm", "instance_norm"):
         return xm
     val = node.meta.get("val")
     n_out = len(val) if isinstance(val, (tuple, list)) else 1
@@ -188,16 +217,16 @@ def _batch_norm(a: CouplingAnalysis, node: fx.Node) -> Any:
 
 
 @rule("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm")
-def _layer_norm(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(_args(node)[0], node.name)
-    shape = _args(node)[1]
+def _layer_norm(a: ChannelAnalysis, node: fx.Node) -> Any:
+    xm = a.arg_maps(node_args(node)[0], node.name)
+    shape = node_args(node)[1]
     nd = len(shape) if isinstance(shape, (list, tuple)) else 1
-    weight = _args(node)[2] if len(_args(node)) > 2 else _kw(node).get("weight")
-    bias = _args(node)[3] if len(_args(node)) > 3 and _op_name(node.target) != "rms_norm" else _kw(node).get("bias")
+    weight = node_args(node)[2] if len(node_args(node)) > 2 else node_kwargs(node).get("weight")
+    bias = node_args(node)[3] if len(node_args(node)) > 3 and op_name(node.target) != "rms_norm" else node_kwargs(node).get("bias")
     norm_dims = list(range(len(xm) - nd, len(xm)))
     seg_dims = [d for d in norm_dims if xm[d] is not None]
     if len(seg_dims) > 1 or (seg_dims and nd > 1):
-        raise _Unsupported("normalised over several channel dims")
+        raise Unsupported("normalised over several channel dims")
     for d in seg_dims:
         for seg in xm[d] or ():
             if isinstance(seg, Seg):
@@ -209,7 +238,7 @@ def _layer_norm(a: CouplingAnalysis, node: fx.Node) -> Any:
                 a.bind(p, 0, xm[-1], "norm", node.name)
             else:
                 a.arg_maps(p, node.name)
-    if _op_name(node.target) in ("native_layer_norm", "_fused_rms_norm"):
+    if op_name(node.target) in ("native_layer_norm", "_fused_rms_norm"):
         val = node.meta.get("val")
         n_out = len(val) if isinstance(val, (tuple, list)) else 1
         return (xm, *([None] * (n_out - 1)))
@@ -217,34 +246,34 @@ def _layer_norm(a: CouplingAnalysis, node: fx.Node) -> Any:
 
 
 @rule("group_norm", "native_group_norm")
-def _group_norm(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(_args(node)[0], node.name)
-    if _op_name(node.target) == "group_norm":
-        groups, weight, bias = int(_args(node)[1]), _args(node)[2] if len(_args(node)) > 2 else None, _args(node)[3] if len(_args(node)) > 3 else None
+def _group_norm(a: ChannelAnalysis, node: fx.Node) -> Any:
+    xm = a.arg_maps(node_args(node)[0], node.name)
+    if op_name(node.target) == "group_norm":
+        groups, weight, bias = int(node_args(node)[1]), node_args(node)[2] if len(node_args(node)) > 2 else None, node_args(node)[3] if len(node_args(node)) > 3 else None
     else:
-        weight, bias, groups = _args(node)[1], _args(node)[2], int(_args(node)[6])
+        weight, bias, groups = node_args(node)[1], node_args(node)[2], int(node_args(node)[6])
     cm = xm[1]
     if cm is not None:
-        per_group = (a.shape(_args(node)[0]) or (0, 0))[1] // groups
+        per_group = (a.shape(node_args(node)[0]) or (0, 0))[1] // groups
         for seg in cm:
             n = seg_length(a.table, seg)
             if n % per_group:
-                raise _Unsupported("a norm group straddles concatenated pieces")
+                raise Unsupported("a norm group straddles concatenated pieces")
             if isinstance(seg, Seg):
                 a.table.coarsen(seg.space, n // per_group)
     for p in (weight, bias):
         if isinstance(p, fx.Node) and a.is_param(p):
             a.bind(p, 0, cm, "norm", node.name)
-    if _op_name(node.target) == "native_group_norm":
+    if op_name(node.target) == "native_group_norm":
         return (xm, None, None)
     return xm
 
 
 @rule("embedding")
-def _embedding(a: CouplingAnalysis, node: fx.Node) -> Any:
-    w, ids = _args(node)[0], _args(node)[1]
+def _embedding(a: ChannelAnalysis, node: fx.Node) -> Any:
+    w, ids = node_args(node)[0], node_args(node)[1]
     if not a.is_param(w):
-        raise _Unsupported("embedding table is not a parameter")
+        raise Unsupported("embedding table is not a parameter")
     name = a.pname(w)
     if a.param_dims[name][0] is UNSET:
         sid = a.table.new(a.param_shapes[name][0], producer=name, kind="vocab")
@@ -256,19 +285,25 @@ def _embedding(a: CouplingAnalysis, node: fx.Node) -> Any:
     return [*idm, emb]
 
 
-def _matmul_like(a: CouplingAnalysis, node: fx.Node, x: Any, y: Any) -> list[DimMap]:
+def _matmul_like(a: ChannelAnalysis, node: fx.Node, x: Any, y: Any) -> list[DimMap]:
     xs, ys = a.shape(x), a.shape(y)
     if xs is None or ys is None or len(xs) < 2 or len(ys) < 2:
-        raise _Unsupported("matmul with a vector operand")
+        raise Unsupported("matmul with a vector operand")
     xm = a.arg_maps(x, node.name) if not a.is_param(x) else None
     if a.is_param(y):
         name = a.pname(y)
         if a.param_dims[name][-1] is UNSET:
-            a.produce(y, len(ys) - 1)
+            a.produce(y, len(ys) - 1, kind="neurons")
     ym = a.arg_maps(y, node.name)
     if xm is None:
         xm = a.arg_maps(x, node.name)
     a.join(xm[-1], ym[-2], xs[-1], node.name)  # the contracted dims carry the same channels
+    # a weight reached through views (``x @ W.t()``, HF Conv1D's ``addmm(b, x, W)``) reads and makes channels
+    a.mark_role(ym[-2], "in")
+    a.mark_role(xm[-1], "in")
+    a.mark_role(ym[-1], "out")
+    a.mark_role(xm[-2], "out")
+    xm, ym = [a.resolve(m) for m in xm], [a.resolve(m) for m in ym]
     batch_x, batch_y = xm[:-2], ym[:-2]
     out_shape = a.shape(node)
     assert out_shape is not None
@@ -287,14 +322,14 @@ def _matmul_like(a: CouplingAnalysis, node: fx.Node, x: Any, y: Any) -> list[Dim
 
 
 @rule("matmul", "bmm", "mm")
-def _matmul(a: CouplingAnalysis, node: fx.Node) -> Any:
-    return _matmul_like(a, node, _args(node)[0], _args(node)[1])
+def _matmul(a: ChannelAnalysis, node: fx.Node) -> Any:
+    return _matmul_like(a, node, node_args(node)[0], node_args(node)[1])
 
 
 @rule("addmm", "baddbmm")
-def _addmm(a: CouplingAnalysis, node: fx.Node) -> Any:
-    out = _matmul_like(a, node, _args(node)[1], _args(node)[2])
-    bias = _args(node)[0]
+def _addmm(a: ChannelAnalysis, node: fx.Node) -> Any:
+    out = _matmul_like(a, node, node_args(node)[1], node_args(node)[2])
+    bias = node_args(node)[0]
     if isinstance(bias, fx.Node):
         if a.is_param(bias):
             a.bind(bias, len(a.param_shapes[a.pname(bias)]) - 1, out[-1], "out", node.name)
@@ -307,11 +342,11 @@ def _addmm(a: CouplingAnalysis, node: fx.Node) -> Any:
 
 @rule("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
       "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention")
-def _sdpa(a: CouplingAnalysis, node: fx.Node) -> Any:
-    q, k, v = _args(node)[0], _args(node)[1], _args(node)[2]
+def _sdpa(a: ChannelAnalysis, node: fx.Node) -> Any:
+    q, k, v = node_args(node)[0], node_args(node)[1], node_args(node)[2]
     qs, ks, vs = a.shape(q), a.shape(k), a.shape(v)
     if qs is None or ks is None or vs is None or len(qs) != 4:
-        raise _Unsupported("attention inputs are not [B, H, S, D]")
+        raise Unsupported("attention inputs are not [B, H, S, D]")
     qm, km, vm = a.arg_maps(q, node.name), a.arg_maps(k, node.name), a.arg_maps(v, node.name)
     heads = qs[1]
     rep = heads // ks[1]
@@ -334,30 +369,30 @@ def _sdpa(a: CouplingAnalysis, node: fx.Node) -> Any:
 
 @rule("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "cumprod", "flip", "roll", "logcumsumexp",
       "_safe_softmax")
-def _along_dim(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(_args(node)[0], node.name)
-    dims = _args(node)[1] if len(_args(node)) > 1 else _kw(node).get("dim", _kw(node).get("dims", -1))
+def _along_dim(a: ChannelAnalysis, node: fx.Node) -> Any:
+    xm = a.arg_maps(node_args(node)[0], node.name)
+    dims = node_args(node)[1] if len(node_args(node)) > 1 else node_kwargs(node).get("dim", node_kwargs(node).get("dims", -1))
     dims = dims if isinstance(dims, (list, tuple)) else [dims]
     for d in dims:
         if isinstance(d, int) and xm[_dim(d, len(xm))] is not None:
-            raise _Unsupported("mixes channels along a channel dim")
+            raise Unsupported("mixes channels along a channel dim")
     return xm
 
 
 @rule("mean", "sum", "amax", "amin", "var", "std", "max", "min", "prod", "norm", "linalg_vector_norm", "any", "all",
       "logsumexp", "argmax", "argmin")
-def _reduce(a: CouplingAnalysis, node: fx.Node) -> Any:
-    if len(_args(node)) > 1 and isinstance(_args(node)[1], fx.Node):
+def _reduce(a: ChannelAnalysis, node: fx.Node) -> Any:
+    if len(node_args(node)) > 1 and isinstance(node_args(node)[1], fx.Node):
         return _broadcast(a, node)  # max.other / min.other: elementwise of two tensors (MPNet buckets)
-    x = _args(node)[0]
+    x = node_args(node)[0]
     xm = a.arg_maps(x, node.name)
-    name = _op_name(node.target)
-    dims: Any = _args(node)[1] if len(_args(node)) > 1 else _kw(node).get("dim")
+    name = op_name(node.target)
+    dims: Any = node_args(node)[1] if len(node_args(node)) > 1 else node_kwargs(node).get("dim")
     if name in ("norm", "linalg_vector_norm"):
-        dims = _args(node)[2] if len(_args(node)) > 2 else _kw(node).get("dim")
-        keepdim = bool(_args(node)[3]) if len(_args(node)) > 3 else bool(_kw(node).get("keepdim", False))
+        dims = node_args(node)[2] if len(node_args(node)) > 2 else node_kwargs(node).get("dim")
+        keepdim = bool(node_args(node)[3]) if len(node_args(node)) > 3 else bool(node_kwargs(node).get("keepdim", False))
     else:
-        keepdim = bool(_args(node)[2]) if len(_args(node)) > 2 else bool(_kw(node).get("keepdim", False))
+        keepdim = bool(node_args(node)[2]) if len(node_args(node)) > 2 else bool(node_kwargs(node).get("keepdim", False))
     if dims is None or dims == []:
         dims = list(range(len(xm)))
     dims = [_dim(int(d), len(xm)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
@@ -370,7 +405,7 @@ def _reduce(a: CouplingAnalysis, node: fx.Node) -> Any:
                         if isinstance(seg, Seg):
                             a.table.mark_inexact(seg.space, f"{node.name}: a statistic over these channels")
                 else:
-                    raise _Unsupported("reduces a channel dim")
+                    raise Unsupported("reduces a channel dim")
             if keepdim:
                 out.append(None)
         else:
@@ -385,8 +420,8 @@ def _reduce(a: CouplingAnalysis, node: fx.Node) -> Any:
       "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "adaptive_max_pool2d",
       "upsample_nearest2d", "upsample_bilinear2d", "upsample_nearest1d", "upsample_linear1d", "_upsample_nearest_exact2d",
       "upsample_bicubic2d", "_adaptive_avg_pool2d", "interpolate", "_upsample_bilinear2d_aa")
-def _pool(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(_args(node)[0], node.name)
+def _pool(a: ChannelAnalysis, node: fx.Node) -> Any:
+    xm = a.arg_maps(node_args(node)[0], node.name)
     out_shape = a.shape(node)
     if out_shape is None:
         val = node.meta.get("val")
@@ -398,39 +433,39 @@ def _pool(a: CouplingAnalysis, node: fx.Node) -> Any:
 
 
 @rule("constant_pad_nd", "pad", "reflection_pad2d", "replication_pad2d", "reflection_pad1d")
-def _pad(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(_args(node)[0], node.name)
-    pads = list(_args(node)[1])
+def _pad(a: ChannelAnalysis, node: fx.Node) -> Any:
+    xm = a.arg_maps(node_args(node)[0], node.name)
+    pads = list(node_args(node)[1])
     for i in range(0, len(pads), 2):
         d = len(xm) - 1 - i // 2
         if (pads[i] or pads[i + 1]) and xm[d] is not None:
-            raise _Unsupported("pads a channel dim")
+            raise Unsupported("pads a channel dim")
     return xm
 
 
 @rule("transpose", "swapaxes")
-def _transpose(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = list(a.arg_maps(_args(node)[0], node.name))
-    i, j = _dim(int(_args(node)[1]), len(xm)), _dim(int(_args(node)[2]), len(xm))
+def _transpose(a: ChannelAnalysis, node: fx.Node) -> Any:
+    xm = list(a.arg_maps(node_args(node)[0], node.name))
+    i, j = _dim(int(node_args(node)[1]), len(xm)), _dim(int(node_args(node)[2]), len(xm))
     xm[i], xm[j] = xm[j], xm[i]
     return xm
 
 
 @rule("t")
-def _t(a: CouplingAnalysis, node: fx.Node) -> Any:
-    return list(reversed(a.arg_maps(_args(node)[0], node.name)))
+def _t(a: ChannelAnalysis, node: fx.Node) -> Any:
+    return list(reversed(a.arg_maps(node_args(node)[0], node.name)))
 
 
 @rule("permute")
-def _permute(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(_args(node)[0], node.name)
-    return [xm[_dim(int(d), len(xm))] for d in _args(node)[1]]
+def _permute(a: ChannelAnalysis, node: fx.Node) -> Any:
+    xm = a.arg_maps(node_args(node)[0], node.name)
+    return [xm[_dim(int(d), len(xm))] for d in node_args(node)[1]]
 
 
 @rule("expand", "expand_copy", "broadcast_to")
-def _expand(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(_args(node)[0], node.name)
-    xs = a.shape(_args(node)[0])
+def _expand(a: ChannelAnalysis, node: fx.Node) -> Any:
+    xm = a.arg_maps(node_args(node)[0], node.name)
+    xs = a.shape(node_args(node)[0])
     out_shape = a.shape(node)
     assert xs is not None and out_shape is not None
     lead = len(out_shape) - len(xm)
@@ -445,9 +480,9 @@ def _expand(a: CouplingAnalysis, node: fx.Node) -> Any:
 
 
 @rule("repeat")
-def _repeat(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(_args(node)[0], node.name)
-    reps = list(_args(node)[1])
+def _repeat(a: ChannelAnalysis, node: fx.Node) -> Any:
+    xm = a.arg_maps(node_args(node)[0], node.name)
+    reps = list(node_args(node)[1])
     lead = len(reps) - len(xm)
     out: list[DimMap] = [None] * lead
     for d, dm in enumerate(xm):
@@ -460,11 +495,11 @@ def _repeat(a: CouplingAnalysis, node: fx.Node) -> Any:
 
 
 @rule("cat", "concat", "concatenate")
-def _cat(a: CouplingAnalysis, node: fx.Node) -> Any:
-    tensors = [t for t in _args(node)[0] if isinstance(t, fx.Node)]
+def _cat(a: ChannelAnalysis, node: fx.Node) -> Any:
+    tensors = [t for t in node_args(node)[0] if isinstance(t, fx.Node)]
     out_shape = a.shape(node)
     assert out_shape is not None
-    d = _dim(int(_args(node)[1]) if len(_args(node)) > 1 else int(_kw(node).get("dim", 0)), len(out_shape))
+    d = _dim(int(node_args(node)[1]) if len(node_args(node)) > 1 else int(node_kwargs(node).get("dim", 0)), len(out_shape))
     maps = [a.arg_maps(t, node.name) for t in tensors]
     shapes = [a.shape(t) for t in tensors]
     maps = [m for m, s in zip(maps, shapes) if s is not None and len(s) == len(out_shape)]
@@ -486,11 +521,11 @@ def _cat(a: CouplingAnalysis, node: fx.Node) -> Any:
 
 
 @rule("stack")
-def _stack(a: CouplingAnalysis, node: fx.Node) -> Any:
-    tensors = [t for t in _args(node)[0] if isinstance(t, fx.Node)]
+def _stack(a: ChannelAnalysis, node: fx.Node) -> Any:
+    tensors = [t for t in node_args(node)[0] if isinstance(t, fx.Node)]
     out_shape = a.shape(node)
     assert out_shape is not None
-    d = _dim(int(_args(node)[1]) if len(_args(node)) > 1 else 0, len(out_shape))
+    d = _dim(int(node_args(node)[1]) if len(node_args(node)) > 1 else 0, len(out_shape))
     maps = [a.arg_maps(t, node.name) for t in tensors]
     cur = list(maps[0])
     for m in maps[1:]:
@@ -498,61 +533,360 @@ def _stack(a: CouplingAnalysis, node: fx.Node) -> Any:
     return [*cur[:d], None, *cur[d:]]
 
 
-def _slice_like(a: CouplingAnalysis, node: fx.Node, d: int, full: bool, removes: bool) -> Any:
-    xm = a.arg_maps(_args(node)[0], node.name)
+def _slice_like(a: ChannelAnalysis, node: fx.Node, d: int, full: bool, removes: bool) -> Any:
+    xm = a.arg_maps(node_args(node)[0], node.name)
     d = _dim(d, len(xm))
     if xm[d] is not None and not full:
-        raise _Unsupported("slices a channel dim")
+        raise Unsupported("slices a channel dim")
     if removes:
         return [*xm[:d], *xm[d + 1 :]]
     return xm
 
 
-@rule("slice")
-def _slice(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xs = a.shape(_args(node)[0])
-    out = a.shape(node)
-    assert xs is not None and out is not None
-    d = int(_args(node)[1]) if len(_args(node)) > 1 else 0
-    return _slice_like(a, node, d, xs == out, removes=False)
+def _take(a: ChannelAnalysis, node: fx.Node, d: int, start: int, end: int, step: int) -> Any:
+    """A contiguous range of a dim; along a channel dim, the range's piece of the channels."""
+    xm = a.arg_maps(node_args(node)[0], node.name)
+    xs = a.shape(node_args(node)[0])
+    assert xs is not None
+    d = _dim(d, len(xm))
+    size = xs[d]
+    start, end = max(0, start + size if start < 0 else start), min(size, end + size if end < 0 else end)
+    if xm[d] is None or (start == 0 and end == size and step == 1):
+        return xm
+    if step != 1 or end <= start:
+        raise Unsupported("takes a strided or empty range of a channel dim")
+    sizes = [n for n in (start, end - start, size - end) if n]
+    pieces = a.cut(xm[d], sizes, node.name)
+    piece = pieces[1] if start else pieces[0]
+    xm = [a.resolve(m) for m in a.arg_maps(node_args(node)[0], node.name)]
+    return [*xm[:d], piece, *xm[d + 1 :]]
+
+
+@rule("slice", "slice_copy")
+def _slice(a: ChannelAnalysis, node: fx.Node) -> Any:
+    args = node_args(node)
+    d = int(args[1]) if len(args) > 1 else 0
+    start = args[2] if len(args) > 2 and args[2] is not None else 0
+    end = args[3] if len(args) > 3 and args[3] is not None else 2**62
+    step = int(args[4]) if len(args) > 4 else 1
+    if not isinstance(start, int) or not isinstance(end, int):
+        raise Unsupported("a slice with symbolic bounds")
+    return _take(a, node, d, start, end, step)
 
 
 @rule("narrow")
-def _narrow(a: CouplingAnalysis, node: fx.Node) -> Any:
-    return _slice_like(a, node, int(_args(node)[1]), a.shape(_args(node)[0]) == a.shape(node), removes=False)
+def _narrow(a: ChannelAnalysis, node: fx.Node) -> Any:
+    _, d, start, length = node_args(node)[:4]
+    if not isinstance(start, int) or not isinstance(length, int):
+        raise Unsupported("narrow with symbolic bounds")
+    return _take(a, node, int(d), start, start + length, 1)
 
 
 @rule("select")
-def _select(a: CouplingAnalysis, node: fx.Node) -> Any:
-    return _slice_like(a, node, int(_args(node)[1]), False, removes=True)
+def _select(a: ChannelAnalysis, node: fx.Node) -> Any:
+    return _slice_like(a, node, int(node_args(node)[1]), False, removes=True)
 
 
 @rule("index_select")
-def _index_select(a: CouplingAnalysis, node: fx.Node) -> Any:
-    return _slice_like(a, node, int(_args(node)[1]), False, removes=False)
+def _index_select(a: ChannelAnalysis, node: fx.Node) -> Any:
+    return _slice_like(a, node, int(node_args(node)[1]), False, removes=False)
 
 
-@rule("split", "split_with_sizes", "chunk", "unbind", "tensor_split")
-def _split(a: CouplingAnalysis, node: fx.Node) -> Any:
-    xm = a.arg_maps(_args(node)[0], node.name)
-    name = _op_name(node.target)
-    d = int(_args(node)[1]) if name == "unbind" and len(_args(node)) > 1 else (
-        int(_args(node)[2]) if len(_args(node)) > 2 else int(_kw(node).get("dim", 0)))
+@rule("split", "split_with_sizes", "chunk", "unbind", "tensor_split", "split_copy", "unbind_copy")
+def _split(a: ChannelAnalysis, node: fx.Node) -> Any:
+    """Pieces of a dim. Along a channel dim each piece gets its own slice of the channels (index
+    map): the spaces are refined at the cuts, so the chunks of a fused QKV or gate-up projection
+    prune independently, or together wherever they meet again (``a * silu(b)``, Q·Kᵀ)."""
+    xm = a.arg_maps(node_args(node)[0], node.name)
+    name = op_name(node.target)
+    if name.startswith("unbind"):
+        d = int(node_args(node)[1]) if len(node_args(node)) > 1 else int(node_kwargs(node).get("dim", 0))
+    else:
+        d = int(node_args(node)[2]) if len(node_args(node)) > 2 else int(node_kwargs(node).get("dim", 0))
     d = _dim(d, len(xm))
     val = node.meta.get("val")
-    n = len(val) if isinstance(val, (tuple, list)) else 1
-    if xm[d] is not None and n > 1:
-        raise _Unsupported("splits a channel dim")
-    if name == "unbind":
-        return tuple([*xm[:d], *xm[d + 1 :]] for _ in range(n))
-    return tuple(list(xm) for _ in range(n))
+    if not isinstance(val, (tuple, list)) or not all(hasattr(v, "shape") for v in val):
+        raise Unsupported("pieces without shapes")
+    sizes = [1] * len(val) if name.startswith("unbind") else [int(v.shape[d]) for v in val]
+    pieces = a.cut(xm[d], sizes, node.name) if len(val) > 1 else [xm[d]]
+    xm = [a.resolve(m) for m in a.arg_maps(node_args(node)[0], node.name)]
+    outs = []
+    for piece in pieces:
+        if name.startswith("unbind"):
+            a.pin_map(piece, f"{node.name}: unbind drops a channel dim")
+            outs.append([*xm[:d], *xm[d + 1 :]])
+        else:
+            outs.append([*xm[:d], piece, *xm[d + 1 :]])
+    return tuple(outs)
 
 
 @rule("squeeze", "unsqueeze", "view", "reshape", "_unsafe_view", "flatten", "unflatten", "view_copy", "_reshape_alias",
       "squeeze_", "unsqueeze_")
-def _reshape(a: CouplingAnalysis, node: fx.Node) -> Any:
-    x = _args(node)[0]
+def _reshape(a: ChannelAnalysis, node: fx.Node) -> Any:
+    x = node_args(node)[0]
     xs, out_shape = a.shape(x), a.shape(node)
     if xs is None or out_shape is None:
-        raise _Unsupported("unknown shapes")
-    return reshape_maps(a, list(a.arg_maps(x, node.name)), xs, out_shape, node.name)
+        raise Unsupported("unknown shapes")
+    return reshape_maps(a, list(a.arg_maps(x, node.name)), xs, out_shape, node.name, _picked_dims(node))
+
+
+_VALUE_PRESERVING = {"clone", "contiguous", "alias", "_to_copy", "to", "detach", "type_as"}
+
+
+def _picked_dims(node: fx.Node, depth: int = 0) -> set[int]:
+    """Dims of ``node``'s output that a later op takes apart position by position (``unbind``,
+    ``select``), followed through permutes and transposes: ``qkv.reshape(B, N, 3, H, D)
+    .permute(2, 0, 3, 1, 4).unbind(0)`` picks dim 2."""
+    val = node.meta.get("val")
+    if depth > 8 or not isinstance(val, torch.Tensor):
+        return set()
+    nd = val.dim()
+    out: set[int] = set()
+    for user in node.users:
+        name, args = op_name(user.target), node_args(user)
+        if name in ("unbind", "select") and args and args[0] is node:
+            d = args[1] if len(args) > 1 else node_kwargs(user).get("dim", 0)
+            out.add(_dim(int(d), nd))
+        elif name == "permute":
+            perm = [_dim(int(p), nd) for p in args[1]]
+            out |= {perm[k] for k in _picked_dims(user, depth + 1)}
+        elif name in ("transpose", "swapaxes"):
+            i, j = _dim(int(args[1]), nd), _dim(int(args[2]), nd)
+            out |= {{i: j, j: i}.get(k, k) for k in _picked_dims(user, depth + 1)}
+        elif name in _VALUE_PRESERVING:
+            out |= _picked_dims(user, depth + 1)
+    return out
+
+
+def reshape_maps(a: ChannelAnalysis, xm: list[DimMap], xs: Sequence[int], ys: Sequence[int], why: str,
+                 picked: set[int] | None = None) -> list[DimMap]:
+    """Dim maps through a reshape: match runs of input and output dims with equal products.
+
+    A channel dim split into ``[k, ...]`` whose outer ``k`` is taken apart later (``picked``) is
+    read as ``k`` stacked pieces (fused QKV as ``[3, H, D]``): the channels are cut into ``k``
+    pieces joined index-wise, the outer dim carries none, the inner dims carry a piece's channels.
+    """
+    out: list[DimMap] = [None] * len(ys)
+    i = j = 0
+    while i < len(xs) or j < len(ys):
+        if i < len(xs) and xs[i] == 1:
+            a.pin_map(xm[i], f"{why}: size-1 channel dim")
+            i += 1
+            continue
+        if j < len(ys) and ys[j] == 1:
+            j += 1
+            continue
+        if i >= len(xs) or j >= len(ys):
+            raise Unsupported("reshape sizes do not match")
+        i2, j2 = i + 1, j + 1
+        px, py = xs[i], ys[j]
+        while px != py:
+            if px < py:
+                if i2 >= len(xs):
+                    raise Unsupported("reshape sizes do not match")
+                px *= xs[i2]
+                i2 += 1
+            else:
+                if j2 >= len(ys):
+                    raise Unsupported("reshape sizes do not match")
+                py *= ys[j2]
+                j2 += 1
+        ins = [(xs[k], xm[k]) for k in range(i, i2) if xs[k] != 1]
+        outs = [k for k in range(j, j2) if ys[k] != 1]
+        for k in range(i, i2):
+            if xs[k] == 1:
+                a.pin_map(xm[k], f"{why}: size-1 channel dim")
+        if len(ins) == 1 and len(outs) == 1:
+            out[outs[0]] = ins[0][1]
+        elif len(outs) == 1:
+            out[outs[0]] = _merge(a, ins, why)
+        elif len(ins) == 1:
+            split = _split_pieces if outs[0] in (picked or ()) else _split_dim
+            for k, dm in zip(outs, split(a, ins[0][1], [ys[k] for k in outs], why)):
+                out[k] = dm
+        else:
+            for _, dm in ins:
+                a.pin_map(dm, f"{why}: reshape mixes several dims")
+        i, j = i2, j2
+    return out
+
+
+def _merge(a: ChannelAnalysis, ins: list[tuple[int, DimMap]], why: str) -> DimMap:
+    size, acc = ins[0]
+    for s, dm in ins[1:]:
+        if dm is None and acc is None:
+            pass
+        elif dm is None and acc is not None:
+            acc = tuple(Seg(x.space, x.c, x.r * s) if isinstance(x, Seg) else Fixed(x.length * s) for x in acc)
+        else:
+            a.pin_map(acc, f"{why}: merges channels with an inner dim")
+            a.pin_map(dm, f"{why}: merges channels with an outer dim")
+            acc = None
+        size *= s
+    return acc
+
+
+def _split_pieces(a: ChannelAnalysis, dm: DimMap, sizes: list[int], why: str) -> list[DimMap]:
+    if dm is None:
+        return [None] * len(sizes)
+    k, each = sizes[0], math.prod(sizes[1:])
+    pieces = a.cut(dm, [each] * k, why)
+    for piece in pieces[1:]:
+        a.join(pieces[0], piece, each, why)
+    first = a.resolve(pieces[0])
+    inner = _split_dim(a, first, sizes[1:], why) if len(sizes) > 2 else [first]
+    return [None, *inner]
+
+
+def _split_dim(a: ChannelAnalysis, dm: DimMap, sizes: list[int], why: str) -> list[DimMap]:
+    if dm is None:
+        return [None] * len(sizes)
+    if len(dm) != 1 or not isinstance(dm[0], Seg):
+        a.pin_map(dm, f"{why}: splits concatenated channels")
+        return [None] * len(sizes)
+    seg = dm[0]
+    inner = math.prod(sizes[1:])
+    if inner % seg.r == 0:
+        c = seg.c * (inner // seg.r)
+        a.table.coarsen(seg.space, a.table.info[seg.space].size // c)
+        outer: DimMap = (Seg(seg.space, c, 1),)
+    elif seg.r % inner == 0:
+        outer = (Seg(seg.space, seg.c, seg.r // inner),)
+    else:
+        a.pin_map(dm, f"{why}: splits channels unevenly")
+        return [None] * len(sizes)
+    return [outer, *([None] * (len(sizes) - 1))]
+
+
+
+
+@rule("prelu", "_prelu_kernel")
+def _prelu(a: ChannelAnalysis, node: fx.Node) -> Any:
+    """PReLU with one slope per channel (dim 1, or dim 0 of a vector): the slopes are sliced with them."""
+    x, w = node_args(node)[0], node_args(node)[1]
+    xm = a.arg_maps(x, node.name)
+    if isinstance(w, fx.Node) and a.is_param(w) and a.param_shapes[a.pname(w)][0] > 1:
+        a.bind(w, 0, xm[1] if len(xm) > 1 else xm[0], "other", node.name)
+    elif isinstance(w, fx.Node) and not a.is_param(w):
+        a.arg_maps(w, node.name)
+    return [a.resolve(m) for m in xm]
+
+
+def einsum_subscripts(equation: str, ranks: list[int]) -> tuple[list[str], str]:
+    """Operand and output subscripts with ``...`` expanded to fresh upper-case letters."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    ins = lhs.split(",")
+    if len(ins) != len(ranks):
+        raise Unsupported("einsum operands do not match its equation")
+    n_ell = max((r - len(s.replace("...", "")) for s, r in zip(ins, ranks) if "..." in s), default=0)
+    ell = "".join(chr(ord("A") + i) for i in range(n_ell))
+
+    def expand(sub: str, rank: int | None) -> str:
+        if "..." not in sub:
+            return sub
+        k = (rank - len(sub.replace("...", ""))) if rank is not None else n_ell
+        return sub.replace("...", ell[n_ell - k :])
+
+    ins = [expand(sub, r) for sub, r in zip(ins, ranks)]
+    if arrow:
+        out = expand(rhs, None)
+    else:
+        counts = {c: "".join(ins).count(c) for c in "".join(ins)}
+        out = ell + "".join(sorted(c for c, k in counts.items() if k == 1 and c not in ell))
+    return ins, out
+
+
+@rule("einsum")
+def _einsum(a: ChannelAnalysis, node: fx.Node) -> Any:
+    """Contraction from the subscripts: every letter joins the dims it labels across the inputs
+    (broadcast size-1 dims excepted); a letter kept in the output carries them there. A weight's
+    letter that only it and the output share starts channels; a weight's contracted letter reads
+    them (so ``einsum("bsd,hd->bsh", x, W)`` is a linear layer)."""
+    equation, operands = node_args(node)[0], node_args(node)[1]
+    if not isinstance(equation, str) or not all(isinstance(t, fx.Node) for t in operands):
+        raise Unsupported("einsum with non-tensor operands")
+    shapes = [a.shape(t) for t in operands]
+    if any(s is None for s in shapes):
+        raise Unsupported("einsum operand without a shape")
+    subs, out = einsum_subscripts(equation, [len(s or ()) for s in shapes])
+    if any(len(set(sub)) != len(sub) for sub in subs):
+        raise Unsupported("einsum takes a diagonal")
+    is_param = [a.is_param(t) for t in operands]
+    acts = "".join(sub for sub, p in zip(subs, is_param) if not p)
+    for t, sub, p, shape in zip(operands, subs, is_param, shapes):
+        if p:  # a weight's free letters start channels before they are read
+            for d, c in enumerate(sub):
+                if c in out and c not in acts and (shape or ())[d] > 1:
+                    a.produce(t, d, kind="neurons")
+    maps = [a.arg_maps(t, node.name) for t in operands]
+    letter: dict[str, DimMap] = {}
+    size: dict[str, int] = {}
+    for sub, m, shape, p in zip(subs, maps, shapes, is_param):
+        for d, c in enumerate(sub):
+            n = (shape or ())[d]
+            if n == 1 and size.get(c, 1) != 1:
+                a.pin_map(m[d], f"{node.name}: broadcast channel dim")
+                continue
+            if c not in letter or size.get(c, 1) == 1:
+                letter[c], size[c] = m[d], n
+            else:
+                letter[c] = a.join(letter[c], m[d], n, node.name)
+            if p and c not in out:
+                a.mark_role(m[d], "in")
+    return [a.resolve(letter.get(c)) for c in out]
+
+
+@rule("index")
+def _index(a: ChannelAnalysis, node: fx.Node) -> Any:
+    """``x[idx0, idx1, ...]`` (advanced indexing): indexed dims are looked up, never channels (a
+    relative-position bias table's rows); the dims left alone keep their channels (its heads)."""
+    x, indices = node_args(node)[0], list(node_args(node)[1])
+    if a.is_param(x):
+        name = a.pname(x)
+        for d, idx in enumerate(indices):
+            if idx is not None and a.param_dims[name][d] is UNSET:
+                a.param_dims[name][d] = None
+    xm = a.arg_maps(x, node.name)
+    picked = [d for d, idx in enumerate(indices) if idx is not None]
+    for d in picked:
+        if xm[d] is not None:
+            raise Unsupported("indexes a channel dim")
+    for idx in indices:
+        if isinstance(idx, fx.Node):
+            for m in a.arg_maps(idx, node.name):
+                a.pin_map(m, f"{node.name}: channels used as indices")
+    out_shape = a.shape(node)
+    assert out_shape is not None
+    rest = [xm[d] for d in range(len(xm)) if d not in picked]
+    n_idx = len(out_shape) - len(rest)
+    consecutive = picked == list(range(picked[0], picked[-1] + 1)) if picked else True
+    at = picked[0] if picked and consecutive else 0
+    keep_before = [xm[d] for d in range(at) if d not in picked]
+    return [*keep_before, *([None] * n_idx), *rest[len(keep_before):]]
+
+
+@rule("gather")
+def _gather(a: ChannelAnalysis, node: fx.Node) -> Any:
+    """``gather(x, d, idx)`` picks along ``d`` (relative positions in DeBERTa's c2p/p2c terms); the
+    other dims keep their channels where the index spans them whole."""
+    x, d, idx = node_args(node)[0], int(node_args(node)[1]), node_args(node)[2]
+    xm = a.arg_maps(x, node.name)
+    xs, out_shape = a.shape(x), a.shape(node)
+    assert xs is not None and out_shape is not None
+    d = _dim(d, len(xm))
+    # what is picked along ``d`` is data-dependent: those channels stay whole, the other dims go on
+    a.pin_map(xm[d], f"{node.name}: gathers along these channels")
+    out: list[DimMap] = []
+    for i, dm in enumerate(xm):
+        if i == d or dm is None:
+            out.append(None)
+        elif out_shape[i] == xs[i]:
+            out.append(dm)
+        else:
+            raise Unsupported("gathers part of a channel dim")
+    if isinstance(idx, fx.Node):
+        for i, m in enumerate(a.arg_maps(idx, node.name)):
+            if m is not None:
+                out[i] = a.join(out[i], m, out_shape[i], node.name)
+    return out

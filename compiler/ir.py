@@ -14,127 +14,29 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
 import torch
 from torch import fx, nn
 
-from .coupling import UNSET, CouplingAnalysis, Fixed, Seg, seg_length
+from .analysis_types import UNSET, Analysis, Block, CoupledGroup, Fixed, GraphIR, Member, Seg, seg_length
+from .blocks import find_blocks
+from .cost import cost_model
+from .coupling import CouplingAnalysis
 from .errors import InputError
 
-
-@dataclass(frozen=True)
-class Member:
-    """One parameter slice family of a coupled group (see docs/internals.md)."""
-
-    param: str
-    module: str
-    dim: int
-    offset: int
-    unit_len: int
-    role: str
-
-
-@dataclass
-class CoupledGroup:
-    id: int
-    n_units: int
-    members: tuple[Member, ...]
-    kind: str = "channels"
-    pinned: str | None = None
-    exact: bool = True
-    inexact_reason: str | None = None
-    unit_channels: int = 1
-    producer: str | None = None
-    macs_per_unit: float = 0.0
-    params_per_unit: int = 0
-
-    def positions(self, member: Member, units: Sequence[int]) -> list[int]:
-        """Indices along ``member.dim`` covered by the given units, in order."""
-        out: list[int] = []
-        for u in sorted(units):
-            start = member.offset + u * member.unit_len
-            out.extend(range(start, start + member.unit_len))
-        return out
-
-    @property
-    def channels(self) -> int:
-        return self.n_units * self.unit_channels
-
-    def describe(self) -> str:
-        names = sorted({m.module for m in self.members})
-        head = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
-        return f"g{self.id} {self.kind} x{self.n_units} [{head}]"
-
-
-@dataclass
-class Block:
-    name: str
-    container: str
-    index: int
-    kind: str
-    macs: int = 0
-    params: int = 0
-
-
-@dataclass
-class GraphIR:
-    """Ops and values of the exported graph; the networkx graph stays inside."""
-
-    exported: Any
-    graph: nx.DiGraph
-    param_names: dict[str, str]
-    node_module: dict[str, str]
-
-    def text(self) -> str:
-        lines = []
-        for name in nx.topological_sort(self.graph):
-            d = self.graph.nodes[name]
-            if d["op"] == "placeholder" and name in self.param_names:
-                continue
-            args = ", ".join(
-                f"@{self.param_names[p]}" if p in self.param_names else f"%{p}" for p in d["args"]
-            )
-            shape = "x".join(str(s) for s in d["shape"]) if d["shape"] is not None else "-"
-            mod = f"  # {d['module']}" if d["module"] else ""
-            lines.append(f"%{name}: {d['dtype']}[{shape}] = {d['target']}({args}){mod}")
-        return "\n".join(lines)
-
-    @property
-    def n_ops(self) -> int:
-        return sum(1 for _, d in self.graph.nodes(data=True) if d["op"] == "call_function")
-
-
-@dataclass
-class Analysis:
-    ir: GraphIR
-    groups: list[CoupledGroup]
-    blocks: list[Block]
-    cost: Any
-    unknown_ops: dict[str, list[str]] = field(default_factory=dict)
-    param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    conv_groups: dict[str, int] = field(default_factory=dict)
-
-    def prunable(self) -> list[CoupledGroup]:
-        return [g for g in self.groups if g.pinned is None]
-
-    def pinned(self) -> list[CoupledGroup]:
-        return [g for g in self.groups if g.pinned is not None]
-
-    def group(self, gid: int) -> CoupledGroup:
-        return self.groups[gid]
-
-    def text(self) -> str:
-        out = [self.ir.text(), "", "# groups"]
-        for g in self.groups:
-            state = f"pinned: {g.pinned}" if g.pinned else ("prunable" if g.exact else f"prunable (inexact: {g.inexact_reason})")
-            out.append(f"{g.describe()}  {state}")
-        out.append("# blocks")
-        out.extend(f"{b.name} ({b.kind}) macs={b.macs} params={b.params}" for b in self.blocks)
-        return "\n".join(out)
+__all__ = [
+    "Analysis",
+    "Block",
+    "CoupledGroup",
+    "GraphIR",
+    "Member",
+    "analyze",
+    "canonical_param_names",
+    "eval_mode",
+    "export",
+]
 
 
 def _module_of(node: fx.Node) -> str:
@@ -186,9 +88,6 @@ def export(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: di
 
 def analyze(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: dict[str, Any] | None = None) -> Analysis:
     """Export ``model`` and compute coupled groups, blocks and costs."""
-    from .blocks import find_blocks
-    from .cost import cost_model
-
     was_training = model.training
     model.eval()
     try:
@@ -229,7 +128,8 @@ def analyze(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: d
     norm_modules = {n for n, m in model.named_modules() if "norm" in type(m).__name__.lower()}
     groups = _build_groups(ca, param_modules, norm_modules)
     conv_groups = _conv_groups(gm, placeholder_to_param)
-    analysis = Analysis(ir, groups, [], None, dict(ca.unknown_ops), param_shapes, conv_groups)
+    analysis = Analysis(ir, groups, [], unknown_ops=dict(ca.unknown_ops), param_shapes=param_shapes,
+                        conv_groups=conv_groups)
     analysis.cost = cost_model(analysis, model)
     analysis.blocks = find_blocks(analysis, model)
     return analysis

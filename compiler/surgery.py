@@ -161,9 +161,27 @@ def _update_attributes(model: nn.Module, analysis: Analysis, kept: dict[str, flo
                 mod.normalized_shape = tuple(mod.weight.shape)
         elif isinstance(mod, nn.Embedding):
             mod.num_embeddings, mod.embedding_dim = mod.weight.shape
-        elif _is_hf_conv1d(mod):  # GPT-2's Conv1D: weight (nx, nf), the output view uses nf
-            mod.nx, mod.nf = mod.weight.shape  # type: ignore[union-attr]
+        _update_module_kinds(mod)
         _update_attention(mod)
+
+
+def _update_module_kinds(mod: nn.Module) -> None:
+    """Size attributes of the module kinds the op rules prune beyond conv/linear/norm/embedding:
+    ``PReLU(num_parameters)``; Hugging Face ``Conv1D`` (GPT-2: ``x @ W + b`` with ``W`` as
+    ``[nx, nf]``) and the fused-QKV attention that splits its output (``split_size``, heads)."""
+    if isinstance(mod, nn.PReLU):
+        mod.num_parameters = mod.weight.numel()
+    elif type(mod).__name__ == "Conv1D" and isinstance(w := getattr(mod, "weight", None), torch.Tensor):
+        mod.nx = int(w.shape[0])  # type: ignore[assignment]
+        mod.nf = int(w.shape[1])  # type: ignore[assignment]
+    fused = getattr(mod, "c_attn", None)
+    head_dim = getattr(mod, "head_dim", None)
+    if isinstance(getattr(mod, "split_size", None), int) and type(fused).__name__ == "Conv1D" and isinstance(head_dim, int):
+        q_attn = getattr(mod, "q_attn", None)  # cross-attention: c_attn holds K and V only
+        parts = 2 if getattr(mod, "is_cross_attention", False) and q_attn is not None else 3
+        width = fused.weight.shape[1] // parts  # type: ignore[union-attr]
+        mod.split_size = width  # type: ignore[assignment]
+        mod.num_heads = width // head_dim  # type: ignore[assignment]
 
 
 def _is_hf_conv1d(mod: nn.Module) -> bool:
@@ -288,10 +306,10 @@ def _update_hf_config(model: nn.Module, heads: bool = True) -> None:
         setattr(config, field_name, first)
         if not uniform:
             nonuniform.append(field_name)
-    try:  # vision models raise NotImplementedError here
-        get_emb = getattr(model, "get_input_embeddings", None)
+    get_emb = getattr(model, "get_input_embeddings", None)
+    try:
         emb = get_emb() if callable(get_emb) else None
-    except (NotImplementedError, AttributeError):
+    except NotImplementedError:  # vision models (ResNet, ConvNeXt, ...) have no input embeddings
         emb = None
     if isinstance(emb, nn.Embedding) and hasattr(config, "hidden_size"):
         config.hidden_size = emb.embedding_dim

@@ -2,8 +2,10 @@
 
 A program is a list of instructions over a growing list of tensors. ``ConvProgram`` builds image
 networks (convs of every grouping, BN/GN, residual adds, concats, squeeze-excite gates, pooling,
-flatten into linear heads); ``TokenProgram`` builds transformer-like networks (embeddings,
-multi-head and grouped-query attention with shape-agnostic reshapes, MLPs, residuals).
+flatten into linear heads, GLUs over a chunked conv, per-channel PReLU, layer-scaled residuals,
+ConvTranspose decoder layers); ``TokenProgram`` builds transformer-like networks (embeddings,
+multi-head and grouped-query attention with shape-agnostic reshapes, fused-QKV attention split in
+three, MLPs, SwiGLU MLPs with a chunked gate-up projection, einsum linear layers, residuals).
 """
 
 from __future__ import annotations
@@ -61,6 +63,28 @@ class ConvProgram(nn.Module):
             elif op == "add":
                 _, a, b = ins
                 chans.append(chans[a])
+            elif op == "glu":  # one conv makes value and gate, chunked along channels
+                _, src, c = ins
+                self.layers[str(i)] = nn.ModuleDict({"conv": nn.Conv2d(chans[src], 2 * c, 1)})
+                chans.append(c)
+            elif op == "prelu":
+                _, src = ins
+                self.layers[str(i)] = nn.ModuleDict({"act": nn.PReLU(chans[src])})
+                chans.append(chans[src])
+            elif op == "ls":  # ConvNeXt: x + gamma * conv(x), gamma one scale per channel
+                _, src = ins
+                c = chans[src]
+                self.layers[str(i)] = nn.ModuleDict({"conv": nn.Conv2d(c, c, 3, padding=1, groups=c),
+                                                     "pw": nn.Conv2d(c, c, 1)})
+                self.register_parameter(f"gamma{i}", nn.Parameter(torch.randn(c, 1, 1)))
+                chans.append(c)
+            elif op == "convT":
+                _, src, cout, grouped = ins
+                cin = chans[src]
+                groups = 2 if grouped and cin % 2 == 0 and cout % 2 == 0 else 1
+                self.layers[str(i)] = nn.ModuleDict({"conv": nn.ConvTranspose2d(cin, cout, 3, padding=1, groups=groups),
+                                                     "norm": nn.BatchNorm2d(cout)})
+                chans.append(cout)
         self.out_ch = chans[-1]
         feat = self.out_ch * (1 if head == "pool" else 4)
         self.fc1 = nn.Linear(feat, 12)
@@ -88,6 +112,18 @@ class ConvProgram(nn.Module):
                 ts.append(ts[ins[1]] * torch.sigmoid(layer["fc2"](F.relu(layer["fc1"](s)))))
             elif op == "add":
                 ts.append(ts[ins[1]] + ts[ins[2]])
+            elif op == "glu":
+                value, gate = self.layers[str(i)]["conv"](ts[ins[1]]).chunk(2, dim=1)
+                ts.append(value * torch.sigmoid(gate))
+            elif op == "prelu":
+                ts.append(self.layers[str(i)]["act"](ts[ins[1]]))
+            elif op == "ls":
+                layer = self.layers[str(i)]
+                x = ts[ins[1]]
+                ts.append(x + getattr(self, f"gamma{i}") * layer["pw"](F.gelu(layer["conv"](x))))
+            elif op == "convT":
+                layer = self.layers[str(i)]
+                ts.append(F.relu(layer["norm"](layer["conv"](ts[ins[1]]))))
         y = ts[-1]
         y = F.adaptive_avg_pool2d(y, 1 if self.head == "pool" else 2)
         y = torch.flatten(y, 1)
@@ -102,7 +138,7 @@ def conv_programs(draw: st.DrawFn) -> ConvProgram:
     chans = [in_ch]
     for _ in range(n):
         src = draw(st.integers(0, len(chans) - 1))
-        kinds = ["conv", "res", "se"]
+        kinds = ["conv", "res", "se", "glu", "prelu", "ls", "convT"]
         same = [j for j in range(len(chans)) if chans[j] == chans[src] and j != src]
         if len(chans) > 1:
             kinds.append("cat")
@@ -129,6 +165,17 @@ def conv_programs(draw: st.DrawFn) -> ConvProgram:
         elif op == "se":
             ins = ("se", src, draw(st.integers(2, 4)))
             chans.append(chans[src])
+        elif op == "glu":
+            c = draw(st.integers(2, 8))
+            ins = ("glu", src, c)
+            chans.append(c)
+        elif op in ("prelu", "ls"):
+            ins = (op, src)
+            chans.append(chans[src])
+        elif op == "convT":
+            cout = draw(st.integers(2, 10))
+            ins = ("convT", src, cout, draw(st.booleans()))
+            chans.append(cout)
         else:
             ins = ("add", src, draw(st.sampled_from(same)))
             chans.append(chans[src])
@@ -145,6 +192,8 @@ def randomize(model: nn.Module, seed: int) -> None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+        if isinstance(m, nn.PReLU):
+            m.weight.data.copy_(torch.randn(m.weight.shape, generator=g))
         if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
             m.weight.data.copy_(torch.randn(m.weight.shape, generator=g))
             m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
@@ -175,6 +224,46 @@ class Attention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(b, s, -1))
 
 
+class FusedAttention(nn.Module):
+    """One QKV projection split in three along its features (GPT-2 / timm style), heads by ``view``."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.qkv = nn.Linear(dim, 3 * heads * head_dim)
+        self.proj = nn.Linear(heads * head_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).split(self.qkv.out_features // 3, dim=-1)
+        q, k, v = (t.view(b, s, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(o.transpose(1, 2).reshape(b, s, -1))
+
+
+class StackedQKVAttention(FusedAttention):
+    """timm's ViT attention: ``qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, s, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(o.transpose(1, 2).reshape(b, s, -1))
+
+
+class SwiGLU(nn.Module):
+    """Fused gate-up projection chunked in two; the down projection is an einsum with a weight."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Parameter(torch.randn(dim, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return torch.einsum("bsh,dh->bsd", F.silu(gate) * up, self.down)
+
+
 class TokenProgram(nn.Module):
     def __init__(self, vocab: int, dim: int, layers: list[tuple[str, int, int, int, int]], n_out: int, tied: bool) -> None:
         super().__init__()
@@ -183,6 +272,10 @@ class TokenProgram(nn.Module):
         for kind, heads, kv, hd, ffn in layers:
             if kind == "attn":
                 self.blocks.append(Attention(dim, heads, kv, hd))
+            elif kind in ("fused", "stacked"):
+                self.blocks.append((FusedAttention if kind == "fused" else StackedQKVAttention)(dim, heads, hd))
+            elif kind == "swiglu":
+                self.blocks.append(SwiGLU(dim, ffn))
             else:
                 self.blocks.append(nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim)))
         self.tied = tied
@@ -202,12 +295,15 @@ def token_programs(draw: st.DrawFn) -> TokenProgram:
     dim = draw(st.sampled_from([8, 12, 16]))
     layers = []
     for _ in range(draw(st.integers(1, 4))):
-        if draw(st.booleans()):
+        kind = draw(st.sampled_from(["attn", "mlp", "fused", "stacked", "swiglu"]))
+        if kind == "attn":
             kv = draw(st.integers(1, 3))
             rep = draw(st.integers(1, 3))
             layers.append(("attn", kv * rep, kv, draw(st.sampled_from([2, 4])), 0))
+        elif kind in ("fused", "stacked"):
+            layers.append((kind, draw(st.integers(1, 4)), 0, draw(st.sampled_from([2, 4])), 0))
         else:
-            layers.append(("mlp", 0, 0, 0, draw(st.integers(4, 24))))
+            layers.append((kind, 0, 0, 0, draw(st.integers(4, 24))))
     model = TokenProgram(20, dim, layers, draw(st.integers(2, 5)), draw(st.booleans()))
     torch.manual_seed(draw(st.integers(0, 10_000)))
     for p in model.parameters():

@@ -18,7 +18,7 @@ from potstill.verify import verify_analysis
 
 from .archgen import conv_programs, token_programs
 
-SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
 def _random_keep(analysis, seed: int) -> dict[int, list[int]]:
