@@ -141,3 +141,26 @@ def test_unused_path_is_not_touched(tmp_path: Path):
     before = sorted(p.name for p in (tmp_path / "s").iterdir())
     load_student(tmp_path / "s")
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == before
+
+
+@pytest.mark.slow
+def test_llama_student_pt2_with_plain_tensor_mask(tmp_path):
+    """transformers' mask code (flat_apply) cannot be serialized; the plain-tensor mask can."""
+    from potstill.manifest import save_program
+    from potstill.students_io import plain_mask_module
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    kw = {"input_ids": torch.randint(0, 50, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    saved = save_program(m, (), kw, tmp_path / "student.pt2")
+    assert saved["file"] == "student.pt2" and "plain tensor ops" in saved["note"]
+    program = torch.export.load(str(tmp_path / "student.pt2")).module()
+    ids = torch.randint(0, 50, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(program(input_ids=ids, attention_mask=mask)["logits"], m(input_ids=ids, attention_mask=mask).logits)
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                          num_attention_heads=2, intermediate_size=16)).eval()
+    assert plain_mask_module(bert, kw) is None  # bidirectional: a causal mask would change it
