@@ -103,10 +103,7 @@ def save_family(name: str, root: Path, seed: int = 0) -> Path:
 
 #: families whose student is expected to miss the 20 % MACs cut, with the reason (an upstream or
 #: op-rule limitation); the zoo tests mark them xfail(strict) so a fix shows up as a failure to update
-SHORTFALLS: dict[str, str] = {
-    "deberta-v2": "17 % fewer MACs: DeBERTa's disentangled attention gathers relative-position scores "
-                  "(aten.gather has no coupling rule yet), so its query/key head groups stay pinned",
-}
+SHORTFALLS: dict[str, str] = {}
 
 
 def fresh_inputs(example: dict[str, Any], batch: int = 3, seq: int = 11, seed: int = 1) -> dict[str, Any]:
