@@ -79,7 +79,7 @@ def _module_attrs(mod: nn.Module) -> dict[str, Any]:
     """The public, simple attributes of one module (what ``__init__`` derived from its arguments)."""
     out = {}
     for key, value in vars(mod).items():
-        if key.startswith("_") or key == "training":
+        if key.startswith("_") or key in ("training", "name_or_path"):  # state and provenance, not shape
             continue
         enc = _encode(value)
         if enc is not ...:
