@@ -14,7 +14,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["CompileState", "Compiled", "__version__", "compile"]
+__all__ = ["CompileState", "Compiled", "__version__", "compile", "load_student"]
 
 
 def __getattr__(name: str) -> Any:
@@ -27,4 +27,8 @@ def __getattr__(name: str) -> Any:
         from .state import CompileState
 
         return CompileState
+    if name == "load_student":
+        from .students_io import load_student
+
+        return load_student
     raise AttributeError(f"module 'potstill' has no attribute {name!r}")

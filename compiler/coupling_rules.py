@@ -382,6 +382,8 @@ def _along_dim(a: ChannelAnalysis, node: fx.Node) -> Any:
 @rule("mean", "sum", "amax", "amin", "var", "std", "max", "min", "prod", "norm", "linalg_vector_norm", "any", "all",
       "logsumexp", "argmax", "argmin")
 def _reduce(a: ChannelAnalysis, node: fx.Node) -> Any:
+    if len(node_args(node)) > 1 and isinstance(node_args(node)[1], fx.Node):
+        return _broadcast(a, node)  # max.other / min.other: elementwise of two tensors (MPNet buckets)
     x = node_args(node)[0]
     xm = a.arg_maps(x, node.name)
     name = op_name(node.target)

@@ -19,6 +19,7 @@ installed packages.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -87,17 +88,31 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
 
 
 def load_teacher(
-    spec: str, input_shapes: Sequence[str] = (), seed: int = 0, default_shapes: Sequence[str] = ()
+    spec: str,
+    input_shapes: Sequence[str] = (),
+    seed: int = 0,
+    default_shapes: Sequence[str] = (),
+    *,
+    sequence_length: int | None = None,
+    trust_remote_code: bool = False,
 ) -> Teacher:
     """Load ``path/to/file.py:FACTORY`` or ``hf:PATH`` (see the module docstring).
 
     ``default_shapes`` (the profile's input shapes) serve a file without ``example_inputs()`` when
-    no ``--input-shape`` is given.
+    no ``--input-shape`` is given. ``sequence_length`` (text teachers) sets the example inputs'
+    token count, which is the timing shape; ``trust_remote_code`` (``--trust-remote-code``) lets a
+    Hugging Face folder's own Python run, which potstill never does otherwise.
     """
     if spec.startswith("hf:"):
         if input_shapes:
-            raise InputError(f"'{spec}': --input-shape does not apply to Hugging Face teachers")
-        return load_hf_teacher(spec[3:])
+            raise InputError(f"'{spec}': --input-shape does not apply to Hugging Face teachers; "
+                             "text teachers take --sequence-length, vision teachers use the config's image_size")
+        return load_hf_teacher(spec[3:], sequence_length=sequence_length, trust_remote_code=trust_remote_code)
+    if trust_remote_code:
+        raise InputError(f"'{spec}': --trust-remote-code applies to Hugging Face teachers (hf:PATH) only")
+    if sequence_length is not None:
+        raise InputError(f"'{spec}': --sequence-length applies to Hugging Face text teachers (hf:PATH) only; "
+                         "give --input-shape or example_inputs()")
     return load_file_teacher(spec, input_shapes, seed, default_shapes)
 
 
@@ -195,7 +210,14 @@ def hf_task(architectures: Sequence[str] | None) -> tuple[str, str]:
     return HF_BASE
 
 
-def load_hf_teacher(path_text: str) -> Teacher:
+#: token count of a text teacher's example inputs (the timing shape) unless --sequence-length says
+DEFAULT_SEQUENCE_LENGTH = 32
+
+
+def load_hf_teacher(path_text: str, *, sequence_length: int | None = None, trust_remote_code: bool = False) -> Teacher:
+    """A Hugging Face model folder as a teacher. Never runs the folder's own Python unless
+    ``trust_remote_code`` (``--trust-remote-code``) is set: ``trust_remote_code=False`` is passed to
+    every ``from_pretrained``, so a config with ``auto_map`` neither prompts nor runs code."""
     spec = f"hf:{path_text}"
     path = Path(path_text)
     if not (path / "config.json").is_file():
@@ -204,6 +226,8 @@ def load_hf_teacher(path_text: str) -> Teacher:
             f"teacher '{spec}': {path} {what}; give a local Hugging Face model directory "
             "(one written by save_pretrained), e.g. hf:./models/my-bert"
         )
+    if sequence_length is not None and not 1 <= sequence_length <= 1 << 16:
+        raise InputError(f"--sequence-length {sequence_length}: give a token count between 1 and 65536")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
@@ -211,14 +235,17 @@ def load_hf_teacher(path_text: str) -> Teacher:
     except ImportError as e:
         raise InputError(f"teacher '{spec}' needs transformers: pip install 'potstill[hf]'") from e
 
-    config = transformers.AutoConfig.from_pretrained(path)
+    config = _hf_config(transformers, path, spec, trust_remote_code)
     task, auto_name = hf_task(getattr(config, "architectures", None))
     auto_class = getattr(transformers, auto_name)
     config.use_cache = False
     config.return_dict = True
-    model = _hf_from_pretrained(auto_class, path, config, spec)
-    tokenizer = load_tokenizer(path)
-    kwargs = _hf_example_inputs(model, config, tokenizer)
+    model = _hf_from_pretrained(auto_class, path, config, spec, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    main = getattr(model, "main_input_name", "input_ids")
+    if sequence_length is not None and main != "input_ids":
+        raise InputError(f"teacher '{spec}': --sequence-length applies to text models; this one takes {main}")
+    kwargs = _hf_example_inputs(model, config, tokenizer, sequence_length or DEFAULT_SEQUENCE_LENGTH)
     sources = sorted(p.resolve() for p in path.iterdir() if p.is_file())
     return Teacher(
         module=model.eval(),
@@ -238,15 +265,57 @@ def hf_label(path: Path) -> str:
     return f"hf:{path.parent.name}/{path.name}" if path.name.lower() in generic else f"hf:{path.name}"
 
 
-def _hf_from_pretrained(auto_class: Any, path: Path, config: Any, spec: str) -> nn.Module:
+def _hf_config(transformers: Any, path: Path, spec: str, trust_remote_code: bool) -> Any:
+    """The folder's config, checked before any weights are read: valid JSON, a known
+    ``model_type``, and no ``auto_map`` code unless the user opted in."""
+    cfg_path = path / "config.json"
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"teacher '{spec}': {cfg_path} is not valid JSON ({e}); re-save it with save_pretrained") from e
+    if not isinstance(raw, dict):
+        raise InputError(f"teacher '{spec}': {cfg_path} must hold a JSON object, found {type(raw).__name__}")
+    model_type = raw.get("model_type")
+    known = transformers.CONFIG_MAPPING
+    remote = "auto_map" in raw
+    if not isinstance(model_type, str) or not model_type:
+        raise InputError(f"teacher '{spec}': {cfg_path} has no 'model_type' field; it names the architecture "
+                         "(e.g. \"bert\", \"llama\")")
+    if model_type not in known and not (remote and trust_remote_code):
+        hint = (" Its 'auto_map' names Python code in the folder: potstill runs it only with --trust-remote-code."
+                if remote else " Upgrade transformers or give a supported model.")
+        raise InputError(f"teacher '{spec}': {cfg_path} field 'model_type' is '{model_type}', which this transformers "
+                         f"({transformers.__version__}) does not know.{hint}")
+    archs = raw.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise InputError(f"teacher '{spec}': {cfg_path} field 'architectures' must be a list of class names")
+    try:
+        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise InputError(f"teacher '{spec}': {cfg_path} is not a valid {model_type} config: {type(e).__name__}: "
+                         f"{first}") from e
+
+
+def _hf_from_pretrained(auto_class: Any, path: Path, config: Any, spec: str, trust_remote_code: bool) -> nn.Module:
     errors = []
     for attn in ("sdpa", "eager"):
         try:
-            return auto_class.from_pretrained(path, config=config, attn_implementation=attn)
-        except (ValueError, ImportError) as e:  # the architecture does not support this attention
-            errors.append(f"{attn}: {e}")
+            return auto_class.from_pretrained(path, config=config, attn_implementation=attn,
+                                              trust_remote_code=trust_remote_code)
+        except (ValueError, ImportError) as e:
+            if "attn" in str(e).lower() or "attention implementation" in str(e).lower() or "sdpa" in str(e).lower():
+                errors.append(f"{attn}: {e}")  # the architecture does not support this attention: try the next
+                continue
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise InputError(f"teacher '{spec}': {auto_class.__name__} cannot build it from {path / 'config.json'}: "
+                             f"{type(e).__name__}: {first}") from e
         except OSError as e:
             raise InputError(f"teacher '{spec}': cannot load the weights: {e}") from e
+        except (RuntimeError, TypeError, KeyError) as e:  # weights that do not fit the config, bad fields
+            first = (str(e).strip().splitlines() or [""])[-1][:300]
+            raise InputError(f"teacher '{spec}': {auto_class.__name__} cannot build it from {path / 'config.json'}: "
+                             f"{type(e).__name__}: {first}") from e
     raise InputError(f"teacher '{spec}': {auto_class.__name__} could not load it ({'; '.join(errors)})")
 
 
@@ -254,14 +323,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
 
 
-def load_tokenizer(path: str | Path) -> Any:
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
     """The tokenizer saved in a model directory, or None when there is none."""
     if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
         return None
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception:  # a broken or partial tokenizer: the caller falls back to token ids
         return None
     if tok.pad_token is None and tok.eos_token is not None:

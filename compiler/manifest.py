@@ -378,10 +378,21 @@ def save_program(
         program = torch.export.export(module, args, kw, strict=False)
     try:
         torch.export.save(program, str(path))
-    except Exception as e:  # e.g. higher-order ops (vmap in HF mask code) torch cannot serialize yet
+    except Exception as e:  # e.g. higher-order ops (flat_apply in HF mask code) torch cannot serialize yet
         path.unlink(missing_ok=True)
+        from .students_io import plain_mask_module
+
+        inner = module.model if isinstance(module, PlainOutputs) else module
+        wrapped = plain_mask_module(inner, kw)
+        if wrapped is not None and not isinstance(inner, type(wrapped)):
+            saved = save_program(wrapped, (), kw, path, fixed_batch)
+            if saved["file"]:
+                why = ("the causal mask is built from attention_mask with plain tensor ops (transformers' mask "
+                       "code uses flat_apply, which torch.export.save cannot serialize)")
+                saved["note"] = f"{saved['note']}; {why}" if saved["note"] else why
+                return saved
         reason = (f"not written: torch.export cannot serialize this program ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:160]}); the engine and hf/ hold the student")
+                  f"{str(e).splitlines()[0][:160]}); load the student with potstill.load_student")
         return {"file": None, "dynamic_batch": dynamic, "note": f"{note}; {reason}" if note else reason}
     return {"file": path.name, "dynamic_batch": dynamic, "note": note}
 

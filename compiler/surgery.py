@@ -27,6 +27,10 @@ from .ir import HF_FFN_MODULES
 if TYPE_CHECKING:
     from .ir import Analysis, CoupledGroup
 
+#: attribute block removal leaves on a student: container -> the teacher index of each kept child
+#: (``students_io`` records it so ``load_student`` removes the same blocks from a fresh teacher)
+BLOCK_ORIGIN_ATTR = "_potstill_block_origin"
+
 
 def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
     mod_name, _, attr = name.rpartition(".")
@@ -90,6 +94,10 @@ def _record_pruned_heads(model: nn.Module, analysis: Analysis, keep: Mapping[int
     rebuilds the pruned shapes. Returns whether that route was taken."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "pruned_heads") or not hasattr(model, "prune_heads"):
+        return False
+    # ``from_pretrained`` replays ``config.pruned_heads`` through the base model's ``_prune_heads``,
+    # which most current decoders (OPT, Mistral, Qwen2, Phi, ...) no longer have
+    if not callable(getattr(getattr(model, "base_model", model), "_prune_heads", None)):
         return False
     if getattr(config, "head_dim", None) is not None:
         return False  # the config states the head size itself (Llama-style): head counts suffice
@@ -176,8 +184,16 @@ def _update_module_kinds(mod: nn.Module) -> None:
         mod.num_heads = width // head_dim  # type: ignore[assignment]
 
 
+def _is_hf_conv1d(mod: nn.Module) -> bool:
+    w = getattr(mod, "weight", None)
+    return (type(mod).__name__ == "Conv1D" and isinstance(getattr(mod, "nf", None), int)
+            and isinstance(w, torch.Tensor) and w.dim() == 2)
+
+
 _Q_NAMES = ("query", "q_proj", "q", "q_lin", "wq", "to_q")
 _K_NAMES = ("key", "k_proj", "k", "k_lin", "wk", "to_k")
+#: fused Q/K/V projections (GPT-2's Conv1D ``c_attn``, GPT-NeoX ``query_key_value``, ...), 3 x heads wide
+_QKV_NAMES = ("c_attn", "query_key_value", "qkv_proj", "qkv", "Wqkv", "in_proj")
 
 
 def _child_linear(mod: nn.Module, names: Iterable[str]) -> nn.Linear | None:
@@ -188,26 +204,77 @@ def _child_linear(mod: nn.Module, names: Iterable[str]) -> nn.Linear | None:
     return None
 
 
-def _update_attention(mod: nn.Module) -> None:
-    """Head counts of attention modules follow their (pruned) Q/K projections."""
-    head_dim = getattr(mod, "attention_head_size", None) or getattr(mod, "head_dim", None)
-    if not isinstance(head_dim, int) or head_dim <= 0:
-        return
-    q, k = _child_linear(mod, _Q_NAMES), _child_linear(mod, _K_NAMES)
+def _out_width(mod: nn.Module | None) -> int | None:
+    if isinstance(mod, nn.Linear):
+        return int(mod.weight.shape[0])
+    w = getattr(mod, "weight", None)
+    if mod is not None and _is_hf_conv1d(mod) and isinstance(w, torch.Tensor):
+        return int(w.shape[1])
+    return None
+
+
+#: attribute names of the query-head count, the KV-head count and the head size across HF families
+_HEADS_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
+_KV_ATTRS = ("num_key_value_heads", "num_kv_heads")
+_HEAD_DIM_ATTRS = ("attention_head_size", "head_dim", "head_size")
+#: attributes that hold ``heads * head_dim`` (the width of the attention's concatenated heads):
+#: BERT-likes' ``all_head_size``, GPT-2's ``split_size`` (its fused QKV split), DistilBERT's ``dim``
+_ALL_HEADS_ATTRS = ("all_head_size", "split_size", "dim")
+
+
+def _int_attr(mod: nn.Module, names: Iterable[str]) -> int | None:
+    for n in names:
+        v = getattr(mod, n, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def attention_counts(mod: nn.Module) -> dict[str, int]:
+    """``{"heads", "kv_heads", "head_dim"}`` of an attention module with Q/K projections, else ``{}``.
+
+    Counts come from the projections' widths (they are what the weights hold), never from the config.
+    """
+    head_dim = _int_attr(mod, _HEAD_DIM_ATTRS)
+    if head_dim is None:
+        return {}
+    q = _child_linear(mod, _Q_NAMES)
     if q is None:
-        return
-    heads = q.weight.shape[0] // head_dim
-    for attr in ("num_attention_heads", "num_heads", "n_heads"):
-        if isinstance(getattr(mod, attr, None), int):
-            setattr(mod, attr, heads)
-    if isinstance(getattr(mod, "all_head_size", None), int):
-        mod.all_head_size = heads * head_dim  # type: ignore[assignment]
+        fused = next((w for n in _QKV_NAMES if (w := _out_width(getattr(mod, n, None))) is not None), None)
+        if fused is None or fused % (3 * head_dim):
+            return {}
+        return {"heads": fused // (3 * head_dim), "head_dim": head_dim, "kv_heads": fused // (3 * head_dim)}
+    out = {"heads": q.weight.shape[0] // head_dim, "head_dim": head_dim}
+    k = _child_linear(mod, _K_NAMES)
     if k is not None:
-        kv = k.weight.shape[0] // head_dim
-        for attr in ("num_key_value_heads", "num_kv_heads"):
-            if isinstance(getattr(mod, attr, None), int):
+        out["kv_heads"] = k.weight.shape[0] // head_dim
+    return out
+
+
+def _update_attention(mod: nn.Module) -> None:
+    """Head counts of attention modules follow their (pruned) Q/K projections.
+
+    Slicing q/k/v/o per head (or KV group) leaves the module's bookkeeping to update: every count
+    attribute the family has (by presence, so older and newer transformers both work), the
+    concatenated-heads width, and the GQA repeat factor ``num_key_value_groups = heads / kv_heads``.
+    ``_prune_heads`` is never needed.
+    """
+    counts = attention_counts(mod)
+    if not counts:
+        return
+    heads, head_dim = counts["heads"], counts["head_dim"]
+    for attr in _HEADS_ATTRS:
+        if _int_attr(mod, (attr,)) is not None:
+            setattr(mod, attr, heads)
+    for attr in _ALL_HEADS_ATTRS:
+        if _int_attr(mod, (attr,)) is not None:
+            setattr(mod, attr, heads * head_dim)
+    kv = counts.get("kv_heads")
+    if kv:
+        for attr in _KV_ATTRS:
+            if _int_attr(mod, (attr,)) is not None:
                 setattr(mod, attr, kv)
-        if isinstance(getattr(mod, "num_key_value_groups", None), int) and kv:
+        if _int_attr(mod, ("num_key_value_groups",)) is not None:
             mod.num_key_value_groups = heads // kv  # type: ignore[assignment]
 
 
@@ -223,13 +290,11 @@ def _update_hf_config(model: nn.Module, heads: bool = True) -> None:
     kv_heads: list[int] = []
     ffn: list[int] = []
     for name, mod in model.named_modules():
-        head_dim = getattr(mod, "attention_head_size", None) or getattr(mod, "head_dim", None)
-        q = _child_linear(mod, _Q_NAMES)
-        if isinstance(head_dim, int) and q is not None:
-            head_counts.append(q.weight.shape[0] // head_dim)
-            k = _child_linear(mod, _K_NAMES)
-            if k is not None:
-                kv_heads.append(k.weight.shape[0] // head_dim)
+        counts = attention_counts(mod)
+        if counts:
+            head_counts.append(counts["heads"])
+            if "kv_heads" in counts:
+                kv_heads.append(counts["kv_heads"])
         if name.endswith(HF_FFN_MODULES) and isinstance(mod, nn.Linear):
             ffn.append(mod.weight.shape[0])
     nonuniform = []
@@ -266,10 +331,20 @@ def remove_blocks(model: nn.Module, analysis: Analysis, names: Sequence[str]) ->
     for n in names:
         by_container.setdefault(known[n].container, set()).add(known[n].index)
     for cname, drop in by_container.items():
+        if len(drop) >= len(list(new.get_submodule(cname).children())):
+            raise InputError(f"removing every block of '{cname}' leaves nothing; keep at least one")
+    return drop_children(new, by_container)
+
+
+def drop_children(new: nn.Module, by_container: Mapping[str, set[int]]) -> nn.Module:
+    """Remove, in place, the children at the given indices of each container; renumber ``layer_idx``
+    and the config's layer count; remember each kept child's teacher index (``students_io``)."""
+    origin: dict[str, list[int]] = dict(getattr(new, BLOCK_ORIGIN_ATTR, {}) or {})
+    for cname, drop in by_container.items():
         container = new.get_submodule(cname)
         children = list(container.named_children())
-        if len(drop) >= len(children):
-            raise InputError(f"removing every block of '{cname}' leaves nothing; keep at least one")
+        before = origin.get(cname, list(range(len(children))))
+        origin[cname] = [o for i, o in enumerate(before) if i not in drop]
         kept = [(n, c) for i, (n, c) in enumerate(children) if i not in drop]
         if isinstance(container, nn.ModuleList):
             replacement: nn.Module = nn.ModuleList([c for _, c in kept])
@@ -292,6 +367,12 @@ def remove_blocks(model: nn.Module, analysis: Analysis, names: Sequence[str]) ->
             layer_types = getattr(config, "layer_types", None)
             if isinstance(layer_types, list) and len(layer_types) == len(container) + len(drop):
                 config.layer_types = [t for i, t in enumerate(layer_types) if i not in drop]
+            pruned = getattr(config, "pruned_heads", None)
+            if isinstance(pruned, dict) and pruned:  # keyed by layer index: follow the renumbering
+                by_layer = {int(k): v for k, v in pruned.items()}
+                survivors = [i for i in range(len(container) + len(drop)) if i not in drop]
+                config.pruned_heads = {j: by_layer[i] for j, i in enumerate(survivors) if i in by_layer}
+    setattr(new, BLOCK_ORIGIN_ATTR, origin)
     return new
 
 

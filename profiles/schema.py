@@ -70,6 +70,11 @@ class TensorRTOptions(_Strict):
     min_batch: int = Field(default=1, ge=1)
     opt_batch: int = Field(default=1, ge=1)
     max_batch: int = Field(default=8, ge=1)
+    #: token range of text engines; opt_sequence None = the timing shape (--sequence-length);
+    #: max_sequence is also capped by the model's max_position_embeddings
+    min_sequence: int = Field(default=1, ge=1)
+    opt_sequence: int | None = Field(default=None, ge=1)
+    max_sequence: int = Field(default=512, ge=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> TensorRTOptions:
@@ -77,6 +82,12 @@ class TensorRTOptions(_Strict):
             raise ValueError(
                 f"need min_batch <= opt_batch <= max_batch, got {self.min_batch}, {self.opt_batch}, "
                 f"{self.max_batch}"
+            )
+        opt = self.opt_sequence if self.opt_sequence is not None else self.min_sequence
+        if not self.min_sequence <= opt <= self.max_sequence:
+            raise ValueError(
+                f"need min_sequence <= opt_sequence <= max_sequence, got {self.min_sequence}, "
+                f"{self.opt_sequence}, {self.max_sequence}"
             )
         return self
 
@@ -107,6 +118,8 @@ class DeviceProfile(_Strict):
     #: fixed batch size of engines; None = dynamic batch
     batch: int | None = Field(default=None, ge=1)
     input_shapes: list[list[int]] | None = None
+    #: token count of text teachers' example inputs: the timing shape (--sequence-length overrides)
+    sequence_length: int | None = Field(default=None, ge=1, le=65536)
     latency_budget_ms: float | None = Field(default=None, gt=0)
     memory_budget_mb: float | None = Field(default=None, gt=0)
     tolerance: Tolerance = Field(default_factory=lambda: Tolerance())  # noqa: PLW0108

@@ -2,11 +2,18 @@
 
 The module is wrapped so that every tensor input is a named positional input (positional
 arguments take the names of ``forward``'s parameters; keyword arguments such as Hugging Face's
-``input_ids``, ``attention_mask``, ``token_type_ids`` keep their names) and the one output is the
+``input_ids``, ``attention_mask``, ``token_type_ids`` keep their names). The first output is the
 primary output (``potstill.data.primary_output``: logits, last hidden state, or the first tensor),
-named ``output``. Exporter: ``torch.onnx.export(dynamo=True, external_data=False)``; if that fails,
-the TorchScript exporter, and the notes say so. The batch dimension is dynamic unless a batch is
-fixed.
+named ``output``; every other tensor the model returns (tuple items, dict or ``ModelOutput``
+fields) follows as ``output.<key>``, and the notes name any non-tensor output left out.
+Exporter: ``torch.onnx.export(dynamo=True, external_data=False)``; if that fails, the TorchScript
+exporter, and the notes say so.
+
+Shapes: the batch dimension is dynamic unless a batch is fixed; the token dimension of text inputs
+(``input_ids``, ``attention_mask``, ``token_type_ids``, ``position_ids``) is dynamic too, up to the
+model's ``max_position_embeddings``, as Optimum's ONNX configs declare them (``{0: "batch_size",
+1: "sequence_length"}``). When ``torch.export`` cannot keep the sequence symbolic, the engine keeps the
+example's length and the notes say why.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import inspect
 import io
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,23 +35,67 @@ from potstill.errors import PotstillError
 from torch import nn
 
 OUTPUT_NAME = "output"
+#: inputs whose dim 1 counts tokens (dynamic "sequence" axis)
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "decoder_input_ids",
+               "decoder_attention_mask")
+
+
+def output_leaves(out: Any, prefix: str = "") -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
+    """Every tensor in a model's output with a name (dict keys, tuple positions), and the names of
+    non-tensor leaves (caches, strings) that an engine cannot return."""
+    if isinstance(out, torch.Tensor):
+        return [(prefix or "0", out)], []
+    if out is None:
+        return [], []
+    items: list[tuple[str, Any]]
+    if isinstance(out, Mapping):
+        items = [(str(k), v) for k, v in out.items()]
+    elif isinstance(out, (tuple, list)):
+        items = [(str(i), v) for i, v in enumerate(out)]
+    else:
+        return [], [f"{prefix or 'output'} ({type(out).__name__})"]
+    tensors: list[tuple[str, torch.Tensor]] = []
+    skipped: list[str] = []
+    for key, value in items:
+        t, sk = output_leaves(value, f"{prefix}.{key}" if prefix else key)
+        tensors += t
+        skipped += sk
+    return tensors, skipped
+
+
+def ordered_outputs(out: Any) -> tuple[list[str], list[torch.Tensor], list[str]]:
+    """(names, tensors, skipped): the primary output first as ``output``, then the others."""
+    primary = primary_output(out)
+    leaves, skipped = output_leaves(out)
+    names, tensors = [OUTPUT_NAME], [primary]
+    for key, t in leaves:
+        if t is not primary:
+            names.append(f"{OUTPUT_NAME}.{key}")
+            tensors.append(t)
+    return names, tensors, skipped
 
 
 class FlatInputs(nn.Module):
-    """``forward(*tensors)`` -> primary output of ``module(*args, **kwargs)`` (non-tensors fixed)."""
+    """``forward(*tensors)`` -> (primary output, other tensor outputs...) of ``module(*args, **kwargs)``
+    (non-tensor keyword arguments fixed)."""
 
-    def __init__(self, module: nn.Module, n_args: int, kw_names: Sequence[str], fixed: dict[str, Any]) -> None:
+    def __init__(self, module: nn.Module, n_args: int, kw_names: Sequence[str], fixed: dict[str, Any],
+                 all_outputs: bool = False) -> None:
         super().__init__()
         self.module = module
         self.n_args = n_args
         self.kw_names = list(kw_names)
         self.fixed = dict(fixed)
+        self.all_outputs = all_outputs
 
-    def forward(self, *flat: torch.Tensor) -> torch.Tensor:
+    def forward(self, *flat: torch.Tensor) -> Any:
         args = flat[: self.n_args]
         kwargs = dict(zip(self.kw_names, flat[self.n_args :]))
         kwargs.update(self.fixed)
-        return primary_output(self.module(*args, **kwargs))
+        out = self.module(*args, **kwargs)
+        if not self.all_outputs:
+            return primary_output(out)
+        return tuple(ordered_outputs(out)[1])
 
 
 @dataclass
@@ -87,6 +138,25 @@ class OnnxExport:
     exporter: str
     notes: list[str] = field(default_factory=list)
     output_name: str = OUTPUT_NAME
+    #: every graph output, the primary (``output_name``) first
+    output_names: list[str] = field(default_factory=lambda: [OUTPUT_NAME])
+    #: input name -> {dim: axis name} of the symbolic dims in the graph
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+
+
+def sequence_inputs(names: Sequence[str], flat: Sequence[torch.Tensor]) -> list[str]:
+    """Text inputs (token ids and their masks) whose dim 1 is the sequence."""
+    return [n for n, t in zip(names, flat) if n in TEXT_INPUTS and t.dim() == 2 and t.shape[1] > 1]
+
+
+def max_sequence(module: nn.Module) -> int:
+    """The longest sequence the model's position tables allow (65536 without a config)."""
+    config = getattr(module, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return 1 << 16
 
 
 def export_onnx(
@@ -95,6 +165,7 @@ def export_onnx(
     path: str | Path,
     kwargs: dict[str, Any] | None = None,
     dynamic_batch: bool = True,
+    dynamic_sequence: bool = True,
 ) -> OnnxExport:
     """Write ``module`` as a single ONNX file at ``path`` (atomically) and check it."""
     import onnx
@@ -102,33 +173,61 @@ def export_onnx(
     kwargs = kwargs or {}
     module = module.eval()
     spec = flat_spec(module, args, kwargs)
-    wrapper = FlatInputs(module, spec.n_args, spec.kw_names, spec.fixed).eval()
     flat = tuple(spec.flatten(args, kwargs))
-    dynamic_axes: dict[str, dict[int, str]] | None = None
-    if dynamic_batch:
-        dynamic_axes = {n: {0: "batch"} for n, t in zip(spec.names, flat) if t.dim() > 0}
-        dynamic_axes[OUTPUT_NAME] = {0: "batch"}
-        flat = batch_of_two(flat)
+    with torch.no_grad():
+        out_names, _, skipped = ordered_outputs(module(*args, **kwargs))
     notes: list[str] = []
+    if len(out_names) > 1 or skipped:
+        kept = ", ".join(out_names)
+        notes.append(f"engine outputs: {kept} ('output' is the primary output)"
+                     + (f"; not lowered (not tensors): {', '.join(skipped)}" if skipped else ""))
+    wrapper = FlatInputs(module, spec.n_args, spec.kw_names, spec.fixed, all_outputs=True).eval()
+    seq = sequence_inputs(spec.names, flat) if dynamic_sequence else []
+    if dynamic_batch:
+        flat = batch_of_two(flat)
+    attempts = [(dynamic_batch, seq)] + ([(dynamic_batch, [])] if seq else [])
     path = Path(path)
+    exporter = ""
     with atomic_path(path) as tmp:
-        try:
-            _export(wrapper, flat, tmp, spec.names, dynamic_axes, dynamo=True)
-            exporter = "torch.onnx dynamo"
-        except Exception as e:  # the dynamo exporter fails on some graphs: fall back and say so
-            notes.append(f"dynamo ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                         "used the TorchScript exporter")
+        errors: list[str] = []
+        axes: dict[str, dict[int, str]] = {}
+        for batch, seq_names in attempts:
+            axes = _axes(spec.names, flat, batch, seq_names)
             try:
-                _export(wrapper, flat, tmp, spec.names, dynamic_axes, dynamo=False)
+                _export(wrapper, flat, tmp, spec.names, out_names, axes, max_sequence(module), dynamo=True)
+                exporter = "torch.onnx dynamo"
+                break
+            except Exception as e:  # the dynamo exporter fails on some graphs: try less, then fall back
+                errors.append(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+        if not exporter:
+            axes = _axes(spec.names, flat, dynamic_batch, [])
+            notes.append(f"dynamo ONNX export failed ({errors[-1]}); used the TorchScript exporter")
+            try:
+                _export(wrapper, flat, tmp, spec.names, out_names, axes, max_sequence(module), dynamo=False)
             except Exception as e2:
                 raise PotstillError(f"ONNX export failed with both exporters: {type(e2).__name__}: {e2}") from e2
             exporter = "torch.onnx torchscript"
+        if seq and not any(1 in d for d in axes.values()):
+            notes.append(f"sequence length fixed at {flat[spec.names.index(seq[0])].shape[1]} tokens: "
+                         f"torch.export could not keep it symbolic ({errors[0]})")
         model = onnx.load(str(tmp))
         try:
             onnx.checker.check_model(model, full_check=True)
         except Exception as e:
             raise PotstillError(f"{path}: exported ONNX fails onnx.checker: {e}") from e
-    return OnnxExport(path, spec, exporter, notes)
+    return OnnxExport(path, spec, exporter, notes, output_names=out_names, dynamic_axes=axes)
+
+
+def _axes(names: Sequence[str], flat: Sequence[torch.Tensor], batch: bool,
+          seq_names: Sequence[str]) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {}
+    for n, t in zip(names, flat):
+        dims = {0: "batch"} if batch and t.dim() > 0 else {}
+        if n in seq_names:
+            dims[1] = "sequence"
+        if dims:
+            axes[n] = dims
+    return axes
 
 
 def _export(
@@ -136,7 +235,9 @@ def _export(
     flat: tuple[torch.Tensor, ...],
     path: Path,
     names: list[str],
-    dynamic_axes: dict[str, dict[int, str]] | None,
+    out_names: list[str],
+    axes: dict[str, dict[int, str]],
+    max_seq: int,
     *,
     dynamo: bool,
 ) -> None:
@@ -145,18 +246,18 @@ def _export(
         warnings.simplefilter("ignore")
         if dynamo:
             # forward(*flat): one dynamic_shapes entry for the varargs tuple, one spec per tensor
-            shapes = None
-            if dynamic_axes is not None:
-                batch = torch.export.Dim("batch", min=1, max=65536)
-                shapes = (tuple({0: batch} if t.dim() > 0 else None for t in flat),)
+            dims = {"batch": torch.export.Dim("batch", min=1, max=65536),
+                    "sequence": torch.export.Dim("sequence", min=1, max=max_seq)}
+            shapes = (tuple({d: dims[a] for d, a in axes[n].items()} if n in axes else None for n in names),)
             torch.onnx.export(
                 wrapper, flat, str(path), dynamo=True, external_data=False, input_names=names,
-                output_names=[OUTPUT_NAME], dynamic_shapes=shapes, verbose=False,
+                output_names=out_names, dynamic_shapes=shapes if axes else None, verbose=False,
             )
         else:
+            out_axes = {n: {0: "batch"} for n in out_names} if any(0 in d for d in axes.values()) else {}
             torch.onnx.export(
-                wrapper, flat, str(path), dynamo=False, input_names=names, output_names=[OUTPUT_NAME],
-                dynamic_axes=dynamic_axes, verbose=False,
+                wrapper, flat, str(path), dynamo=False, input_names=names, output_names=out_names,
+                dynamic_axes={**axes, **out_axes} or None, verbose=False,
             )
 
 

@@ -34,13 +34,15 @@ def optimum_export(hf: dict[str, Any], path: Path) -> tuple[list[str], str]:
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src}: no saved Hugging Face model (config.json) to export with Optimum")
     task = hf.get("task") or "feature-extraction"
+    config_states_shapes(src)
     work = Path(tempfile.mkdtemp(prefix="potstill-optimum-"))
     try:
         sink = io.StringIO()
         logging.getLogger("optimum").setLevel(logging.ERROR)
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")
-            main_export(str(src), output=str(work), task=task, device="cpu", do_validation=False)
+            main_export(str(src), output=str(work), task=task, device="cpu", do_validation=False,
+                        trust_remote_code=False)  # never run a folder's own Python
         produced = work / "model.onnx"
         if not produced.is_file():
             raise FileNotFoundError(f"Optimum wrote no model.onnx for task '{task}'")
@@ -54,3 +56,36 @@ def optimum_export(hf: dict[str, Any], path: Path) -> tuple[list[str], str]:
         return names, primary
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def config_states_shapes(src: Path) -> None:
+    """Raise ValueError unless the folder's config builds tensors of the saved weights' shapes.
+
+    Optimum rebuilds the model from ``config.json``; a pruned student whose shapes the config cannot
+    state would be exported wrong (or fail after a full export). The check builds the class on the
+    meta device and reads only the safetensors headers, so it costs no weights.
+    """
+    import torch
+    import transformers
+    from safetensors import safe_open
+
+    weights = sorted(src.glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"{src}: no safetensors weights to compare with the config")
+    config = transformers.AutoConfig.from_pretrained(src, trust_remote_code=False)
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        raise ValueError(f"{src}: config.architectures names no transformers class ({archs})")
+    with torch.device("meta"):
+        built = cls(config)
+    expected = {k: tuple(v.shape) for k, v in built.state_dict().items()}
+    prefix = f"{built.base_model_prefix}." if getattr(built, "base_model_prefix", "") else ""
+    for file in weights:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has keys(), not iteration)
+                shape = tuple(f.get_slice(key).get_shape())
+                want = expected.get(key, expected.get(prefix + key))
+                if want is not None and want != shape:
+                    raise ValueError(f"config.json cannot state the student's shapes ({key}: saved {shape}, "
+                                     f"config builds {want})")

@@ -63,10 +63,17 @@ def input_shapes(onnx_path: Path, example: dict[str, tuple[int, ...]]) -> list[t
 
 
 def shape_range(
-    shapes: list[tuple[str, list[int | None]]], example: dict[str, tuple[int, ...]], profile: DeviceProfile
+    shapes: list[tuple[str, list[int | None]]],
+    example: dict[str, tuple[int, ...]],
+    profile: DeviceProfile,
+    max_positions: int | None = None,
 ) -> dict[str, tuple[list[int], list[int], list[int]]]:
-    """(min, opt, max) per dynamic input: the batch dim over the profile's range, others as the example."""
-    trt_opts = profile.tensorrt
+    """(min, opt, max) per dynamic input: the batch dim over the profile's batch range, the token dim
+    of text inputs over its sequence range (opt: the example's length, i.e. the timing shape, unless
+    ``opt_sequence`` is set; max capped by the model's ``max_positions``), others as the example."""
+    from .onnx_export import TEXT_INPUTS
+
+    t = profile.tensorrt
     ranges = {}
     for name, dims in shapes:
         if all(d is not None for d in dims):
@@ -74,7 +81,12 @@ def shape_range(
         ex = list(example.get(name, [1] * len(dims)))
         lo, opt, hi = ([d if d is not None else ex[i] for i, d in enumerate(dims)] for _ in range(3))
         if dims and dims[0] is None:
-            lo[0], opt[0], hi[0] = trt_opts.min_batch, trt_opts.opt_batch, trt_opts.max_batch
+            lo[0], opt[0], hi[0] = t.min_batch, t.opt_batch, t.max_batch
+        if name in TEXT_INPUTS and len(dims) == 2 and dims[1] is None:
+            top = min(t.max_sequence, max_positions) if max_positions else t.max_sequence
+            mid = t.opt_sequence if t.opt_sequence is not None else ex[1]
+            lo[1], hi[1] = min(t.min_sequence, mid), max(top, mid)
+            opt[1] = mid
         ranges[name] = (lo, opt, hi)
     return ranges
 
@@ -157,7 +169,10 @@ def lower_tensorrt(
         notes.append(f"TensorRT lint: {n_err} error(s) — see lint.md: "
                      + "; ".join(f.text() for f in findings if f.severity == "error")[:400])
     example_shapes = {n: tuple(t.shape) for n, t in zip(exported.spec.names, exported.spec.flatten(*example))}
-    ranges = shape_range(input_shapes(engine_onnx, example_shapes), example_shapes, profile)
+    from .onnx_export import max_sequence
+
+    ranges = shape_range(input_shapes(engine_onnx, example_shapes), example_shapes, profile,
+                         max_positions=max_sequence(module))
     cmd = trtexec_command(profile, engine_onnx.name, ranges)
     usable, reason = tensorrt_status()
     if usable and not n_err:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from potstill.errors import PotstillError
 
 
 def time_callable(
@@ -46,8 +47,15 @@ def measure_torch_latency(
     kwargs: dict[str, Any] | None = None,
     budget_s: float = 1.0,
 ) -> dict[str, float]:
-    """Time ``module(*inputs, **kwargs)`` in inference mode the way engines are timed."""
+    """Time ``module(*inputs, **kwargs)`` in inference mode the way engines are timed.
+
+    Hugging Face teachers take keyword inputs only (``input_ids=...``): pass the example's
+    ``kwargs`` too, or there is nothing to call the module with.
+    """
     kwargs = kwargs or {}
+    if not inputs and not kwargs:
+        raise PotstillError(f"measure_torch_latency({type(module).__name__}): no inputs; pass the example's "
+                            "positional inputs and its keyword inputs (kwargs=...), as Hugging Face models take")
     module.eval()
     with torch.inference_mode():
         return time_callable(lambda: module(*inputs, **kwargs), budget_s=budget_s)

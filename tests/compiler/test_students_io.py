@@ -1,0 +1,166 @@
+"""The reload contract: ``save_student`` writes safetensors + architecture.json, ``load_student``
+rebuilds the teacher's class, removes the recorded blocks, narrows the modules and loads the weights.
+
+Checked on students no Hugging Face config can describe (OPT heads without ``_prune_heads``,
+a BERT with different head counts per layer) and on a custom CNN from ``file.py:FACTORY``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import textwrap
+from pathlib import Path
+
+import potstill
+import pytest
+import torch
+from potstill.data import primary_output
+from potstill.errors import InputError
+from potstill.ir import analyze
+from potstill.students_io import RECORD_FILE, WEIGHTS_FILE, load_student, save_student
+from potstill.surgery import prune_width, remove_blocks
+
+transformers = pytest.importorskip("transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _half(a, seed=0, kinds=None):
+    rng = random.Random(seed)
+    return {g.id: sorted(rng.sample(range(g.n_units), max(1, g.n_units // 2)))
+            for g in a.prunable() if kinds is None or g.kind in kinds}
+
+
+def _same(a, b, kwargs):
+    with torch.no_grad():
+        torch.testing.assert_close(primary_output(a(**kwargs)), primary_output(b(**kwargs)))
+
+
+def _saved_teacher(model, tmp_path):
+    path = tmp_path / "teacher"
+    model.save_pretrained(path)
+    return {"spec": f"hf:{path}", "hf": {"path": str(path), "auto_class": "AutoModelForCausalLM"}}
+
+
+def test_opt_heads_without_prune_heads(tmp_path):
+    """OPT has no ``_prune_heads``: heads are sliced, counts set per layer, the record reloads it."""
+    torch.manual_seed(0)
+    cfg = transformers.OPTConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                 ffn_dim=96, max_position_embeddings=64, word_embed_proj_dim=64, use_cache=False)
+    m = transformers.OPTForCausalLM(cfg).eval()
+    kw = {"input_ids": torch.randint(0, 100, (2, 9))}
+    a = analyze(m, (), kw)
+    keep = _half(a, kinds={"heads"})
+    first = min(keep)
+    keep[first] = keep[first][:1]  # layers keep different head counts: no config can say so
+    student = remove_blocks(prune_width(m, a, keep), a, [a.blocks[1].name])
+    record = save_student(student, tmp_path / "s", teacher=_saved_teacher(m, tmp_path), example=((), kw))
+    assert record["loaders"] == ["potstill.load_student"]
+    assert record["removed_blocks"] == {"model.decoder.layers": [1]}
+    heads = [v["heads"] for k, v in record["heads"].items()]
+    assert heads == [1, 2]
+    again = potstill.load_student(tmp_path / "s")
+    assert [layer.self_attn.num_heads for layer in again.model.decoder.layers] == [1, 2]
+    _same(student, again, kw)
+    fresh = {"input_ids": torch.randint(0, 100, (3, 5))}
+    _same(student, again, fresh)
+
+
+def test_bert_uniform_heads_also_loads_with_automodel(tmp_path):
+    torch.manual_seed(0)
+    m = transformers.BertModel(transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                       intermediate_size=96, vocab_size=100)).eval()
+    kw = {"input_ids": torch.randint(0, 100, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    a = analyze(m, (), kw)
+    student = remove_blocks(prune_width(m, a, _half(a)), a, ["encoder.layer.0"])
+    path = tmp_path / "bert"
+    m.save_pretrained(path)
+    record = save_student(student, tmp_path / "s", teacher={"spec": f"hf:{path}", "hf": {"path": str(path)}},
+                          example=((), kw))
+    assert record["loaders"] == ["potstill.load_student", "transformers.AutoModel"]
+    _same(student, transformers.AutoModel.from_pretrained(tmp_path / "s" / "hf"), kw)
+    _same(student, load_student(tmp_path / "s"), kw)
+    assert (tmp_path / "s" / WEIGHTS_FILE).read_bytes()[:8] != b"\x80\x02\x8a\nl\xfc\x9c"  # safetensors, not pickle
+
+
+CNN = """
+import torch
+from torch import nn
+
+def teacher():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+"""
+
+
+def test_file_factory_cnn(tmp_path):
+    src = tmp_path / "cnn.py"
+    src.write_text(textwrap.dedent(CNN))
+    from potstill.data import load_callable
+
+    m = load_callable(f"{src}:teacher")().eval()
+    x = torch.randn(2, 3, 8, 8)
+    a = analyze(m, (x,))
+    student = prune_width(m, a, _half(a))
+    assert student[0].out_channels < 16
+    record = save_student(student, tmp_path / "s", teacher={"spec": f"{src}:teacher"}, example=((x,), {}))
+    assert record["teacher"]["kind"] == "factory" and record["loaders"] == ["potstill.load_student"]
+    assert record["modules"]["0"]["out_channels"] == student[0].out_channels
+    again = load_student(tmp_path / "s")
+    with torch.no_grad():
+        torch.testing.assert_close(again(torch.ones(3, 3, 8, 8)), student(torch.ones(3, 3, 8, 8)))
+
+
+def test_bad_records_name_the_file_and_field(tmp_path):
+    with pytest.raises(InputError, match=r"architecture\.json: no such file"):
+        load_student(tmp_path)
+    (tmp_path / RECORD_FILE).write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        load_student(tmp_path)
+    (tmp_path / RECORD_FILE).write_text(json.dumps({"format": "potstill.student", "version": 1}))
+    with pytest.raises(InputError, match="missing field 'teacher'"):
+        load_student(tmp_path)
+    rec = {"format": "potstill.student", "version": 1, "tensors": {}, "modules": {}, "removed_blocks": {},
+           "teacher": {"kind": "hf", "class": "transformers.BertModel", "config": {"model_type": "no-such-model"}}}
+    (tmp_path / RECORD_FILE).write_text(json.dumps(rec))
+    with pytest.raises(InputError, match="no-such-model"):
+        load_student(tmp_path)
+
+
+def test_unused_path_is_not_touched(tmp_path: Path):
+    """load_student reads only its folder: nothing is written there."""
+    torch.manual_seed(0)
+    m = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=32, vocab_size=50)).eval()
+    path = tmp_path / "t"
+    m.save_pretrained(path)
+    save_student(m, tmp_path / "s", teacher={"spec": f"hf:{path}", "hf": {"path": str(path)}})
+    before = sorted(p.name for p in (tmp_path / "s").iterdir())
+    load_student(tmp_path / "s")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == before
+
+
+@pytest.mark.slow
+def test_llama_student_pt2_with_plain_tensor_mask(tmp_path):
+    """transformers' mask code (flat_apply) cannot be serialized; the plain-tensor mask can."""
+    from potstill.manifest import save_program
+    from potstill.students_io import plain_mask_module
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    kw = {"input_ids": torch.randint(0, 50, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    saved = save_program(m, (), kw, tmp_path / "student.pt2")
+    assert saved["file"] == "student.pt2" and "plain tensor ops" in saved["note"]
+    program = torch.export.load(str(tmp_path / "student.pt2")).module()
+    ids = torch.randint(0, 50, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(program(input_ids=ids, attention_mask=mask)["logits"], m(input_ids=ids, attention_mask=mask).logits)
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                          num_attention_heads=2, intermediate_size=16)).eval()
+    assert plain_mask_module(bert, kw) is None  # bidirectional: a causal mask would change it
