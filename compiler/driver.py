@@ -209,6 +209,7 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
         teacher.module, teacher.example_inputs, profile=profile, example_kwargs=teacher.example_kwargs,
         calib_data=(lambda: iter(calib)) if calib else None, heldout_data=(lambda: iter(heldout)) if heldout else None,
         train_data=train, eval_data=evaluation, metric=metric, hf=teacher.hf, seed=seed, work_dir=folder.work_dir,
+        teacher_spec=teacher.spec,
     )  # fmt: skip
     if metric is not None:
         from potstill.targets.passes import run_metric

@@ -220,6 +220,7 @@ def student_entry(state: Any, student: Any, plan: Any, out: Path) -> dict[str, A
         "history": list(student.history),
         "files": record["files"],
         "dynamic_batch": record["dynamic_batch"],
+        "loaders": list(record.get("loaders", [])),
         "metrics": to_jsonable({k: v for k, v in student.metrics.items()
                                 if k not in ("metric", "fidelity", "budgets")}),
         "notes": list(record["notes"]),

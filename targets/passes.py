@@ -171,7 +171,7 @@ def latency_record(art: Any, module: nn.Module, state: CompileState) -> dict[str
         return {"median": float(lat["median"]), "p90": float(lat.get("p90", lat["median"])), "source": "engine"}
     from .timing import measure_torch_latency
 
-    torch_lat = measure_torch_latency(module, state.example_inputs)
+    torch_lat = measure_torch_latency(module, state.example_inputs, state.example_kwargs)
     return {"median": float(torch_lat["median"]), "p90": float(torch_lat["p90"]), "source": "pytorch"}
 
 
@@ -258,7 +258,7 @@ class RecordPass(Pass):
     ensures = (_recorded,)
 
     def run(self, state: CompileState) -> PassResult:
-        from potstill.manifest import save_hf, save_program
+        from potstill.manifest import save_program
 
         profile = state_profile(state)
         for student in state.students:
@@ -273,9 +273,8 @@ class RecordPass(Pass):
                 files["pt2"] = pt2["file"]
             if pt2["note"]:
                 notes.append(f"student.pt2: {pt2['note']}")
-            if state.hf is not None:
-                notes += save_hf(student.module, state.hf, folder / "hf")
-                files["hf"] = "hf"
+            loaders, reload_notes = _save_reload_record(state, student.module, folder, files)
+            notes += reload_notes
             if state.metric is not None:
                 student.metrics["metric"] = run_metric(state.metric, student.module, f"student '{student.name}'")
             fid = fidelity_record(state, student.module)
@@ -296,9 +295,29 @@ class RecordPass(Pass):
             student.artifacts["record"] = {
                 "files": files, "notes": notes, "dynamic_batch": pt2["dynamic_batch"], "latency_ms": latency,
                 "memory_bytes": memory, "target": getattr(art, "target", None), "precision": getattr(art, "precision", None),
+                "loaders": loaders,
             }  # fmt: skip
         state.facts.add("recorded")
         return PassResult(state, False)
+
+
+def _save_reload_record(state: CompileState, module: nn.Module, folder: Path, files: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Write ``model.safetensors`` + ``architecture.json`` (and ``hf/`` where a config states the
+    shapes); returns the loaders that were checked to rebuild this student, and notes."""
+    from potstill.students_io import RECORD_FILE, WEIGHTS_FILE, save_student
+
+    if not state.teacher_spec:
+        return [], ["no reload record: the teacher was given as a module, not as hf:PATH or file.py:FACTORY; "
+                    "use student.pt2 or the engine"]  # fmt: skip
+    try:
+        rec = save_student(module, folder, teacher={"spec": state.teacher_spec, "hf": state.hf},
+                           example=(state.example_inputs, state.example_kwargs))  # fmt: skip
+    except InputError as e:
+        return [], [f"no reload record: {e}"]
+    files["weights"], files["record"] = WEIGHTS_FILE, RECORD_FILE
+    if (folder / "hf").is_dir():
+        files["hf"] = "hf"
+    return list(rec["loaders"]), list(rec["notes"])
 
 
 @dataclass(frozen=True)

@@ -147,16 +147,16 @@ def test_distillation_recipe_data_mapping(tmp_path: Path) -> None:
         version: 1
         teacher: models.py:make_teacher
         data: {train: data.py:train, eval: data.py:test, calib: data.py:calib}
-        pipeline: "prune.width{ratio=0.5},distill{loss=kd,epochs=3}"
+        pipeline: "prune.width{ratio=0.5},distill{method=kd,epochs=3}"
         stages:
-          - {name: general, loss: hidden, epochs: 1}
+          - {name: general, method: hidden, epochs: 1}
     """))
     opts = apply_recipe(CompileOptions(recipe=str(recipe)))
     assert opts.data == f"{tmp_path / 'data.py'}:train"
     assert opts.eval_data == f"{tmp_path / 'data.py'}:test"
     assert opts.calib == f"{tmp_path / 'data.py'}:calib"
-    assert opts.pipeline == "prune.width{ratio=0.5},distill{loss=kd,epochs=3}"
-    assert opts.recipe_data.stages == [{"name": "general", "loss": "hidden", "epochs": 1}]
+    assert opts.pipeline == "prune.width{ratio=0.5},distill{method=kd,epochs=3}"
+    assert opts.recipe_data.stages == [{"name": "general", "method": "hidden", "epochs": 1}]
 
 
 def test_recipe_pipeline_mapping_builds_passes(fakes: None) -> None:
@@ -215,7 +215,7 @@ def test_recipe_train_feeds_the_distill_pass_or_is_an_error(fakes: None, tmp_pat
 
 
 def test_recipe_stages_drive_progressive_distillation(fakes: None, tmp_path: Path) -> None:
-    opts = _recipe_opts(tmp_path, "stages: [{name: general, loss: kd, epochs: 1}, {name: task, epochs: 2}]\n")
+    opts = _recipe_opts(tmp_path, "stages: [{name: general, method: kd, epochs: 1}, {name: task, epochs: 2}]\n")
     (plan,) = plan_students(opts, "onnxruntime")
     assert [p.name for p in plan.passes][2:] == ["distill.progressive", "lower.onnxruntime", "record"]
     assert [s.name for s in plan.passes[2].options.stages] == ["general", "task"]
