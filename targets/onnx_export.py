@@ -4,7 +4,8 @@ The module is wrapped so that every tensor input is a named positional input (po
 arguments take the names of ``forward``'s parameters; keyword arguments such as Hugging Face's
 ``input_ids``, ``attention_mask``, ``token_type_ids`` keep their names) and the one output is the
 primary output (``potstill.data.primary_output``: logits, last hidden state, or the first tensor),
-named ``output``. Exporter: ``torch.onnx.export(dynamo=True, external_data=False)``; if that fails,
+named ``output``. Exporter: ``torch.onnx.export(dynamo=True)``, weights inline unless the model
+passes protobuf's 2 GB limit (then in ``model.onnx.data``, see ``large_onnx``); if that fails,
 the TorchScript exporter, and the notes say so. The batch dimension is dynamic unless a batch is
 fixed.
 """
@@ -22,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from potstill.atomic import atomic_path
 from potstill.data import primary_output
 from potstill.errors import PotstillError
 from torch import nn
+
+from .large_onnx import check_onnx, needs_external_data, onnx_destination
 
 OUTPUT_NAME = "output"
 
@@ -96,9 +98,8 @@ def export_onnx(
     kwargs: dict[str, Any] | None = None,
     dynamic_batch: bool = True,
 ) -> OnnxExport:
-    """Write ``module`` as a single ONNX file at ``path`` (atomically) and check it."""
-    import onnx
-
+    """Write ``module`` as an ONNX file at ``path`` (atomically) and check it; past 2 GB the weights
+    go to ``<name>.data`` beside it (``large_onnx``)."""
     kwargs = kwargs or {}
     module = module.eval()
     spec = flat_spec(module, args, kwargs)
@@ -111,9 +112,10 @@ def export_onnx(
         flat = batch_of_two(flat)
     notes: list[str] = []
     path = Path(path)
-    with atomic_path(path) as tmp:
+    external = needs_external_data(module)  # protobuf's 2 GB limit: weights go to <name>.data
+    with onnx_destination(path) as tmp:
         try:
-            _export(wrapper, flat, tmp, spec.names, dynamic_axes, dynamo=True)
+            _export(wrapper, flat, tmp, spec.names, dynamic_axes, dynamo=True, external_data=external)
             exporter = "torch.onnx dynamo"
         except Exception as e:  # the dynamo exporter fails on some graphs: fall back and say so
             notes.append(f"dynamo ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
@@ -123,9 +125,8 @@ def export_onnx(
             except Exception as e2:
                 raise PotstillError(f"ONNX export failed with both exporters: {type(e2).__name__}: {e2}") from e2
             exporter = "torch.onnx torchscript"
-        model = onnx.load(str(tmp))
         try:
-            onnx.checker.check_model(model, full_check=True)
+            check_onnx(tmp)
         except Exception as e:
             raise PotstillError(f"{path}: exported ONNX fails onnx.checker: {e}") from e
     return OnnxExport(path, spec, exporter, notes)
@@ -139,6 +140,7 @@ def _export(
     dynamic_axes: dict[str, dict[int, str]] | None,
     *,
     dynamo: bool,
+    external_data: bool = False,
 ) -> None:
     sink = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink), _quiet("torch.onnx"):
@@ -150,7 +152,7 @@ def _export(
                 batch = torch.export.Dim("batch", min=1, max=65536)
                 shapes = (tuple({0: batch} if t.dim() > 0 else None for t in flat),)
             torch.onnx.export(
-                wrapper, flat, str(path), dynamo=True, external_data=False, input_names=names,
+                wrapper, flat, str(path), dynamo=True, external_data=external_data, input_names=names,
                 output_names=[OUTPUT_NAME], dynamic_shapes=shapes, verbose=False,
             )
         else:

@@ -19,6 +19,7 @@ from potstill.profiles import DeviceProfile
 from torch import nn
 
 from .artifact import Artifact
+from .large_onnx import external_files
 from .onnx_export import OnnxExport, export_onnx, flat_spec
 from .parity import (
     Inputs,
@@ -179,7 +180,8 @@ def lower_onnxruntime(
     exported = export_for_runtime(module, inputs, path, dynamic=dynamic, hf=hf)
     parity, latency, notes = ort_parity_and_latency(module, path, exported, inputs, profile, dynamic=dynamic,
                                                     budget_s=budget_s)
-    art = Artifact(target=target, precision="fp32", files={"onnx": path}, parity=parity, latency_ms=latency)
+    art = Artifact(target=target, precision="fp32", files={"onnx": path, **external_files(path)}, parity=parity,
+                   latency_ms=latency)
     art.notes += exported.notes + notes
     art.notes.append(f"exporter: {exported.exporter}; batch {'dynamic' if dynamic else 'fixed'}; "
                      f"ONNX Runtime {profile.ort.graph_optimization} optimisations, "

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from potstill.atomic import atomic_path
+from .large_onnx import check_onnx, save_onnx
 
 PRIMARY_OUTPUTS = ("logits", "last_hidden_state")
 
@@ -45,12 +45,11 @@ def optimum_export(hf: dict[str, Any], path: Path) -> tuple[list[str], str]:
         if not produced.is_file():
             raise FileNotFoundError(f"Optimum wrote no model.onnx for task '{task}'")
         model = onnx.load(str(produced))  # folds any external-data side file into one proto
-        onnx.checker.check_model(model)
         names = [i.name for i in model.graph.input]
         outputs = [o.name for o in model.graph.output]
         primary = next((o for o in PRIMARY_OUTPUTS if o in outputs), outputs[0])
-        with atomic_path(path) as tmp:
-            onnx.save(model, str(tmp))
+        save_onnx(model, path)  # one file, or <name>.data beside it past protobuf's 2 GB
+        check_onnx(path)
         return names, primary
     finally:
         shutil.rmtree(work, ignore_errors=True)
