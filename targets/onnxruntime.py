@@ -21,6 +21,7 @@ from torch import nn
 from .artifact import Artifact
 from .large_onnx import external_files
 from .onnx_export import OnnxExport, export_onnx, flat_spec
+from .optimum_export import differs_from_saved
 from .parity import (
     Inputs,
     batch_size,
@@ -73,7 +74,10 @@ class OrtRunner:
                 feeds[node.name] = named[node.name].detach().cpu().numpy().astype(dtype, copy=False)
             else:  # e.g. token_type_ids that Optimum's graph takes and the caller left out
                 like = next(iter(named.values()))
-                feeds[node.name] = np.zeros(tuple(like.shape[:2]), dtype=dtype)
+                shape = tuple(like.shape[:2])
+                # decoders' position_ids default to 0..n-1 in PyTorch; zeros would be another input
+                fill = np.broadcast_to(np.arange(shape[-1]), shape) if node.name == "position_ids" else 0
+                feeds[node.name] = np.zeros(shape, dtype=dtype) + np.asarray(fill, dtype=dtype)
         return feeds
 
     def __call__(self, inputs: Inputs) -> np.ndarray:
@@ -105,6 +109,10 @@ def export_for_runtime(
 ) -> OnnxExport:
     """Optimum when ``hf`` names a saved model it supports, else potstill's own export."""
     args, kwargs = inputs
+    if hf and differs_from_saved(module, hf):
+        exported = export_onnx(module, args, path, kwargs, dynamic_batch=dynamic)
+        exported.notes.insert(0, "Optimum not tried: the module's shapes differ from the saved model's")
+        return exported
     if hf:
         try:
             from .optimum_export import optimum_export

@@ -22,6 +22,25 @@ from .large_onnx import check_onnx, save_onnx
 PRIMARY_OUTPUTS = ("logits", "last_hidden_state")
 
 
+def differs_from_saved(module: Any, hf: dict[str, Any]) -> bool:
+    """True when a tensor of ``module`` has another shape than in the saved model (safetensors headers).
+
+    Optimum exports the saved teacher: for a pruned student that costs a full export and a parity
+    run only to be thrown away, so callers skip it when the shapes already say it is another model.
+    False when it cannot tell (no safetensors): then Optimum is tried and parity decides.
+    """
+    from safetensors import safe_open
+
+    src = Path(hf.get("dir") or hf.get("path") or "")
+    saved: dict[str, tuple[int, ...]] = {}
+    for f in sorted(src.glob("*.safetensors")) if src.is_dir() else []:
+        with safe_open(str(f), framework="pt") as handle:
+            names = list(handle.keys())
+            saved.update({k: tuple(handle.get_slice(k).get_shape()) for k in names})
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    return any(own[k] != saved[k] for k in saved.keys() & own.keys())
+
+
 def optimum_export(hf: dict[str, Any], path: Path) -> tuple[list[str], str]:
     """Export the saved HF model ``hf["dir"]`` to ``path``; returns (input names, primary output).
 
