@@ -84,6 +84,7 @@ class Block:
 class GraphIR:
     """Ops and values of the exported graph; the networkx graph stays inside."""
 
+    #: the capture is dropped once analysed (see ``analyze``); None
     exported: Any
     graph: nx.DiGraph
     param_names: dict[str, str]
@@ -225,7 +226,10 @@ def analyze(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: d
         )
         for a in node.all_input_nodes:
             graph.add_edge(a.name, node.name)
-    ir = GraphIR(ep, graph, placeholder_to_param, node_module)
+    # the ExportedProgram holds references to every parameter of ``model``: kept, it would pin a
+    # pruned student's pre-surgery weights for as long as the analysis lives; the networkx graph
+    # carries all that is read later
+    ir = GraphIR(None, graph, placeholder_to_param, node_module)
     norm_modules = {n for n, m in model.named_modules() if "norm" in type(m).__name__.lower()}
     groups = _build_groups(ca, param_modules, norm_modules)
     conv_groups = _conv_groups(gm, placeholder_to_param)
