@@ -5,7 +5,8 @@ untied embeddings) to a folder and runs, in a fresh child process,
 
     potstill compile hf:DIR --profile cpu --ratio 0.5 --no-distill -o OUT
 
-It records the wall time, the child's peak RSS (``wait4``'s ``ru_maxrss``, which covers the child
+It records the wall time, the child's CPU time (user + system: what other load on a shared
+machine distorts least), its peak RSS (``wait4``'s ``ru_maxrss``, which covers the child
 and the processes it waited for), that peak as a multiple of the fp32 weights, and the lowering
 share: the ``lower.*`` pass times from the manifest plus the teacher's own lowering (from the console
 line "timing the teacher" to the next line). Slopes are least-squares fits of time and RSS against
@@ -48,6 +49,8 @@ class CaseResult:
     params: int
     fp32_weights_gb: float
     wall_s: float
+    #: user + system CPU seconds of the child: robust to other load on a shared machine
+    cpu_s: float
     peak_rss_gb: float
     rss_over_weights: float
     lowering_s: float
@@ -94,7 +97,8 @@ def run_case(case: str, root: Path, extra: list[str]) -> CaseResult:
     peak_gb = usage.ru_maxrss * 1024 / 1e9  # Linux reports KiB
     weights_gb = n * 4 / 1e9
     lowering = _lowering_seconds(out / "manifest.json", lines, wall)
-    return CaseResult(case, n, round(weights_gb, 3), round(wall, 1), round(peak_gb, 2),
+    cpu = usage.ru_utime + usage.ru_stime
+    return CaseResult(case, n, round(weights_gb, 3), round(wall, 1), round(cpu, 1), round(peak_gb, 2),
                       round(peak_gb / weights_gb, 2), round(lowering, 1), round(lowering / wall, 3),
                       " ".join(cmd[1:]), rc)  # fmt: skip
 
@@ -118,7 +122,9 @@ def slopes(results: list[CaseResult]) -> dict[str, float]:
         return {}
     x = np.array([r.params / 1e6 for r in ok])
     out: dict[str, float] = {}
-    for key, ys in (("s_per_mparam", [r.wall_s for r in ok]), ("gb_per_mparam", [r.peak_rss_gb for r in ok])):
+    series = (("s_per_mparam", [r.wall_s for r in ok]), ("cpu_s_per_mparam", [r.cpu_s for r in ok]),
+              ("gb_per_mparam", [r.peak_rss_gb for r in ok]))
+    for key, ys in series:
         slope, intercept = np.polyfit(x, np.array(ys), 1)
         out[key], out[key.split("_per")[0] + "_intercept"] = round(float(slope), 5), round(float(intercept), 3)
     return out
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "scale_llm" + (f"_{args.tag}" if args.tag else "") + ".json"
     record: dict[str, Any] = {"results": [asdict(r) for r in results], "slopes": fit, "argv": sys.argv[1:],
-                              "cpus": os.cpu_count()}  # fmt: skip
+                              "cpus": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0]}  # fmt: skip
     (RESULTS / name).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {RESULTS / name}")
     return 0 if all(r.returncode == 0 for r in results) else 1
@@ -158,15 +164,16 @@ def _print_table(results: list[CaseResult], fit: dict[str, float]) -> None:
     from rich.table import Table
 
     table = Table(title="potstill compile --profile cpu --ratio 0.5 --no-distill")
-    for col in ("case", "parameters", "wall s", "peak RSS GB", "x fp32 weights", "lowering s", "lowering share", "rc"):
+    for col in ("case", "parameters", "wall s", "CPU s", "peak RSS GB", "x fp32 weights", "lowering s",
+                "lowering share", "rc"):
         table.add_column(col, justify="right")
     for r in results:
-        table.add_row(r.case, f"{r.params / 1e6:.1f}M", f"{r.wall_s:.1f}", f"{r.peak_rss_gb:.2f}",
+        table.add_row(r.case, f"{r.params / 1e6:.1f}M", f"{r.wall_s:.1f}", f"{r.cpu_s:.1f}", f"{r.peak_rss_gb:.2f}",
                       f"{r.rss_over_weights:.1f}", f"{r.lowering_s:.1f}", f"{r.lowering_share:.0%}", str(r.returncode))
     console = Console()
     console.print(table)
     if fit:
-        console.print(f"slopes: {fit['s_per_mparam']:.3f} s per M parameters, "
+        console.print(f"slopes: {fit['s_per_mparam']:.3f} s ({fit['cpu_s_per_mparam']:.3f} CPU s) per M parameters, "
                       f"{fit['gb_per_mparam'] * 1e3:.1f} MB peak RSS per M parameters")
 
 

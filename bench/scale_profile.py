@@ -25,7 +25,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale_llm import save_decoder  # noqa: E402
+from scale_llm import save_decoder
 
 
 class PhaseSampler:
