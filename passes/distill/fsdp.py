@@ -26,9 +26,10 @@ from torch import nn
 
 def repeated_blocks(module: nn.Module) -> list[nn.Module]:
     """The items of the model's largest ``nn.ModuleList`` (a transformer's layers), else its children."""
-    lists: list[nn.ModuleList] = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if lists:
-        return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
+        sizes = [sum(p.numel() for p in m.parameters()) for m in lists]
+        return list(lists[sizes.index(max(sizes))])
     return [c for c in module.children() if any(True for _ in c.parameters())]
 
 
