@@ -19,7 +19,7 @@ from potstill.profiles import DeviceProfile
 from torch import nn
 
 from .artifact import Artifact
-from .large_onnx import external_files
+from .large_onnx import external_files, needs_external_data
 from .onnx_export import OnnxExport, export_onnx, flat_spec
 from .optimum_export import differs_from_saved
 from .parity import (
@@ -109,9 +109,15 @@ def export_for_runtime(
 ) -> OnnxExport:
     """Optimum when ``hf`` names a saved model it supports, else potstill's own export."""
     args, kwargs = inputs
-    if hf and differs_from_saved(module, hf):
+    skip = None
+    if hf and needs_external_data(module):
+        skip = ("Optimum not used for a model this large (it reloads the saved model and builds the graph in "
+                "memory); exported with potstill's exporter, weights as external data")
+    elif hf and differs_from_saved(module, hf):
+        skip = "Optimum not tried: the module's shapes differ from the saved model's"
+    if skip:
         exported = export_onnx(module, args, path, kwargs, dynamic_batch=dynamic)
-        exported.notes.insert(0, "Optimum not tried: the module's shapes differ from the saved model's")
+        exported.notes.insert(0, skip)
         return exported
     if hf:
         try:

@@ -45,3 +45,16 @@ def test_decoder_teacher_through_optimum_and_student_skips_it(llama_dir: tuple[n
     model.model.layers[0].mlp.down_proj = nn.Linear(48, 32, bias=False)
     art2 = lower(model, (), "cpu", tmp_path / "student", example_kwargs=kwargs, hf=hf)
     assert art2.parity["ok"] and any("Optimum not tried" in n for n in art2.notes), art2.notes
+
+
+def test_large_teacher_skips_optimum_for_external_data(
+    llama_dir: tuple[nn.Module, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from potstill.targets import large_onnx
+
+    monkeypatch.setattr(large_onnx, "EXTERNAL_DATA_THRESHOLD", 1024)
+    model, path = llama_dir
+    kwargs = {"input_ids": torch.randint(0, 128, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    art = lower(model, (), "cpu", tmp_path / "teacher", example_kwargs=kwargs, hf={"path": str(path)})
+    assert art.parity["ok"] and any("Optimum not used for a model this large" in n for n in art.notes), art.notes
+    assert (tmp_path / "teacher" / "model.onnx.data").is_file() and "onnx_data" in art.files
