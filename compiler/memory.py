@@ -25,6 +25,7 @@ import json
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,3 +163,29 @@ def check_fits(estimate: MemoryEstimate, max_memory: int | None = None, availabl
             f"{estimate.text()} exceeds {what} ({limit / GB:.1f} GB). Compile fewer students at once "
             f"(one --ratio per run), free memory, or raise --max-memory if you know better"
         )
+
+
+def preflight_memory(
+    teacher: str | nn.Module,
+    *,
+    students: int = 1,
+    max_memory: int | None = None,
+    note: Callable[[str], None] = print,
+) -> MemoryEstimate | None:
+    """Estimate, print and check a compile's peak before the heavy work.
+
+    ``teacher`` is the spec (``hf:DIR``: sized from its safetensors headers before it is loaded;
+    other specs give None, to be checked once loaded) or the loaded module. potstill holds the
+    teacher in float32, so the weights count 4 bytes per parameter at least.
+    """
+    if isinstance(teacher, str):
+        weights = hf_dir_weights(teacher[3:]) if teacher.startswith("hf:") else None
+        if weights is None:
+            return None
+    else:
+        weights = module_weights(teacher)
+    params, size = weights
+    estimate = estimate_compile_memory(params, max(size, 4 * params), students=students)
+    note(estimate.text())
+    check_fits(estimate, max_memory)
+    return estimate

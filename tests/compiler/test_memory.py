@@ -14,6 +14,7 @@ from potstill.memory import (
     hf_dir_weights,
     module_weights,
     parse_size,
+    preflight_memory,
 )
 from safetensors.torch import save_file
 from torch import nn
@@ -55,3 +56,15 @@ def test_parse_size(text: str, expected: int) -> None:
 def test_parse_size_rejects(bad: str) -> None:
     with pytest.raises(InputError, match="--max-memory"):
         parse_size(bad)
+
+
+def test_preflight_sizes_an_hf_folder_before_loading(tmp_path: Path) -> None:
+    model = nn.Linear(1000, 1000)  # 1M parameters
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    lines: list[str] = []
+    est = preflight_memory(f"hf:{tmp_path}", max_memory=10**12, note=lines.append)
+    assert est is not None and est.params == 1_001_000 and lines == [est.text()]
+    with pytest.raises(InputError, match="--max-memory"):
+        preflight_memory(f"hf:{tmp_path}", max_memory=10**6, note=lines.append)
+    assert preflight_memory("examples/x.py:make", note=lines.append) is None  # sized once loaded
+    assert preflight_memory(model, max_memory=10**12, note=lines.append) is not None
