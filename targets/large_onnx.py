@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from potstill.atomic import atomic_path
 from torch import nn
 
 #: protobuf's hard limit on one serialised message
@@ -65,19 +64,13 @@ def onnx_destination(path: str | os.PathLike[str]) -> Iterator[Path]:
     data. On an exception nothing at ``path`` changes and the temporary folder is removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    target = tmp / path.name
-    try:
+    with atomic_path(path) as target:  # moves the model itself last, removes the folder
         yield target
         if not target.is_file():
             raise FileNotFoundError(f"{path}: the exporter wrote no model file")
-        for side in sorted(tmp.iterdir()):
+        for side in sorted(target.parent.iterdir()):
             if side != target:
                 os.replace(side, path.parent / side.name)
-        os.replace(target, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def external_files(path: str | os.PathLike[str]) -> dict[str, Path]:
