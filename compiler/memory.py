@@ -10,7 +10,7 @@ bytes per element, read from safetensors headers for ``hf:DIR`` before anything 
 - ``c_student`` per student alive at once: each starts as a deep copy of the teacher and is sliced
   by pruning (the driver records each student and drops it before the next, so one);
 - ``c_lower``: lowering — the ONNX Runtime session's copy of the weights (+1.05 W measured with
-  external data, which ``targets.large_onnx`` uses from 256 MiB) and the exporter's (+0.3 W);
+  external data, which ``targets.large_onnx`` uses from 128 MiB) and the exporter's (+0.3 W);
 - ``c_work``: importance scores, pruning's transient copies, parity runs, allocator slack.
 
 Fitted to ``bench/scale_profile.py`` / ``bench/scale_llm.py`` on Llama-style decoders (44M and 124M

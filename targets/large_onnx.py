@@ -8,7 +8,7 @@ makes that explicit, keeps the side file with the model, and checks and saves su
 ever building a >2 GB proto in memory:
 
 - ``needs_external_data(module)``: parameter + buffer bytes at or above ``EXTERNAL_DATA_THRESHOLD``
-  (256 MiB: external data also keeps the export and the ONNX Runtime session from holding extra
+  (128 MiB: external data also keeps the export and the ONNX Runtime session from holding extra
   copies of the weights, see below).
 - ``onnx_destination(path)``: a temporary folder to export into; on success every file written
   there (the model and its side files) is moved beside ``path``, the side files first and the model
@@ -37,7 +37,7 @@ PROTOBUF_LIMIT = 2**31 - 1
 #: in-memory protobuf and its serialisation (measured +2.3x the weights at peak for a 124M-parameter
 #: decoder, against +0.3x with external data), and ONNX Runtime reads an inline file into a buffer
 #: before it copies the initializers (+2.7x against +1.05x).
-EXTERNAL_DATA_THRESHOLD = 256 * 1024 * 1024
+EXTERNAL_DATA_THRESHOLD = 128 * 1024 * 1024
 
 
 def weight_bytes(module: nn.Module) -> int:
