@@ -13,6 +13,7 @@ A ``Batch`` is what a model consumes: positional ``args``, keyword ``kwargs`` an
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import sys
@@ -99,7 +100,8 @@ def import_file(path: str | Path, module_name: str | None = None) -> Any:
     path = Path(path).resolve()
     if not path.is_file():
         raise InputError(f"{path}: no such file; give path/to/file.py:NAME")
-    name = module_name or f"potstill_user_{path.stem}_{abs(hash(str(path))) % 10**8}"
+    # a stable name (not hash(), which differs per process): torchrun ranks unpickle each other's modules
+    name = module_name or f"potstill_user_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
