@@ -37,8 +37,10 @@ def local_sources(files: Iterable[str | Path], extra: Iterable[str | Path] = ())
     skip = [Path(p).resolve() for p in sys.path if "site-packages" in p or "dist-packages" in p]
     skip.append(Path(__file__).resolve().parent)
     found = set(given) | {Path(f).resolve() for f in extra if Path(f).is_file()}
-    for module in list(sys.modules.values()):
+    for key, module in list(sys.modules.items()):
         name = getattr(module, "__file__", None)
+        if key.startswith("__"):  # __main__, __mp_main__: the running script is the tool, not an input
+            continue
         if not name:
             continue
         path = Path(name).resolve()

@@ -23,6 +23,7 @@ in ``DistributedInstrument``).
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from .atomic import atomic_write_json
 from .cachekey import artifact_hashes, batches_sha256, cache_key, local_sources, plan_key
 from .data import as_batch, load_callable
 from .errors import InputError
@@ -321,6 +323,35 @@ def _instruments(p: Prepared, plan: Plan, tmp: Path, extra: Sequence[PassInstrum
     return timing, insts
 
 
+def sync_work_dir(p: Prepared, note: Note) -> None:
+    """Keep the checkpoints of students whose plan key is unchanged (or all with ``--resume``);
+    discard the others, so distillation never resumes from another run's inputs."""
+    work = p.folder.work_dir
+    keys = {plan.name: plan_key(p.base_key, plan.spec) for plan in p.plans}
+    record = work / "run.json"
+    try:
+        old = json.loads(record.read_text(encoding="utf-8")).get("plans", {})
+    except (OSError, ValueError, AttributeError):
+        old = {}
+    ckpts = work / "checkpoints"
+    for folder in sorted(ckpts.iterdir()) if ckpts.is_dir() else []:
+        if not folder.is_dir():
+            continue
+        name = folder.name
+        if name in keys and (p.opts.resume or old.get(name) == keys[name]):
+            if any(folder.iterdir()):
+                changed = "" if old.get(name) == keys[name] else " (--resume: its inputs changed since)"
+                note(f"student {name}: resuming distillation from the checkpoints of a killed run{changed}")
+            continue
+        shutil.rmtree(folder)
+        if name in keys:
+            note(f"student {name}: discarded the checkpoints of a run with other inputs (--resume keeps them)")
+    if p.opts.resume and not any(ckpts.glob("*/*")):
+        note("note: --resume: there are no checkpoints to resume from; training starts afresh")
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record, {"plans": keys, "inputs": p.inputs})
+
+
 def run_plans(p: Prepared, tmp: Path, note: Note, instruments: Sequence[PassInstrument] = ()) -> tuple[list[dict[str, Any]], dict[str, TimingInstrument], dict[str, Any]]:
     """Step 2: one PassManager per plan; returns the student entries, timings and the teacher's record."""
     out = Path(p.folder.path)
@@ -351,6 +382,7 @@ def run_plans(p: Prepared, tmp: Path, note: Note, instruments: Sequence[PassInst
                 state.restore_teacher()
             timings[plan.name] = timing
             if p.ranks.is_writer:
+                shutil.rmtree(p.folder.work_dir / "checkpoints" / plan.name, ignore_errors=True)  # done: in OUT now
                 for student in state.students:
                     entry = student_entry(state, student, plan, tmp)
                     entries.append({**entry, "plan": plan.name, "cache_key": key,
@@ -400,6 +432,7 @@ def compile_teacher(
     with p.folder as tmp:
         for line in p.folder.notes:
             note(line)
+        sync_work_dir(p, note)
         entries, timings, teacher_record = run_plans(p, tmp, note, instruments)
         order = {plan.name: i for i, plan in enumerate(p.plans)}
         entries.sort(key=lambda e: order.get(str(e.get("plan")), len(order)))
@@ -408,6 +441,8 @@ def compile_teacher(
         write_report(manifest, tmp)
         write_manifest(tmp, manifest)  # last: a manifest means the folder is complete
     p.ranks.barrier()  # the other ranks wait until OUT is written
+    # every student is in OUT: checkpoints and the teacher's scratch engine are no longer needed
+    shutil.rmtree(p.folder.work_dir, ignore_errors=True)
     warnings = [f"student {e['name']}: {n}" for e in entries for n in e.get("notes", [])
                 if n.startswith(("OVER BUDGET", "FIDELITY"))]  # fmt: skip
     for w in warnings:

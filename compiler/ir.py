@@ -24,6 +24,7 @@ from torch import fx, nn
 
 from .coupling import UNSET, CouplingAnalysis, Fixed, Seg, seg_length
 from .errors import InputError
+from .hf import is_hf
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ def analyze(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: d
     norm_modules = {n for n, m in model.named_modules() if "norm" in type(m).__name__.lower()}
     groups = _build_groups(ca, param_modules, norm_modules)
     conv_groups = _conv_groups(gm, placeholder_to_param)
-    if _is_hf(model):
+    if is_hf(model):
         _pin_undescribable(groups)
     analysis = Analysis(ir, groups, [], None, dict(ca.unknown_ops), param_shapes, conv_groups)
     analysis.cost = cost_model(analysis, model)
@@ -318,11 +319,6 @@ def _build_groups(ca: CouplingAnalysis, param_modules: dict[str, str], norm_modu
 #: Hugging Face FFN input projections: their width is ``config.intermediate_size``
 HF_FFN_MODULES = ("intermediate.dense", "mlp.up_proj", "mlp.gate_proj", "mlp.fc1", "mlp.c_fc", "mlp.dense_h_to_4h",
                   "ffn.lin1", "mlp.fc_in")
-
-
-def _is_hf(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    return config is not None and hasattr(config, "to_dict") and hasattr(model, "save_pretrained")
 
 
 def _pin_undescribable(groups: list[CoupledGroup]) -> None:

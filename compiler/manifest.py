@@ -1,18 +1,25 @@
 """What a compilation leaves behind: ``OUT/manifest.json`` and each student's files.
 
-The manifest is enough to rebuild the run and to pick a student without opening anything else::
+The manifest is built from what the passes recorded (``build_manifest``) and is enough to rebuild
+the run and to pick a student without opening anything else::
 
     {"manifest_version": 1, "potstill": "0.1.0", "created": "...",
      "teacher":  {"spec", "label", "macs", "params", "peak_activation_bytes", "latency_ms", "metric",
-                  "architecture", "hf"},
-     "students": [{"name", "dir", "macs", "params", "peak_activation_bytes",
-                   "latency_ms": {"median", "p90"}, "parity": {"max_abs", "rel", "ok"},
-                   "speedup", "macs_reduction", "metric", "target", "precision",
+                  "architecture", "hf", "parity", "target", "precision"},
+     "students": [{"name", "dir", "plan", "cache_key", "sha256": {file: hash}, "macs", "params",
+                   "peak_activation_bytes", "memory_bytes",
+                   "latency_ms": {"median", "p90", "source": "engine"|"pytorch"},
+                   "parity": {"max_abs", "rel", "ok"}, "speedup", "macs_reduction", "metric",
+                   "fidelity": {"task", "score", "measures", "n"}, "budgets": {...: {"budget",
+                   "measured", "ok"}}, "robust", "target", "precision",
                    "architecture": {"widths": {group: units}, "blocks": [...]},
                    "pipeline": [...], "history": [...], "files": {...}, "notes": [...]}],
-     "inputs":   {"teacher": {"spec", "sha256": {file: hash}, "weights_sha256"}, "input_shapes",
-                  "calib", "data", "recipe", "seed", "pipeline"},
-     "profile":  {... the DeviceProfile as a dict ...},
+     "inputs":   {"teacher": {"spec", "sha256", "weights_sha256"}, "sources": {file: hash},
+                  "input_shapes", "calib", "data", "recipe", "plugins", "seed", "pipelines",
+                  "cache_key"},
+     "profile":  {... the DeviceProfile as a dict ...}, "target",
+     "host":     {"cpu", "cpu_count", "torch_threads", "platform", "cuda"},
+     "timings":  {"prepare_s", "total_s", "passes": {plan: [[pass, seconds, changed], ...]}},
      "versions": {"python", "potstill", "torch", ...}}
 
 Each student's folder ``OUT/students/<name>/`` holds the engines the target wrote, ``student.pt2``
@@ -157,15 +164,6 @@ def cost(analysis: Any) -> dict[str, Any]:
         "params": int(field_of(c, "params", 0) or 0),
         "peak_activation_bytes": int(field_of(c, "peak_activation_bytes", 0) or 0),
     }
-
-
-def latency_dict(value: Any) -> dict[str, float] | None:
-    if value is None:
-        return None
-    median, p90 = field_of(value, "median"), field_of(value, "p90")
-    if median is None:
-        return None
-    return {"median": float(median), "p90": float(p90 if p90 is not None else median)}
 
 
 def parity_dict(value: Any) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from potstill.passes.distill.recipe import DataSpec as RecipeData  # one schema for data: {train, eval, calib}
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InputError
@@ -101,19 +102,10 @@ class Plan:
 # The recipe schema (version 1)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RecipeData(_Strict):
-    train: str | None = None
-    eval: str | None = None
-    calib: str | None = None
-
-
-class CompileRecipe(_Strict):
+class CompileRecipe(BaseModel):
     """A compile recipe: the same settings as the flags, plus ``train:`` and ``stages:``."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True)
     version: Literal[1]
     teacher: str | None = None
     output: str | None = None

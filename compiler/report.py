@@ -36,10 +36,16 @@ def human(n: Any) -> str:
 
 
 def _latency(row: Row, key: str) -> str:
+    """The engine's latency; ``*`` marks PyTorch's (the engine was not timed here), ``!`` a miss
+    of the profile's latency budget."""
     lat = row.get("latency_ms")
     if not lat or lat.get(key) is None:
         return "—"
-    return f"{lat[key]:.3f}"
+    mark = "*" if lat.get("source") == "pytorch" else ""
+    budget = (row.get("budgets") or {}).get("latency_ms")
+    if key == "median" and budget and not budget.get("ok"):
+        mark += "!"
+    return f"{lat[key]:.3f}{mark}"
 
 
 def _parity(row: Row) -> str:
@@ -68,7 +74,24 @@ def table_rows(manifest: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
             _num(s.get("speedup"), "{:.2f}×"), _num(s.get("macs_reduction"), "{:.2f}×"), _parity(s),
             _num(s.get("metric"), "{:.3f}"),
         ])  # fmt: skip
+    robust = [_robust(s.get("robust")) for s in manifest.get("students", [])]
+    if any(r != "—" for r in robust):  # robust accuracy, whenever it was measured
+        header.append("robust acc")
+        rows[0].append("—")
+        for row, r in zip(rows[1:], robust):
+            row.append(r)
     return header, rows
+
+
+def _robust(value: Any) -> str:
+    """Robust accuracy under PGD: a number, or the first number of its record."""
+    if isinstance(value, (int, float)):
+        return _num(float(value), "{:.3f}")
+    if isinstance(value, Mapping):
+        for key in ("robust_accuracy", "accuracy", "robust"):
+            if isinstance(value.get(key), (int, float)):
+                return _num(float(value[key]), "{:.3f}")
+    return "—"
 
 
 def results_table(manifest: Mapping[str, Any]) -> Any:
@@ -87,6 +110,14 @@ def results_table(manifest: Mapping[str, Any]) -> Any:
     return t
 
 
+def _host_line(host: Mapping[str, Any]) -> str:
+    if not host:
+        return "Host: not recorded."
+    return (f"Latency measured on {host.get('cpu', '?')} ({host.get('cpu_count', '?')} CPUs, "
+            f"{host.get('torch_threads', '?')} torch threads; {host.get('platform', '?')}"
+            + (f"; GPU {host['cuda']}" if host.get("cuda") else "") + ").")
+
+
 def markdown(manifest: Mapping[str, Any], plot: str | None = "pareto.png") -> str:
     header, rows = table_rows(manifest)
     profile = manifest.get("profile") or {}
@@ -98,7 +129,10 @@ def markdown(manifest: Mapping[str, Any], plot: str | None = "pareto.png") -> st
         f"{profile.get('precision', '?')}, threads {profile.get('threads') or 'default'}). "
         f"Created {manifest.get('created', '?')} by potstill {manifest.get('potstill', '?')}. "
         "Latency is the engine's (median, 90th percentile); speed-up and MACs ÷ are teacher ÷ student; "
-        "parity is against the profile's tolerance (max absolute error).",
+        "parity is against the profile's tolerance (max absolute error); `*` marks a latency PyTorch "
+        "measured (the engine was not timed here), `!` a miss of the profile's latency budget.",
+        "",
+        _host_line(manifest.get("host") or {}),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -121,6 +155,9 @@ def markdown(manifest: Mapping[str, Any], plot: str | None = "pareto.png") -> st
         files = s.get("files") or {}
         if files:
             lines.append("- files: " + ", ".join(f"`{v}`" for v in files.values()))
+        robust = s.get("robust")
+        if robust is not None:
+            lines.append(f"- robust accuracy (PGD): {robust}")
         for note in s.get("notes", []):
             lines.append(f"- note: {note}")
         lines.append("")

@@ -70,7 +70,7 @@ def lower_module(
             hf = {"dir": str(saved), "task": state.hf.get("task")}
         elif hasattr(module, "save_pretrained"):
             tmp = Path(tempfile.mkdtemp(prefix=f"potstill-hf-{name}-"))
-            module.save_pretrained(str(tmp))
+            module.save_pretrained(str(tmp))  # type: ignore[operator]
             hf = {"dir": str(tmp), "task": state.hf.get("task")}
     try:
         return lower(module, state.example_inputs, profile, out / "tensorrt" if target == "tensorrt" else out,
@@ -102,7 +102,7 @@ class LowerPass(Pass):
 
     target = ""
     Options: type = NoLowerOptions
-    ensures = (Fact("lowered"),)
+    ensures: tuple[Any, ...] = (Fact("lowered"),)
 
     def profile_changes(self) -> dict[str, Any]:
         return {}

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from potstill.data import Batch, primary_output
 from potstill.errors import InputError
+from potstill.hf import is_hf
 from torch import nn
 
 #: ``forward(module, batch, config) -> model output``: how a (module, config) student runs.
@@ -67,10 +68,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) and hasattr(model, "device_ids") else model
 
 
-def is_hf(model: nn.Module) -> bool:
-    return hasattr(getattr(unwrap(model), "config", None), "output_hidden_states")
-
-
 def _first_tensor(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -87,7 +84,7 @@ def run_model(
     """Run ``model`` on ``batch``, capturing hidden states / attentions as ``want`` asks."""
     base = unwrap(model)
     kwargs = dict(batch.kwargs)
-    hf = is_hf(base)
+    hf = is_hf(unwrap(base))
     if hf and (want.hidden or want.attentions):
         kwargs["return_dict"] = True
         if want.hidden:

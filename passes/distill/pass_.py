@@ -27,6 +27,7 @@ from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.state import CompileState
 
 from .batches import Rebatched
+from .checkpoint import latest_checkpoint
 from .losses import DistillLoss, make_loss
 from .trainer import DistillTrainer, TrainConfig
 
@@ -86,12 +87,16 @@ class DistillPass(Pass):
 
     def _config(self, state: CompileState, name: str) -> TrainConfig:
         o = self.options
-        ckpt_dir = state.out_dir / "checkpoints" / name if state.out_dir is not None else None
+        # checkpoints live in the work area that survives a killed run (the driver clears those of
+        # other inputs), so a re-run resumes from the latest one
+        root = state.work_dir if state.work_dir is not None else state.out_dir
+        ckpt_dir = root / "checkpoints" / name if root is not None else None
+        resume = o.resume or (state.work_dir is not None and latest_checkpoint(ckpt_dir) is not None)
         return TrainConfig(
             epochs=o.epochs, max_steps=o.max_steps or None, lr=o.lr, weight_decay=o.weight_decay,
             optimizer=o.optimizer, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip or None,
             precision=o.precision, seed=state.seed, checkpoint_dir=ckpt_dir,
-            checkpoint_every=o.checkpoint_every, resume=o.resume,
+            checkpoint_every=o.checkpoint_every, resume=resume,
             log_path=ckpt_dir / "metrics.jsonl" if ckpt_dir is not None else None,
             eval_limit=o.eval_limit or None, progress=o.progress,
         )

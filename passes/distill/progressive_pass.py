@@ -12,13 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from potstill.data import load_callable
 from potstill.errors import InputError
 from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.state import CompileState
 
-from .progressive import ProgressiveDistiller, Stage
-from .recipe import StageSpec
+from .progressive import ProgressiveDistiller
+from .recipe import Recipe, StageSpec, build_stages
 from .trainer import TrainConfig
 
 
@@ -42,17 +41,6 @@ class ProgressiveOptions:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
 
 
-def _stage(spec: StageSpec) -> Stage:
-    train = dict(spec.train)
-    for key in ("epochs", "max_steps", "lr"):
-        value = getattr(spec, key)
-        if value is not None:
-            train[key] = value
-    teacher = load_callable(spec.teacher)() if spec.teacher else None
-    data = load_callable(spec.data) if spec.data else None
-    return Stage(spec.name, spec.loss, dict(spec.loss_options), teacher, data, train)
-
-
 @register_pass
 class ProgressiveDistillPass(Pass):
     """Distil the working student in the recipe's stages (loss, teacher or data change per stage)."""
@@ -69,16 +57,17 @@ class ProgressiveDistillPass(Pass):
         student = state.working()
         ckpt = state.work_dir / "checkpoints" / student.name if state.work_dir is not None else None
         config = TrainConfig(epochs=o.epochs, lr=o.lr, max_steps=o.max_steps, seed=state.seed, checkpoint_dir=ckpt)
-        distiller = ProgressiveDistiller([_stage(s) for s in o.stages], teacher=state.teacher,
+        stages = build_stages(Recipe(version=1, stages=list(o.stages)))
+        distiller = ProgressiveDistiller(stages, teacher=state.teacher,
                                          data=state.train_data or state.calib_data, config=config,
                                          eval_data=state.eval_data)  # fmt: skip
         results = distiller.run(student.module)
         student.module.eval()
-        stages: list[dict[str, Any]] = [
+        record: list[dict[str, Any]] = [
             {"name": r.name, "loss_name": r.loss, "teacher": r.teacher, "data": r.data, "steps": r.result.steps,
              "loss": r.result.loss, "seconds": r.result.seconds}
             for r in results
         ]  # fmt: skip
-        student.metrics["distill"] = {"method": "progressive", "stages": stages}
+        student.metrics["distill"] = {"method": "progressive", "stages": record}
         state.facts.add("distilled")
         return PassResult(state, True)

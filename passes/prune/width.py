@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from potstill.errors import InputError
+from potstill.hf import is_hf
 from potstill.passes.importance import calibration_batches, get_estimator, write_importance
 from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.state import CompileState, Student
@@ -90,11 +91,6 @@ def parse_per_kind(entries: tuple[str, ...]) -> dict[str, float]:
             raise InputError(f"prune.width: per_kind entry '{e}' must be KIND=RATIO with KIND in {ALL_KINDS}")
         out[kind.strip()] = float(value)
     return out
-
-
-def is_hf(model: Any) -> bool:
-    config = getattr(model, "config", None)
-    return config is not None and hasattr(config, "to_dict") and hasattr(model, "save_pretrained")
 
 
 def select_groups(analysis: Analysis, opts: WidthOptions) -> list[CoupledGroup]:

@@ -358,3 +358,85 @@ def test_torchrun_two_ranks_train_and_rank_0_writes(tmp_path: Path) -> None:
     assert s["pipeline"][2] == "distill{max_steps=8}" and s["metrics"]["distill"]["steps"] == 8
     assert proc.stdout.count("wrote ") == 1 and proc.stderr.count("loading teacher") == 1  # rank 0 speaks and writes
     assert not (tmp_path / ".out.work" / "rank1").exists()  # rank 1's scratch is gone
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume
+
+
+KILL_AFTER_CHECKPOINT = '''
+import os, signal, sys
+import potstill.passes.distill.trainer as tr
+
+save = tr.DistillTrainer.save
+
+def save_then_die(self, step, *args, **kwargs):
+    out = save(self, step, *args, **kwargs)
+    if step >= 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+
+tr.DistillTrainer.save = save_then_die
+from potstill.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+TRAIN = '''
+def train_data():
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(8, 8, generator=g) for _ in range(4)]
+'''
+
+
+def test_killed_distillation_resumes_from_its_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    teacher = tiny(tmp_path, TRAIN)
+    out = tmp_path / "out"
+    args = ["compile", teacher, "--pipeline", "importance.magnitude,prune.width{ratio=0.5},"
+            "distill{epochs=3,max_steps=8,checkpoint_every=2,progress=false}", "-o", str(out)]  # fmt: skip
+    script = tmp_path / "die.py"
+    script.write_text(KILL_AFTER_CHECKPOINT)
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, check=False)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not out.exists() and list((tmp_path / ".out.work" / "checkpoints" / "student").iterdir())
+    code, _, err = run_cli(args, capsys)
+    assert code == 0 and "resuming distillation from the checkpoints of a killed run" in err
+    (s,) = json.loads((out / "manifest.json").read_text())["students"]
+    assert s["metrics"]["distill"]["resumed_from"] == 4 and s["metrics"]["distill"]["steps"] == 8
+    assert not (tmp_path / ".out.work" / "checkpoints" / "student").exists()  # finished: in OUT now
+
+
+# ---------------------------------------------------------------------------------------------
+# The product surface
+
+
+def test_json_output_and_quiet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(["compile", tiny(tmp_path), "--no-distill", "--json", "-o", str(tmp_path / "out")], capsys)
+    assert code == 0
+    m = json.loads(out)  # stdout is only the manifest
+    assert m["students"][0]["name"] == "w50" and m["host"]["cpu"]
+    assert m["students"][0]["latency_ms"]["source"] == "engine"
+    code, out, err = run_cli(["compile", tiny(tmp_path), "--no-distill", "--quiet", "-o", str(tmp_path / "out")], capsys)
+    assert code == 0 and err == "" and "w50" in out and "wrote" not in out
+    code, out, _ = run_cli(["compile", DIGITS, "--pipeline", ",,", "--json", "-o", str(tmp_path / "o2")], capsys)
+    assert code == 2 and "empty item" in json.loads(out)["error"]
+
+
+def test_python_dash_m_potstill_and_pass_options() -> None:
+    proc = subprocess.run([sys.executable, "-m", "potstill", "passes", "prune.width", "--json"], capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["name"] == "prune.width" and "pruned" in info["ensures"]
+    ratio = next(o for o in info["options"] if o["name"] == "ratio")
+    assert "float" in ratio["type"]
+
+
+def test_a_family_with_distillation_trains_every_student(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code, _, err = run_cli(["compile", tiny(tmp_path, TRAIN), "--ratio", "0.3", "--ratio", "0.5", "--distill-epochs", "1",
+                            "-o", str(out)], capsys)  # fmt: skip
+    assert code == 0, err
+    students = json.loads((out / "manifest.json").read_text())["students"]
+    assert [s["name"] for s in students] == ["w30", "w50"]
+    assert all(s["metrics"]["distill"]["steps"] == 4 for s in students)  # the second student trained too
