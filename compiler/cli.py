@@ -34,6 +34,16 @@ def _seed(text: str) -> int:
     return value
 
 
+def _size(text: str) -> int:
+    from .errors import InputError
+    from .memory import parse_size
+
+    try:
+        return parse_size(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (notes go to stderr)")
     loud = p.add_mutually_exclusive_group()
@@ -86,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace OUT even if potstill did not write it")
     c.add_argument("--resume", action="store_true",
                    help="resume distillation from OUT's work area (automatic when the inputs match)")
+    c.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
+                   help="refuse to start when the estimated peak memory exceeds SIZE (e.g. 12G, 1500M); "
+                        "the estimate is printed either way, and checked against the memory available")  # fmt: skip
+    c.add_argument("--no-teacher-timing", action="store_true",
+                   help="do not lower and time the teacher (faster; the students get no speed-ups)")
     c.add_argument("-o", "--output", metavar="OUT", help="output folder (written atomically)")
     _add_output_flags(c)
     c.set_defaults(func=cmd_compile)
@@ -134,7 +149,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         calib=args.calib, drop_layers=args.drop_layers, keep_layers=args.keep_layers,
         importance=args.importance, target=args.target, seed=args.seed, debug=args.debug, cache=not args.no_cache,
         distill=not args.no_distill, distill_epochs=args.distill_epochs, plugins=tuple(args.plugin),
-        force=args.force, resume=True if args.resume else None,
+        force=args.force, resume=True if args.resume else None, max_memory=args.max_memory,
+        teacher_timing=not args.no_teacher_timing, progress=not (args.quiet or args.json),
     )  # fmt: skip
     result = compile_teacher(opts, note=note)
     if not result.manifest:  # a torchrun rank other than 0: rank 0 reports

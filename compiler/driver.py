@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from .atomic import atomic_write_json
 from .cachekey import artifact_hashes, batches_sha256, cache_key, local_sources, plan_key
@@ -42,6 +43,7 @@ from .data import as_batch, load_callable
 from .errors import InputError
 from .frontend import Teacher, load_calibration, load_teacher
 from .manifest import build_manifest, student_entry, write_manifest
+from .memory import module_weights, preflight_memory
 from .outdir import OutputFolder, inside
 from .pipeline import DumpIRInstrument, PassInstrument, PassManager, TimingInstrument, VerifyInstrument
 from .plan import (
@@ -54,9 +56,11 @@ from .plan import (
     teacher_plan,
 )
 from .plugins import load_plugins
+from .progress import PassProgress
 from .ranks import DistributedInstrument, Ranks
 from .report import write_report
 from .state import CompileState
+from .teacher_guard import TeacherGuard
 
 Note = Callable[[str], None]
 #: the most elements one example input may have (a typo such as 1x3x22400x22400 is refused up front)
@@ -186,10 +190,14 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     plan_students(opts, target)  # fails fast on a bad pipeline, before loading anything big
 
     _check_shapes(opts.input_shapes)
+    # one student is alive at a time (each is recorded and dropped before the next)
+    sized = preflight_memory(teacher_spec, max_memory=opts.max_memory, note=note)  # hf:DIR, before loading
     note(f"loading teacher {teacher_spec}")
     default_shapes = tuple("x".join(map(str, s)) for s in (profile.input_shapes or []))
     teacher = load_teacher(teacher_spec, opts.input_shapes, seed=seed, default_shapes=default_shapes)
     converted = _check_teacher(teacher, note)
+    if sized is None:
+        preflight_memory(teacher.module, max_memory=opts.max_memory, note=note)
     example_output = _run_teacher_once(teacher)
     calib_source = load_calibration(opts.calib, teacher, note=note)
     calib_batches = _materialise(calib_source, "calibration data") if calib_source is not None else []
@@ -352,42 +360,50 @@ def run_plans(p: Prepared, tmp: Path, note: Note, instruments: Sequence[PassInst
     base = p.state.fork(out_dir=tmp)
     entries: list[dict[str, Any]] = []
     timings: dict[str, TimingInstrument] = {}
-    ran_any = False
-    for plan in p.plans:
-        key = plan_key(p.base_key, plan.spec)
-        reused = _reuse(out, tmp, old, plan, key, note) if old else None
-        if reused is not None:
-            note(f"student {plan.name}: unchanged since the last run; reusing it")
-            entries += reused
-            continue
-        note(f"student {plan.name}: {plan.spec}")
-        ran_any = True
-        _seed_everything(p.state.seed)
-        state = base.fork()
-        state.students.append(state.new_student(plan.name))
-        timing, insts = _instruments(p, plan, tmp, instruments)
-        try:
-            state = PassManager(plan.passes, insts).run(state).state
-        finally:
-            state.restore_teacher()
-        timings[plan.name] = timing
-        if p.ranks.is_writer:
-            shutil.rmtree(p.folder.work_dir / "checkpoints" / plan.name, ignore_errors=True)  # done: in OUT now
-            for student in state.students:
-                entry = student_entry(state, student, plan, tmp)
-                entries.append({**entry, "plan": plan.name, "cache_key": key,
-                                "sha256": artifact_hashes(tmp / entry["dir"])})  # fmt: skip
-    teacher_record: dict[str, Any] = {}
-    if p.ranks.is_writer:
-        if not ran_any and old.get("teacher"):
-            teacher_record = old["teacher"]
-        else:
-            note(f"timing the teacher on {p.target}")
-            plan = teacher_plan(p.target)
+    progress = PassProgress([(plan.name, plan.passes) for plan in p.plans], module_weights(p.state.teacher)[0],
+                            extra_steps=["lower"] if p.opts.teacher_timing else [],
+                            enabled=p.ranks.is_writer and p.opts.progress, console=Console(stderr=True))
+    instruments = [*instruments, progress, TeacherGuard()]
+    with progress:
+        for plan in p.plans:
+            key = plan_key(p.base_key, plan.spec)
+            reused = _reuse(out, tmp, old, plan, key, note) if old else None
+            if reused is not None:
+                note(f"student {plan.name}: unchanged since the last run; reusing it")
+                entries += reused
+                continue
+            note(f"student {plan.name}: {plan.spec}")
+            _seed_everything(p.state.seed)
+            state = base.fork()
+            state.students.append(state.new_student(plan.name))
             timing, insts = _instruments(p, plan, tmp, instruments)
-            PassManager(plan.passes, insts).run(base)
-            timings["teacher"] = timing
-            teacher_record = {"spec": p.teacher.spec, "label": p.teacher.label, **base.shared.record}
+            try:
+                state = PassManager(plan.passes, insts).run(state).state
+            finally:
+                state.restore_teacher()
+            timings[plan.name] = timing
+            if p.ranks.is_writer:
+                shutil.rmtree(p.folder.work_dir / "checkpoints" / plan.name, ignore_errors=True)  # done: in OUT now
+                for student in state.students:
+                    entry = student_entry(state, student, plan, tmp)
+                    entries.append({**entry, "plan": plan.name, "cache_key": key,
+                                    "sha256": artifact_hashes(tmp / entry["dir"])})  # fmt: skip
+            del state  # the student's weights go before the next one (or the teacher's engine) is built
+        teacher_record: dict[str, Any] = {}
+        if p.ranks.is_writer:
+            previous = old.get("teacher") or {}
+            # the inputs key covers the teacher, data, profile and target: its record holds for any students
+            if previous and (previous.get("latency_ms") or not p.opts.teacher_timing):
+                note("teacher: unchanged since the last run; reusing its record and engine timing")
+                teacher_record = previous
+            else:
+                note(f"timing the teacher on {p.target}" if p.opts.teacher_timing
+                     else "note: the teacher is not lowered or timed (--no-teacher-timing): no speed-ups")  # fmt: skip
+                plan = teacher_plan(p.target, timing=p.opts.teacher_timing)
+                timing, insts = _instruments(p, plan, tmp, instruments)
+                PassManager(plan.passes, insts).run(base)
+                timings["teacher"] = timing
+                teacher_record = {"spec": p.teacher.spec, "label": p.teacher.label, **base.shared.record}
     return entries, timings, teacher_record
 
 

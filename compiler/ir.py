@@ -132,6 +132,10 @@ def analyze(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: d
                         conv_groups=conv_groups)
     analysis.cost = cost_model(analysis, model)
     analysis.blocks = find_blocks(analysis, model)
+    # the ExportedProgram holds references to every parameter of ``model``: kept, it would pin a
+    # pruned student's pre-surgery weights for as long as the analysis lives; the networkx graph
+    # carries all that is read later
+    ir.exported = None
     return analysis
 
 

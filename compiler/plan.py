@@ -74,6 +74,12 @@ class CompileOptions:
     force: bool = False
     #: resume distillation from the work area's checkpoints (None: when the inputs match)
     resume: bool | None = None
+    #: refuse a compile whose estimated peak memory exceeds this many bytes (``potstill.memory``)
+    max_memory: int | None = None
+    #: lower and time the teacher so students get speed-ups (``--no-teacher-timing`` skips it)
+    teacher_timing: bool = True
+    #: show a progress bar with an ETA on stderr
+    progress: bool = True
     #: the validated recipe (``CompileRecipe``) when one was given
     recipe_data: Any = None
     #: the recipe as written (plus its "path"), for the manifest
@@ -388,6 +394,6 @@ def plan_students(opts: CompileOptions, target: str, distill_epochs: int | None 
     return plans
 
 
-def teacher_plan(target: str) -> Plan:
-    """The teacher's own pipeline: lower it like the students and record it."""
-    return Plan("teacher", [get_pass("record.teacher")(target=target)])
+def teacher_plan(target: str, *, timing: bool = True) -> Plan:
+    """The teacher's own pipeline: lower it like the students (unless ``timing`` is off) and record it."""
+    return Plan("teacher", [get_pass("record.teacher")(target=target, timing=timing)])

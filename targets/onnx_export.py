@@ -1,4 +1,4 @@
-"""Export a module to one self-contained ONNX file, checked by ``onnx.checker``.
+"""Export a module to ONNX (one self-contained file up to 2 GB), checked by ``onnx.checker``.
 
 The module is wrapped so that every tensor input is a named positional input (positional
 arguments take the names of ``forward``'s parameters; keyword arguments such as Hugging Face's
@@ -6,7 +6,7 @@ arguments take the names of ``forward``'s parameters; keyword arguments such as 
 primary output (``potstill.data.primary_output``: logits, last hidden state, or the first tensor),
 named ``output``; every other tensor the model returns (tuple items, dict or ``ModelOutput``
 fields) follows as ``output.<key>``, and the notes name any non-tensor output left out.
-Exporter: ``torch.onnx.export(dynamo=True, external_data=False)``; if that fails, the TorchScript
+Exporter: ``torch.onnx.export(dynamo=True)``; if that fails, the TorchScript
 exporter, and the notes say so.
 
 Shapes: the batch dimension is dynamic unless a batch is fixed; the token dimension of text inputs
@@ -14,6 +14,8 @@ Shapes: the batch dimension is dynamic unless a batch is fixed; the token dimens
 model's ``max_position_embeddings``, as Optimum's ONNX configs declare them (``{0: "batch_size",
 1: "sequence_length"}``). When ``torch.export`` cannot keep the sequence symbolic, the engine keeps the
 example's length and the notes say why.
+Weights stay inline unless the model passes protobuf's 2 GB limit; then they go to
+``model.onnx.data`` beside it (see ``large_onnx``).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from potstill.atomic import atomic_path
 from potstill.data import primary_output
 from potstill.errors import PotstillError
 from torch import nn
+
+from .large_onnx import check_onnx, needs_external_data, onnx_destination
 
 OUTPUT_NAME = "output"
 #: inputs whose dim 1 counts tokens (dynamic "sequence" axis)
@@ -167,9 +170,8 @@ def export_onnx(
     dynamic_batch: bool = True,
     dynamic_sequence: bool = True,
 ) -> OnnxExport:
-    """Write ``module`` as a single ONNX file at ``path`` (atomically) and check it."""
-    import onnx
-
+    """Write ``module`` as an ONNX file at ``path`` (atomically) and check it; past 2 GB the weights
+    go to ``<name>.data`` beside it (``large_onnx``)."""
     kwargs = kwargs or {}
     module = module.eval()
     spec = flat_spec(module, args, kwargs)
@@ -188,13 +190,15 @@ def export_onnx(
     attempts = [(dynamic_batch, seq)] + ([(dynamic_batch, [])] if seq else [])
     path = Path(path)
     exporter = ""
-    with atomic_path(path) as tmp:
+    external = needs_external_data(module)  # protobuf's 2 GB limit: weights go to <name>.data
+    with onnx_destination(path) as tmp:
         errors: list[str] = []
         axes: dict[str, dict[int, str]] = {}
         for batch, seq_names in attempts:
             axes = _axes(spec.names, flat, batch, seq_names)
             try:
-                _export(wrapper, flat, tmp, spec.names, out_names, axes, max_sequence(module), dynamo=True)
+                _export(wrapper, flat, tmp, spec.names, out_names, axes, max_sequence(module), dynamo=True,
+                        external_data=external)
                 exporter = "torch.onnx dynamo"
                 break
             except Exception as e:  # the dynamo exporter fails on some graphs: try less, then fall back
@@ -210,9 +214,8 @@ def export_onnx(
         if seq and not any(1 in d for d in axes.values()):
             notes.append(f"sequence length fixed at {flat[spec.names.index(seq[0])].shape[1]} tokens: "
                          f"torch.export could not keep it symbolic ({errors[0]})")
-        model = onnx.load(str(tmp))
         try:
-            onnx.checker.check_model(model, full_check=True)
+            check_onnx(tmp)
         except Exception as e:
             raise PotstillError(f"{path}: exported ONNX fails onnx.checker: {e}") from e
     return OnnxExport(path, spec, exporter, notes, output_names=out_names, dynamic_axes=axes)
@@ -240,6 +243,7 @@ def _export(
     max_seq: int,
     *,
     dynamo: bool,
+    external_data: bool = False,
 ) -> None:
     sink = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink), _quiet("torch.onnx"):
@@ -250,7 +254,7 @@ def _export(
                     "sequence": torch.export.Dim("sequence", min=1, max=max_seq)}
             shapes = (tuple({d: dims[a] for d, a in axes[n].items()} if n in axes else None for n in names),)
             torch.onnx.export(
-                wrapper, flat, str(path), dynamo=True, external_data=False, input_names=names,
+                wrapper, flat, str(path), dynamo=True, external_data=external_data, input_names=names,
                 output_names=out_names, dynamic_shapes=shapes if axes else None, verbose=False,
             )
         else:

@@ -19,7 +19,9 @@ from potstill.profiles import DeviceProfile
 from torch import nn
 
 from .artifact import Artifact
+from .large_onnx import external_files, needs_external_data
 from .onnx_export import OnnxExport, export_onnx, flat_spec
+from .optimum_export import differs_from_saved
 from .parity import (
     Inputs,
     batch_size,
@@ -82,7 +84,10 @@ class OrtRunner:
                 feeds[node.name] = named[node.name].detach().cpu().numpy().astype(dtype, copy=False)
             else:  # e.g. token_type_ids that Optimum's graph takes and the caller left out
                 like = next(iter(named.values()))
-                feeds[node.name] = np.zeros(tuple(like.shape[:2]), dtype=dtype)
+                shape = tuple(like.shape[:2])
+                # decoders' position_ids default to 0..n-1 in PyTorch; zeros would be another input
+                fill = np.broadcast_to(np.arange(shape[-1]), shape) if node.name == "position_ids" else 0
+                feeds[node.name] = np.zeros(shape, dtype=dtype) + np.asarray(fill, dtype=dtype)
         return feeds
 
     def __call__(self, inputs: Inputs) -> np.ndarray:
@@ -114,6 +119,16 @@ def export_for_runtime(
 ) -> OnnxExport:
     """Optimum when ``hf`` names a saved model it supports, else potstill's own export."""
     args, kwargs = inputs
+    skip = None
+    if hf and needs_external_data(module):
+        skip = ("Optimum not used for a model this large (it reloads the saved model and builds the graph in "
+                "memory); exported with potstill's exporter, weights as external data")
+    elif hf and differs_from_saved(module, hf):
+        skip = "Optimum not tried: the module's shapes differ from the saved model's"
+    if skip:
+        exported = export_onnx(module, args, path, kwargs, dynamic_batch=dynamic)
+        exported.notes.insert(0, skip)
+        return exported
     if hf:
         try:
             from .optimum_export import optimum_export
@@ -190,7 +205,8 @@ def lower_onnxruntime(
     exported = export_for_runtime(module, inputs, path, dynamic=dynamic, hf=hf)
     parity, latency, notes = ort_parity_and_latency(module, path, exported, inputs, profile, dynamic=dynamic,
                                                     budget_s=budget_s)
-    art = Artifact(target=target, precision="fp32", files={"onnx": path}, parity=parity, latency_ms=latency)
+    art = Artifact(target=target, precision="fp32", files={"onnx": path, **external_files(path)}, parity=parity,
+                   latency_ms=latency)
     art.notes += exported.notes + notes
     art.notes.append(f"exporter: {exported.exporter}; batch {'dynamic' if dynamic else 'fixed'}; "
                      f"ONNX Runtime {profile.ort.graph_optimization} optimisations, "

@@ -17,9 +17,28 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from potstill.atomic import atomic_path
+from .large_onnx import check_onnx, save_onnx
 
 PRIMARY_OUTPUTS = ("logits", "last_hidden_state")
+
+
+def differs_from_saved(module: Any, hf: dict[str, Any]) -> bool:
+    """True when a tensor of ``module`` has another shape than in the saved model (safetensors headers).
+
+    Optimum exports the saved teacher: for a pruned student that costs a full export and a parity
+    run only to be thrown away, so callers skip it when the shapes already say it is another model.
+    False when it cannot tell (no safetensors): then Optimum is tried and parity decides.
+    """
+    from safetensors import safe_open
+
+    src = Path(hf.get("dir") or hf.get("path") or "")
+    saved: dict[str, tuple[int, ...]] = {}
+    for f in sorted(src.glob("*.safetensors")) if src.is_dir() else []:
+        with safe_open(str(f), framework="pt") as handle:
+            names = list(handle.keys())
+            saved.update({k: tuple(handle.get_slice(k).get_shape()) for k in names})
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    return any(own[k] != saved[k] for k in saved.keys() & own.keys())
 
 
 def optimum_export(hf: dict[str, Any], path: Path) -> tuple[list[str], str]:
@@ -47,12 +66,11 @@ def optimum_export(hf: dict[str, Any], path: Path) -> tuple[list[str], str]:
         if not produced.is_file():
             raise FileNotFoundError(f"Optimum wrote no model.onnx for task '{task}'")
         model = onnx.load(str(produced))  # folds any external-data side file into one proto
-        onnx.checker.check_model(model)
         names = [i.name for i in model.graph.input]
         outputs = [o.name for o in model.graph.output]
         primary = next((o for o in PRIMARY_OUTPUTS if o in outputs), outputs[0])
-        with atomic_path(path) as tmp:
-            onnx.save(model, str(tmp))
+        save_onnx(model, path)  # one file, or <name>.data beside it past protobuf's 2 GB
+        check_onnx(path)
         return names, primary
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -35,6 +35,7 @@ from torch import nn
 
 from .artifact import Artifact
 from .lower import TARGETS, lower
+from .timing import timing_method
 
 # ---------------------------------------------------------------------------------------------
 # The one lowering preamble
@@ -63,7 +64,9 @@ def lower_module(
     hf, tmp = None, None
     if state.hf:
         saved = out / "hf"
-        if (saved / "config.json").is_file():
+        if module is state.teacher and state.hf.get("path"):  # saved already: no second copy to write and read
+            hf = {"dir": state.hf["path"], "task": state.hf.get("task")}
+        elif (saved / "config.json").is_file():
             hf = {"dir": str(saved), "task": state.hf.get("task")}
         elif hasattr(module, "save_pretrained"):
             tmp = Path(tempfile.mkdtemp(prefix=f"potstill-hf-{name}-"))
@@ -324,6 +327,8 @@ def _save_reload_record(state: CompileState, module: nn.Module, folder: Path, fi
 class TeacherOptions:
     #: the target the students are lowered to
     target: str = "onnxruntime"
+    #: lower and time the teacher (False: cost and metric only, no latency, so no speed-ups)
+    timing: bool = True
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -350,12 +355,16 @@ class TeacherRecordPass(Pass):
         scratch = Path(state.work_dir or tempfile.mkdtemp(prefix="potstill-teacher-")) / "teacher-engine"
         if scratch.exists():
             shutil.rmtree(scratch)
-        art = lower_module(state, state.teacher, scratch, self.options.target, state_profile(state), name="teacher")
+        art = None
+        if self.options.timing:
+            art = lower_module(state, state.teacher, scratch, self.options.target, state_profile(state), name="teacher")
         if state.metric is not None and state.shared.metric is None:
             state.shared.metric = run_metric(state.metric, state.teacher, "teacher")
         state.shared.record = {
             **cost(analysis), "metric": state.shared.metric, "architecture": architecture(analysis),
-            "hf": state.hf, "latency_ms": latency_record(art, state.teacher, state),
-            "parity": parity_dict(art.parity), "target": art.target, "precision": art.precision,
+            "hf": state.hf, "latency_ms": latency_record(art, state.teacher, state) if art else None,
+            "parity": parity_dict(art.parity) if art else None, "target": self.options.target,
+            "precision": art.precision if art else None,
+            "latency_method": timing_method(state.example_inputs, state.example_kwargs) if art else None,
         }  # fmt: skip
         return PassResult(state, False)

@@ -27,6 +27,7 @@ from potstill.profiles import DeviceProfile
 from torch import nn
 
 from .artifact import Artifact
+from .large_onnx import external_files
 from .onnxruntime import OrtRunner, export_for_runtime, fixed_batch, make_session, ort_parity_and_latency
 from .parity import Inputs, batch_size, check_parity, held_out_inputs, raise_if_failed
 from .trt_lint import findings_to_json, lint_onnx, report_markdown
@@ -152,7 +153,7 @@ def lower_tensorrt(
     parity, _, notes = ort_parity_and_latency(module, onnx_path, exported, example, profile, dynamic=dynamic,
                                               budget_s=0.2)
     notes = exported.notes + notes
-    files: dict[str, Path] = {"onnx": onnx_path}
+    files: dict[str, Path] = {"onnx": onnx_path, **external_files(onnx_path)}  # trtexec reads <name>.data beside it
     engine_onnx = onnx_path
     if profile.precision == "int8":
         q_path, samples, int8_notes = _int8_model(onnx_path, exported, example, profile, calib=calib,

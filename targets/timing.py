@@ -59,3 +59,33 @@ def measure_torch_latency(
     module.eval()
     with torch.inference_mode():
         return time_callable(lambda: module(*inputs, **kwargs), budget_s=budget_s)
+
+
+def timing_method(
+    args: Sequence[Any],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    warmup: int = 3,
+    min_runs: int = 5,
+    max_runs: int = 200,
+    budget_s: float = 1.0,
+) -> dict[str, Any]:
+    """How latencies were measured, for the manifest: the bounded run count and the one shape timed.
+
+    Engines are timed on the example inputs (the representative shape), not swept over shapes:
+    ``warmup`` untimed calls, then between ``min_runs`` and ``max_runs`` timed calls within
+    ``budget_s`` seconds, so timing a large model costs at most ``warmup + max(min_runs, budget)``.
+
+    >>> timing_method((torch.zeros(1, 3, 8, 8),))["shapes"]
+    {'input_0': [1, 3, 8, 8]}
+    """
+    shapes = {f"input_{i}": list(a.shape) for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
+    shapes.update({k: list(v.shape) for k, v in (kwargs or {}).items() if isinstance(v, torch.Tensor)})
+    return {
+        "statistic": "median and p90 (ms)",
+        "warmup": warmup,
+        "min_runs": min_runs,
+        "max_runs": max_runs,
+        "budget_s": budget_s,
+        "shapes": shapes,
+    }

@@ -137,6 +137,7 @@ class DistillTrainer:
         sample_students: Callable[[int], Sequence[StudentSpec]] | None = None,
         evaluators: dict[str, Evaluator] | None = None,
         mask_fn: Callable[[Batch], tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
+        teacher_outputs: Callable[[Batch], ModelOutputs] | None = None,
         **loss_options: Any,
     ) -> None:
         self.config = config or TrainConfig()
@@ -149,7 +150,9 @@ class DistillTrainer:
         self.teacher = teacher
         self.loss = make_loss(loss, **loss_options)
         self.loss_name = loss if isinstance(loss, str) else type(loss).__name__
-        if teacher is None and not self.config.inplace and self.loss.needs_teacher():
+        #: precomputed teacher outputs by batch (``teacher_cache.TeacherCache.outputs``): no teacher run
+        self.teacher_outputs = teacher_outputs
+        if teacher is None and teacher_outputs is None and not self.config.inplace and self.loss.needs_teacher():
             raise InputError("no teacher given: pass a teacher, set inplace=True, or use a label loss (kd alpha=0)")
         self.sample_students = sample_students
         self.evaluators = dict(evaluators or {})
@@ -268,7 +271,9 @@ class DistillTrainer:
     def _losses(self, batch: Batch, specs: Sequence[StudentSpec]) -> list[torch.Tensor]:
         s_want, t_want = self.loss.student_want(), self.loss.teacher_want()
         t_out = None
-        if self.teacher is not None and self.loss.needs_teacher():
+        if self.teacher_outputs is not None and self.loss.needs_teacher():
+            t_out = self.teacher_outputs(batch)
+        elif self.teacher is not None and self.loss.needs_teacher():
             with torch.no_grad():
                 t_out = run_model(self.teacher, batch, t_want).detached()
         token_mask, sample_weight = self.mask_fn(batch) if self.mask_fn else (None, None)

@@ -1,0 +1,133 @@
+"""Teacher outputs computed once and kept on disk, so distillation runs without the teacher in memory.
+
+When teacher and student do not fit side by side, the teacher runs once over the training batches
+and its outputs go to one safetensors file per batch; training then reads them back instead of
+running the teacher (Model Optimizer's Minitron recipe distils from cached teacher outputs the same
+way). What is kept per batch:
+
+- the primary output ``z`` in full, or only its top ``k`` entries per position (values and indices)
+  when ``top_k`` is set: a 32k-vocabulary decoder's logits are 128 KB per token in fp32, the top 64
+  about 0.5 KB. Read back, the other entries are filled with ``min(top-k) - TAIL_GAP``, so
+  ``softmax(z / τ)`` gives the tail a mass of at most ``V · e^{-TAIL_GAP / τ}`` relative to the
+  smallest kept entry — the top-k distribution, renormalised, to within ``1e-9`` for τ ≤ 2;
+- hidden states and the embedding output when the loss reads them (``Want.hidden``).
+
+Each file is named by a hash of the batch's input tensors, so a batch the cache has not seen (other
+data, another order after a change) is an error, never another batch's teacher outputs.
+
+    cache = TeacherCache(work_dir / "teacher-cache", top_k=64)
+    cache.build(teacher, train_batches, want=loss.teacher_want())
+    del teacher
+    trainer = DistillTrainer(student, None, "kd", config, teacher_outputs=cache.outputs)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from potstill.data import Batch, as_batch
+from potstill.errors import InputError
+from torch import nn
+
+from .capture import ModelOutputs, Want, run_model
+
+#: logit gap below the smallest kept entry for the entries top-k dropped
+TAIL_GAP = 60.0
+
+
+def batch_key(batch: Batch) -> str:
+    """SHA-256 (first 24 hex digits) of the batch's input tensors: their names, shapes, dtypes and bytes."""
+    digest = hashlib.sha256()
+    items = [(f"arg{i}", a) for i, a in enumerate(batch.args)] + sorted(batch.kwargs.items())
+    for name, value in items:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:24]
+
+
+class TeacherCache:
+    """Teacher outputs by batch, as safetensors files under ``directory``."""
+
+    def __init__(self, directory: str | Path, *, top_k: int | None = None) -> None:
+        if top_k is not None and top_k < 1:
+            raise InputError(f"teacher cache top_k={top_k}: give a positive number of logits to keep, or None")
+        self.directory = Path(directory)
+        self.top_k = top_k
+        self.device = torch.device("cpu")
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{key}.safetensors"
+
+    def build(self, teacher: nn.Module, batches: Iterable[Any], want: Want | None = None) -> int:
+        """Run ``teacher`` over ``batches`` and store its outputs; returns how many batches are stored.
+
+        Batches already stored (same inputs) are skipped, so an interrupted build resumes.
+        """
+        from safetensors.torch import save_file
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / "cache.json").write_text(json.dumps({"top_k": self.top_k, "hidden": bool(want and want.hidden)}))
+        device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
+        teacher.eval()
+        n = 0
+        for raw in batches:
+            batch = as_batch(raw)
+            key = batch_key(batch)
+            n += 1
+            if self._path(key).is_file():
+                continue
+            with torch.inference_mode():
+                out = run_model(teacher, batch.to(device), want or Want())
+            tensors = self._pack(out)
+            tmp = self._path(key).with_suffix(".tmp")
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+            tmp.replace(self._path(key))  # a half-written file never looks stored
+        return n
+
+    def _pack(self, out: ModelOutputs) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        if self.top_k is not None and out.logits.dim() >= 1 and out.logits.shape[-1] > self.top_k:
+            values, indices = out.logits.topk(self.top_k, dim=-1)
+            tensors["topk_values"], tensors["topk_indices"] = values, indices.to(torch.int32)
+            tensors["vocab"] = torch.tensor([out.logits.shape[-1]])
+        else:
+            tensors["logits"] = out.logits
+        for i, h in enumerate(out.hidden):
+            tensors[f"hidden_{i}"] = h
+        if out.embeddings is not None:
+            tensors["embeddings"] = out.embeddings
+        return tensors
+
+    def outputs(self, batch: Batch) -> ModelOutputs:
+        """The stored teacher outputs of ``batch`` (on the batch's device)."""
+        from safetensors.torch import load_file
+
+        key = batch_key(batch)
+        path = self._path(key)
+        if not path.is_file():
+            raise InputError(
+                f"teacher cache {self.directory}: no outputs for this batch (key {key}); the training data "
+                "differs from the data the cache was built on: rebuild it (TeacherCache.build)"
+            )
+        device = next((x.device for x in (*batch.args, *batch.kwargs.values()) if isinstance(x, torch.Tensor)),
+                      self.device)  # fmt: skip
+        stored = {k: v.to(device) for k, v in load_file(str(path)).items()}
+        if "logits" in stored:
+            logits = stored["logits"]
+        else:
+            values, indices = stored["topk_values"], stored["topk_indices"].long()
+            fill = values.min(dim=-1, keepdim=True).values - TAIL_GAP
+            logits = fill.expand(*values.shape[:-1], int(stored["vocab"][0])).clone()
+            logits.scatter_(-1, indices, values)
+        hidden = [stored[f"hidden_{i}"] for i in range(sum(k.startswith("hidden_") for k in stored))]
+        return ModelOutputs(None, logits, hidden, stored.get("embeddings"))
+
+    def __len__(self) -> int:
+        return len(list(self.directory.glob("*.safetensors"))) if self.directory.is_dir() else 0
