@@ -1,21 +1,26 @@
 """Least-squares reconstruction: after pruning, refit the layers that *consume* the pruned units.
 
-A linear consumer computes ``y = W x + b`` on an input whose channels ``x`` are the pruned group's
-units. Keeping only channels ``K``, the best replacement in the least-squares sense over the
-calibration tokens is, with ``x~ = [x; 1]`` and ``G = sum_tokens x~ x~^T`` (padding masked out),
+A consumer computes ``y = W x + b`` over its input channels (an ``nn.Linear``, or any ungrouped
+``nn.Conv2d`` through im2col: every output position is a sample, every (channel, tap) a column).
+After slicing, the student's consumer sees ``x_s`` (the kept channels, and whatever error the layers
+before it already made) where the source model saw ``x_t``. Each consumer is refitted, in forward
+order, so that the student reproduces the source's output of that layer from its own input
+(``x~ = [x; 1]``, padding tokens masked out, ridge ``lambda`` relative to the Gram's diagonal):
 
-    [W'_K  b'] = [W  b] G[:, K+1] (G[K+1, K+1] + lambda I)^-1         (ridge lambda, relative to diag)
+    [W' b'] = argmin sum ||W' x_s + b' - (W x_t + b)||^2 + lambda ||W'||^2
+            = [W b] C (G + lambda I)^-1,      C = sum x~_t x~_s^T,  G = sum x~_s x~_s^T
 
-i.e. the kept channels and the bias absorb what the dropped ones contributed (their mean goes to
-the bias, their correlated part to the kept weights). Closed form, one Gram matrix per consumer,
-no gradient steps: the "mask tuning" of Kwon et al., "A Fast Post-Training Pruning Framework for
-Transformers" (NeurIPS 2022), and the bias compensation of FLAP (An et al., AAAI 2024).
+Closed form, no gradient steps. Because each layer is fitted on the inputs the already-refitted
+layers before it produce, errors do not compound: this is the layer-wise least-squares mask tuning
+of Kwon et al., "A Fast Post-Training Pruning Framework for Transformers" (NeurIPS 2022, §4.3),
+with the whole consumer refitted rather than one scale per kept unit, plus the bias compensation
+of FLAP (An et al., AAAI 2024). When ``x_s = x_t[K]`` (the first consumer) it reduces to
+``[W b] G_full[:, K+1] (G_full[K+1, K+1] + lambda I)^-1``.
 
-Applied where a group owns a consumer's whole input and the consumer is linear over channels (an
-``nn.Linear`` or a 1x1 stride-1 conv): FFN neurons (the down projection), attention heads (the
-output projection), inverted-residual expansions (the projection conv) -- not the hidden size,
-whose consumers also see the norms' statistics change. A consumer without a bias moves the correction
-into the BatchNorm reading its output (``running_mean -= b'``), or refits its weights alone.
+Only consumers whose whole input is one pruned group are refitted (FFN down projections, attention
+output projections, inverted-residual projections, the conv after a pruned conv) -- not the hidden
+size, whose consumers also see the norms' statistics change. A consumer without a bias moves the
+correction into the BatchNorm reading its output (``running_mean -= b'``), or refits its weights alone.
 """
 
 from __future__ import annotations
@@ -37,12 +42,19 @@ def _is_pointwise(mod: nn.Module | None) -> bool:
             and mod.groups == 1 and mod.padding in ((0, 0), "valid"))
 
 
+def _dense_conv(mod: nn.Module | None) -> bool:
+    """An ungrouped 2-D conv with zero padding given as numbers: linear over (channel, tap) columns."""
+    return (isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.padding_mode == "zeros"
+            and not isinstance(mod.padding, str))
+
+
 def _in_features(mod: nn.Module) -> int:
     return mod.in_features if isinstance(mod, nn.Linear) else int(mod.in_channels)  # type: ignore[arg-type]
 
 
-def consumers(model: nn.Module, analysis: Analysis, group_ids: Iterable[int]) -> dict[str, int]:
-    """Linear / pointwise-conv modules whose whole input is one group's channels: name -> group id."""
+def consumers(model: nn.Module, analysis: Analysis, group_ids: Iterable[int], spatial: bool = False) -> dict[str, int]:
+    """Linear / pointwise-conv modules (any ungrouped conv with ``spatial``) whose whole input is one
+    group's channels: name -> group id."""
     modules = dict(model.named_modules())
     found: dict[str, int] = {}
     for gid in group_ids:
@@ -51,7 +63,8 @@ def consumers(model: nn.Module, analysis: Analysis, group_ids: Iterable[int]) ->
             continue
         for m in g.members:
             mod = modules.get(m.module)
-            if mod is None or not (isinstance(mod, nn.Linear) or _is_pointwise(mod)):
+            conv_ok = _dense_conv(mod) if spatial else _is_pointwise(mod)
+            if mod is None or not (isinstance(mod, nn.Linear) or conv_ok):
                 continue
             if (m.role == "in" and m.dim == 1 and m.param == f"{m.module}.weight"
                     and m.offset == 0 and g.n_units * m.unit_len == _in_features(mod)):
@@ -122,56 +135,135 @@ def following_batchnorms(model: nn.Module, names: Iterable[str], batch: Batch) -
     return found
 
 
-def refit(linear: nn.Module, gram: torch.Tensor, kept: Sequence[int], ridge: float = 1e-3,
-          bias_sink: nn.Module | None = None) -> None:
-    """Overwrite a linear / pointwise conv's kept input columns and bias with the least-squares
-    solution (in place; the dropped columns are left for the surgery to remove)."""
-    n_in = _in_features(linear)
-    weight: torch.Tensor = linear.weight  # type: ignore[assignment]
-    bias: torch.Tensor | None = linear.bias  # type: ignore[assignment]
-    # without a bias the correction goes into the BatchNorm that follows (its running mean), else
-    # the constant column is left out: the slicing surgery would not know a new parameter
-    with_bias = bias is not None or bias_sink is not None
-    idx = torch.tensor([*kept, n_in] if with_bias else list(kept), dtype=torch.long)
-    w = weight.detach().double().reshape(weight.shape[0], n_in)
-    b0 = bias.detach().double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-    wb = torch.cat([w, b0[:, None]], 1) if with_bias else w
-    rows = torch.arange(wb.shape[1])
-    g_kk = gram[idx][:, idx]
-    lam = ridge * float(torch.diagonal(g_kk).mean())
-    rhs = wb @ gram[rows][:, idx]  # [out, |K| (+1)]
-    sol = torch.linalg.solve(g_kk + lam * torch.eye(len(idx), dtype=g_kk.dtype), rhs.T).T
-    n_kept = len(kept)
+def _columns(mod: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The module's input as rows of columns ``[samples, in_features (* taps)]`` (float64)."""
+    x = x.detach().double()
+    if isinstance(mod, nn.Conv2d):
+        cols = torch.nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
+        x = x[mask.bool()]
+    return x.reshape(-1, x.shape[-1])
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the layer being refitted has its input."""
+
+
+def _capture(model: nn.Module, name: str, batch: Batch, mask: torch.Tensor | None) -> torch.Tensor:
+    mod = model.get_submodule(name)
+    box: list[torch.Tensor] = []
+
+    def hook(m: nn.Module, args: tuple[Any, ...]) -> None:
+        box.append(_columns(m, args[0], mask))
+        raise _Stop
+
+    handle = mod.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            batch.run(model)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not box:
+        raise RuntimeError(f"reconstruction: layer '{name}' was not called by the forward pass")
+    return box[0]
+
+
+def forward_order(model: nn.Module, names: Iterable[str], batch: Batch) -> list[str]:
+    """``names`` in the order the forward pass first calls them."""
+    order: list[str] = []
+    handles = []
+    for name in names:
+
+        def hook(_m: nn.Module, _a: Any, name: str = name) -> None:
+            if name not in order:
+                order.append(name)
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            batch.run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return order + [n for n in names if n not in order]
+
+
+def _with_ones(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+
+
+def kept_rows(analysis: Analysis, name: str, keep: Mapping[int, Sequence[int]]) -> list[int] | None:
+    """The output channels of layer ``name`` that survive ``keep`` (None: all of them)."""
+    for gid, units in keep.items():
+        g = analysis.groups[gid]
+        for m in g.members:
+            if m.param == f"{name}.weight" and m.dim == 0 and len(units) < g.n_units:
+                return sorted(g.positions(m, list(units)))
+    return None
+
+
+def refit_layer(source: nn.Module, student: nn.Module, name: str, batches: Sequence[Batch],
+                ridge: float = 1e-3, bias_sink: nn.Module | None = None, rows: Sequence[int] | None = None) -> None:
+    """Refit ``student``'s layer ``name`` to reproduce ``source``'s output of it (module docstring);
+    ``rows``: the source's output channels the student kept."""
+    src, dst = source.get_submodule(name), student.get_submodule(name)
+    w_src: torch.Tensor = src.weight  # type: ignore[assignment]
+    b_src: torch.Tensor | None = src.bias  # type: ignore[assignment]
+    w_dst: torch.Tensor = dst.weight  # type: ignore[assignment]
+    b_dst: torch.Tensor | None = dst.bias  # type: ignore[assignment]
+    with_bias = b_dst is not None or bias_sink is not None
+    gram: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    for b in batches:
+        m = b.kwargs.get("attention_mask")
+        mask = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+        xs = _capture(student, name, b, mask)
+        xt = _with_ones(_capture(source, name, b, mask))
+        xs = _with_ones(xs) if with_bias else xs
+        g, c = xs.T @ xs, xt.T @ xs
+        gram = g if gram is None else gram + g
+        cross = c if cross is None else cross + c
+    if gram is None or cross is None:
+        return
+    w = w_src.detach().double().reshape(w_src.shape[0], -1)
+    b0 = b_src.detach().double() if b_src is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    wb = torch.cat([w, b0[:, None]], 1)
+    if rows is not None:
+        wb = wb[torch.tensor(list(rows), dtype=torch.long)]
+    lam = ridge * float(torch.diagonal(gram).mean())
+    rhs = wb @ cross  # [out, K (+1)]
+    sol = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), rhs.T).T
+    n_w = w_dst[0].numel()
     with torch.no_grad():
-        new_w = weight.detach().clone().reshape(weight.shape[0], n_in)
-        new_w[:, idx[:n_kept]] = sol[:, :n_kept].to(new_w.dtype)
-        weight.copy_(new_w.reshape(weight.shape))
-        if bias is not None:
-            bias.copy_(sol[:, -1].to(bias.dtype))
+        w_dst.copy_(sol[:, :n_w].reshape(w_dst.shape).to(w_dst.dtype))
+        if b_dst is not None:
+            b_dst.copy_(sol[:, -1].to(b_dst.dtype))
         elif bias_sink is not None:
             mean: torch.Tensor = bias_sink.running_mean  # type: ignore[assignment]
             mean.sub_(sol[:, -1].to(mean.dtype))
 
 
-def reconstruct(model: nn.Module, analysis: Analysis, keep: Mapping[int, Sequence[int]],
-                batches: Sequence[Batch], ridge: float = 1e-3) -> tuple[nn.Module, list[str]]:
-    """A copy of ``model`` whose consumers of the pruned groups are refitted for ``keep``."""
-    import copy
-
-    targets = consumers(model, analysis, keep)
-    if not targets:
-        return model, []
-    grams = collect_grams(model, targets, batches)
-    new = copy.deepcopy(model)
-    no_bias = [n for n in targets if getattr(new.get_submodule(n), "bias", None) is None]
-    sinks = following_batchnorms(new, no_bias, batches[0]) if no_bias and batches else {}
-    done = []
-    for name, gid in targets.items():
-        g = analysis.groups[gid]
-        member = next(m for m in g.members if m.module == name and m.role == "in")
-        kept = g.positions(member, keep[gid])
-        lin = new.get_submodule(name)
-        if name in grams:
-            refit(lin, grams[name], kept, ridge, sinks.get(name))
-            done.append(name)
-    return new, done
+def reconstruct(source: nn.Module, student: nn.Module, analysis: Analysis, keep: Mapping[int, Sequence[int]],
+                batches: Sequence[Batch], ridge: float = 1e-3) -> list[str]:
+    """Refit, in place and in forward order, ``student``'s consumers of the groups pruned by ``keep``
+    (``student`` is ``source`` after ``surgery.prune_width(source, analysis, keep)``); returns their names."""
+    pruned = [gid for gid, k in keep.items() if len(k) < analysis.groups[gid].n_units]
+    targets = consumers(source, analysis, pruned, spatial=True)
+    if not targets or not batches:
+        return []
+    names = forward_order(student, targets, batches[0])
+    no_bias = [n for n in names if getattr(student.get_submodule(n), "bias", None) is None]
+    sinks = following_batchnorms(student, no_bias, batches[0]) if no_bias else {}
+    was = source.training, student.training
+    source.eval()
+    student.eval()
+    try:
+        for name in names:
+            refit_layer(source, student, name, batches, ridge, sinks.get(name), kept_rows(analysis, name, keep))
+    finally:
+        source.train(was[0])
+        student.train(was[1])
+    return names
