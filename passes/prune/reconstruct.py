@@ -205,10 +205,46 @@ def kept_rows(analysis: Analysis, name: str, keep: Mapping[int, Sequence[int]]) 
     return None
 
 
+def _solve_full(gram: torch.Tensor, rhs: torch.Tensor, start: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``argmin ||T X_s - Y||^2 + lambda ||T - T0||^2`` from ``G = X_s X_s^T`` and ``rhs = Y X_s^T``."""
+    lam = ridge * float(torch.diagonal(gram).mean())
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram + lam * eye, (rhs + lam * start).T).T
+
+
+def _solve_scale(gram: torch.Tensor, cross_y: torch.Tensor, w0: torch.Tensor, col_unit: torch.Tensor,
+                 n_units: int, with_bias: bool, ridge: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Kwon et al.'s mask tuning: one scale ``s_u`` per kept unit (and a free bias), ridge toward 1.
+
+    ``y^ = sum_u s_u W0_u x_u + b'``; with centred statistics the normal equations are
+    ``(P^T ((W0^T W0) * G_c) P) s = P^T r``, ``r_j = W0_j . (Y X_c^T)_j`` (``P``: column -> unit)."""
+    k = w0.shape[1]
+    if with_bias:
+        n = gram[-1, -1].clamp_min(1.0)
+        mean_x = gram[:-1, -1] / n
+        g = gram[:-1, :-1] - n * torch.outer(mean_x, mean_x)
+        y_mean = cross_y[:, -1] / n
+        yx = cross_y[:, :-1] - n * torch.outer(y_mean, mean_x)
+    else:
+        g, yx = gram, cross_y
+    m = (w0.T @ w0) * g
+    r = (yx * w0).sum(0)
+    p = torch.zeros(k, n_units, dtype=gram.dtype)
+    p[torch.arange(k), col_unit] = 1.0
+    a, rhs = p.T @ m @ p, p.T @ r
+    lam = ridge * float(torch.diagonal(a).mean())
+    s = torch.linalg.solve(a + lam * torch.eye(n_units, dtype=a.dtype), rhs + lam)
+    w = w0 * s[col_unit]
+    bias = (y_mean - w @ mean_x) if with_bias else None
+    return w, bias
+
+
 def refit_layer(source: nn.Module, student: nn.Module, name: str, batches: Sequence[Batch],
-                ridge: float = 1e-3, bias_sink: nn.Module | None = None, rows: Sequence[int] | None = None) -> None:
+                ridge: float = 1e-3, bias_sink: nn.Module | None = None, rows: Sequence[int] | None = None,
+                col_unit: torch.Tensor | None = None) -> None:
     """Refit ``student``'s layer ``name`` to reproduce ``source``'s output of it (module docstring);
-    ``rows``: the source's output channels the student kept."""
+    ``rows``: the source's output channels the student kept; ``col_unit``: the unit of each of the
+    student's input columns, for the one-scale-per-unit fit (None: refit every weight)."""
     src, dst = source.get_submodule(name), student.get_submodule(name)
     w_src: torch.Tensor = src.weight  # type: ignore[assignment]
     b_src: torch.Tensor | None = src.bias  # type: ignore[assignment]
@@ -233,21 +269,41 @@ def refit_layer(source: nn.Module, student: nn.Module, name: str, batches: Seque
     wb = torch.cat([w, b0[:, None]], 1)
     if rows is not None:
         wb = wb[torch.tensor(list(rows), dtype=torch.long)]
-    lam = ridge * float(torch.diagonal(gram).mean())
-    rhs = wb @ cross  # [out, K (+1)]
-    sol = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), rhs.T).T
-    n_w = w_dst[0].numel()
+    cross_y = wb @ cross  # Y X_s~^T: [out, K (+1)]
+    w0 = w_dst.detach().double().reshape(w_dst.shape[0], -1)
+    if col_unit is not None:
+        new_w, new_b = _solve_scale(gram, cross_y, w0, col_unit, int(col_unit.max()) + 1, with_bias, ridge)
+    else:
+        start = torch.cat([w0, (b_dst.detach().double() if b_dst is not None else wb[:, -1])[:, None]], 1) \
+            if with_bias else w0
+        sol = _solve_full(gram, cross_y, start, ridge)
+        new_w, new_b = sol[:, :w0.shape[1]], (sol[:, -1] if with_bias else None)
     with torch.no_grad():
-        w_dst.copy_(sol[:, :n_w].reshape(w_dst.shape).to(w_dst.dtype))
+        w_dst.copy_(new_w.reshape(w_dst.shape).to(w_dst.dtype))
+        if new_b is None:
+            return
         if b_dst is not None:
-            b_dst.copy_(sol[:, -1].to(b_dst.dtype))
+            b_dst.copy_(new_b.to(b_dst.dtype))
         elif bias_sink is not None:
             mean: torch.Tensor = bias_sink.running_mean  # type: ignore[assignment]
-            mean.sub_(sol[:, -1].to(mean.dtype))
+            mean.sub_(new_b.to(mean.dtype))
+
+
+def column_units(analysis: Analysis, gid: int, name: str, kept: Sequence[int], taps: int) -> torch.Tensor:
+    """For each input column of the pruned layer ``name`` (kept channels in order, ``taps`` columns
+    each), the index of its unit among the kept units."""
+    g = analysis.groups[gid]
+    member = next(m for m in g.members if m.module == name and m.role == "in" and m.dim == 1)
+    unit_of: dict[int, int] = {}
+    for i, u in enumerate(sorted(kept)):
+        for pos in g.positions(member, [u]):
+            unit_of[int(pos)] = i
+    channels = sorted(unit_of)
+    return torch.tensor([unit_of[c] for c in channels for _ in range(taps)], dtype=torch.long)
 
 
 def reconstruct(source: nn.Module, student: nn.Module, analysis: Analysis, keep: Mapping[int, Sequence[int]],
-                batches: Sequence[Batch], ridge: float = 1e-3) -> list[str]:
+                batches: Sequence[Batch], ridge: float = 1e-3, mode: str = "full") -> list[str]:
     """Refit, in place and in forward order, ``student``'s consumers of the groups pruned by ``keep``
     (``student`` is ``source`` after ``surgery.prune_width(source, analysis, keep)``); returns their names."""
     pruned = [gid for gid, k in keep.items() if len(k) < analysis.groups[gid].n_units]
@@ -262,7 +318,13 @@ def reconstruct(source: nn.Module, student: nn.Module, analysis: Analysis, keep:
     student.eval()
     try:
         for name in names:
-            refit_layer(source, student, name, batches, ridge, sinks.get(name), kept_rows(analysis, name, keep))
+            col_unit = None
+            if mode == "scale":
+                layer = student.get_submodule(name)
+                taps = int(layer.weight[0, 0].numel())  # type: ignore[index]
+                col_unit = column_units(analysis, targets[name], name, keep[targets[name]], taps)
+            refit_layer(source, student, name, batches, ridge, sinks.get(name), kept_rows(analysis, name, keep),
+                        col_unit)
     finally:
         source.train(was[0])
         student.train(was[1])

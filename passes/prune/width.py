@@ -30,17 +30,20 @@ budget asked / predicted / measured, layers refitted).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import torch
 from potstill.errors import InputError
 from potstill.passes.importance import ImportanceEstimator, calibration_batches, run_estimator
 from potstill.passes.importance.base import warn
 from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.state import CompileState, Student
+from torch import nn
 
 from .align import channel_multiple, choose_width
 from .allocate import allocate, rearrange
@@ -58,6 +61,7 @@ ALL_KINDS = (*DEFAULT_KINDS, "hidden")
 #: options that say how much to prune; exactly one of them is required
 AMOUNT_OPTIONS = ("ratio", "per_kind", "macs_budget", "params_budget", "latency_budget_ms")
 ALLOCATIONS = ("global", "local")
+REFITS = ("scale", "full")
 
 
 def _number(name: str, value: Any) -> float | None:
@@ -108,6 +112,9 @@ class WidthOptions:
     reconstruct: bool | None = None
     #: Kwon et al.'s mask rearrangement with the Fisher estimator's per-sample gradients
     rearrange: bool = True
+    #: what the refit changes: "scale" (one factor per kept unit and the bias: Kwon's mask tuning),
+    #: "full" (every kept weight, pulled toward its old value by the ridge)
+    refit: str = "scale"
     #: ridge of the least-squares refit, relative to the Gram's mean diagonal
     ridge: float = 1e-3
 
@@ -151,6 +158,8 @@ class WidthOptions:
             object.__setattr__(self, "reconstruct", None)
         if self.reconstruct is not None and not isinstance(self.reconstruct, bool):
             raise InputError(f"prune.width: reconstruct must be true, false or auto, not {self.reconstruct!r}")
+        if self.refit not in REFITS:
+            raise InputError(f"prune.width: refit must be one of {REFITS}, not {self.refit!r}")
         if self.per_kind and self.allocation != "global":
             raise InputError("prune.width: allocation applies to ratio and budgets, not to per_kind")
 
@@ -345,6 +354,8 @@ class WidthPrunePass(Pass):
             student.metrics["prune"] = {"importance": method.name, "note": note}
             state.facts.add("pruned")
             return PassResult(state, False)
+        # auto: refit when there is calibration data, and keep the refit only if it is better on
+        # held-out data (``choose_refit``)
         use_recon = o.reconstruct if o.reconstruct is not None else state.calib_data is not None
         keep_sets = self._prune(state, student, groups, final, labels, method, scores, o, use_recon)
         widths = {
@@ -358,6 +369,7 @@ class WidthPrunePass(Pass):
             "importance": method.name, "allocation": "per_kind" if o.per_kind else o.allocation,
             "reconstructed": student.metrics.get("reconstructed", []) if use_recon else [],
             "rearranged": keep_sets, "macs_before": int(analysis.cost.macs), "macs_after": int(macs_after),
+            "candidates": student.metrics.pop("prune_candidates", []),
         }
         if budget is not None:
             record["budget"] = {"asked": budget.asked, "what": budget.what, "limit": budget.limit, "full": budget.full}
@@ -408,10 +420,58 @@ class WidthPrunePass(Pass):
             source = student.module
             new = prune_width(source, analysis, keep)
             if use_recon:
-                done = reconstruct(source, new, analysis, keep, calibration_batches(state, o.batches), o.ridge)
+                fit, heldout = fit_and_heldout(state, o.batches)
+                plain = copy.deepcopy(new) if o.reconstruct is None and heldout else None
+                done = reconstruct(source, new, analysis, keep, fit, o.ridge, mode=o.refit)
+                if plain is not None and done:
+                    new, chosen = choose_refit(source, plain, new, heldout, student)
+                    done = done if chosen else []
                 student.metrics.setdefault("reconstructed", []).extend(done)
             student.set_module(new, f"prune.width step {step}: {len(keep)} groups")
         return rearranged
+
+
+def fit_and_heldout(state: CompileState, limit: int) -> tuple[list[Any], list[Any]]:
+    """Calibration batches for the refit, and held-out batches to judge it: ``state.heldout_data``
+    when the driver split one off, else the last quarter of the calibration batches (then not
+    used for the refit)."""
+    from potstill.data import as_batch
+
+    batches = calibration_batches(state, limit)
+    heldout_fn = getattr(state, "heldout_data", None)
+    if callable(heldout_fn):
+        return batches, [as_batch(b) for b in list(heldout_fn())[:limit]]
+    if len(batches) < 4 or state.calib_data is None:
+        return batches, []
+    cut = len(batches) - max(1, len(batches) // 4)
+    return batches[:cut], batches[cut:]
+
+
+def heldout_error(reference: nn.Module, model: nn.Module, batches: list[Any]) -> float:
+    """``sum ||y - y_ref||^2 / sum ||y_ref||^2`` of the primary outputs (padding masked out)."""
+    from potstill.data import primary_output
+
+    num = den = 0.0
+    with torch.no_grad():
+        for b in batches:
+            y_ref, y = primary_output(b.run(reference)).double(), primary_output(b.run(model)).double()
+            mask = b.kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and y.shape[:2] == mask.shape:
+                y_ref, y = y_ref[mask.bool()], y[mask.bool()]
+            num += float(((y - y_ref) ** 2).sum())
+            den += float((y_ref**2).sum())
+    return num / den if den > 0 else float("inf")
+
+
+def choose_refit(source: nn.Module, plain: nn.Module, refitted: nn.Module, heldout: list[Any],
+                 student: Student) -> tuple[nn.Module, bool]:
+    """The refitted model if it is closer to ``source`` on held-out batches, else the plain one;
+    the comparison goes to ``student.metrics["prune"]["candidates"]``."""
+    errors = {"plain": heldout_error(source, plain, heldout), "refit": heldout_error(source, refitted, heldout)}
+    better = math.isfinite(errors["refit"]) and errors["refit"] <= errors["plain"]
+    student.metrics.setdefault("prune_candidates", []).append(
+        {"measure": "held-out relative output error", **errors, "chosen": "refit" if better else "plain"})
+    return (refitted, True) if better else (plain, False)
 
 
 def _mask_grads(state: CompileState, student: Student) -> dict[int, np.ndarray]:
