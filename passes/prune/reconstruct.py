@@ -17,6 +17,15 @@ with the whole consumer refitted rather than one scale per kept unit, plus the b
 of FLAP (An et al., AAAI 2024). When ``x_s = x_t[K]`` (the first consumer) it reduces to
 ``[W b] G_full[:, K+1] (G_full[K+1, K+1] + lambda I)^-1``.
 
+Where the layer's output is added to a residual stream and normalised (``norm(layer(x) + r)``, a
+LayerNorm beside it, as in BERT's output blocks), the target is Kwon et al.'s: the source's *sum*
+minus the student's residual, ``y = (W x_t + b + r_t) - r_s``, so the refit also absorbs the drift
+the residual stream carries from earlier layers.
+
+``mode="scale"`` fits one factor per kept unit (and the bias) instead of every weight -- exactly
+Kwon's mask tuning, ``K`` unknowns per layer, safe with little data; ``mode="full"`` fits every
+kept weight, with the ridge pulling toward the weights it had (``lambda ||W' - W_K||^2``).
+
 Only consumers whose whole input is one pruned group are refitted (FFN down projections, attention
 output projections, inverted-residual projections, the conv after a pruned conv) -- not the hidden
 size, whose consumers also see the norms' statistics change. A consumer without a bias moves the
@@ -107,6 +116,16 @@ def collect_grams(model: nn.Module, names: Iterable[str], batches: Sequence[Batc
     return grams
 
 
+def _run_hooked(model: nn.Module, batch: Batch, handles: list[Any]) -> None:
+    """One forward pass without gradients, then remove the hooks."""
+    try:
+        with torch.no_grad():
+            batch.run(model)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def following_batchnorms(model: nn.Module, names: Iterable[str], batch: Batch) -> dict[str, nn.Module]:
     """For each named module, the BatchNorm that reads its output directly (found by tensor identity)."""
     produced: dict[int, str] = {}
@@ -126,12 +145,7 @@ def following_batchnorms(model: nn.Module, names: Iterable[str], batch: Batch) -
                     found.setdefault(produced[id(args[0])], m)
 
             handles.append(mod.register_forward_pre_hook(bn_hook))
-    try:
-        with torch.no_grad():
-            batch.run(model)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, batch, handles)
     return found
 
 
@@ -139,7 +153,8 @@ def _columns(mod: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torc
     """The module's input as rows of columns ``[samples, in_features (* taps)]`` (float64)."""
     x = x.detach().double()
     if isinstance(mod, nn.Conv2d):
-        cols = torch.nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+        padding = mod.padding if not isinstance(mod.padding, str) else 0  # "valid"; "same" is never a target
+        cols = torch.nn.functional.unfold(x, mod.kernel_size, mod.dilation, padding, mod.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
         x = x[mask.bool()]
@@ -150,25 +165,47 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the layer being refitted has its input."""
 
 
-def _capture(model: nn.Module, name: str, batch: Batch, mask: torch.Tensor | None) -> torch.Tensor:
-    mod = model.get_submodule(name)
-    box: list[torch.Tensor] = []
+def _capture(model: nn.Module, name: str, batch: Batch, mask: torch.Tensor | None,
+             norm: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's input columns, and (with ``norm``) the input of that norm, flattened like the
+    layer's output; the forward pass stops as soon as what is asked for is seen."""
+    box: dict[str, torch.Tensor] = {}
 
     def hook(m: nn.Module, args: tuple[Any, ...]) -> None:
-        box.append(_columns(m, args[0], mask))
-        raise _Stop
+        box["x"] = _columns(m, args[0], mask)
+        if norm is None:
+            raise _Stop
 
-    handle = mod.register_forward_pre_hook(hook)
+    def norm_hook(m: nn.Module, args: tuple[Any, ...]) -> None:
+        if "x" in box:
+            box["z"] = _columns(nn.Identity(), args[0], mask)
+            raise _Stop
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook)]
+    if norm is not None:
+        handles.append(model.get_submodule(norm).register_forward_pre_hook(norm_hook))
     try:
         with torch.no_grad():
             batch.run(model)
     except _Stop:
         pass
     finally:
-        handle.remove()
-    if not box:
+        for h in handles:
+            h.remove()
+    if "x" not in box:
         raise RuntimeError(f"reconstruction: layer '{name}' was not called by the forward pass")
-    return box[0]
+    return box["x"], box.get("z")
+
+
+def residual_norm(model: nn.Module, name: str) -> str | None:
+    """The LayerNorm beside layer ``name`` in its parent (``norm(layer(x) + residual)``, as in BERT's
+    output blocks), whose input carries the residual stream the refit also corrects; else None."""
+    parent_name, _, _ = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    norms = [n for n, c in parent.named_children() if isinstance(c, nn.LayerNorm) or type(c).__name__.endswith("LayerNorm")]
+    if len(norms) != 1 or not isinstance(model.get_submodule(name), nn.Linear):
+        return None
+    return f"{parent_name}.{norms[0]}" if parent_name else norms[0]
 
 
 def forward_order(model: nn.Module, names: Iterable[str], batch: Batch) -> list[str]:
@@ -182,12 +219,7 @@ def forward_order(model: nn.Module, names: Iterable[str], batch: Batch) -> list[
                 order.append(name)
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            batch.run(model)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, batch, handles)
     return order + [n for n in names if n not in order]
 
 
@@ -241,7 +273,7 @@ def _solve_scale(gram: torch.Tensor, cross_y: torch.Tensor, w0: torch.Tensor, co
 
 def refit_layer(source: nn.Module, student: nn.Module, name: str, batches: Sequence[Batch],
                 ridge: float = 1e-3, bias_sink: nn.Module | None = None, rows: Sequence[int] | None = None,
-                col_unit: torch.Tensor | None = None) -> None:
+                col_unit: torch.Tensor | None = None, residual: bool = True) -> None:
     """Refit ``student``'s layer ``name`` to reproduce ``source``'s output of it (module docstring);
     ``rows``: the source's output channels the student kept; ``col_unit``: the unit of each of the
     student's input columns, for the one-scale-per-unit fit (None: refit every weight)."""
@@ -251,26 +283,31 @@ def refit_layer(source: nn.Module, student: nn.Module, name: str, batches: Seque
     w_dst: torch.Tensor = dst.weight  # type: ignore[assignment]
     b_dst: torch.Tensor | None = dst.bias  # type: ignore[assignment]
     with_bias = b_dst is not None or bias_sink is not None
-    gram: torch.Tensor | None = None
-    cross: torch.Tensor | None = None
-    for b in batches:
-        m = b.kwargs.get("attention_mask")
-        mask = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
-        xs = _capture(student, name, b, mask)
-        xt = _with_ones(_capture(source, name, b, mask))
-        xs = _with_ones(xs) if with_bias else xs
-        g, c = xs.T @ xs, xt.T @ xs
-        gram = g if gram is None else gram + g
-        cross = c if cross is None else cross + c
-    if gram is None or cross is None:
-        return
     w = w_src.detach().double().reshape(w_src.shape[0], -1)
     b0 = b_src.detach().double() if b_src is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     wb = torch.cat([w, b0[:, None]], 1)
     if rows is not None:
         wb = wb[torch.tensor(list(rows), dtype=torch.long)]
-    cross_y = wb @ cross  # Y X_s~^T: [out, K (+1)]
     w0 = w_dst.detach().double().reshape(w_dst.shape[0], -1)
+    b_now = b_dst.detach().double() if b_dst is not None else torch.zeros(w0.shape[0], dtype=torch.float64)
+    norm = residual_norm(student, name) if rows is None and residual else None
+    gram: torch.Tensor | None = None
+    cross_y: torch.Tensor | None = None
+    for b in batches:
+        m = b.kwargs.get("attention_mask")
+        mask = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+        xs, zs = _capture(student, name, b, mask, norm)
+        xt, zt = _capture(source, name, b, mask, norm)
+        y = _with_ones(xt) @ wb.T  # the source layer's output
+        if zs is not None and zt is not None and zs.shape == zt.shape == y.shape:
+            # Kwon et al.: match the sum with the residual, y + r_t - r_s = z_t - z_s + (student's output)
+            y = zt - zs + (xs @ w0.T + b_now)
+        xs = _with_ones(xs) if with_bias else xs
+        g, c = xs.T @ xs, y.T @ xs
+        gram = g if gram is None else gram + g
+        cross_y = c if cross_y is None else cross_y + c
+    if gram is None or cross_y is None:
+        return
     if col_unit is not None:
         new_w, new_b = _solve_scale(gram, cross_y, w0, col_unit, int(col_unit.max()) + 1, with_bias, ridge)
     else:

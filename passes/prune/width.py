@@ -240,7 +240,8 @@ def _budget(state: CompileState, o: WidthOptions, cost: CostModel, groups: list[
         full = cost.macs(full_keep)
         if o.ratio is not None:
             return Budget(cost.macs, (1 - o.ratio) * full, full, "MACs", f"ratio {o.ratio:g} of the MACs")
-        limit = o.macs_budget * full if o.macs_budget <= 1 else o.macs_budget  # type: ignore[operator]
+        asked = float(o.macs_budget or 0)
+        limit = asked * full if asked <= 1 else asked
         return Budget(cost.macs, limit, full, "MACs", f"macs_budget {o.macs_budget:g}")
     if o.params_budget is not None:
         full = cost.params(full_keep)
