@@ -20,8 +20,14 @@ re-scoring between them.
 
 One estimator vocabulary across passes: ``importance=NAME`` runs that estimator here; an
 ``importance.NAME`` pass before ``prune.width`` provides the scores instead. Both at once with
-different names is an error (never silently one of them). With neither, ``auto``: the mask Fisher
-(Kwon et al.) when calibration data exists, magnitude otherwise.
+different names is an error (never silently one of them). With neither, ``auto``: on a cheap model
+(under ``CHEAP_MACS`` per forward pass) with held-out batches, one student per estimator in
+``AUTO_CANDIDATES`` and the one closest to the teacher on the held-out batches is kept (the
+comparison is recorded in ``metrics["prune"]["estimators"]``); otherwise the mask Fisher (Kwon et
+al.) when calibration data exists, magnitude without. Likewise ``reconstruct=auto`` keeps the refit
+only when it lowers the held-out output error (``metrics["prune"]["candidates"]``). Held-out batches
+are ``state.heldout_data`` when the driver split them off, else the last quarter of the calibration
+batches, which the refit then does not read.
 
 The student records ``metrics["arch"]["widths"]`` (kept units per group, by the group's first
 producing parameter, with how each was chosen) and ``metrics["prune"]`` (estimator, allocation,
@@ -317,14 +323,37 @@ class WidthPrunePass(Pass):
     ensures: ClassVar[frozenset[str]] = frozenset({"pruned"})
 
     def run(self, state: CompileState) -> PassResult:
+        from potstill.passes.importance import get_estimator
+
         o: WidthOptions = self.options
         student = state.working()
+        candidates = auto_candidates(state, student, o)
+        if not candidates:
+            return self._run_one(state, student, choose_estimator(state, student, o))
+        # importance=auto on a cheap model: build one student per estimator, keep the one closest
+        # to the teacher on held-out batches, and record the comparison
+        _, heldout = fit_and_heldout(state, o.batches)
+        trials: list[tuple[float, str, Student]] = []
+        for name in candidates:
+            trial = Student(student.name, copy.deepcopy(student.module), list(student.history),
+                            metrics=copy.deepcopy(student.metrics), artifacts=dict(student.artifacts))
+            state.students[-1] = trial
+            self._run_one(state, trial, _Scores(get_estimator(name, batches=o.batches), None))
+            trials.append((heldout_error(student.module, trial.module, heldout), name, trial))
+        _, _, best = min(trials, key=lambda t: (t[0], candidates.index(t[1])))
+        state.students[-1] = best
+        best.metrics["prune"]["estimators"] = [
+            {"importance": n, "heldout_error": e, "chosen": t is best} for e, n, t in trials
+        ]
+        return PassResult(state, True)
+
+    def _run_one(self, state: CompileState, student: Student, method: Any) -> PassResult:
+        o: WidthOptions = self.options
         analysis = state.analysis(student)
         groups = select_groups(analysis, o)
         if not groups:
             raise InputError(f"prune.width: no prunable groups of kinds {sorted(set(o.kinds or DEFAULT_KINDS))} "
                              f"in this model ({len(analysis.prunable())} prunable groups of other kinds)")
-        method = choose_estimator(state, student, o)
         scores = method.scores(state, analysis)
         multiple = channel_multiple(state.profile, o.align or 0)
         table = getattr(state.profile, "latency_table", None) if o.use_table else None
@@ -517,6 +546,22 @@ def choose_estimator(state: CompileState, student: Student, o: WidthOptions) -> 
     if name == "auto":
         name = default_estimator(state, analysis)
     return _Scores(get_estimator(name, batches=o.batches), None)
+
+
+#: importance=auto tries these estimators when the model is cheap to prune several times
+AUTO_CANDIDATES = ("fisher", "activation", "magnitude")
+#: "cheap": MACs of one forward pass on the example inputs below this
+CHEAP_MACS = 1e8
+
+
+def auto_candidates(state: CompileState, student: Student, o: WidthOptions) -> tuple[str, ...]:
+    """The estimators ``importance=auto`` compares on held-out data, or () to use the default alone
+    (an importance pass ran, an estimator was named, no data, nothing held out, or too costly)."""
+    if o.importance not in (None, "auto") or "importance" in state.facts or state.calib_data is None:
+        return ()
+    if state.analysis(student).cost.macs > CHEAP_MACS or not fit_and_heldout(state, o.batches)[1]:
+        return ()
+    return AUTO_CANDIDATES
 
 
 def default_estimator(state: CompileState, analysis: Analysis) -> str:
