@@ -146,7 +146,8 @@ def main() -> None:
         prune = s.get("metrics", {}).get("prune", {})
         rows.append({"student": s["name"], "pipeline": s["pipeline"], "speedup": s.get("speedup"),
                      "macs_reduction": s.get("macs_reduction"), "latency_ms": s.get("latency_ms"),
-                     "fidelity": fid, "importance": prune.get("importance"), "candidates": prune.get("candidates")})
+                     "fidelity": fid, "importance": prune.get("importance"), "candidates": prune.get("candidates"),
+                     "estimators": prune.get("estimators")})
         print(json.dumps(rows[-1], indent=1, default=str))
     payload = {"command": " ".join(cmd), "compile_wall_s": wall, "compile_cpu_s": cpu, "rows": rows}
     path = C.write_json(f"prune_cli_{args.case}_{args.ratio:g}" + (f"_{args.tag}" if args.tag else ""), payload)
