@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ def compile_cli(case: str, ratio: float, out: Path, extra: list[str]) -> tuple[l
     return cmd, wall, cpu
 
 
-def session(path: Path):  # noqa: ANN201
+def session(path: Path) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
