@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("teacher", nargs="?", metavar="TEACHER", help=TEACHER_HELP + " (or 'teacher:' in --recipe)")
     c.add_argument("--profile", metavar="NAME", help="device profile: a built-in name (see 'potstill profiles') or a YAML file; default cpu")
     c.add_argument("--ratio", type=float, action="append", metavar="R",
-                   help="fraction of channels to remove; repeat for several students (default 0.5)")  # fmt: skip
+                   help="fraction of the MACs to remove (of the latency when the profile has a latency "
+                        "table), allocated across layers by importance; repeat for several students (default 0.5)")  # fmt: skip
     c.add_argument("--input-shape", action="append", default=[], metavar="S", help=SHAPE_HELP)
     c.add_argument("--pipeline", metavar="STR",
                    help="pass pipeline, e.g. 'importance.taylor,prune.width{ratio=0.5},distill{epochs=3}'; "
@@ -81,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     depth = c.add_mutually_exclusive_group()
     depth.add_argument("--drop-layers", type=int, metavar="N", help="also remove N blocks (depth pruning)")
     depth.add_argument("--keep-layers", type=int, metavar="N", help="also prune depth down to N blocks")
-    c.add_argument("--importance", metavar="NAME", help="importance estimator: magnitude (default), taylor, fisher, activation")
+    c.add_argument("--importance", metavar="NAME", help="importance estimator: magnitude, taylor, fisher, activation, obs "
+                                                        "(default: prune.width chooses; mask Fisher with calibration data)")
     c.add_argument("--target", metavar="T", help="override the profile's target: onnxruntime, onnx, tensorrt, aoti")
     c.add_argument("--seed", type=_seed, default=None, help="random seed, 0 to 2**32-1 (default 0)")
     c.add_argument("--debug", action="store_true", help="verify the IR after every pass, dump IR before/after under OUT/debug/, show tracebacks")

@@ -1,7 +1,8 @@
 """What to build: compile options, the recipe schema, and one plan (name + passes) per student.
 
 With no ``--pipeline`` each ``--ratio R`` gives a student ``w{100R}`` built by
-``importance.<estimator>,prune.width{ratio=R}[,distill{epochs=N}]``; ``--drop-layers N`` /
+``[importance.<estimator>,]prune.width{ratio=R}[,distill{epochs=N}]`` (the importance pass only with
+``--importance``; otherwise ``prune.width`` picks its estimator); ``--drop-layers N`` /
 ``--keep-layers N`` add ``prune.depth`` (and a tag ``dN`` / ``kN``). A user pipeline is one student,
 or one per ``--ratio`` when it contains ``$ratio``. Every plan then ends with the lowering pass
 (``lower.<target>``, unless the pipeline lowers already) and ``record``: the plan is the whole
@@ -372,15 +373,17 @@ def plan_students(opts: CompileOptions, target: str, distill_epochs: int | None 
         depth, depth_tag = _depth_steps(opts)
         if not ratios and not depth:
             ratios = [0.5]
-        importance = opts.importance or "magnitude"
-        importance = importance if "." in importance else f"importance.{importance}"
+        # no --importance: prune.width chooses (importance=auto, Kwon's mask Fisher when data exists)
+        importance = opts.importance
+        if importance is not None and "." not in importance:
+            importance = f"importance.{importance}"
         stages = bool(getattr(opts.recipe_data, "stages", None))
         width_ratios: list[float | None] = list(ratios) if ratios else [None]
         for r in width_ratios:
             steps = list(depth)
             tags = [depth_tag] if depth_tag else []
             if r is not None:
-                steps += [importance, f"prune.width{{ratio={r:g}}}"]
+                steps += [*([importance] if importance else []), f"prune.width{{ratio={r:g}}}"]
                 tags.insert(0, _ratio_name(r))
             if stages:
                 steps.append("distill.progressive")

@@ -1,42 +1,53 @@
 """Importance estimators: one score per prunable unit of every coupled group (higher = keep).
 
-One module per estimator, each also a pass: ``importance.magnitude``, ``importance.taylor``,
-``importance.fisher``, ``importance.activation`` (width) and ``importance.blocks`` (depth).
-``get_estimator(name)`` builds a width estimator by name for ``prune.width{importance=NAME}``.
+One vocabulary: each estimator is ONE frozen-dataclass class whose fields are its options; the same
+class is the pass ``importance.<name>`` and the estimator ``prune.width{importance=<name>}`` builds.
+Width estimators: magnitude, taylor, fisher, activation, obs; depth: ``importance.blocks``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+from typing import Any
+
 from potstill.errors import InputError
 
-from .base import DEFAULT_CALIB_BATCHES, ImportanceEstimator, aggregate, calibration_batches, write_importance
+from .base import (
+    DEFAULT_CALIB_BATCHES,
+    ImportanceEstimator,
+    aggregate,
+    calibration_batches,
+    run_estimator,
+    write_importance,
+)
 
-WIDTH_ESTIMATORS = ("magnitude", "l1", "l2", "taylor", "fisher", "activation", "obs")
+#: width estimator name -> module defining it (imported on first use)
+WIDTH_ESTIMATORS: dict[str, str] = {
+    "magnitude": "potstill.passes.importance.magnitude",
+    "taylor": "potstill.passes.importance.taylor",
+    "fisher": "potstill.passes.importance.fisher",
+    "activation": "potstill.passes.importance.activation",
+    "obs": "potstill.passes.importance.obs",
+}
 
 
-def get_estimator(name: str, batches: int = DEFAULT_CALIB_BATCHES) -> ImportanceEstimator:
-    """A width estimator by name: magnitude (= l2), l1, taylor, fisher, activation, obs."""
-    if name in ("magnitude", "l2", "l1"):
-        from .magnitude import MagnitudeImportance
+def estimator_class(name: str) -> type[ImportanceEstimator]:
+    """The estimator class named ``name`` (an InputError listing the names otherwise)."""
+    if name not in WIDTH_ESTIMATORS:
+        raise InputError(f"unknown importance '{name}'; choose one of {', '.join(WIDTH_ESTIMATORS)}")
+    module = importlib.import_module(WIDTH_ESTIMATORS[name])
+    found = [c for c in vars(module).values()
+             if isinstance(c, type) and issubclass(c, ImportanceEstimator) and c.name == name]
+    return found[0]
 
-        return MagnitudeImportance(p=1 if name == "l1" else 2)
-    if name == "taylor":
-        from .taylor import TaylorImportance
 
-        return TaylorImportance(batches=batches)
-    if name == "fisher":
-        from .fisher import FisherImportance
-
-        return FisherImportance(batches=batches)
-    if name == "activation":
-        from .activation import ActivationImportance
-
-        return ActivationImportance(batches=batches)
-    if name == "obs":
-        from .obs import OBSImportance
-
-        return OBSImportance(batches=batches)
-    raise InputError(f"unknown importance '{name}'; choose one of {', '.join(WIDTH_ESTIMATORS)}")
+def get_estimator(name: str, **options: Any) -> ImportanceEstimator:
+    """A width estimator by name; options it does not take (e.g. ``batches`` for magnitude) are
+    left out only when they are the caller's defaults, see ``prune.width``."""
+    cls = estimator_class(name)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in options.items() if k in fields})
 
 
 __all__ = [
@@ -45,6 +56,8 @@ __all__ = [
     "ImportanceEstimator",
     "aggregate",
     "calibration_batches",
+    "estimator_class",
     "get_estimator",
+    "run_estimator",
     "write_importance",
 ]

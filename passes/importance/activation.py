@@ -28,11 +28,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 from potstill.data import Batch
-from potstill.pipeline import register_pass
 from potstill.state import CompileState
 from torch import nn
 
-from .base import DEFAULT_CALIB_BATCHES, ImportanceEstimator, ImportancePass, aggregate, per_unit, resolve
+from .base import DEFAULT_CALIB_BATCHES, ImportanceEstimator, aggregate, estimator, per_unit, resolve
 
 if TYPE_CHECKING:
     from potstill.ir import Analysis, CoupledGroup, Member
@@ -45,7 +44,7 @@ def _is_layer_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or any(name.endswith(n) for n in _LAYER_NORMS)
 
 
-def _channel_dim(module: nn.Module, io: str) -> int | None:
+def channel_dim(module: nn.Module, io: str) -> int | None:
     """The dim of the site's activation that carries the channels, or None if unknown."""
     if io == "in":
         if isinstance(module, nn.Linear):
@@ -75,7 +74,7 @@ def activation_sites(model: nn.Module, group: CoupledGroup) -> list[tuple[str, s
             if key not in seen:
                 seen.add(key)
                 norm_sites.append((m.module, "out", m))
-        elif m.role == "in" and _channel_dim(mod, "in") is not None and m.param.endswith("weight"):
+        elif m.role == "in" and channel_dim(mod, "in") is not None and m.param.endswith("weight"):
             key = (m.module, "in", m.offset, m.unit_len)
             if key not in seen:
                 seen.add(key)
@@ -124,7 +123,7 @@ def collect_site_stats(
     handles = []
     for name, io in set(sites):
         mod = modules[name]
-        cdim = _channel_dim(mod, io)
+        cdim = channel_dim(mod, io)
         if cdim is None:
             continue
         stat = stats[(name, io)] = _SiteStat(cdim)
@@ -158,14 +157,15 @@ def collect_site_stats(
     return {k: s.imp() for k, s in stats.items() if s.total is not None}
 
 
+@estimator
+@dataclass(frozen=True)
 class ActivationImportance(ImportanceEstimator):
-    """Minitron activation importance (see the module docstring)."""
+    """``importance.activation{batches=8}``: Minitron activation importance (module docstring)."""
 
     name: ClassVar[str] = "activation"
 
-    def __init__(self, normalize: bool = False, batches: int = DEFAULT_CALIB_BATCHES) -> None:
-        self.normalize = normalize
-        self.limit = batches
+    batches: int = DEFAULT_CALIB_BATCHES
+    normalize: bool = False
 
     def scores(
         self,
@@ -174,7 +174,7 @@ class ActivationImportance(ImportanceEstimator):
         batches: Iterable[Any] | None = None,
     ) -> dict[int, np.ndarray]:
         model, _, _ = resolve(target)
-        data = self.batches_for(target, batches, self.limit)
+        data = self.batches_for(target, batches, self.batches)
         groups = analysis.prunable()
         sites = {g.id: activation_sites(model, g) for g in groups}
         stats = collect_site_stats(model, [(n, io) for s in sites.values() for n, io, _ in s], data)
@@ -194,20 +194,3 @@ class ActivationImportance(ImportanceEstimator):
             mag = MagnitudeImportance().scores(model, analysis)
             out.update({gid: mag[gid] for gid in fallback})
         return out
-
-
-@dataclass(frozen=True)
-class ActivationOptions:
-    batches: int = DEFAULT_CALIB_BATCHES
-    normalize: bool = False
-
-
-@register_pass
-class ActivationImportancePass(ImportancePass):
-    """``importance.activation{batches=8}``: Minitron activation scores on calibration batches."""
-
-    name: ClassVar[str] = "importance.activation"
-    Options: ClassVar[type] = ActivationOptions
-
-    def estimator(self) -> ImportanceEstimator:
-        return ActivationImportance(self.options.normalize, self.options.batches)

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from potstill.pipeline import register_pass
+from potstill.errors import InputError
 from potstill.state import CompileState
 from torch import nn
 
 from .base import (
     ImportanceEstimator,
-    ImportancePass,
     aggregate,
+    estimator,
     parameter_members,
     per_index_reduce,
     per_unit,
@@ -35,16 +35,21 @@ if TYPE_CHECKING:
     from potstill.ir import Analysis
 
 
+@estimator
+@dataclass(frozen=True)
 class MagnitudeImportance(ImportanceEstimator):
-    """L1 (``p=1``) or L2 (``p=2``) norm of each unit's weights, summed over the group."""
+    """``importance.magnitude{p=2}``: L1 (``p=1``) or L2 (``p=2``) norm of each unit's weights,
+    summed over the group (data-free)."""
 
     name: ClassVar[str] = "magnitude"
+    data_driven: ClassVar[bool] = False
 
-    def __init__(self, p: int = 2, normalize: bool = True) -> None:
-        if p not in (1, 2):
-            raise ValueError(f"magnitude importance takes p=1 or p=2, not {p}")
-        self.p = p
-        self.normalize = normalize
+    p: int = 2
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.p not in (1, 2):
+            raise InputError(f"importance.magnitude: p must be 1 or 2, not {self.p!r}")
 
     def scores(
         self,
@@ -62,20 +67,3 @@ class MagnitudeImportance(ImportanceEstimator):
                 member_scores.append(s if self.p == 1 else np.sqrt(s))
             out[g.id] = aggregate(member_scores, g.n_units, self.normalize)
         return out
-
-
-@dataclass(frozen=True)
-class MagnitudeOptions:
-    p: int = 2
-    normalize: bool = True
-
-
-@register_pass
-class MagnitudeImportancePass(ImportancePass):
-    """``importance.magnitude{p=2}``: data-free weight-norm scores."""
-
-    name: ClassVar[str] = "importance.magnitude"
-    Options: ClassVar[type] = MagnitudeOptions
-
-    def estimator(self) -> ImportanceEstimator:
-        return MagnitudeImportance(self.options.p, self.options.normalize)

@@ -21,25 +21,32 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-from potstill.pipeline import register_pass
+from potstill.errors import InputError
 from potstill.state import CompileState
 from torch import nn
 
 from .activation import ActivationImportance
-from .base import DEFAULT_CALIB_BATCHES, ImportanceEstimator, ImportancePass, resolve
+from .base import DEFAULT_CALIB_BATCHES, ImportanceEstimator, estimator, resolve
 
 if TYPE_CHECKING:
     from potstill.ir import Analysis
 
 
+@estimator
+@dataclass(frozen=True)
 class OBSImportance(ImportanceEstimator):
-    """``dE_U`` summed over a group's linear consumers (see the module docstring)."""
+    """``importance.obs{batches=8}``: ``dE_U`` summed over a group's linear consumers (module docstring)."""
 
     name: ClassVar[str] = "obs"
 
-    def __init__(self, batches: int = DEFAULT_CALIB_BATCHES, ridge: float = 1e-3) -> None:
-        self.limit = batches
-        self.ridge = ridge
+    batches: int = DEFAULT_CALIB_BATCHES
+    #: ridge on the Gram diagonal, relative to its mean
+    ridge: float = 1e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.ridge > 0:
+            raise InputError(f"importance.obs: ridge must be > 0, not {self.ridge!r}")
 
     def scores(
         self,
@@ -50,11 +57,11 @@ class OBSImportance(ImportanceEstimator):
         from potstill.passes.prune.reconstruct import collect_grams, consumers
 
         model, _, _ = resolve(target)
-        data = self.batches_for(target, batches, self.limit)
+        data = self.batches_for(target, batches, self.batches)
         groups = analysis.prunable()
         targets = consumers(model, analysis, [g.id for g in groups])
         grams = collect_grams(model, targets, data) if targets else {}
-        out = ActivationImportance(batches=self.limit).scores(model, analysis, data)
+        out = ActivationImportance(batches=self.batches).scores(model, analysis, data)
         by_group: dict[int, np.ndarray] = {}
         for name, gid in targets.items():
             g = analysis.groups[gid]
@@ -73,21 +80,3 @@ class OBSImportance(ImportanceEstimator):
             by_group[gid] = by_group.get(gid, 0) + s
         out.update(by_group)
         return out
-
-
-@dataclass(frozen=True)
-class OBSOptions:
-    batches: int = DEFAULT_CALIB_BATCHES
-    ridge: float = 1e-3
-
-
-@register_pass
-class OBSImportancePass(ImportancePass):
-    """``importance.obs{batches=8}``: OBS scores (needs "importance.obs" in BUILTIN_PASSES to be
-    found by name before this module is imported; ``prune.width{importance=obs}`` works regardless)."""
-
-    name: ClassVar[str] = "importance.obs"
-    Options: ClassVar[type] = OBSOptions
-
-    def estimator(self) -> ImportanceEstimator:
-        return OBSImportance(self.options.batches, self.options.ridge)

@@ -10,8 +10,10 @@ keeps ``k`` units with ``k*c`` a multiple of the profile's ``channel_multiple`` 
     k    = the multiple of step nearest the target, in [step, n]; n itself is always allowed
 
 so a width is never rounded to 0 nor above the original. With a measured latency table the width
-is chosen instead among the candidates near the target by ``LatencyTable.best_width`` (most MACs
-per millisecond, ties to the widest), so no width lands on a slow shape.
+is chosen instead among the aligned candidates at most one step (or 12.5 %) *narrower* than the
+aligned target -- never wider, so a table cannot override what the user asked for -- by
+``LatencyTable.best_width`` (most MACs per millisecond, ties to the widest), so no width lands on a
+slow shape. What the table picked is recorded per group (``how: latency-table``).
 """
 
 from __future__ import annotations
@@ -80,8 +82,10 @@ def choose_width(
     step = unit_step(unit_channels, multiple)
     slack = max(step, 0.125 * target)
     # only aligned widths are offered: a one-layer table cannot see the layout changes and
-    # reorders that an odd width costs the whole model
-    cands: Sequence[int] = [k for k in aligned_candidates(n_units, step) if abs(k - target) <= slack] or [rounded]
+    # reorders that an odd width costs the whole model; and none wider than the aligned width
+    # asked for, so the table can spend the user's budget better but never exceed it
+    cands: Sequence[int] = [k for k in aligned_candidates(n_units, step)
+                            if k <= rounded and target - k <= slack] or [rounded]
     try:
         best = table.best_width(op, [k * unit_channels for k in cands], **shape)
     except (LookupError, TypeError, ValueError):

@@ -1,21 +1,35 @@
 """Least-squares reconstruction: after pruning, refit the layers that *consume* the pruned units.
 
-A linear consumer computes ``y = W x + b`` on an input whose channels ``x`` are the pruned group's
-units. Keeping only channels ``K``, the best replacement in the least-squares sense over the
-calibration tokens is, with ``x~ = [x; 1]`` and ``G = sum_tokens x~ x~^T`` (padding masked out),
+A consumer computes ``y = W x + b`` over its input channels (an ``nn.Linear``, or any ungrouped
+``nn.Conv2d`` through im2col: every output position is a sample, every (channel, tap) a column).
+After slicing, the student's consumer sees ``x_s`` (the kept channels, and whatever error the layers
+before it already made) where the source model saw ``x_t``. Each consumer is refitted, in forward
+order, so that the student reproduces the source's output of that layer from its own input
+(``x~ = [x; 1]``, padding tokens masked out, ridge ``lambda`` relative to the Gram's diagonal):
 
-    [W'_K  b'] = [W  b] G[:, K+1] (G[K+1, K+1] + lambda I)^-1         (ridge lambda, relative to diag)
+    [W' b'] = argmin sum ||W' x_s + b' - (W x_t + b)||^2 + lambda ||W'||^2
+            = [W b] C (G + lambda I)^-1,      C = sum x~_t x~_s^T,  G = sum x~_s x~_s^T
 
-i.e. the kept channels and the bias absorb what the dropped ones contributed (their mean goes to
-the bias, their correlated part to the kept weights). Closed form, one Gram matrix per consumer,
-no gradient steps: the "mask tuning" of Kwon et al., "A Fast Post-Training Pruning Framework for
-Transformers" (NeurIPS 2022), and the bias compensation of FLAP (An et al., AAAI 2024).
+Closed form, no gradient steps. Because each layer is fitted on the inputs the already-refitted
+layers before it produce, errors do not compound: this is the layer-wise least-squares mask tuning
+of Kwon et al., "A Fast Post-Training Pruning Framework for Transformers" (NeurIPS 2022, §4.3),
+with the whole consumer refitted rather than one scale per kept unit, plus the bias compensation
+of FLAP (An et al., AAAI 2024). When ``x_s = x_t[K]`` (the first consumer) it reduces to
+``[W b] G_full[:, K+1] (G_full[K+1, K+1] + lambda I)^-1``.
 
-Applied where a group owns a consumer's whole input and the consumer is linear over channels (an
-``nn.Linear`` or a 1x1 stride-1 conv): FFN neurons (the down projection), attention heads (the
-output projection), inverted-residual expansions (the projection conv) -- not the hidden size,
-whose consumers also see the norms' statistics change. A consumer without a bias moves the correction
-into the BatchNorm reading its output (``running_mean -= b'``), or refits its weights alone.
+Where the layer's output is added to a residual stream and normalised (``norm(layer(x) + r)``, a
+LayerNorm beside it, as in BERT's output blocks), the target is Kwon et al.'s: the source's *sum*
+minus the student's residual, ``y = (W x_t + b + r_t) - r_s``, so the refit also absorbs the drift
+the residual stream carries from earlier layers.
+
+``mode="scale"`` fits one factor per kept unit (and the bias) instead of every weight -- exactly
+Kwon's mask tuning, ``K`` unknowns per layer, safe with little data; ``mode="full"`` fits every
+kept weight, with the ridge pulling toward the weights it had (``lambda ||W' - W_K||^2``).
+
+Only consumers whose whole input is one pruned group are refitted (FFN down projections, attention
+output projections, inverted-residual projections, the conv after a pruned conv) -- not the hidden
+size, whose consumers also see the norms' statistics change. A consumer without a bias moves the
+correction into the BatchNorm reading its output (``running_mean -= b'``), or refits its weights alone.
 """
 
 from __future__ import annotations
@@ -37,12 +51,19 @@ def _is_pointwise(mod: nn.Module | None) -> bool:
             and mod.groups == 1 and mod.padding in ((0, 0), "valid"))
 
 
+def _dense_conv(mod: nn.Module | None) -> bool:
+    """An ungrouped 2-D conv with zero padding given as numbers: linear over (channel, tap) columns."""
+    return (isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.padding_mode == "zeros"
+            and not isinstance(mod.padding, str))
+
+
 def _in_features(mod: nn.Module) -> int:
     return mod.in_features if isinstance(mod, nn.Linear) else int(mod.in_channels)  # type: ignore[arg-type]
 
 
-def consumers(model: nn.Module, analysis: Analysis, group_ids: Iterable[int]) -> dict[str, int]:
-    """Linear / pointwise-conv modules whose whole input is one group's channels: name -> group id."""
+def consumers(model: nn.Module, analysis: Analysis, group_ids: Iterable[int], spatial: bool = False) -> dict[str, int]:
+    """Linear / pointwise-conv modules (any ungrouped conv with ``spatial``) whose whole input is one
+    group's channels: name -> group id."""
     modules = dict(model.named_modules())
     found: dict[str, int] = {}
     for gid in group_ids:
@@ -51,7 +72,8 @@ def consumers(model: nn.Module, analysis: Analysis, group_ids: Iterable[int]) ->
             continue
         for m in g.members:
             mod = modules.get(m.module)
-            if mod is None or not (isinstance(mod, nn.Linear) or _is_pointwise(mod)):
+            conv_ok = _dense_conv(mod) if spatial else _is_pointwise(mod)
+            if mod is None or not (isinstance(mod, nn.Linear) or conv_ok):
                 continue
             if (m.role == "in" and m.dim == 1 and m.param == f"{m.module}.weight"
                     and m.offset == 0 and g.n_units * m.unit_len == _in_features(mod)):
@@ -94,6 +116,16 @@ def collect_grams(model: nn.Module, names: Iterable[str], batches: Sequence[Batc
     return grams
 
 
+def _run_hooked(model: nn.Module, batch: Batch, handles: list[Any]) -> None:
+    """One forward pass without gradients, then remove the hooks."""
+    try:
+        with torch.no_grad():
+            batch.run(model)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def following_batchnorms(model: nn.Module, names: Iterable[str], batch: Batch) -> dict[str, nn.Module]:
     """For each named module, the BatchNorm that reads its output directly (found by tensor identity)."""
     produced: dict[int, str] = {}
@@ -113,65 +145,224 @@ def following_batchnorms(model: nn.Module, names: Iterable[str], batch: Batch) -
                     found.setdefault(produced[id(args[0])], m)
 
             handles.append(mod.register_forward_pre_hook(bn_hook))
-    try:
-        with torch.no_grad():
-            batch.run(model)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, batch, handles)
     return found
 
 
-def refit(linear: nn.Module, gram: torch.Tensor, kept: Sequence[int], ridge: float = 1e-3,
-          bias_sink: nn.Module | None = None) -> None:
-    """Overwrite a linear / pointwise conv's kept input columns and bias with the least-squares
-    solution (in place; the dropped columns are left for the surgery to remove)."""
-    n_in = _in_features(linear)
-    weight: torch.Tensor = linear.weight  # type: ignore[assignment]
-    bias: torch.Tensor | None = linear.bias  # type: ignore[assignment]
-    # without a bias the correction goes into the BatchNorm that follows (its running mean), else
-    # the constant column is left out: the slicing surgery would not know a new parameter
-    with_bias = bias is not None or bias_sink is not None
-    idx = torch.tensor([*kept, n_in] if with_bias else list(kept), dtype=torch.long)
-    w = weight.detach().double().reshape(weight.shape[0], n_in)
-    b0 = bias.detach().double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-    wb = torch.cat([w, b0[:, None]], 1) if with_bias else w
-    rows = torch.arange(wb.shape[1])
-    g_kk = gram[idx][:, idx]
-    lam = ridge * float(torch.diagonal(g_kk).mean())
-    rhs = wb @ gram[rows][:, idx]  # [out, |K| (+1)]
-    sol = torch.linalg.solve(g_kk + lam * torch.eye(len(idx), dtype=g_kk.dtype), rhs.T).T
-    n_kept = len(kept)
+def _columns(mod: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The module's input as rows of columns ``[samples, in_features (* taps)]`` (float64)."""
+    x = x.detach().double()
+    if isinstance(mod, nn.Conv2d):
+        padding = mod.padding if not isinstance(mod.padding, str) else 0  # "valid"; "same" is never a target
+        cols = torch.nn.functional.unfold(x, mod.kernel_size, mod.dilation, padding, mod.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
+        x = x[mask.bool()]
+    return x.reshape(-1, x.shape[-1])
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the layer being refitted has its input."""
+
+
+def _capture(model: nn.Module, name: str, batch: Batch, mask: torch.Tensor | None,
+             norm: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's input columns, and (with ``norm``) the input of that norm, flattened like the
+    layer's output; the forward pass stops as soon as what is asked for is seen."""
+    box: dict[str, torch.Tensor] = {}
+
+    def hook(m: nn.Module, args: tuple[Any, ...]) -> None:
+        box["x"] = _columns(m, args[0], mask)
+        if norm is None:
+            raise _Stop
+
+    def norm_hook(m: nn.Module, args: tuple[Any, ...]) -> None:
+        if "x" in box:
+            box["z"] = _columns(nn.Identity(), args[0], mask)
+            raise _Stop
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook)]
+    if norm is not None:
+        handles.append(model.get_submodule(norm).register_forward_pre_hook(norm_hook))
+    try:
+        with torch.no_grad():
+            batch.run(model)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if "x" not in box:
+        raise RuntimeError(f"reconstruction: layer '{name}' was not called by the forward pass")
+    return box["x"], box.get("z")
+
+
+def residual_norm(model: nn.Module, name: str) -> str | None:
+    """The LayerNorm beside layer ``name`` in its parent (``norm(layer(x) + residual)``, as in BERT's
+    output blocks), whose input carries the residual stream the refit also corrects; else None."""
+    parent_name, _, _ = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    norms = [n for n, c in parent.named_children() if isinstance(c, nn.LayerNorm) or type(c).__name__.endswith("LayerNorm")]
+    if len(norms) != 1 or not isinstance(model.get_submodule(name), nn.Linear):
+        return None
+    return f"{parent_name}.{norms[0]}" if parent_name else norms[0]
+
+
+def forward_order(model: nn.Module, names: Iterable[str], batch: Batch) -> list[str]:
+    """``names`` in the order the forward pass first calls them."""
+    order: list[str] = []
+    handles = []
+    for name in names:
+
+        def hook(_m: nn.Module, _a: Any, name: str = name) -> None:
+            if name not in order:
+                order.append(name)
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    _run_hooked(model, batch, handles)
+    return order + [n for n in names if n not in order]
+
+
+def _with_ones(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+
+
+def kept_rows(analysis: Analysis, name: str, keep: Mapping[int, Sequence[int]]) -> list[int] | None:
+    """The output channels of layer ``name`` that survive ``keep`` (None: all of them)."""
+    for gid, units in keep.items():
+        g = analysis.groups[gid]
+        for m in g.members:
+            if m.param == f"{name}.weight" and m.dim == 0 and len(units) < g.n_units:
+                return sorted(g.positions(m, list(units)))
+    return None
+
+
+def _solve_full(gram: torch.Tensor, rhs: torch.Tensor, start: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``argmin ||T X_s - Y||^2 + lambda ||T - T0||^2`` from ``G = X_s X_s^T`` and ``rhs = Y X_s^T``."""
+    lam = ridge * float(torch.diagonal(gram).mean())
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram + lam * eye, (rhs + lam * start).T).T
+
+
+def _solve_scale(gram: torch.Tensor, cross_y: torch.Tensor, w0: torch.Tensor, col_unit: torch.Tensor,
+                 n_units: int, with_bias: bool, ridge: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Kwon et al.'s mask tuning: one scale ``s_u`` per kept unit (and a free bias), ridge toward 1.
+
+    ``y^ = sum_u s_u W0_u x_u + b'``; with centred statistics the normal equations are
+    ``(P^T ((W0^T W0) * G_c) P) s = P^T r``, ``r_j = W0_j . (Y X_c^T)_j`` (``P``: column -> unit)."""
+    k = w0.shape[1]
+    if with_bias:
+        n = gram[-1, -1].clamp_min(1.0)
+        mean_x = gram[:-1, -1] / n
+        g = gram[:-1, :-1] - n * torch.outer(mean_x, mean_x)
+        y_mean = cross_y[:, -1] / n
+        yx = cross_y[:, :-1] - n * torch.outer(y_mean, mean_x)
+    else:
+        g, yx = gram, cross_y
+    m = (w0.T @ w0) * g
+    r = (yx * w0).sum(0)
+    p = torch.zeros(k, n_units, dtype=gram.dtype)
+    p[torch.arange(k), col_unit] = 1.0
+    a, rhs = p.T @ m @ p, p.T @ r
+    lam = ridge * float(torch.diagonal(a).mean())
+    s = torch.linalg.solve(a + lam * torch.eye(n_units, dtype=a.dtype), rhs + lam)
+    w = w0 * s[col_unit]
+    bias = (y_mean - w @ mean_x) if with_bias else None
+    return w, bias
+
+
+def refit_layer(source: nn.Module, student: nn.Module, name: str, batches: Sequence[Batch],
+                ridge: float = 1e-3, bias_sink: nn.Module | None = None, rows: Sequence[int] | None = None,
+                col_unit: torch.Tensor | None = None, residual: bool = True) -> None:
+    """Refit ``student``'s layer ``name`` to reproduce ``source``'s output of it (module docstring);
+    ``rows``: the source's output channels the student kept; ``col_unit``: the unit of each of the
+    student's input columns, for the one-scale-per-unit fit (None: refit every weight)."""
+    src, dst = source.get_submodule(name), student.get_submodule(name)
+    w_src: torch.Tensor = src.weight  # type: ignore[assignment]
+    b_src: torch.Tensor | None = src.bias  # type: ignore[assignment]
+    w_dst: torch.Tensor = dst.weight  # type: ignore[assignment]
+    b_dst: torch.Tensor | None = dst.bias  # type: ignore[assignment]
+    with_bias = b_dst is not None or bias_sink is not None
+    w = w_src.detach().double().reshape(w_src.shape[0], -1)
+    b0 = b_src.detach().double() if b_src is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    wb = torch.cat([w, b0[:, None]], 1)
+    if rows is not None:
+        wb = wb[torch.tensor(list(rows), dtype=torch.long)]
+    w0 = w_dst.detach().double().reshape(w_dst.shape[0], -1)
+    b_now = b_dst.detach().double() if b_dst is not None else torch.zeros(w0.shape[0], dtype=torch.float64)
+    norm = residual_norm(student, name) if rows is None and residual else None
+    gram: torch.Tensor | None = None
+    cross_y: torch.Tensor | None = None
+    for b in batches:
+        m = b.kwargs.get("attention_mask")
+        mask = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+        xs, zs = _capture(student, name, b, mask, norm)
+        xt, zt = _capture(source, name, b, mask, norm)
+        y = _with_ones(xt) @ wb.T  # the source layer's output
+        if zs is not None and zt is not None and zs.shape == zt.shape == y.shape:
+            # Kwon et al.: match the sum with the residual, y + r_t - r_s = z_t - z_s + (student's output)
+            y = zt - zs + (xs @ w0.T + b_now)
+        xs = _with_ones(xs) if with_bias else xs
+        g, c = xs.T @ xs, y.T @ xs
+        gram = g if gram is None else gram + g
+        cross_y = c if cross_y is None else cross_y + c
+    if gram is None or cross_y is None:
+        return
+    if col_unit is not None:
+        new_w, new_b = _solve_scale(gram, cross_y, w0, col_unit, int(col_unit.max()) + 1, with_bias, ridge)
+    else:
+        start = torch.cat([w0, (b_dst.detach().double() if b_dst is not None else wb[:, -1])[:, None]], 1) \
+            if with_bias else w0
+        sol = _solve_full(gram, cross_y, start, ridge)
+        new_w, new_b = sol[:, :w0.shape[1]], (sol[:, -1] if with_bias else None)
     with torch.no_grad():
-        new_w = weight.detach().clone().reshape(weight.shape[0], n_in)
-        new_w[:, idx[:n_kept]] = sol[:, :n_kept].to(new_w.dtype)
-        weight.copy_(new_w.reshape(weight.shape))
-        if bias is not None:
-            bias.copy_(sol[:, -1].to(bias.dtype))
+        w_dst.copy_(new_w.reshape(w_dst.shape).to(w_dst.dtype))
+        if new_b is None:
+            return
+        if b_dst is not None:
+            b_dst.copy_(new_b.to(b_dst.dtype))
         elif bias_sink is not None:
             mean: torch.Tensor = bias_sink.running_mean  # type: ignore[assignment]
-            mean.sub_(sol[:, -1].to(mean.dtype))
+            mean.sub_(new_b.to(mean.dtype))
 
 
-def reconstruct(model: nn.Module, analysis: Analysis, keep: Mapping[int, Sequence[int]],
-                batches: Sequence[Batch], ridge: float = 1e-3) -> tuple[nn.Module, list[str]]:
-    """A copy of ``model`` whose consumers of the pruned groups are refitted for ``keep``."""
-    import copy
+def column_units(analysis: Analysis, gid: int, name: str, kept: Sequence[int], taps: int) -> torch.Tensor:
+    """For each input column of the pruned layer ``name`` (kept channels in order, ``taps`` columns
+    each), the index of its unit among the kept units."""
+    g = analysis.groups[gid]
+    member = next(m for m in g.members if m.module == name and m.role == "in" and m.dim == 1)
+    unit_of: dict[int, int] = {}
+    for i, u in enumerate(sorted(kept)):
+        for pos in g.positions(member, [u]):
+            unit_of[int(pos)] = i
+    channels = sorted(unit_of)
+    return torch.tensor([unit_of[c] for c in channels for _ in range(taps)], dtype=torch.long)
 
-    targets = consumers(model, analysis, keep)
-    if not targets:
-        return model, []
-    grams = collect_grams(model, targets, batches)
-    new = copy.deepcopy(model)
-    no_bias = [n for n in targets if getattr(new.get_submodule(n), "bias", None) is None]
-    sinks = following_batchnorms(new, no_bias, batches[0]) if no_bias and batches else {}
-    done = []
-    for name, gid in targets.items():
-        g = analysis.groups[gid]
-        member = next(m for m in g.members if m.module == name and m.role == "in")
-        kept = g.positions(member, keep[gid])
-        lin = new.get_submodule(name)
-        if name in grams:
-            refit(lin, grams[name], kept, ridge, sinks.get(name))
-            done.append(name)
-    return new, done
+
+def reconstruct(source: nn.Module, student: nn.Module, analysis: Analysis, keep: Mapping[int, Sequence[int]],
+                batches: Sequence[Batch], ridge: float = 1e-3, mode: str = "full") -> list[str]:
+    """Refit, in place and in forward order, ``student``'s consumers of the groups pruned by ``keep``
+    (``student`` is ``source`` after ``surgery.prune_width(source, analysis, keep)``); returns their names."""
+    pruned = [gid for gid, k in keep.items() if len(k) < analysis.groups[gid].n_units]
+    targets = consumers(source, analysis, pruned, spatial=True)
+    if not targets or not batches:
+        return []
+    names = forward_order(student, targets, batches[0])
+    no_bias = [n for n in names if getattr(student.get_submodule(n), "bias", None) is None]
+    sinks = following_batchnorms(student, no_bias, batches[0]) if no_bias else {}
+    was = source.training, student.training
+    source.eval()
+    student.eval()
+    try:
+        for name in names:
+            col_unit = None
+            if mode == "scale":
+                layer = student.get_submodule(name)
+                taps = int(layer.weight[0, 0].numel())  # type: ignore[index]
+                col_unit = column_units(analysis, targets[name], name, keep[targets[name]], taps)
+            refit_layer(source, student, name, batches, ridge, sinks.get(name), kept_rows(analysis, name, keep),
+                        col_unit)
+    finally:
+        source.train(was[0])
+        student.train(was[1])
+    return names

@@ -1,38 +1,58 @@
-"""Width pruning: keep the top-k units of every coupled group, at widths the device runs fast.
+"""Width pruning: keep the best units of every coupled group, at widths the device runs fast.
 
-For each selected group ``g`` with ``n_g`` units and scores ``s_g`` (an ``importance.*`` pass, or
-the estimator named by ``importance=``):
+How much: exactly one of ``ratio`` (remove about that fraction of the MACs -- of the predicted
+latency when the profile has a measured latency table), ``macs_budget`` / ``params_budget`` /
+``latency_budget_ms``, or ``per_kind`` (explicit fractions of *units* per kind). Giving none, or
+two, is an error; so are values out of range (ratio in (0, 1), budgets > 0).
 
-    k_g = align((1 - r_kind) * n_g)        keep = top-k_g units of s_g   ->  surgery.prune_width
+Where: ``allocation=global`` (default) ranks every unit of every selected group by importance per
+unit of cost saved and removes the cheapest-to-lose units until the budget is met (``allocate.py``;
+Kwon et al. 2022's mask search), so groups lose different fractions; ``allocation=local`` removes one
+fraction from every group (bisection on it). Counts are rounded to the profile's channel multiple;
+a measured latency table may pick among aligned widths *no wider than asked*, never more, and what it
+picked is recorded (``how: latency-table``). The predicted MACs are checked on the pruned student.
 
-``r`` is the fraction of units removed: one ``ratio``, per-kind overrides (``per_kind=[heads=0.5]``),
-or the smallest ratio whose predicted cost meets a MACs / parameter / latency budget
-(``budget.CostModel``, bisection). ``align`` rounds to the profile's channel multiple or picks from
-its latency table (``align.py``). ``allocation=global`` instead ranks mean-normalised scores of all
-groups of a kind together (non-uniform widths). Hugging Face students are pruned *uniformly* per
-kind (same heads / FFN width in every layer) so their config can describe them. ``steps=k``
-prunes geometrically in k steps, re-scoring between them (iterative pruning, Minitron / LLM-Pruner).
-``reconstruct=true`` refits the consumers of pruned FFN neurons and heads by least squares on the
-calibration data before slicing (``reconstruct.py``; closed form, no gradient steps).
+Which units: the top-k by score; with Fisher scores, Kwon's mask rearrangement re-picks the set
+using the per-sample mask gradients (``rearrange=true``). Then the physical surgery, and
+(``reconstruct``, default: on when calibration data exists) a sequential least-squares refit of
+every layer that reads pruned units (``reconstruct.py``). ``steps=k`` prunes in k geometric steps,
+re-scoring between them.
 
-After surgery the student records ``metrics["arch"]["widths"]`` (kept units per group, by the
-group's producing parameter) and its MACs / params.
+One estimator vocabulary across passes: ``importance=NAME`` runs that estimator here; an
+``importance.NAME`` pass before ``prune.width`` provides the scores instead. Both at once with
+different names is an error (never silently one of them). With neither, ``auto``: on a cheap model
+(under ``CHEAP_MACS`` per forward pass) with held-out batches, one student per estimator in
+``AUTO_CANDIDATES`` and the one closest to the teacher on the held-out batches is kept (the
+comparison is recorded in ``metrics["prune"]["estimators"]``); otherwise the mask Fisher (Kwon et
+al.) when calibration data exists, magnitude without. Likewise ``reconstruct=auto`` keeps the refit
+only when it lowers the held-out output error (``metrics["prune"]["candidates"]``). Held-out batches
+are ``state.heldout_data`` when the driver split them off, else the last quarter of the calibration
+batches, which the refit then does not read.
+
+The student records ``metrics["arch"]["widths"]`` (kept units per group, by the group's first
+producing parameter, with how each was chosen) and ``metrics["prune"]`` (estimator, allocation,
+budget asked / predicted / measured, layers refitted).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import torch
 from potstill.errors import InputError
-from potstill.hf import is_hf
-from potstill.passes.importance import calibration_batches, get_estimator, write_importance
+from potstill.passes.importance import ImportanceEstimator, calibration_batches, run_estimator
+from potstill.passes.importance.base import warn
 from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.state import CompileState, Student
+from torch import nn
 
 from .align import channel_multiple, choose_width
+from .allocate import allocate, rearrange
 from .budget import CostModel, layer_shapes
 from .reconstruct import reconstruct
 
@@ -44,37 +64,110 @@ DEFAULT_KINDS = ("channels", "neurons", "heads", "kv_heads", "conv_groups")
 ALL_KINDS = (*DEFAULT_KINDS, "hidden")
 
 
+#: options that say how much to prune; exactly one of them is required
+AMOUNT_OPTIONS = ("ratio", "per_kind", "macs_budget", "params_budget", "latency_budget_ms")
+ALLOCATIONS = ("global", "local")
+REFITS = ("scale", "full")
+
+
+def _number(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"prune.width: {name} must be a number, not {value!r}")
+    if not math.isfinite(value):
+        raise InputError(f"prune.width: {name} must be finite, not {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class WidthOptions:
-    #: fraction of units removed from every selected group (0.5 halves the channels)
-    ratio: float = 0.0
-    #: per-kind ratios overriding ``ratio``, e.g. [heads=0.25,neurons=0.5,hidden=0.1]
+    """Options of ``prune.width`` (checked on construction; see the module docstring)."""
+
+    #: fraction of the MACs removed (of the predicted latency when the profile has a latency table), in (0, 1)
+    ratio: float | None = None
+    #: explicit fractions of *units* removed per kind instead, e.g. [heads=0.25,neurons=0.5]
     per_kind: tuple[str, ...] = ()
     #: kinds to prune (default: all but hidden); naming a kind in per_kind selects it too
     kinds: tuple[str, ...] = ()
     #: MACs / parameter budget: a fraction of the current model's (<= 1) or an absolute count
-    macs_budget: float = 0.0
-    params_budget: float = 0.0
-    #: latency budget in ms (0: the profile's latency_budget_ms when no ratio/budget is given)
-    latency_budget_ms: float = 0.0
-    #: estimator when no importance pass ran: magnitude, l1, taylor, fisher, activation
-    importance: str = "magnitude"
-    #: calibration batches for data-driven estimators
+    macs_budget: float | None = None
+    params_budget: float | None = None
+    #: latency budget in ms, predicted from the profile (table or roofline) and scaled to a measurement
+    latency_budget_ms: float | None = None
+    #: estimator: auto, magnitude, taylor, fisher, activation, obs (default: the scores of the
+    #: importance pass that ran before, else auto)
+    importance: str | None = None
+    #: calibration batches read by data-driven estimators and by reconstruction
     batches: int = 8
     #: iterative schedule: prune in this many steps, re-scoring in between
     steps: int = 1
-    #: channel multiple to align to (0: the profile's, else 8; 1: no alignment)
-    align: int = 0
-    #: use the profile's latency table to choose widths when it has one
+    #: channel multiple to align to (default: the profile's, else 8; 1: no alignment)
+    align: int | None = None
+    #: let the profile's latency table pick among aligned widths no wider than asked
     use_table: bool = True
-    #: "local" (each group keeps its share) or "global" (rank groups of a kind together)
-    allocation: str = "local"
-    #: same width for every group of a kind with the same size (forced for Hugging Face models)
+    #: "global" (units ranked by importance per cost across groups) or "local" (one unit fraction for all)
+    allocation: str = "global"
+    #: global allocation: every group keeps at least this fraction of its units
+    floor: float = 0.1
+    #: same width for every group of a kind with the same size
     uniform: bool = False
     #: also prune groups the IR marks inexact
     inexact: bool = False
-    #: refit the consumers of pruned FFN neurons / heads by least squares on calibration data
-    reconstruct: bool = False
+    #: least-squares refit of the consumers of pruned units (default: on when calibration data exists)
+    reconstruct: bool | None = None
+    #: Kwon et al.'s mask rearrangement with the Fisher estimator's per-sample gradients
+    rearrange: bool = True
+    #: what the refit changes: "scale" (one factor per kept unit and the bias: Kwon's mask tuning),
+    #: "full" (every kept weight, pulled toward its old value by the ridge)
+    refit: str = "scale"
+    #: ridge of the least-squares refit, relative to the Gram's mean diagonal
+    ridge: float = 1e-3
+
+    def __post_init__(self) -> None:
+        given = [n for n in AMOUNT_OPTIONS if getattr(self, n) not in (None, ())]
+        if not given:
+            raise InputError(
+                "prune.width: say how much to prune: ratio=R (remove about R of the MACs), "
+                "per_kind=[KIND=R,...], macs_budget=, params_budget= or latency_budget_ms="
+            )
+        if len(given) > 1:
+            raise InputError(f"prune.width: give one of {', '.join(AMOUNT_OPTIONS)}, not {' and '.join(given)}")
+        ratio = _number("ratio", self.ratio)
+        if ratio is not None and not 0.0 < ratio < 1.0:
+            raise InputError(f"prune.width: ratio={self.ratio} must be a fraction of the MACs to remove, in (0, 1)")
+        for name in ("macs_budget", "params_budget", "latency_budget_ms"):
+            v = _number(name, getattr(self, name))
+            if v is not None and v <= 0:
+                raise InputError(f"prune.width: {name}={v} must be > 0")
+        parse_per_kind(self.per_kind)
+        unknown = set(self.kinds) - set(ALL_KINDS)
+        if unknown:
+            raise InputError(f"prune.width: unknown kinds {sorted(unknown)}; kinds are {ALL_KINDS}")
+        if self.importance is not None and self.importance != "auto":
+            from potstill.passes.importance import estimator_class
+
+            estimator_class(str(self.importance))
+        if self.allocation not in ALLOCATIONS:
+            raise InputError(f"prune.width: allocation must be one of {ALLOCATIONS}, not {self.allocation!r}")
+        for name, low in (("batches", 1), ("steps", 1), ("align", 1)):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+                raise InputError(f"prune.width: {name} must be an integer >= {low}, not {v!r}")
+        floor = _number("floor", self.floor)
+        if floor is None or not 0.0 <= floor < 1.0:
+            raise InputError(f"prune.width: floor={self.floor} must be in [0, 1)")
+        ridge = _number("ridge", self.ridge)
+        if ridge is None or ridge <= 0:
+            raise InputError(f"prune.width: ridge={self.ridge} must be > 0")
+        if self.reconstruct == "auto":
+            object.__setattr__(self, "reconstruct", None)
+        if self.reconstruct is not None and not isinstance(self.reconstruct, bool):
+            raise InputError(f"prune.width: reconstruct must be true, false or auto, not {self.reconstruct!r}")
+        if self.refit not in REFITS:
+            raise InputError(f"prune.width: refit must be one of {REFITS}, not {self.refit!r}")
+        if self.per_kind and self.allocation != "global":
+            raise InputError("prune.width: allocation applies to ratio and budgets, not to per_kind")
 
 
 def group_label(g: CoupledGroup) -> str:
@@ -87,20 +180,27 @@ def parse_per_kind(entries: tuple[str, ...]) -> dict[str, float]:
     out: dict[str, float] = {}
     for e in entries:
         kind, sep, value = str(e).partition("=")
-        if not sep or kind.strip() not in ALL_KINDS:
-            raise InputError(f"prune.width: per_kind entry '{e}' must be KIND=RATIO with KIND in {ALL_KINDS}")
-        out[kind.strip()] = float(value)
+        kind = kind.strip()
+        if not sep or kind not in ALL_KINDS:
+            raise InputError(f"prune.width: per_kind entry '{e}' must be KIND=FRACTION with KIND in {ALL_KINDS}")
+        if kind in out:
+            raise InputError(f"prune.width: per_kind names '{kind}' twice")
+        try:
+            r = float(value)
+        except ValueError as err:
+            raise InputError(f"prune.width: per_kind entry '{e}': '{value}' is not a number") from err
+        if not 0.0 <= r < 1.0:
+            raise InputError(f"prune.width: per_kind entry '{e}': the fraction of units removed must be in [0, 1)")
+        out[kind] = r
     return out
 
 
 def select_groups(analysis: Analysis, opts: WidthOptions) -> list[CoupledGroup]:
-    kinds = set(opts.kinds or DEFAULT_KINDS) | set(parse_per_kind(opts.per_kind))
-    unknown = kinds - set(ALL_KINDS)
-    if unknown:
-        raise InputError(f"prune.width: unknown kinds {sorted(unknown)}; kinds are {ALL_KINDS}")
+    per_kind = parse_per_kind(opts.per_kind)
+    kinds = set(per_kind) if per_kind else set(opts.kinds or DEFAULT_KINDS)
     # a kind named explicitly is pruned even where the IR marks it inexact (hidden size: the norms'
     # statistics change with the channels, which is what hidden-size pruning means)
-    named = set(opts.kinds) | set(parse_per_kind(opts.per_kind))
+    named = set(opts.kinds) | set(per_kind)
     return [
         g for g in analysis.prunable()
         if g.kind in kinds and (g.exact or opts.inexact or g.kind in named) and g.n_units > 1
@@ -128,97 +228,82 @@ def _producer(g: CoupledGroup, layers: Mapping[str, Any]) -> tuple[str | None, d
     return (best[1], best[2]) if best else (None, None)
 
 
-class Allocator:
-    """Kept unit counts per group for a ratio, aligned to the device."""
+@dataclass
+class Budget:
+    """What the widths must meet: ``measure(keep) <= limit`` (predicted), and how it was asked."""
 
-    def __init__(self, state: CompileState, analysis: Analysis, groups: list[CoupledGroup], *,
-                 opts: WidthOptions, uniform: bool, layers: Mapping[str, Any]) -> None:
-        self.analysis, self.groups, self.opts, self.uniform = analysis, groups, opts, uniform
-        self.multiple = channel_multiple(state.profile, opts.align)
-        table = getattr(state.profile, "latency_table", None) if opts.use_table else None
-        self.table = table
-        self.layers = layers
-        self.how: dict[int, str] = {}
-
-    def ratios(self, ratio: float) -> dict[int, float]:
-        per_kind = parse_per_kind(self.opts.per_kind)
-        return {g.id: per_kind.get(g.kind, ratio) for g in self.groups}
-
-    def counts(self, ratios: Mapping[int, float], scores: Mapping[int, np.ndarray] | None = None) -> dict[int, int]:
-        targets = {g.id: (1.0 - ratios[g.id]) * g.n_units for g in self.groups}
-        if self.opts.allocation == "global" and not self.uniform and scores is not None:
-            targets = self._global_targets(ratios, scores)
-        out: dict[int, int] = {}
-        chosen: dict[tuple[str, int, int], int] = {}
-        for g in self.groups:
-            key = (g.kind, g.n_units, round(targets[g.id] * 1000))
-            if self.uniform and key in chosen:
-                out[g.id] = chosen[key]
-                self.how[g.id] = "uniform"
-                continue
-            op, shape = _producer(g, self.layers) if self.table is not None else (None, None)
-            k, how = choose_width(targets[g.id], g.n_units, g.unit_channels, self.multiple,
-                                  table=self.table, op=op, shape=shape)
-            out[g.id], self.how[g.id] = k, how
-            chosen[key] = k
-        return out
-
-    def _global_targets(self, ratios: Mapping[int, float], scores: Mapping[int, np.ndarray]) -> dict[int, float]:
-        targets: dict[int, float] = {}
-        for kind in {g.kind for g in self.groups}:
-            gs = [g for g in self.groups if g.kind == kind]
-            pooled = np.concatenate([scores[g.id] / max(float(np.mean(scores[g.id])), 1e-12) for g in gs])
-            n_drop = round(ratios[gs[0].id] * len(pooled))
-            threshold = np.sort(pooled)[n_drop - 1] if n_drop > 0 else -np.inf
-            for g in gs:
-                norm = scores[g.id] / max(float(np.mean(scores[g.id])), 1e-12)
-                targets[g.id] = float(max(1, int((norm > threshold).sum())))
-        return targets
+    measure: Callable[[Mapping[int, int]], float]
+    limit: float
+    full: float
+    what: str
+    asked: str
 
 
-def _budget_ratio(cost: CostModel, alloc: Allocator, state: CompileState, opts: WidthOptions,
-                  scores: Mapping[int, np.ndarray]) -> tuple[float, str]:
-    """The smallest ratio whose predicted cost meets the budget (bisection)."""
-    full = {g.id: g.n_units for g in alloc.groups}
-    if opts.macs_budget > 0:
-        base = cost.macs(full)
-        budget = opts.macs_budget * base if opts.macs_budget <= 1 else opts.macs_budget
-        predict, what = cost.macs, "MACs"
-    elif opts.params_budget > 0:
-        base = cost.params(full)
-        budget = opts.params_budget * base if opts.params_budget <= 1 else opts.params_budget
-        predict, what = cost.params, "params"
-    else:
-        budget = opts.latency_budget_ms or float(getattr(state.profile, "latency_budget_ms", 0) or 0)
-        measured = state.working().metrics.get("latency_ms")
-        full_est = cost.latency_ms(full, state.profile)
-        scale = float(measured.get("median", measured) if isinstance(measured, dict) else measured or 0) / full_est \
-            if measured else 1.0
+def _budget(state: CompileState, o: WidthOptions, cost: CostModel, groups: list[CoupledGroup]) -> Budget:
+    full_keep = {g.id: g.n_units for g in groups}
+    table = getattr(state.profile, "latency_table", None)
+    if o.macs_budget is not None or (o.ratio is not None and table is None):
+        full = cost.macs(full_keep)
+        if o.ratio is not None:
+            return Budget(cost.macs, (1 - o.ratio) * full, full, "MACs", f"ratio {o.ratio:g} of the MACs")
+        asked = float(o.macs_budget or 0)
+        limit = asked * full if asked <= 1 else asked
+        return Budget(cost.macs, limit, full, "MACs", f"macs_budget {o.macs_budget:g}")
+    if o.params_budget is not None:
+        full = cost.params(full_keep)
+        limit = o.params_budget * full if o.params_budget <= 1 else o.params_budget
+        return Budget(cost.params, limit, full, "params", f"params_budget {o.params_budget:g}")
+    predicted_full = cost.latency_ms(full_keep, state.profile)
+    measured = state.working().metrics.get("latency_ms")
+    value = measured.get("median") if isinstance(measured, dict) else measured
+    scale = float(value) / predicted_full if isinstance(value, (int, float)) and value > 0 else 1.0
 
-        def predict(keep: Mapping[int, int]) -> float:
-            return scale * cost.latency_ms(keep, state.profile)
+    def predict(keep: Mapping[int, int]) -> float:
+        return scale * cost.latency_ms(keep, state.profile)
 
-        what = "ms"
+    full = predict(full_keep)
+    if o.ratio is not None:
+        return Budget(predict, (1 - o.ratio) * full, full, "ms", f"ratio {o.ratio:g} of the latency (table)")
+    return Budget(predict, float(o.latency_budget_ms or 0), full, "ms", f"latency_budget_ms {o.latency_budget_ms:g}")
+
+
+def _aligned(g: CoupledGroup, target: float, multiple: int, table: Any, layers: Mapping[str, Any]) -> tuple[int, str]:
+    op, shape = _producer(g, layers) if table is not None else (None, None)
+    return choose_width(target, g.n_units, g.unit_channels, multiple, table=table, op=op, shape=shape)
+
+
+def local_counts(groups: list[CoupledGroup], fractions: Mapping[int, float], multiple: int, table: Any,
+                 layers: Mapping[str, Any], uniform: bool) -> tuple[dict[int, int], dict[int, str]]:
+    """Each group keeps ``(1 - fraction) * n`` units, aligned (the table may narrow, never widen)."""
+    keep: dict[int, int] = {}
+    how: dict[int, str] = {}
+    chosen: dict[tuple[str, int, float], tuple[int, str]] = {}
+    for g in groups:
+        key = (g.kind, g.n_units, round(fractions[g.id], 6))
+        if uniform and key in chosen:
+            keep[g.id], how[g.id] = chosen[key]
+            continue
+        keep[g.id], how[g.id] = chosen[key] = _aligned(g, (1 - fractions[g.id]) * g.n_units, multiple, table, layers)
+    return keep, how
+
+
+def _local_budget(groups: list[CoupledGroup], budget: Budget, multiple: int, table: Any,
+                  layers: Mapping[str, Any], uniform: bool) -> tuple[dict[int, int], dict[int, str]]:
+    """The smallest single unit fraction whose aligned widths meet the budget (bisection)."""
+
+    def at(r: float) -> tuple[dict[int, int], dict[int, str]]:
+        return local_counts(groups, dict.fromkeys((g.id for g in groups), r), multiple, table, layers, uniform)
+
     lo, hi = 0.0, 0.97
-    if predict(alloc.counts(alloc.ratios(hi), scores)) > budget:
-        raise InputError(f"prune.width: a {what} budget of {budget:.4g} cannot be met by width pruning alone")
+    if budget.measure(at(hi)[0]) > budget.limit:
+        raise InputError(f"prune.width: a {budget.what} budget of {budget.limit:.4g} cannot be met by width pruning alone")
     for _ in range(20):
         mid = (lo + hi) / 2
-        if predict(alloc.counts(alloc.ratios(mid), scores)) <= budget:
+        if budget.measure(at(mid)[0]) <= budget.limit:
             hi = mid
         else:
             lo = mid
-    return hi, f"{what} <= {budget:.4g}"
-
-
-def _scores(state: CompileState, student: Student, analysis: Analysis, method: str, batches: int) -> dict[int, np.ndarray]:
-    have = student.importance
-    if have and all(g.id in have and len(have[g.id]) == g.n_units for g in analysis.prunable()):
-        return have
-    est = get_estimator(method, batches)
-    scores = est.scores(state, analysis)
-    write_importance(state, scores, est.name)
-    return scores
+    return at(hi)
 
 
 def record_arch(state: CompileState, student: Student, widths: dict[str, dict[str, Any]]) -> None:
@@ -238,42 +323,113 @@ class WidthPrunePass(Pass):
     ensures: ClassVar[frozenset[str]] = frozenset({"pruned"})
 
     def run(self, state: CompileState) -> PassResult:
-        from potstill.surgery import keep_top, prune_width
+        from potstill.passes.importance import get_estimator
 
         o: WidthOptions = self.options
-        if o.allocation not in ("local", "global"):
-            raise InputError(f"prune.width: allocation must be local or global, not {o.allocation!r}")
-        if o.steps < 1:
-            raise InputError("prune.width: steps must be >= 1")
         student = state.working()
+        candidates = auto_candidates(state, student, o)
+        if not candidates:
+            return self._run_one(state, student, choose_estimator(state, student, o))
+        # importance=auto on a cheap model: build one student per estimator, keep the one closest
+        # to the teacher on held-out batches, and record the comparison
+        _, heldout = fit_and_heldout(state, o.batches)
+        trials: list[tuple[float, str, Student]] = []
+        for name in candidates:
+            trial = Student(student.name, copy.deepcopy(student.module), list(student.history),
+                            metrics=copy.deepcopy(student.metrics), artifacts=dict(student.artifacts))
+            state.students[-1] = trial
+            self._run_one(state, trial, _Scores(get_estimator(name, batches=o.batches), None))
+            trials.append((heldout_error(student.module, trial.module, heldout), name, trial))
+        _, _, best = min(trials, key=lambda t: (t[0], candidates.index(t[1])))
+        state.students[-1] = best
+        best.metrics["prune"]["estimators"] = [
+            {"importance": n, "heldout_error": e, "chosen": t is best} for e, n, t in trials
+        ]
+        return PassResult(state, True)
+
+    def _run_one(self, state: CompileState, student: Student, method: Any) -> PassResult:
+        o: WidthOptions = self.options
         analysis = state.analysis(student)
         groups = select_groups(analysis, o)
-        uniform = o.uniform or is_hf(student.module)
+        if not groups:
+            raise InputError(f"prune.width: no prunable groups of kinds {sorted(set(o.kinds or DEFAULT_KINDS))} "
+                             f"in this model ({len(analysis.prunable())} prunable groups of other kinds)")
+        scores = method.scores(state, analysis)
+        multiple = channel_multiple(state.profile, o.align or 0)
+        table = getattr(state.profile, "latency_table", None) if o.use_table else None
         layers = layer_shapes(student.module, state.example_inputs, state.example_kwargs)
-        alloc = Allocator(state, analysis, groups, opts=o, uniform=uniform, layers=layers)
-        # re-scoring between steps uses the estimator of the importance pass that ran, if one did
-        fresh = bool(student.importance) and "importance" in state.facts
-        method = str(student.metrics.get("importance_method", o.importance)) if fresh else o.importance
-        scores = _scores(state, student, analysis, method, o.batches)
-        has_budget = o.macs_budget > 0 or o.params_budget > 0 or o.latency_budget_ms > 0
-        if not has_budget and o.ratio == 0 and not o.per_kind and getattr(state.profile, "latency_budget_ms", None):
-            has_budget = True
-        note = f"ratio {o.ratio}"
-        ratio = o.ratio
-        if has_budget:
+        uniform = o.uniform
+        budget: Budget | None = None
+        if o.per_kind:
+            per_kind = parse_per_kind(o.per_kind)
+            final, how = local_counts(groups, {g.id: per_kind[g.kind] for g in groups}, multiple, table, layers, uniform)
+        else:
             cost = CostModel.build(student.module, analysis, state.example_inputs, state.example_kwargs,
                                    with_layers=True)
-            ratio, note = _budget_ratio(cost, alloc, state, o, scores)
-        final = alloc.counts(alloc.ratios(ratio), scores)
+            budget = _budget(state, o, cost, groups)
+            if o.allocation == "local":
+                final, how = _local_budget(groups, budget, multiple, table, layers, uniform)
+            else:
+                try:
+                    alloc = allocate(groups, scores, budget.measure, budget.limit, multiple=multiple,
+                                     comparable=method.comparable, floor=o.floor, uniform=uniform)
+                except ValueError as e:
+                    raise InputError(f"prune.width: the {budget.asked} cannot be met by width pruning alone: {e}") from e
+                final, how = alloc.keep, dict.fromkeys(alloc.keep, "global")
         labels = {g.id: group_label(g) for g in groups}
-        final_by_label = {labels[g.id]: (final[g.id], g.n_units) for g in groups}
-        if all(k == n for k, n in final_by_label.values()):
+        if all(final[g.id] == g.n_units for g in groups):
+            note = (f"prune.width: {budget.asked if budget else list(o.per_kind)} removes no aligned unit "
+                    f"(channel multiple {multiple}); the student is not pruned")
+            warn(note)
+            student.metrics["prune"] = {"importance": method.name, "note": note}
             state.facts.add("pruned")
             return PassResult(state, False)
+        # auto: refit when there is calibration data, and keep the refit only if it is better on
+        # held-out data (``choose_refit``)
+        use_recon = o.reconstruct if o.reconstruct is not None else state.calib_data is not None
+        keep_sets = self._prune(state, student, groups, final, labels, method, scores, o, use_recon)
+        widths = {
+            labels[g.id]: {"kind": g.kind, "units": final[g.id], "of": g.n_units,
+                           "channels": final[g.id] * g.unit_channels, "how": how.get(g.id, "aligned")}
+            for g in groups
+        }
+        record_arch(state, student, widths)
+        macs_after = float(student.metrics["arch"]["macs"])
+        record: dict[str, Any] = {
+            "importance": method.name, "allocation": "per_kind" if o.per_kind else o.allocation,
+            "reconstructed": student.metrics.get("reconstructed", []) if use_recon else [],
+            "rearranged": keep_sets, "macs_before": int(analysis.cost.macs), "macs_after": int(macs_after),
+            "candidates": student.metrics.pop("prune_candidates", []),
+        }
+        if budget is not None:
+            record["budget"] = {"asked": budget.asked, "what": budget.what, "limit": budget.limit, "full": budget.full}
+            if budget.what == "MACs":
+                # the prediction holds attention products constant, so the measured count is lower;
+                # a budget is checked by measurement, never assumed
+                if macs_after > budget.limit * 1.001:
+                    raise InputError(f"prune.width: the student has {macs_after:.4g} MACs, over the "
+                                     f"{budget.asked} budget of {budget.limit:.4g}")
+                record["budget"]["measured"] = macs_after
+        student.metrics["prune"] = record
+        state.facts.discard("importance")
+        state.facts.add("pruned")
+        return PassResult(state, True)
+
+    @staticmethod
+    def _prune(state: CompileState, student: Student, groups: list[CoupledGroup], final: dict[int, int],
+               labels: dict[int, str], method: ImportanceEstimator, scores: dict[int, np.ndarray],
+               o: WidthOptions, use_recon: bool) -> int:
+        """Slice (in ``o.steps`` steps, re-scoring between them) and refit; returns how many groups
+        the mask rearrangement changed."""
+        from potstill.surgery import keep_top, prune_width
+
+        final_by_label = {labels[g.id]: (final[g.id], g.n_units) for g in groups}
+        rearranged = 0
         for step in range(1, o.steps + 1):
+            analysis = state.analysis(student)
             if step > 1:
-                analysis = state.analysis(student)
-                scores = _scores(state, student, analysis, method, o.batches)
+                scores = method.scores(state, analysis)
+            grads = _mask_grads(state, student) if o.rearrange and method.name == "fisher" else {}
             keep: dict[int, list[int]] = {}
             for g in analysis.prunable():
                 label = group_label(g)
@@ -283,20 +439,131 @@ class WidthPrunePass(Pass):
                 k = k_final if step == o.steps else round(n0 * (k_final / n0) ** (step / o.steps))
                 k = max(k_final, min(g.n_units, k))
                 if k < g.n_units:
-                    keep[g.id] = keep_top(g, scores[g.id], k)
-            if keep:
-                source = student.module
-                if o.reconstruct:
-                    source, refitted = reconstruct(source, analysis, keep, calibration_batches(state, o.batches))
-                    student.metrics.setdefault("reconstructed", []).extend(refitted)
-                new = prune_width(source, analysis, keep)
-                student.set_module(new, f"prune.width step {step}: {note}")
-        state.facts.discard("importance")
-        widths = {
-            labels[g.id]: {"kind": g.kind, "units": final[g.id], "of": g.n_units,
-                           "channels": final[g.id] * g.unit_channels, "how": alloc.how.get(g.id, "aligned")}
-            for g in groups
-        }
-        record_arch(state, student, widths)
-        state.facts.add("pruned")
-        return PassResult(state, True)
+                    top = keep_top(g, scores[g.id], k)
+                    if g.id in grads:
+                        better = rearrange(grads[g.id], k)
+                        rearranged += int(better != top)
+                        top = better
+                    keep[g.id] = top
+            if not keep:
+                continue
+            source = student.module
+            new = prune_width(source, analysis, keep)
+            if use_recon:
+                fit, heldout = fit_and_heldout(state, o.batches)
+                plain = copy.deepcopy(new) if o.reconstruct is None and heldout else None
+                done = reconstruct(source, new, analysis, keep, fit, o.ridge, mode=o.refit)
+                if plain is not None and done:
+                    new, chosen = choose_refit(source, plain, new, heldout, student)
+                    done = done if chosen else []
+                student.metrics.setdefault("reconstructed", []).extend(done)
+            student.set_module(new, f"prune.width step {step}: {len(keep)} groups")
+        return rearranged
+
+
+def fit_and_heldout(state: CompileState, limit: int) -> tuple[list[Any], list[Any]]:
+    """Calibration batches for the refit, and held-out batches to judge it: ``state.heldout_data``
+    when the driver split one off, else the last quarter of the calibration batches (then not
+    used for the refit)."""
+    from potstill.data import as_batch
+
+    batches = calibration_batches(state, limit)
+    heldout_fn = getattr(state, "heldout_data", None)
+    if callable(heldout_fn):
+        return batches, [as_batch(b) for b in list(heldout_fn())[:limit]]
+    if len(batches) < 4 or state.calib_data is None:
+        return batches, []
+    cut = len(batches) - max(1, len(batches) // 4)
+    return batches[:cut], batches[cut:]
+
+
+def heldout_error(reference: nn.Module, model: nn.Module, batches: list[Any]) -> float:
+    """``sum ||y - y_ref||^2 / sum ||y_ref||^2`` of the primary outputs (padding masked out)."""
+    from potstill.data import primary_output
+
+    num = den = 0.0
+    with torch.no_grad():
+        for b in batches:
+            y_ref, y = primary_output(b.run(reference)).double(), primary_output(b.run(model)).double()
+            mask = b.kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and y.shape[:2] == mask.shape:
+                y_ref, y = y_ref[mask.bool()], y[mask.bool()]
+            num += float(((y - y_ref) ** 2).sum())
+            den += float((y_ref**2).sum())
+    return num / den if den > 0 else float("inf")
+
+
+def choose_refit(source: nn.Module, plain: nn.Module, refitted: nn.Module, heldout: list[Any],
+                 student: Student) -> tuple[nn.Module, bool]:
+    """The refitted model if it is closer to ``source`` on held-out batches, else the plain one;
+    the comparison goes to ``student.metrics["prune"]["candidates"]``."""
+    errors = {"plain": heldout_error(source, plain, heldout), "refit": heldout_error(source, refitted, heldout)}
+    better = math.isfinite(errors["refit"]) and errors["refit"] <= errors["plain"]
+    student.metrics.setdefault("prune_candidates", []).append(
+        {"measure": "held-out relative output error", **errors, "chosen": "refit" if better else "plain"})
+    return (refitted, True) if better else (plain, False)
+
+
+def _mask_grads(state: CompileState, student: Student) -> dict[int, np.ndarray]:
+    from potstill.passes.importance.fisher import MASK_GRADS_KEY
+
+    found = state.records.get(MASK_GRADS_KEY)
+    if isinstance(found, dict) and found.get("module") == id(student.module):
+        return dict(found["grads"])
+    return {}
+
+
+class _Scores:
+    """Scores for the width pass: from the importance pass that ran, or from the named estimator."""
+
+    def __init__(self, estimator: ImportanceEstimator, existing: dict[int, np.ndarray] | None) -> None:
+        self.estimator, self.existing = estimator, existing
+        self.name, self.comparable = estimator.name, estimator.comparable
+
+    def scores(self, state: CompileState, analysis: Analysis) -> dict[int, np.ndarray]:
+        if self.existing is not None:
+            have, self.existing = self.existing, None
+            return have
+        return run_estimator(state, self.estimator)
+
+
+def choose_estimator(state: CompileState, student: Student, o: WidthOptions) -> Any:
+    """The estimator the pass scores with (module docstring: one vocabulary across passes)."""
+    from potstill.passes.importance import get_estimator
+
+    ran = str(student.metrics.get("importance_method", "")) if "importance" in state.facts else ""
+    analysis = state.analysis(student)
+    fresh = bool(ran) and all(g.id in student.importance and len(student.importance[g.id]) == g.n_units
+                              for g in analysis.prunable())
+    if fresh:
+        if o.importance is not None and o.importance != ran:
+            raise InputError(
+                f"prune.width{{importance={o.importance}}} after importance.{ran}: two estimators for one "
+                f"pruning; drop one (prune.width{{importance=NAME}} runs the estimator itself)"
+            )
+        return _Scores(get_estimator(ran, batches=o.batches), dict(student.importance))
+    name = o.importance or "auto"
+    if name == "auto":
+        name = default_estimator(state, analysis)
+    return _Scores(get_estimator(name, batches=o.batches), None)
+
+
+#: importance=auto tries these estimators when the model is cheap to prune several times
+AUTO_CANDIDATES = ("fisher", "activation", "magnitude")
+#: "cheap": MACs of one forward pass on the example inputs below this
+CHEAP_MACS = 1e8
+
+
+def auto_candidates(state: CompileState, student: Student, o: WidthOptions) -> tuple[str, ...]:
+    """The estimators ``importance=auto`` compares on held-out data, or () to use the default alone
+    (an importance pass ran, an estimator was named, no data, nothing held out, or too costly)."""
+    if o.importance not in (None, "auto") or "importance" in state.facts or state.calib_data is None:
+        return ()
+    if state.analysis(student).cost.macs > CHEAP_MACS or not fit_and_heldout(state, o.batches)[1]:
+        return ()
+    return AUTO_CANDIDATES
+
+
+def default_estimator(state: CompileState, analysis: Analysis) -> str:
+    """``auto``: Kwon's mask Fisher when there is calibration data, magnitude without it."""
+    return "fisher" if state.calib_data is not None else "magnitude"

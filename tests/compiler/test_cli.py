@@ -64,7 +64,7 @@ def specs(plans: list[Any]) -> dict[str, str]:
 
 def test_default_plan_is_one_student_at_half_width(fakes: None) -> None:
     assert specs(plan_students(CompileOptions(), "onnxruntime")) == {
-        "w50": "importance.magnitude,prune.width{ratio=0.5},lower.onnxruntime,record"
+        "w50": "prune.width{ratio=0.5},lower.onnxruntime,record"
     }
 
 
@@ -79,7 +79,7 @@ def test_one_student_per_ratio_with_the_chosen_importance_and_target(fakes: None
 def test_depth_options_add_depth_pruning(fakes: None) -> None:
     plans = plan_students(CompileOptions(ratios=(0.5,), drop_layers=2), "onnxruntime")
     assert specs(plans) == {
-        "w50-d2": "importance.blocks,prune.depth{drop=2},importance.magnitude,prune.width{ratio=0.5},lower.onnxruntime,record"
+        "w50-d2": "importance.blocks,prune.depth{drop=2},prune.width{ratio=0.5},lower.onnxruntime,record"
     }
     plans = plan_students(CompileOptions(keep_layers=3), "onnxruntime")
     assert specs(plans) == {"k3": "importance.blocks,prune.depth{keep=3},lower.onnxruntime,record"}
@@ -339,21 +339,21 @@ def test_e2e_manifest(demo: tuple[subprocess.CompletedProcess[str], Path]) -> No
     assert t["metric"] > 0.95
     (s,) = m["students"]
     assert s["name"] == "w50" and s["dir"] == "students/w50"
-    assert 0 < s["macs"] < t["macs"] / 2  # half the channels: about a quarter of the MACs
+    assert 0 < s["macs"] < t["macs"] / 2  # ratio 0.5: at most half of the MACs
     assert 0 < s["params"] < t["params"]
     assert s["latency_ms"]["median"] > 0 and s["latency_ms"]["p90"] >= s["latency_ms"]["median"]
     assert s["parity"]["ok"] is True and s["parity"]["max_abs"] < 1e-3 and "rel" in s["parity"]
     widths_t, widths_s = t["architecture"]["widths"], s["architecture"]["widths"]
     assert set(widths_s) <= set(widths_t) and any(widths_s[k] < widths_t[k] for k in widths_s)
     # the example file has training data, so the default pipeline distils the pruned student
-    assert s["pipeline"] == ["importance.magnitude", "prune.width{ratio=0.5}", "distill{epochs=3}", "lower.onnxruntime",
+    assert s["pipeline"] == ["prune.width{ratio=0.5}", "distill{epochs=3}", "lower.onnxruntime",
                              "record"]
     assert [h for h in s["history"] if h in s["pipeline"]] == s["pipeline"]  # written by the PassManager
     assert s["fidelity"]["task"] == "classification" and 0.9 < s["fidelity"]["score"] <= 1.0
     assert m["host"]["cpu"] and m["host"]["torch_threads"] >= 1
     assert set(m["timings"]["passes"]) == {"w50", "teacher"}
     assert s["metric"] > 0.9  # accuracy on held-out digits after distillation (0.1 without it)
-    assert s["history"] and s["speedup"] > 0 and s["macs_reduction"] > 2
+    assert s["history"] and s["speedup"] > 0 and s["macs_reduction"] >= 2
     inputs = m["inputs"]
     assert len(inputs["teacher"]["sha256"]["digits_cnn.py"]) == 64 and len(inputs["teacher"]["weights_sha256"]) == 64
     assert m["profile"]["name"] == "cpu" and m["versions"]["torch"].startswith("2.")

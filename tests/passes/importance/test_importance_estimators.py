@@ -73,8 +73,9 @@ def _grads_by_hand(model: MLP, x: torch.Tensor, t: torch.Tensor):
     y = h @ w2.T
     dy = 2 * (y - t.double().numpy().reshape(-1, 2)) / y.size
     gw2 = dy.T @ h
-    dpre = (dy @ w2) * (pre > 0)
-    return w1, b1, w2, dpre.T @ xs, dpre.sum(0), gw2
+    dh = dy @ w2
+    dpre = dh * (pre > 0)
+    return w1, b1, w2, dpre.T @ xs, dpre.sum(0), gw2, h, dh
 
 
 def test_taylor_and_fisher_by_hand(mlp):
@@ -82,13 +83,15 @@ def test_taylor_and_fisher_by_hand(mlp):
     g = hidden_group(a)
     t = torch.randn(2, 5, 2)
     batches = [Batch((x,), target=t), Batch((x,), target=t)]
-    w1, b1, w2, gw1, gb1, gw2 = _grads_by_hand(model, x, t)
+    w1, b1, w2, gw1, gb1, gw2, h, dh = _grads_by_hand(model, x, t)
     taylor = [np.abs(w1 * gw1).sum(1), np.abs(b1 * gb1), np.abs(w2 * gw2).sum(0)]
-    fisher = [(gw1**2).sum(1), gb1**2, (gw2**2).sum(0)]
+    # mask Fisher: per sample b, g_b(u) = sum_t h[b,t,u] * dL/dh[b,t,u]; F_uu = sum_b g_b(u)^2 (per batch, twice)
+    g_mask = (h * dh).reshape(2, 5, 4).sum(1)
+    fisher = 2 * (g_mask**2).sum(0)
     got_t = TaylorImportance(normalize=False).scores(model, a, batches)[g.id]
-    got_f = FisherImportance(normalize=False).scores(model, a, batches)[g.id]
+    got_f = FisherImportance().scores(model, a, batches)[g.id]
     np.testing.assert_allclose(got_t, sum(taylor), rtol=1e-4)
-    np.testing.assert_allclose(got_f, sum(fisher), rtol=1e-4)
+    np.testing.assert_allclose(got_f, fisher, rtol=1e-4)
     np.testing.assert_allclose(TaylorImportance().scores(model, a, batches)[g.id], aggregate(taylor, 4), rtol=1e-4)
 
 

@@ -46,6 +46,9 @@ def test_latency_table_choice():
     table = Table()
     k, how = choose_width(38.0, 64, 1, 8, table=table, op="conv2d", shape={"cin": 64, "kernel": 3, "hw": 56})
     assert (k, how) == (40, "latency-table") and 40 in table.asked and min(table.asked) >= 30
+    # never wider than asked: 0.5 of 32 channels offers 16 and below, whatever the table prefers
+    k, how = choose_width(16.0, 32, 1, 8, table=table, op="conv2d", shape={"cin": 32, "kernel": 3, "hw": 56})
+    assert max(table.asked) == 16 and k <= 16
     # heads: candidates are passed in channels and come back in units
     k, _ = choose_width(4.0, 12, 32, 8, table=table, op="linear", shape={"cin": 384, "tokens": 64})
     assert all(c % 32 == 0 for c in table.asked) and 1 <= k <= 12

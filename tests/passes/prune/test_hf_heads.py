@@ -51,7 +51,8 @@ def compile_and_reload(model, kwargs, spec, tmp_path, auto):
 def test_bert_heads_and_ffn_reload(tmp_path):
     model, kw = bert()
     state, student, reloaded = compile_and_reload(
-        model, kw, "importance.activation,prune.width{ratio=0.5}", tmp_path, transformers.AutoModel
+        model, kw, "importance.activation,prune.width{per_kind=[heads=0.5,neurons=0.5]}", tmp_path,
+        transformers.AutoModel
     )
     for layer in (*student.encoder.layer, *reloaded.encoder.layer):
         assert layer.attention.self.query.out_features == 32  # 2 of 4 heads of 16
@@ -75,11 +76,12 @@ def test_llama_gqa_and_hidden_reload(tmp_path):
     assert student(**kw).logits.shape == (2, 8, 100)
 
 
-def test_hf_students_are_uniform(tmp_path):
+def test_hf_students_uniform_on_request(tmp_path):
     model, kw = bert()
     state = CompileState(model, (), dict(kw), calib_data=calib)
-    # global allocation would give layers different widths; a HF student must stay uniform
-    PassManager(build_pipeline("importance.activation,prune.width{ratio=0.4,allocation=global}")).run(state)
+    # global allocation gives layers different widths unless asked for one width per kind (a config
+    # can then describe the student, and hf/ reloads with from_pretrained)
+    PassManager(build_pipeline("importance.activation,prune.width{ratio=0.4,uniform=true}")).run(state)
     widths = state.working().metrics["arch"]["widths"]
     by_kind: dict[str, set[int]] = {}
     for w in widths.values():

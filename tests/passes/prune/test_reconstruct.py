@@ -39,15 +39,52 @@ def test_exact_when_dropped_units_are_redundant():
     (g,) = [g for g in a.prunable() if g.n_units == 8]
     assert consumers(model, a, [g.id]) == {"fc2": g.id}
     keep = {g.id: [0, 1, 2, 3]}
-    refit, done = reconstruct(model, a, keep, [Batch((x,))], ridge=1e-10)
+    student = prune_width(model, a, keep)
+    done = reconstruct(model, student, a, keep, [Batch((x,))], ridge=1e-10)
     assert done == ["fc2"]
-    student = prune_width(refit, a, keep)
     plain = prune_width(model, a, keep)
     x_test = torch.randn(16, 3)
     with torch.no_grad():
         ref = model(x_test)
         torch.testing.assert_close(student(x_test), ref, rtol=1e-4, atol=1e-4)
         assert (plain(x_test) - ref).abs().max() > 1e-2
+
+
+class ConvChain(nn.Module):
+    """conv(3x3) -> relu -> conv(3x3) -> relu -> conv(3x3): two pruned groups, refitted in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))
+
+
+def test_conv_refit_is_exact_for_redundant_channels_and_sequential():
+    """Channels 4..7 of c1 are twice channels 0..3: dropping them is recoverable exactly by refitting
+    c2 (3x3, through im2col); c2's output is pruned too, and c3 is then fitted on the refitted c2's
+    outputs (the known answer: the teacher's output on held-out inputs)."""
+    torch.manual_seed(0)
+    model = ConvChain().eval()
+    with torch.no_grad():
+        model.c1.weight[4:] = 2 * model.c1.weight[:4]
+        model.c1.bias[4:] = 2 * model.c1.bias[:4]
+        model.c2.weight[4:] = 2 * model.c2.weight[:4]  # c2's channels 4..7 redundant as well
+        model.c2.bias[4:] = 2 * model.c2.bias[:4]
+    x = torch.randn(8, 2, 6, 6)
+    a = analyze(model, (x,))
+    groups = sorted((g for g in a.prunable() if g.n_units == 8), key=lambda g: min(m.param for m in g.members))
+    keep = {g.id: [0, 1, 2, 3] for g in groups}
+    student = prune_width(model, a, keep)
+    done = reconstruct(model, student, a, keep, [Batch((x,))], ridge=1e-10)
+    assert done == ["c2", "c3"]
+    x_test = torch.randn(4, 2, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(student(x_test), model(x_test), rtol=1e-3, atol=1e-3)
+        assert (prune_width(model, a, keep)(x_test) - model(x_test)).abs().max() > 1e-2
 
 
 class PointwiseNet(nn.Module):
