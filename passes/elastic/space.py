@@ -43,6 +43,8 @@ class WidthDim:
     choices: tuple[int, ...]
     unit_channels: int
     label: str
+    #: the block an expansion dim lives in (its width means nothing once the block is dropped)
+    block: str | None = None
 
 
 @dataclass(frozen=True)
@@ -119,11 +121,11 @@ def elastic_reason(model: nn.Module, group: CoupledGroup) -> str | None:
     return None
 
 
-def _inside_one_block(group: CoupledGroup, block_names: Sequence[str]) -> bool:
+def _enclosing_block(group: CoupledGroup, block_names: Sequence[str]) -> str | None:
     for b in block_names:
         if all(m.module == b or m.module.startswith(b + ".") for m in group.members):
-            return True
-    return False
+            return b
+    return None
 
 
 @dataclass
@@ -146,6 +148,13 @@ class ElasticSpace:
         widths = tuple(sorted((d.group, d.choices[i]) for d, i in zip(self.width_dims, genome)))
         depths = tuple(sorted((d.container, d.choices[i]) for d, i in zip(self.depth_dims, genome[len(self.width_dims):])))
         return SubnetConfig(widths, depths)
+
+    def canonical(self, genome: Sequence[int]) -> tuple[int, ...]:
+        """The genome with the genes of dropped blocks' expansion dims set to full: configurations
+        that differ only there are the same subnet."""
+        removed = set(self.removed_blocks(self.config(genome)))
+        return tuple(len(d.choices) - 1 if isinstance(d, WidthDim) and d.block in removed else g
+                     for g, d in zip(genome, self.dims()))
 
     def genome(self, config: SubnetConfig) -> list[int]:
         out = [d.choices.index(config.width(d.group) or d.choices[-1]) for d in self.width_dims]
@@ -225,13 +234,14 @@ def build_space(
         if why is not None:
             space.fixed[g.id] = why
             continue
-        kind = "expansion" if g.kind in ("neurons", "channels") and _inside_one_block(g, block_names) else "width"
+        block = _enclosing_block(g, block_names)
+        kind = "expansion" if g.kind in ("neurons", "channels") and block is not None else "width"
         ratios = expansion_ratios if kind == "expansion" else width_ratios
         choices = _ratio_choices(g.n_units, g.unit_channels, ratios, multiple)
         if len(choices) < 2:
             space.fixed[g.id] = "one aligned width only"
             continue
-        space.width_dims.append(WidthDim(g.id, kind, choices, g.unit_channels, g.describe()))
+        space.width_dims.append(WidthDim(g.id, kind, choices, g.unit_channels, g.describe(), block))
     for container, order in (block_order or {}).items():
         lo = max(1, min(min_depth, len(order)))
         choices = tuple(range(lo, len(order) + 1))

@@ -118,7 +118,10 @@ class Supernet:
                 return None
             x = args[0]
             xs = x.index_select(-1, idx)
-            w = mod.weight.index_select(0, idx)
+            weight = mod.weight
+            if not isinstance(weight, torch.Tensor):
+                return None
+            w = weight.index_select(0, idx)
             if isinstance(mod, nn.LayerNorm):
                 b = None if mod.bias is None else mod.bias.index_select(0, idx)
                 y = F.layer_norm(xs, (idx.numel(),), w, b, mod.eps)
