@@ -209,9 +209,14 @@ class SearchOptions:
     generations: int = 8
     mutation: float = 0.2
     seed: int = 0
+    #: the device to search for (a built-in profile name or a YAML path; None: the compile's profile).
+    #: Several searches on one supernet give students for several devices.
+    profile: str | None = None
 
     def __post_init__(self) -> None:
         _positive("students", self.students)
+        if self.profile is not None and (not isinstance(self.profile, str) or not self.profile):
+            raise ValueError(f"profile must be a profile name or path, got {self.profile!r}")
         _positive("latency_ms", self.latency_ms, float, allow_none=True)
         _positive("memory_mb", self.memory_mb, float, allow_none=True)
         _positive("population", self.population)
@@ -253,7 +258,7 @@ class ElasticSearchPass(Pass):
 
         o: SearchOptions = self.options
         net = supernet_of(state)
-        profile = load_profile(state.profile if state.profile is not None else "cpu")
+        profile = load_profile(o.profile if o.profile is not None else (state.profile or "cpu"))
         settings = SearchSettings(o.students, o.latency_ms, o.memory_mb, o.population, o.generations, o.mutation, o.seed)
         work = getattr(state, "work_dir", None)
         result = search(
@@ -266,10 +271,12 @@ class ElasticSearchPass(Pass):
                 f"elastic.search: every front point was over budget when measured on {profile.name} "
                 f"({'; '.join(r['why'] for r in result.rejected[:3])}); relax the budgets"
             )
-        supernet_student = state.working()
+        # the supernet is not a deliverable: the first search replaces it, later ones (other devices) add
+        supernet_student = next((s for s in state.students if "elastic" not in s.metrics), None)
         students = []
         for i, f in enumerate(result.finalists):
-            s = Student(f"{profile.name}-elastic{i}", f.module, history=[*supernet_student.history,
+            history = supernet_student.history if supernet_student is not None else []
+            s = Student(f"{profile.name}-elastic{i}", f.module, history=[*history,
                         f"elastic.search: front point {f.front_index} of {len(result.front)}"])
             s.metrics["elastic"] = f.to_dict() | {"profile": profile.name}
             students.append(s)

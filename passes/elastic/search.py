@@ -21,6 +21,7 @@ finalist records where it sits on the front.
 
 from __future__ import annotations
 
+import math
 import random
 import tempfile
 import time
@@ -52,8 +53,9 @@ class Candidate:
     crowding: float = 0.0
 
     def objectives(self) -> tuple[float, float, float]:
-        """All minimised."""
-        return (-self.accuracy, self.latency_ms, self.memory_mb)
+        """All minimised; a NaN accuracy (a subnet that computes non-finite outputs) ranks last."""
+        acc = self.accuracy if math.isfinite(self.accuracy) else -1.0
+        return (-acc, self.latency_ms, self.memory_mb)
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "accuracy": self.accuracy, "latency_ms": self.latency_ms,
@@ -147,9 +149,33 @@ def output_agreement(teacher_outputs: Sequence[torch.Tensor], outputs: Sequence[
     return 1.0 - (num / den) ** 0.5 if den > 0 else float("nan")
 
 
+class ConfiguredView(nn.Module):
+    """The supernet running as one configuration, as a module (no weights copied)."""
+
+    def __init__(self, net: Supernet, config: SubnetConfig) -> None:
+        super().__init__()
+        # a plain attribute (Supernet is no Module): the view registers none of the weights
+        self.supernet = net
+        self.config = config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self.supernet.configured(self.config):
+            return self.supernet.model(*args, **kwargs)
+
+
+def _fidelity_fn() -> Callable[..., Any] | None:
+    try:
+        from potstill.fidelity import measure_fidelity
+    except ImportError:
+        return None
+    return measure_fidelity
+
+
 @dataclass
 class Scorer:
-    """Accuracy of a configuration: ``metric(extracted)`` if given, else agreement with the teacher."""
+    """Accuracy of a configuration: ``metric(extracted)`` if given, else fidelity to the teacher on the
+    held-out batches (``potstill.fidelity.measure_fidelity``; top-1 agreement / relative error where
+    that module is absent)."""
 
     net: Supernet
     teacher: nn.Module
@@ -171,6 +197,9 @@ class Scorer:
         was = self.net.model.training
         self.net.model.eval()
         try:
+            measure = _fidelity_fn()
+            if measure is not None:
+                return float(measure(self.teacher, ConfiguredView(self.net, config), self.heldout).score)
             with torch.no_grad(), self.net.configured(config):
                 outs = [primary_output(b.run(self.net.model)).float() for b in self.heldout]
         finally:
