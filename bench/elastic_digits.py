@@ -129,7 +129,7 @@ def main() -> None:
     heldout = [x_te[i:i + 120] for i in range(0, len(y_te), 120)]
     t = time.perf_counter()
     found = search(net, teacher, profile, (x_tr[:1],), {}, heldout, calib, settings,
-                   work_dir=ROOT / "bench" / "results" / "_elastic_work")
+                   work_dir=None)
     search_s = time.perf_counter() - t
     finalists = []
     for f in found.finalists:

@@ -281,29 +281,60 @@ def search(
     *,
     metric: Callable[[nn.Module], float] | None = None,
     work_dir: Path | None = None,
-    measure: Callable[[nn.Module, Path], float] | None = None,
 ) -> SearchResult:
-    """NSGA-II over ``net.space`` for ``profile``; returns the front and measured finalists."""
+    """NSGA-II over ``net.space`` for ``profile``; returns the front and measured finalists.
+
+    Engines built to time the anchors and finalists go to ``work_dir`` (kept), else to a temporary
+    folder removed at the end (the finalists then carry no artifact; the lowering pass builds theirs).
+    """
+    if work_dir is not None:
+        return _search(net, teacher, profile, example_inputs, example_kwargs, heldout, calib, settings,
+                       metric=metric, work_dir=Path(work_dir))
+    with tempfile.TemporaryDirectory(prefix="potstill-elastic-") as tmp:
+        result = _search(net, teacher, profile, example_inputs, example_kwargs, heldout, calib, settings,
+                         metric=metric, work_dir=Path(tmp))
+    for f in result.finalists:
+        f.artifact = None
+    return result
+
+
+def _search(
+    net: Supernet,
+    teacher: nn.Module,
+    profile: Any,
+    example_inputs: tuple[Any, ...],
+    example_kwargs: dict[str, Any] | None,
+    heldout: Sequence[Any],
+    calib: Sequence[Any],
+    settings: SearchSettings = SearchSettings(),
+    *,
+    metric: Callable[[nn.Module], float] | None = None,
+    work_dir: Path,
+) -> SearchResult:
     kwargs = dict(example_kwargs or {})
     example_batch = Batch(tuple(example_inputs), kwargs).size
     latency_budget = settings.latency_ms if settings.latency_ms is not None else profile.latency_budget_ms
     memory_budget = settings.memory_mb if settings.memory_mb is not None else profile.memory_budget_mb
     scorer = Scorer(net, teacher, [as_batch(b) for b in heldout], [as_batch(b) for b in calib], metric)
     costs = CostModel.build(net, profile, example_batch)
-    tmp = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="potstill-elastic-"))
+    tmp = work_dir
     tmp.mkdir(parents=True, exist_ok=True)
     artifacts: dict[SubnetConfig, Any] = {}
 
     def timed(config: SubnetConfig, tag: str) -> float:
         recalibrate_bn(net, config, scorer.calib)
         module = extract(net, config).module
-        if measure is not None:
-            return measure(module, tmp / tag)
         ms, art = measure_latency(module, tuple(example_inputs), kwargs, profile, tmp / tag)
         artifacts[config] = art
         return ms
 
     space = net.space
+    smallest_mb = costs.memory_mb(space.smallest())
+    if memory_budget is not None and smallest_mb > memory_budget:
+        # known before timing anything: the weights and activations only shrink with the subnet
+        raise InputError(f"memory budget {memory_budget} MB on {profile.name}: even the smallest subnet needs "
+                         f"{smallest_mb:.3f} MB (weights + peak activations at batch {costs.batch}, "
+                         f"{profile.precision}); relax --memory-mb or widen the space")
     anchors = [(space.largest(), timed(space.largest(), "anchor-largest")),
                (space.smallest(), timed(space.smallest(), "anchor-smallest"))]
     costs.calibrate(anchors)
