@@ -22,6 +22,7 @@ from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.state import CompileState, Student
 
 from . import DEFAULT_RATIOS, Supernet, make_supernet
+from .search import SearchSettings
 
 _KEY = "_elastic"
 ROBUST_LOSSES = ("rslad", "ard")
@@ -199,16 +200,9 @@ class ElasticTrainPass(Pass):
 
 
 @dataclass(frozen=True)
-class SearchOptions:
-    #: students to emit, spread along the Pareto front
-    students: int = 3
-    #: budgets (None: the profile's)
-    latency_ms: float | None = None
-    memory_mb: float | None = None
-    population: int = 24
-    generations: int = 8
-    mutation: float = 0.2
-    seed: int = 0
+class SearchOptions(SearchSettings):
+    """``SearchSettings`` (students, budgets, population, generations, mutation, seed) and the device."""
+
     #: the device to search for (a built-in profile name or a YAML path; None: the compile's profile).
     #: Several searches on one supernet give students for several devices.
     profile: str | None = None
@@ -254,16 +248,15 @@ class ElasticSearchPass(Pass):
         from potstill.passes.importance.base import calibration_batches
         from potstill.profiles import load_profile
 
-        from .search import SearchSettings, search
+        from .search import search
 
         o: SearchOptions = self.options
         net = supernet_of(state)
         profile = load_profile(o.profile if o.profile is not None else (state.profile or "cpu"))
-        settings = SearchSettings(o.students, o.latency_ms, o.memory_mb, o.population, o.generations, o.mutation, o.seed)
         work = getattr(state, "work_dir", None)
         result = search(
             net, state.teacher, profile, state.example_inputs, state.example_kwargs, _heldout(state),
-            calibration_batches(state), settings, metric=state.metric,
+            calibration_batches(state), o, metric=state.metric,
             work_dir=work / "elastic-search" / profile.name if work is not None else None,
         )
         if not result.finalists:

@@ -21,6 +21,7 @@ finalist records where it sits on the front.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import tempfile
@@ -287,30 +288,21 @@ def search(
     Engines built to time the anchors and finalists go to ``work_dir`` (kept), else to a temporary
     folder removed at the end (the finalists then carry no artifact; the lowering pass builds theirs).
     """
-    if work_dir is not None:
-        return _search(net, teacher, profile, example_inputs, example_kwargs, heldout, calib, settings,
-                       metric=metric, work_dir=Path(work_dir))
-    with tempfile.TemporaryDirectory(prefix="potstill-elastic-") as tmp:
-        result = _search(net, teacher, profile, example_inputs, example_kwargs, heldout, calib, settings,
-                         metric=metric, work_dir=Path(tmp))
-    for f in result.finalists:
-        f.artifact = None
+    temporary = work_dir is None
+    with contextlib.ExitStack() as stack:
+        if work_dir is None:
+            work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="potstill-elastic-")))
+        result = _search(net, teacher, profile, example_inputs, example_kwargs, heldout, calib, settings, metric,
+                         Path(work_dir))
+    if temporary:
+        for f in result.finalists:
+            f.artifact = None  # its files are gone
     return result
 
 
-def _search(
-    net: Supernet,
-    teacher: nn.Module,
-    profile: Any,
-    example_inputs: tuple[Any, ...],
-    example_kwargs: dict[str, Any] | None,
-    heldout: Sequence[Any],
-    calib: Sequence[Any],
-    settings: SearchSettings = SearchSettings(),
-    *,
-    metric: Callable[[nn.Module], float] | None = None,
-    work_dir: Path,
-) -> SearchResult:
+def _search(net: Supernet, teacher: nn.Module, profile: Any, example_inputs: tuple[Any, ...],
+            example_kwargs: dict[str, Any] | None, heldout: Sequence[Any], calib: Sequence[Any],
+            settings: SearchSettings, metric: Callable[[nn.Module], float] | None, work_dir: Path) -> SearchResult:
     kwargs = dict(example_kwargs or {})
     example_batch = Batch(tuple(example_inputs), kwargs).size
     latency_budget = settings.latency_ms if settings.latency_ms is not None else profile.latency_budget_ms
