@@ -267,7 +267,14 @@ def measure_latency(module: nn.Module, example_inputs: tuple[Any, ...], example_
     from potstill.targets import lower
 
     art = lower(module, example_inputs, profile, out_dir, example_kwargs=example_kwargs)
-    return float(art.latency_ms["median"]), art
+    median = art.latency_ms.get("median")
+    if median is None or not math.isfinite(float(median)):
+        # e.g. a TensorRT bundle built where no GPU is: nothing was timed, so no budget can be checked
+        raise InputError(
+            f"elastic search for profile '{profile.name}': its engine ({art.target}) could not be timed on this "
+            f"machine ({'; '.join(art.notes[:2]) or 'no latency measured'}); search on the device itself"
+        )
+    return float(median), art
 
 
 def search(
