@@ -190,7 +190,8 @@ class ElasticTrainPass(Pass):
                                 random_subnets=o.random_subnets, progressive=o.progressive, **o.loss_options())
         record = state.records.setdefault("elastic", {})
         record["training"] = {"loss": o.loss, "steps": result.steps, "final_loss": result.loss,
-                              "seconds": result.seconds, "resumed_from": result.resumed_from}
+                              "seconds": result.seconds, "resumed_from": result.resumed_from,
+                              **({"pgd": o.loss_options()} if o.loss in ROBUST_LOSSES else {})}
         state.working().history.append(f"elastic.train: {result.steps} steps, loss {o.loss}")
         state.facts.add("distilled")
         return PassResult(state, True)
@@ -220,6 +221,23 @@ class SearchOptions(SearchSettings):
         _positive("seed", self.seed, zero=True)
         if isinstance(self.mutation, bool) or not isinstance(self.mutation, (int, float)) or not 0 <= self.mutation <= 1:
             raise ValueError(f"mutation must lie in [0, 1], got {self.mutation!r}")
+
+
+def _robustness(state: CompileState, module: Any) -> dict[str, Any]:
+    """Clean and PGD-20 accuracy of a student of a robust supernet on the labelled evaluation data
+    (at the training radius); nothing for a plain supernet, a note when there are no labels."""
+    pgd = state.records.get("elastic", {}).get("training", {}).get("pgd")
+    if pgd is None:
+        return {}
+    from potstill.passes.distill.robust import PGDConfig, robust_accuracy
+
+    if state.eval_data is None:
+        return {"robust_accuracy": None, "robust_note": "no labelled evaluation data (--eval) to attack"}
+    cfg = PGDConfig(eps=pgd["eps"], step_size=pgd["step_size"], steps=20)
+    try:
+        return {**robust_accuracy(module, state.eval_data, cfg), "pgd_eval": {"eps": cfg.eps, "steps": 20}}
+    except InputError as e:
+        return {"robust_accuracy": None, "robust_note": str(e)}
 
 
 def _heldout(state: CompileState) -> list[Any]:
@@ -271,7 +289,7 @@ class ElasticSearchPass(Pass):
             history = supernet_student.history if supernet_student is not None else []
             s = Student(f"{profile.name}-elastic{i}", f.module, history=[*history,
                         f"elastic.search: front point {f.front_index} of {len(result.front)}"])
-            s.metrics["elastic"] = f.to_dict() | {"profile": profile.name}
+            s.metrics["elastic"] = f.to_dict() | {"profile": profile.name} | _robustness(state, f.module)
             students.append(s)
         state.students = [s for s in state.students if s is not supernet_student] + students
         record = state.records.setdefault("elastic", {})
