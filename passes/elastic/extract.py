@@ -37,6 +37,10 @@ def extract(net: Supernet, config: SubnetConfig) -> Extracted:
         module = prune_width(net.model, net.analysis, keep)
         removed = net.space.removed_blocks(config)
         if removed:
+            # the copy is ours: empty the dropped blocks first so remove_blocks' own copy skips their weights
+            for name in removed:
+                parent, _, child = name.rpartition(".")
+                module.get_submodule(parent).register_module(child, nn.Identity())
             module = remove_blocks(module, net.analysis, removed)
     module.eval()
     return Extracted(module, config, time.perf_counter() - t0)
