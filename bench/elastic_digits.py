@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--population", type=int, default=16)
+    parser.add_argument("--generations", type=int, default=6)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     epochs = 1 if args.quick else args.epochs
@@ -125,7 +127,8 @@ def main() -> None:
 
     # -- search -----------------------------------------------------------------------------------
     profile = load_profile("cpu")
-    settings = SearchSettings(students=3, population=8 if args.quick else 16, generations=2 if args.quick else 6)
+    settings = SearchSettings(students=3, population=8 if args.quick else args.population,
+                              generations=2 if args.quick else args.generations)
     heldout = [x_te[i:i + 120] for i in range(0, len(y_te), 120)]
     t = time.perf_counter()
     found = search(net, teacher, profile, (x_tr[:1],), {}, heldout, calib, settings,
@@ -140,7 +143,7 @@ def main() -> None:
         f"median latency error {statistics.median(errors) if errors else float('nan'):.1%}")
 
     report = {
-        "bench": "elastic_digits", "machine": platform.platform(), "threads": args.threads, "quick": args.quick,
+        "bench": "elastic_digits", "command": " ".join(sys.argv), "machine": platform.platform(), "threads": args.threads, "quick": args.quick,
         "teacher_acc": teacher_acc, "epochs": epochs, "supernet_steps": result.steps,
         "subnet_steps": subnet_steps, "supernet_train_s": train_s, "space": net.space.to_dict(),
         "targets": rows, "extract_s_max": max(extraction_s),

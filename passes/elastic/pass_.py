@@ -130,6 +130,8 @@ class TrainOptions:
     random_subnets: int = 2
     #: unlock width, then depth, then expansion (OFA)
     progressive: bool = True
+    #: AmoebaLLM loss balancing (None: only when there is no teacher; see elastic.train's docs)
+    balance: bool | None = None
     temperature: float = 1.0
     #: PGD radius and steps (robust losses only)
     eps: float | None = None
@@ -154,6 +156,8 @@ class TrainOptions:
         _positive("pgd_steps", self.pgd_steps, allow_none=True)
         if not isinstance(self.progressive, bool):
             raise ValueError(f"progressive must be true or false, got {self.progressive!r}")
+        if self.balance is not None and not isinstance(self.balance, bool):
+            raise ValueError(f"balance must be true or false, got {self.balance!r}")
 
     def loss_options(self) -> dict[str, Any]:
         if self.loss == "kd":
@@ -187,7 +191,8 @@ class ElasticTrainPass(Pass):
         cfg = TrainConfig(epochs=o.epochs, max_steps=o.max_steps, lr=o.lr, seed=o.seed, progress=False,
                           checkpoint_dir=ckpt, resume=ckpt is not None, checkpoint_every=50 if ckpt else 0)
         result = train_supernet(net, state.teacher, state.train_data, cfg, loss=o.loss,
-                                random_subnets=o.random_subnets, progressive=o.progressive, **o.loss_options())
+                                random_subnets=o.random_subnets, progressive=o.progressive, balance=o.balance,
+                                **o.loss_options())
         record = state.records.setdefault("elastic", {})
         record["training"] = {"loss": o.loss, "steps": result.steps, "final_loss": result.loss,
                               "seconds": result.seconds, "resumed_from": result.resumed_from,

@@ -10,6 +10,12 @@ distillation — and each term is rescaled to the largest's magnitude (AmoebaLLM
 
     L = ℓ_full + Σ_i ℓ_i · ℓ_full.detach() / ℓ_i.detach()
 
+Balancing is on by default only without a frozen teacher (the largest then learns from the labels,
+a loss of real magnitude). When the supernet is the nested teacher itself, the largest subnet
+starts *equal* to the teacher, ``ℓ_full ≈ 0``, and balancing would scale every other subnet's loss
+to zero (measured on the digits CNN: the smallest subnet stayed at chance); then the terms are summed
+unscaled. ``balance=True`` forces it.
+
 Progressive unlocking (OFA, arXiv 1908.09791; ProARD, arXiv 2506.07666): the first third of the
 steps samples widths only, the second adds depth, the last adds expansion ratios; locked dims stay
 at full size. With ``loss="rslad"`` or ``"ard"`` every subnet term is adversarial (PGD on the
@@ -73,17 +79,20 @@ def train_supernet(
     loss: str = "kd",
     random_subnets: int = 2,
     progressive: bool = True,
+    balance: bool | None = None,
     **loss_options: Any,
 ) -> TrainResult:
     """Train every subnet of ``net`` at once (see the module docstring); returns the trainer's result.
 
     ``config`` is the distillation ``TrainConfig`` (epochs, lr, checkpoints, DDP, ...); in-place
-    distillation and balancing are switched on here, and unused parameters allowed for DDP (a
-    skipped block's weights get no gradient).
+    distillation is switched on here, balancing as ``balance`` says (None: only without a teacher,
+    see the module docstring), and unused parameters allowed for DDP (a skipped block's weights get
+    no gradient).
     """
     if random_subnets < 0:
         raise InputError(f"elastic training: random_subnets must be >= 0, got {random_subnets}")
-    c = replace(config or TrainConfig(), inplace=True, balance=True, find_unused_parameters=True)
+    balance = teacher is None if balance is None else balance
+    c = replace(config or TrainConfig(), inplace=True, balance=balance, find_unused_parameters=True)
     per_epoch = c.steps_per_epoch or count_batches(data, c.seed)
     total = min(c.max_steps or per_epoch * c.epochs, per_epoch * c.epochs)
     sampler = SandwichSampler(net, total, random_subnets, progressive, c.seed)
