@@ -89,6 +89,7 @@ class ElasticNestPass(Pass):
     name: ClassVar[str] = "elastic.nest"
     Options: ClassVar[type] = NestOptions
     ensures: ClassVar[frozenset[str]] = frozenset({"elastic"})
+    collective = True  # under torchrun every rank needs the supernet's structure to train it
 
     def run(self, state: CompileState) -> PassResult:
         from potstill.passes.importance.base import calibration_batches
@@ -96,6 +97,12 @@ class ElasticNestPass(Pass):
 
         o: NestOptions = self.options
         student = state.working()
+        key = f"{self.spec()}@{getattr(state.profile, 'channel_multiple', None)}"
+        shared = state.shared.passes.get(_KEY, {}).get(key)
+        if isinstance(shared, Supernet):  # another device's plan built it: one supernet for all
+            student.module = shared.model
+            self._keep(state, shared)
+            return PassResult(state, True)
         scores = student.importance if "importance" in state.facts and student.importance else None
         batches = calibration_batches(state) if o.depth else None
         net = make_supernet(
@@ -108,12 +115,15 @@ class ElasticNestPass(Pass):
                 "elastic.nest: nothing in this model can be elastic; "
                 + "; ".join(f"g{g}: {why}" for g, why in list(net.space.fixed.items())[:5])
             )
+        state.shared.passes.setdefault(_KEY, {})[key] = net
+        self._keep(state, net)
+        return PassResult(state, True)
+
+    @staticmethod
+    def _keep(state: CompileState, net: Supernet) -> None:
         state.records[_KEY] = net
         state.records["elastic"] = {"space": net.space.to_dict(), "nesting": net.record.to_dict()}
-        student.history.append(f"elastic.nest: {len(net.space.width_dims)} elastic groups, "
-                               f"{len(net.space.depth_dims)} elastic stages, {net.space.size()} subnets")
         state.facts.add("elastic")
-        return PassResult(state, True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +185,7 @@ class ElasticTrainPass(Pass):
     name: ClassVar[str] = "elastic.train"
     Options: ClassVar[type] = TrainOptions
     requires: ClassVar[frozenset[str]] = frozenset({"elastic"})
+    collective = True  # under torchrun every rank trains (DDP)
 
     def run(self, state: CompileState) -> PassResult:
         from potstill.passes.distill import TrainConfig
@@ -183,9 +194,17 @@ class ElasticTrainPass(Pass):
 
         o: TrainOptions = self.options
         if state.train_data is None:
-            raise InputError("elastic.train needs training data: give --train FILE.py:FN (or a teacher file "
+            raise InputError("elastic.train needs training data: give --data FILE.py:FN (or a teacher file "
                              "with train_data)")
         net = supernet_of(state)
+        student = state.working()
+        if net.model is not student.module:  # under torchrun rank 0 broadcast its supernet into this rank
+            net.rebind(student.module)
+        done = net.trained.get(self.spec())
+        if done is not None:  # trained by another device's plan of this compilation
+            state.records.setdefault("elastic", {})["training"] = {**done, "reused": True}
+            state.facts.add("distilled")
+            return PassResult(state, False)
         work = getattr(state, "work_dir", None)
         ckpt = work / "checkpoints" / "supernet" if work is not None else None
         cfg = TrainConfig(epochs=o.epochs, max_steps=o.max_steps, lr=o.lr, seed=o.seed, progress=False,
@@ -193,11 +212,10 @@ class ElasticTrainPass(Pass):
         result = train_supernet(net, state.teacher, state.train_data, cfg, loss=o.loss,
                                 random_subnets=o.random_subnets, progressive=o.progressive, balance=o.balance,
                                 **o.loss_options())
-        record = state.records.setdefault("elastic", {})
-        record["training"] = {"loss": o.loss, "steps": result.steps, "final_loss": result.loss,
-                              "seconds": result.seconds, "resumed_from": result.resumed_from,
-                              **({"pgd": o.loss_options()} if o.loss in ROBUST_LOSSES else {})}
-        state.working().history.append(f"elastic.train: {result.steps} steps, loss {o.loss}")
+        training = {"loss": o.loss, "steps": result.steps, "final_loss": result.loss, "seconds": result.seconds,
+                    "resumed_from": result.resumed_from, **({"pgd": o.loss_options()} if o.loss in ROBUST_LOSSES else {})}
+        net.trained[self.spec()] = training
+        state.records.setdefault("elastic", {})["training"] = training
         state.facts.add("distilled")
         return PassResult(state, True)
 
@@ -289,12 +307,12 @@ class ElasticSearchPass(Pass):
             )
         # the supernet is not a deliverable: the first search replaces it, later ones (other devices) add
         supernet_student = next((s for s in state.students if "elastic" not in s.metrics), None)
+        front = [{"accuracy": c.accuracy, "latency_ms": c.latency_ms, "memory_mb": c.memory_mb} for c in result.front]
         students = []
         for i, f in enumerate(result.finalists):
             history = supernet_student.history if supernet_student is not None else []
-            s = Student(f"{profile.name}-elastic{i}", f.module, history=[*history,
-                        f"elastic.search: front point {f.front_index} of {len(result.front)}"])
-            s.metrics["elastic"] = f.to_dict() | {"profile": profile.name} | _robustness(state, f.module)
+            s = Student(f"{profile.name}-elastic{i}", f.module, history=list(history))
+            s.metrics["elastic"] = f.to_dict() | {"profile": profile.name, "front": front} | _robustness(state, f.module)
             students.append(s)
         state.students = [s for s in state.students if s is not supernet_student] + students
         record = state.records.setdefault("elastic", {})

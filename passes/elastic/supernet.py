@@ -59,8 +59,19 @@ class Supernet:
         self.space = space
         self.active: SubnetConfig | None = None
         self.record = NestRecord()
+        #: training records by the elastic.train spec that produced them
+        self.trained: dict[str, dict[str, Any]] = {}
         self._plans: dict[SubnetConfig, _Plan] = {}
         self._handles: list[RemovableHandle] = []
+
+    def rebind(self, model: nn.Module) -> None:
+        """Run on ``model`` instead: a copy with the same structure (e.g. rank 0's, broadcast)."""
+        was = bool(self._handles)
+        self.detach()
+        self.model = model
+        self._plans.clear()
+        if was:
+            self.attach()
 
     # -- plans --------------------------------------------------------------------------------
 
