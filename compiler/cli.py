@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="prune / distil / quantize a teacher and lower the students for a profile")
     c.add_argument("teacher", nargs="?", metavar="TEACHER", help=TEACHER_HELP + " (or 'teacher:' in --recipe)")
-    c.add_argument("--profile", metavar="NAME", help="device profile: a built-in name (see 'potstill profiles') or a YAML file; default cpu")
+    c.add_argument("--profile", metavar="NAME", action="append",
+                   help="device profile: a built-in name (see 'potstill profiles') or a YAML file; default cpu "
+                        "(with --elastic: repeat it for students on several devices from one supernet)")
     c.add_argument("--ratio", type=float, action="append", metavar="R",
                    help="fraction of the MACs to remove (of the latency when the profile has a latency "
                         "table), allocated across layers by importance; repeat for several students (default 0.5)")  # fmt: skip
@@ -84,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     depth.add_argument("--keep-layers", type=int, metavar="N", help="also prune depth down to N blocks")
     c.add_argument("--importance", metavar="NAME", help="importance estimator: magnitude, taylor, fisher, activation, obs "
                                                         "(default: prune.width chooses; mask Fisher with calibration data)")
+    el = c.add_argument_group("elastic (one supernet, many students)")
+    el.add_argument("--elastic", action="store_true",
+                    help="nest the teacher into a supernet, train it (with training data), search each profile's "
+                         "Pareto front under its budgets and emit measured students")
+    el.add_argument("--students", type=int, metavar="N", help="students per profile along the front (default 3)")
+    el.add_argument("--latency-ms", type=float, metavar="X", help="latency budget of the search (default: the profile's)")
+    el.add_argument("--memory-mb", type=float, metavar="Y",
+                    help="memory budget: weights + peak activations (default: the profile's)")
     c.add_argument("--target", metavar="T", help="override the profile's target: onnxruntime, onnx, tensorrt, aoti")
     c.add_argument("--seed", type=_seed, default=None, help="random seed, 0 to 2**32-1 (default 0)")
     c.add_argument("--debug", action="store_true", help="verify the IR after every pass, dump IR before/after under OUT/debug/, show tracebacks")
@@ -146,7 +156,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         err.print(msg, style="yellow" if msg.startswith("warning") else "dim", markup=False, soft_wrap=True)
 
     opts = CompileOptions(
-        teacher=args.teacher, out=args.output, profile=args.profile, ratios=tuple(args.ratio or ()),
+        teacher=args.teacher, out=args.output, profile=(args.profile or [None])[0],
+        extra_profiles=tuple((args.profile or [])[1:]), elastic=args.elastic, students=args.students,
+        latency_ms=args.latency_ms, memory_mb=args.memory_mb, ratios=tuple(args.ratio or ()),
         input_shapes=tuple(args.input_shape), pipeline=args.pipeline, recipe=args.recipe, data=args.data,
         calib=args.calib, drop_layers=args.drop_layers, keep_layers=args.keep_layers,
         importance=args.importance, target=args.target, seed=args.seed, debug=args.debug, cache=not args.no_cache,

@@ -374,7 +374,12 @@ def run_plans(p: Prepared, tmp: Path, note: Note, instruments: Sequence[PassInst
                 continue
             note(f"student {plan.name}: {plan.spec}")
             _seed_everything(p.state.seed)
-            state = base.fork()
+            if plan.profile is None:
+                state = base.fork()
+            else:  # an elastic plan for another device
+                from potstill.profiles import load_profile
+
+                state = base.fork(profile=load_profile(plan.profile))
             state.students.append(state.new_student(plan.name))
             timing, insts = _instruments(p, plan, tmp, instruments)
             try:

@@ -81,6 +81,15 @@ class CompileOptions:
     teacher_timing: bool = True
     #: show a progress bar with an ETA on stderr
     progress: bool = True
+    #: elastic: train one supernet and search students for each profile (``--elastic``)
+    elastic: bool = False
+    #: elastic: students per profile, spread along the Pareto front (None: 3)
+    students: int | None = None
+    #: elastic: latency and memory budgets of the search (None: the profile's)
+    latency_ms: float | None = None
+    memory_mb: float | None = None
+    #: elastic: more device profiles (``--profile`` given again), each searched on the same supernet
+    extra_profiles: tuple[str, ...] = ()
     #: the validated recipe (``CompileRecipe``) when one was given
     recipe_data: Any = None
     #: the recipe as written (plus its "path"), for the manifest
@@ -93,6 +102,8 @@ class Plan:
 
     name: str
     passes: list[Pass]
+    #: the device profile of this plan when it is not the compilation's (elastic, several devices)
+    profile: str | None = None
 
     @property
     def spec(self) -> str:
@@ -251,6 +262,9 @@ def _check_ratio(ratio: float) -> float:
 
 def check_flags(opts: CompileOptions) -> None:
     """Flags that cannot apply are errors (checked before anything is loaded)."""
+    from potstill.passes.elastic.plan import check_elastic_flags
+
+    check_elastic_flags(opts)
     if opts.distill_epochs is not None and opts.distill_epochs < 1:
         raise InputError(f"--distill-epochs {opts.distill_epochs}: must be at least 1; use --no-distill for none")
     if opts.distill_epochs is not None and not opts.distill:
@@ -350,6 +364,8 @@ def plan_students(opts: CompileOptions, target: str, distill_epochs: int | None 
     if target not in TARGETS:
         raise InputError(f"--target '{target}': expected one of {', '.join(TARGETS)}")
     check_flags(opts)
+    if opts.elastic:
+        return _elastic_plans(opts, target, distill_epochs)
     ratios = [_check_ratio(float(r)) for r in opts.ratios]
     source = f"--recipe '{opts.recipe}'" if opts.recipe else "recipe"
     plans: list[Plan] = []
@@ -394,6 +410,22 @@ def plan_students(opts: CompileOptions, target: str, distill_epochs: int | None 
     names = [p.name for p in plans]
     if len(set(names)) != len(names):
         raise InputError(f"two students would share a name ({names}); give distinct --ratio values")
+    return plans
+
+
+def _elastic_plans(opts: CompileOptions, target: str, distill_epochs: int | None) -> list[Plan]:
+    """One plan per profile sharing one supernet (see ``potstill.passes.elastic.plan``)."""
+    from potstill.passes.elastic.plan import elastic_pipelines
+    from potstill.profiles import DEFAULT_PROFILE, load_profile
+
+    profiles = [opts.profile or DEFAULT_PROFILE, *opts.extra_profiles]
+    plans = []
+    for name, profile, spec in elastic_pipelines(profiles, students=opts.students, latency_ms=opts.latency_ms,
+                                                 memory_mb=opts.memory_mb, train_epochs=distill_epochs,
+                                                 importance=opts.importance):
+        own = None if profile == profiles[0] else profile
+        lower_target = target if own is None else (opts.target or load_profile(profile).target)
+        plans.append(Plan(name, _finish(build_pipeline(spec), lower_target), own))
     return plans
 
 

@@ -1,0 +1,320 @@
+"""The elastic passes: ``elastic.nest``, ``elastic.train{...}``, ``elastic.search{...}``.
+
+* ``elastic.nest`` nests the working student in place (every width a prefix, blocks ranked) and
+  keeps the :class:`Supernet` in ``state.records["_elastic"]``;
+* ``elastic.train`` trains it with the sandwich rule through ``DistillTrainer`` on
+  ``state.train_data`` (checkpointed under ``state.work_dir`` when the state has one, so a re-run
+  resumes);
+* ``elastic.search`` runs NSGA-II under the profile's (or the given) budgets and replaces the
+  supernet student with the measured finalists, each recording where it sits on the front.
+
+Options are frozen and checked when built; an option that does not apply (``eps`` with a non-robust
+loss) is an error, not ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from potstill.errors import InputError
+from potstill.pipeline import Pass, PassResult, register_pass
+from potstill.state import CompileState, Student
+
+from . import DEFAULT_RATIOS, Supernet, make_supernet
+from .search import SearchSettings
+
+_KEY = "_elastic"
+ROBUST_LOSSES = ("rslad", "ard")
+LOSSES = ("kd", *ROBUST_LOSSES)
+
+
+def _ratios(name: str, values: Any) -> tuple[float, ...]:
+    if not isinstance(values, tuple) or not values:
+        raise ValueError(f"{name} must be a non-empty list of ratios, got {values!r}")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < float(v) <= 1:
+            raise ValueError(f"{name}: every ratio must lie in (0, 1], got {v!r}")
+        out.append(float(v))
+    return tuple(out)
+
+
+def _positive(name: str, value: Any, kind: type = int, allow_none: bool = False, zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+    if value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{name} must be {'>= 0' if zero else '> 0'}, got {value!r}")
+
+
+def supernet_of(state: CompileState) -> Supernet:
+    net = state.records.get(_KEY)
+    if not isinstance(net, Supernet):
+        raise InputError("no elastic supernet in this compilation: run elastic.nest first")
+    return net
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NestOptions:
+    #: widths offered for groups that cross blocks (fractions of the full width, aligned)
+    width_ratios: tuple = DEFAULT_RATIOS
+    #: expansion ratios offered for groups inside one block (FFN / inverted-residual hidden)
+    expansion_ratios: tuple = DEFAULT_RATIOS
+    #: elastic depth per stage (importance-ranked blocks)
+    depth: bool = True
+    #: blocks every stage keeps at least
+    min_depth: int = 1
+    #: channel multiple to align widths to (None: the profile's, else 8)
+    channel_multiple: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "width_ratios", _ratios("width_ratios", self.width_ratios))
+        object.__setattr__(self, "expansion_ratios", _ratios("expansion_ratios", self.expansion_ratios))
+        if not isinstance(self.depth, bool):
+            raise ValueError(f"depth must be true or false, got {self.depth!r}")
+        _positive("min_depth", self.min_depth)
+        _positive("channel_multiple", self.channel_multiple, allow_none=True)
+
+
+@register_pass
+class ElasticNestPass(Pass):
+    """Sort every elastic group by importance (the working student's scores, else L2 magnitude)
+    and permute the weights in place; the network's output does not change."""
+
+    name: ClassVar[str] = "elastic.nest"
+    Options: ClassVar[type] = NestOptions
+    ensures: ClassVar[frozenset[str]] = frozenset({"elastic"})
+    collective = True  # under torchrun every rank needs the supernet's structure to train it
+
+    def run(self, state: CompileState) -> PassResult:
+        from potstill.passes.importance.base import calibration_batches
+        from potstill.passes.prune.align import channel_multiple
+
+        o: NestOptions = self.options
+        student = state.working()
+        key = f"{self.spec()}@{getattr(state.profile, 'channel_multiple', None)}"
+        shared = state.shared.passes.get(_KEY, {}).get(key)
+        if isinstance(shared, Supernet):  # another device's plan built it: one supernet for all
+            student.module = shared.model
+            self._keep(state, shared)
+            return PassResult(state, True)
+        scores = student.importance if "importance" in state.facts and student.importance else None
+        batches = calibration_batches(state) if o.depth else None
+        net = make_supernet(
+            student.module, state.example_inputs, state.example_kwargs, scores=scores, batches=batches,
+            width_ratios=o.width_ratios, expansion_ratios=o.expansion_ratios, depth=o.depth, min_depth=o.min_depth,
+            multiple=channel_multiple(state.profile, o.channel_multiple or 0), analysis=state.analysis(student),
+        )
+        if not net.space.dims():
+            raise InputError(
+                "elastic.nest: nothing in this model can be elastic; "
+                + "; ".join(f"g{g}: {why}" for g, why in list(net.space.fixed.items())[:5])
+            )
+        state.shared.passes.setdefault(_KEY, {})[key] = net
+        self._keep(state, net)
+        return PassResult(state, True)
+
+    @staticmethod
+    def _keep(state: CompileState, net: Supernet) -> None:
+        state.records[_KEY] = net
+        state.records["elastic"] = {"space": net.space.to_dict(), "nesting": net.record.to_dict()}
+        state.facts.add("elastic")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    epochs: int = 1
+    max_steps: int | None = None
+    lr: float = 1e-3
+    #: kd (in-place KD) | rslad | ard (robust supernet, ProARD)
+    loss: str = "kd"
+    #: random subnets per step besides the largest and the smallest (sandwich rule)
+    random_subnets: int = 2
+    #: unlock width, then depth, then expansion (OFA)
+    progressive: bool = True
+    #: AmoebaLLM loss balancing (None: only when there is no teacher; see elastic.train's docs)
+    balance: bool | None = None
+    temperature: float = 1.0
+    #: PGD radius and steps (robust losses only)
+    eps: float | None = None
+    pgd_steps: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("epochs", self.epochs)
+        _positive("max_steps", self.max_steps, allow_none=True)
+        _positive("lr", self.lr, float)
+        _positive("temperature", self.temperature, float)
+        _positive("random_subnets", self.random_subnets, zero=True)
+        _positive("seed", self.seed, zero=True)
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        robust = self.loss in ROBUST_LOSSES
+        for name in ("eps", "pgd_steps"):
+            if getattr(self, name) is not None and not robust:
+                raise ValueError(f"{name} applies to the robust losses ({', '.join(ROBUST_LOSSES)}) only, "
+                                 f"not loss={self.loss}")
+        _positive("eps", self.eps, float, allow_none=True)
+        _positive("pgd_steps", self.pgd_steps, allow_none=True)
+        if not isinstance(self.progressive, bool):
+            raise ValueError(f"progressive must be true or false, got {self.progressive!r}")
+        if self.balance is not None and not isinstance(self.balance, bool):
+            raise ValueError(f"balance must be true or false, got {self.balance!r}")
+
+    def loss_options(self) -> dict[str, Any]:
+        if self.loss == "kd":
+            return {"temperature": self.temperature}
+        from potstill.passes.distill.robust import eps_options
+
+        opts = eps_options(self.eps if self.eps is not None else 8 / 255, self.pgd_steps or 10)
+        return opts | ({"temperature": self.temperature} if self.loss == "ard" else {})
+
+
+@register_pass
+class ElasticTrainPass(Pass):
+    """Train every subnet at once (sandwich rule, in-place distillation, balancing, progressive)."""
+
+    name: ClassVar[str] = "elastic.train"
+    Options: ClassVar[type] = TrainOptions
+    requires: ClassVar[frozenset[str]] = frozenset({"elastic"})
+    collective = True  # under torchrun every rank trains (DDP)
+
+    def run(self, state: CompileState) -> PassResult:
+        from potstill.passes.distill import TrainConfig
+
+        from .train import train_supernet
+
+        o: TrainOptions = self.options
+        if state.train_data is None:
+            raise InputError("elastic.train needs training data: give --data FILE.py:FN (or a teacher file "
+                             "with train_data)")
+        net = supernet_of(state)
+        student = state.working()
+        if net.model is not student.module:  # under torchrun rank 0 broadcast its supernet into this rank
+            net.rebind(student.module)
+        done = net.trained.get(self.spec())
+        if done is not None:  # trained by another device's plan of this compilation
+            state.records.setdefault("elastic", {})["training"] = {**done, "reused": True}
+            state.facts.add("distilled")
+            return PassResult(state, False)
+        work = getattr(state, "work_dir", None)
+        ckpt = work / "checkpoints" / "supernet" if work is not None else None
+        cfg = TrainConfig(epochs=o.epochs, max_steps=o.max_steps, lr=o.lr, seed=o.seed, progress=False,
+                          checkpoint_dir=ckpt, resume=ckpt is not None, checkpoint_every=50 if ckpt else 0)
+        result = train_supernet(net, state.teacher, state.train_data, cfg, loss=o.loss,
+                                random_subnets=o.random_subnets, progressive=o.progressive, balance=o.balance,
+                                **o.loss_options())
+        training = {"loss": o.loss, "steps": result.steps, "final_loss": result.loss, "seconds": result.seconds,
+                    "resumed_from": result.resumed_from, **({"pgd": o.loss_options()} if o.loss in ROBUST_LOSSES else {})}
+        net.trained[self.spec()] = training
+        state.records.setdefault("elastic", {})["training"] = training
+        state.facts.add("distilled")
+        return PassResult(state, True)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchOptions(SearchSettings):
+    """``SearchSettings`` (students, budgets, population, generations, mutation, seed) and the device."""
+
+    #: the device to search for (a built-in profile name or a YAML path; None: the compile's profile).
+    #: Several searches on one supernet give students for several devices.
+    profile: str | None = None
+
+    def __post_init__(self) -> None:
+        _positive("students", self.students)
+        if self.profile is not None and (not isinstance(self.profile, str) or not self.profile):
+            raise ValueError(f"profile must be a profile name or path, got {self.profile!r}")
+        _positive("latency_ms", self.latency_ms, float, allow_none=True)
+        _positive("memory_mb", self.memory_mb, float, allow_none=True)
+        _positive("population", self.population)
+        if self.population < 2:
+            raise ValueError(f"population must be >= 2, got {self.population}")
+        _positive("generations", self.generations, zero=True)
+        _positive("seed", self.seed, zero=True)
+        if isinstance(self.mutation, bool) or not isinstance(self.mutation, (int, float)) or not 0 <= self.mutation <= 1:
+            raise ValueError(f"mutation must lie in [0, 1], got {self.mutation!r}")
+
+
+def _robustness(state: CompileState, module: Any) -> dict[str, Any]:
+    """Clean and PGD-20 accuracy of a student of a robust supernet on the labelled evaluation data
+    (at the training radius); nothing for a plain supernet, a note when there are no labels."""
+    pgd = state.records.get("elastic", {}).get("training", {}).get("pgd")
+    if pgd is None:
+        return {}
+    from potstill.passes.distill.robust import PGDConfig, robust_accuracy
+
+    if state.eval_data is None:
+        return {"robust_accuracy": None, "robust_note": "no labelled evaluation data (--eval) to attack"}
+    cfg = PGDConfig(eps=pgd["eps"], step_size=pgd["step_size"], steps=20)
+    try:
+        return {**robust_accuracy(module, state.eval_data, cfg), "pgd_eval": {"eps": cfg.eps, "steps": 20}}
+    except InputError as e:
+        return {"robust_accuracy": None, "robust_note": str(e)}
+
+
+def _heldout(state: CompileState) -> list[Any]:
+    from potstill.data import iter_batches
+    from potstill.passes.importance.base import calibration_batches, warn
+
+    source = getattr(state, "heldout_data", None) or state.eval_data
+    if source is not None:
+        batches = list(iter_batches(source, 32))
+        if batches:
+            return batches
+    warn("elastic.search: no held-out data; subnets are scored on the calibration batches, which also "
+         "set their BatchNorm statistics — the scores are optimistic")
+    return calibration_batches(state)
+
+
+@register_pass
+class ElasticSearchPass(Pass):
+    """NSGA-II under the profile's latency and memory budgets; emits measured finalists as students."""
+
+    name: ClassVar[str] = "elastic.search"
+    Options: ClassVar[type] = SearchOptions
+    requires: ClassVar[frozenset[str]] = frozenset({"elastic"})
+
+    def run(self, state: CompileState) -> PassResult:
+        from potstill.passes.importance.base import calibration_batches
+        from potstill.profiles import load_profile
+
+        from .search import search
+
+        o: SearchOptions = self.options
+        net = supernet_of(state)
+        profile = load_profile(o.profile if o.profile is not None else (state.profile or "cpu"))
+        work = getattr(state, "work_dir", None)
+        result = search(
+            net, state.teacher, profile, state.example_inputs, state.example_kwargs, _heldout(state),
+            calibration_batches(state), o, metric=state.metric,
+            work_dir=work / "elastic-search" / profile.name if work is not None else None,
+        )
+        if not result.finalists:
+            raise InputError(
+                f"elastic.search: every front point was over budget when measured on {profile.name} "
+                f"({'; '.join(r['why'] for r in result.rejected[:3])}); relax the budgets"
+            )
+        # the supernet is not a deliverable: the first search replaces it, later ones (other devices) add
+        supernet_student = next((s for s in state.students if "elastic" not in s.metrics), None)
+        front = [{"accuracy": c.accuracy, "latency_ms": c.latency_ms, "memory_mb": c.memory_mb} for c in result.front]
+        students = []
+        for i, f in enumerate(result.finalists):
+            history = supernet_student.history if supernet_student is not None else []
+            s = Student(f"{profile.name}-elastic{i}", f.module, history=list(history))
+            s.metrics["elastic"] = f.to_dict() | {"profile": profile.name, "front": front} | _robustness(state, f.module)
+            students.append(s)
+        state.students = [s for s in state.students if s is not supernet_student] + students
+        record = state.records.setdefault("elastic", {})
+        record.setdefault("searches", {})[profile.name] = result.to_dict()
+        return PassResult(state, True)

@@ -1,0 +1,76 @@
+"""Planning ``potstill compile --elastic``: one plan per device profile, one supernet for all.
+
+    potstill compile TEACHER --elastic --students N [--latency-ms X] [--memory-mb Y] --profile A [--profile B]
+
+Each profile gets the plan ``[importance.E,] elastic.nest, [elastic.train{epochs=K},]
+elastic.search{students=N, latency_ms=X, memory_mb=Y}`` followed by that profile's lowering and
+``record``. The plans of one compilation share the nested, trained supernet (``elastic.nest`` and
+``elastic.train`` reuse what the first plan built, through ``state.shared``), so the supernet is
+trained once and searched once per device. Flags that configure the per-ratio pipeline do not apply
+and are errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from potstill.errors import InputError
+
+
+def check_elastic_flags(opts: Any) -> None:
+    """``--students/--latency-ms/--memory-mb`` and several ``--profile`` need ``--elastic``; with it,
+    the per-ratio flags are moot."""
+    elastic_only = [flag for flag, value in (
+        ("--students", opts.students), ("--latency-ms", opts.latency_ms), ("--memory-mb", opts.memory_mb),
+        ("a second --profile", opts.extra_profiles or None),
+    ) if value is not None]  # fmt: skip
+    if not opts.elastic:
+        if elastic_only:
+            raise InputError(f"{', '.join(elastic_only)} without --elastic: these configure the elastic search; "
+                             "add --elastic (or drop them)")
+        return
+    moot = [flag for flag, value in (
+        ("--ratio", opts.ratios or None), ("--drop-layers", opts.drop_layers), ("--keep-layers", opts.keep_layers),
+        ("--pipeline", opts.pipeline),
+    ) if value is not None]  # fmt: skip
+    if moot:
+        raise InputError(f"{', '.join(moot)} with --elastic: the elastic search chooses widths and depths itself; "
+                         "give budgets (--latency-ms, --memory-mb) and --students instead")
+    if opts.students is not None and opts.students < 1:
+        raise InputError(f"--students {opts.students}: must be at least 1")
+    for flag, value in (("--latency-ms", opts.latency_ms), ("--memory-mb", opts.memory_mb)):
+        if value is not None and not value > 0:
+            raise InputError(f"{flag} {value}: must be a positive number")
+
+
+def elastic_pipelines(
+    profiles: Sequence[str],
+    *,
+    students: int | None,
+    latency_ms: float | None,
+    memory_mb: float | None,
+    train_epochs: int | None,
+    importance: str | None,
+) -> list[tuple[str, str, str]]:
+    """``(plan name, profile, pipeline string)`` for each device."""
+    search = [f"students={students or 3}"]
+    if latency_ms is not None:
+        search.append(f"latency_ms={latency_ms:g}")
+    if memory_mb is not None:
+        search.append(f"memory_mb={memory_mb:g}")
+    head = []
+    if importance:
+        head.append(importance if "." in importance else f"importance.{importance}")
+    head.append("elastic.nest")
+    if train_epochs is not None:
+        head.append(f"elastic.train{{epochs={train_epochs}}}")
+    out = []
+    seen: set[str] = set()
+    for profile in profiles:
+        name = "elastic-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in profile.rsplit("/", 1)[-1].removesuffix(".yaml"))
+        if name in seen:
+            raise InputError(f"--profile {profile} given twice")
+        seen.add(name)
+        out.append((name, profile, ",".join([*head, f"elastic.search{{{','.join(search)}}}"])))
+    return out

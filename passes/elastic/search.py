@@ -1,0 +1,426 @@
+"""Device-constrained search over a trained supernet: NSGA-II → Pareto front → measured finalists.
+
+Objectives, per configuration ``c``: maximise accuracy ``A(c)`` (the user's metric on the extracted
+subnet, else fidelity to the teacher on held-out batches, run in the supernet after BatchNorm
+recalibration), minimise latency ``T(c)`` and memory ``M(c)`` (``cost.CostModel``), subject to
+``T ≤ T_max`` and ``M ≤ M_max``.
+
+NSGA-II (Deb et al. 2002, doi:10.1109/4235.996017) with Deb's constraint domination: a feasible
+point beats an infeasible one, two infeasible points compare by total violation, two feasible ones
+by Pareto dominance. Each generation: binary tournaments on (rank, −crowding), uniform crossover,
+per-gene mutation over the discrete choices, then the best ``P`` of parents ∪ children by
+non-dominated rank and crowding distance (the spread of a point's neighbours on each objective).
+The sort and crowding are a few dozen lines over a discrete genome, so they are written here
+rather than pulling in an optimisation framework.
+
+Finalists: ``n`` feasible configurations spread along the front by predicted latency are
+extracted, timed on the profile's engine (``potstill.targets.lower``) and measured for memory on
+their own graph; any over a budget by measurement is dropped and the next front point tried. Each
+finalist records where it sits on the front.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from potstill.data import Batch, as_batch, primary_output
+from potstill.errors import InputError
+from torch import nn
+
+from .cost import CostModel, measured_memory_mb
+from .extract import extract
+from .space import SubnetConfig
+from .supernet import Supernet, recalibrate_bn
+
+
+@dataclass
+class Candidate:
+    genome: tuple[int, ...]
+    config: SubnetConfig
+    accuracy: float
+    latency_ms: float
+    memory_mb: float
+    violation: float = 0.0
+    rank: int = 0
+    crowding: float = 0.0
+
+    def objectives(self) -> tuple[float, float, float]:
+        """All minimised; a NaN accuracy (a subnet that computes non-finite outputs) ranks last."""
+        acc = self.accuracy if math.isfinite(self.accuracy) else -1.0
+        return (-acc, self.latency_ms, self.memory_mb)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "accuracy": self.accuracy, "latency_ms": self.latency_ms,
+                "memory_mb": self.memory_mb, "feasible": self.violation == 0.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# NSGA-II core
+
+
+def _dominates(a: Candidate, b: Candidate) -> bool:
+    if a.violation != b.violation:
+        return a.violation < b.violation
+    oa, ob = a.objectives(), b.objectives()
+    return all(x <= y for x, y in zip(oa, ob)) and any(x < y for x, y in zip(oa, ob))
+
+
+def non_dominated_sort(pop: Sequence[Candidate]) -> list[list[Candidate]]:
+    """Fronts F_1, F_2, ... (fast non-dominated sort); sets each candidate's ``rank``."""
+    dominated: list[list[int]] = [[] for _ in pop]
+    count = [0] * len(pop)
+    fronts: list[list[int]] = [[]]
+    for i, p in enumerate(pop):
+        for j, q in enumerate(pop):
+            if i != j and _dominates(p, q):
+                dominated[i].append(j)
+            elif i != j and _dominates(q, p):
+                count[i] += 1
+        if count[i] == 0:
+            fronts[0].append(i)
+    k = 0
+    while fronts[k]:
+        nxt = []
+        for i in fronts[k]:
+            pop[i].rank = k
+            for j in dominated[i]:
+                count[j] -= 1
+                if count[j] == 0:
+                    nxt.append(j)
+        fronts.append(nxt)
+        k += 1
+    return [[pop[i] for i in f] for f in fronts if f]
+
+
+def crowding_distance(front: Sequence[Candidate]) -> None:
+    """Sum over objectives of the normalised gap between each point's two neighbours (ends: ∞)."""
+    for c in front:
+        c.crowding = 0.0
+    if len(front) <= 2:
+        for c in front:
+            c.crowding = float("inf")
+        return
+    for k in range(3):
+        ordered = sorted(front, key=lambda c: c.objectives()[k])
+        lo, hi = ordered[0].objectives()[k], ordered[-1].objectives()[k]
+        ordered[0].crowding = ordered[-1].crowding = float("inf")
+        if hi == lo:
+            continue
+        for prev, cur, nxt in zip(ordered, ordered[1:], ordered[2:]):
+            cur.crowding += (nxt.objectives()[k] - prev.objectives()[k]) / (hi - lo)
+
+
+def _select(pop: list[Candidate], n: int) -> list[Candidate]:
+    out: list[Candidate] = []
+    for front in non_dominated_sort(pop):
+        crowding_distance(front)
+        if len(out) + len(front) <= n:
+            out.extend(front)
+        else:
+            out.extend(sorted(front, key=lambda c: -c.crowding)[: n - len(out)])
+            break
+    return out
+
+
+def _tournament(pop: list[Candidate], rng: random.Random) -> Candidate:
+    a, b = rng.sample(pop, 2) if len(pop) > 1 else (pop[0], pop[0])
+    return min((a, b), key=lambda c: (c.rank, -c.crowding))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def output_agreement(teacher_outputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> float:
+    """Top-1 agreement for logits (last dim > 1 and 2-D), else ``1 − ‖y − y_t‖ / ‖y_t‖``."""
+    if all(t.dim() == 2 and t.shape[-1] > 1 for t in teacher_outputs):
+        same = sum(int((t.argmax(-1) == s.argmax(-1)).sum()) for t, s in zip(teacher_outputs, outputs))
+        return same / max(sum(t.shape[0] for t in teacher_outputs), 1)
+    num = sum(float((t - s).float().pow(2).sum()) for t, s in zip(teacher_outputs, outputs))
+    den = sum(float(t.float().pow(2).sum()) for t in teacher_outputs)
+    return 1.0 - (num / den) ** 0.5 if den > 0 else float("nan")
+
+
+class ConfiguredView(nn.Module):
+    """The supernet running as one configuration, as a module (no weights copied)."""
+
+    def __init__(self, net: Supernet, config: SubnetConfig) -> None:
+        super().__init__()
+        # a plain attribute (Supernet is no Module): the view registers none of the weights
+        self.supernet = net
+        self.config = config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self.supernet.configured(self.config):
+            return self.supernet.model(*args, **kwargs)
+
+
+def _fidelity_fn() -> Callable[..., Any] | None:
+    try:
+        from potstill.fidelity import measure_fidelity
+    except ImportError:
+        return None
+    return measure_fidelity
+
+
+@dataclass
+class Scorer:
+    """Accuracy of a configuration: ``metric(extracted)`` if given, else fidelity to the teacher on the
+    held-out batches (``potstill.fidelity.measure_fidelity``; top-1 agreement / relative error where
+    that module is absent)."""
+
+    net: Supernet
+    teacher: nn.Module
+    heldout: list[Batch]
+    calib: list[Batch]
+    metric: Callable[[nn.Module], float] | None = None
+    _teacher_out: list[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.heldout:
+            raise InputError("elastic search needs held-out batches to score subnets")
+        with torch.no_grad():
+            self._teacher_out = [primary_output(b.run(self.teacher)).float() for b in self.heldout]
+
+    def __call__(self, config: SubnetConfig) -> float:
+        recalibrate_bn(self.net, config, self.calib)
+        if self.metric is not None:
+            return float(self.metric(extract(self.net, config).module))
+        was = self.net.model.training
+        self.net.model.eval()
+        try:
+            measure = _fidelity_fn()
+            if measure is not None:
+                return float(measure(self.teacher, ConfiguredView(self.net, config), self.heldout).score)
+            with torch.no_grad(), self.net.configured(config):
+                outs = [primary_output(b.run(self.net.model)).float() for b in self.heldout]
+        finally:
+            self.net.model.train(was)
+        return output_agreement(self._teacher_out, outs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Search
+
+
+@dataclass
+class Finalist:
+    config: SubnetConfig
+    module: nn.Module
+    accuracy: float
+    predicted_latency_ms: float
+    measured_latency_ms: float
+    predicted_memory_mb: float
+    measured_memory_mb: float
+    front_index: int
+    artifact: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "accuracy": self.accuracy,
+                "predicted_latency_ms": self.predicted_latency_ms, "measured_latency_ms": self.measured_latency_ms,
+                "predicted_memory_mb": self.predicted_memory_mb, "measured_memory_mb": self.measured_memory_mb,
+                "front_index": self.front_index}
+
+
+@dataclass
+class SearchResult:
+    front: list[Candidate]
+    finalists: list[Finalist]
+    rejected: list[dict[str, Any]]
+    evaluated: int
+    seconds: float
+    latency_source: str
+
+    @property
+    def candidates_per_s(self) -> float:
+        return self.evaluated / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"front": [c.to_dict() for c in self.front], "finalists": [f.to_dict() for f in self.finalists],
+                "rejected": self.rejected, "evaluated": self.evaluated, "seconds": self.seconds,
+                "candidates_per_s": self.candidates_per_s, "latency_source": self.latency_source}
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    students: int = 3
+    latency_ms: float | None = None
+    memory_mb: float | None = None
+    population: int = 24
+    generations: int = 8
+    mutation: float = 0.2
+    seed: int = 0
+
+
+def measure_latency(module: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: dict[str, Any],
+                    profile: Any, out_dir: Path) -> tuple[float, Any]:
+    """Median latency (ms) of ``module`` on the profile's engine, and the artifact."""
+    from potstill.targets import lower
+
+    art = lower(module, example_inputs, profile, out_dir, example_kwargs=example_kwargs)
+    median = art.latency_ms.get("median")
+    if median is None or not math.isfinite(float(median)):
+        # e.g. a TensorRT bundle built where no GPU is: nothing was timed, so no budget can be checked
+        raise InputError(
+            f"elastic search for profile '{profile.name}': its engine ({art.target}) could not be timed on this "
+            f"machine ({'; '.join(art.notes[:2]) or 'no latency measured'}); search on the device itself"
+        )
+    return float(median), art
+
+
+def search(
+    net: Supernet,
+    teacher: nn.Module,
+    profile: Any,
+    example_inputs: tuple[Any, ...],
+    example_kwargs: dict[str, Any] | None,
+    heldout: Sequence[Any],
+    calib: Sequence[Any],
+    settings: SearchSettings = SearchSettings(),
+    *,
+    metric: Callable[[nn.Module], float] | None = None,
+    work_dir: Path | None = None,
+) -> SearchResult:
+    """NSGA-II over ``net.space`` for ``profile``; returns the front and measured finalists.
+
+    Engines built to time the anchors and finalists go to ``work_dir`` (kept), else to a temporary
+    folder removed at the end (the finalists then carry no artifact; the lowering pass builds theirs).
+    """
+    temporary = work_dir is None
+    with contextlib.ExitStack() as stack:
+        if work_dir is None:
+            work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="potstill-elastic-")))
+        result = _search(net, teacher, profile, example_inputs, example_kwargs, heldout, calib, settings, metric,
+                         Path(work_dir))
+    if temporary:
+        for f in result.finalists:
+            f.artifact = None  # its files are gone
+    return result
+
+
+def _search(net: Supernet, teacher: nn.Module, profile: Any, example_inputs: tuple[Any, ...],
+            example_kwargs: dict[str, Any] | None, heldout: Sequence[Any], calib: Sequence[Any],
+            settings: SearchSettings, metric: Callable[[nn.Module], float] | None, work_dir: Path) -> SearchResult:
+    kwargs = dict(example_kwargs or {})
+    example_batch = Batch(tuple(example_inputs), kwargs).size
+    latency_budget = settings.latency_ms if settings.latency_ms is not None else profile.latency_budget_ms
+    memory_budget = settings.memory_mb if settings.memory_mb is not None else profile.memory_budget_mb
+    scorer = Scorer(net, teacher, [as_batch(b) for b in heldout], [as_batch(b) for b in calib], metric)
+    costs = CostModel.build(net, profile, example_batch)
+    tmp = work_dir
+    tmp.mkdir(parents=True, exist_ok=True)
+    artifacts: dict[SubnetConfig, Any] = {}
+
+    def timed(config: SubnetConfig, tag: str) -> float:
+        recalibrate_bn(net, config, scorer.calib)
+        module = extract(net, config).module
+        ms, art = measure_latency(module, tuple(example_inputs), kwargs, profile, tmp / tag)
+        artifacts[config] = art
+        return ms
+
+    space = net.space
+    smallest_mb = costs.memory_mb(space.smallest())
+    if memory_budget is not None and smallest_mb > memory_budget:
+        # known before timing anything: the weights and activations only shrink with the subnet
+        raise InputError(f"memory budget {memory_budget} MB on {profile.name}: even the smallest subnet needs "
+                         f"{smallest_mb:.3f} MB (weights + peak activations at batch {costs.batch}, "
+                         f"{profile.precision}); relax --memory-mb or widen the space")
+    anchors = [(space.largest(), timed(space.largest(), "anchor-largest")),
+               (space.smallest(), timed(space.smallest(), "anchor-smallest"))]
+    costs.calibrate(anchors)
+
+    cache: dict[tuple[int, ...], Candidate] = {}
+    t0 = time.perf_counter()
+
+    def evaluate(genome: Sequence[int]) -> Candidate:
+        key = space.canonical(genome)
+        if key not in cache:
+            cfg = space.config(key)
+            lat, mem = costs.latency_ms(cfg), costs.memory_mb(cfg)
+            violation = 0.0
+            if latency_budget is not None:
+                violation += max(0.0, lat - latency_budget) / latency_budget
+            if memory_budget is not None:
+                violation += max(0.0, mem - memory_budget) / memory_budget
+            cache[key] = Candidate(key, cfg, scorer(cfg), lat, mem, violation)
+        return cache[key]
+
+    rng = random.Random(settings.seed)
+    dims = space.dims()
+    seeds = [space.genome(space.largest()), space.genome(space.smallest())]
+    pop = [evaluate(g) for g in seeds]
+    while len(pop) < min(settings.population, space.size()):
+        pop.append(evaluate([rng.randrange(len(d.choices)) for d in dims]))
+        if len(cache) >= space.size():
+            break
+    pop = _select(list({id(c): c for c in pop}.values()), settings.population)
+    for _ in range(settings.generations):
+        children = []
+        for _ in range(settings.population):
+            a, b = _tournament(pop, rng), _tournament(pop, rng)
+            child = [x if rng.random() < 0.5 else y for x, y in zip(a.genome, b.genome)]
+            child = [rng.randrange(len(d.choices)) if rng.random() < settings.mutation else g
+                     for g, d in zip(child, dims)]
+            children.append(evaluate(child))
+        union = list({c.genome: c for c in pop + children}.values())
+        pop = _select(union, settings.population)
+    seconds = time.perf_counter() - t0
+    everything = list(cache.values())
+    front = sorted(non_dominated_sort(everything)[0], key=lambda c: (c.latency_ms, -c.accuracy))
+    feasible = [c for c in front if c.violation == 0.0]
+    if not feasible:
+        raise InputError(
+            f"no subnet fits the budgets (latency ≤ {latency_budget} ms, memory ≤ {memory_budget} MB); the "
+            f"smallest predicted is {min(c.latency_ms for c in everything):.3f} ms / "
+            f"{min(c.memory_mb for c in everything):.2f} MB — relax a budget or widen the space"
+        )
+    finalists, rejected = _finalists(net, costs, feasible, front, settings.students, latency_budget, memory_budget,
+                                     timed, example_inputs, kwargs, profile, example_batch, artifacts, scorer)
+    return SearchResult(front, finalists, rejected, len(cache), seconds, costs.source)
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """``k`` indices spread evenly over ``range(n)`` (ends included)."""
+    if k >= n:
+        return list(range(n))
+    if k == 1:
+        return [n - 1]
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def _finalists(net: Supernet, costs: CostModel, feasible: list[Candidate], front: list[Candidate], n: int,
+               latency_budget: float | None, memory_budget: float | None, timed: Callable[[SubnetConfig, str], float],
+               example_inputs: tuple[Any, ...], kwargs: dict[str, Any], profile: Any, example_batch: int,
+               artifacts: dict[SubnetConfig, Any], scorer: Scorer) -> tuple[list[Finalist], list[dict[str, Any]]]:
+    order = _spread(len(feasible), n)
+    order += [i for i in reversed(range(len(feasible))) if i not in order]  # fall-backs, most accurate first
+    finalists: list[Finalist] = []
+    rejected: list[dict[str, Any]] = []
+    for i in order:
+        if len(finalists) >= n:
+            break
+        c = feasible[i]
+        measured = timed(c.config, f"finalist-{len(finalists) + len(rejected)}")
+        module = extract(net, c.config).module  # BN statistics recalibrated for c by timed()
+        mem = measured_memory_mb(module, tuple(example_inputs), kwargs, profile.precision, costs.batch, example_batch)
+        over = []
+        if latency_budget is not None and measured > latency_budget:
+            over.append(f"latency {measured:.3f} ms > {latency_budget} ms")
+        if memory_budget is not None and mem > memory_budget:
+            over.append(f"memory {mem:.3f} MB > {memory_budget} MB")
+        if over:
+            rejected.append({**c.to_dict(), "measured_latency_ms": measured, "measured_memory_mb": mem,
+                             "why": "; ".join(over)})
+            continue
+        finalists.append(Finalist(c.config, module, c.accuracy, c.latency_ms, measured, c.memory_mb, mem,
+                                  front.index(c), artifacts.get(c.config)))
+    return finalists, rejected

@@ -1,0 +1,111 @@
+"""Nesting keeps the full network's output; every configuration run in the supernet equals the
+subnet extracted from it; extraction is fast and leaves the supernet untouched."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from potstill.data import primary_output
+from potstill.ir import analyze
+from potstill.passes.elastic import extract, make_supernet, permute_group
+from potstill.passes.elastic.space import SubnetConfig
+
+from .conftest import tiny_bert, tiny_llama
+
+X = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def _out(model, args, kwargs):
+    with torch.no_grad():
+        return primary_output(model(*args, **kwargs)).clone()
+
+
+def _check_supernet(model, args, kwargs, batches=None, n_random=3):
+    reference = _out(model, args, kwargs)
+    analysis = analyze(model, args, kwargs)
+    gen = np.random.default_rng(0)
+    # random scores: the permutation is far from the identity, so a member left out would show
+    scores = {g.id: gen.random(g.n_units) for g in analysis.prunable()}
+    net = make_supernet(model, args, kwargs, scores=scores, batches=batches, analysis=analysis)
+    assert net.space.width_dims, "nothing elastic"
+    permuted = [g for g, order in net.record.orders.items() if order != sorted(order)]
+    assert permuted
+    torch.testing.assert_close(_out(model, args, kwargs), reference, atol=1e-5, rtol=1e-5)
+    # the most important unit of every group is now unit 0
+    for d in net.space.width_dims:
+        assert net.record.orders[d.group][0] == int(np.argmax(scores[d.group]))
+    rng = random.Random(0)
+    configs = [net.space.smallest(), *(net.space.sample(rng) for _ in range(n_random))]
+    for cfg in configs:
+        with net.configured(cfg):
+            inside = _out(model, args, kwargs)
+        ex = extract(net, cfg)
+        torch.testing.assert_close(_out(ex.module, args, kwargs), inside, atol=1e-5, rtol=1e-5)
+        assert sum(p.numel() for p in ex.module.parameters()) <= sum(p.numel() for p in model.parameters())
+        assert ex.seconds < 5.0  # generous on a loaded CI machine; the benchmark reports the real time
+    small = extract(net, net.space.smallest()).module
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    # hooks are gone outside `configured`: the supernet is the full network again
+    torch.testing.assert_close(_out(model, args, kwargs), reference, atol=1e-5, rtol=1e-5)
+    return net
+
+
+def test_cnn_nesting_keeps_output_and_extraction_matches_the_supernet(cnn) -> None:
+    net = _check_supernet(cnn, (X,), {}, batches=[X])
+    kinds = {d.kind for d in net.space.dims()}
+    assert kinds == {"width", "expansion", "depth"}
+    (depth,) = net.space.depth_dims
+    assert depth.container == "stage" and len(depth.order) == 3
+    # the smallest subnet keeps one block and the narrowest stage width
+    small = extract(net, net.space.smallest()).module
+    assert len(small.stage) == 1
+    assert small.head.in_features == min(net.space.width_dims[0].choices)
+
+
+def test_bert_nesting_keeps_output_and_extraction_matches_the_supernet() -> None:
+    model, kw = tiny_bert()
+    net = _check_supernet(model, (), kw, batches=[kw])
+    kinds = {net.analysis.groups[d.group].kind for d in net.space.width_dims}
+    assert {"heads", "neurons", "hidden"} <= kinds
+    small = extract(net, net.space.smallest()).module
+    assert small.config.num_hidden_layers == 1
+
+
+def test_llama_gqa_nesting_keeps_output_and_extraction_matches_the_supernet() -> None:
+    model, kw = tiny_llama()
+    net = _check_supernet(model, (), kw, batches=[kw])
+    kinds = {net.analysis.groups[d.group].kind for d in net.space.width_dims}
+    assert {"kv_heads", "neurons", "hidden"} <= kinds
+    small = extract(net, net.space.smallest()).module
+    attn = small.model.layers[0].self_attn
+    assert attn.q_proj.out_features == 2 * attn.k_proj.out_features  # GQA ratio kept: whole KV groups
+
+
+def test_permuting_a_group_back_restores_the_weights(cnn) -> None:
+    a = analyze(cnn, (X,))
+    before = {k: v.clone() for k, v in cnn.state_dict().items()}
+    g = a.prunable()[0]
+    order = list(reversed(range(g.n_units)))
+    permute_group(cnn, g, order)
+    changed = [k for k, v in cnn.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed
+    permute_group(cnn, g, order)  # a reversal is its own inverse
+    for k, v in cnn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="permutation"):
+        permute_group(cnn, g, [0] * g.n_units)
+
+
+def test_configuration_outside_the_space_is_an_error(cnn) -> None:
+    from potstill.errors import InputError
+
+    net = make_supernet(cnn, (X,))
+    d = net.space.width_dims[0]
+    bad = SubnetConfig(((d.group, d.choices[0] + 1),))
+    with pytest.raises(InputError, match="not a choice"):
+        extract(net, bad)
+    with pytest.raises(InputError, match="not a choice"), net.configured(bad):
+        pass

@@ -1,0 +1,87 @@
+"""The elastic passes end to end on a tiny CNN: nest → train → search emits measured students
+within the budgets; options are strict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from potstill.errors import InputError
+from potstill.pipeline import PassManager, build_pipeline
+from potstill.profiles import load_profile
+from potstill.state import CompileState
+
+from .conftest import TinyCNN, randomize_bn
+
+G = torch.Generator().manual_seed(0)
+X = torch.rand(96, 1, 8, 8, generator=G)
+Y = torch.randint(0, 10, (96,), generator=G)
+
+
+def _state() -> CompileState:
+    torch.manual_seed(0)
+    teacher = randomize_bn(TinyCNN())
+    return CompileState(
+        teacher, (X[:1],), profile=load_profile("cpu"),
+        calib_data=lambda: [X[i:i + 32] for i in range(0, 96, 32)],
+        train_data=lambda: [(X[i:i + 16], Y[i:i + 16]) for i in range(0, 96, 16)],
+        eval_data=lambda: [(X[:48], Y[:48])],
+    )
+
+
+@pytest.mark.parametrize(("spec", "match"), [
+    ("elastic.nest{width_ratios=[0.5,1.5]}", "ratio"),
+    ("elastic.nest{min_depth=0}", "min_depth"),
+    ("elastic.nest{widths=[0.5]}", "unknown option"),
+    ("elastic.train{eps=0.1}", "robust losses"),
+    ("elastic.train{loss=mse}", "loss must be one of"),
+    ("elastic.train{epochs=0}", "epochs"),
+    ("elastic.search{students=0}", "students"),
+    ("elastic.search{latency_ms=-1}", "latency_ms"),
+    ("elastic.search{mutation=2}", "mutation"),
+])
+def test_options_are_strict(spec: str, match: str) -> None:
+    with pytest.raises(InputError, match=match):
+        build_pipeline(spec)
+
+
+def test_train_and_search_need_a_supernet() -> None:
+    from potstill.errors import PassError, PreconditionError
+
+    with pytest.raises((PreconditionError, PassError), match="elastic"):
+        PassManager(build_pipeline("elastic.search")).run(_state())
+
+
+@pytest.mark.slow
+def test_nest_train_search_emits_students_within_measured_budgets(tmp_path) -> None:
+    state = _state()
+    with torch.no_grad():
+        before = state.teacher(X[:8])
+    PassManager(build_pipeline("elastic.nest,elastic.train{max_steps=6,random_subnets=1}")).run(state)
+    record = state.records["elastic"]
+    assert record["space"]["size"] > 1 and record["training"]["steps"] == 6
+    # the teacher itself is untouched: nesting and training act on the working copy
+    with torch.no_grad():
+        torch.testing.assert_close(state.teacher(X[:8]), before)
+    # a latency budget between the smallest and largest subnet's predicted latency
+    from potstill.passes.elastic.pass_ import supernet_of
+    from potstill.passes.elastic.search import SearchSettings, search
+
+    net = supernet_of(state)
+    probe = search(net, state.teacher, state.profile, state.example_inputs, {}, [X[:48]], [X[:32]],
+                   SearchSettings(students=1, population=6, generations=1), work_dir=tmp_path / "probe")
+    lat = sorted(c.latency_ms for c in probe.front)
+    budget = lat[len(lat) // 2] * 1.05
+    spec = f"elastic.search{{students=2,latency_ms={budget:.6f},population=8,generations=2}}"
+    PassManager(build_pipeline(spec)).run(state)
+    students = state.students
+    assert 1 <= len(students) <= 2
+    search_record = state.records["elastic"]["searches"]["cpu"]
+    assert search_record["front"] and search_record["evaluated"] > 0
+    for s in students:
+        e = s.metrics["elastic"]
+        assert e["measured_latency_ms"] <= budget  # by measurement, not prediction
+        assert 0 <= e["front_index"] < len(search_record["front"])
+        with torch.no_grad():
+            assert s.module(X[:4]).shape == (4, 10)
+    for r in search_record["rejected"]:
+        assert "latency" in r["why"] or "memory" in r["why"]
