@@ -205,7 +205,7 @@ def test_recipe_train_feeds_the_distill_pass_or_is_an_error(fakes: None, tmp_pat
     pl._REGISTRY["distill"] = DistillPass  # the real options: train: is checked against them
     opts = _recipe_opts(tmp_path, "train: {lr: 0.01}\n")
     assert specs(plan_students(opts, "onnxruntime", distill_epochs=2))["w50"].startswith(
-        "importance.magnitude,prune.width{ratio=0.5},distill{epochs=2,lr=0.01}")
+        "prune.width{ratio=0.5},distill{epochs=2,lr=0.01}")
     with pytest.raises(InputError, match="train: no distillation pass"):
         plan_students(opts, "onnxruntime")  # no training data: nothing would read train:
     with pytest.raises(InputError, match="unknown option"):
