@@ -155,6 +155,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "importance.blocks": "potstill.passes.importance.blocks",
     "prune.width": "potstill.passes.prune.width",
     "prune.depth": "potstill.passes.prune.depth",
+    "bn.recalibrate": "potstill.passes.prune.bn_recalibrate",
     "distill": "potstill.passes.distill.pass_",
     "quantize.int8": "potstill.targets.int8",
     "lower.onnx": "potstill.targets.lower",
