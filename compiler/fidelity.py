@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,9 @@ from torch import nn
 
 from .data import Batch, as_batch, iter_batches, primary_output
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .state import CompileState, Student
 
 TASKS = ("classification", "embedding", "causal_lm", "output")
 
@@ -453,3 +456,21 @@ def measure_fidelity(
         return Fidelity(task, math.nan, {"nonfinite": float(acc.nonfinite)}, acc.n)
     measures = acc.result()
     return Fidelity(task, _score(task, measures), measures, acc.n)
+
+
+def student_fidelity(state: CompileState, student: Student, key: str = "fidelity") -> Fidelity | None:
+    """Measure ``student`` against ``state.teacher`` on the held-out split; store it in ``student.metrics[key]``.
+
+    Returns None (and stores nothing) when the state has no held-out data. The task is inferred
+    once per state from the teacher's output on the example inputs (``infer_task``).
+    """
+    heldout = getattr(state, "heldout_data", None)
+    if heldout is None:
+        return None
+    task = state.records.get("_fidelity_task")
+    if task is None:
+        task = infer_task(state.teacher, state.hf, state.run_model(state.teacher))
+        state.records["_fidelity_task"] = task
+    fid = measure_fidelity(state.teacher, student.module, heldout, task)
+    student.metrics[key] = fid.to_dict()
+    return fid

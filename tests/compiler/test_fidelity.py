@@ -9,7 +9,14 @@ import pytest
 import torch
 from potstill.data import Batch
 from potstill.errors import InputError
-from potstill.fidelity import Fidelity, infer_task, measure_fidelity, split_heldout, split_source
+from potstill.fidelity import (
+    Fidelity,
+    infer_task,
+    measure_fidelity,
+    split_heldout,
+    split_source,
+    student_fidelity,
+)
 from torch import nn
 
 
@@ -202,3 +209,18 @@ def test_split_source_reads_once_and_refuses_too_little_data():
 def test_fidelity_floor():
     assert Fidelity("classification", 0.9, {}, 10).ok(0.8)
     assert not Fidelity("classification", 0.7, {}, 10).ok(0.8)
+
+
+def test_student_fidelity_measures_on_the_heldout_split_and_records_it():
+    from potstill.state import CompileState, Student
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    state = CompileState(teacher=teacher, example_inputs=(torch.randn(1, 4),))
+    student = Student("s", copy.deepcopy(teacher))
+    assert student_fidelity(state, student) is None and "fidelity" not in student.metrics
+    held = [torch.randn(8, 4) for _ in range(2)]
+    state.heldout_data = lambda: iter(held)  # type: ignore[attr-defined]
+    fid = student_fidelity(state, student, "fidelity_before_distill")
+    assert fid is not None and fid.task == "classification" and fid.n == 16 and fid.score == 1.0
+    assert student.metrics["fidelity_before_distill"] == fid.to_dict()
