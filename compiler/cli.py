@@ -2,8 +2,9 @@
 
 Everything heavy (torch, transformers, NNCF, TensorRT) is imported inside the command that needs
 it, so ``potstill --help`` starts fast and never imports an optional dependency. A
-``PotstillError`` prints its message in red without a traceback and exits with status 2; any other
-exception is a bug and propagates with its traceback.
+``PotstillError`` prints its message in red without a traceback and exits with status 2 (``--json``
+also prints ``{"error": ...}`` on stdout); Ctrl-C prints one line and exits 130; any other exception
+is a bug and propagates with its traceback.
 """
 
 from __future__ import annotations
@@ -17,9 +18,27 @@ from . import __version__
 from .errors import PotstillError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 TEACHER_HELP = "path/to/file.py:FACTORY (FACTORY() returns an nn.Module) or hf:PATH (a Hugging Face model directory)"
 SHAPE_HELP = "shape of one float input, e.g. 1x3x224x224; once per input (when the file has no example_inputs())"
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; give 0 to {2**32 - 1}")
+    return value
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (notes go to stderr)")
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true", help="print only the result and errors")
+    loud.add_argument("-v", "--verbose", action="store_true", help="also print per-pass timing tables and engine notes")
 
 
 def _console(stderr: bool = False) -> Any:
@@ -47,22 +66,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pass pipeline, e.g. 'importance.taylor,prune.width{ratio=0.5},distill{epochs=3}'; "
                         "'$ratio' there makes one student per --ratio")  # fmt: skip
     c.add_argument("--recipe", metavar="recipe.yaml", help="YAML with teacher, profile, data, pipeline/stages; flags override it")
-    c.add_argument("--data", metavar="FILE.py:FN", help="training data for distillation (FN() yields batches)")
-    c.add_argument("--calib", metavar="FILE.py:FN", help="calibration data (FN() yields batches); for text models also a .txt file")
+    c.add_argument("--data", metavar="FILE.py:FN",
+                   help="training data for distillation: FN() yields batches; or a .txt corpus (text models) or a folder of images")  # fmt: skip
+    c.add_argument("--calib", metavar="FILE.py:FN",
+                   help="calibration data: FN() yields batches; or a .txt corpus (text models) or a folder of "
+                        "images (image models); a quarter is held out to measure fidelity")  # fmt: skip
+    c.add_argument("--min-fidelity", type=float, default=None, metavar="F",
+                   help="fidelity floor (0..1; default: the profile's min_fidelity, else 0.8): students whose "
+                        "score against the teacher is lower are flagged (still written)")  # fmt: skip
     depth = c.add_mutually_exclusive_group()
     depth.add_argument("--drop-layers", type=int, metavar="N", help="also remove N blocks (depth pruning)")
     depth.add_argument("--keep-layers", type=int, metavar="N", help="also prune depth down to N blocks")
     c.add_argument("--importance", metavar="NAME", help="importance estimator: magnitude (default), taylor, fisher, activation")
     c.add_argument("--target", metavar="T", help="override the profile's target: onnxruntime, onnx, tensorrt, aoti")
-    c.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    c.add_argument("--seed", type=_seed, default=None, help="random seed, 0 to 2**32-1 (default 0)")
     c.add_argument("--debug", action="store_true", help="verify the IR after every pass, dump IR before/after under OUT/debug/, show tracebacks")
     c.add_argument("--no-distill", action="store_true",
                    help="do not distil default-pipeline students even when training data is given")
-    c.add_argument("--distill-epochs", type=int, default=3, metavar="N",
-                   help="epochs of distillation in the default pipeline when training data is given (default 3)")
+    c.add_argument("--distill-epochs", type=int, default=None, metavar="N",
+                   help="epochs of distillation in the default pipeline when training data is given (default 3; >= 1)")
     c.add_argument("--no-cache", action="store_true",
                    help="rebuild every student (by default students of an earlier run into OUT with unchanged inputs are reused)")  # fmt: skip
+    c.add_argument("--plugin", action="append", default=[], metavar="MODULE|FILE.py",
+                   help="import a module or file that registers passes before planning (repeatable)")
+    c.add_argument("--force", action="store_true", help="replace OUT even if potstill did not write it")
+    c.add_argument("--resume", action="store_true",
+                   help="resume distillation from OUT's work area (automatic when the inputs match)")
     c.add_argument("-o", "--output", metavar="OUT", help="output folder (written atomically)")
+    _add_output_flags(c)
     c.set_defaults(func=cmd_compile)
 
     i = sub.add_parser("inspect", help="print a teacher's graph IR, coupled channel groups, blocks and cost")
@@ -80,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("profiles", help="list the built-in device profiles")
     ps.set_defaults(func=cmd_profiles)
 
-    pa = sub.add_parser("passes", help="list the passes a pipeline can name")
+    pa = sub.add_parser("passes", help="list the passes a pipeline can name, or show one pass's options")
+    pa.add_argument("name", nargs="?", metavar="NAME", help="a pass: show its options (types, defaults, docs)")
+    pa.add_argument("--plugin", action="append", default=[], metavar="MODULE|FILE.py", help="import a plugin first")
+    pa.add_argument("--json", action="store_true", help="machine-readable output")
     pa.set_defaults(func=cmd_passes)
     return parser
 
@@ -94,19 +128,35 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from .report import results_table
 
     out, err = _console(), _console(stderr=True)
+
+    def note(msg: str) -> None:
+        if args.quiet and not msg.startswith("warning"):
+            return
+        err.print(msg, style="yellow" if msg.startswith("warning") else "dim", markup=False, soft_wrap=True)
+
     opts = CompileOptions(
         teacher=args.teacher, out=args.output, profile=args.profile, ratios=tuple(args.ratio or ()),
         input_shapes=tuple(args.input_shape), pipeline=args.pipeline, recipe=args.recipe, data=args.data,
         calib=args.calib, drop_layers=args.drop_layers, keep_layers=args.keep_layers,
         importance=args.importance, target=args.target, seed=args.seed, debug=args.debug, cache=not args.no_cache,
-        distill_epochs=0 if args.no_distill else args.distill_epochs,
+        distill=not args.no_distill, distill_epochs=args.distill_epochs, plugins=tuple(args.plugin),
+        force=args.force, resume=True if args.resume else None, min_fidelity=args.min_fidelity,
     )  # fmt: skip
-    result = compile_teacher(opts, note=lambda msg: err.print(msg, style="dim", markup=False, soft_wrap=True))
-    for timing in result.timings:
-        if timing.times:
-            err.print(timing.table())
+    result = compile_teacher(opts, note=note)
+    if not result.manifest:  # a torchrun rank other than 0: rank 0 reports
+        return 0
+    if args.json:
+        import json
+
+        print(json.dumps(result.manifest, indent=1))
+        return 0
+    if args.verbose:
+        for timing in result.timings:
+            if timing.times:
+                err.print(timing.table())
     out.print(results_table(result.manifest))
-    out.print(f"wrote {result.out}/ (manifest.json, report.md, pareto.png, students/)", markup=False, soft_wrap=True)
+    if not args.quiet:
+        out.print(f"wrote {result.out}/ (manifest.json, report.md, pareto.png, students/)", markup=False, soft_wrap=True)
     return 0
 
 
@@ -171,15 +221,88 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
-    from .pipeline import available_passes
+    from .pipeline import available_passes, get_pass
+    from .plugins import load_plugins
 
-    for name in available_passes():
-        print(name)
+    load_plugins(args.plugin, note=lambda m: None)
+    if args.name is None:
+        names = available_passes()
+        if args.json:
+            import json
+
+            print(json.dumps(names))
+        else:
+            for name in names:
+                print(name)
+        return 0
+    info = pass_info(get_pass(args.name))
+    if args.json:
+        import json
+
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"{info['name']}: {info['doc']}")
+    if info["requires"]:
+        print(f"  requires: {', '.join(info['requires'])}")
+    if info["ensures"]:
+        print(f"  ensures: {', '.join(info['ensures'])}")
+    if not info["options"]:
+        print("  (no options)")
+    for o in info["options"]:
+        doc = f"  {o['doc']}" if o["doc"] else ""
+        print(f"  {o['name']}: {o['type']} = {o['default']}{doc}")
     return 0
 
 
+def pass_info(cls: Any) -> dict[str, Any]:
+    """Name, doc, requires/ensures and each option's type, default and doc (from ``#:`` comments)."""
+    import dataclasses
+    import inspect
+
+    from .pipeline import _type_name, describe, option_types, predicates
+
+    comments: dict[str, str] = {}
+    try:
+        lines = inspect.getsource(cls.Options).splitlines()
+    except (OSError, TypeError):
+        lines = []
+    pending: list[str] = []
+    for line in lines:
+        text = line.strip()
+        if text.startswith("#:"):
+            pending.append(text[2:].strip())
+            continue
+        name = text.split(":", 1)[0].strip()
+        trailing = text.split("#", 1)[1].strip() if "#" in text and ":" in text else ""
+        if name.isidentifier():
+            doc = " ".join(pending) or trailing
+            if doc:
+                comments[name] = doc
+        pending = []
+    hints = option_types(cls.Options)
+    options = []
+    for f in dataclasses.fields(cls.Options):
+        default: Any = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        options.append({"name": f.name, "type": _type_name(hints.get(f.name, Any)), "default": repr(default),
+                        "doc": comments.get(f.name, "")})  # fmt: skip
+    doc = (inspect.getdoc(cls) or "").strip()
+    return {
+        "name": cls.name,
+        "doc": doc.splitlines()[0] if doc else "",
+        "requires": [describe(p) for p in predicates(cls.requires)],
+        "ensures": [describe(p) for p in predicates(cls.ensures)],
+        "options": options,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit status."""
+    """Entry point of the console script; returns the exit status.
+
+    A ``PotstillError`` is one red line and exit 2 (the traceback only with ``--debug``); Ctrl-C
+    is one line and exit 130, after the output folder's context has removed its temporary folder.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -188,8 +311,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         err = _console(stderr=True)
         if getattr(args, "debug", False):
             err.print_exception()
+        if getattr(args, "json", False):
+            import json
+
+            print(json.dumps({"error": str(e), "type": type(e).__name__}))
         err.print(f"error: {e}", style="bold red", markup=False, soft_wrap=True)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        _console(stderr=True).print("interrupted: nothing was written to OUT (its previous contents are kept)",
+                                    style="bold red", markup=False)  # fmt: skip
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

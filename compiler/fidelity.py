@@ -38,6 +38,7 @@ from torch import nn
 
 from .data import Batch, as_batch, iter_batches, primary_output
 from .errors import InputError
+from .pipeline import Pass, PassResult, register_pass
 
 if TYPE_CHECKING:
     from .state import CompileState, Student
@@ -458,13 +459,19 @@ def measure_fidelity(
     return Fidelity(task, _score(task, measures), measures, acc.n)
 
 
+def fidelity_floor(profile: Any) -> float:
+    """The floor a student's score must reach: the profile's ``min_fidelity``, else the default."""
+    value = getattr(profile, "min_fidelity", None)
+    return DEFAULT_MIN_FIDELITY if value is None else float(value)
+
+
 def student_fidelity(state: CompileState, student: Student, key: str = "fidelity") -> Fidelity | None:
     """Measure ``student`` against ``state.teacher`` on the held-out split; store it in ``student.metrics[key]``.
 
     Returns None (and stores nothing) when the state has no held-out data. The task is inferred
     once per state from the teacher's output on the example inputs (``infer_task``).
     """
-    heldout = getattr(state, "heldout_data", None)
+    heldout = state.heldout_data
     if heldout is None:
         return None
     task = state.records.get("_fidelity_task")
@@ -474,3 +481,32 @@ def student_fidelity(state: CompileState, student: Student, key: str = "fidelity
     fid = measure_fidelity(state.teacher, student.module, heldout, task)
     student.metrics[key] = fid.to_dict()
     return fid
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass (``record`` measures the final students; this one measures a stage before that)
+
+
+@dataclass(frozen=True)
+class FidelityOptions:
+    #: the stage measured (e.g. before_distill): the result goes to ``student.metrics["fidelity_<stage>"]``
+    stage: str
+
+    def __post_init__(self) -> None:
+        if not self.stage.isidentifier():
+            raise ValueError(f"stage={self.stage!r}: expected a name such as before_distill")
+
+
+@register_pass
+class FidelityPass(Pass):
+    """Measure every student of the state against the teacher on the held-out split, now."""
+
+    name = "fidelity"
+    Options = FidelityOptions
+
+    def run(self, state: CompileState) -> PassResult:
+        if state.heldout_data is None:
+            raise InputError("pass 'fidelity': there are no held-out batches to measure on; give --calib")
+        for student in state.students or [state.working()]:
+            student_fidelity(state, student, f"fidelity_{self.options.stage}")
+        return PassResult(state, False)

@@ -178,13 +178,97 @@ def parity_dict(value: Any) -> dict[str, Any] | None:
     }
 
 
-def find_artifact(artifacts: Mapping[str, Any]) -> Any:
-    """The engine artifact a ``lower.*`` pass left on a student (the last one with a parity record)."""
-    found = None
-    for value in artifacts.values():
-        if field_of(value, "parity") is not None or field_of(value, "files") is not None:
-            found = value
-    return found
+def host_info() -> dict[str, Any]:
+    """The machine latency was measured on: CPU model, cores, the threads torch uses, OS."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {"cpu": model, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Entries and the manifest, from what the passes recorded
+
+
+def student_entry(state: Any, student: Any, plan: Any, out: Path) -> dict[str, Any]:
+    """The manifest record of one student, read from what its passes recorded (``record`` last)."""
+    record = student.artifacts.get("record")
+    if record is None:
+        raise RuntimeError(f"student '{student.name}' has no record: its plan did not end with the record pass")
+    analysis = state.analysis(student)
+    teacher_cost = cost(state.teacher_analysis())
+    entry = {
+        "name": student.name,
+        "dir": f"students/{student.name}",
+        **cost(analysis),
+        "latency_ms": record["latency_ms"],
+        "parity": parity_dict(student.metrics.get("parity")),
+        "target": record["target"],
+        "precision": record["precision"],
+        "metric": student.metrics.get("metric"),
+        "fidelity": student.metrics.get("fidelity"),
+        "budgets": student.metrics.get("budgets", {}),
+        "memory_bytes": record["memory_bytes"],
+        "architecture": architecture(analysis),
+        "pipeline": [p.spec() for p in plan.passes],
+        "history": list(student.history),
+        "files": record["files"],
+        "dynamic_batch": record["dynamic_batch"],
+        "metrics": to_jsonable({k: v for k, v in student.metrics.items()
+                                if k not in ("metric", "fidelity", "budgets")}),
+        "notes": list(record["notes"]),
+    }  # fmt: skip
+    robust = (student.metrics.get("distill") or {}).get("robust")
+    if robust is not None:
+        entry["robust"] = to_jsonable(robust)
+    entry["macs_reduction"] = teacher_cost["macs"] / entry["macs"] if entry["macs"] else None
+    return entry
+
+
+def build_manifest(
+    teacher: Mapping[str, Any],
+    students: list[dict[str, Any]],
+    inputs: Mapping[str, Any],
+    profile: Any,
+    target: str,
+    timings: Mapping[str, Any],
+    *,
+    prepare_s: float = 0.0,
+    total_s: float = 0.0,
+) -> dict[str, Any]:
+    """The manifest: teacher, students (speed-ups against the teacher's engine), inputs, timings, host."""
+    t_lat = (teacher.get("latency_ms") or {}).get("median")
+    for entry in students:
+        s_lat = (entry.get("latency_ms") or {}).get("median")
+        entry["speedup"] = t_lat / s_lat if t_lat and s_lat and s_lat > 0 else None
+        if teacher.get("macs") and entry.get("macs"):
+            entry["macs_reduction"] = teacher["macs"] / entry["macs"]
+    from . import __version__
+
+    return to_jsonable({
+        "manifest_version": MANIFEST_VERSION,
+        "potstill": __version__,
+        "created": now_iso(),
+        "teacher": dict(teacher),
+        "students": students,
+        "inputs": dict(inputs),
+        "profile": profile,
+        "target": target,
+        "host": host_info(),
+        "timings": {
+            "prepare_s": round(prepare_s, 3), "total_s": round(total_s, 3),
+            "passes": {name: [[n, round(sec, 3), c] for n, sec, c in t.times] for name, t in timings.items()},
+        },
+        "versions": versions(),
+    })  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Pass infrastructure: passes with frozen options, a lazy registry, pipeline strings, a manager.
 
-A pass is a small object with a ``name``, an ``Options`` frozen dataclass, the facts it
-``requires`` and ``ensures``, and one method ``run(state) -> PassResult``. Passes register with
-``@register_pass``; built-in passes are listed in ``BUILTIN_PASSES`` by module path and imported
-only when a pipeline names them, so ``potstill --help`` never imports NNCF or TensorRT.
+A pass is a small object with a ``name``, an ``Options`` frozen dataclass, the predicates on the
+state it ``requires`` and ``ensures`` (as in onnx-ir's ``PassBase``), and one method
+``run(state) -> PassResult``. Passes register with ``@register_pass``; built-in passes are listed
+in ``BUILTIN_PASSES`` by module path and imported only when a pipeline names them, so
+``potstill --help`` never imports NNCF or TensorRT. A name is registered once: a plugin cannot
+silently replace a built-in.
 
 A plain function becomes a pass with ``@function_pass``::
 
@@ -13,13 +15,18 @@ A plain function becomes a pass with ``@function_pass``::
         return True   # changed
 
 Pipeline strings name passes with options: ``importance.magnitude,prune.width{ratio=0.5}``.
+Option values are typed by the options dataclass's annotations (``typing.get_type_hints``).
+The ``PassManager`` appends each pass it ran to every student's history.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import time
+import types
+import typing
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -45,13 +52,65 @@ class PassResult:
     changed: bool
 
 
+# ---------------------------------------------------------------------------------------------
+# Predicates on the state (requires / ensures)
+
+
+@dataclass(frozen=True)
+class Fact:
+    """The predicate "``name`` is among ``state.facts``"; a plain string in ``requires`` means this."""
+
+    name: str
+
+    def __call__(self, state: CompileState) -> bool:
+        return self.name in state.facts
+
+    def __str__(self) -> str:
+        return self.name
+
+
+Predicate = Callable[["CompileState"], bool]
+
+
+def predicates(items: Iterable[str | Predicate]) -> tuple[Predicate, ...]:
+    """Normalise ``requires``/``ensures``: fact names become :class:`Fact`, callables stay."""
+    out: list[Predicate] = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(Fact(item))
+        elif callable(item):
+            out.append(item)
+        else:
+            raise TypeError(f"requires/ensures items are fact names or callables on the state, got {item!r}")
+    return tuple(out)
+
+
+def describe(pred: Predicate) -> str:
+    """A readable name of a predicate for error messages."""
+    if isinstance(pred, Fact):
+        return pred.name
+    doc = (getattr(pred, "__doc__", None) or "").strip().splitlines()
+    return getattr(pred, "__name__", None) or (doc[0] if doc else repr(pred))
+
+
+def needs_fact(pass_cls: type[Pass], name: str) -> bool:
+    """Whether ``pass_cls`` requires the fact ``name``."""
+    return Fact(name) in predicates(pass_cls.requires)
+
+
 class Pass:
-    """Base class of every pass. Subclasses set ``name`` and ``Options`` and implement ``run``."""
+    """Base class of every pass. Subclasses set ``name`` and ``Options`` and implement ``run``.
+
+    ``requires`` / ``ensures``: predicates on the state (callables ``state -> bool``; a string
+    is a fact name). The base class checks them around ``run``.
+    """
 
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
-    requires: ClassVar[frozenset[str]] = frozenset()
-    ensures: ClassVar[frozenset[str]] = frozenset()
+    requires: ClassVar[Iterable[str | Predicate]] = ()
+    ensures: ClassVar[Iterable[str | Predicate]] = ()
+    #: runs on every rank under torchrun (training); other passes run on rank 0 only
+    collective: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, **kwargs: Any) -> None:
         if options is not None and kwargs:
@@ -62,18 +121,18 @@ class Pass:
         raise NotImplementedError
 
     def __call__(self, state: CompileState) -> PassResult:
-        missing = self.requires - state.facts
+        missing = [describe(p) for p in predicates(self.requires) if not p(state)]
         if missing:
             raise PreconditionError(
-                f"pass '{self.name}' requires {sorted(missing)}; run a pass that provides it first "
+                f"pass '{self.name}' requires {missing}; run a pass that provides it first "
                 f"(state has {sorted(state.facts)})"
             )
         result = self.run(state)
         if not isinstance(result, PassResult):
             raise PostconditionError(f"pass '{self.name}' returned {type(result).__name__}, not PassResult")
-        unmet = self.ensures - result.state.facts
+        unmet = [describe(p) for p in predicates(self.ensures) if not p(result.state)]
         if unmet:
-            raise PostconditionError(f"pass '{self.name}' promised {sorted(unmet)} but did not provide it")
+            raise PostconditionError(f"pass '{self.name}' promised {unmet} but did not provide it")
         return result
 
     def spec(self) -> str:
@@ -84,8 +143,8 @@ class Pass:
         for f in dataclasses.fields(self.options):
             value = getattr(self.options, f.name)
             default = f.default if f.default is not dataclasses.MISSING else None
-            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                default = f.default_factory()  # type: ignore[misc]
+            if f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
             if value != default:
                 parts.append(f"{f.name}={_format_value(value)}")
         return f"{self.name}{{{','.join(parts)}}}" if parts else self.name
@@ -97,7 +156,23 @@ class Pass:
 def _format_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_format_value(v) for v in value) + "]"
+    if hasattr(value, "model_dump"):  # a pydantic record: YAML flow mapping, read back by parse_pipeline
+        dumped = value.model_dump(exclude_defaults=True)
+        return "{" + ", ".join(f"{k}: {_format_value(v)}" for k, v in dumped.items()) + "}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_format_value(v)}" for k, v in value.items()) + "}"
     return str(value)
+
+
+def option_types(options_cls: type) -> dict[str, Any]:
+    """Field name -> annotated type of an options dataclass (string annotations resolved)."""
+    import sys
+
+    module = sys.modules.get(options_cls.__module__)
+    try:
+        return typing.get_type_hints(options_cls, vars(module) if module else None)
+    except (NameError, TypeError):  # an annotation that cannot be resolved: fall back to no coercion
+        return {f.name: Any for f in dataclasses.fields(options_cls)}
 
 
 def build_options(options_cls: type, values: dict[str, Any], pass_name: str = "") -> Any:
@@ -110,36 +185,80 @@ def build_options(options_cls: type, values: dict[str, Any], pass_name: str = ""
         raise InputError(
             f"pass '{pass_name}': unknown option(s) {unknown}; it takes {sorted(known) or 'no options'}"
         )
-    converted = {}
-    for key, value in values.items():
-        converted[key] = _coerce(value, known[key], pass_name)
+    hints = option_types(options_cls)
+    converted = {key: _coerce(value, key, hints.get(key, Any), pass_name) for key, value in values.items()}
     try:
         return options_cls(**converted)
     except (TypeError, ValueError) as e:
         raise InputError(f"pass '{pass_name}': bad options {values}: {e}") from e
 
 
-def _coerce(value: Any, f: dataclasses.Field, pass_name: str) -> Any:
-    default = f.default if f.default is not dataclasses.MISSING else None
-    if default is None or value is None:
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def _type_name(kind: Any) -> str:
+    return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
+
+
+def _convert(value: Any, kind: Any) -> Any:
+    """``value`` as ``kind`` (an annotation); raises ValueError/TypeError when it is not one."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any or kind is object:
         return tuple(value) if isinstance(value, list) else value
-    kind = type(default)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg)
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise ValueError("; ".join(errors))
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"one of {list(args)}")
+        return value
+    if origin in (tuple, list) or kind in (tuple, list):
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(args) != len(items):
+                raise ValueError(f"{len(args)} items")
+            return tuple(_convert(v, a) for v, a in zip(items, args))
+        inner = args[0] if args else Any
+        return tuple(_convert(v, inner) for v in items)
+    if isinstance(kind, type) and hasattr(kind, "model_validate"):
+        return value if isinstance(value, kind) else kind.model_validate(value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError(value)
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(value)
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        return float(value)
+    if kind is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(value)
+        return str(value)
+    if value is None:
+        raise ValueError("None")
+    return value
+
+
+def _coerce(value: Any, name: str, kind: Any, pass_name: str) -> Any:
     try:
-        if kind is bool and isinstance(value, str):
-            if value.lower() not in {"true", "false", "1", "0", "yes", "no"}:
-                raise ValueError(value)
-            return value.lower() in {"true", "1", "yes"}
-        if kind is tuple:
-            return tuple(value) if isinstance(value, (list, tuple)) else (value,)
-        if kind in (int, float, str, bool) and not isinstance(value, kind):
-            if kind is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return kind(value)
+        return _convert(value, kind)
     except (TypeError, ValueError) as e:
         raise InputError(
-            f"pass '{pass_name}': option '{f.name}' must be {kind.__name__}, got {value!r}"
+            f"pass '{pass_name}': option '{name}' must be {_type_name(kind)}, got {value!r}"
         ) from e
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,23 +275,46 @@ BUILTIN_PASSES: dict[str, str] = {
     "prune.width": "potstill.passes.prune.width",
     "prune.depth": "potstill.passes.prune.depth",
     "bn.recalibrate": "potstill.passes.prune.bn_recalibrate",
+    "fidelity": "potstill.fidelity",
     "distill": "potstill.passes.distill.pass_",
-    "quantize.int8": "potstill.targets.int8",
-    "lower.onnx": "potstill.targets.lower",
-    "lower.onnxruntime": "potstill.targets.lower",
-    "lower.tensorrt": "potstill.targets.lower",
-    "lower.aoti": "potstill.targets.lower",
+    "distill.progressive": "potstill.passes.distill.progressive_pass",
+    "quantize.int8": "potstill.targets.passes",
+    "lower.onnx": "potstill.targets.passes",
+    "lower.onnxruntime": "potstill.targets.passes",
+    "lower.tensorrt": "potstill.targets.passes",
+    "lower.aoti": "potstill.targets.passes",
+    "record": "potstill.targets.passes",
+    "record.teacher": "potstill.targets.passes",
 }
 
 _REGISTRY: dict[str, type[Pass]] = {}
 
 
+def _origin(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def register_pass(cls: type[Pass]) -> type[Pass]:
-    """Class decorator: make a pass available to pipelines under ``cls.name``."""
+    """Class decorator: make a pass available to pipelines under ``cls.name``.
+
+    A name is taken once. Registering another class under a taken name (or under a built-in
+    name from another module) raises ``InputError`` naming both; re-running the module that
+    defined the pass (a reload) replaces it.
+    """
     if not cls.name:
         raise TypeError(f"{cls.__name__} has no name")
     if not dataclasses.is_dataclass(cls.Options):
         raise TypeError(f"{cls.__name__}.Options must be a frozen dataclass")
+    predicates(cls.requires)  # type-checks the declarations now rather than at the first run
+    predicates(cls.ensures)
+    old = _REGISTRY.get(cls.name)
+    if old is not None and _origin(old) != _origin(cls):
+        raise InputError(
+            f"pass name '{cls.name}' is taken by {_origin(old)}; {_origin(cls)} must use another name"
+        )
+    builtin = BUILTIN_PASSES.get(cls.name)
+    if builtin is not None and cls.__module__ != builtin:
+        raise InputError(f"pass name '{cls.name}' is a built-in pass ({builtin}); {_origin(cls)} must use another name")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -180,8 +322,8 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 def function_pass(
     name: str,
     options: type = NoOptions,
-    requires: Iterable[str] = (),
-    ensures: Iterable[str] = (),
+    requires: Iterable[str | Predicate] = (),
+    ensures: Iterable[str | Predicate] = (),
 ) -> Callable[[Callable[[CompileState, Any], bool]], type[Pass]]:
     """Turn ``fn(state, options) -> changed`` into a registered pass class."""
 
@@ -195,11 +337,12 @@ def function_pass(
             {
                 "name": name,
                 "Options": options,
-                "requires": frozenset(requires),
-                "ensures": frozenset(ensures),
+                "requires": predicates(requires),
+                "ensures": predicates(ensures),
                 "run": run,
                 "__doc__": fn.__doc__,
                 "__module__": fn.__module__,
+                "__qualname__": f"{fn.__qualname__}_pass",
             },
         )
         return register_pass(cls)
@@ -213,7 +356,9 @@ def get_pass(name: str) -> type[Pass]:
         importlib.import_module(BUILTIN_PASSES[name])
     if name not in _REGISTRY:
         known = sorted(set(_REGISTRY) | set(BUILTIN_PASSES))
-        raise InputError(f"unknown pass '{name}'; known passes: {', '.join(known)}")
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise InputError(f"unknown pass '{name}'{hint}; known passes: {', '.join(known)}")
     return _REGISTRY[name]
 
 
@@ -225,8 +370,8 @@ def available_passes() -> list[str]:
 # Pipeline strings
 
 
-def _split_top(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside braces and brackets."""
+def _split_top(text: str, sep: str, what: str) -> list[str]:
+    """Split on ``sep`` outside braces and brackets; an empty item is an error naming ``what``."""
     parts: list[str] = []
     cur: list[str] = []
     depth = 0
@@ -245,13 +390,21 @@ def _split_top(text: str, sep: str) -> list[str]:
     if depth != 0:
         raise InputError(f"pipeline '{text}': unbalanced braces")
     parts.append("".join(cur))
-    return [p.strip() for p in parts if p.strip()]
+    parts = [p.strip() for p in parts]
+    if parts == [""]:
+        return []
+    if "" in parts:
+        raise InputError(f"{what} '{text}': empty item (a stray '{sep}'); remove it")
+    return parts
 
 
 def parse_pipeline(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """Parse ``a{k=v},b`` into ``[("a", {"k": v}), ("b", {})]``; values are YAML scalars/lists."""
+    """Parse ``a{k=v},b`` into ``[("a", {"k": v}), ("b", {})]``; values are YAML scalars/lists.
+
+    Empty items (``a,,b``) and an option given twice (``a{k=1,k=2}``) are errors.
+    """
     steps = []
-    for item in _split_top(text, ","):
+    for item in _split_top(text, ",", "pipeline"):
         if "{" in item:
             if not item.endswith("}"):
                 raise InputError(f"pipeline step '{item}': options must end with '}}'")
@@ -259,13 +412,17 @@ def parse_pipeline(text: str) -> list[tuple[str, dict[str, Any]]]:
             body = body[:-1]
         else:
             name, body = item, ""
+        if not name.strip():
+            raise InputError(f"pipeline step '{item}': no pass name before the options")
         opts: dict[str, Any] = {}
-        for kv in _split_top(body, ","):
+        for kv in _split_top(body, ",", f"options of '{name.strip()}'"):
             if "=" not in kv:
                 raise InputError(f"pipeline step '{item}': option '{kv}' is not key=value")
-            k, v = kv.split("=", 1)
+            k, v = (part.strip() for part in kv.split("=", 1))
+            if k in opts:
+                raise InputError(f"pipeline step '{item}': option '{k}' is given twice; keep one")
             try:
-                opts[k.strip()] = yaml.safe_load(v.strip())
+                opts[k] = yaml.safe_load(v)
             except yaml.YAMLError as e:
                 raise InputError(f"pipeline step '{item}': cannot read value '{v}'") from e
         steps.append((name.strip(), opts))
@@ -365,16 +522,29 @@ class DumpIRInstrument(PassInstrument):
             self._dump(result.state, f"after-{p.name}")
 
 
+@dataclass
 class VerifyInstrument(PassInstrument):
-    """Runs the IR verifier on the working model after every pass that changed it."""
+    """Runs the IR verifier (``check``, default ``verify.verify_student``) after every pass that
+    changed the working model."""
+
+    check: Callable[[CompileState], None] | None = None
 
     def after_pass(self, p: Pass, state: CompileState, result: PassResult) -> None:
-        if result.changed:
-            result.state.verify()
+        if not result.changed:
+            return
+        if self.check is None:
+            from .verify import verify_student
+
+            self.check = verify_student
+        self.check(result.state)
 
 
 class PassManager:
-    """Runs passes in order with instruments; a failure names the pass and those before it."""
+    """Runs passes in order with instruments; a failure names the pass and those before it.
+
+    After each pass it appends the pass's spec to ``state.pipeline`` and to the history of every
+    student, so a pass never records itself.
+    """
 
     def __init__(self, passes: Sequence[Pass], instruments: Sequence[PassInstrument] = ()) -> None:
         self.passes = list(passes)
@@ -396,9 +566,12 @@ class PassManager:
             for inst in self.instruments:
                 inst.after_pass(p, state, result)
             state = result.state
-            state.pipeline.append(p.spec())
+            spec = p.spec()
+            state.pipeline.append(spec)
+            for student in state.students:
+                student.history.append(spec)
             changed_any |= result.changed
-            done.append(p.spec())
+            done.append(spec)
         for inst in self.instruments:
             inst.end(state)
         return PassResult(state, changed_any)

@@ -1,31 +1,48 @@
-"""What to build: compile options, recipes, and one plan (name + passes) per student.
+"""What to build: compile options, the recipe schema, and one plan (name + passes) per student.
 
 With no ``--pipeline`` each ``--ratio R`` gives a student ``w{100R}`` built by
-``importance.<estimator>,prune.width{ratio=R},lower.<target>``; ``--drop-layers N`` /
+``importance.<estimator>,prune.width{ratio=R},bn.recalibrate[,fidelity{stage=before_distill},distill{epochs=N}]``;
+``--drop-layers N`` /
 ``--keep-layers N`` add ``prune.depth`` (and a tag ``dN`` / ``kN``). A user pipeline is one student,
-or one per ``--ratio`` when it contains ``$ratio``. A recipe YAML fills the options the command
-line left unset; its paths are relative to the recipe file, and the whole recipe reaches the
-passes as ``state.records["recipe"]``.
+or one per ``--ratio`` when it contains ``$ratio``. Every plan then ends with the lowering pass
+(``lower.<target>``, unless the pipeline lowers already) and ``record``: the plan is the whole
+student, and the manifest's ``pipeline`` is exactly what ran.
+
+Options are strict: a flag that ``--pipeline`` makes moot (``--drop-layers``, ``--keep-layers``,
+``--importance``, ``--distill-epochs``, ``--ratio`` without ``$ratio``) is an error, as is any
+recipe key the schema does not know (the message names the closest valid key). A recipe's
+``train:`` feeds the options of the distillation pass and its ``stages:`` drive
+``distill.progressive``; with no pass to feed they are errors, never ignored.
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InputError
-from .pipeline import Pass, build_pipeline, get_pass
+from .pipeline import Fact, Pass, build_pipeline, get_pass, needs_fact, parse_pipeline, predicates
 
 TARGETS = ("onnx", "onnxruntime", "tensorrt", "aoti")
 RATIO_PLACEHOLDER = "$ratio"
+RECIPE_VERSION = 1
+SEED_MAX = 2**32 - 1
+#: the distillation epochs of the default pipeline when training data is at hand
+DEFAULT_DISTILL_EPOCHS = 3
 
 
 @dataclass
 class CompileOptions:
-    """Everything ``potstill compile`` takes; a recipe YAML fills the fields the caller left unset."""
+    """Everything ``potstill compile`` takes; a recipe YAML fills the fields the caller left unset.
+
+    ``None`` means "not given" (never a sentinel zero): the planner can then tell a flag the user
+    set from a default and refuse flags that do not apply.
+    """
 
     teacher: str | None = None
     out: str | Path | None = None
@@ -45,12 +62,24 @@ class CompileOptions:
     name: str | None = None
     #: reuse students of an earlier run into the same OUT whose inputs and pipeline are unchanged
     cache: bool = True
-    #: distil default-pipeline students when training data is at hand (epochs; 0 = never)
-    distill_epochs: int = 3
+    #: distil default-pipeline students when training data is at hand
+    distill: bool = True
+    #: epochs of that distillation (None: the default, 3); must be >= 1
+    distill_epochs: int | None = None
     #: evaluation data (FILE.py:FN); default: the teacher file's eval_data
     eval_data: str | None = None
-    #: the recipe as written (plus its "path"); passes read it from state.records["recipe"]
+    #: plugin modules or files that register passes (imported before planning)
+    plugins: tuple[str, ...] = ()
+    #: replace an OUT that potstill did not write
+    force: bool = False
+    #: resume distillation from the work area's checkpoints (None: when the inputs match)
+    resume: bool | None = None
+    #: the validated recipe (``CompileRecipe``) when one was given
+    recipe_data: Any = None
+    #: the recipe as written (plus its "path"), for the manifest
     extra: dict[str, Any] = field(default_factory=dict)
+    #: fidelity floor (0..1) overriding the profile's ``min_fidelity``; students below it are flagged
+    min_fidelity: float | None = None
 
 
 @dataclass
@@ -66,16 +95,80 @@ class Plan:
 
 
 # ---------------------------------------------------------------------------------------------
-# Recipe and plans
+# The recipe schema (version 1)
 
-RECIPE_KEYS = {
-    "teacher": "teacher", "output": "out", "out": "out", "profile": "profile", "ratio": "ratios",
-    "ratios": "ratios", "input_shape": "input_shapes", "input_shapes": "input_shapes",
-    "pipeline": "pipeline", "data": "data", "calib": "calib", "eval": "eval_data",
-    "drop_layers": "drop_layers", "keep_layers": "keep_layers", "importance": "importance",
-    "target": "target", "seed": "seed", "name": "name",
-}  # fmt: skip
-RECIPE_PATH_KEYS = ("teacher", "data", "calib", "eval_data")  # the output stays relative to the working folder
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RecipeData(_Strict):
+    train: str | None = None
+    eval: str | None = None
+    calib: str | None = None
+
+
+class CompileRecipe(_Strict):
+    """A compile recipe: the same settings as the flags, plus ``train:`` and ``stages:``."""
+
+    version: Literal[1]
+    teacher: str | None = None
+    output: str | None = None
+    profile: str | None = None
+    ratio: float | list[float] | None = None
+    input_shape: str | list[str] | None = None
+    pipeline: str | list[str | dict[str, dict[str, Any] | None]] | None = None
+    data: str | RecipeData | None = None
+    calib: str | None = None
+    eval: str | None = None
+    drop_layers: int | None = Field(default=None, ge=1)
+    keep_layers: int | None = Field(default=None, ge=1)
+    importance: str | None = None
+    target: Literal["onnx", "onnxruntime", "tensorrt", "aoti"] | None = None
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
+    name: str | None = None
+    distill_epochs: int | None = Field(default=None, ge=1)
+    plugins: list[str] = Field(default_factory=list)
+    #: options of the distillation pass (``distill`` or ``distill.progressive``)
+    train: dict[str, Any] = Field(default_factory=dict)
+    #: progressive distillation stages (see potstill.passes.distill.recipe.StageSpec)
+    stages: list[dict[str, Any]] = Field(default_factory=list)
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_keys(where: str, given: dict[str, Any], model: type[BaseModel]) -> None:
+    valid = sorted(model.model_fields)
+    for key in given:
+        if str(key) not in valid:
+            raise InputError(f"{where}: unknown key '{key}'{_closest(str(key), valid)}; valid keys: {', '.join(valid)}")
+
+
+def parse_recipe(data: Any, source: str) -> CompileRecipe:
+    """Validate a recipe mapping; an error names the field by its path and the fix."""
+    if not isinstance(data, dict):
+        raise InputError(f"--recipe '{source}': expected a mapping of settings (version: 1, teacher:, pipeline:, ...)")
+    if "version" not in data:
+        raise InputError(f"--recipe '{source}': version: missing; add 'version: {RECIPE_VERSION}' (the schema this potstill reads)")
+    if data["version"] != RECIPE_VERSION:
+        raise InputError(f"--recipe '{source}': version: {data['version']!r} is not supported (this potstill reads {RECIPE_VERSION})")
+    _check_keys(f"--recipe '{source}'", data, CompileRecipe)
+    if isinstance(data.get("data"), dict):
+        _check_keys(f"--recipe '{source}': data", data["data"], RecipeData)
+    try:
+        recipe = CompileRecipe.model_validate(data)
+    except ValidationError as e:
+        msgs = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})" for err in e.errors()]
+        raise InputError(f"--recipe '{source}': " + "; ".join(msgs[:5])) from e
+    if recipe.stages:
+        from potstill.passes.distill.recipe import StageSpec
+
+        for i, stage in enumerate(recipe.stages):
+            _check_keys(f"--recipe '{source}': stages.{i}", stage, StageSpec)
+    return recipe
 
 
 def apply_recipe(opts: CompileOptions) -> CompileOptions:
@@ -89,30 +182,35 @@ def apply_recipe(opts: CompileOptions) -> CompileOptions:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise InputError(f"--recipe '{path}': not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise InputError(f"--recipe '{path}': expected a mapping of settings (teacher:, pipeline:, ...)")
-    values: dict[str, Any] = {}
-    items = list(data.items())
-    if isinstance(data.get("data"), dict):  # the distillation recipe's data: {train, eval, calib}
-        items = [(k, v) for k, v in items if k != "data"]
-        items += [({"train": "data"}.get(str(k), str(k)), v) for k, v in data["data"].items()]
-    for key, value in items:
-        attr = RECIPE_KEYS.get(str(key).replace("-", "_"))
-        if attr is None:
-            continue  # stages, train, version, ...: for the passes, in state.records["recipe"]
-        if attr in RECIPE_PATH_KEYS and isinstance(value, str):
-            value = _resolve_recipe_path(value, path.parent)
-        if attr in ("ratios", "input_shapes"):
-            value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-        values[attr] = value
+    recipe = parse_recipe(data, str(path))
+    base = path.parent
+    values: dict[str, Any] = {
+        "teacher": recipe.teacher, "out": recipe.output, "profile": recipe.profile,
+        "pipeline": recipe.pipeline, "calib": recipe.calib, "eval_data": recipe.eval,
+        "drop_layers": recipe.drop_layers, "keep_layers": recipe.keep_layers, "importance": recipe.importance,
+        "target": recipe.target, "seed": recipe.seed, "name": recipe.name, "distill_epochs": recipe.distill_epochs,
+    }  # fmt: skip
+    if isinstance(recipe.data, RecipeData):
+        values.update(data=recipe.data.train, calib=recipe.data.calib or recipe.calib,
+                      eval_data=recipe.data.eval or recipe.eval)  # fmt: skip
+    else:
+        values["data"] = recipe.data
+    if recipe.ratio is not None:
+        values["ratios"] = tuple(recipe.ratio) if isinstance(recipe.ratio, list) else (recipe.ratio,)
+    if recipe.input_shape is not None:
+        shapes = recipe.input_shape
+        values["input_shapes"] = tuple(shapes) if isinstance(shapes, list) else (shapes,)
+    if recipe.plugins:
+        values["plugins"] = tuple(_resolve_recipe_path(p, base) if p.endswith(".py") else p for p in recipe.plugins)
+    for key in ("teacher", "data", "calib", "eval_data"):  # the output stays relative to the working folder
+        if isinstance(values.get(key), str):
+            values[key] = _resolve_recipe_path(values[key], base)
     merged = {}
     for f in fields(opts):
         current = getattr(opts, f.name)
-        unset = current is None or current == () or (f.name == "extra" and not current)
-        if unset and f.name in values:
+        if (current is None or current == ()) and values.get(f.name) is not None:
             merged[f.name] = values[f.name]
-    raw = {**data, "path": str(path.resolve())}
-    return replace(opts, **merged, extra={**raw, **opts.extra})
+    return replace(opts, **merged, recipe_data=recipe, extra={**data, "path": str(path.resolve())})
 
 
 def _resolve_recipe_path(value: str, base: Path) -> str:
@@ -125,6 +223,10 @@ def _resolve_recipe_path(value: str, base: Path) -> str:
     return f"{resolved}:{name}" if sep else resolved
 
 
+# ---------------------------------------------------------------------------------------------
+# Plans
+
+
 def _pipeline_items(spec: str | list[Any]) -> list[str | Pass]:
     """A pipeline string, or a recipe list of strings and ``{name: {option: value}}`` mappings."""
     if isinstance(spec, str):
@@ -134,7 +236,7 @@ def _pipeline_items(spec: str | list[Any]) -> list[str | Pass]:
         if isinstance(item, str):
             items.append(item)
         elif isinstance(item, dict) and len(item) == 1:
-            (name, opts), = item.items()
+            ((name, opts),) = item.items()
             items.append(get_pass(str(name))(**(opts or {})))
         else:
             raise InputError(f"pipeline entry {item!r}: write 'name{{k=v}}' or a mapping {{name: {{k: v}}}}")
@@ -151,6 +253,30 @@ def _check_ratio(ratio: float) -> float:
     return ratio
 
 
+def check_flags(opts: CompileOptions) -> None:
+    """Flags that cannot apply are errors (checked before anything is loaded)."""
+    if opts.distill_epochs is not None and opts.distill_epochs < 1:
+        raise InputError(f"--distill-epochs {opts.distill_epochs}: must be at least 1; use --no-distill for none")
+    if opts.distill_epochs is not None and not opts.distill:
+        raise InputError("--distill-epochs with --no-distill: give one of them")
+    if opts.min_fidelity is not None and not 0.0 <= float(opts.min_fidelity) <= 1.0:
+        raise InputError(f"--min-fidelity {opts.min_fidelity}: must be between 0 and 1 (a fidelity score)")
+    if opts.seed is not None and not 0 <= int(opts.seed) <= SEED_MAX:
+        raise InputError(f"--seed {opts.seed}: must be between 0 and {SEED_MAX}")
+    if opts.pipeline:
+        moot = [flag for flag, value in (
+            ("--drop-layers", opts.drop_layers), ("--keep-layers", opts.keep_layers),
+            ("--importance", opts.importance), ("--distill-epochs", opts.distill_epochs),
+        ) if value is not None]  # fmt: skip
+        if not opts.distill:
+            moot.append("--no-distill")
+        if moot:
+            raise InputError(
+                f"{', '.join(moot)} with --pipeline: the pipeline says what runs; write it there "
+                "(prune.depth{drop=N}, importance.NAME, distill{epochs=N}) and drop the flag"
+            )
+
+
 def _depth_steps(opts: CompileOptions) -> tuple[list[str], str]:
     if opts.drop_layers is None and opts.keep_layers is None:
         return [], ""
@@ -165,20 +291,74 @@ def _depth_steps(opts: CompileOptions) -> tuple[list[str], str]:
             raise InputError(f"--keep-layers {opts.keep_layers}: must be at least 1")
         step, tag = f"prune.depth{{keep={opts.keep_layers}}}", f"k{opts.keep_layers}"
     steps = [step]
-    if "block_importance" in get_pass("prune.depth").requires:
+    if needs_fact(get_pass("prune.depth"), "block_importance"):
         steps.insert(0, "importance.blocks")
     return steps, tag
 
 
-def plan_students(opts: CompileOptions, target: str, distill_epochs: int = 0) -> list[Plan]:
-    """One plan per student: the user's pipeline, or the default prune-and-lower per ratio.
+def _format(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_format(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_format(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _feed_training(passes: list[Pass], recipe: Any, source: str) -> list[Pass]:
+    """Give the recipe's ``train:`` to the distillation pass and ``stages:`` to ``distill.progressive``."""
+    train = dict(getattr(recipe, "train", None) or {})
+    stages = list(getattr(recipe, "stages", None) or [])
+    if not train and not stages:
+        return passes
+    names = [p.name for p in passes]
+    if stages and "distill.progressive" not in names:
+        raise InputError(
+            f"{source}: stages: no distill.progressive pass in the pipeline to run them; "
+            "add 'distill.progressive' to the pipeline (or remove stages:)"
+        )
+    target = "distill.progressive" if stages else "distill"
+    if train and not any(n in ("distill", "distill.progressive") for n in names):
+        raise InputError(f"{source}: train: no distillation pass in the pipeline to use it; give training data "
+                         "(--data) for the default pipeline, add distill to --pipeline, or remove train:")
+    out = []
+    for p in passes:
+        if p.name not in ("distill", "distill.progressive") or (p.name != target and not train):
+            out.append(p)
+            continue
+        given = dict(parse_pipeline(p.spec())[0][1])
+        twice = sorted(set(given) & set(train))
+        if twice:
+            raise InputError(f"{source}: train.{twice[0]} is also set in '{p.spec()}'; give it once")
+        extra: dict[str, Any] = dict(train)
+        if p.name == "distill.progressive" and stages:
+            extra["stages"] = stages
+        cls = type(p)
+        out.append(cls(**{**given, **extra}))
+    return out
+
+
+def _finish(passes: list[Pass], target: str) -> list[Pass]:
+    """Append the lowering pass (unless the pipeline lowers) and ``record``: every plan ends the same."""
+    if any(p.name.startswith("record") for p in passes):
+        raise InputError("'record' is added to every plan by potstill; remove it from the pipeline")
+    if not any(Fact("lowered") in predicates(type(p).ensures) for p in passes):
+        passes = [*passes, get_pass(f"lower.{target}")()]
+    return [*passes, get_pass("record")()]
+
+
+def plan_students(opts: CompileOptions, target: str, distill_epochs: int | None = None) -> list[Plan]:
+    """One plan per student: the user's pipeline, or the default prune pipeline per ratio, each
+    ending in lowering and ``record``.
 
     With ``distill_epochs`` (the driver sets it when training data is at hand and ``--no-distill``
     is not given) the default pipeline distils each pruned student from the teacher before lowering.
     """
     if target not in TARGETS:
         raise InputError(f"--target '{target}': expected one of {', '.join(TARGETS)}")
+    check_flags(opts)
     ratios = [_check_ratio(float(r)) for r in opts.ratios]
+    source = f"--recipe '{opts.recipe}'" if opts.recipe else "recipe"
+    plans: list[Plan] = []
     if opts.pipeline:
         text = opts.pipeline if isinstance(opts.pipeline, str) else None
         if ratios and (text is None or RATIO_PLACEHOLDER not in text):
@@ -189,26 +369,41 @@ def plan_students(opts: CompileOptions, target: str, distill_epochs: int = 0) ->
         if text is not None and RATIO_PLACEHOLDER in text:
             if not ratios:
                 raise InputError(f"the pipeline uses '{RATIO_PLACEHOLDER}': give --ratio")
-            return [Plan(_ratio_name(r), build_pipeline(text.replace(RATIO_PLACEHOLDER, f"{r:g}"))) for r in ratios]
-        return [Plan(opts.name or "student", build_pipeline(_pipeline_items(opts.pipeline)))]
-    depth, depth_tag = _depth_steps(opts)
-    if not ratios and not depth:
-        ratios = [0.5]
-    importance = opts.importance or "magnitude"
-    importance = importance if "." in importance else f"importance.{importance}"
-    plans = []
-    width_ratios: list[float | None] = list(ratios) if ratios else [None]
-    for r in width_ratios:
-        steps = list(depth)
-        tags = [depth_tag] if depth_tag else []
-        if r is not None:
-            steps += [importance, f"prune.width{{ratio={r:g}}}"]
-            tags.insert(0, _ratio_name(r))
-        if distill_epochs > 0:
-            steps.append(f"distill{{epochs={distill_epochs}}}")
-        steps.append(f"lower.{target}")
-        plans.append(Plan("-".join(tags), build_pipeline(",".join(steps))))
+            plans = [Plan(_ratio_name(r), build_pipeline(text.replace(RATIO_PLACEHOLDER, f"{r:g}"))) for r in ratios]
+        else:
+            passes = build_pipeline(_pipeline_items(opts.pipeline))
+            if not passes:
+                raise InputError("--pipeline is empty: name at least one pass (see 'potstill passes')")
+            plans = [Plan(opts.name or "student", passes)]
+    else:
+        depth, depth_tag = _depth_steps(opts)
+        if not ratios and not depth:
+            ratios = [0.5]
+        importance = opts.importance or "magnitude"
+        importance = importance if "." in importance else f"importance.{importance}"
+        stages = bool(getattr(opts.recipe_data, "stages", None))
+        width_ratios: list[float | None] = list(ratios) if ratios else [None]
+        for r in width_ratios:
+            steps = list(depth)
+            tags = [depth_tag] if depth_tag else []
+            if r is not None:
+                steps += [importance, f"prune.width{{ratio={r:g}}}"]
+                tags.insert(0, _ratio_name(r))
+            steps.append("bn.recalibrate")  # BN statistics of the pruned widths (a no-op without BN)
+            if stages or distill_epochs is not None:
+                steps.append("fidelity{stage=before_distill}")
+            if stages:
+                steps.append("distill.progressive")
+            elif distill_epochs is not None:
+                steps.append(f"distill{{epochs={distill_epochs}}}")
+            plans.append(Plan("-".join(tags), build_pipeline(",".join(steps))))
+    plans = [Plan(p.name, _finish(_feed_training(p.passes, opts.recipe_data, source), target)) for p in plans]
     names = [p.name for p in plans]
     if len(set(names)) != len(names):
         raise InputError(f"two students would share a name ({names}); give distinct --ratio values")
     return plans
+
+
+def teacher_plan(target: str) -> Plan:
+    """The teacher's own pipeline: lower it like the students and record it."""
+    return Plan("teacher", [get_pass("record.teacher")(target=target)])

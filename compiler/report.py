@@ -5,9 +5,10 @@ finished ``OUT/manifest.json`` alone. Manifest fields read besides cost, latency
 
 * a student's ``fidelity`` (``potstill.fidelity.Fidelity.to_dict()``; also found under
   ``metrics.fidelity``) and ``fidelity_before_distill`` when it was measured before distillation;
-* ``min_fidelity``: the floor a student's fidelity score must reach (default
+* ``min_fidelity`` (or the profile's): the floor a student's fidelity score must reach (default
   ``potstill.fidelity.DEFAULT_MIN_FIDELITY``); a student below it, or with a NaN score, is flagged;
-* ``calibration``: ``{"source": ..., "random": bool}``; ``warnings``: extra lines to show loudly.
+* ``inputs.calib.random`` (or ``calibration.random``): True when no calibration data existed;
+  ``warnings``: extra lines to show loudly.
 
 The plot is fidelity (and the user's metric, when measured) against the *measured* latency of each
 engine; the front drawn is the set of models no other model beats on both axes (lower latency,
@@ -83,6 +84,8 @@ def floor_of(manifest: Mapping[str, Any]) -> float:
     from .fidelity import DEFAULT_MIN_FIDELITY
 
     value = manifest.get("min_fidelity")
+    if value is None:
+        value = (manifest.get("profile") or {}).get("min_fidelity")
     return DEFAULT_MIN_FIDELITY if value is None else float(value)
 
 
@@ -110,14 +113,19 @@ def _fid_cell(fid: Mapping[str, Any] | None, floor: float | None = None) -> str:
     return f"{score:.3f}{flag}"
 
 
-def measures_text(fid: Mapping[str, Any] | None) -> str:
-    """``'top-1 agr. 0.969, KL 0.042'`` (every measure of the record)."""
+def measures_text(fid: Mapping[str, Any] | None, *, secondary: bool = False) -> str:
+    """``'top-1 agr. 0.969, KL 0.042'``: every measure of the record, or only those besides the
+    score (``secondary``), prefixed by the score's measure name."""
     if fid is None:
         return "—"
-    parts = []
+    from .fidelity import PRIMARY
+
+    primary = PRIMARY.get(str(fid.get("task")))
+    parts = [f"({MEASURE_LABELS.get(primary, primary)})"] if secondary and primary in MEASURE_LABELS else []
     for k, v in (fid.get("measures") or {}).items():
-        parts.append(f"{MEASURE_LABELS.get(k, k)} {'NaN' if v is None else f'{v:.3g}'}")
-    return ", ".join(parts) or "—"
+        if not (secondary and k == primary):
+            parts.append(f"{MEASURE_LABELS.get(k, k)} {'NaN' if v is None else f'{v:.3g}'}")
+    return ", ".join(parts).replace("), ", ") ") or "—"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,11 +156,12 @@ def warnings(manifest: Mapping[str, Any]) -> list[str]:
             f"not distilled: {', '.join(undistilled)} (no training step ran; give --data FILE.py:FN or a .txt corpus "
             "to distil, unless --no-distill was meant). Their fidelity shows what pruning alone did."
         )
-    calib = manifest.get("calibration") or {}
+    calib = manifest.get("calibration") or (manifest.get("inputs") or {}).get("calib") or {}
     if calib.get("random"):
         int8 = [s["name"] for s in manifest.get("students", []) if s.get("precision") == "int8"]
-        what = f"INT8 students ({', '.join(int8)}) were calibrated" if int8 else "data-driven steps ran"
-        lines.append(f"{what} on random inputs, not real data: give --calib. The fidelity numbers show the damage.")
+        what = f"INT8 students ({', '.join(int8)}) were calibrated" if int8 else "importance and statistics were computed"
+        lines.append(f"{what} on random inputs, not real data, and fidelity was measured on random inputs: "
+                     "give --calib.")  # fmt: skip
     lines += [str(w) for w in manifest.get("warnings", [])]
     return lines
 
@@ -171,13 +180,13 @@ def table_rows(manifest: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
     Latency is the engine's on the profile's target (median and 90th percentile); speed-up and
     ``MACs ÷`` are the teacher's value divided by the student's; parity is ok/FAIL against the
     profile's tolerance with the max absolute error; fidelity is the score against the teacher on
-    held-out data (✗: below the floor or NaN), ``before KD`` the same before distillation.
+    held-out data (✗: below the floor or NaN), ``pre-KD`` the same before distillation.
     """
     floor = floor_of(manifest)
     students = manifest.get("students", [])
     before = any(fidelity_of(s, "fidelity_before_distill") for s in students)
     header = ["model", "MACs", "params", "p50 ms", "p90 ms", "speed-up", "MACs ÷", "parity", "fidelity"]
-    header += ["before KD"] if before else []
+    header += ["pre-KD"] if before else []
     header += ["measures", "metric"]
     teacher = manifest["teacher"]
     rows = [[
@@ -191,28 +200,40 @@ def table_rows(manifest: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
             s["name"], human(s.get("macs")), human(s.get("params")), _latency(s, "median"), _latency(s, "p90"),
             _num(s.get("speedup"), "{:.2f}×"), _num(s.get("macs_reduction"), "{:.2f}×"), _parity(s),
             _fid_cell(fid, floor), *([_fid_cell(fidelity_of(s, "fidelity_before_distill"))] if before else []),
-            measures_text(fid), _num(s.get("metric"), "{:.3f}"),
+            measures_text(fid, secondary=True), _num(s.get("metric"), "{:.3f}"),
         ])  # fmt: skip
     return header, rows
 
 
 def results_table(manifest: Mapping[str, Any]) -> Any:
-    """A rich Table of the teacher and every student; a student below the fidelity floor in red."""
+    """A rich Table of the teacher and every student; a student below the fidelity floor in red.
+
+    The measures behind each fidelity score are listed under the table (the caption); the 90th
+    percentile latency and the parity error are in report.md. The table fits 80 columns.
+    """
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     profile = manifest.get("profile") or {}
     floor = floor_of(manifest)
     title = f"potstill: {manifest['teacher'].get('label', 'teacher')} on profile '{profile.get('name', '?')}'"
-    caption = f"fidelity: score against the teacher on held-out data (floor {floor:g}; ✗ below it)"
-    t = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
-              collapse_padding=True)  # fmt: skip
     header, rows = table_rows(manifest)
-    for i, h in enumerate(header):
-        t.add_column(h, justify="left" if i == 0 or h == "measures" else "right", no_wrap=h != "measures")
-    flagged = [False] + [below_floor(s, floor) for s in manifest.get("students", [])]
+    keep = [i for i, h in enumerate(header) if h not in ("measures", "p90 ms")]  # both are in report.md
+    students = manifest.get("students", [])
+    flagged = [False] + [below_floor(s, floor) for s in students]
+    caption = Text(f"fidelity to the teacher on held-out data (floor {floor:g}, ✗ below):", justify="left")
+    for s, bad in zip(students, flagged[1:]):
+        fid = fidelity_of(s)
+        task = f"{fid.get('task')}, " if fid else ""
+        caption.append(f"\n  {s['name']}: {task}{measures_text(fid)}", style="bold red" if bad else None)
+    t = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+              padding=0)  # fmt: skip
+    for i in keep:
+        t.add_column(header[i], justify="left" if i == 0 else "right", no_wrap=True, min_width=len(header[i]))
     for row, bad in zip(rows, flagged):
-        t.add_row(*row, style="bold red" if bad else None)
+        cells = [row[i].split(" ")[0] if header[i] == "parity" else row[i] for i in keep]  # ok / FAIL
+        t.add_row(*cells, style="bold red" if bad else None)
     return t
 
 
@@ -405,7 +426,8 @@ def pareto_plot(manifest: Mapping[str, Any], path: Path) -> Path | None:
         ax.set_xlabel("measured latency, median (ms)" if have_latency else "MACs (M) — latency not measured")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
     profile = (manifest.get("profile") or {}).get("name", "?")
     what = "fidelity" + (" and metric" if have_metric else "")
     x_what = "measured latency" if have_latency else "MACs"

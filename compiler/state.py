@@ -3,14 +3,24 @@
 ``CompileState`` holds the teacher, its example inputs, the device profile, the data handles, the
 candidate students and the records that end up in the manifest. Passes read and extend it; they do
 not reach into each other. ``facts`` is the set of things established so far (``"importance"``,
-``"pruned"``, ``"lowered"``, ...) that passes declare in ``requires`` / ``ensures``.
+``"pruned"``, ``"lowered"``, ...); passes state what they need and give as predicates on the state
+(``requires`` / ``ensures``, see ``potstill.pipeline``).
+
+Build one from a module with ``CompileState.from_teacher``::
+
+    state = CompileState.from_teacher(model, (torch.randn(1, 3, 32, 32),), profile="cpu")
+    state.students.append(state.new_student("w50"))
+
+Several states (one per planned student) ``fork`` one ``TeacherCache``: the teacher's analysis,
+its metric and its requires-grad flags are computed once, and every student is a fresh copy of
+the one reference teacher, which no pass may change.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +33,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class Student:
-    """A candidate student: its module and everything measured about it."""
+    """A candidate student: its module and everything measured about it.
+
+    ``history``: the passes that ran on it (appended by the ``PassManager``) and the notes of
+    surgery (``set_module``).
+    """
 
     name: str
     module: nn.Module
@@ -47,17 +61,35 @@ class Student:
 
 
 @dataclass
+class TeacherCache:
+    """What every state of one compilation shares about the teacher (computed once).
+
+    ``requires_grad`` is the teacher's flags as loaded, so a student copied after a trainer froze
+    the teacher still trains (and the teacher is put back as it was).
+    """
+
+    analysis: Analysis | None = None
+    metric: float | None = None
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+    #: the teacher's engine record, written by the ``record.teacher`` pass
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class CompileState:
     teacher: nn.Module
     example_inputs: tuple[Any, ...]
     example_kwargs: dict[str, Any] = field(default_factory=dict)
     profile: Any = None  # potstill.profiles.DeviceProfile
     out_dir: Path | None = None
-    #: a callable returning an iterable of batches (see potstill.data.as_batch)
+    #: a callable returning an iterable of batches (see potstill.data.as_batch); importance,
+    #: reconstruction and BatchNorm statistics use it
     calib_data: Callable[[], Iterable[Any]] | None = None
+    #: batches never seen by importance, reconstruction or BN statistics: fidelity is measured on them
+    heldout_data: Callable[[], Iterable[Any]] | None = None
     train_data: Callable[[], Iterable[Any]] | None = None
     eval_data: Callable[[], Iterable[Any]] | None = None
-    #: metric(model) -> float, higher is better; used by depth DP and search
+    #: metric(model) -> float, higher is better; used by depth DP, search and the record pass
     metric: Callable[[nn.Module], float] | None = None
     #: Hugging Face teacher: {"path": ..., "task": ..., "auto_class": ...}
     hf: dict[str, Any] | None = None
@@ -68,13 +100,63 @@ class CompileState:
     #: dynamic batch in exported engines unless the profile fixes it
     dynamic_batch: bool = True
     seed: int = 0
+    #: a stable per-OUT work area that survives a killed run (distillation checkpoints live here)
+    work_dir: Path | None = None
+    #: the teacher's analysis, metric and flags, shared by the states of one compilation
+    shared: TeacherCache = field(default_factory=TeacherCache)
+
+    # -- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def from_teacher(
+        cls,
+        teacher: nn.Module,
+        example_inputs: tuple[Any, ...] | list[Any],
+        *,
+        profile: Any = "cpu",
+        **fields: Any,
+    ) -> CompileState:
+        """A state for ``teacher`` (put in eval mode) with its example inputs and a profile
+        (a ``DeviceProfile``, a built-in name or a YAML path); other fields by keyword.
+
+        >>> state = CompileState.from_teacher(torch.nn.Linear(4, 2), (torch.randn(2, 4),))
+        >>> state.profile.name, state.dynamic_batch
+        ('cpu', True)
+        """
+        from potstill.profiles import load_profile
+
+        prof = load_profile(profile) if profile is not None else None
+        fields.setdefault("dynamic_batch", getattr(prof, "batch", None) is None)
+        state = cls(teacher=teacher.eval(), example_inputs=tuple(example_inputs), profile=prof, **fields)
+        state.shared.requires_grad = {n: p.requires_grad for n, p in teacher.named_parameters()}
+        return state
+
+    def fork(self, **changes: Any) -> CompileState:
+        """A fresh state for another student: same teacher, data and shared cache; no students,
+        facts, pipeline or records of its own."""
+        base = {"students": [], "facts": set(), "pipeline": [], "records": {}}
+        return replace(self, **{**base, **changes})
+
+    def new_student(self, name: str) -> Student:
+        """A fresh copy of the reference teacher (in eval mode, its original requires-grad flags)."""
+        module = copy.deepcopy(self.teacher).eval()
+        flags = self.shared.requires_grad
+        if flags:
+            for pname, p in module.named_parameters():
+                p.requires_grad_(flags.get(pname, True))
+        return Student(name, module)
+
+    def restore_teacher(self) -> None:
+        """Put back the teacher's requires-grad flags (a trainer freezes the teacher it reads)."""
+        for pname, p in self.teacher.named_parameters():
+            p.requires_grad_(self.shared.requires_grad.get(pname, p.requires_grad))
 
     # -- the working student -----------------------------------------------------------------
 
     def working(self) -> Student:
         """The student the next pass transforms; a copy of the teacher if there is none yet."""
         if not self.students:
-            self.students.append(Student("student", copy.deepcopy(self.teacher).eval()))
+            self.students.append(self.new_student("student"))
         return self.students[-1]
 
     def analysis(self, student: Student | None = None) -> Analysis:
@@ -89,13 +171,12 @@ class CompileState:
         return s._analysis
 
     def teacher_analysis(self) -> Analysis:
+        """The teacher's analysis, computed once for every state that shares this cache."""
         from .ir import analyze
 
-        cached = self.records.get("_teacher_analysis")
-        if cached is None:
-            cached = analyze(self.teacher, self.example_inputs, self.example_kwargs)
-            self.records["_teacher_analysis"] = cached
-        return cached
+        if self.shared.analysis is None:
+            self.shared.analysis = analyze(self.teacher, self.example_inputs, self.example_kwargs)
+        return self.shared.analysis
 
     def run_model(self, model: nn.Module, *, no_grad: bool = True) -> Any:
         ctx = torch.no_grad() if no_grad else torch.enable_grad()
@@ -106,8 +187,3 @@ class CompileState:
 
     def ir_text(self) -> str:
         return self.analysis().text()
-
-    def verify(self) -> None:
-        from .verify import verify_student
-
-        verify_student(self)

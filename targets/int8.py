@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 from potstill.atomic import atomic_path
 from potstill.data import iter_batches
-from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.profiles import DeviceProfile, Tolerance
 from torch import nn
 
@@ -165,26 +164,3 @@ def lower_int8(
     fp32.parity["int8"] = dict(parity)
     fp32.latency_ms["int8_median"] = latency["median"]
     return fp32
-
-
-@register_pass
-class QuantizeInt8Pass(Pass):
-    """Lower every student to ONNX Runtime INT8 (NNCF), keeping FP32 where INT8 does not pay."""
-
-    name = "quantize.int8"
-
-    @dataclass(frozen=True)
-    class Options:
-        calibration_samples: int = 0  # 0: the profile's int8.calibration_samples
-
-    ensures = frozenset({"quantized", "lowered"})
-
-    def run(self, state: Any) -> PassResult:
-        from .students import lower_students
-
-        changes: dict[str, Any] = {"precision": "int8"}
-        if self.options.calibration_samples:
-            changes["int8"] = {"calibration_samples": self.options.calibration_samples}
-        lower_students(state, "onnxruntime", profile_changes=changes)
-        state.facts.add("quantized")
-        return PassResult(state, False)  # engines added; the students' modules are unchanged

@@ -1,4 +1,4 @@
-"""``lower()``: one entry point for every target, and the ``lower.*`` passes.
+"""``lower()``: one entry point for every target (the ``lower.*`` passes are in ``targets.passes``).
 
 ``lower(module, example_inputs, profile, out_dir, target=None, ...)`` lowers a student for a
 profile (target defaults to the profile's) and returns an ``Artifact``: engine files, parity
@@ -17,12 +17,10 @@ aoti           ``model.pt2`` (AOTInductor), loaded and checked in a child proces
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from potstill.errors import InputError
-from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.profiles import DeviceProfile, load_profile
 from torch import nn
 
@@ -72,53 +70,3 @@ def lower(
     from .aoti import lower_aoti
 
     return lower_aoti(module, args, profile, out_dir, kwargs=kwargs, dynamic_batch=dynamic_batch)
-
-
-@dataclass(frozen=True)
-class NoLowerOptions:
-    """Lowering passes take their settings from the profile."""
-
-
-class _LowerPass(Pass):
-    target = ""
-    Options = NoLowerOptions
-    ensures = frozenset({"lowered"})
-
-    def run(self, state: Any) -> PassResult:
-        from .students import lower_students
-
-        lower_students(state, self.target)
-        # engines and records were added; the students' modules (the IR) are unchanged
-        return PassResult(state, False)
-
-
-@register_pass
-class LowerOnnxPass(_LowerPass):
-    """Export every student to a checked ONNX file (parity and latency through ONNX Runtime)."""
-
-    name = "lower.onnx"
-    target = "onnx"
-
-
-@register_pass
-class LowerOnnxRuntimePass(_LowerPass):
-    """Lower every student to ONNX Runtime with the profile's settings (INT8 when it asks)."""
-
-    name = "lower.onnxruntime"
-    target = "onnxruntime"
-
-
-@register_pass
-class LowerTensorRTPass(_LowerPass):
-    """Build TensorRT engines (or bundles to build on the device) for every student."""
-
-    name = "lower.tensorrt"
-    target = "tensorrt"
-
-
-@register_pass
-class LowerAotiPass(_LowerPass):
-    """Compile every student to an AOTInductor package and check it in a child process."""
-
-    name = "lower.aoti"
-    target = "aoti"

@@ -82,6 +82,7 @@ class DistillPass(Pass):
     name = "distill"
     Options = DistillOptions
     ensures = frozenset({"distilled"})
+    collective = True  # under torchrun every rank trains
 
     def _config(self, state: CompileState, name: str) -> TrainConfig:
         o = self.options
@@ -146,6 +147,5 @@ class DistillPass(Pass):
             metrics["robust"] = robust_accuracy(student.module, state.eval_data, cfg, o.eval_limit or None)
         student.module.eval()
         student.metrics["distill"] = metrics
-        student.history.append(self.spec())
         state.facts.add("distilled")
         return PassResult(state, True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import potstill.pipeline as pl
 import pytest
 import torch
 from potstill.cli import main
@@ -31,19 +33,23 @@ class _Opts:
     keep: int = 0
 
 
-def _fake(name: str, requires: frozenset[str] = frozenset()) -> None:
+def _fake(name: str, requires: frozenset[str] = frozenset(), ensures: frozenset[str] = frozenset()) -> None:
     """A do-nothing stand-in for a built-in pass, so planning is tested without running anything."""
 
     def run(self: Pass, state: CompileState) -> PassResult:
         return PassResult(state, False)
 
-    register_pass(type("Fake", (Pass,), {"name": name, "Options": _Opts, "requires": requires, "run": run}))
+    # stands in for a built-in, so it bypasses register_pass (which refuses to shadow one)
+    pl._REGISTRY[name] = type("Fake", (Pass,), {"name": name, "Options": _Opts, "requires": requires,
+                                                     "ensures": ensures, "run": run})
 
 
 @pytest.fixture
 def fakes(registry: dict[str, type[Pass]]) -> None:
-    for name in ("importance.magnitude", "importance.taylor", "prune.width", "lower.onnxruntime", "lower.aoti"):
+    for name in ("importance.magnitude", "importance.taylor", "prune.width", "distill", "record"):
         _fake(name)
+    for name in ("lower.onnxruntime", "lower.aoti"):
+        _fake(name, ensures=frozenset({"lowered"}))
     _fake("importance.blocks")
     _fake("prune.depth", requires=frozenset({"block_importance"}))
 
@@ -58,32 +64,32 @@ def specs(plans: list[Any]) -> dict[str, str]:
 
 def test_default_plan_is_one_student_at_half_width(fakes: None) -> None:
     assert specs(plan_students(CompileOptions(), "onnxruntime")) == {
-        "w50": "importance.magnitude,prune.width{ratio=0.5},lower.onnxruntime"
+        "w50": "importance.magnitude,prune.width{ratio=0.5},bn.recalibrate,lower.onnxruntime,record"
     }
 
 
 def test_one_student_per_ratio_with_the_chosen_importance_and_target(fakes: None) -> None:
     plans = plan_students(CompileOptions(ratios=(0.3, 0.7), importance="taylor"), "aoti")
     assert specs(plans) == {
-        "w30": "importance.taylor,prune.width{ratio=0.3},lower.aoti",
-        "w70": "importance.taylor,prune.width{ratio=0.7},lower.aoti",
+        "w30": "importance.taylor,prune.width{ratio=0.3},bn.recalibrate,lower.aoti,record",
+        "w70": "importance.taylor,prune.width{ratio=0.7},bn.recalibrate,lower.aoti,record",
     }
 
 
 def test_depth_options_add_depth_pruning(fakes: None) -> None:
     plans = plan_students(CompileOptions(ratios=(0.5,), drop_layers=2), "onnxruntime")
     assert specs(plans) == {
-        "w50-d2": "importance.blocks,prune.depth{drop=2},importance.magnitude,prune.width{ratio=0.5},lower.onnxruntime"
+        "w50-d2": "importance.blocks,prune.depth{drop=2},importance.magnitude,prune.width{ratio=0.5},bn.recalibrate,lower.onnxruntime,record"
     }
     plans = plan_students(CompileOptions(keep_layers=3), "onnxruntime")
-    assert specs(plans) == {"k3": "importance.blocks,prune.depth{keep=3},lower.onnxruntime"}
+    assert specs(plans) == {"k3": "importance.blocks,prune.depth{keep=3},bn.recalibrate,lower.onnxruntime,record"}
 
 
 def test_user_pipeline_and_ratio_placeholder(fakes: None) -> None:
     plans = plan_students(CompileOptions(pipeline="importance.magnitude,prune.width{ratio=0.25}"), "onnxruntime")
-    assert specs(plans) == {"student": "importance.magnitude,prune.width{ratio=0.25}"}
-    plans = plan_students(CompileOptions(pipeline="prune.width{ratio=$ratio},lower.onnxruntime", ratios=(0.2, 0.4)), "onnxruntime")
-    assert specs(plans) == {"w20": "prune.width{ratio=0.2},lower.onnxruntime", "w40": "prune.width{ratio=0.4},lower.onnxruntime"}
+    assert specs(plans) == {"student": "importance.magnitude,prune.width{ratio=0.25},lower.onnxruntime,record"}
+    plans = plan_students(CompileOptions(pipeline="prune.width{ratio=$ratio},lower.aoti", ratios=(0.2, 0.4)), "onnxruntime")
+    assert specs(plans) == {"w20": "prune.width{ratio=0.2},lower.aoti,record", "w40": "prune.width{ratio=0.4},lower.aoti,record"}
 
 
 @pytest.mark.parametrize(
@@ -96,6 +102,16 @@ def test_user_pipeline_and_ratio_placeholder(fakes: None) -> None:
         (CompileOptions(pipeline="prune.width{ratio=$ratio}"), "onnxruntime", "give --ratio"),
         (CompileOptions(drop_layers=1, keep_layers=2), "onnxruntime", "not both"),
         (CompileOptions(drop_layers=0), "onnxruntime", "at least 1"),
+        (CompileOptions(pipeline="prune.width{ratio=0.5}", drop_layers=1), "onnxruntime", "--drop-layers with --pipeline"),
+        (CompileOptions(pipeline="prune.width{ratio=0.5}", keep_layers=1), "onnxruntime", "--keep-layers with --pipeline"),
+        (CompileOptions(pipeline="prune.width{ratio=0.5}", importance="taylor"), "onnxruntime", "--importance with --pipeline"),
+        (CompileOptions(pipeline="prune.width{ratio=0.5}", distill_epochs=2), "onnxruntime", "--distill-epochs with --pipeline"),
+        (CompileOptions(distill_epochs=0), "onnxruntime", "use --no-distill"),
+        (CompileOptions(distill_epochs=-3), "onnxruntime", "use --no-distill"),
+        (CompileOptions(pipeline=",,,"), "onnxruntime", "empty item"),
+        (CompileOptions(pipeline="prune.width{ratio=0.5,ratio=0.3}"), "onnxruntime", "given twice"),
+        (CompileOptions(pipeline="prune.width{ratio=0.5},record"), "onnxruntime", "added to every plan"),
+        (CompileOptions(seed=2**40), "onnxruntime", "--seed"),
     ],
 )
 def test_planning_errors(fakes: None, opts: CompileOptions, target: str, fragment: str) -> None:
@@ -107,6 +123,7 @@ def test_recipe_fills_unset_options_relative_to_its_folder(tmp_path: Path) -> No
     (tmp_path / "sub").mkdir()
     recipe = tmp_path / "sub" / "recipe.yaml"
     recipe.write_text(textwrap.dedent("""
+        version: 1
         teacher: model.py:factory
         profile: cpu
         ratio: 0.4
@@ -114,7 +131,6 @@ def test_recipe_fills_unset_options_relative_to_its_folder(tmp_path: Path) -> No
         pipeline:
           - importance.magnitude
           - prune.width: {ratio: 0.4}
-        stages_note: kept for passes
     """))
     opts = apply_recipe(CompileOptions(recipe=str(recipe), profile="arm", out="o"))
     assert opts.teacher == f"{tmp_path / 'sub' / 'model.py'}:factory"
@@ -122,7 +138,6 @@ def test_recipe_fills_unset_options_relative_to_its_folder(tmp_path: Path) -> No
     assert opts.profile == "arm"  # the command line wins
     assert opts.ratios == (0.4,)
     assert opts.pipeline == ["importance.magnitude", {"prune.width": {"ratio": 0.4}}]
-    assert opts.extra["stages_note"] == "kept for passes"  # the whole recipe goes to state.records
     assert opts.extra["path"] == str(recipe.resolve())
 
 
@@ -141,12 +156,12 @@ def test_distillation_recipe_data_mapping(tmp_path: Path) -> None:
     assert opts.eval_data == f"{tmp_path / 'data.py'}:test"
     assert opts.calib == f"{tmp_path / 'data.py'}:calib"
     assert opts.pipeline == "prune.width{ratio=0.5},distill{loss=kd,epochs=3}"
-    assert opts.extra["stages"] == [{"name": "general", "loss": "hidden", "epochs": 1}] and opts.extra["version"] == 1
+    assert opts.recipe_data.stages == [{"name": "general", "loss": "hidden", "epochs": 1}]
 
 
 def test_recipe_pipeline_mapping_builds_passes(fakes: None) -> None:
     opts = CompileOptions(pipeline=["importance.magnitude", {"prune.width": {"ratio": 0.4}}])
-    assert specs(plan_students(opts, "onnxruntime")) == {"student": "importance.magnitude,prune.width{ratio=0.4}"}
+    assert specs(plan_students(opts, "onnxruntime")) == {"student": "importance.magnitude,prune.width{ratio=0.4},lower.onnxruntime,record"}
 
 
 def test_recipe_errors(tmp_path: Path) -> None:
@@ -156,6 +171,56 @@ def test_recipe_errors(tmp_path: Path) -> None:
     bad.write_text("- just\n- a list\n")
     with pytest.raises(InputError, match="expected a mapping"):
         apply_recipe(CompileOptions(recipe=str(bad)))
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("teacher: m.py:f\n", "add 'version: 1'"),
+        ("version: 2\n", "version: 2 is not supported"),
+        ("version: 1\npipelne: importance.magnitude\n", "unknown key 'pipelne' (did you mean 'pipeline'?)"),
+        ("version: 1\ndata: {trian: d.py:f}\n", "data: unknown key 'trian' (did you mean 'train'?)"),
+        ("version: 1\nseed: lots\n", "seed"),
+        ("version: 1\nratio: [0.3, x]\n", "ratio"),
+        ("version: 1\nstages: [{name: a, epoks: 1}]\n", "stages.0: unknown key 'epoks' (did you mean 'epochs'?)"),
+    ],
+)
+def test_recipe_schema_is_strict(tmp_path: Path, text: str, fragment: str) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    with pytest.raises(InputError, match=re.escape(fragment)):
+        apply_recipe(CompileOptions(recipe=str(recipe)))
+
+
+def _recipe_opts(tmp_path: Path, text: str, **kw: Any) -> CompileOptions:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\n" + text)
+    return apply_recipe(CompileOptions(recipe=str(recipe), **kw))
+
+
+def test_recipe_train_feeds_the_distill_pass_or_is_an_error(fakes: None, tmp_path: Path) -> None:
+    pl._REGISTRY.pop("distill")
+    from potstill.passes.distill.pass_ import DistillPass
+
+    pl._REGISTRY["distill"] = DistillPass  # the real options: train: is checked against them
+    opts = _recipe_opts(tmp_path, "train: {lr: 0.01}\n")
+    assert specs(plan_students(opts, "onnxruntime", distill_epochs=2))["w50"].startswith(
+        "importance.magnitude,prune.width{ratio=0.5},bn.recalibrate,fidelity{stage=before_distill},distill{epochs=2,lr=0.01}")
+    with pytest.raises(InputError, match="train: no distillation pass"):
+        plan_students(opts, "onnxruntime")  # no training data: nothing would read train:
+    with pytest.raises(InputError, match="unknown option"):
+        plan_students(_recipe_opts(tmp_path, "train: {lrr: 0.01}\n"), "onnxruntime", distill_epochs=2)
+    with pytest.raises(InputError, match="train.lr is also set"):
+        plan_students(_recipe_opts(tmp_path, "train: {lr: 0.01}\npipeline: distill{lr=0.1}\n"), "onnxruntime")
+
+
+def test_recipe_stages_drive_progressive_distillation(fakes: None, tmp_path: Path) -> None:
+    opts = _recipe_opts(tmp_path, "stages: [{name: general, loss: kd, epochs: 1}, {name: task, epochs: 2}]\n")
+    (plan,) = plan_students(opts, "onnxruntime")
+    assert [p.name for p in plan.passes][2:] == ["bn.recalibrate", "fidelity", "distill.progressive", "lower.onnxruntime", "record"]
+    assert [s.name for s in plan.passes[4].options.stages] == ["general", "task"]
+    with pytest.raises(InputError, match="no distill.progressive pass"):
+        plan_students(_recipe_opts(tmp_path, "stages: [{name: a}]\npipeline: prune.width{ratio=0.5}\n"), "onnxruntime")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +247,7 @@ def test_output_folder_that_is_not_ours_is_refused(tmp_path: Path, capsys: pytes
     mine.mkdir()
     (mine / "thesis.tex").write_text("precious")
     assert main(["compile", EXAMPLE, "-o", str(mine)]) == 2
-    assert "not a potstill output" in capsys.readouterr().err
+    assert "no .potstill mark" in capsys.readouterr().err
     assert (mine / "thesis.tex").read_text() == "precious"
     assert main(["compile", EXAMPLE, "-o", "."]) == 2
     assert "working folder" in capsys.readouterr().err
@@ -242,7 +307,8 @@ def test_failed_run_leaves_no_output(registry: dict[str, type[Pass]], tmp_path: 
     assert code == 2
     assert "pass 'test.boom' failed" in err and "importance.magnitude, prune.width{ratio=0.5}" in err
     assert not out.exists()
-    assert list(tmp_path.iterdir()) == []  # no temporary sibling left behind either
+    # no temporary sibling left behind either (the lock file and the work area stay by design)
+    assert [p.name for p in tmp_path.iterdir() if p.name not in (".out.lock", ".out.work")] == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +346,13 @@ def test_e2e_manifest(demo: tuple[subprocess.CompletedProcess[str], Path]) -> No
     widths_t, widths_s = t["architecture"]["widths"], s["architecture"]["widths"]
     assert set(widths_s) <= set(widths_t) and any(widths_s[k] < widths_t[k] for k in widths_s)
     # the example file has training data, so the default pipeline distils the pruned student
-    assert s["pipeline"] == ["importance.magnitude", "prune.width{ratio=0.5}", "distill{epochs=3}", "lower.onnxruntime"]
+    assert s["pipeline"] == ["importance.magnitude", "prune.width{ratio=0.5}", "bn.recalibrate",
+                             "fidelity{stage=before_distill}", "distill{epochs=3}", "lower.onnxruntime", "record"]
+    assert s["metrics"]["fidelity_before_distill"]["score"] < s["fidelity"]["score"]
+    assert [h for h in s["history"] if h in s["pipeline"]] == s["pipeline"]  # written by the PassManager
+    assert s["fidelity"]["task"] == "classification" and 0.9 < s["fidelity"]["score"] <= 1.0
+    assert m["host"]["cpu"] and m["host"]["torch_threads"] >= 1
+    assert set(m["timings"]["passes"]) == {"w50", "teacher"}
     assert s["metric"] > 0.9  # accuracy on held-out digits after distillation (0.1 without it)
     assert s["history"] and s["speedup"] > 0 and s["macs_reduction"] > 2
     inputs = m["inputs"]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -77,7 +78,18 @@ def test_parse_nested_braces_and_lists_keep_commas_inside() -> None:
 
 
 def test_parse_empty_pipeline_is_empty() -> None:
-    assert parse_pipeline(" , ") == []
+    assert parse_pipeline("  ") == []
+
+
+@pytest.mark.parametrize("text", [",,,", " , ", "a,,b", "a,", ",a", "a{k=1,,j=2}"])
+def test_empty_items_are_errors(text: str) -> None:
+    with pytest.raises(InputError, match="empty item"):
+        parse_pipeline(text)
+
+
+def test_an_option_given_twice_is_an_error() -> None:
+    with pytest.raises(InputError, match="option 'ratio' is given twice"):
+        parse_pipeline("prune.width{ratio=0.3,ratio=0.5}")
 
 
 @pytest.mark.parametrize(
@@ -192,6 +204,64 @@ def test_register_pass_needs_a_name_and_dataclass_options(registry: dict[str, ty
 
     with pytest.raises(TypeError, match="frozen dataclass"):
         register_pass(BadOptions)
+
+
+def test_a_taken_pass_name_is_refused(registry: dict[str, type[Pass]]) -> None:
+    register_scale()
+
+    class Other(Pass):
+        name = "test.scale"
+
+    with pytest.raises(InputError, match="'test.scale' is taken"):
+        register_pass(Other)
+
+    class Shadow(Pass):
+        name = "prune.width"  # a built-in, even before its module is imported
+
+    with pytest.raises(InputError, match="built-in pass"):
+        register_pass(Shadow)
+
+
+def test_option_types_come_from_annotations(registry: dict[str, type[Pass]]) -> None:
+    @dataclass(frozen=True)
+    class Typed:
+        steps: int | None = None
+        mode: Literal["a", "b"] = "a"
+        sizes: tuple[int, ...] = ()
+
+    register_pass(type("T", (Pass,), {"name": "test.typed", "Options": Typed}))
+    (p,) = build_pipeline("test.typed{steps=3,mode=b,sizes=[1,2]}")
+    assert p.options == Typed(steps=3, mode="b", sizes=(1, 2))
+    with pytest.raises(InputError, match="option 'steps' must be"):
+        build_pipeline("test.typed{steps=1.5}")
+    with pytest.raises(InputError, match="option 'mode' must be"):
+        build_pipeline("test.typed{mode=c}")
+    with pytest.raises(InputError, match="option 'sizes' must be"):
+        build_pipeline("test.typed{sizes=[x]}")
+
+
+def test_predicates_are_callables_on_the_state(registry: dict[str, type[Pass]]) -> None:
+    def has_students(state: CompileState) -> bool:
+        """at least one student"""
+        return bool(state.students)
+
+    @function_pass("test.needs_student", requires=[has_students])
+    def needs(state: CompileState, opts: object) -> bool:
+        return False
+
+    with pytest.raises(PassError, match="has_students"):
+        PassManager(build_pipeline("test.needs_student")).run(make_state())
+    state = make_state()
+    state.working()
+    assert PassManager(build_pipeline("test.needs_student")).run(state).state.pipeline == ["test.needs_student"]
+
+
+def test_the_manager_writes_each_students_history(registry: dict[str, type[Pass]]) -> None:
+    register_scale()
+    state = make_state()
+    state.working()
+    PassManager(build_pipeline("test.scale{factor=2},test.scale")).run(state)
+    assert state.students[0].history == ["test.scale{factor=2.0}", "test.scale"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,9 +384,9 @@ def test_dump_and_verify_run_around_changing_passes(
     state = make_state()
     verified: list[int] = []
     monkeypatch.setattr(CompileState, "ir_text", lambda self: f"weight sum {float(self.working().module.weight.detach().sum()):.4f}")
-    monkeypatch.setattr(CompileState, "verify", lambda self: verified.append(1))
     passes = build_pipeline("test.scale{factor=1},test.scale{factor=2}")
-    PassManager(passes, [DumpIRInstrument(directory=tmp_path), VerifyInstrument()]).run(state)
+    check = VerifyInstrument(check=lambda state: verified.append(1))
+    PassManager(passes, [DumpIRInstrument(directory=tmp_path), check]).run(state)
     names = sorted(p.name for p in tmp_path.iterdir())
     # before both passes; after only the one that changed the model
     assert names == ["01-before-test.scale.txt", "02-after-test.scale.txt", "02-before-test.scale.txt"]
@@ -334,6 +404,5 @@ def test_verify_instrument_raises_through_the_manager(registry: dict[str, type[P
     def broken(self: CompileState) -> None:
         raise VerificationError("dangling value %x")
 
-    monkeypatch.setattr(CompileState, "verify", broken)
     with pytest.raises(VerificationError, match="dangling"):
-        PassManager(build_pipeline("test.scale{factor=2}"), [VerifyInstrument()]).run(make_state())
+        PassManager(build_pipeline("test.scale{factor=2}"), [VerifyInstrument(check=broken)]).run(make_state())

@@ -52,10 +52,10 @@ def manifest(**extra: Any) -> dict[str, Any]:
 def test_table_shows_fidelity_before_and_after_distillation_and_flags():
     m = manifest()
     header, rows = table_rows(m)
-    assert header[8:11] == ["fidelity", "before KD", "measures"]
+    assert header[8:11] == ["fidelity", "pre-KD", "measures"]
     by_name = {r[0]: dict(zip(header, r)) for r in rows}
-    assert by_name["good"]["fidelity"] == "0.950" and by_name["good"]["before KD"] == "0.700"
-    assert "top-1 agr. 0.95" in by_name["good"]["measures"]
+    assert by_name["good"]["fidelity"] == "0.950" and by_name["good"]["pre-KD"] == "0.700"
+    assert by_name["good"]["measures"] == "(top-1 agr.) KL 0.1"  # the score is the fidelity column
     assert by_name["bad"]["fidelity"] == "0.420 ✗"
     assert by_name["nan"]["fidelity"] == "NaN ✗"
     assert by_name["teacher"]["fidelity"] == "1 (ref)"
@@ -67,7 +67,7 @@ def test_no_before_column_without_a_measurement_before_distillation():
     m = manifest()
     del m["students"][0]["fidelity_before_distill"]
     header, _ = table_rows(m)
-    assert "before KD" not in header
+    assert "pre-KD" not in header
 
 
 def test_loud_lines_name_what_failed_and_what_was_not_done():
@@ -78,7 +78,7 @@ def test_loud_lines_name_what_failed_and_what_was_not_done():
     assert "student bad: fidelity 0.420" in text and "below the floor 0.8" in text
     assert "student nan" in text and "NaN" in text
     assert "not distilled: bad, nan" in text
-    assert "INT8 students (slow) were calibrated on random inputs" in text
+    assert "INT8 students (slow) were calibrated on random inputs" in text and "--calib" in text
     assert lines[-1] == "something else"
     assert not any("student good" in line or "student slow" in line for line in lines)
 

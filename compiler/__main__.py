@@ -1,0 +1,8 @@
+"""``python -m potstill``: the same command as the ``potstill`` script."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

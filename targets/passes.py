@@ -1,0 +1,331 @@
+"""The passes that end every plan: ``lower.<target>`` / ``quantize.int8``, ``record``, ``record.teacher``.
+
+They sit above the backends (``lower`` dispatches to ONNX Runtime, INT8, TensorRT, AOTInductor),
+so no backend imports a pass and the dependency runs one way: pipeline → passes → targets.
+
+* ``lower.<target>`` lowers every student of the state through one preamble, ``lower_student``:
+  the student's folder, a saved HF directory for Optimum when the teacher is an HF model, the
+  profile (with the pass's changes), then ``lower()``. Parity and latency go to the student's
+  metrics. ``quantize.int8`` is the same with the profile's precision set to INT8.
+* ``record`` writes each student's ``student.pt2`` (and ``hf/`` for HF teachers), runs the user's
+  metric, measures fidelity to the teacher on the held-out batches (``potstill.fidelity``), and
+  checks the profile's budgets by measurement: latency (the engine's median, or PyTorch's where
+  the engine was not timed here, marked as such) and memory (weights + the cost model's peak
+  activation bytes of the student). A miss is recorded under ``metrics["budgets"]`` and as a note;
+  the driver prints it and the table marks it.
+* ``record.teacher`` lowers the teacher the same way (into the work area) so speed-ups compare
+  engines, and records its cost, metric and latency in ``state.shared.record``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from potstill.errors import InputError, PreconditionError
+from potstill.pipeline import Fact, Pass, PassResult, register_pass
+from potstill.profiles import DeviceProfile, load_profile
+from potstill.state import CompileState, Student
+from torch import nn
+
+from .artifact import Artifact
+from .lower import TARGETS, lower
+
+# ---------------------------------------------------------------------------------------------
+# The one lowering preamble
+
+
+def state_profile(state: CompileState, changes: dict[str, Any] | None = None) -> DeviceProfile:
+    """The state's profile with ``changes`` applied (nested settings merged)."""
+    profile = load_profile(state.profile) if state.profile is not None else load_profile()
+    for key, value in (changes or {}).items():
+        if isinstance(value, dict):
+            value = getattr(profile, key).model_copy(update=value)
+        profile = profile.model_copy(update={key: value})
+    return profile
+
+
+def student_dir(state: CompileState, student: Student) -> Path:
+    if state.out_dir is None:
+        raise PreconditionError("lowering and recording need state.out_dir (where the students' files go)")
+    return Path(state.out_dir) / "students" / student.name
+
+
+def lower_module(
+    state: CompileState, module: nn.Module, out: Path, target: str, profile: DeviceProfile, *, name: str = ""
+) -> Artifact:
+    """``lower()`` with the state's inputs, data and HF details: the one preamble of every lowering."""
+    hf, tmp = None, None
+    if state.hf:
+        saved = out / "hf"
+        if (saved / "config.json").is_file():
+            hf = {"dir": str(saved), "task": state.hf.get("task")}
+        elif hasattr(module, "save_pretrained"):
+            tmp = Path(tempfile.mkdtemp(prefix=f"potstill-hf-{name}-"))
+            module.save_pretrained(str(tmp))
+            hf = {"dir": str(tmp), "task": state.hf.get("task")}
+    try:
+        return lower(module, state.example_inputs, profile, out / "tensorrt" if target == "tensorrt" else out,
+                     target=target, example_kwargs=state.example_kwargs, dynamic_batch=state.dynamic_batch,
+                     calib=state.calib_data, hf=hf)  # fmt: skip
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def lower_student(state: CompileState, student: Student, target: str, profile: DeviceProfile) -> Artifact:
+    art = lower_module(state, student.module, student_dir(state, student), target, profile, name=student.name)
+    student.artifacts[target] = art
+    student.metrics["parity"] = dict(art.parity)
+    student.metrics["latency_ms"] = dict(art.latency_ms)
+    student.metrics.setdefault("targets", {})[target] = {
+        "precision": art.precision, "parity": dict(art.parity), "latency_ms": dict(art.latency_ms),
+    }  # fmt: skip
+    return art
+
+
+@dataclass(frozen=True)
+class NoLowerOptions:
+    """Lowering passes take their settings from the profile."""
+
+
+class LowerPass(Pass):
+    """Lower every student of the state to ``target`` (see the module docstring)."""
+
+    target = ""
+    Options: type = NoLowerOptions
+    ensures = (Fact("lowered"),)
+
+    def profile_changes(self) -> dict[str, Any]:
+        return {}
+
+    def run(self, state: CompileState) -> PassResult:
+        profile = state_profile(state, self.profile_changes())
+        for student in state.students or [state.working()]:
+            lower_student(state, student, self.target, profile)
+        state.facts.add("lowered")
+        # engines and records were added; the students' modules (the IR) are unchanged
+        return PassResult(state, False)
+
+
+def _lower_pass(target: str, doc: str) -> type[LowerPass]:
+    cls = type(f"Lower{target.title()}Pass", (LowerPass,), {"name": f"lower.{target}", "target": target,
+                                                            "__doc__": doc, "__module__": __name__})
+    return register_pass(cls)  # type: ignore[return-value]
+
+
+LowerOnnxPass = _lower_pass("onnx", "Export every student to a checked ONNX file (parity and latency through ONNX Runtime).")
+LowerOnnxRuntimePass = _lower_pass("onnxruntime", "Lower every student to ONNX Runtime with the profile's settings (INT8 when it asks).")
+LowerTensorRTPass = _lower_pass("tensorrt", "Build TensorRT engines (or bundles to build on the device) for every student.")
+LowerAotiPass = _lower_pass("aoti", "Compile every student to an AOTInductor package and check it in a child process.")
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    #: calibration samples for NNCF; None: the profile's ``int8.calibration_samples``
+    calibration_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.calibration_samples is not None and self.calibration_samples < 1:
+            raise ValueError(f"calibration_samples must be >= 1, got {self.calibration_samples}")
+
+
+@register_pass
+class QuantizeInt8Pass(LowerPass):
+    """Lower every student to ONNX Runtime INT8 (NNCF), keeping FP32 where INT8 does not pay."""
+
+    name = "quantize.int8"
+    target = "onnxruntime"
+    Options = Int8Options
+    ensures = (Fact("quantized"), Fact("lowered"))
+
+    def profile_changes(self) -> dict[str, Any]:
+        changes: dict[str, Any] = {"precision": "int8"}
+        if self.options.calibration_samples is not None:
+            changes["int8"] = {"calibration_samples": self.options.calibration_samples}
+        return changes
+
+    def run(self, state: CompileState) -> PassResult:
+        result = super().run(state)
+        state.facts.add("quantized")
+        return result
+
+
+def is_lowering(p: Pass) -> bool:
+    return isinstance(p, LowerPass)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording
+
+
+def latency_record(art: Any, module: nn.Module, state: CompileState) -> dict[str, Any] | None:
+    """``{"median", "p90", "source"}``: the engine's timing, else PyTorch's (``source: "pytorch"``)."""
+    lat = getattr(art, "latency_ms", None) or {}
+    if lat.get("median") is not None:
+        return {"median": float(lat["median"]), "p90": float(lat.get("p90", lat["median"])), "source": "engine"}
+    from .timing import measure_torch_latency
+
+    torch_lat = measure_torch_latency(module, state.example_inputs)
+    return {"median": float(torch_lat["median"]), "p90": float(torch_lat["p90"]), "source": "pytorch"}
+
+
+def weight_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def check_budgets(profile: DeviceProfile, latency: dict[str, Any] | None, memory_bytes: int) -> dict[str, Any]:
+    """The profile's latency and memory budgets against what was measured; each with ``ok``."""
+    out: dict[str, Any] = {}
+    budget_ms = getattr(profile, "latency_budget_ms", None)
+    if budget_ms is not None:
+        measured = None if latency is None else latency["median"]
+        out["latency_ms"] = {"budget": float(budget_ms), "measured": measured,
+                             "source": None if latency is None else latency["source"],
+                             "ok": measured is not None and measured <= budget_ms}  # fmt: skip
+    budget_mb = getattr(profile, "memory_budget_mb", None)
+    if budget_mb is not None:
+        mb = memory_bytes / 2**20
+        out["memory_mb"] = {"budget": float(budget_mb), "measured": mb, "ok": mb <= budget_mb}
+    return out
+
+
+def run_metric(metric: Any, module: nn.Module, who: str) -> float:
+    """The user's ``metric(model)`` as a float; raising or returning a non-number is an InputError."""
+    try:
+        value = metric(module)
+    except Exception as e:
+        raise InputError(f"metric() raised on the {who}: {type(e).__name__}: {e}; fix metric(model) in the teacher file") from e
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"metric() returned {type(value).__name__} {value!r} on the {who}; it must return a number (higher is better)")
+    return float(value)
+
+
+def _engine_files(folder: Path, art: Any) -> dict[str, str]:
+    """Engine files relative to the student folder (copied in when the target wrote elsewhere)."""
+    files: dict[str, str] = {}
+    for key, value in (getattr(art, "files", None) or {}).items():
+        src = Path(value)
+        if not src.exists():
+            continue
+        try:
+            rel = src.resolve().relative_to(folder.resolve())
+        except ValueError:
+            dst = folder / src.name
+            if src.is_dir():
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+            else:
+                shutil.copy2(src, dst)
+            rel = Path(src.name)
+        files[str(key)] = str(rel)
+    return files
+
+
+def last_artifact(student: Student) -> Any:
+    arts = [a for k, a in student.artifacts.items() if k != "record"]
+    return arts[-1] if arts else None
+
+
+def _recorded(state: CompileState) -> bool:
+    """every student has a record"""
+    return all("record" in s.artifacts for s in state.students)
+
+
+@register_pass
+class RecordPass(Pass):
+    """Write each student's program (and hf/), run the metric, measure fidelity and the budgets."""
+
+    name = "record"
+    requires = (Fact("lowered"),)
+    ensures = (_recorded,)
+
+    def run(self, state: CompileState) -> PassResult:
+        from potstill.fidelity import fidelity_floor, student_fidelity
+        from potstill.manifest import save_hf, save_program
+
+        profile = state_profile(state)
+        for student in state.students:
+            folder = student_dir(state, student)
+            folder.mkdir(parents=True, exist_ok=True)
+            art = last_artifact(student)
+            notes: list[str] = list(getattr(art, "notes", []) or [])
+            files = _engine_files(folder, art) if art is not None else {}
+            pt2 = save_program(student.module, state.example_inputs, state.example_kwargs, folder / "student.pt2",
+                               fixed_batch=getattr(profile, "batch", None))  # fmt: skip
+            if pt2["file"]:
+                files["pt2"] = pt2["file"]
+            if pt2["note"]:
+                notes.append(f"student.pt2: {pt2['note']}")
+            if state.hf is not None:
+                notes += save_hf(student.module, state.hf, folder / "hf")
+                files["hf"] = "hf"
+            if state.metric is not None:
+                student.metrics["metric"] = run_metric(state.metric, student.module, f"student '{student.name}'")
+            fid = student_fidelity(state, student)  # into student.metrics["fidelity"]
+            floor = fidelity_floor(profile)
+            if fid is not None and not fid.ok(floor):
+                what = "NaN: outputs not finite" if not fid.finite else f"{fid.score:.3f} below the floor {floor:g}"
+                notes.append(f"FIDELITY {what} on held-out data ({fid.summary()})")
+            latency = latency_record(art, student.module, state)
+            if latency is not None and latency["source"] == "pytorch":
+                notes.append("latency is PyTorch's: the engine was not timed on this machine")
+            memory = weight_bytes(student.module) + int(state.analysis(student).cost.peak_activation_bytes)
+            budgets = check_budgets(profile, latency, memory)
+            for key, b in budgets.items():
+                if not b["ok"]:
+                    notes.append(f"OVER BUDGET: {key.split('_')[0]} {b['measured'] if b['measured'] is None else round(b['measured'], 3)} "
+                                 f"> {b['budget']:g} {key.split('_')[1]} (profile {profile.name})")  # fmt: skip
+            student.metrics["budgets"] = budgets
+            student.artifacts["record"] = {
+                "files": files, "notes": notes, "dynamic_batch": pt2["dynamic_batch"], "latency_ms": latency,
+                "memory_bytes": memory, "target": getattr(art, "target", None), "precision": getattr(art, "precision", None),
+            }  # fmt: skip
+        state.facts.add("recorded")
+        return PassResult(state, False)
+
+
+@dataclass(frozen=True)
+class TeacherOptions:
+    #: the target the students are lowered to
+    target: str = "onnxruntime"
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+
+
+def _teacher_recorded(state: CompileState) -> bool:
+    """the teacher's record is in state.shared.record"""
+    return bool(state.shared.record)
+
+
+@register_pass
+class TeacherRecordPass(Pass):
+    """Lower the teacher like the students (into the work area) and record its cost, metric and latency."""
+
+    name = "record.teacher"
+    Options = TeacherOptions
+    ensures = (_teacher_recorded,)
+
+    def run(self, state: CompileState) -> PassResult:
+        from potstill.manifest import architecture, cost, parity_dict
+
+        analysis = state.teacher_analysis()
+        scratch = Path(state.work_dir or tempfile.mkdtemp(prefix="potstill-teacher-")) / "teacher-engine"
+        if scratch.exists():
+            shutil.rmtree(scratch)
+        art = lower_module(state, state.teacher, scratch, self.options.target, state_profile(state), name="teacher")
+        if state.metric is not None and state.shared.metric is None:
+            state.shared.metric = run_metric(state.metric, state.teacher, "teacher")
+        state.shared.record = {
+            **cost(analysis), "metric": state.shared.metric, "architecture": architecture(analysis),
+            "hf": state.hf, "latency_ms": latency_record(art, state.teacher, state),
+            "parity": parity_dict(art.parity), "target": art.target, "precision": art.precision,
+        }  # fmt: skip
+        return PassResult(state, False)
