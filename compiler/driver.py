@@ -94,8 +94,18 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _check_teacher(teacher: Teacher, note: Note) -> None:
-    """Dtype and input size, before any heavy work."""
+def _float32(batch: Any) -> Any:
+    """A batch with its floating tensors in float32 (the teacher was converted)."""
+    b = as_batch(batch)
+
+    def f(x: Any) -> Any:
+        return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    return replace(b, args=tuple(f(a) for a in b.args), kwargs={k: f(v) for k, v in b.kwargs.items()})
+
+
+def _check_teacher(teacher: Teacher, note: Note) -> bool:
+    """Dtype and input size, before any heavy work; True when the teacher was converted to float32."""
     dtypes = {p.dtype for p in teacher.module.parameters()} | {b.dtype for b in teacher.module.buffers() if b.is_floating_point()}
     odd = sorted(str(d) for d in dtypes if d.is_floating_point and d not in (torch.float32, torch.float16))
     if odd:
@@ -104,10 +114,23 @@ def _check_teacher(teacher: Teacher, note: Note) -> None:
         teacher.module.float()
         teacher.example_inputs = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                                        for a in teacher.example_inputs)  # fmt: skip
+        teacher.example_kwargs = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                                  for k, v in teacher.example_kwargs.items()}  # fmt: skip
     for i, a in enumerate(teacher.example_inputs):
         if isinstance(a, torch.Tensor) and a.numel() > MAX_INPUT_ELEMENTS:
             raise InputError(f"example input {i} has shape {tuple(a.shape)} ({a.numel():,} elements, more than "
                              f"{MAX_INPUT_ELEMENTS:,}); give a realistic --input-shape such as 1x3x224x224")  # fmt: skip
+    return bool(odd)
+
+
+def _check_shapes(shapes: Sequence[str]) -> None:
+    from .frontend import parse_input_shape
+
+    for text in shapes:
+        n = math.prod(parse_input_shape(text))
+        if n > MAX_INPUT_ELEMENTS:
+            raise InputError(f"--input-shape {text}: {n:,} elements, more than {MAX_INPUT_ELEMENTS:,}; "
+                             "give a realistic shape such as 1x3x224x224")  # fmt: skip
 
 
 def _run_teacher_once(teacher: Teacher) -> Any:
@@ -153,15 +176,18 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     target = opts.target or profile.target
     plan_students(opts, target)  # fails fast on a bad pipeline, before loading anything big
 
+    _check_shapes(opts.input_shapes)
     note(f"loading teacher {opts.teacher}")
     default_shapes = tuple("x".join(map(str, s)) for s in (profile.input_shapes or []))
     teacher = load_teacher(opts.teacher, opts.input_shapes, seed=seed, default_shapes=default_shapes)
-    _check_teacher(teacher, note)
+    converted = _check_teacher(teacher, note)
     example_output = _run_teacher_once(teacher)
     if opts.min_fidelity is not None:
         profile = profile.model_copy(update={"min_fidelity": float(opts.min_fidelity)})
     calib_source = load_calibration(opts.calib, teacher, note=note)
     calib_batches = _materialise(calib_source, "calibration data") if calib_source is not None else []
+    if converted:
+        calib_batches = [_float32(b) for b in calib_batches]
     if len(calib_batches) == 1 and as_batch(calib_batches[0]).size < 2:
         note("note: the calibration data is one sample: fidelity is measured on it too (no held-out split)")
         calib, heldout = calib_batches, calib_batches
@@ -172,6 +198,9 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
         note(f"warning: {warning}" if warning else "warning: no calibration data (--calib): data-driven steps use "
              "random inputs and fidelity is measured on random inputs shaped like the example inputs")  # fmt: skip
     train = load_data(opts.data, teacher, "--data", note=note) if opts.data else teacher.hooks.get("train_data")
+    if converted and train is not None:
+        raw_train = train
+        train = lambda: (_float32(b) for b in raw_train())  # noqa: E731
     evaluation = load_callable(opts.eval_data) if opts.eval_data else teacher.hooks.get("eval_data")
     metric = teacher.hooks.get("metric")
     state = CompileState.from_teacher(

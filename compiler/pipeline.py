@@ -307,14 +307,14 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         raise TypeError(f"{cls.__name__}.Options must be a frozen dataclass")
     predicates(cls.requires)  # type-checks the declarations now rather than at the first run
     predicates(cls.ensures)
+    builtin = BUILTIN_PASSES.get(cls.name)
+    if builtin is not None and cls.__module__ != builtin:
+        raise InputError(f"pass name '{cls.name}' is a built-in pass ({builtin}); {_origin(cls)} must use another name")
     old = _REGISTRY.get(cls.name)
     if old is not None and _origin(old) != _origin(cls):
         raise InputError(
             f"pass name '{cls.name}' is taken by {_origin(old)}; {_origin(cls)} must use another name"
         )
-    builtin = BUILTIN_PASSES.get(cls.name)
-    if builtin is not None and cls.__module__ != builtin:
-        raise InputError(f"pass name '{cls.name}' is a built-in pass ({builtin}); {_origin(cls)} must use another name")
     _REGISTRY[cls.name] = cls
     return cls
 

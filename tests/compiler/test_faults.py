@@ -1,0 +1,363 @@
+"""Fault injection for the command: bad flags and recipes, failing user code, kills, Ctrl-C,
+concurrent compiles, a corrupt cache, plugins, budgets and torchrun. Each row of
+docs/fault-injection.md is one of these tests.
+
+Most use a tiny MLP teacher (a compile takes seconds); the torchrun test uses the digits example.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from potstill.cli import main
+from potstill.pipeline import Pass
+from potstill.state import CompileState
+
+REPO = Path(__file__).resolve().parents[2]
+DIGITS = f"{REPO / 'examples' / 'digits_cnn.py'}:teacher"
+
+TINY = '''
+import torch
+from torch import nn
+
+def teacher():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)){dtype}
+
+def example_inputs():
+    return (torch.randn(2, 8){dtype},)
+
+def calib_data():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 8, generator=g){dtype} for _ in range(4)]
+{extra}
+'''
+
+#: runs the CLI in a child that kills itself (SIGKILL) or interrupts itself (SIGINT) at a stage:
+#: a pass name, or a step of the output folder's swap
+KILLER = '''
+import os, signal, sys
+import potstill.outdir as od
+import potstill.pipeline as pl
+
+stage, sig = sys.argv[1], getattr(signal, sys.argv[2])
+call = pl.Pass.__call__
+
+def hooked(self, state):
+    if self.name == stage:
+        if sig == signal.SIGSTOP:  # hold the lock: stand still until the test kills us
+            import time
+            print("holding", flush=True)
+            time.sleep(120)
+        os.kill(os.getpid(), sig)
+    return call(self, state)
+
+pl.Pass.__call__ = hooked
+od._checkpoint = lambda step: os.kill(os.getpid(), sig) if step == stage else None
+from potstill.cli import main
+sys.exit(main(sys.argv[3:]))
+'''
+
+
+def tiny(tmp_path: Path, extra: str = "", dtype: str = "") -> str:
+    path = tmp_path / "tiny.py"
+    path.write_text(TINY.format(extra=textwrap.dedent(extra), dtype=dtype))
+    return f"{path}:teacher"
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+# ---------------------------------------------------------------------------------------------
+# Options that used to be accepted and ignored
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--pipeline", "prune.width{ratio=0.5}", "--drop-layers", "1"], "--drop-layers with --pipeline"),
+        (["--pipeline", "prune.width{ratio=0.5}", "--keep-layers", "2"], "--keep-layers with --pipeline"),
+        (["--pipeline", "prune.width{ratio=0.5}", "--importance", "taylor"], "--importance with --pipeline"),
+        (["--pipeline", "prune.width{ratio=0.5}", "--distill-epochs", "2"], "--distill-epochs with --pipeline"),
+        (["--pipeline", "prune.width{ratio=0.5}", "--ratio", "0.3"], "ratio into the pipeline"),
+        (["--distill-epochs", "-3"], "use --no-distill"),
+        (["--pipeline", ",,,"], "empty item"),
+        (["--pipeline", "prune.width{ratio=0.5,ratio=0.3}"], "given twice"),
+        (["--pipeline", "prune.widht{ratio=0.5}"], "did you mean 'prune.width'"),
+    ],
+)
+def test_moot_or_malformed_flags_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], fragment: str
+) -> None:
+    code, _, err = run_cli(["compile", DIGITS, *flags, "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and fragment in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_of_range_seed_is_refused_by_the_parser(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["compile", DIGITS, "--seed", "100000000000000000000000", "-o", str(tmp_path / "o")])
+    assert e.value.code == 2 and "out of range" in capsys.readouterr().err
+
+
+def test_unknown_recipe_key_names_the_closest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"version: 1\nteacher: {DIGITS}\npipelne: importance.magnitude\n")
+    code, _, err = run_cli(["compile", "--recipe", str(recipe), "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and "unknown key 'pipelne' (did you mean 'pipeline'?)" in err
+
+
+def test_recipe_train_without_a_distilling_pass_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"version: 1\nteacher: {DIGITS}\npipeline: importance.magnitude,prune.width{{ratio=0.5}}\n"
+                      "train: {lr: 0.01}\n")  # fmt: skip
+    code, _, err = run_cli(["compile", "--recipe", str(recipe), "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and "train: no distillation pass" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# User code that fails, checked before heavy work
+
+
+@pytest.mark.parametrize(
+    ("metric", "fragment"),
+    [
+        ("def metric(model):\n    raise RuntimeError('labels missing')\n", "metric() raised on the teacher: RuntimeError: labels missing"),
+        ("def metric(model):\n    return 'great'\n", "metric() returned str 'great' on the teacher"),
+    ],
+)
+def test_metric_that_fails_exits_2_before_heavy_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], metric: str, fragment: str
+) -> None:
+    code, _, err = run_cli(["compile", tiny(tmp_path, metric), "--no-distill", "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and fragment in err and "Traceback" not in err
+    assert "student" not in err  # nothing was planned to run
+
+
+def test_input_of_the_wrong_rank_is_blamed_on_the_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "conv.py"
+    path.write_text("from torch import nn\n\ndef teacher():\n    return nn.Conv2d(3, 4, 3)\n")
+    code, _, err = run_cli(["compile", f"{path}:teacher", "--input-shape", "1x3", "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and "does not run on its example inputs [(1, 3)]" in err and "--input-shape" in err
+    assert "control flow" not in err
+
+
+def test_huge_input_shape_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "conv.py"
+    path.write_text("from torch import nn\n\ndef teacher():\n    return nn.Conv2d(3, 4, 3)\n")
+    code, _, err = run_cli(["compile", f"{path}:teacher", "--input-shape", "64x3x20000x20000", "-o",
+                            str(tmp_path / "out")], capsys)  # fmt: skip
+    assert code == 2 and ("realistic --input-shape" in err or "input" in err)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole compiles of the tiny teacher
+
+
+@pytest.fixture(scope="module")
+def good_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    base = tmp_path_factory.mktemp("good")
+    teacher = tiny(base)
+    out = base / "out"
+    assert main(["compile", teacher, "--no-distill", "--ratio", "0.5", "-o", str(out)]) == 0
+    return out, teacher
+
+
+def test_float64_teacher_is_converted_with_a_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(["compile", tiny(tmp_path, dtype=".double()"), "--no-distill", "-o", str(tmp_path / "out")], capsys)
+    assert code == 0 and "torch.float64" in err and "converted" in err
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["students"][0]["parity"]["ok"]
+
+
+def test_corrupt_cached_engine_is_rebuilt(good_out: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    src, teacher = good_out
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    onnx = out / "students" / "w50" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:100])  # truncated
+    code, _, err = run_cli(["compile", teacher, "--no-distill", "--ratio", "0.5", "-o", str(out)], capsys)
+    assert code == 0 and "cached files changed" in err and "unchanged since the last run" not in err
+    m = json.loads((out / "manifest.json").read_text())
+    assert onnx.stat().st_size > 1000 and m["students"][0]["sha256"]["model.onnx"]
+    code, _, err = run_cli(["compile", teacher, "--no-distill", "--ratio", "0.5", "-o", str(out)], capsys)
+    assert code == 0 and "unchanged since the last run" in err  # intact: reused
+
+
+def test_local_module_change_invalidates_the_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "helper.py").write_text("WIDTH = 32\n")
+    teacher = tiny(tmp_path, "import helper  # noqa\n")
+    out = tmp_path / "out"
+    assert run_cli(["compile", teacher, "--no-distill", "-o", str(out)], capsys)[0] == 0
+    (tmp_path / "helper.py").write_text("WIDTH = 33\n")
+    code, _, err = run_cli(["compile", teacher, "--no-distill", "-o", str(out)], capsys)
+    assert code == 0 and "unchanged since the last run" not in err
+    m = json.loads((out / "manifest.json").read_text())
+    assert any(k.endswith("helper.py") for k in m["inputs"]["sources"])
+
+
+def test_latency_budget_miss_is_marked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    profile = tmp_path / "tight.yaml"
+    text = (REPO / "profiles" / "cpu.yaml").read_text()
+    profile.write_text(text.replace("latency_budget_ms: null", "latency_budget_ms: 0.000001")
+                       .replace("memory_budget_mb: null", "memory_budget_mb: 0.0001").replace("name: cpu", "name: tight"))
+    code, _, err = run_cli(["compile", tiny(tmp_path), "--no-distill", "--profile", str(profile), "-o",
+                            str(tmp_path / "out")], capsys)  # fmt: skip
+    assert code == 0 and "warning: student w50: OVER BUDGET: latency" in err and "OVER BUDGET: memory" in err
+    (s,) = json.loads((tmp_path / "out" / "manifest.json").read_text())["students"]
+    assert s["budgets"]["latency_ms"]["ok"] is False and s["budgets"]["memory_mb"]["ok"] is False
+    assert "OVER BUDGET" in (tmp_path / "out" / "report.md").read_text()
+
+
+PLUGIN = '''
+from dataclasses import dataclass
+from potstill.pipeline import function_pass
+
+
+@dataclass(frozen=True)
+class NudgeOptions:
+    #: how much to add to the last layer's bias
+    amount: float = 0.0
+
+
+@function_pass("my.nudge", options=NudgeOptions, requires={"pruned"})
+def nudge(state, opts):
+    """Add a constant to the working student's last bias (a test pass)."""
+    import torch
+    with torch.no_grad():
+        list(state.working().module.parameters())[-1].add_(opts.amount)
+    return opts.amount != 0
+'''
+
+
+def test_plugin_pass_from_the_cli(registry: dict[str, type[Pass]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plugin = tmp_path / "my_passes.py"
+    plugin.write_text(PLUGIN)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["compile", tiny(tmp_path), "--plugin", str(plugin), "--pipeline",
+                            "importance.magnitude,prune.width{ratio=0.5},my.nudge{amount=0.1}", "-o", str(out)], capsys)  # fmt: skip
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    (s,) = m["students"]
+    assert s["pipeline"] == ["importance.magnitude", "prune.width{ratio=0.5}", "my.nudge{amount=0.1}",
+                             "lower.onnxruntime", "record"]  # fmt: skip
+    assert str(plugin.resolve()) in m["inputs"]["sources"]
+    code, printed, _ = run_cli(["passes", "my.nudge", "--plugin", str(plugin)], capsys)
+    assert code == 0 and "amount: float = 0.0  how much to add" in printed and "requires: pruned" in printed
+
+
+def test_plugin_cannot_replace_a_builtin(registry: dict[str, type[Pass]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plugin = tmp_path / "evil.py"
+    plugin.write_text(PLUGIN.replace("my.nudge", "prune.width"))
+    code, _, err = run_cli(["compile", tiny(tmp_path), "--plugin", str(plugin), "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and "'prune.width' is a built-in pass" in err
+
+
+def test_family_students_come_from_an_unchanged_teacher() -> None:
+    teacher = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    teacher[0].weight.requires_grad_(False)  # the user froze a part on purpose
+    state = CompileState.from_teacher(teacher, (torch.randn(2, 4),))
+    state.teacher.requires_grad_(False)  # what a trainer does to the teacher it reads
+    student = state.new_student("w50")
+    assert [p.requires_grad for p in student.module.parameters()] == [False, True, True, True]
+    state.restore_teacher()
+    assert [p.requires_grad for p in teacher.parameters()] == [False, True, True, True]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kills, Ctrl-C and a second compile
+
+
+def _killed(stage: str, sig: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    script = cwd / "killer.py"
+    script.write_text(KILLER)
+    return subprocess.run([sys.executable, str(script), stage, sig, *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd, check=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", ["prune.width", "lower.onnxruntime", "record", "record.teacher", "marked", "aside", "swapped"])
+def test_kill_at_every_stage_keeps_or_recovers_out(
+    good_out: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str], stage: str
+) -> None:
+    import shutil
+
+    src, teacher = good_out
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    before = (out / "manifest.json").read_text()
+    proc = _killed(stage, "SIGKILL", ["compile", teacher, "--no-distill", "--ratio", "0.4", "-o", str(out)], tmp_path)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    if stage not in ("aside", "swapped"):
+        assert (out / "manifest.json").read_text() == before  # the old OUT is untouched
+    code, _, err = run_cli(["compile", teacher, "--no-distill", "--ratio", "0.4", "-o", str(out)], capsys)
+    assert code == 0, err
+    assert json.loads((out / "manifest.json").read_text())["students"][0]["name"] == "w40"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name.endswith((".tmp", ".old"))] == []
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(good_out: tuple[Path, str], tmp_path: Path) -> None:
+    import shutil
+
+    src, teacher = good_out
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    before = (out / "manifest.json").read_text()
+    proc = _killed("lower.onnxruntime", "SIGINT", ["compile", teacher, "--no-distill", "--ratio", "0.4", "-o", str(out)], tmp_path)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("interrupted")
+    assert (out / "manifest.json").read_text() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_concurrent_compile_into_one_out_is_refused(good_out: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, teacher = good_out
+    out = tmp_path / "out"
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    first = subprocess.Popen([sys.executable, str(script), "record", "SIGSTOP", "compile", teacher, "--no-distill",
+                              "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # fmt: skip
+    try:
+        assert first.stdout is not None and first.stdout.readline().strip() == "holding"
+        code, _, err = run_cli(["compile", teacher, "--no-distill", "-o", str(out)], capsys)
+        assert code == 2 and f"another potstill compile (pid {first.pid})" in err
+    finally:
+        first.kill()
+        first.wait()
+    assert run_cli(["compile", teacher, "--no-distill", "-o", str(out)], capsys)[0] == 0  # the lock died with it
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_train_and_rank_0_writes(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "potstill",
+         "compile", DIGITS, "--ratio", "0.5", "--distill-epochs", "1", "-o", str(out)],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    m = json.loads((out / "manifest.json").read_text())
+    (s,) = m["students"]
+    assert s["pipeline"][2] == "distill{epochs=1}" and s["metrics"]["distill"]["steps"] > 0
+    assert s["metric"] > 0.5  # trained: pruned without distillation it is near chance
+    assert proc.stdout.count("wrote ") == 1  # one writer
+    assert time.time() - t0 < 900
