@@ -224,3 +224,28 @@ def test_student_fidelity_measures_on_the_heldout_split_and_records_it():
     fid = student_fidelity(state, student, "fidelity_before_distill")
     assert fid is not None and fid.task == "classification" and fid.n == 16 and fid.score == 1.0
     assert student.metrics["fidelity_before_distill"] == fid.to_dict()
+
+
+def test_fidelity_pass_records_a_stage_and_needs_heldout_data():
+    from potstill.pipeline import PassManager, build_pipeline
+    from potstill.state import CompileState, Student
+
+    teacher = nn.Sequential(nn.Linear(4, 3)).eval()
+    state = CompileState(teacher=teacher, example_inputs=(torch.randn(1, 4),))
+    state.students.append(Student("s", copy.deepcopy(teacher)))
+    with pytest.raises(Exception, match="held-out"):
+        PassManager(build_pipeline("fidelity{stage=before_distill}")).run(state)
+    state.heldout_data = lambda: iter([torch.randn(4, 4)])
+    PassManager(build_pipeline("fidelity{stage=before_distill}")).run(state)
+    assert state.students[0].metrics["fidelity_before_distill"]["score"] == 1.0
+    with pytest.raises(InputError):
+        build_pipeline("fidelity")  # the stage is required: the manifest key must say what was measured
+
+
+def test_fidelity_floor_reads_the_profile():
+    from potstill.fidelity import DEFAULT_MIN_FIDELITY, fidelity_floor
+    from potstill.profiles import load_profile
+
+    profile = load_profile("cpu")
+    assert fidelity_floor(profile) == DEFAULT_MIN_FIDELITY
+    assert fidelity_floor(profile.model_copy(update={"min_fidelity": 0.9})) == 0.9
