@@ -14,7 +14,7 @@ Fidelity is what potstill itself measured on the held-out quarter of the calibra
 (``manifest.json``); speed-up is its measured engine latency, teacher / student. One compile at a
 time, each in a child process; prints a table and writes ``bench/results/fidelity_default.json``.
 
-    nice -n 10 .venv/bin/python bench/fidelity_default.py [--only digits effnet minilm] [--keep OUTDIR]
+    nice -n 10 .venv/bin/python bench/fidelity_default.py [--only digits effnet minilm] [--keep OUTDIR] [--ablate-bn]
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def cases(work: Path) -> dict[str, dict[str, Any]]:
 def run_case(name: str, case: dict[str, Any], work: Path, profile: str) -> dict[str, Any]:
     if "prepare" in case:
         case["prepare"]()
-    out = work / f"out-{name}"
+    out = work / ("out-" + "".join(c if c.isalnum() else "-" for c in name))
     argv = [*POTSTILL, "compile", *case["argv"], "--profile", profile, "--no-cache", "-o", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     print("$ potstill", " ".join(argv[1:]).replace(str(work), "$WORK"), flush=True)
@@ -126,6 +126,19 @@ def run_case(name: str, case: dict[str, Any], work: Path, profile: str) -> dict[
     return record
 
 
+def without_bn(case: dict[str, Any], record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ablation cases: each default student's recorded pipeline minus ``bn.recalibrate``, via ``--pipeline``."""
+    argv = case["argv"]
+    moot = {i for i, a in enumerate(argv) if a == "--ratio"}
+    moot |= {i + 1 for i in moot} | {i for i, a in enumerate(argv) if a == "--no-distill"}
+    kept = [a for i, a in enumerate(argv) if i not in moot]
+    ablated = []
+    for s in record.get("students", []):
+        steps = [p for p in s["pipeline"] or [] if p not in ("bn.recalibrate", "record")]
+        ablated.append({"argv": [*kept, "--pipeline", ",".join(steps)], "target": case["target"]})
+    return ablated
+
+
 def _met(target: dict[str, float], row: dict[str, Any]) -> bool:
     score = (row.get("fidelity") or {}).get("score")
     checks = {
@@ -146,14 +159,21 @@ def main() -> None:
     parser.add_argument(
         "--keep", metavar="DIR", help="keep the compile outputs here (default: a temporary folder)"
     )
+    parser.add_argument("--ablate-bn", action="store_true",
+                        help="also compile each default student's pipeline without bn.recalibrate (--pipeline)")  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="potstill-fidelity-") as tmp:
         work = Path(args.keep or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
         todo = cases(work)
-        records = [
-            run_case(n, c, work, args.profile) for n, c in todo.items() if not args.only or n in args.only
-        ]
+        records = []
+        for name, case in todo.items():
+            if args.only and name not in args.only:
+                continue
+            records.append(run_case(name, case, work, args.profile))
+            if args.ablate_bn and "students" in records[-1]:
+                for k, abl in enumerate(without_bn(case, records[-1])):
+                    records.append(run_case(f"{name} w/o bn.recalibrate #{k + 1}", abl, work, args.profile))
     table = Table(title=f"default potstill compile, no training (profile {args.profile})")
     for col in (
         "case",
