@@ -23,6 +23,7 @@ in ``DistributedInstrument``).
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import time
