@@ -79,8 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pass pipeline, e.g. 'importance.taylor,prune.width{ratio=0.5},distill{epochs=3}'; "
                         "'$ratio' there makes one student per --ratio")  # fmt: skip
     c.add_argument("--recipe", metavar="recipe.yaml", help="YAML with teacher, profile, data, pipeline/stages; flags override it")
-    c.add_argument("--data", metavar="FILE.py:FN", help="training data for distillation (FN() yields batches)")
-    c.add_argument("--calib", metavar="FILE.py:FN", help="calibration data (FN() yields batches); for text models also a .txt file")
+    c.add_argument("--data", metavar="FILE.py:FN",
+                   help="training data for distillation: FN() yields batches; or a .txt corpus (text models) or a folder of images")  # fmt: skip
+    c.add_argument("--calib", metavar="FILE.py:FN",
+                   help="calibration data: FN() yields batches; or a .txt corpus (text models) or a folder of "
+                        "images (image models); a quarter is held out to measure fidelity")  # fmt: skip
+    c.add_argument("--min-fidelity", type=float, default=None, metavar="F",
+                   help="fidelity floor (0..1; default: the profile's min_fidelity, else 0.8): students whose "
+                        "score against the teacher is lower are flagged (still written)")  # fmt: skip
     depth = c.add_mutually_exclusive_group()
     depth.add_argument("--drop-layers", type=int, metavar="N", help="also remove N blocks (depth pruning)")
     depth.add_argument("--keep-layers", type=int, metavar="N", help="also prune depth down to N blocks")
@@ -163,7 +169,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         calib=args.calib, drop_layers=args.drop_layers, keep_layers=args.keep_layers,
         importance=args.importance, target=args.target, seed=args.seed, debug=args.debug, cache=not args.no_cache,
         distill=not args.no_distill, distill_epochs=args.distill_epochs, plugins=tuple(args.plugin),
-        force=args.force, resume=True if args.resume else None, max_memory=args.max_memory,
+        force=args.force, resume=True if args.resume else None, max_memory=args.max_memory, min_fidelity=args.min_fidelity,
         teacher_timing=not args.no_teacher_timing, progress=not (args.quiet or args.json),
     )  # fmt: skip
     result = compile_teacher(opts, note=note)

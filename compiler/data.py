@@ -8,7 +8,8 @@ A ``Batch`` is what a model consumes: positional ``args``, keyword ``kwargs`` an
 * a dict (Hugging Face style)          -> ``Batch((), kwargs, target=kwargs.pop("labels"))``
 * a ``Batch``                          -> itself
 
-``load_callable("path/to/file.py:fn")`` imports a user function from a file.
+``load_callable("path/to/file.py:fn")`` imports a user function from a file. ``image_files`` and
+``load_image`` read a folder of photographs (PIL) for calibration.
 """
 
 from __future__ import annotations
@@ -142,3 +143,54 @@ def iter_batches(source: Callable[..., Any] | Iterable[Any], limit: int | None =
         if limit is not None and i >= limit:
             break
         yield as_batch(item)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders
+
+#: file suffixes read as images (anything PIL opens; these are the common ones)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def image_files(folder: str | Path, flag: str = "--calib") -> list[Path]:
+    """The image files directly in ``folder``, sorted by name (a fixed order: deterministic batches)."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise InputError(f"{flag} '{folder}': no such folder")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(f"{flag} '{folder}': the folder has no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def load_image(path: Path, channels: int, flag: str = "--calib") -> Any:
+    """A PIL image in RGB (3 channels) or grayscale (1 channel); InputError naming a file PIL cannot read."""
+    from PIL import Image, UnidentifiedImageError
+
+    if channels not in (1, 3):
+        raise InputError(f"{flag} '{path.parent}': images give 1 or 3 channels, the teacher takes {channels}")
+    try:
+        with Image.open(path) as img:
+            return img.convert("L" if channels == 1 else "RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise InputError(f"{flag} '{path}': cannot read the image ({e}); remove it or convert it to PNG/JPEG") from e
+
+
+def resize_center_crop(image: Any, height: int, width: int) -> torch.Tensor:
+    """``[C, H, W]`` floats in [0, 1]: scale so the image covers ``height x width``, then crop the centre.
+
+    The usual evaluation transform of image classifiers (resize, centre crop) without distorting
+    the aspect ratio.
+    """
+    import numpy as np
+    from PIL import Image
+
+    w0, h0 = image.size
+    scale = max(height / h0, width / w0)
+    w1, h1 = max(width, round(w0 * scale)), max(height, round(h0 * scale))
+    image = image.resize((w1, h1), Image.Resampling.BICUBIC)
+    left, top = (w1 - width) // 2, (h1 - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    arr = np.asarray(image, dtype=np.float32) / 255.0
+    x = torch.from_numpy(arr.copy())
+    return x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1).contiguous()

@@ -41,7 +41,7 @@ from .atomic import atomic_write_json
 from .cachekey import artifact_hashes, batches_sha256, cache_key, local_sources, plan_key
 from .data import as_batch, load_callable
 from .errors import InputError
-from .frontend import Teacher, load_calibration, load_teacher
+from .frontend import Teacher, load_calibration, load_data, load_teacher, random_calibration_warning
 from .manifest import build_manifest, student_entry, write_manifest
 from .memory import module_weights, preflight_memory
 from .outdir import OutputFolder, inside
@@ -58,6 +58,7 @@ from .plan import (
 from .plugins import load_plugins
 from .progress import PassProgress
 from .ranks import DistributedInstrument, Ranks
+from .report import warnings as report_warnings
 from .report import write_report
 from .state import CompileState
 from .teacher_guard import TeacherGuard
@@ -199,15 +200,22 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     if sized is None:
         preflight_memory(teacher.module, max_memory=opts.max_memory, note=note)
     example_output = _run_teacher_once(teacher)
+    if opts.min_fidelity is not None:
+        profile = profile.model_copy(update={"min_fidelity": float(opts.min_fidelity)})
     calib_source = load_calibration(opts.calib, teacher, note=note)
     calib_batches = _materialise(calib_source, "calibration data") if calib_source is not None else []
     if converted:
         calib_batches = [_float32(b) for b in calib_batches]
-    calib, heldout = split_heldout(calib_batches) if calib_batches else ([], [])
-    if calib_batches and not heldout:
-        note("note: one calibration batch: fidelity is measured on it too (no held-out split)")
-        heldout = calib
-    train = load_callable(opts.data) if opts.data else teacher.hooks.get("train_data")
+    if len(calib_batches) == 1 and as_batch(calib_batches[0]).size < 2:
+        note("note: the calibration data is one sample: fidelity is measured on it too (no held-out split)")
+        calib, heldout = calib_batches, calib_batches
+    else:
+        calib, heldout = split_heldout(calib_batches) if calib_batches else ([], [])
+    if not calib_batches:
+        warning = random_calibration_warning(teacher)
+        note(f"warning: {warning}" if warning else "warning: no calibration data (--calib): data-driven steps use "
+             "random inputs and fidelity is measured on random inputs shaped like the example inputs")  # fmt: skip
+    train = load_data(opts.data, teacher, "--data", note=note) if opts.data else teacher.hooks.get("train_data")
     if converted and train is not None:
         raw_train = train
         train = lambda: (_float32(b) for b in raw_train())  # noqa: E731
@@ -219,6 +227,11 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
         train_data=train, eval_data=evaluation, metric=metric, hf=teacher.hf, seed=seed, work_dir=folder.work_dir,
         teacher_spec=teacher.spec,
     )  # fmt: skip
+    if not heldout:  # fidelity is measured for every student, on random inputs when nothing else exists
+        from potstill.passes.importance.base import random_batches
+
+        heldout = random_batches(state, teacher.module, 4)
+        state.heldout_data = lambda: iter(heldout)
     if metric is not None:
         from potstill.targets.passes import run_metric
 
@@ -238,6 +251,7 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     sources = local_sources([*teacher.sources, *plugin_files, *_spec_files(opts)], extra=plugin_files)
     inputs = _inputs_record(opts, teacher, plans, sources)
     inputs["calib"]["batches_sha256"] = batches_sha256(calib_batches) if calib_batches else None
+    inputs["calib"].update(random=not calib_batches, batches=len(calib), heldout_batches=len(heldout))
     if train is not None:
         inputs["data"] = {**(inputs["data"] or {}), "batches_sha256": batches_sha256(_materialise(train, "training data"))}
     base_key = cache_key(inputs, profile, target)
@@ -449,12 +463,10 @@ def compile_teacher(
     p.ranks.barrier()  # the other ranks wait until OUT is written
     # every student is in OUT: checkpoints and the teacher's scratch engine are no longer needed
     shutil.rmtree(p.folder.work_dir, ignore_errors=True)
-    warnings = [f"student {e['name']}: {n}" for e in entries for n in e.get("notes", [])
-                if n.startswith(("OVER BUDGET", "FIDELITY"))]  # fmt: skip
+    warnings = [f"student {e['name']}: {n}" for e in entries for n in e.get("notes", []) if n.startswith("OVER BUDGET")]
+    warnings += report_warnings(manifest)  # fidelity below the floor or NaN, not distilled, random calibration
     for w in warnings:
         note(f"warning: {w}")
-    if any(not math.isfinite(float((e.get("fidelity") or {}).get("score", 0.0) or 0.0)) for e in entries):
-        note("warning: a student's fidelity is NaN (see the notes above)")
     return CompileResult(manifest, p.folder.path, list(timings.values()), warnings)
 
 

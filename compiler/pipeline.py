@@ -274,6 +274,8 @@ BUILTIN_PASSES: dict[str, str] = {
     "importance.blocks": "potstill.passes.importance.blocks",
     "prune.width": "potstill.passes.prune.width",
     "prune.depth": "potstill.passes.prune.depth",
+    "bn.recalibrate": "potstill.passes.prune.bn_recalibrate",
+    "fidelity": "potstill.fidelity",
     "distill": "potstill.passes.distill.pass_",
     "elastic.nest": "potstill.passes.elastic.pass_",
     "elastic.train": "potstill.passes.elastic.pass_",

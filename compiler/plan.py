@@ -1,8 +1,9 @@
 """What to build: compile options, the recipe schema, and one plan (name + passes) per student.
 
 With no ``--pipeline`` each ``--ratio R`` gives a student ``w{100R}`` built by
-``[importance.<estimator>,]prune.width{ratio=R}[,distill{epochs=N}]`` (the importance pass only with
-``--importance``; otherwise ``prune.width`` picks its estimator); ``--drop-layers N`` /
+``[importance.<estimator>,]prune.width{ratio=R},bn.recalibrate[,fidelity{stage=before_distill},distill{epochs=N}]``
+(the importance pass only with ``--importance``; otherwise ``prune.width`` picks its estimator);
+``--drop-layers N`` /
 ``--keep-layers N`` add ``prune.depth`` (and a tag ``dN`` / ``kN``). A user pipeline is one student,
 or one per ``--ratio`` when it contains ``$ratio``. Every plan then ends with the lowering pass
 (``lower.<target>``, unless the pipeline lowers already) and ``record``: the plan is the whole
@@ -94,6 +95,8 @@ class CompileOptions:
     recipe_data: Any = None
     #: the recipe as written (plus its "path"), for the manifest
     extra: dict[str, Any] = field(default_factory=dict)
+    #: fidelity floor (0..1) overriding the profile's ``min_fidelity``; students below it are flagged
+    min_fidelity: float | None = None
 
 
 @dataclass
@@ -269,6 +272,8 @@ def check_flags(opts: CompileOptions) -> None:
         raise InputError(f"--distill-epochs {opts.distill_epochs}: must be at least 1; use --no-distill for none")
     if opts.distill_epochs is not None and not opts.distill:
         raise InputError("--distill-epochs with --no-distill: give one of them")
+    if opts.min_fidelity is not None and not 0.0 <= float(opts.min_fidelity) <= 1.0:
+        raise InputError(f"--min-fidelity {opts.min_fidelity}: must be between 0 and 1 (a fidelity score)")
     if opts.seed is not None and not 0 <= int(opts.seed) <= SEED_MAX:
         raise InputError(f"--seed {opts.seed}: must be between 0 and {SEED_MAX}")
     if opts.pipeline:
@@ -401,6 +406,9 @@ def plan_students(opts: CompileOptions, target: str, distill_epochs: int | None 
             if r is not None:
                 steps += [*([importance] if importance else []), f"prune.width{{ratio={r:g}}}"]
                 tags.insert(0, _ratio_name(r))
+            steps.append("bn.recalibrate")  # BN statistics of the pruned widths (a no-op without BN)
+            if stages or distill_epochs is not None:
+                steps.append("fidelity{stage=before_distill}")
             if stages:
                 steps.append("distill.progressive")
             elif distill_epochs is not None:

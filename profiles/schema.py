@@ -122,6 +122,8 @@ class DeviceProfile(_Strict):
     sequence_length: int | None = Field(default=None, ge=1, le=65536)
     latency_budget_ms: float | None = Field(default=None, gt=0)
     memory_budget_mb: float | None = Field(default=None, gt=0)
+    #: fidelity floor: a student whose fidelity score to the teacher is below it is flagged (None: the default)
+    min_fidelity: float | None = Field(default=None, ge=0, le=1)
     tolerance: Tolerance = Field(default_factory=lambda: Tolerance())  # noqa: PLW0108
     channel_multiple: int = Field(default=1, ge=1)
     roofline: Roofline | None = None

@@ -19,7 +19,6 @@ so no backend imports a pass and the dependency runs one way: pipeline → passe
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -211,17 +210,6 @@ def run_metric(metric: Any, module: nn.Module, who: str) -> float:
     return float(value)
 
 
-def fidelity_record(state: CompileState, module: nn.Module) -> dict[str, Any] | None:
-    """Fidelity to the teacher on the held-out batches (None when there are none)."""
-    if state.heldout_data is None:
-        return None
-    from potstill.fidelity import infer_task, measure_fidelity
-
-    task = infer_task(state.teacher, state.hf, state.run_model(state.teacher))
-    fid = measure_fidelity(state.teacher, module, state.heldout_data(), task=task)
-    return {"task": fid.task, "score": fid.score, "measures": dict(fid.measures), "n": fid.n}
-
-
 def _engine_files(folder: Path, art: Any) -> dict[str, str]:
     """Engine files relative to the student folder (copied in when the target wrote elsewhere)."""
     files: dict[str, str] = {}
@@ -261,6 +249,7 @@ class RecordPass(Pass):
     ensures = (_recorded,)
 
     def run(self, state: CompileState) -> PassResult:
+        from potstill.fidelity import fidelity_floor, student_fidelity
         from potstill.manifest import save_program
 
         profile = state_profile(state)
@@ -280,11 +269,11 @@ class RecordPass(Pass):
             notes += reload_notes
             if state.metric is not None:
                 student.metrics["metric"] = run_metric(state.metric, student.module, f"student '{student.name}'")
-            fid = fidelity_record(state, student.module)
-            if fid is not None:
-                student.metrics["fidelity"] = fid
-                if not math.isfinite(fid["score"]):
-                    notes.append(f"FIDELITY NaN: the student's outputs are not finite on held-out data ({fid['measures']})")
+            fid = student_fidelity(state, student)  # into student.metrics["fidelity"]
+            floor = fidelity_floor(profile)
+            if fid is not None and not fid.ok(floor):
+                what = "NaN: outputs not finite" if not fid.finite else f"{fid.score:.3f} below the floor {floor:g}"
+                notes.append(f"FIDELITY {what} on held-out data ({fid.summary()})")
             latency = latency_record(art, student.module, state)
             if latency is not None and latency["source"] == "pytorch":
                 notes.append("latency is PyTorch's: the engine was not timed on this machine")

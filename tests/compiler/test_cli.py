@@ -64,25 +64,25 @@ def specs(plans: list[Any]) -> dict[str, str]:
 
 def test_default_plan_is_one_student_at_half_width(fakes: None) -> None:
     assert specs(plan_students(CompileOptions(), "onnxruntime")) == {
-        "w50": "prune.width{ratio=0.5},lower.onnxruntime,record"
+        "w50": "prune.width{ratio=0.5},bn.recalibrate,lower.onnxruntime,record"
     }
 
 
 def test_one_student_per_ratio_with_the_chosen_importance_and_target(fakes: None) -> None:
     plans = plan_students(CompileOptions(ratios=(0.3, 0.7), importance="taylor"), "aoti")
     assert specs(plans) == {
-        "w30": "importance.taylor,prune.width{ratio=0.3},lower.aoti,record",
-        "w70": "importance.taylor,prune.width{ratio=0.7},lower.aoti,record",
+        "w30": "importance.taylor,prune.width{ratio=0.3},bn.recalibrate,lower.aoti,record",
+        "w70": "importance.taylor,prune.width{ratio=0.7},bn.recalibrate,lower.aoti,record",
     }
 
 
 def test_depth_options_add_depth_pruning(fakes: None) -> None:
     plans = plan_students(CompileOptions(ratios=(0.5,), drop_layers=2), "onnxruntime")
     assert specs(plans) == {
-        "w50-d2": "importance.blocks,prune.depth{drop=2},prune.width{ratio=0.5},lower.onnxruntime,record"
+        "w50-d2": "importance.blocks,prune.depth{drop=2},prune.width{ratio=0.5},bn.recalibrate,lower.onnxruntime,record"
     }
     plans = plan_students(CompileOptions(keep_layers=3), "onnxruntime")
-    assert specs(plans) == {"k3": "importance.blocks,prune.depth{keep=3},lower.onnxruntime,record"}
+    assert specs(plans) == {"k3": "importance.blocks,prune.depth{keep=3},bn.recalibrate,lower.onnxruntime,record"}
 
 
 def test_user_pipeline_and_ratio_placeholder(fakes: None) -> None:
@@ -205,7 +205,7 @@ def test_recipe_train_feeds_the_distill_pass_or_is_an_error(fakes: None, tmp_pat
     pl._REGISTRY["distill"] = DistillPass  # the real options: train: is checked against them
     opts = _recipe_opts(tmp_path, "train: {lr: 0.01}\n")
     assert specs(plan_students(opts, "onnxruntime", distill_epochs=2))["w50"].startswith(
-        "prune.width{ratio=0.5},distill{epochs=2,lr=0.01}")
+        "prune.width{ratio=0.5},bn.recalibrate,fidelity{stage=before_distill},distill{epochs=2,lr=0.01}")
     with pytest.raises(InputError, match="train: no distillation pass"):
         plan_students(opts, "onnxruntime")  # no training data: nothing would read train:
     with pytest.raises(InputError, match="unknown option"):
@@ -217,8 +217,8 @@ def test_recipe_train_feeds_the_distill_pass_or_is_an_error(fakes: None, tmp_pat
 def test_recipe_stages_drive_progressive_distillation(fakes: None, tmp_path: Path) -> None:
     opts = _recipe_opts(tmp_path, "stages: [{name: general, method: kd, epochs: 1}, {name: task, epochs: 2}]\n")
     (plan,) = plan_students(opts, "onnxruntime")
-    assert [p.name for p in plan.passes][2:] == ["distill.progressive", "lower.onnxruntime", "record"]
-    assert [s.name for s in plan.passes[2].options.stages] == ["general", "task"]
+    assert [p.name for p in plan.passes][2:] == ["bn.recalibrate", "fidelity", "distill.progressive", "lower.onnxruntime", "record"]
+    assert [s.name for s in plan.passes[4].options.stages] == ["general", "task"]
     with pytest.raises(InputError, match=r"no distill\.progressive pass"):
         plan_students(_recipe_opts(tmp_path, "stages: [{name: a}]\npipeline: prune.width{ratio=0.5}\n"), "onnxruntime")
 
@@ -346,8 +346,9 @@ def test_e2e_manifest(demo: tuple[subprocess.CompletedProcess[str], Path]) -> No
     widths_t, widths_s = t["architecture"]["widths"], s["architecture"]["widths"]
     assert set(widths_s) <= set(widths_t) and any(widths_s[k] < widths_t[k] for k in widths_s)
     # the example file has training data, so the default pipeline distils the pruned student
-    assert s["pipeline"] == ["prune.width{ratio=0.5}", "distill{epochs=3}", "lower.onnxruntime",
-                             "record"]
+    assert s["pipeline"] == ["prune.width{ratio=0.5}", "bn.recalibrate",
+                             "fidelity{stage=before_distill}", "distill{epochs=3}", "lower.onnxruntime", "record"]
+    assert s["metrics"]["fidelity_before_distill"]["score"] < s["fidelity"]["score"]
     assert [h for h in s["history"] if h in s["pipeline"]] == s["pipeline"]  # written by the PassManager
     assert s["fidelity"]["task"] == "classification" and 0.9 < s["fidelity"]["score"] <= 1.0
     assert m["host"]["cpu"] and m["host"]["torch_threads"] >= 1

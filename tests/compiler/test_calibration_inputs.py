@@ -1,0 +1,167 @@
+"""Calibration and training inputs: image folders, text corpora, and the warning for image models."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from potstill.data import iter_batches, resize_center_crop
+from potstill.errors import InputError
+from potstill.frontend import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    load_calibration,
+    load_data,
+    load_teacher,
+    random_calibration_warning,
+)
+
+CNN = """
+import torch
+from torch import nn
+
+def factory():
+    return nn.Sequential(nn.Conv2d({c}, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+def example_inputs():
+    return (torch.zeros(1, {c}, 12, 16),)
+"""
+
+
+def _teacher_file(tmp_path: Path, channels: int = 3, extra: str = "") -> Path:
+    path = tmp_path / f"cnn{channels}.py"
+    path.write_text(textwrap.dedent(CNN.format(c=channels)) + textwrap.dedent(extra))
+    return path
+
+
+def _photos(folder: Path, n: int = 5) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        arr = rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"img{i}.{'png' if i % 2 else 'jpg'}")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_resize_center_crop_keeps_the_aspect_and_the_centre():
+    from PIL import Image
+
+    arr = np.zeros((10, 40, 3), dtype=np.uint8)
+    arr[:, 18:22] = 255  # a white band in the middle
+    x = resize_center_crop(Image.fromarray(arr), 10, 10)
+    assert x.shape == (3, 10, 10)
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    assert float(x[:, :, 3:7].mean()) > 0.9 and float(x[:, :, 0].mean()) < 0.1
+
+
+def test_image_folder_for_a_file_teacher_without_preprocess(tmp_path: Path):
+    t = load_teacher(f"{_teacher_file(tmp_path)}:factory")
+    notes: list[str] = []
+    calib = load_calibration(str(_photos(tmp_path / "photos")), t, batch_size=2, num_batches=2, note=notes.append)
+    assert calib is not None
+    batches = list(iter_batches(calib))
+    assert [b.args[0].shape for b in batches] == [(2, 3, 12, 16), (2, 3, 12, 16)]
+    assert all(float(b.args[0].min()) >= 0.0 and float(b.args[0].max()) <= 1.0 for b in batches)
+    assert any("no preprocess" in n for n in notes)
+    assert any("4 images" in n and "1 more not used" in n for n in notes)
+    again = list(iter_batches(calib))
+    assert all(torch.equal(a.args[0], b.args[0]) for a, b in zip(batches, again))
+
+
+def test_image_folder_uses_the_teacher_files_preprocess_and_grayscale(tmp_path: Path):
+    extra = """
+    def preprocess(image):
+        x = torch.tensor(list(image.resize((16, 12)).getdata()), dtype=torch.float32).view(12, 16)
+        return (x / 255.0 - 0.5)[None]
+    """
+    t = load_teacher(f"{_teacher_file(tmp_path, 1, extra)}:factory")
+    assert "preprocess" in t.hooks
+    calib = load_data(str(_photos(tmp_path / "photos", 3)), t, "--calib", batch_size=8)
+    (batch,) = list(iter_batches(calib))
+    x = batch.args[0]
+    assert x.shape == (3, 1, 12, 16) and float(x.min()) < 0.0  # the hook's normalisation
+
+    bad = """
+    def preprocess(image):
+        return torch.zeros(1, 5, 5)
+    """
+    (tmp_path / "b").mkdir()
+    t = load_teacher(f"{_teacher_file(tmp_path / 'b', 1, bad)}:factory")
+    with pytest.raises(InputError, match=r"preprocess\(\) returned images of shape"):
+        load_data(str(tmp_path / "photos"), t, "--calib")
+
+
+def test_image_folder_errors(tmp_path: Path):
+    t = load_teacher(f"{_teacher_file(tmp_path)}:factory")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="has no images"):
+        load_calibration(str(tmp_path / "empty"), t)
+    photos = _photos(tmp_path / "photos", 2)
+    (photos / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match=r"broken\.png.*cannot read"):
+        load_calibration(str(photos), t)
+    bert = _bert(tmp_path)
+    with pytest.raises(InputError, match="image models only"):
+        load_calibration(str(_photos(tmp_path / "p2", 1)), bert)
+
+
+def test_hf_vision_folder_without_processor_uses_imagenet_statistics(tmp_path: Path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=32, num_labels=5)  # fmt: skip
+    transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit")
+    t = load_teacher(f"hf:{tmp_path / 'vit'}")
+    notes: list[str] = []
+    calib = load_calibration(str(_photos(tmp_path / "photos", 3)), t, batch_size=4, note=notes.append)
+    assert calib is not None
+    (batch,) = list(calib())
+    x = batch["pixel_values"]
+    assert x.shape == (3, 3, 16, 16)
+    assert any("ImageNet mean and std" in n for n in notes)
+    assert float(x.min()) >= (0 - max(IMAGENET_MEAN)) / min(IMAGENET_STD) - 1e-6
+    assert t.module(**batch).logits.shape == (3, 5)
+    # with a saved image processor its transform is used (ViT: mean = std = 0.5)
+    transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit")
+    t = load_teacher(f"hf:{tmp_path / 'vit'}")
+    notes.clear()
+    (batch,) = list(load_data(str(tmp_path / "photos"), t, "--calib", note=notes.append)())
+    assert batch["pixel_values"].shape == (3, 3, 16, 16)
+    assert float(batch["pixel_values"].min()) >= -1.0 - 1e-6
+    assert not any("ImageNet" in n for n in notes)
+
+
+def _bert(tmp_path: Path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=64)  # fmt: skip
+    path = tmp_path / "tiny-bert"
+    transformers.BertModel(cfg).save_pretrained(path)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog"]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(path)
+    return load_teacher(f"hf:{path}")
+
+
+def test_data_accepts_a_text_corpus_and_reads_all_of_it(tmp_path: Path):
+    t = _bert(tmp_path)
+    corpus = tmp_path / "train.txt"
+    corpus.write_text("\n".join(f"the quick fox {i}" for i in range(21)))
+    data = load_data(str(corpus), t, "--data", batch_size=8)
+    sizes = [b["input_ids"].shape[0] for b in data()]
+    assert sizes == [8, 8, 5]
+    with pytest.raises(InputError, match="--data"):
+        load_data(str(tmp_path / "missing.txt"), t, "--data")
+
+
+def test_random_calibration_warning_is_for_image_models_only(tmp_path: Path):
+    cnn = load_teacher(f"{_teacher_file(tmp_path)}:factory")
+    msg = random_calibration_warning(cnn)
+    assert msg is not None and "random pixels" in msg and "--calib" in msg
+    assert random_calibration_warning(_bert(tmp_path)) is None
