@@ -167,8 +167,6 @@ def _format_value(value: Any) -> str:
 
 def option_types(options_cls: type) -> dict[str, Any]:
     """Field name -> annotated type of an options dataclass (string annotations resolved)."""
-    import sys
-
     module = sys.modules.get(options_cls.__module__)
     try:
         return typing.get_type_hints(options_cls, vars(module) if module else None)
