@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import sys
 import time
 import types
 import typing
@@ -166,8 +167,6 @@ def _format_value(value: Any) -> str:
 
 def option_types(options_cls: type) -> dict[str, Any]:
     """Field name -> annotated type of an options dataclass (string annotations resolved)."""
-    import sys
-
     module = sys.modules.get(options_cls.__module__)
     try:
         return typing.get_type_hints(options_cls, vars(module) if module else None)
@@ -356,7 +355,11 @@ def function_pass(
 def get_pass(name: str) -> type[Pass]:
     """Look a pass up by name, importing its module if it is a built-in not yet loaded."""
     if name not in _REGISTRY and name in BUILTIN_PASSES:
-        importlib.import_module(BUILTIN_PASSES[name])
+        module = BUILTIN_PASSES[name]
+        if module in sys.modules:  # imported, but its entry was dropped (a test restored the registry): re-run it
+            importlib.reload(sys.modules[module])
+        else:
+            importlib.import_module(module)
     if name not in _REGISTRY:
         known = sorted(set(_REGISTRY) | set(BUILTIN_PASSES))
         close = difflib.get_close_matches(name, known, n=1)
