@@ -196,6 +196,11 @@ _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
 def _type_name(kind: Any) -> str:
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    if typing.get_origin(kind) is typing.Literal:
+        return " or ".join(repr(a) for a in args)
     return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
 
 

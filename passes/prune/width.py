@@ -40,7 +40,7 @@ import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -115,7 +115,7 @@ class WidthOptions:
     #: also prune groups the IR marks inexact
     inexact: bool = False
     #: least-squares refit of the consumers of pruned units (default: on when calibration data exists)
-    reconstruct: bool | None = None
+    reconstruct: bool | Literal["auto"] | None = None
     #: Kwon et al.'s mask rearrangement with the Fisher estimator's per-sample gradients
     rearrange: bool = True
     #: what the refit changes: "scale" (one factor per kept unit and the bias: Kwon's mask tuning),
@@ -386,7 +386,7 @@ class WidthPrunePass(Pass):
             return PassResult(state, False)
         # auto: refit when there is calibration data, and keep the refit only if it is better on
         # held-out data (``choose_refit``)
-        use_recon = o.reconstruct if o.reconstruct is not None else state.calib_data is not None
+        use_recon = o.reconstruct is True or (o.reconstruct is None and state.calib_data is not None)
         keep_sets = self._prune(state, student, groups, final, labels, method, scores, o, use_recon)
         widths = {
             labels[g.id]: {"kind": g.kind, "units": final[g.id], "of": g.n_units,
