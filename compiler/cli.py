@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
                    help="refuse to start when the estimated peak memory exceeds SIZE (e.g. 12G, 1500M); "
                         "the estimate is printed either way, and checked against the memory available")  # fmt: skip
+    c.add_argument("--sequence-length", type=int, default=None, metavar="N",
+                   help="tokens per example for text teachers: the timing shape and TensorRT's opt shape "
+                        "(default: the profile's sequence_length, else 32); engines take any length")  # fmt: skip
+    c.add_argument("--trust-remote-code", action="store_true",
+                   help="let a Hugging Face folder whose config has auto_map run its own Python code "
+                        "(off: such a folder is refused)")  # fmt: skip
     c.add_argument("--no-teacher-timing", action="store_true",
                    help="do not lower and time the teacher (faster; the students get no speed-ups)")
     c.add_argument("-o", "--output", metavar="OUT", help="output folder (written atomically)")
@@ -170,6 +176,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         importance=args.importance, target=args.target, seed=args.seed, debug=args.debug, cache=not args.no_cache,
         distill=not args.no_distill, distill_epochs=args.distill_epochs, plugins=tuple(args.plugin),
         force=args.force, resume=True if args.resume else None, max_memory=args.max_memory, min_fidelity=args.min_fidelity,
+        sequence_length=args.sequence_length, trust_remote_code=args.trust_remote_code,
         teacher_timing=not args.no_teacher_timing, progress=not (args.quiet or args.json),
     )  # fmt: skip
     result = compile_teacher(opts, note=note)

@@ -195,7 +195,11 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     sized = preflight_memory(teacher_spec, max_memory=opts.max_memory, note=note)  # hf:DIR, before loading
     note(f"loading teacher {teacher_spec}")
     default_shapes = tuple("x".join(map(str, s)) for s in (profile.input_shapes or []))
-    teacher = load_teacher(teacher_spec, opts.input_shapes, seed=seed, default_shapes=default_shapes)
+    seq = opts.sequence_length
+    if seq is None and str(teacher_spec).startswith("hf:"):
+        seq = getattr(profile, "sequence_length", None)  # the profile's timing shape, for text teachers
+    teacher = load_teacher(teacher_spec, opts.input_shapes, seed=seed, default_shapes=default_shapes,
+                           sequence_length=seq, trust_remote_code=opts.trust_remote_code)  # fmt: skip
     converted = _check_teacher(teacher, note)
     if sized is None:
         preflight_memory(teacher.module, max_memory=opts.max_memory, note=note)
@@ -287,6 +291,7 @@ def _inputs_record(opts: CompileOptions, teacher: Teacher, plans: Sequence[Plan]
             "kwargs": {k: list(v.shape) if isinstance(v, torch.Tensor) else repr(v) for k, v in teacher.example_kwargs.items()},
         },
         "input_shapes": list(opts.input_shapes),
+        "sequence_length": opts.sequence_length,
         "ratios": list(opts.ratios),
         "calib": file_record(opts.calib),
         "data": file_record(opts.data),

@@ -78,6 +78,10 @@ class CompileOptions:
     resume: bool | None = None
     #: refuse a compile whose estimated peak memory exceeds this many bytes (``potstill.memory``)
     max_memory: int | None = None
+    #: tokens per example for text teachers (None: the profile's ``sequence_length``, else 32)
+    sequence_length: int | None = None
+    #: let a Hugging Face folder with ``auto_map`` run its own code (``--trust-remote-code``)
+    trust_remote_code: bool = False
     #: lower and time the teacher so students get speed-ups (``--no-teacher-timing`` skips it)
     teacher_timing: bool = True
     #: show a progress bar with an ETA on stderr
