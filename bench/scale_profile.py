@@ -111,7 +111,7 @@ def main() -> None:
         path, n = save_decoder(case, Path(tmp))
         sampler.enter("import + load")
         opts = CompileOptions(teacher=f"hf:{path}", out=str(Path(tmp) / "out"), profile="cpu", ratios=(0.5,),
-                              distill_epochs=0, **extra)  # fmt: skip
+                              distill=False, **extra)  # fmt: skip
         compile_teacher(opts, note=lambda s: (print(s), sampler.enter(s[:58])), instruments=[Phases()])
     sampler.stop()
     print(f"{case}: {n / 1e6:.1f}M parameters, fp32 weights {n * 4 / 1e9:.2f} GB")

@@ -93,7 +93,7 @@ def test_hf_text_teacher_with_a_tensorrt_profile(tmp_path: Path) -> None:
 
     path = _bert(tmp_path)
     res = compile_teacher(CompileOptions(teacher=f"hf:{path}", out=str(tmp_path / "out"), profile="h100-trt-fp16",
-                                         ratios=(0.5,), distill_epochs=0), note=lambda _: None)
+                                         ratios=(0.5,), distill=False), note=lambda _: None)
     assert res.manifest["teacher"]["latency_ms"]["median"] > 0
     student = res.out / res.manifest["students"][0]["dir"]
     build = next(student.rglob("build.sh")).read_text()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,9 @@ def test_readme_snippet_runs_and_prints_what_it_says(
     monkeypatch.chdir(tmp_path)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code, f"README.md snippet {index}", "exec"), {"__name__": "__readme__"})
+        # a real module: dataclasses (and pickling) look a class's module up in sys.modules
+        module = types.ModuleType("__readme__")
+        monkeypatch.setitem(sys.modules, "__readme__", module)
+        exec(compile(code, f"README.md snippet {index}", "exec"), module.__dict__)
     if expected is not None:
         assert out.getvalue() == expected

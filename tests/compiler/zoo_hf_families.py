@@ -149,7 +149,7 @@ def compile_and_check(name: str, root: Path, ratio: float = 0.5) -> dict[str, An
 
     path = save_family(name, root)
     out = root / f"out-{name}"
-    res = compile_teacher(CompileOptions(teacher=f"hf:{path}", out=str(out), ratios=(ratio,), distill_epochs=0,
+    res = compile_teacher(CompileOptions(teacher=f"hf:{path}", out=str(out), ratios=(ratio,), distill=False,
                                          cache=False), note=lambda _: None, instruments=[Capture()])
     man = res.manifest
     t, s = man["teacher"], man["students"][0]
