@@ -283,6 +283,9 @@ class RecordPass(Pass):
                 if not b["ok"]:
                     notes.append(f"OVER BUDGET: {key.split('_')[0]} {b['measured'] if b['measured'] is None else round(b['measured'], 3)} "
                                  f"> {b['budget']:g} {key.split('_')[1]} (profile {profile.name})")  # fmt: skip
+            asked = (student.metrics.get("prune") or {}).get("budget") or {}
+            if asked.get("met") is False:  # --ratio that width pruning could not reach
+                notes.append(f"OVER BUDGET: {asked.get('note') or asked.get('asked')}")
             student.metrics["budgets"] = budgets
             student.artifacts["record"] = {
                 "files": files, "notes": notes, "dynamic_batch": pt2["dynamic_batch"], "latency_ms": latency,

@@ -147,18 +147,13 @@ class Supernet:
         return hook
 
     def _skip_hook(self, name: str) -> Any:
-        from potstill.passes.importance.blocks import _block_input
+        from potstill.passes.importance.blocks import identity_output
 
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
             plan = self._current()
             if plan is None or name not in plan.skipped:
                 return None
-            x = _block_input(args, kwargs)
-            if isinstance(out, torch.Tensor):
-                return x
-            if isinstance(out, tuple):
-                return (x, *out[1:])
-            raise RuntimeError(f"cannot skip block {name} returning {type(out).__name__}")
+            return identity_output(args, kwargs, out)
 
         return hook
 

@@ -55,17 +55,22 @@ def _block_output(out: Any) -> torch.Tensor:
     return primary_output(out)
 
 
+def identity_output(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    """What a skipped block returns: its input in place of its output (a tuple keeps its extras)."""
+    x = _block_input(args, kwargs)
+    if isinstance(out, torch.Tensor):
+        return x
+    if isinstance(out, tuple):
+        return (x, *out[1:])
+    raise RuntimeError(f"cannot skip a block returning {type(out).__name__}")
+
+
 @contextlib.contextmanager
 def skipped(model: nn.Module, names: Iterable[str]) -> Iterator[nn.Module]:
     """The model with the named blocks acting as the identity (their output replaced by their input)."""
 
     def identity(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-        x = _block_input(args, kwargs)
-        if isinstance(out, torch.Tensor):
-            return x
-        if isinstance(out, tuple):
-            return (x, *out[1:])
-        raise RuntimeError(f"cannot skip a block returning {type(out).__name__}")
+        return identity_output(args, kwargs, out)
 
     handles = [model.get_submodule(n).register_forward_hook(identity, with_kwargs=True) for n in names]
     try:

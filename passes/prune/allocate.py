@@ -86,10 +86,12 @@ def allocate(
     comparable: bool,
     floor: float = 0.1,
     uniform: bool = False,
+    best_effort: bool = False,
 ) -> Allocation:
     """The fewest removals (in density order) whose aligned widths meet ``measure(keep) <= budget``.
 
-    Raises ``ValueError`` when even every group at its floor misses the budget.
+    When even every group at its floor misses the budget: raises ``ValueError``, or with
+    ``best_effort`` returns those narrowest widths (the caller reports the miss).
     """
     full = {g.id: g.n_units for g in groups}
     full_cost = measure(full)
@@ -123,6 +125,9 @@ def allocate(
 
     lo, hi = 0, len(entries)
     if measure(counts(hi)) > budget:
+        if best_effort:
+            keep = counts(hi)
+            return Allocation(keep, measure(keep), full_cost, budget, hi)
         raise ValueError(f"even the narrowest widths cost {measure(counts(hi)):.4g} > budget {budget:.4g}")
     while lo < hi:
         mid = (lo + hi) // 2

@@ -371,8 +371,12 @@ class WidthPrunePass(Pass):
                 final, how = _local_budget(groups, budget, multiple, table, layers, uniform)
             else:
                 try:
+                    # --ratio asks "about R of the MACs": where the pinned part (embeddings, the
+                    # output layer) makes R unreachable, prune as far as the floors allow and say so;
+                    # an explicit budget stays a hard one
                     alloc = allocate(groups, scores, budget.measure, budget.limit, multiple=multiple,
-                                     comparable=method.comparable, floor=o.floor, uniform=uniform)
+                                     comparable=method.comparable, floor=o.floor, uniform=uniform,
+                                     best_effort=o.ratio is not None)  # fmt: skip
                 except ValueError as e:
                     raise InputError(f"prune.width: the {budget.asked} cannot be met by width pruning alone: {e}") from e
                 final, how = alloc.keep, dict.fromkeys(alloc.keep, "global")
@@ -406,10 +410,16 @@ class WidthPrunePass(Pass):
             if budget.what == "MACs":
                 # the prediction holds attention products constant, so the measured count is lower;
                 # a budget is checked by measurement, never assumed
-                if macs_after > budget.limit * 1.001:
-                    raise InputError(f"prune.width: the student has {macs_after:.4g} MACs, over the "
-                                     f"{budget.asked} budget of {budget.limit:.4g}")
                 record["budget"]["measured"] = macs_after
+                record["budget"]["met"] = macs_after <= budget.limit * 1.001
+                if not record["budget"]["met"]:
+                    miss = (f"prune.width: the student has {macs_after:.4g} MACs, over the {budget.asked} "
+                            f"budget of {budget.limit:.4g} ({1 - macs_after / budget.full:.0%} of the MACs removed; "
+                            "the rest is in groups that cannot be pruned or are at their floor)")
+                    if o.ratio is None:
+                        raise InputError(miss)
+                    warn(miss)
+                    record["budget"]["note"] = miss
         student.metrics["prune"] = record
         state.facts.discard("importance")
         state.facts.add("pruned")

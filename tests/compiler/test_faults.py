@@ -298,7 +298,9 @@ def test_kill_at_every_stage_keeps_or_recovers_out(
     out = tmp_path / "out"
     shutil.copytree(src, out)
     before = (out / "manifest.json").read_text()
-    proc = _killed(stage, "SIGKILL", ["compile", teacher, "--no-distill", "--ratio", "0.4", "-o", str(out)], tmp_path)
+    # --no-cache: the teacher's record of the earlier run would be reused, and record.teacher never reached
+    proc = _killed(stage, "SIGKILL", ["compile", teacher, "--no-distill", "--no-cache", "--ratio", "0.4", "-o", str(out)],
+                   tmp_path)  # fmt: skip
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     if stage not in ("aside", "swapped"):
         assert (out / "manifest.json").read_text() == before  # the old OUT is untouched

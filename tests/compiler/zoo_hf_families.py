@@ -171,6 +171,9 @@ def compile_and_check(name: str, root: Path, ratio: float = 0.5) -> dict[str, An
     session = ort.InferenceSession(str(student_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     feeds = {k: v.numpy() for k, v in fresh.items() if k in names}
+    if "position_ids" in names and "position_ids" not in feeds:  # Optimum's decoder graphs take them
+        ids = fresh["input_ids"]
+        feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1]), tuple(ids.shape)).astype(np.int64)
     got = session.run([session.get_outputs()[0].name], feeds)[0]
     engine_err = float(np.abs(got - expect).max())
     scale = float(np.abs(expect).max()) or 1.0

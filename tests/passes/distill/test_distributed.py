@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from potstill.passes.distill.checkpoint import latest_checkpoint, load_checkpoint
+
+from tests.torchrun import run_two_ranks
 
 from . import ddp_worker
 
@@ -14,11 +13,7 @@ HERE = Path(__file__).parent
 
 
 def test_two_process_gloo_ddp_equals_single_process(tmp_path: Path) -> None:
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "ddp_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_ranks(HERE / "ddp_worker.py", tmp_path)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert ddp["world"] == 2
     rows: list[int] = []

@@ -3,13 +3,12 @@ every batch, end with the weights one process gets on whole batches."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from potstill.passes.distill.fsdp import repeated_blocks
+
+from tests.torchrun import run_two_ranks
 
 from . import fsdp_worker
 
@@ -24,12 +23,8 @@ def test_repeated_blocks_are_the_layer_list() -> None:
 
 
 def test_two_rank_fsdp2_equals_single_process(tmp_path: Path) -> None:
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "fsdp_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = torch.load(tmp_path / "fsdp.pt")
+    run_two_ranks(HERE / "fsdp_worker.py", tmp_path)
+    got = torch.load(tmp_path / "fsdp.pt", weights_only=True)
     assert got["world"] == 2 and got["local_rows"] == 3  # each rank held 3 of the 6 rows
     teacher, student, x = fsdp_worker.build()
     initial = {k: v.clone() for k, v in student.state_dict().items()}

@@ -4,13 +4,12 @@ DistillTrainer's checkpoint to the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.torchrun import run_two_ranks
 
 from . import ddp_worker
 
@@ -19,12 +18,8 @@ HERE = Path(__file__).parent
 
 @pytest.mark.slow
 def test_two_gloo_ranks_train_the_same_supernet(tmp_path: Path) -> None:
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "ddp_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    run_two_ranks(HERE / "ddp_worker.py", tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["world"] == 2
     _, initial, _ = ddp_worker.build()
     for key, value in ranks[0]["state"].items():
