@@ -28,7 +28,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,11 @@ def _float32(batch: Any) -> Any:
         return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
     return replace(b, args=tuple(f(a) for a in b.args), kwargs={k: f(v) for k, v in b.kwargs.items()})
+
+
+def _float32_source(source: Callable[[], Iterable[Any]]) -> Callable[[], Iterator[Any]]:
+    """A data source whose batches come in float32, like the converted teacher."""
+    return lambda: (_float32(b) for b in source())
 
 
 def _check_teacher(teacher: Teacher, note: Note) -> bool:
@@ -221,8 +226,7 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
              "random inputs and fidelity is measured on random inputs shaped like the example inputs")  # fmt: skip
     train = load_data(opts.data, teacher, "--data", note=note) if opts.data else teacher.hooks.get("train_data")
     if converted and train is not None:
-        raw_train = train
-        train = lambda: (_float32(b) for b in raw_train())  # noqa: E731
+        train = _float32_source(train)
     evaluation = load_callable(opts.eval_data) if opts.eval_data else teacher.hooks.get("eval_data")
     metric = teacher.hooks.get("metric")
     state = CompileState.from_teacher(

@@ -220,7 +220,7 @@ def test_student_fidelity_measures_on_the_heldout_split_and_records_it():
     student = Student("s", copy.deepcopy(teacher))
     assert student_fidelity(state, student) is None and "fidelity" not in student.metrics
     held = [torch.randn(8, 4) for _ in range(2)]
-    state.heldout_data = lambda: iter(held)  # type: ignore[attr-defined]
+    state.heldout_data = lambda: iter(held)
     fid = student_fidelity(state, student, "fidelity_before_distill")
     assert fid is not None and fid.task == "classification" and fid.n == 16 and fid.score == 1.0
     assert student.metrics["fidelity_before_distill"] == fid.to_dict()

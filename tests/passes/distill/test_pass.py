@@ -19,7 +19,7 @@ def _state(teacher_data, tmp_path: Path | None, labelled: bool = True) -> Compil
     test = TensorBatches(x[384:], y[384:], batch_size=128, shuffle=False)
     state = CompileState(teacher, (x[:2],), out_dir=None if tmp_path is None else tmp_path / "out",
                          train_data=train, eval_data=test)
-    state.work_dir = tmp_path  # type: ignore[attr-defined]  # the driver's per-OUT work area
+    state.work_dir = tmp_path  # the driver's per-OUT work area
     state.students.append(Student("narrow", mlp(8, 16, 5, seed=3)))
     return state
 
