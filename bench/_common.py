@@ -312,3 +312,14 @@ class BenchProfile:
         self.latency_table = table
         self.latency_budget_ms = None
         self.name = "bench"
+
+
+def mean_embeddings(model: nn.Module, batches: list[dict[str, Any]]) -> np.ndarray:
+    """Masked-mean sentence embeddings of an HF encoder over tokenized batches."""
+    outs = []
+    with torch.no_grad():
+        for b in batches:
+            h = model(**b).last_hidden_state
+            mask = b["attention_mask"].unsqueeze(-1).float()
+            outs.append(((h * mask).sum(1) / mask.sum(1)).numpy())
+    return np.concatenate(outs)

@@ -51,13 +51,7 @@ def main() -> None:
     example = enc(eval_s[:2])
 
     def embed(m: nn.Module) -> np.ndarray:
-        outs = []
-        with torch.no_grad():
-            for b in evals:
-                h = m(**b).last_hidden_state
-                mask = b["attention_mask"].unsqueeze(-1).float()
-                outs.append(((h * mask).sum(1) / mask.sum(1)).numpy())
-        return np.concatenate(outs)
+        return C.mean_embeddings(m, evals)
 
     t_emb = embed(teacher)
     net = C.timed("nest", lambda: make_supernet(copy.deepcopy(teacher), (), example, batches=train[:2]))

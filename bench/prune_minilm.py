@@ -98,13 +98,7 @@ def main() -> None:
     names = ["input_ids", "attention_mask", "token_type_ids"]
 
     def embed(m: nn.Module) -> np.ndarray:
-        outs = []
-        with torch.no_grad():
-            for b in evals:
-                h = m(**b).last_hidden_state
-                mask = b["attention_mask"].unsqueeze(-1).float()
-                outs.append(((h * mask).sum(1) / mask.sum(1)).numpy())
-        return np.concatenate(outs)
+        return C.mean_embeddings(m, evals)
 
     t_emb = embed(teacher)
     base_macs = analyze(teacher, (), example).cost.macs
