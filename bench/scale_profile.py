@@ -104,7 +104,8 @@ def main() -> None:
                          ("potstill.targets.optimum_export", "optimum_export"),
                          ("potstill.targets.onnxruntime", "ort_parity_and_latency"),
                          ("potstill.targets.onnxruntime", "_same_model"),
-                         ("potstill.driver", "save_program"), ("potstill.driver", "save_hf")):  # fmt: skip
+                         ("potstill.manifest", "save_program"), ("potstill.students_io", "save_student"),
+                         ("potstill.fidelity", "measure_fidelity")):  # fmt: skip
         label(sampler, module, name)
     with tempfile.TemporaryDirectory(prefix="potstill-prof-") as tmp:
         sampler.enter("save random decoder")

@@ -10,9 +10,9 @@ The driver does three things and nothing else:
    profile and the teacher, check its dtype, inputs and ``metric()`` once, split the calibration
    batches into calibration and held-out, and plan one pipeline per student (``potstill.plan``;
    every plan ends in ``lower.<target>`` and ``record``) plus the teacher's (``record.teacher``);
-2. **run** one ``PassManager`` per plan on a fork of one ``CompileState`` (students are fresh copies
-   of the one reference teacher, which nothing mutates), reusing a cached student whose key and
-   file hashes match;
+2. **run** the teacher's plan first, then one ``PassManager`` per student plan on a fork of one
+   ``CompileState`` (students are copy-on-write copies of the one reference teacher, which nothing
+   mutates; ``potstill.cow``), reusing a cached student whose key and file hashes match;
 3. **build the manifest** from what the passes recorded (``potstill.manifest.build_manifest``).
 
 ``OUT`` is built in a locked temporary sibling and swapped in atomically (``potstill.outdir``).
@@ -43,7 +43,7 @@ from .data import as_batch, load_callable
 from .errors import InputError
 from .frontend import Teacher, load_calibration, load_data, load_teacher, random_calibration_warning
 from .manifest import build_manifest, student_entry, write_manifest
-from .memory import module_weights, preflight_memory
+from .memory import module_weights, preflight_memory, release_freed_memory
 from .outdir import OutputFolder, inside
 from .pipeline import DumpIRInstrument, PassInstrument, PassManager, TimingInstrument, VerifyInstrument
 from .plan import (
@@ -388,35 +388,8 @@ def run_plans(p: Prepared, tmp: Path, note: Note, instruments: Sequence[PassInst
                             enabled=p.ranks.is_writer and p.opts.progress, console=Console(stderr=True))
     instruments = [*instruments, progress, TeacherGuard()]
     with progress:
-        for plan in p.plans:
-            key = plan_key(p.base_key, plan.spec)
-            reused = _reuse(out, tmp, old, plan, key, note) if old else None
-            if reused is not None:
-                note(f"student {plan.name}: unchanged since the last run; reusing it")
-                entries += reused
-                continue
-            note(f"student {plan.name}: {plan.spec}")
-            _seed_everything(p.state.seed)
-            if plan.profile is None:
-                state = base.fork()
-            else:  # an elastic plan for another device
-                from potstill.profiles import load_profile
-
-                state = base.fork(profile=load_profile(plan.profile))
-            state.students.append(state.new_student(plan.name))
-            timing, insts = _instruments(p, plan, tmp, instruments)
-            try:
-                state = PassManager(plan.passes, insts).run(state).state
-            finally:
-                state.restore_teacher()
-            timings[plan.name] = timing
-            if p.ranks.is_writer:
-                shutil.rmtree(p.folder.work_dir / "checkpoints" / plan.name, ignore_errors=True)  # done: in OUT now
-                for student in state.students:
-                    entry = student_entry(state, student, plan, tmp)
-                    entries.append({**entry, "plan": plan.name, "cache_key": key,
-                                    "sha256": artifact_hashes(tmp / entry["dir"])})  # fmt: skip
-            del state  # the student's weights go before the next one (or the teacher's engine) is built
+        # the teacher first: its engine (the largest ONNX Runtime session) is built before any student
+        # has left allocator leftovers behind, so the peak is the teacher's session, not both
         teacher_record: dict[str, Any] = {}
         if p.ranks.is_writer:
             previous = old.get("teacher") or {}
@@ -432,6 +405,37 @@ def run_plans(p: Prepared, tmp: Path, note: Note, instruments: Sequence[PassInst
                 PassManager(plan.passes, insts).run(base)
                 timings["teacher"] = timing
                 teacher_record = {"spec": p.teacher.spec, "label": p.teacher.label, **base.shared.record}
+                release_freed_memory()
+        for plan in p.plans:
+            key = plan_key(p.base_key, plan.spec)
+            reused = _reuse(out, tmp, old, plan, key, note) if old else None
+            if reused is not None:
+                note(f"student {plan.name}: unchanged since the last run; reusing it")
+                entries += reused
+                continue
+            note(f"student {plan.name}: {plan.spec}")
+            _seed_everything(p.state.seed)
+            if plan.profile is None:
+                state = base.fork()
+            else:  # an elastic plan for another device
+                from potstill.profiles import load_profile
+
+                state = base.fork(profile=load_profile(plan.profile))
+            state.students.append(state.new_student(plan.name, share=True))  # copy-on-write (potstill.cow)
+            timing, insts = _instruments(p, plan, tmp, instruments)
+            try:
+                state = PassManager(plan.passes, insts).run(state).state
+            finally:
+                state.restore_teacher()
+            timings[plan.name] = timing
+            if p.ranks.is_writer:
+                shutil.rmtree(p.folder.work_dir / "checkpoints" / plan.name, ignore_errors=True)  # done: in OUT now
+                for student in state.students:
+                    entry = student_entry(state, student, plan, tmp)
+                    entries.append({**entry, "plan": plan.name, "cache_key": key,
+                                    "sha256": artifact_hashes(tmp / entry["dir"])})  # fmt: skip
+            del state  # the student's weights go before the next one is built
+            release_freed_memory()
     return entries, timings, teacher_record
 
 

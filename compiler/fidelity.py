@@ -501,6 +501,8 @@ class FidelityOptions:
 class FidelityPass(Pass):
     """Measure every student of the state against the teacher on the held-out split, now."""
 
+    in_place = False  # reads weights only
+
     name = "fidelity"
     Options = FidelityOptions
 

@@ -359,7 +359,17 @@ def save_program(
     Returns ``{"file", "dynamic_batch", "note"}``; a model whose batch cannot be made dynamic is
     saved with a static batch and the note says why.
     """
+    from .students_io import PlainCausalMask, plain_mask_module
+
     module = module.eval()
+    if not args and not isinstance(module, PlainCausalMask) and (wrapped := plain_mask_module(module, kwargs)) is not None:
+        # decoders: one export that saves, rather than one that torch.export.save refuses and a second
+        saved = save_program(wrapped, (), kwargs, path, fixed_batch)
+        if saved["file"]:
+            why = ("the causal mask is built from attention_mask with plain tensor ops (transformers' mask "
+                   "code uses higher-order ops such as flat_apply, which torch.export.save cannot always serialize)")
+            saved["note"] = f"{saved['note']}; {why}" if saved["note"] else why
+            return saved
     note = ""
     dynamic = fixed_batch is None
     args, kw = rebatch(args, kwargs, fixed_batch or 2)
@@ -381,17 +391,6 @@ def save_program(
         torch.export.save(program, str(path))
     except Exception as e:  # e.g. higher-order ops (flat_apply in HF mask code) torch cannot serialize yet
         path.unlink(missing_ok=True)
-        from .students_io import plain_mask_module
-
-        inner = module.model if isinstance(module, PlainOutputs) else module
-        wrapped = plain_mask_module(inner, kw)
-        if wrapped is not None and not isinstance(inner, type(wrapped)):
-            saved = save_program(wrapped, (), kw, path, fixed_batch)
-            if saved["file"]:
-                why = ("the causal mask is built from attention_mask with plain tensor ops (transformers' mask "
-                       "code uses flat_apply, which torch.export.save cannot serialize)")
-                saved["note"] = f"{saved['note']}; {why}" if saved["note"] else why
-                return saved
         reason = (f"not written: torch.export cannot serialize this program ({type(e).__name__}: "
                   f"{str(e).splitlines()[0][:160]}); load the student with potstill.load_student")
         return {"file": None, "dynamic_batch": dynamic, "note": f"{note}; {reason}" if note else reason}

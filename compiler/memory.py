@@ -7,8 +7,9 @@ bytes per element, read from safetensors headers for ``hf:DIR`` before anything 
 
 - ``R``: the runtime (torch, transformers, ONNX, ONNX Runtime imported) and fixed costs, 0.8 GB;
 - the teacher itself (``W``);
-- ``c_student`` per student alive at once: each starts as a deep copy of the teacher and is sliced
-  by pruning (the driver records each student and drops it before the next, so one);
+- ``c_student`` per student alive at once: each starts sharing the teacher's tensors
+  (``potstill.cow``) and holds only what pruning sliced or training wrote (the driver records each
+  student and drops it before the next, so one);
 - ``c_lower``: lowering — the ONNX Runtime session's copy of the weights (+1.05 W measured with
   external data, which ``targets.large_onnx`` uses from 128 MiB) and the exporter's (+0.3 W);
 - ``c_work``: importance scores, pruning's transient copies, parity runs, allocator slack.
@@ -21,6 +22,8 @@ would certainly not fit, it does not predict to the megabyte.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import re
@@ -80,6 +83,22 @@ def estimate_compile_memory(params: int, weight_bytes: int | None = None, *, stu
         "work": int(WORK_FACTOR * w),
     }
     return MemoryEstimate(params, w, students, parts)
+
+
+def release_freed_memory() -> None:
+    """Collect garbage cycles and hand freed heap pages back to the OS (glibc ``malloc_trim``).
+
+    After a student is recorded its tensors, ONNX protos and the ONNX Runtime session are freed, but
+    reference cycles wait for the collector and glibc keeps freed small-block arenas mapped; without
+    this the next stage (the teacher's engine) starts on top of the last student's leftovers."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(None)
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:  # not glibc: nothing to trim
+        return
+    if trim is not None:
+        trim(0)
 
 
 def module_weights(module: nn.Module) -> tuple[int, int]:

@@ -112,6 +112,11 @@ class Pass:
     ensures: ClassVar[Iterable[str | Predicate]] = ()
     #: runs on every rank under torchrun (training); other passes run on rank 0 only
     collective: ClassVar[bool] = False
+    #: may write into the students' tensors in place (training, refits). Students share the
+    #: teacher's tensors until such a pass runs (``potstill.cow``): before it, each student gets
+    #: its own copy of what it still shares. Passes that only read weights or build new modules
+    #: (importance, surgery, lowering, recording) set False and keep the sharing.
+    in_place: ClassVar[bool] = True
 
     def __init__(self, options: Any = None, **kwargs: Any) -> None:
         if options is not None and kwargs:
@@ -128,6 +133,8 @@ class Pass:
                 f"pass '{self.name}' requires {missing}; run a pass that provides it first "
                 f"(state has {sorted(state.facts)})"
             )
+        if self.in_place and state.students:
+            state.unshare_students()
         result = self.run(state)
         if not isinstance(result, PassResult):
             raise PostconditionError(f"pass '{self.name}' returned {type(result).__name__}, not PassResult")

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .cow import shared_copy, unshare
+
 if TYPE_CHECKING:
     from .ir import Analysis
 
@@ -50,12 +52,15 @@ class Student:
     artifacts: dict[str, Any] = field(default_factory=dict)
     _analysis: Analysis | None = None
     _analysis_key: int | None = None
+    #: ``id`` of the module while it is an unchanged copy of the teacher (it has the teacher's analysis)
+    _teacher_copy: int | None = None
 
     def set_module(self, module: nn.Module, note: str) -> None:
         """Replace the module (after surgery); cached analysis and scores no longer apply."""
         self.module = module
         self.history.append(note)
         self._analysis = None
+        self._teacher_copy = None
         self.importance = {}
         self.block_importance = {}
 
@@ -142,14 +147,24 @@ class CompileState:
         base: dict[str, Any] = {"students": [], "facts": set(), "pipeline": [], "records": {}}
         return replace(self, **{**base, **changes})
 
-    def new_student(self, name: str) -> Student:
-        """A fresh copy of the reference teacher (in eval mode, its original requires-grad flags)."""
-        module = copy.deepcopy(self.teacher).eval()
+    def new_student(self, name: str, *, share: bool = False) -> Student:
+        """A fresh copy of the reference teacher (in eval mode, its original requires-grad flags).
+
+        ``share=True``: the copy shares the teacher's tensors (``potstill.cow``) until a pass that
+        writes in place runs (``Pass.in_place``: the pass first gives each student its own copy of
+        what it still shares). Code that changes a student outside passes wants the default, a deep
+        copy."""
+        module = (shared_copy(self.teacher) if share else copy.deepcopy(self.teacher)).eval()
         flags = self.shared.requires_grad
         if flags:
             for pname, p in module.named_parameters():
                 p.requires_grad_(flags.get(pname, True))
-        return Student(name, module)
+        return Student(name, module, _teacher_copy=id(module))
+
+    def unshare_students(self) -> int:
+        """Give every student its own copy of the teacher's tensors it still shares (before a pass
+        that writes weights in place); returns the bytes copied."""
+        return sum(unshare(s.module, self.teacher) for s in self.students)
 
     def restore_teacher(self) -> None:
         """Put back the teacher's requires-grad flags (a trainer freezes the teacher it reads)."""
@@ -171,7 +186,10 @@ class CompileState:
         s = student or self.working()
         key = id(s.module)
         if s._analysis is None or s._analysis_key != key:
-            s._analysis = analyze(s.module, self.example_inputs, self.example_kwargs)
+            if s._teacher_copy == key:  # an unchanged copy of the teacher: the same graph and groups
+                s._analysis = self.teacher_analysis()
+            else:
+                s._analysis = analyze(s.module, self.example_inputs, self.example_kwargs)
             s._analysis_key = key
         return s._analysis
 

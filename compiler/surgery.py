@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .cow import TensorSlots, shared_copy
 from .errors import InputError
 from .ir import HF_FFN_MODULES
 
@@ -63,16 +64,17 @@ def _drop_plan(analysis: Analysis, keep: Mapping[int, Sequence[int]]) -> dict[tu
 
 
 def prune_width(model: nn.Module, analysis: Analysis, keep: Mapping[int, Sequence[int]]) -> nn.Module:
-    """A physically smaller copy of ``model`` keeping the given units of each group."""
+    """A physically smaller copy of ``model`` keeping the given units of each group.
+
+    Tensors that are not sliced stay shared with ``model`` (``potstill.cow``): give the copy its own
+    (``potstill.cow.unshare``) before writing into it in place."""
     drops = _drop_plan(analysis, keep)
-    new = copy.deepcopy(model)
+    new = shared_copy(model)  # sliced tensors get new storage; the rest stay shared (potstill.cow)
+    slots = TensorSlots(new)
     for (name, dim), dropped in sorted(drops.items()):
         t = _get_tensor(new, name)
         idx = torch.tensor([i for i in range(t.shape[dim]) if i not in dropped], dtype=torch.long, device=t.device)
-        with torch.no_grad():
-            t.data = t.data.index_select(dim, idx).contiguous()
-        if t.grad is not None:
-            t.grad = None
+        slots.replace(t, t.detach().index_select(dim, idx).contiguous())
     kept_ratio = _kept_ratio(analysis, keep)
     _update_attributes(new, analysis, kept_ratio)
     via_pruned_heads = _record_pruned_heads(new, analysis, keep)
@@ -321,12 +323,13 @@ def _update_hf_config(model: nn.Module, heads: bool = True) -> None:
 
 
 def remove_blocks(model: nn.Module, analysis: Analysis, names: Sequence[str]) -> nn.Module:
-    """A copy of ``model`` without the named blocks (see ``Analysis.blocks``)."""
+    """A copy of ``model`` without the named blocks (see ``Analysis.blocks``); its tensors are
+    shared with ``model`` (``potstill.cow``)."""
     known = {b.name: b for b in analysis.blocks}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise InputError(f"not removable blocks: {unknown}; blocks are: {', '.join(known) or 'none'}")
-    new = copy.deepcopy(model)
+    new = shared_copy(model)
     by_container: dict[str, set[int]] = {}
     for n in names:
         by_container.setdefault(known[n].container, set()).add(known[n].index)

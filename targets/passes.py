@@ -99,6 +99,8 @@ class NoLowerOptions:
 class LowerPass(Pass):
     """Lower every student of the state to ``target`` (see the module docstring)."""
 
+    in_place = False  # reads weights only
+
     target = ""
     Options: type = NoLowerOptions
     ensures: tuple[Any, ...] = (Fact("lowered"),)
@@ -244,6 +246,8 @@ def _recorded(state: CompileState) -> bool:
 class RecordPass(Pass):
     """Write each student's program (and hf/), run the metric, measure fidelity and the budgets."""
 
+    in_place = False  # reads weights only
+
     name = "record"
     requires = (Fact("lowered"),)
     ensures = (_recorded,)
@@ -335,6 +339,8 @@ def _teacher_recorded(state: CompileState) -> bool:
 @register_pass
 class TeacherRecordPass(Pass):
     """Lower the teacher like the students (into the work area) and record its cost, metric and latency."""
+
+    in_place = False  # reads the teacher only
 
     name = "record.teacher"
     Options = TeacherOptions

@@ -204,6 +204,8 @@ class BlockImportance:
 class BlockImportancePass(Pass):
     """``importance.blocks{method=bi}``: score the working student's removable blocks."""
 
+    in_place = False  # reads weights only
+
     name: ClassVar[str] = "importance.blocks"
     Options: ClassVar[type] = BlockImportanceOptions
     ensures: ClassVar[frozenset[str]] = frozenset({"block_importance"})

@@ -75,6 +75,9 @@ def recalibrate_batchnorm(
     if not bns:
         return 0, 0
     saved = {n: {k: getattr(m, k).clone() for k in _STATS} for n, m in bns.items()}
+    for m in bns.values():  # write into copies of our own: a student may share them with the teacher (potstill.cow)
+        for k in _STATS:
+            setattr(m, k, getattr(m, k).clone())
     modes = {m: m.training for m in model.modules()}
     momenta = {n: m.momentum for n, m in bns.items()}
     model.eval()
@@ -112,6 +115,8 @@ def recalibrate_batchnorm(
 @register_pass
 class BNRecalibratePass(Pass):
     """Re-estimate BatchNorm running statistics on the calibration split (no gradient steps)."""
+
+    in_place = False  # owns the BatchNorm buffers it re-estimates (copies them first)
 
     name: ClassVar[str] = "bn.recalibrate"
     Options: ClassVar[type] = BNRecalibrateOptions

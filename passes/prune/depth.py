@@ -65,6 +65,8 @@ def choose_blocks(state: CompileState, names: list[str], n_drop: int, o: DepthOp
 class DepthPrunePass(Pass):
     """``prune.depth{drop=2,importance=bi}``: remove whole blocks."""
 
+    in_place = False  # builds a new, smaller module (potstill.cow): the source is only read
+
     name: ClassVar[str] = "prune.depth"
     Options: ClassVar[type] = DepthOptions
     ensures: ClassVar[frozenset[str]] = frozenset({"pruned"})

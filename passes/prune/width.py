@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
+from potstill.cow import shared_copy, unshare
 from potstill.errors import InputError
 from potstill.passes.importance import ImportanceEstimator, calibration_batches, run_estimator
 from potstill.passes.importance.base import warn
@@ -318,6 +319,8 @@ def record_arch(state: CompileState, student: Student, widths: dict[str, dict[st
 class WidthPrunePass(Pass):
     """``prune.width{ratio=0.5}``: physically smaller, hardware-aligned students."""
 
+    in_place = False  # builds a new, smaller module (potstill.cow): the source is only read
+
     name: ClassVar[str] = "prune.width"
     Options: ClassVar[type] = WidthOptions
     ensures: ClassVar[frozenset[str]] = frozenset({"pruned"})
@@ -335,7 +338,7 @@ class WidthPrunePass(Pass):
         _, heldout = fit_and_heldout(state, o.batches)
         trials: list[tuple[float, str, Student]] = []
         for name in candidates:
-            trial = Student(student.name, copy.deepcopy(student.module), list(student.history),
+            trial = Student(student.name, shared_copy(student.module), list(student.history),
                             metrics=copy.deepcopy(student.metrics), artifacts=dict(student.artifacts))
             state.students[-1] = trial
             self._run_one(state, trial, _Scores(get_estimator(name, batches=o.batches), None))
@@ -460,6 +463,7 @@ class WidthPrunePass(Pass):
             source = student.module
             new = prune_width(source, analysis, keep)
             if use_recon:
+                unshare(new, source)  # the refit writes readers (and biases) in place
                 fit, heldout = fit_and_heldout(state, o.batches)
                 plain = copy.deepcopy(new) if o.reconstruct is None and heldout else None
                 done = reconstruct(source, new, analysis, keep, fit, o.ridge, mode=o.refit)
