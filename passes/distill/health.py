@@ -9,7 +9,8 @@ all-NaN weights unless something looks. The trainer looks, each step:
 2. **Gradients** — the total gradient norm must be finite before the optimizer steps (not under
    fp16 loss scaling, whose scaler skips such steps by design).
 3. **Weights** — every parameter finite, at each log step, before each checkpoint and at the end
-   (so no checkpoint and no student ever holds a NaN).
+   (so no checkpoint and no student ever holds a NaN). A sharded (FSDP) student is checked shard
+   by shard and the ranks' findings are gathered, so every rank takes the same decision.
 
 **Divergence.** ``ℓ₀`` is the loss at step 1: the untrained student's, which no learning rate can
 change. ``recent`` is the mean loss of the last ``W = clamp(total/10, 5, 50)`` steps. With
@@ -28,13 +29,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from potstill.data import Batch
 from potstill.errors import NumericError
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 #: below this a starting loss is "about zero", not a scale to multiply
 LOSS_FLOOR = 1e-3
@@ -43,6 +45,7 @@ LOSS_FLOOR = 1e-3
 def first_nonfinite_weight(module: nn.Module) -> str | None:
     """Name of the first parameter or buffer holding a NaN or an infinity, else None."""
     for name, t in (*module.named_parameters(), *module.named_buffers()):
+        t = t.to_local() if isinstance(t, DTensor) else t  # this rank's shard: a DTensor's all() is local
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return name
     return None
@@ -59,10 +62,20 @@ def nonfinite_inputs(batch: Batch) -> list[str]:
     ]
 
 
-def check_weights(modules: Iterable[tuple[str, nn.Module]], step: int, lr: float) -> None:
-    """NumericError naming the student and weight when any student holds a non-finite value."""
+def check_weights(
+    modules: Iterable[tuple[str, nn.Module]],
+    step: int,
+    lr: float,
+    gather: Callable[[Any], list[Any]] | None = None,
+) -> None:
+    """NumericError naming the student and weight when any student holds a non-finite value.
+
+    ``gather`` (each rank's value -> all ranks' values) joins sharded students' per-rank findings.
+    """
     for student, module in modules:
         bad = first_nonfinite_weight(module)
+        if gather is not None:
+            bad = next((b for b in gather(bad) if b is not None), None)
         if bad is not None:
             raise NumericError(
                 f"distillation: student '{student}': weight '{bad}' is NaN/inf after step {step}; the optimizer "

@@ -8,7 +8,13 @@ method's options; ``loss=`` is an error that says which ``method=`` to write.
 
 Training options (every method): epochs, max_steps, lr, batch_size, optimizer, weight_decay,
 warmup_steps, grad_clip, precision, checkpoint_every, resume, eval_limit, progress,
-divergence_factor. ``None`` means "not set" (no step limit, the data's own batches, no clipping).
+divergence_factor, parallel. ``None`` means "not set" (no step limit, the data's own batches, no clipping).
+
+``parallel`` (under ``torchrun``): ``auto`` (DDP when launched with several processes, else one
+process), ``ddp``, or ``fsdp`` — FSDP2 (``fully_shard``) for a student whose weights, gradients and
+optimizer state do not fit one device: each rank holds ``1/world`` of them, the teacher stays whole
+and frozen, and the trained student comes back whole on every rank (see ``fsdp``). ``ddp`` and
+``fsdp`` outside torchrun are an error, raised when the options are read, before any work.
 
 Data: ``state.train_data``, else ``state.calib_data``. Metrics go to ``student.metrics["distill"]``
 with the method and every option as it ran. Checkpoints (safetensors + JSON) and a JSON-lines log
@@ -31,9 +37,10 @@ from potstill.state import CompileState
 
 from . import methods
 from .batches import Rebatched
+from .distributed import launched_distributed
 from .losses import DistillLoss
 from .methods import require, typed_fields
-from .trainer import DistillTrainer, StudentSpec, TrainConfig
+from .trainer import PARALLEL, DistillTrainer, StudentSpec, TrainConfig, not_launched
 
 METHODS = methods.METHODS
 
@@ -57,6 +64,7 @@ class DistillOptions:
     eval_limit: int | None = None
     progress: bool = True
     divergence_factor: float | None = 10.0
+    parallel: str = "auto"
     # -- method options (see methods.py; each applies to the methods listed there) --
     temperature: float | None = None
     alpha: float | None = None
@@ -94,9 +102,11 @@ class DistillOptions:
             (self.eval_limit is None or self.eval_limit >= 1, f"eval_limit must be >= 1, got {self.eval_limit}"),
             (self.divergence_factor is None or self.divergence_factor > 1,
              f"divergence_factor must be > 1 (or null: do not check), got {self.divergence_factor}"),
+            (self.parallel in PARALLEL, f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}"),
         ]  # fmt: skip
         for ok, message in checks:
             require(ok, "distill", message)
+        require(self.parallel == "auto" or launched_distributed(), "distill", not_launched(self.parallel))
         self.method_options()  # checks the method and its options now, not when training starts
 
     def given_method_options(self) -> dict[str, Any]:
@@ -155,7 +165,7 @@ class DistillPass(Pass):
             checkpoint_every=o.checkpoint_every or 0, resume=ckpt_dir is not None and o.resume is not False,
             log_path=ckpt_dir / "metrics.jsonl" if ckpt_dir is not None else None,
             eval_limit=o.eval_limit, progress=o.progress, run_key=self._run_key(name),
-            divergence_factor=o.divergence_factor,
+            divergence_factor=o.divergence_factor, parallel=o.parallel,
         )  # fmt: skip
 
     def _run_key(self, name: str) -> str:

@@ -14,8 +14,11 @@ supernet's subnet); ``sample_students(step)`` may pick new configurations every 
 
 Optimisation: AdamW or SGD, cosine schedule with warm-up, gradient clipping, autocast (bf16 on CPU
 only when asked; fp16 with a grad scaler or bf16 on CUDA), seeded. Under ``torchrun`` the
-students run in DDP (see ``distributed``); checkpoints and logs come from rank 0 only (see
-``checkpoint`` for the resume guarantee).
+students run in DDP (see ``distributed``), or with ``parallel="fsdp"`` sharded by FSDP2 (see
+``fsdp``: a sharded replica trains, its gradients reduce-scattered, and the full trained weights
+are copied back into the plain student on every rank at the end, so what follows — export,
+lowering — sees an ordinary module); checkpoints and logs come from rank 0 only (see
+``checkpoint`` for the resume guarantee; under FSDP they hold the full weights and optimizer state).
 
 Resume: a checkpoint records a fingerprint of what the run started from (``run_key``, the training
 settings, the students' and the teacher's initial weights, the first batch). ``resume=True``
@@ -41,7 +44,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as ddp
-from . import health
+from . import fsdp, health
 from .batches import count_batches, epoch_batches
 from .capture import ForwardFn, ModelOutputs, Want, run_model, unwrap
 from .evaluate import Evaluator, MetricsLog, evaluate
@@ -82,6 +85,10 @@ class TrainConfig:
     inplace: bool = False
     balance: bool = False
     shard: str = "split"  # split | batches
+    #: under torchrun: "ddp" (each rank a whole student), "fsdp" (FSDP2: each rank a shard of its
+    #: weights, gradients and optimizer state, for students too big for one device), "auto" (DDP
+    #: under torchrun, one process otherwise). ddp and fsdp need torchrun with WORLD_SIZE > 1.
+    parallel: str = "auto"
     find_unused_parameters: bool = False
     checkpoint_dir: Path | None = None
     #: every this many steps; 0: at the end of each epoch (and always at the end)
@@ -97,6 +104,16 @@ class TrainConfig:
     run_key: str = ""
     #: fail when the loss ends above this multiple of its start (``health``); None: do not check
     divergence_factor: float | None = 10.0
+
+
+PARALLEL = ("auto", "ddp", "fsdp")
+
+
+def not_launched(parallel: str) -> str:
+    return (
+        f"parallel={parallel} needs several processes under torchrun (WORLD_SIZE > 1), but this is one "
+        f"process: launch with 'torchrun --nproc_per_node N ...', or use parallel=auto to train in this process"
+    )
 
 
 #: settings that do not change what a run computes (left out of the resume fingerprint)
@@ -157,7 +174,13 @@ class DistillTrainer:
         self.sample_students = sample_students
         self.evaluators = dict(evaluators or {})
         self.mask_fn = mask_fn
+        if self.config.parallel not in PARALLEL:
+            raise InputError(f"parallel must be one of {', '.join(PARALLEL)}, got {self.config.parallel!r}")
         self.dist = ddp.init_distributed(torch.device(self.config.device) if self.config.device else None)
+        if self.config.parallel != "auto" and not self.dist.enabled:
+            raise InputError(not_launched(self.config.parallel))
+        #: FSDP2: the students train as sharded replicas (``self.wrapped``), copied back at the end
+        self.sharded = self.config.parallel == "fsdp"
         self.device = self._pick_device()
         self.modules = list({id(s.module): s.module for s in self.students}.values())
         self.wrapped: dict[int, nn.Module] = {}
@@ -228,10 +251,23 @@ class DistillTrainer:
             self.teacher.to(device)
         self._teacher_saved = None
 
+    def _trainable(self, m: nn.Module) -> bool:
+        return any(p.requires_grad for p in m.parameters())
+
+    def _trained(self, m: nn.Module) -> nn.Module:
+        """The module that trains in place of ``m``: its DDP wrapper, its FSDP replica, or itself."""
+        return self.wrapped.get(id(m), m)
+
     def _setup(self, probe: Batch) -> None:
         self._check_students()
+        if self.sharded and self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # FSDP's default device mesh is the current device
         for m in self.modules:
-            m.to(self.device).train()
+            if self.sharded and self._trainable(m):
+                # the plain module stays where it is, untouched, until ``_unshard`` fills it
+                self.wrapped[id(m)] = fsdp.sharded_replica(m, self.device).train()
+            else:
+                m.to(self.device).train()
         self._freeze_teacher()
         self.loss.to(self.device)
         for m in self.loss.frozen_models():
@@ -242,15 +278,17 @@ class DistillTrainer:
                 self._losses(probe, self.students)
         ddp.broadcast_parameters(self.loss.parameters(), self.dist)
         for m in self.modules:
-            trainable = any(p.requires_grad for p in m.parameters())
-            if self.dist.enabled and trainable:
+            if self.sharded:
+                continue
+            if self.dist.enabled and self._trainable(m):
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 self.wrapped[id(m)] = nn.parallel.DistributedDataParallel(
                     m, device_ids=ids, find_unused_parameters=self.config.find_unused_parameters
                 )
             else:
                 self.wrapped[id(m)] = m
-        params = {id(p): p for m in self.modules for p in m.parameters() if p.requires_grad}
+        # the trained modules' parameters: under FSDP the replicas' shards (DTensors)
+        params = {id(p): p for m in self.modules for p in self._trained(m).parameters() if p.requires_grad}
         params.update({id(p): p for p in self.loss.parameters() if p.requires_grad})
         c = self.config
         self.optimizer = make_optimizer(params.values(), c.optimizer, c.lr, c.weight_decay, c.momentum)
@@ -259,7 +297,7 @@ class DistillTrainer:
     # -- one step ----------------------------------------------------------------------------------
 
     def _run(self, spec: StudentSpec, batch: Batch, want: Want) -> ModelOutputs:
-        model = self.wrapped.get(id(spec.module), spec.module)
+        model = self._trained(spec.module)
         return run_model(model, batch, want, spec.forward, spec.config)
 
     def _rerun(self, spec: StudentSpec, want: Want) -> Callable[[Batch], ModelOutputs]:
@@ -288,7 +326,7 @@ class DistillTrainer:
                 else:
                     teacher_out = first
             inputs = LossInputs(
-                s_out, teacher_out, batch, token_mask, sample_weight, unwrap(spec.module),
+                s_out, teacher_out, batch, token_mask, sample_weight, unwrap(self._trained(spec.module)),
                 self._rerun(spec, s_want), self.teacher,
             )
             losses.append(self.loss(inputs))
@@ -317,10 +355,8 @@ class DistillTrainer:
         ddp.average_gradients(self.loss.parameters(), self.dist)
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.config.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        # FSDP reduce-scattered the students' gradients; the norm is global either way
+        norm = fsdp.clip_grad_norm(params, self.config.grad_clip)
         # one read per step (one device sync on CUDA), before the optimizer steps: a NaN loss or
         # gradient stops the run while the weights are still the last finite ones
         value, bad_loss, bad_grad = ddp.step_health(total.detach(), norm.detach(), self.dist)
@@ -353,11 +389,22 @@ class DistillTrainer:
                 out = run_model(self.teacher, batch, Want())
             teacher_bad = not bool(torch.isfinite(out.logits.float()).all())
         return health.explain_nonfinite_loss(
-            step, terms, batch, teacher_bad, [(s.name, s.module) for s in specs]
+            step, terms, batch, teacher_bad, [(s.name, self._trained(s.module)) for s in specs]
         )
 
-    def _named_modules(self) -> list[tuple[str, nn.Module]]:
-        return [(spec.name, spec.module) for spec in self.students]
+    def _check_weights(self, step: int) -> None:
+        named = [(spec.name, self._trained(spec.module)) for spec in self.students]
+        gather = (lambda bad: ddp.gather_objects(bad, self.dist)) if self.sharded else None
+        health.check_weights(named, step, self.config.lr, gather)
+
+    def _unshard(self) -> None:
+        """FSDP: copy each replica's full trained weights into its plain module (every rank), drop it."""
+        if not self.sharded:
+            return
+        for m in self.modules:
+            replica = self.wrapped.pop(id(m), None)
+            if replica is not None:
+                fsdp.gather_into(replica, m)
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -368,9 +415,10 @@ class DistillTrainer:
             "epoch": epoch,
             "position": position,
             "world_size": self.dist.world_size,
-            "students": [m.state_dict() for m in self.modules],
+            "students": [fsdp.full_state_dict(self._trained(m)) if self.sharded else m.state_dict()
+                         for m in self.modules],
             "loss": self.loss.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": fsdp.full_optimizer_state(self.optimizer) if self.sharded else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "fingerprint": self.fingerprint,
@@ -378,20 +426,26 @@ class DistillTrainer:
         }
 
     def save(self, step: int, epoch: int, position: int) -> Path | None:
-        health.check_weights(self._named_modules(), step, self.config.lr)  # never checkpoint a NaN
+        self._check_weights(step)  # never checkpoint a NaN
         rngs = ddp.gather_objects(ckpt.rng_state(), self.dist)
         path = None
+        # under FSDP gathering the full state is collective: every rank takes part, rank 0 writes
+        state = self._state(step, epoch, position) if self.sharded else None
         if self.dist.is_main and self.config.checkpoint_dir is not None:
-            payload = self._state(step, epoch, position) | {"rng": rngs}
+            payload = (state or self._state(step, epoch, position)) | {"rng": rngs}
             path = ckpt.save_checkpoint(self.config.checkpoint_dir, step, payload, self.config.keep_checkpoints)
         ddp.barrier(self.dist)
         return path
 
     def _restore(self, state: dict[str, Any]) -> None:
         for m, sd in zip(self.modules, state["students"]):
-            m.load_state_dict(sd)
+            if self.sharded and id(m) in self.wrapped:
+                fsdp.load_full_state(self.wrapped[id(m)], sd)
+            else:
+                m.load_state_dict(sd)
         self.loss.load_state_dict(state["loss"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer = state["optimizer"]
+        self.optimizer.load_state_dict(fsdp.shard_optimizer_state(optimizer, self.optimizer) if self.sharded else optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
 
@@ -493,7 +547,7 @@ class DistillTrainer:
                     log_now = step % max(c.log_every, 1) == 0 or step == total
                     bar.update(step, loss_value if log_now else None, rate)
                     if log_now:
-                        health.check_weights(self._named_modules(), step, c.lr)
+                        self._check_weights(step)
                         lr = self.optimizer.param_groups[0]["lr"]
                         self.log.append({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
                                          "samples_per_s": rate})
@@ -506,10 +560,11 @@ class DistillTrainer:
                 if c.checkpoint_dir is not None and not c.checkpoint_every and step < total:
                     self.save(step, epoch, pos)  # once per epoch: a killed run loses at most one
                 position = 0
-        health.check_weights(self._named_modules(), step, c.lr)
+        self._check_weights(step)
         self.monitor.finish(c.lr)
         if c.checkpoint_dir is not None and (not c.checkpoint_every or step % c.checkpoint_every):
             self.save(step, epoch, pos)
+        self._unshard()
         metrics = self.evaluate(eval_data) if eval_data is not None else {}
         seconds = time.perf_counter() - t0
         self.log.append({"step": step, "final": True, "loss": loss_value, "seconds": seconds, "eval": metrics})
@@ -523,8 +578,9 @@ class DistillTrainer:
         for spec in self.students:
             if spec.config is not None:
                 continue  # subnet configurations are evaluated by their owner (elastic pass)
-            metrics = evaluate(spec.module, self.teacher, data, self.config.eval_limit)
+            module = unwrap(self._trained(spec.module))  # mid-run under FSDP: the replica (every rank runs it)
+            metrics = evaluate(module, self.teacher, data, self.config.eval_limit)
             for name, fn in self.evaluators.items():
-                metrics.update({f"{name}.{k}" if k != name else k: v for k, v in fn(spec.module, self.teacher, data).items()})
+                metrics.update({f"{name}.{k}" if k != name else k: v for k, v in fn(module, self.teacher, data).items()})
             out[spec.name] = metrics
         return out

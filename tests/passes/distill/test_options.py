@@ -54,6 +54,10 @@ BAD = [
     ("distill{method=cema,entropy_fraction=0}", r"entropy_fraction must be in \(0, 1\]"),
     ("distill{divergence_factor=0.5}", r"divergence_factor must be > 1"),
     ("distill{epochs=2.5}", r"option 'epochs' must be int"),
+    ("distill{parallel=zero}", r"parallel must be one of auto, ddp, fsdp, got 'zero'"),
+    # FSDP (or DDP) asked for in one process: an error before any work, naming torchrun
+    ("distill{parallel=fsdp}", r"parallel=fsdp needs several processes under torchrun.*parallel=auto"),
+    ("distill{parallel=ddp}", r"parallel=ddp needs several processes under torchrun"),
 ]
 
 
@@ -101,3 +105,15 @@ def test_checkpoint_options_need_a_work_folder(teacher_data) -> None:
         DistillPass(resume=True, progress=False)(state)
     with pytest.raises(InputError, match=r"eval_limit given, but there is no evaluation data"):
         DistillPass(eval_limit=10, progress=False)(state)
+
+
+@pytest.mark.parametrize(("value", "message"), [("fsdp", r"parallel=fsdp needs several processes under torchrun"),
+                                                 ("fspd", r"parallel must be one of auto, ddp, fsdp")])  # fmt: skip
+def test_recipe_train_reaches_parallel(tmp_path, value: str, message: str) -> None:
+    from potstill.plan import CompileOptions, apply_recipe, plan_students
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"version: 1\npipeline: distill\ntrain: {{parallel: {value}, epochs: 2}}\n")
+    opts = apply_recipe(CompileOptions(recipe=str(recipe)))
+    with pytest.raises(InputError, match=message):
+        plan_students(opts, "onnxruntime")
