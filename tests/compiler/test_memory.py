@@ -9,6 +9,7 @@ import pytest
 import torch
 from potstill.errors import InputError
 from potstill.memory import (
+    STUDENT_FACTOR,
     check_fits,
     estimate_compile_memory,
     hf_dir_weights,
@@ -31,7 +32,7 @@ def test_estimate_grows_with_teacher_and_students() -> None:
     small, big = estimate_compile_memory(10_000_000), estimate_compile_memory(100_000_000)
     three = estimate_compile_memory(100_000_000, students=3)
     assert big.peak_bytes - small.peak_bytes == pytest.approx(9 * (small.peak_bytes - small.parts["runtime"]))
-    assert three.peak_bytes - big.peak_bytes == 2 * 400_000_000  # two more students of 0.4 GB
+    assert three.peak_bytes - big.peak_bytes == pytest.approx(2 * STUDENT_FACTOR * 400_000_000, abs=2)  # two more students
     half = estimate_compile_memory(100_000_000, 200_000_000)  # bf16 teacher
     assert half.parts["teacher"] == big.parts["teacher"] // 2 and half.peak_bytes < big.peak_bytes
     assert "3 students" in three.text() and "100M parameters" in three.text()

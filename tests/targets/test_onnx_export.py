@@ -86,3 +86,25 @@ def test_tensorrt_bundle_sequence_profile(tmp_path: Path) -> None:
                          {"input_ids": (1, 24), "pixel_values": (1, 3, 8, 8)}, tight, max_positions=512)
     assert ranges["input_ids"] == ([t.min_batch, 1], [t.opt_batch, 16], [t.max_batch, 64])
     assert ranges["pixel_values"][2] == [t.max_batch, 3, 8, 8]
+
+
+def test_export_folds_constants_and_batchnorm(tmp_path: Path) -> None:
+    """``fold_and_clean``: BatchNorm (after a padded conv and a depthwise one) is folded into the
+    convolutions, constant subgraphs are gone, and the engine still computes the module."""
+    import onnx
+
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.ZeroPad2d(1), nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.Dropout(0.1),
+    ).eval()  # fmt: skip
+    for bn in (m[2], m[5]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 16, 16)
+    export_onnx(m, (x,), tmp_path / "m.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    assert "BatchNormalization" not in ops and "Dropout" not in ops and "Pad" not in ops, ops
+    assert ops.count("Conv") == 2
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, m(x).detach().numpy(), atol=1e-4, rtol=1e-4)
