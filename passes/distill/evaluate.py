@@ -58,7 +58,8 @@ def evaluate(
             labelled += int(valid.sum())
         if teacher is None:
             continue
-        z_t = primary_output(batch.run(teacher)).float()
+        # the teacher runs where it is: beside the student, or elsewhere when its outputs were cached
+        z_t = primary_output(batch.to(_device(teacher)).run(teacher)).float().to(dev)
         am = batch.kwargs.get("attention_mask")
         am = am if isinstance(am, torch.Tensor) else None
         e_s, e_t = (mean_pool(z_s, am), mean_pool(z_t, am)) if z_s.dim() == 3 else (z_s, z_t)

@@ -16,6 +16,17 @@ optimizer state do not fit one device: each rank holds ``1/world`` of them, the 
 and frozen, and the trained student comes back whole on every rank (see ``fsdp``). ``ddp`` and
 ``fsdp`` outside torchrun are an error, raised when the options are read, before any work.
 
+``teacher_outputs``: ``live`` (default: the teacher runs beside the student every step) or
+``cached`` — for a teacher that cannot sit beside the student: before training it runs once over
+exactly the batches the steps will see (every epoch's order, up to ``max_steps``) and its outputs go
+to one safetensors file per batch (see ``teacher_cache``); training reads them and the teacher never
+moves to the training device. Full outputs train exactly as the live teacher does;
+``teacher_top_k=K`` keeps only the top ``K`` logits per position (values and indices, the rest read
+back as a tail ``TAIL_GAP`` below them: the renormalised top-``K`` distribution), for large
+vocabularies. The cache lives under ``state.work_dir / "teacher-cache" / <student>`` (a re-run with the
+same teacher and data reuses it), else in a temporary folder the pass removes afterwards.
+``method=attention`` needs the live teacher (the cache keeps no attention maps).
+
 Data: ``state.train_data``, else ``state.calib_data``. Metrics go to ``student.metrics["distill"]``
 with the method and every option as it ran. Checkpoints (safetensors + JSON) and a JSON-lines log
 go to ``state.work_dir / "checkpoints" / <student>`` — never into the student's output folder —
@@ -25,8 +36,11 @@ the last one (``resume=false`` starts afresh). Without a work folder there are n
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,14 +49,20 @@ from potstill.errors import InputError
 from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.state import CompileState
 
+from . import checkpoint as ckpt
 from . import methods
 from .batches import Rebatched
+from .capture import Want
 from .distributed import launched_distributed
-from .losses import DistillLoss
+from .losses import DistillLoss, make_loss
 from .methods import require, typed_fields
-from .trainer import PARALLEL, DistillTrainer, StudentSpec, TrainConfig, not_launched
+from .teacher_cache import TeacherCache
+from .trainer import PARALLEL, DistillTrainer, StudentSpec, TrainConfig, not_launched, step_batches
 
 METHODS = methods.METHODS
+TEACHER_OUTPUTS = ("live", "cached")
+#: methods whose loss reads teacher outputs the cache does not store (attention maps)
+NEEDS_LIVE_TEACHER = frozenset({"attention"})
 
 
 @dataclass(frozen=True)
@@ -65,6 +85,10 @@ class DistillOptions:
     progress: bool = True
     divergence_factor: float | None = 10.0
     parallel: str = "auto"
+    #: live: the teacher runs every step; cached: its outputs are computed once, stored, read back
+    teacher_outputs: str = "live"
+    #: with cached: keep only the top K logits per position (None: the whole output)
+    teacher_top_k: int | None = None
     # -- method options (see methods.py; each applies to the methods listed there) --
     temperature: float | None = None
     alpha: float | None = None
@@ -107,7 +131,23 @@ class DistillOptions:
         for ok, message in checks:
             require(ok, "distill", message)
         require(self.parallel == "auto" or launched_distributed(), "distill", not_launched(self.parallel))
+        self._check_teacher_outputs()
         self.method_options()  # checks the method and its options now, not when training starts
+
+    def _check_teacher_outputs(self) -> None:
+        require(self.teacher_outputs in TEACHER_OUTPUTS, "distill",
+                f"teacher_outputs must be {' or '.join(TEACHER_OUTPUTS)}, got {self.teacher_outputs!r}")  # fmt: skip
+        if self.teacher_top_k is not None:
+            require(self.teacher_outputs == "cached", "distill",
+                    f"teacher_top_k={self.teacher_top_k} applies to cached teacher outputs only; add "
+                    "teacher_outputs=cached or drop teacher_top_k")  # fmt: skip
+            require(self.teacher_top_k >= 1, "distill",
+                    f"teacher_top_k must be >= 1 (or null: keep the whole output), got {self.teacher_top_k}")  # fmt: skip
+        live_only = [p for p in methods.parse_method(self.method) if p in NEEDS_LIVE_TEACHER]
+        require(self.teacher_outputs == "live" or not live_only, "distill",
+                f"method={self.method} needs teacher_outputs=live: {', '.join(live_only)} matches the teacher's "
+                "attention maps, which the teacher cache does not keep; use teacher_outputs=live, or a method "
+                f"that reads logits or hidden states ({', '.join(m for m in METHODS if m not in NEEDS_LIVE_TEACHER)})")  # fmt: skip
 
     def given_method_options(self) -> dict[str, Any]:
         names = methods.all_method_option_names()
@@ -175,7 +215,7 @@ class DistillPass(Pass):
         return f"{name}|{sorted(opts.items())}"
 
     def _loss(self, state: CompileState, student: Any, data: Any, config: TrainConfig,
-              built: dict[str, Any]) -> DistillLoss:  # fmt: skip
+              built: dict[str, Any], cache: TeacherCache | None) -> DistillLoss:  # fmt: skip
         method = self.options.method
         if method == "adaspec":
             opts = built["adaspec"]
@@ -188,7 +228,8 @@ class DistillPass(Pass):
                 resume=False,
                 log_path=None,
             )
-            DistillTrainer(ref, state.teacher, "kd", ref_cfg, temperature=opts.temperature).fit(data)
+            DistillTrainer(ref, state.teacher, "kd", ref_cfg, temperature=opts.temperature,
+                           teacher_outputs=cache.outputs if cache is not None else None).fit(data)
             return methods.make_method_loss(method, built, ref_model=ref.eval())
         return methods.make_method_loss(method, built)
 
@@ -205,10 +246,12 @@ class DistillPass(Pass):
         data: Any = Rebatched(source, o.batch_size) if o.batch_size else source
         student = state.working()
         config = self._config(state, student.name)
-        loss = self._loss(state, student.module, data, config, built)
-        trainer = DistillTrainer(StudentSpec(student.module, name=student.name), state.teacher, loss, config)
-        trainer.loss_name = o.method
-        result = trainer.fit(data, state.eval_data)
+        with self._teacher_cache(state, student.name, data, config, built) as (cache, cached):
+            loss = self._loss(state, student.module, data, config, built, cache)
+            trainer = DistillTrainer(StudentSpec(student.module, name=student.name), state.teacher, loss, config,
+                                     teacher_outputs=cache.outputs if cache is not None else None)  # fmt: skip
+            trainer.loss_name = o.method
+            result = trainer.fit(data, state.eval_data)
         metrics: dict[str, Any] = {
             "method": o.method,
             "options": methods.resolved(built),
@@ -218,6 +261,7 @@ class DistillPass(Pass):
             "samples_per_s": result.samples_per_s,
             "resumed_from": result.resumed_from,
             "checkpoints": str(config.checkpoint_dir) if config.checkpoint_dir is not None else None,
+            "teacher_outputs": cached or "live",
         }
         if trainer.discarded:
             metrics["checkpoint_discarded"] = trainer.discarded
@@ -230,6 +274,41 @@ class DistillPass(Pass):
         state.facts.add("distilled")
         return PassResult(state, True)
 
+    @contextlib.contextmanager
+    def _teacher_cache(self, state: CompileState, name: str, data: Any, config: TrainConfig,
+                       built: dict[str, Any]) -> Iterator[tuple[TeacherCache | None, dict[str, Any] | None]]:  # fmt: skip
+        """With ``teacher_outputs=cached``: the teacher's outputs over every training batch, on disk,
+        and what was stored (for the metrics); ``(None, None)`` for the live teacher."""
+        o = self.options
+        if o.teacher_outputs == "live":
+            yield None, None
+            return
+        want = teacher_want(built)
+        # the folder is named by what its files depend on besides the batch: teacher weights, top-k, captures
+        key = ckpt.fingerprint(["teacher-cache/1", o.teacher_top_k, dataclasses.asdict(want), state.teacher])[:16]
+        with contextlib.ExitStack() as stack:
+            work = getattr(state, "work_dir", None)
+            if work is None:
+                root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="potstill-teacher-cache-")))
+            else:
+                root = Path(work) / "teacher-cache" / name
+                _remove_stale_caches(root, keep=key)
+            cache = TeacherCache(root / key, top_k=o.teacher_top_k)
+            # exactly the batches the steps will see: every epoch's order, the step limit, the sharding
+            n = cache.build(state.teacher, step_batches(data, config), want)
+            size = sum(f.stat().st_size for f in cache.directory.glob("*.safetensors"))
+            what = f"top-{o.teacher_top_k} logits" if o.teacher_top_k else "whole outputs"
+            if want.hidden:
+                what += " and hidden states"
+            where = str(cache.directory) if work is not None else "a temporary folder, removed after training"
+            note(f"distill: the teacher's outputs were precomputed for {n} training batches ({what}, "
+                 f"{len(cache)} files, {size / 2**20:.1f} MiB on disk in {where}); training reads them instead of "
+                 "running the teacher" + (" (cema's teacher entropy is that of the renormalised top-k "
+                 "distribution)" if o.teacher_top_k and "cema" in built else ""))  # fmt: skip
+            yield cache, {"mode": "cached", "batches": n, "files": len(cache), "top_k": o.teacher_top_k,
+                          "hidden": want.hidden, "bytes": size,
+                          "dir": str(cache.directory) if work is not None else None}  # fmt: skip
+
     def _robust(self, state: CompileState, module: Any, opts: methods.PGDOptions) -> dict[str, Any] | str:
         if state.eval_data is None:
             return "not measured: no evaluation data (--eval-data or eval_data())"
@@ -239,6 +318,36 @@ class DistillPass(Pass):
                         clamp=opts.bounds if opts.clamp else None)  # fmt: skip
         result: dict[str, Any] = robust_accuracy(module, state.eval_data, cfg, self.options.eval_limit)
         return result
+
+
+def teacher_want(built: dict[str, Any]) -> Want:
+    """What the method's loss reads from the teacher (adaspec and cema: logits only)."""
+    want = Want()
+    for part, opts in built.items():
+        if part in methods.COMPOSABLE:  # the regimes read the teacher's logits
+            want = want | make_loss(part, **methods.loss_kwargs(part, opts)).teacher_want()
+    return want
+
+
+def _remove_stale_caches(root: Path, keep: str) -> None:
+    """Delete the teacher caches under ``root`` built for another teacher or top-k: only folders
+    holding the cache's ``cache.json`` mark, and in them only the files the cache writes."""
+    if not root.is_dir():
+        return
+    for folder in root.iterdir():
+        if folder.name == keep or not (folder / "cache.json").is_file():
+            continue
+        for f in [*folder.glob("*.safetensors"), *folder.glob("*.tmp"), folder / "cache.json"]:
+            f.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: something else is in it; leave it
+            folder.rmdir()
+
+
+def note(message: str) -> None:
+    """Say on the console (stderr) what the pass did differently."""
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(message)
 
 
 def _is_method(value: Any) -> bool:

@@ -136,6 +136,34 @@ class TrainResult:
         return self.samples / self.seconds if self.seconds > 0 else 0.0
 
 
+def _epoch_iter(data: DataSource, c: TrainConfig, dist: ddp.DistContext, epoch: int) -> Iterator[Any]:
+    items = epoch_batches(data, c.seed, epoch)
+    return ddp.shard_batches(items, dist) if c.shard == "batches" and dist.enabled else items
+
+
+def _total_steps(data: DataSource, c: TrainConfig, dist: ddp.DistContext) -> int:
+    """Steps in the run on this rank."""
+    per_epoch = c.steps_per_epoch or count_batches(data, c.seed)
+    if c.shard == "batches" and dist.enabled:
+        per_epoch = -(-per_epoch // dist.world_size)
+    return min(c.max_steps or per_epoch * c.epochs, per_epoch * c.epochs)
+
+
+def step_batches(data: DataSource, config: TrainConfig, dist: ddp.DistContext | None = None) -> Iterator[Batch]:
+    """Every batch a step of ``DistillTrainer.fit(data)`` with ``config`` trains on, on this rank, in
+    order: every epoch (each in its ``(seed, epoch)`` order), up to the step limit, sharded as the
+    steps shard it. What a teacher cache (``teacher_cache``) must hold."""
+    dist = dist or ddp.init_distributed(torch.device(config.device) if config.device else None)
+    total, step = _total_steps(data, config, dist), 0
+    for epoch in range(config.epochs):
+        for raw in _epoch_iter(data, config, dist, epoch):
+            if step >= total:
+                return
+            batch = as_batch(raw)
+            yield ddp.shard_batch(batch, dist)[0] if config.shard == "split" else batch
+            step += 1
+
+
 class DistillTrainer:
     """Distil ``teacher`` into ``students`` with ``loss`` (a name, a sum such as ``"kd+hidden"``, or
     a ``DistillLoss``).
@@ -237,7 +265,9 @@ class DistillTrainer:
             [(m, m.training) for m in t.modules()],
             first.device if first is not None else None,
         )
-        t.to(self.device).eval().requires_grad_(False)
+        if self.teacher_outputs is None:  # with cached outputs the teacher stays where it is, off the device
+            t.to(self.device)
+        t.eval().requires_grad_(False)
 
     def _restore_teacher(self) -> None:
         if self.teacher is None or self._teacher_saved is None:
@@ -383,11 +413,13 @@ class DistillTrainer:
                 terms[spec.name] = {k: float(v) for k, v in parts.items()}
             else:
                 terms[spec.name] = {self.loss_name: float(li.detach())}
-        teacher_bad = False
-        if self.teacher is not None and self.loss.needs_teacher():
+        out = None
+        if self.teacher_outputs is not None and self.loss.needs_teacher():
+            out = self.teacher_outputs(batch)
+        elif self.teacher is not None and self.loss.needs_teacher():
             with torch.no_grad():
                 out = run_model(self.teacher, batch, Want())
-            teacher_bad = not bool(torch.isfinite(out.logits.float()).all())
+        teacher_bad = out is not None and not bool(torch.isfinite(out.logits.float()).all())
         return health.explain_nonfinite_loss(
             step, terms, batch, teacher_bad, [(s.name, self._trained(s.module)) for s in specs]
         )
@@ -452,10 +484,7 @@ class DistillTrainer:
     # -- the loop ----------------------------------------------------------------------------------
 
     def _epoch_iter(self, data: DataSource, epoch: int) -> Iterator[Any]:
-        items = epoch_batches(data, self.config.seed, epoch)
-        if self.config.shard == "batches" and self.dist.enabled:
-            return ddp.shard_batches(items, self.dist)
-        return items
+        return _epoch_iter(data, self.config, self.dist, epoch)
 
     def fit(self, data: DataSource, eval_data: DataSource | None = None) -> TrainResult:
         """Train for ``epochs`` (or ``max_steps``) over ``data``; evaluate on ``eval_data``.
@@ -500,10 +529,7 @@ class DistillTrainer:
 
     def _fit(self, data: DataSource, eval_data: DataSource | None) -> TrainResult:
         c = self.config
-        per_epoch = c.steps_per_epoch or count_batches(data, c.seed)
-        if c.shard == "batches" and self.dist.enabled:
-            per_epoch = -(-per_epoch // self.dist.world_size)
-        total = min(c.max_steps or per_epoch * c.epochs, per_epoch * c.epochs)
+        total = _total_steps(data, c, self.dist)
         if total <= 0:
             raise InputError("the training data yielded no batches")
         probe = next(iter(self._epoch_iter(data, 0)))
