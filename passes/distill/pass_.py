@@ -347,7 +347,7 @@ def note(message: str) -> None:
     """Say on the console (stderr) what the pass did differently."""
     from rich.console import Console
 
-    Console(stderr=True, highlight=False).print(message)
+    Console(stderr=True, highlight=False, soft_wrap=True).print(message)
 
 
 def _is_method(value: Any) -> bool:
