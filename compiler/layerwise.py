@@ -37,12 +37,22 @@ class _Captured(Exception):
     """Raised by the pre-hook on the first block: the rest of the forward is not needed."""
 
 
+#: block keyword arguments that carry a key/value cache: replaced by "no cache", so running a block
+#: again (as the layer-by-layer passes do) never attends to keys an earlier run appended
+_CACHE_KWARGS = {"past_key_values": None, "past_key_value": None, "layer_past": None, "use_cache": False}
+
+
+def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: _CACHE_KWARGS.get(k, v) for k, v in kwargs.items()}
+
+
 def first_block_inputs(model: nn.Module, first: nn.Module, batches: Iterable[Any]) -> list[BlockInput]:
-    """The (args, kwargs) the first block receives for each batch (the model runs only up to it)."""
+    """The (args, kwargs) the first block receives for each batch (the model runs only up to it);
+    a key/value cache among the kwargs is replaced by none."""
     captured: list[BlockInput] = []
 
     def stop(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.append((tuple(args), dict(kwargs)))
+        captured.append((tuple(args), _without_cache(dict(kwargs))))
         raise _Captured
 
     handle = first.register_forward_pre_hook(stop, with_kwargs=True)
@@ -59,11 +69,44 @@ def first_block_inputs(model: nn.Module, first: nn.Module, batches: Iterable[Any
     return captured
 
 
-def _hidden(out: Any) -> torch.Tensor:
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (
+            a is b or (a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or bool(a == b)
+
+
+def blocks_share_inputs(model: nn.Module, blocks: Sequence[nn.Module], batch: Any) -> bool:
+    """Whether, on ``batch``, every block receives the same arguments but the hidden state — what
+    running the blocks in sequence on captured first-block inputs assumes. False where layers get
+    their own masks or rotary tables (sliding-window and global layers alternating) or a block is
+    skipped."""
+    seen: list[BlockInput] = []
+
+    def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen.append((tuple(args[1:]), {k: v for k, v in _without_cache(kwargs).items() if k != "hidden_states"}))
+
+    handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
+    try:
+        with torch.no_grad():
+            as_batch(batch).run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return len(seen) == len(blocks) and all(_same(s, seen[0]) for s in seen[1:])
+
+
+def block_output(out: Any) -> torch.Tensor:
+    """The hidden state a block returns (older Hugging Face layers return a tuple)."""
     return out if isinstance(out, torch.Tensor) else out[0]  # older HF layers return (hidden, ...)
 
 
-def _with_hidden(inp: BlockInput, hidden: torch.Tensor) -> BlockInput:
+def with_hidden(inp: BlockInput, hidden: torch.Tensor) -> BlockInput:
+    """The block input ``inp`` with its hidden state replaced (the next block's input)."""
     args, kwargs = inp
     if args:
         return (hidden, *args[1:]), kwargs
@@ -106,8 +149,8 @@ def run_layerwise(
         if visit is not None:
             visit(i, block, inputs)
         with torch.no_grad():
-            outputs = [_hidden(block(*a, **k)) for a, k in inputs]
-        inputs = [_with_hidden(inp, out) for inp, out in zip(inputs, outputs)]
+            outputs = [block_output(block(*a, **k)) for a, k in inputs]
+        inputs = [with_hidden(inp, out) for inp, out in zip(inputs, outputs)]
         if device is not None and home is not None:
             block.to(home)
     return outputs

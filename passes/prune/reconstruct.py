@@ -34,11 +34,13 @@ correction into the BatchNorm reading its output (``running_mean -= b'``), or re
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from potstill.cow import unshare
 from potstill.data import Batch
+from potstill.layerwise import BlockInput, block_output, blocks_share_inputs, first_block_inputs, with_hidden
 from torch import nn
 
 if TYPE_CHECKING:
@@ -197,6 +199,76 @@ def _capture(model: nn.Module, name: str, batch: Batch, mask: torch.Tensor | Non
     return box["x"], box.get("z")
 
 
+#: the inputs of one layer per batch: (student's x, student's z, source's x, source's z); see ``_capture``
+Inputs = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
+#: ``norm -> the inputs per batch`` (``norm``: the residual LayerNorm whose input is captured too, or None)
+Captures = Callable[[str | None], Iterator[Inputs]]
+
+
+def _mask(batch: Batch) -> torch.Tensor | None:
+    m = batch.kwargs.get("attention_mask")
+    return m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+
+
+def _whole_model_captures(source: nn.Module, student: nn.Module, name: str, batches: Sequence[Batch],
+                          norm: str | None) -> Iterator[Inputs]:  # fmt: skip
+    """Per batch, a forward pass of each model stopped at layer ``name``."""
+    for b in batches:
+        xs, zs = _capture(student, name, b, _mask(b), norm)
+        xt, zt = _capture(source, name, b, _mask(b), norm)
+        yield xs, zs, xt, zt
+
+
+def layer_stack(model: nn.Module, names: Iterable[str]) -> str | None:
+    """The qualified name of the model's largest ``nn.ModuleList`` (a transformer's layers) when
+    every named layer lies inside one of its items, else None."""
+    lists = [(sum(p.numel() for p in m.parameters()), n) for n, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 1]  # fmt: skip
+    if not lists:
+        return None
+    container = max(lists)[1]
+    prefix = f"{container}." if container else ""
+    inside = all(n.startswith(prefix) and n[len(prefix):].split(".", 1)[0].isdigit() and "." in n[len(prefix):]
+                 for n in names)  # fmt: skip
+    return container if inside else None
+
+
+def _block_captures(src: nn.Module, dst: nn.Module, layer: str, head: str, xs: Sequence[BlockInput],
+                    xt: Sequence[BlockInput], masks: Sequence[torch.Tensor | None]) -> Captures:  # fmt: skip
+    """Captures of ``layer`` (a name inside the blocks) from the blocks' own inputs; a residual norm
+    ``norm`` (a whole-model name) is looked up below ``head`` too."""
+
+    def captured(norm: str | None) -> Iterator[Inputs]:
+        z = norm[len(head):] if norm is not None and norm.startswith(head) else None
+        for (a_s, k_s), (a_t, k_t), mask in zip(xs, xt, masks):
+            x_s, z_s = _capture(dst, layer, Batch(a_s, k_s), mask, z)
+            x_t, z_t = _capture(src, layer, Batch(a_t, k_t), mask, z)
+            yield x_s, z_s, x_t, z_t
+
+    return captured
+
+
+def _reconstruct_layerwise(source: nn.Module, student: nn.Module, container: str, names: Sequence[str],
+                           batches: Sequence[Batch], refit: Callable[[str, Captures], None]) -> None:  # fmt: skip
+    """Refit ``names`` (all inside the items of ``container``) one block at a time: each model's
+    block inputs are captured once (``potstill.layerwise``), and block ``i`` then runs on them alone
+    (SparseGPT's and FLAP's order), so a refit costs one block's forward, not a whole-model forward
+    stopped at the layer. Refits run in forward order and the student's next block inputs come from
+    its refitted block, so the fit sees exactly the inputs the whole-model capture would."""
+    src_blocks, dst_blocks = list(source.get_submodule(container).children()), list(student.get_submodule(container).children())
+    xt = first_block_inputs(source, src_blocks[0], batches)
+    xs = first_block_inputs(student, dst_blocks[0], batches)
+    masks = [_mask(b) for b in batches]
+    prefix = f"{container}." if container else ""
+    for i, (src, dst) in enumerate(zip(src_blocks, dst_blocks)):
+        head = f"{prefix}{i}."
+        for name in [n for n in names if n.startswith(head)]:
+            refit(name, _block_captures(src, dst, name[len(head):], head, xs, xt, masks))
+        with torch.no_grad():
+            xt = [with_hidden(inp, block_output(src(*inp[0], **inp[1]))) for inp in xt]
+            xs = [with_hidden(inp, block_output(dst(*inp[0], **inp[1]))) for inp in xs]
+
+
 def residual_norm(model: nn.Module, name: str) -> str | None:
     """The LayerNorm beside layer ``name`` in its parent (``norm(layer(x) + residual)``, as in BERT's
     output blocks), whose input carries the residual stream the refit also corrects; else None."""
@@ -273,10 +345,13 @@ def _solve_scale(gram: torch.Tensor, cross_y: torch.Tensor, w0: torch.Tensor, co
 
 def refit_layer(source: nn.Module, student: nn.Module, name: str, batches: Sequence[Batch],
                 ridge: float = 1e-3, bias_sink: nn.Module | None = None, rows: Sequence[int] | None = None,
-                col_unit: torch.Tensor | None = None, residual: bool = True) -> None:
+                col_unit: torch.Tensor | None = None, residual: bool = True,
+                captured: Captures | None = None) -> None:  # fmt: skip
     """Refit ``student``'s layer ``name`` to reproduce ``source``'s output of it (module docstring);
     ``rows``: the source's output channels the student kept; ``col_unit``: the unit of each of the
-    student's input columns, for the one-scale-per-unit fit (None: refit every weight)."""
+    student's input columns, for the one-scale-per-unit fit (None: refit every weight);
+    ``captured(norm)``: the layer's inputs per batch, ``(x_s, z_s, x_t, z_t)`` (default: a forward
+    pass of each whole model per batch, stopped at the layer)."""
     src, dst = source.get_submodule(name), student.get_submodule(name)
     w_src: torch.Tensor = src.weight  # type: ignore[assignment]
     b_src: torch.Tensor | None = src.bias  # type: ignore[assignment]
@@ -293,11 +368,8 @@ def refit_layer(source: nn.Module, student: nn.Module, name: str, batches: Seque
     norm = residual_norm(student, name) if rows is None and residual else None
     gram: torch.Tensor | None = None
     cross_y: torch.Tensor | None = None
-    for b in batches:
-        m = b.kwargs.get("attention_mask")
-        mask = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
-        xs, zs = _capture(student, name, b, mask, norm)
-        xt, zt = _capture(source, name, b, mask, norm)
+    pairs = captured(norm) if captured is not None else _whole_model_captures(source, student, name, batches, norm)
+    for xs, zs, xt, zt in pairs:
         y = _with_ones(xt) @ wb.T  # the source layer's output
         if zs is not None and zt is not None and zs.shape == zt.shape == y.shape:
             # Kwon et al.: match the sum with the residual, y + r_t - r_s = z_t - z_s + (student's output)
@@ -340,28 +412,43 @@ def column_units(analysis: Analysis, gid: int, name: str, kept: Sequence[int], t
 
 
 def reconstruct(source: nn.Module, student: nn.Module, analysis: Analysis, keep: Mapping[int, Sequence[int]],
-                batches: Sequence[Batch], ridge: float = 1e-3, mode: str = "full") -> list[str]:
+                batches: Sequence[Batch], ridge: float = 1e-3, mode: str = "full", *, layerwise: bool = True) -> list[str]:
     """Refit, in place and in forward order, ``student``'s consumers of the groups pruned by ``keep``
-    (``student`` is ``source`` after ``surgery.prune_width(source, analysis, keep)``); returns their names."""
+    (``student`` is ``source`` after ``surgery.prune_width(source, analysis, keep)``, which shares
+    the tensors it did not slice: the student gets its own copies first); returns their names.
+
+    When every consumer lies in the items of one layer stack (a transformer's ``layers``), the
+    layers' inputs are captured one block at a time (``_reconstruct_layerwise``; ``layerwise=False``
+    forces a whole-model forward per layer and batch, which costs O(layers²) block evaluations)."""
     pruned = [gid for gid, k in keep.items() if len(k) < analysis.groups[gid].n_units]
     targets = consumers(source, analysis, pruned, spatial=True)
     if not targets or not batches:
         return []
+    unshare(student, source)  # the refit writes weights, biases and BatchNorm means in place
     names = forward_order(student, targets, batches[0])
     no_bias = [n for n in names if getattr(student.get_submodule(n), "bias", None) is None]
     sinks = following_batchnorms(student, no_bias, batches[0]) if no_bias else {}
     was = source.training, student.training
     source.eval()
     student.eval()
+    def refit(name: str, captured: Captures | None = None) -> None:
+        col_unit = None
+        if mode == "scale":
+            layer = student.get_submodule(name)
+            taps = int(layer.weight[0, 0].numel())  # type: ignore[index]
+            col_unit = column_units(analysis, targets[name], name, keep[targets[name]], taps)
+        refit_layer(source, student, name, batches, ridge, sinks.get(name), kept_rows(analysis, name, keep),
+                    col_unit, captured=captured)
+
+    container = layer_stack(student, names) if layerwise else None
+    if container is not None and not blocks_share_inputs(student, list(student.get_submodule(container).children()), batches[0]):
+        container = None  # per-layer masks or rotary tables (sliding windows): whole-model captures
     try:
-        for name in names:
-            col_unit = None
-            if mode == "scale":
-                layer = student.get_submodule(name)
-                taps = int(layer.weight[0, 0].numel())  # type: ignore[index]
-                col_unit = column_units(analysis, targets[name], name, keep[targets[name]], taps)
-            refit_layer(source, student, name, batches, ridge, sinks.get(name), kept_rows(analysis, name, keep),
-                        col_unit)
+        if container is not None:
+            _reconstruct_layerwise(source, student, container, names, batches, refit)
+        else:
+            for name in names:
+                refit(name)
     finally:
         source.train(was[0])
         student.train(was[1])

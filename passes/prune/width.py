@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from potstill.cow import shared_copy, unshare
+from potstill.cow import shared_copy
 from potstill.errors import InputError
 from potstill.passes.importance import ImportanceEstimator, calibration_batches, run_estimator
 from potstill.passes.importance.base import warn
@@ -463,7 +463,6 @@ class WidthPrunePass(Pass):
             source = student.module
             new = prune_width(source, analysis, keep)
             if use_recon:
-                unshare(new, source)  # the refit writes readers (and biases) in place
                 fit, heldout = fit_and_heldout(state, o.batches)
                 plain = copy.deepcopy(new) if o.reconstruct is None and heldout else None
                 done = reconstruct(source, new, analysis, keep, fit, o.ridge, mode=o.refit)

@@ -112,3 +112,66 @@ def test_pass_reduces_error_on_linear_and_pointwise_consumers():
             if recon == "true":
                 assert state.working().metrics["reconstructed"]
         assert errors[1] < errors[0]
+
+
+def test_refit_never_writes_into_the_source():
+    """``prune_width`` shares what it did not slice (fc2's bias); the refit writes it in place."""
+    model = redundant_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(64, 3)
+    a = analyze(model, (x,))
+    (g,) = [g for g in a.prunable() if g.n_units == 8]
+    student = prune_width(model, a, {g.id: [0, 1, 2, 3]})
+    assert student.fc2.bias.data_ptr() == model.fc2.bias.data_ptr()
+    reconstruct(model, student, a, {g.id: [0, 1, 2, 3]}, [Batch((x,))], ridge=1e-10)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert student.fc2.bias.data_ptr() != model.fc2.bias.data_ptr()  # the student owns what it wrote
+
+
+def _refit_both_ways(model: nn.Module, kwargs: list[dict[str, torch.Tensor]], kinds: set[str]):
+    a = analyze(model, (), {**kwargs[0], "use_cache": False})  # the batches keep the default cache
+    keep = {g.id: list(range(0, g.n_units, 2)) for g in a.prunable() if g.kind in kinds}
+    assert keep
+    batches = [Batch((), k) for k in kwargs]
+    out = []
+    for layerwise in (True, False):
+        student = prune_width(model, a, keep)
+        calls = []
+        first = student.get_submodule("model.embed_tokens" if hasattr(student, "model") else "embeddings")
+        handle = first.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        done = reconstruct(model, student, a, keep, batches, layerwise=layerwise)
+        handle.remove()
+        out.append((student, done, len(calls)))
+    (lw, done_lw, calls_lw), (whole, done_whole, calls_whole) = out
+    assert done_lw == done_whole and len(done_lw) >= 2
+    for (n, p), (_, q) in zip(lw.state_dict().items(), whole.state_dict().items()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    # whole-model captures run the model once per refitted layer and batch (twice: both models);
+    # layer by layer, each model runs up to its first block once per batch (plus one check)
+    assert calls_lw <= 2 * len(batches) and calls_whole >= len(done_whole) * len(batches)
+
+
+def test_layerwise_refit_equals_whole_model_refit_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()  # use_cache defaults on: the blocks must not append to it
+    ids = [torch.randint(0, 64, (2, 12)) for _ in range(3)]
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0  # padding is masked out of the fit
+    _refit_both_ways(model, [{"input_ids": i, "attention_mask": mask} for i in ids], {"neurons", "kv_heads", "heads"})
+
+
+def test_layerwise_refit_equals_whole_model_refit_bert_residual():
+    """BERT's output blocks: the Kwon residual target (the LayerNorm's input) is captured in-block."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                        num_attention_heads=4, max_position_embeddings=32)  # fmt: skip
+    model = BertModel(config, add_pooling_layer=False).eval()
+    ids = [torch.randint(0, 64, (2, 10)) for _ in range(3)]
+    _refit_both_ways(model, [{"input_ids": i, "attention_mask": torch.ones(2, 10, dtype=torch.long)} for i in ids],
+                     {"neurons", "kv_heads", "heads"})
