@@ -284,12 +284,13 @@ def fold_and_clean(model: Any) -> None:
     An onnxscript without the public rule names gets the full optimiser."""
     import onnx_ir as ir
     from onnx_ir.passes import common
-    from onnxscript.optimizer import fold_constants_ir, optimize_ir
+    from onnxscript.optimizer import optimize_ir
 
     try:
+        from onnxscript.optimizer import fold_constants_ir
         from onnxscript.rewriter import RewritePass
         from onnxscript.rewriter.rules import common as rules
-    except ImportError:  # an onnxscript without the public rule names: its full optimiser
+    except ImportError:  # an onnxscript without these public names: its full optimiser
         optimize_ir(model)
         return
     common.InlinePass()(model)
