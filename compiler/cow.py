@@ -4,9 +4,9 @@ A student used to start as ``copy.deepcopy(teacher)``, and width or depth surger
 again before slicing: three copies of every weight at the peak, for tensors most of which are
 sliced (new storage) a moment later. ``shared_copy`` copies the module structure (submodules,
 configs, plain attributes) but gives each parameter and buffer a new tensor object over the *same*
-storage (``Tensor.detach``: one storage, one version counter). Slicing replaces a tensor's data
-(``t.data = t.data.index_select(...)``), so the source keeps its own; nothing is copied that is
-not changed.
+storage (``Tensor.detach``: one storage, one version counter). Surgery swaps a sliced tensor for
+a new object everywhere it is held (``TensorSlots.replace``), so the source keeps its own and the
+slice has a counter of its own; nothing is copied that is not changed.
 
 Writing into a shared tensor in place would write into the teacher. So:
 
