@@ -60,14 +60,16 @@ def onnx_bytes(module: nn.Module, inputs: Sequence[torch.Tensor], names: Sequenc
 class OrtModel:
     """An ONNX Runtime CPU session (2 threads, all graph optimisations) with fixed feeds."""
 
-    def __init__(self, module: nn.Module, inputs: Sequence[torch.Tensor], names: Sequence[str] = ()) -> None:
+    def __init__(self, module: nn.Module | str | Path, inputs: Sequence[torch.Tensor], names: Sequence[str] = ()) -> None:
+        """``module`` exported here (``onnx_bytes``), or the path of an ONNX file exported already."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = THREADS
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(onnx_bytes(module, inputs, names), opts, providers=["CPUExecutionProvider"])
+        model = str(module) if isinstance(module, (str, Path)) else onnx_bytes(module, inputs, names)
+        self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         self.feeds = {i.name: t.numpy() for i, t in zip(self.session.get_inputs(), inputs)}
 
     def run(self) -> np.ndarray:

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import interleaved_latency, setup, write_json
+from _common import OrtModel, interleaved_latency, setup, write_json
 
 MODELS = ("resnet18", "effnet", "minilm", "llama123M")
 
@@ -63,19 +63,6 @@ def variants() -> dict[str, Callable[[Any], None]]:
     return {"fold": fold_and_clean, "full": optimize_ir, "none": lambda model: None}
 
 
-class Session:
-    def __init__(self, path: Path, inputs: list[torch.Tensor]) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 2
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.feeds = {i.name: t.numpy() for i, t in zip(self.session.get_inputs(), inputs)}
-
-    def run(self) -> Any:
-        return self.session.run(None, self.feeds)[0]
-
-
 def main(argv: list[str] | None = None) -> int:
     import onnx
     from potstill.targets import onnx_export
@@ -96,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             model, pos, kw = build(name)
             inputs = [*pos, *kw.values()]
             onnx_export.export_onnx(model, pos, Path(tmp) / "warm.onnx", kw)  # imports, caches
-            sessions: dict[str, Any] = {}
+            sessions: dict[str, OrtModel] = {}
             for variant, fn in variants().items():
                 onnx_export.fold_and_clean = fn  # type: ignore[assignment]
                 path = Path(tmp) / f"{name}-{variant}.onnx"
@@ -104,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 onnx_export.export_onnx(model, pos, path, kw)
                 seconds = time.perf_counter() - t0
                 nodes = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
-                sessions[variant] = Session(path, inputs)
+                sessions[variant] = OrtModel(path, inputs)
                 rows.append({"model": name, "variant": variant, "export_s": round(seconds, 2), "nodes": len(nodes),
                              "batchnorm": nodes.count("BatchNormalization")})  # fmt: skip
             onnx_export.fold_and_clean = original

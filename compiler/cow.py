@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 from torch import nn
@@ -79,7 +80,10 @@ class TensorSlots:
         _, slots = self._slots.pop(id(old), (old, []))
         new: torch.Tensor = nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else data
         for owner, name, is_param in slots:
-            (owner._parameters if is_param else owner._buffers)[name] = new  # type: ignore[assignment]
+            if is_param:
+                owner._parameters[name] = cast(nn.Parameter, new)
+            else:
+                owner._buffers[name] = new
         self._slots[id(new)] = (new, slots)
         return new
 

@@ -33,6 +33,16 @@ from .data import as_batch
 BlockInput = tuple[tuple[Any, ...], dict[str, Any]]
 
 
+def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The model's largest ``nn.ModuleList`` by parameter count (a transformer's layers) and its
+    qualified name; None when it has none."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        return None
+    sizes = [sum(p.numel() for p in m.parameters()) for _, m in lists]
+    return lists[sizes.index(max(sizes))]
+
+
 class _Captured(Exception):
     """Raised by the pre-hook on the first block: the rest of the forward is not needed."""
 

@@ -30,16 +30,16 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from potstill.layerwise import layer_stack
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def repeated_blocks(module: nn.Module) -> list[nn.Module]:
     """The items of the model's largest ``nn.ModuleList`` (a transformer's layers), else its children."""
-    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if lists:
-        sizes = [sum(p.numel() for p in m.parameters()) for m in lists]
-        return list(lists[sizes.index(max(sizes))])
+    stack = layer_stack(module)
+    if stack is not None:
+        return list(stack[1])
     return [c for c in module.children() if any(True for _ in c.parameters())]
 
 

@@ -40,7 +40,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from potstill.cow import unshare
 from potstill.data import Batch
-from potstill.layerwise import BlockInput, block_output, blocks_share_inputs, first_block_inputs, with_hidden
+from potstill.layerwise import (
+    BlockInput,
+    block_output,
+    blocks_share_inputs,
+    first_block_inputs,
+    layer_stack,
+    with_hidden,
+)
 from torch import nn
 
 if TYPE_CHECKING:
@@ -219,14 +226,13 @@ def _whole_model_captures(source: nn.Module, student: nn.Module, name: str, batc
         yield xs, zs, xt, zt
 
 
-def layer_stack(model: nn.Module, names: Iterable[str]) -> str | None:
-    """The qualified name of the model's largest ``nn.ModuleList`` (a transformer's layers) when
-    every named layer lies inside one of its items, else None."""
-    lists = [(sum(p.numel() for p in m.parameters()), n) for n, m in model.named_modules()
-             if isinstance(m, nn.ModuleList) and len(m) > 1]  # fmt: skip
-    if not lists:
+def stack_holding(model: nn.Module, names: Iterable[str]) -> str | None:
+    """The qualified name of the model's layer stack (``potstill.layerwise.layer_stack``) when every
+    named layer lies inside one of its items, else None."""
+    stack = layer_stack(model)
+    if stack is None:
         return None
-    container = max(lists)[1]
+    container = stack[0]
     prefix = f"{container}." if container else ""
     inside = all(n.startswith(prefix) and n[len(prefix):].split(".", 1)[0].isdigit() and "." in n[len(prefix):]
                  for n in names)  # fmt: skip
@@ -440,7 +446,7 @@ def reconstruct(source: nn.Module, student: nn.Module, analysis: Analysis, keep:
         refit_layer(source, student, name, batches, ridge, sinks.get(name), kept_rows(analysis, name, keep),
                     col_unit, captured=captured)
 
-    container = layer_stack(student, names) if layerwise else None
+    container = stack_holding(student, names) if layerwise else None
     if container is not None and not blocks_share_inputs(student, list(student.get_submodule(container).children()), batches[0]):
         container = None  # per-layer masks or rotary tables (sliding windows): whole-model captures
     try:

@@ -56,7 +56,9 @@ def test_trainer_fsdp_on_two_ranks_equals_one_process_and_resumes(tmp_path: Path
             torch.testing.assert_close(got["resumed"][key], value, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(initial.state_dict()[key], value)  # it trained
     # rank 0 wrote the whole weights (5 rows, not a shard of 3) and the whole momentum
-    ck = load_checkpoint(latest_checkpoint(tmp_path / "ck"))  # type: ignore[arg-type]
+    latest = latest_checkpoint(tmp_path / "ck")
+    assert latest is not None
+    ck = load_checkpoint(latest)
     assert ck["world_size"] == 2 and ck["students"][0]["layers.0.weight"].shape == (5, 6)
     assert ck["optimizer"]["state"][0]["momentum_buffer"].shape == (5, 6)
 
