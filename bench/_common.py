@@ -34,7 +34,7 @@ class Flat(nn.Module):
         self.names = list(names)
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        from potstill.data import primary_output
+        from potstill.inputs.data import primary_output
 
         if self.names:
             return primary_output(self.module(**dict(zip(self.names, xs))))

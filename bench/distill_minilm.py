@@ -4,7 +4,7 @@ Teacher: all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads, FFN 1536), loaded off
 docstrings of installed packages (scikit-learn, NumPy, SciPy, ...), split into sentences, a
 held-out test split. Students, made from the teacher's own weights:
 
-* depth — every other layer kept (3 of 6), via ``potstill.surgery.remove_blocks``;
+* depth — every other layer kept (3 of 6), via ``potstill.ir.surgery.remove_blocks``;
 * width — FFN 1536 → 768 and heads 12 → 6, via ``prune.width{per_kind=[neurons=0.5,heads=0.5]}``;
 
 (a hand-built smaller ``BertModel`` with copied slices if potstill's pruning is unavailable).

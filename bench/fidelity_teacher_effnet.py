@@ -25,7 +25,7 @@ def teacher() -> nn.Module:
 
 def preprocess(image: object) -> torch.Tensor:
     """A PIL image -> ``[3, 224, 224]`` in [-1, 1]."""
-    from potstill.data import resize_center_crop
+    from potstill.inputs.data import resize_center_crop
 
     return (resize_center_crop(image, SIZE, SIZE) - 0.5) / 0.5
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    from potstill.data import load_callable
+    from potstill.inputs.data import load_callable
     from potstill.pipeline import PassManager, build_pipeline
     from potstill.profiles import load_profile
     from potstill.state import CompileState

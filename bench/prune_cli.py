@@ -77,7 +77,7 @@ def session(path: Path) -> Any:
 
 
 def evaluate_minilm(onnx: Path) -> dict[str, float]:
-    from potstill.frontend import docstring_corpus
+    from potstill.inputs.teacher import docstring_corpus
     from transformers import AutoModel, AutoTokenizer
 
     sess = session(onnx)

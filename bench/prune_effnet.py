@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the JSON file name (e.g. the host)")
     args = ap.parse_args()
     C.setup()
-    from potstill.ir import analyze
+    from potstill.ir.capture import analyze
     from potstill.pipeline import PassManager, build_pipeline
     from potstill.state import CompileState
 

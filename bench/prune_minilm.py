@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     args = ap.parse_args()
     C.setup()
-    from potstill.ir import analyze
+    from potstill.ir.capture import analyze
     from potstill.pipeline import PassManager, build_pipeline
     from potstill.state import CompileState
 

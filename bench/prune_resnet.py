@@ -35,7 +35,7 @@ def make_resnet() -> ResNet18:
 
 
 def macs_of(model: nn.Module, x: torch.Tensor) -> int:
-    from potstill.ir import analyze
+    from potstill.ir.capture import analyze
 
     return int(analyze(model, (x,)).cost.macs)
 

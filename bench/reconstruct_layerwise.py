@@ -24,10 +24,10 @@ from scale_llm import CASES, VOCAB
 
 
 def main(argv: list[str] | None = None) -> int:
-    from potstill.data import Batch
-    from potstill.ir import analyze
+    from potstill.inputs.data import Batch
+    from potstill.ir.capture import analyze
+    from potstill.ir.surgery import prune_width
     from potstill.passes.prune.reconstruct import reconstruct
-    from potstill.surgery import prune_width
     from rich.console import Console
     from rich.table import Table
     from transformers import LlamaConfig, LlamaForCausalLM

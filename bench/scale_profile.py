@@ -100,11 +100,11 @@ def main() -> None:
         def after_pass(self, p: Any, state: Any, result: Any) -> None:
             sampler.enter(f"after {p.spec()}")
 
-    for module, name in (("potstill.ir", "analyze"), ("potstill.targets.onnxruntime", "export_onnx"),
+    for module, name in (("potstill.ir.capture", "analyze"), ("potstill.targets.onnxruntime", "export_onnx"),
                          ("potstill.targets.optimum_export", "optimum_export"),
                          ("potstill.targets.onnxruntime", "ort_parity_and_latency"),
                          ("potstill.targets.onnxruntime", "_same_model"),
-                         ("potstill.manifest", "save_program"), ("potstill.students_io", "save_student"),
+                         ("potstill.outputs.manifest", "save_program"), ("potstill.outputs.students_io", "save_student"),
                          ("potstill.fidelity", "measure_fidelity")):  # fmt: skip
         label(sampler, module, name)
     with tempfile.TemporaryDirectory(prefix="potstill-prof-") as tmp:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from potstill.atomic import atomic_write_json
+from potstill.outputs.atomic import atomic_write_json
 from potstill.profiles import load_profile
 from potstill.targets import lower, measure_torch_latency
 from rich.console import Console

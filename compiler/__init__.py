@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["CompileState", "Compiled", "__version__", "compile", "load_student"]
 
@@ -20,15 +20,15 @@ __all__ = ["CompileState", "Compiled", "__version__", "compile", "load_student"]
 def __getattr__(name: str) -> Any:
     # lazy, so ``import potstill`` (and ``potstill --help``) does not import torch
     if name in ("compile", "Compiled", "CompiledStudent"):
-        from . import api
+        from potstill import api
 
         return getattr(api, name)
     if name == "CompileState":
-        from .state import CompileState
+        from potstill.state import CompileState
 
         return CompileState
     if name == "load_student":
-        from .students_io import load_student
+        from potstill.outputs.students_io import load_student
 
         return load_student
     raise AttributeError(f"module 'potstill' has no attribute {name!r}")

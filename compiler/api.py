@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .driver import compile_teacher
-from .plan import CompileOptions
+from potstill.driver import compile_teacher
+from potstill.plan import CompileOptions
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
-from .errors import PotstillError
+from potstill._version import __version__
+from potstill.errors import PotstillError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -35,8 +35,8 @@ def _seed(text: str) -> int:
 
 
 def _size(text: str) -> int:
-    from .errors import InputError
-    from .memory import parse_size
+    from potstill.errors import InputError
+    from potstill.inputs.memory import parse_size
 
     try:
         return parse_size(text)
@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from .driver import CompileOptions, compile_teacher
-    from .report import results_table
+    from potstill.driver import CompileOptions, compile_teacher
+    from potstill.outputs.report import results_table
 
     out, err = _console(), _console(stderr=True)
 
@@ -198,11 +198,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from potstill.inputs.teacher import load_teacher
+    from potstill.ir.capture import analyze
+    from potstill.outputs.report import human
     from rich.table import Table
-
-    from .frontend import load_teacher
-    from .ir import analyze
-    from .report import human
 
     out = _console()
     teacher = load_teacher(args.teacher, args.input_shape)
@@ -258,8 +257,8 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
-    from .pipeline import available_passes, get_pass
-    from .plugins import load_plugins
+    from potstill.pipeline import available_passes, get_pass
+    from potstill.plugins import load_plugins
 
     load_plugins(args.plugin, note=lambda m: None)
     if args.name is None:
@@ -296,7 +295,7 @@ def pass_info(cls: Any) -> dict[str, Any]:
     import dataclasses
     import inspect
 
-    from .pipeline import _type_name, describe, option_types, predicates
+    from potstill.pipeline import _type_name, describe, option_types, predicates
 
     comments: dict[str, str] = {}
     try:

@@ -12,10 +12,10 @@ The driver does three things and nothing else:
    every plan ends in ``lower.<target>`` and ``record``) plus the teacher's (``record.teacher``);
 2. **run** the teacher's plan first, then one ``PassManager`` per student plan on a fork of one
    ``CompileState`` (students are copy-on-write copies of the one reference teacher, which nothing
-   mutates; ``potstill.cow``), reusing a cached student whose key and file hashes match;
-3. **build the manifest** from what the passes recorded (``potstill.manifest.build_manifest``).
+   mutates; ``potstill.ir.cow``), reusing a cached student whose key and file hashes match;
+3. **build the manifest** from what the passes recorded (``potstill.outputs.manifest.build_manifest``).
 
-``OUT`` is built in a locked temporary sibling and swapped in atomically (``potstill.outdir``).
+``OUT`` is built in a locked temporary sibling and swapped in atomically (``potstill.outputs.outdir``).
 Distillation checkpoints live in OUT's stable work area, so a killed run resumes. Under
 ``torchrun`` every rank trains; rank 0 alone analyses, lowers and writes (see ``potstill.ranks``
 in ``DistributedInstrument``).
@@ -35,18 +35,31 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
-
-from .atomic import atomic_write_json
-from .cachekey import artifact_hashes, batches_sha256, cache_key, local_sources, plan_key
-from .data import as_batch, load_callable
-from .errors import InputError
-from .frontend import Teacher, load_calibration, load_data, load_teacher, random_calibration_warning
-from .manifest import build_manifest, student_entry, write_manifest
-from .memory import module_weights, preflight_memory, release_freed_memory
-from .outdir import OutputFolder, inside
-from .pipeline import DumpIRInstrument, PassInstrument, PassManager, TimingInstrument, VerifyInstrument
-from .plan import (
+from potstill.errors import InputError
+from potstill.inputs.data import as_batch, load_callable
+from potstill.inputs.guard import TeacherGuard
+from potstill.inputs.memory import module_weights, preflight_memory, release_freed_memory
+from potstill.inputs.teacher import (
+    Teacher,
+    load_calibration,
+    load_data,
+    load_teacher,
+    random_calibration_warning,
+)
+from potstill.outputs.atomic import atomic_write_json
+from potstill.outputs.cachekey import artifact_hashes, batches_sha256, cache_key, local_sources, plan_key
+from potstill.outputs.manifest import build_manifest, student_entry, write_manifest
+from potstill.outputs.outdir import OutputFolder, inside
+from potstill.outputs.report import warnings as report_warnings
+from potstill.outputs.report import write_report
+from potstill.pipeline import (
+    DumpIRInstrument,
+    PassInstrument,
+    PassManager,
+    TimingInstrument,
+    VerifyInstrument,
+)
+from potstill.plan import (
     DEFAULT_DISTILL_EPOCHS,
     CompileOptions,
     Plan,
@@ -55,13 +68,11 @@ from .plan import (
     plan_students,
     teacher_plan,
 )
-from .plugins import load_plugins
-from .progress import PassProgress
-from .ranks import DistributedInstrument, Ranks
-from .report import warnings as report_warnings
-from .report import write_report
-from .state import CompileState
-from .teacher_guard import TeacherGuard
+from potstill.plugins import load_plugins
+from potstill.progress import PassProgress
+from potstill.ranks import DistributedInstrument, Ranks
+from potstill.state import CompileState
+from rich.console import Console
 
 Note = Callable[[str], None]
 #: the most elements one example input may have (a typo such as 1x3x22400x22400 is refused up front)
@@ -140,7 +151,7 @@ def _check_teacher(teacher: Teacher, note: Note) -> bool:
 
 
 def _check_shapes(shapes: Sequence[str]) -> None:
-    from .frontend import parse_input_shape
+    from potstill.inputs.teacher import parse_input_shape
 
     for text in shapes:
         n = math.prod(parse_input_shape(text))
@@ -278,7 +289,7 @@ def _spec_files(opts: CompileOptions) -> list[Path]:
 
 
 def _inputs_record(opts: CompileOptions, teacher: Teacher, plans: Sequence[Plan], sources: dict[str, str]) -> dict[str, Any]:
-    from .manifest import sha256_file, sha256_files, weights_sha256
+    from potstill.outputs.manifest import sha256_file, sha256_files, weights_sha256
 
     def file_record(spec: str | None) -> dict[str, Any]:
         if not spec:
@@ -421,7 +432,7 @@ def run_plans(p: Prepared, tmp: Path, note: Note, instruments: Sequence[PassInst
                 from potstill.profiles import load_profile
 
                 state = base.fork(profile=load_profile(plan.profile))
-            state.students.append(state.new_student(plan.name, share=True))  # copy-on-write (potstill.cow)
+            state.students.append(state.new_student(plan.name, share=True))  # copy-on-write (potstill.ir.cow)
             timing, insts = _instruments(p, plan, tmp, instruments)
             try:
                 state = PassManager(plan.passes, insts).run(state).state

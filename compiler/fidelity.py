@@ -34,14 +34,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from potstill.errors import InputError
+from potstill.inputs.data import Batch, as_batch, iter_batches, primary_output
+from potstill.pipeline import Pass, PassResult, register_pass
 from torch import nn
 
-from .data import Batch, as_batch, iter_batches, primary_output
-from .errors import InputError
-from .pipeline import Pass, PassResult, register_pass
-
 if TYPE_CHECKING:
-    from .state import CompileState, Student
+    from potstill.state import CompileState, Student
 
 TASKS = ("classification", "embedding", "causal_lm", "output")
 

@@ -33,11 +33,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
-
-from .errors import InputError, PassError, PostconditionError, PreconditionError
+from potstill.errors import InputError, PassError, PostconditionError, PreconditionError
 
 if TYPE_CHECKING:
-    from .state import CompileState
+    from potstill.state import CompileState
 
 
 @dataclass(frozen=True)
@@ -113,7 +112,7 @@ class Pass:
     #: runs on every rank under torchrun (training); other passes run on rank 0 only
     collective: ClassVar[bool] = False
     #: may write into the students' tensors in place (training, refits). Students share the
-    #: teacher's tensors until such a pass runs (``potstill.cow``): before it, each student gets
+    #: teacher's tensors until such a pass runs (``potstill.ir.cow``): before it, each student gets
     #: its own copy of what it still shares. Passes that only read weights or build new modules
     #: (importance, surgery, lowering, recording) set False and keep the sharing.
     in_place: ClassVar[bool] = True
@@ -525,7 +524,7 @@ class DumpIRInstrument(PassInstrument):
     def _dump(self, state: CompileState, tag: str) -> None:
         from pathlib import Path
 
-        from .atomic import atomic_write_text
+        from potstill.outputs.atomic import atomic_write_text
 
         directory = Path(self.directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -551,7 +550,7 @@ class VerifyInstrument(PassInstrument):
         if not result.changed:
             return
         if self.check is None:
-            from .verify import verify_student
+            from potstill.ir.verify import verify_student
 
             self.check = verify_student
         self.check(result.state)

@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from potstill.errors import InputError
 from potstill.passes.distill.recipe import DataSpec as RecipeData  # one schema for data: {train, eval, calib}
+from potstill.pipeline import Fact, Pass, build_pipeline, get_pass, needs_fact, parse_pipeline, predicates
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from .errors import InputError
-from .pipeline import Fact, Pass, build_pipeline, get_pass, needs_fact, parse_pipeline, predicates
 
 TARGETS = ("onnx", "onnxruntime", "tensorrt", "aoti")
 RATIO_PLACEHOLDER = "$ratio"
@@ -76,7 +75,7 @@ class CompileOptions:
     force: bool = False
     #: resume distillation from the work area's checkpoints (None: when the inputs match)
     resume: bool | None = None
-    #: refuse a compile whose estimated peak memory exceeds this many bytes (``potstill.memory``)
+    #: refuse a compile whose estimated peak memory exceeds this many bytes (``potstill.inputs.memory``)
     max_memory: int | None = None
     #: tokens per example for text teachers (None: the profile's ``sequence_length``, else 32)
     sequence_length: int | None = None

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 
-from .data import import_file
-from .errors import InputError, PotstillError
+from potstill.errors import InputError, PotstillError
+from potstill.inputs.data import import_file
 
 ENTRY_POINT_GROUP = "potstill.passes"
 _LOADED: dict[str, Path | None] = {}

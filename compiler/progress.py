@@ -24,8 +24,8 @@ from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
-from .pipeline import Pass, PassInstrument, PassResult
-from .state import CompileState
+from potstill.pipeline import Pass, PassInstrument, PassResult
+from potstill.state import CompileState
 
 #: seconds per million teacher parameters, by pass kind (fitted on the scale bench, 2 cores)
 SECONDS_PER_MPARAM = {"lower": 0.15, "importance": 0.05, "prune": 0.04, "bn": 0.05, "record": 0.08,

@@ -14,10 +14,10 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .pipeline import Pass, PassInstrument
+from potstill.pipeline import Pass, PassInstrument
 
 if TYPE_CHECKING:
-    from .state import CompileState
+    from potstill.state import CompileState
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from potstill.ir.cow import shared_copy, unshare
 from torch import nn
 
-from .cow import shared_copy, unshare
-
 if TYPE_CHECKING:
-    from .ir import Analysis
+    from potstill.ir.capture import Analysis
 
 
 @dataclass
@@ -89,7 +88,7 @@ class CompileState:
     example_kwargs: dict[str, Any] = field(default_factory=dict)
     profile: Any = None  # potstill.profiles.DeviceProfile
     out_dir: Path | None = None
-    #: a callable returning an iterable of batches (see potstill.data.as_batch); importance,
+    #: a callable returning an iterable of batches (see potstill.inputs.data.as_batch); importance,
     #: reconstruction and BatchNorm statistics use it
     calib_data: Callable[[], Iterable[Any]] | None = None
     #: batches never seen by importance, reconstruction or BN statistics: fidelity is measured on them
@@ -150,7 +149,7 @@ class CompileState:
     def new_student(self, name: str, *, share: bool = False) -> Student:
         """A fresh copy of the reference teacher (in eval mode, its original requires-grad flags).
 
-        ``share=True``: the copy shares the teacher's tensors (``potstill.cow``) until a pass that
+        ``share=True``: the copy shares the teacher's tensors (``potstill.ir.cow``) until a pass that
         writes in place runs (``Pass.in_place``: the pass first gives each student its own copy of
         what it still shares). Code that changes a student outside passes wants the default, a deep
         copy."""
@@ -181,7 +180,7 @@ class CompileState:
 
     def analysis(self, student: Student | None = None) -> Analysis:
         """Graph IR + coupled groups + blocks + cost of a student (cached until its module changes)."""
-        from .ir import analyze
+        from potstill.ir.capture import analyze
 
         s = student or self.working()
         key = id(s.module)
@@ -195,7 +194,7 @@ class CompileState:
 
     def teacher_analysis(self) -> Analysis:
         """The teacher's analysis, computed once for every state that shares this cache."""
-        from .ir import analyze
+        from potstill.ir.capture import analyze
 
         if self.shared.analysis is None:
             self.shared.analysis = analyze(self.teacher, self.example_inputs, self.example_kwargs)

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from potstill.atomic import atomic_write_text
 from potstill.errors import InputError
+from potstill.outputs.atomic import atomic_write_text
 from pydantic import ValidationError
 
 from .schema import DeviceProfile

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from potstill.atomic import atomic_path
 from potstill.errors import PotstillError
+from potstill.outputs.atomic import atomic_path
 from potstill.profiles import DeviceProfile
 from torch import nn
 

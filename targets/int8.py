@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from potstill.atomic import atomic_path
-from potstill.data import iter_batches
+from potstill.inputs.data import iter_batches
+from potstill.outputs.atomic import atomic_path
 from potstill.profiles import DeviceProfile, Tolerance
 from torch import nn
 

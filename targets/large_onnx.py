@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from potstill.atomic import atomic_path
+from potstill.outputs.atomic import atomic_path
 from torch import nn
 
 #: protobuf's hard limit on one serialised message

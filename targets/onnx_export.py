@@ -3,7 +3,7 @@
 The module is wrapped so that every tensor input is a named positional input (positional
 arguments take the names of ``forward``'s parameters; keyword arguments such as Hugging Face's
 ``input_ids``, ``attention_mask``, ``token_type_ids`` keep their names). The first output is the
-primary output (``potstill.data.primary_output``: logits, last hidden state, or the first tensor),
+primary output (``potstill.inputs.data.primary_output``: logits, last hidden state, or the first tensor),
 named ``output``; every other tensor the model returns (tuple items, dict or ``ModelOutput``
 fields) follows as ``output.<key>``, and the notes name any non-tensor output left out.
 Exporter: ``torch.onnx.export(dynamo=True, optimize=False)`` and then ``fold_and_clean`` (constant
@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from potstill.data import primary_output
 from potstill.errors import PotstillError
+from potstill.inputs.data import primary_output
 from torch import nn
 
 from .large_onnx import check_onnx, needs_external_data, onnx_destination

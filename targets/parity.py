@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from potstill.data import primary_output
 from potstill.errors import ParityError
+from potstill.inputs.data import primary_output
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 

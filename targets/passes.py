@@ -254,7 +254,7 @@ class RecordPass(Pass):
 
     def run(self, state: CompileState) -> PassResult:
         from potstill.fidelity import fidelity_floor, student_fidelity
-        from potstill.manifest import save_program
+        from potstill.outputs.manifest import save_program
 
         profile = state_profile(state)
         for student in state.students:
@@ -303,7 +303,7 @@ class RecordPass(Pass):
 def _save_reload_record(state: CompileState, module: nn.Module, folder: Path, files: dict[str, str]) -> tuple[list[str], list[str]]:
     """Write ``model.safetensors`` + ``architecture.json`` (and ``hf/`` where a config states the
     shapes); returns the loaders that were checked to rebuild this student, and notes."""
-    from potstill.students_io import RECORD_FILE, WEIGHTS_FILE, save_student
+    from potstill.outputs.students_io import RECORD_FILE, WEIGHTS_FILE, save_student
 
     if not state.teacher_spec:
         return [], ["no reload record: the teacher was given as a module, not as hf:PATH or file.py:FACTORY; "
@@ -347,7 +347,7 @@ class TeacherRecordPass(Pass):
     ensures = (_teacher_recorded,)
 
     def run(self, state: CompileState) -> PassResult:
-        from potstill.manifest import architecture, cost, parity_dict
+        from potstill.outputs.manifest import architecture, cost, parity_dict
 
         analysis = state.teacher_analysis()
         scratch = Path(state.work_dir or tempfile.mkdtemp(prefix="potstill-teacher-")) / "teacher-engine"

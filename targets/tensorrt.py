@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from potstill.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from potstill.errors import PotstillError
+from potstill.outputs.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from potstill.profiles import DeviceProfile
 from torch import nn
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any
 
 import torch
-from potstill.data import Batch, as_batch
+from potstill.inputs.data import Batch, as_batch
 
 from .checkpoint import seed_everything
 

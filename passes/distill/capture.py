@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from potstill.data import Batch, primary_output
 from potstill.errors import InputError
-from potstill.hf import is_hf
+from potstill.inputs.data import Batch, primary_output
+from potstill.inputs.hf import is_hf
 from torch import nn
 
 #: ``forward(module, batch, config) -> model output``: how a (module, config) student runs.

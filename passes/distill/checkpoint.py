@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from potstill.atomic import atomic_path
 from potstill.errors import InputError
+from potstill.outputs.atomic import atomic_path
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from potstill.data import Batch
+from potstill.inputs.data import Batch
 from torch import nn
 
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from potstill.atomic import atomic_write_text
-from potstill.data import Batch, iter_batches, primary_output
+from potstill.inputs.data import Batch, iter_batches, primary_output
+from potstill.outputs.atomic import atomic_write_text
 from torch import nn
 
 from .losses import mean_pool

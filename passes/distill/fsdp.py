@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from potstill.layerwise import layer_stack
+from potstill.ir.layerwise import layer_stack
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 

@@ -33,8 +33,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from potstill.data import Batch
 from potstill.errors import NumericError
+from potstill.inputs.data import Batch
 from torch import nn
 from torch.distributed.tensor import DTensor
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from potstill.data import Batch
 from potstill.errors import InputError
+from potstill.inputs.data import Batch
 from torch import nn
 
 from .capture import ModelOutputs, Want

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from potstill.data import load_callable
 from potstill.errors import InputError
+from potstill.inputs.data import load_callable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import methods

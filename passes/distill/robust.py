@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from potstill.data import Batch, iter_batches, primary_output
 from potstill.errors import InputError
+from potstill.inputs.data import Batch, iter_batches, primary_output
 from torch import nn
 
 from .losses import DistillLoss, LossInputs, kl_per_position, register_loss, weighted_mean

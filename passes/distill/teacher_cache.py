@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from potstill.data import Batch, as_batch
 from potstill.errors import InputError
+from potstill.inputs.data import Batch, as_batch
 from torch import nn
 
 from .capture import ModelOutputs, Want, run_model

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from potstill.data import Batch, as_batch
 from potstill.errors import InputError, NumericError
+from potstill.inputs.data import Batch, as_batch
 from torch import nn
 
 from . import checkpoint as ckpt

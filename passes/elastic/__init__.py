@@ -45,8 +45,8 @@ def make_supernet(
     ``scores``: unit scores per group id (default: L2 magnitude); ``batches``: calibration data for
     ranking blocks (depth is elastic only when given).
     """
-    from potstill.data import as_batch
-    from potstill.ir import analyze
+    from potstill.inputs.data import as_batch
+    from potstill.ir.capture import analyze
 
     a = analysis if analysis is not None else analyze(model, example_inputs, example_kwargs or {})
     if scores is None:

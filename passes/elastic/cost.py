@@ -12,7 +12,7 @@ engine), so per-layer lookups that miss fixed costs (pooling, copies, session ov
 corrected by measurement. Memory is ``weights + peak activations``: weights from the sliced
 parameter sizes, activations by walking the graph with each value scaled by the kept fraction of
 its producer's out-dim (values inherit it through element-wise ops), both at the profile's
-precision and batch. Finalists are re-measured exactly (``potstill.cost`` on the extracted
+precision and batch. Finalists are re-measured exactly (``potstill.ir.cost`` on the extracted
 subnet, and the engine's timer).
 """
 
@@ -156,7 +156,7 @@ class CostModel:
         return float(total * elem)
 
     def activation_bytes(self, config: SubnetConfig) -> float:
-        """Peak live activations (liveness walk as in ``potstill.cost``), widths scaled per value."""
+        """Peak live activations (liveness walk as in ``potstill.ir.cost``), widths scaled per value."""
         a = self.net.analysis
         g = a.ir.graph
         widths = dict(config.widths)
@@ -199,8 +199,8 @@ class CostModel:
 
 def measured_memory_mb(module: Any, example_inputs: tuple[Any, ...], example_kwargs: dict[str, Any],
                        precision: str, batch: int, example_batch: int) -> float:
-    """Weights + peak activations of an extracted subnet from its own analysis (``potstill.cost``)."""
-    from potstill.ir import analyze
+    """Weights + peak activations of an extracted subnet from its own analysis (``potstill.ir.cost``)."""
+    from potstill.ir.capture import analyze
 
     a = analyze(module, example_inputs, example_kwargs)
     elem = BYTES_PER_ELEMENT.get(precision, 4)

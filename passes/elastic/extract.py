@@ -1,7 +1,7 @@
 """Extraction: a subnet configuration → a standalone, physically smaller ``nn.Module``.
 
 Zero-shot (no retraining): slice the kept prefix of every narrowed group with
-``potstill.surgery.prune_width`` (which also updates module attributes, head counts and Hugging
+``potstill.ir.surgery.prune_width`` (which also updates module attributes, head counts and Hugging
 Face config fields), then drop the configuration's blocks with ``remove_blocks``. Widths first,
 because block removal renames the parameters the analysis refers to. The result computes what the
 supernet computes when run as that configuration (``Supernet.configured``), BatchNorm statistics
@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from potstill.surgery import prune_width, remove_blocks
+from potstill.ir.surgery import prune_width, remove_blocks
 from torch import nn
 
 from .space import SubnetConfig

@@ -1,7 +1,7 @@
 """Nesting: permute every elastic group's units by importance so that every width is a prefix.
 
 For a coupled group with unit scores ``s`` (higher = keep) let ``π = argsort(-s)``. Each member
-slice (producer rows, norm affine and statistics, consumer columns; ``potstill.ir.Member``) is
+slice (producer rows, norm affine and statistics, consumer columns; ``potstill.ir.capture.Member``) is
 re-indexed by the same ``π``. A permutation applied consistently to a producer's outputs and to
 every consumer's inputs (and to the per-channel parameters between them) leaves the function
 unchanged — ``W₂ P^T · P W₁ x = W₂ W₁ x`` — so the full network computes what it did, while the
@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from potstill.surgery import _get_tensor
+from potstill.ir.surgery import _get_tensor
 from torch import nn
 
 if TYPE_CHECKING:
-    from potstill.data import Batch
-    from potstill.ir import Analysis, CoupledGroup
+    from potstill.inputs.data import Batch
+    from potstill.ir.capture import Analysis, CoupledGroup
 
 
 @dataclass

@@ -264,7 +264,7 @@ def _robustness(state: CompileState, module: Any) -> dict[str, Any]:
 
 
 def _heldout(state: CompileState) -> list[Any]:
-    from potstill.data import iter_batches
+    from potstill.inputs.data import iter_batches
     from potstill.passes.importance.base import calibration_batches, warn
 
     source = getattr(state, "heldout_data", None) or state.eval_data

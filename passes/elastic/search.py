@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from potstill.data import Batch, as_batch, primary_output
 from potstill.errors import InputError
+from potstill.inputs.data import Batch, as_batch, primary_output
 from torch import nn
 
 from .cost import CostModel, measured_memory_mb

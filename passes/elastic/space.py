@@ -28,7 +28,7 @@ from potstill.passes.prune.align import align_units
 from torch import nn
 
 if TYPE_CHECKING:
-    from potstill.ir import Analysis, CoupledGroup
+    from potstill.ir.capture import Analysis, CoupledGroup
 
 #: progressive unlocking order (OFA / ProARD): width first, then depth, then expansion
 PHASES = ("width", "depth", "expansion")

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from potstill.data import Batch, as_batch
+from potstill.inputs.data import Batch, as_batch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 

@@ -31,8 +31,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from potstill.data import iter_batches
 from potstill.errors import InputError
+from potstill.inputs.data import iter_batches
 from potstill.passes.distill import DistillTrainer, StudentSpec, TrainConfig, TrainResult
 from potstill.passes.distill.batches import count_batches
 from torch import nn
@@ -133,7 +133,7 @@ def evaluate_subnets(
 
 def _accuracy(model: nn.Module, data: Any, limit: int | None) -> float:
     import torch
-    from potstill.data import primary_output
+    from potstill.inputs.data import primary_output
 
     correct = n = 0
     with torch.no_grad():

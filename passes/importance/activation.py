@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-from potstill.data import Batch
+from potstill.inputs.data import Batch
 from potstill.state import CompileState
 from torch import nn
 
 from .base import DEFAULT_CALIB_BATCHES, ImportanceEstimator, aggregate, estimator, per_unit, resolve
 
 if TYPE_CHECKING:
-    from potstill.ir import Analysis, CoupledGroup, Member
+    from potstill.ir.capture import Analysis, CoupledGroup, Member
 
 _LAYER_NORMS = ("LayerNorm", "RMSNorm", "T5LayerNorm")
 

@@ -1,6 +1,6 @@
 """The importance interface: one score per prunable unit of every coupled group.
 
-An :class:`ImportanceEstimator` maps a model, its :class:`~potstill.ir.Analysis` and calibration
+An :class:`ImportanceEstimator` maps a model, its :class:`~potstill.ir.capture.Analysis` and calibration
 batches to ``{group_id: scores}``, one float per unit (channel, neuron, head, KV group, ...),
 higher = keep. Estimators first score every *member* of a group (a parameter slice or an
 activation site) and then aggregate over the members:
@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
-from potstill.data import Batch, as_batch, iter_batches
 from potstill.errors import InputError
+from potstill.inputs.data import Batch, as_batch, iter_batches
 from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.state import CompileState
 from torch import nn
 
 if TYPE_CHECKING:
-    from potstill.ir import Analysis, CoupledGroup, Member
+    from potstill.ir.capture import Analysis, CoupledGroup, Member
 
 #: how many calibration batches an estimator reads by default
 DEFAULT_CALIB_BATCHES = 8
@@ -185,7 +185,7 @@ class ImportanceEstimator(ABC):
     is generated from it by :func:`estimator` (the options of that pass *are* the estimator), and
     ``prune.width{importance=<name>}`` builds the same class. Example::
 
-        from potstill.ir import analyze
+        from potstill.ir.capture import analyze
         a = analyze(model, (x,))
         scores = MagnitudeImportance(p=2).scores(model, a, [x])
         scores[a.prunable()[0].id]        # np.ndarray, one score per unit

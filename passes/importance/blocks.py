@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from potstill.data import Batch, primary_output
 from potstill.errors import InputError
+from potstill.inputs.data import Batch, primary_output
 from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.state import CompileState
 from torch import nn

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-from potstill.data import Batch
+from potstill.inputs.data import Batch
 from potstill.state import CompileState
 from torch import nn
 
@@ -42,7 +42,7 @@ from .gradients import for_each_gradient
 from .taylor import weight_gradient_scores
 
 if TYPE_CHECKING:
-    from potstill.ir import Analysis, CoupledGroup
+    from potstill.ir.capture import Analysis, CoupledGroup
 
 #: ``state.records`` key of the last per-sample mask gradients (for mask rearrangement)
 MASK_GRADS_KEY = "_mask_gradients"

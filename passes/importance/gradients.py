@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from potstill.data import Batch, primary_output
+from potstill.inputs.data import Batch, primary_output
 from torch import nn
 
 

@@ -32,7 +32,7 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    from potstill.ir import Analysis
+    from potstill.ir.capture import Analysis
 
 
 @estimator

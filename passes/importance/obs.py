@@ -29,7 +29,7 @@ from .activation import ActivationImportance
 from .base import DEFAULT_CALIB_BATCHES, ImportanceEstimator, estimator, resolve
 
 if TYPE_CHECKING:
-    from potstill.ir import Analysis
+    from potstill.ir.capture import Analysis
 
 
 @estimator

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from potstill.data import Batch
+from potstill.inputs.data import Batch
 from potstill.state import CompileState
 from torch import nn
 
@@ -32,7 +32,7 @@ from .base import (
 from .gradients import for_each_gradient
 
 if TYPE_CHECKING:
-    from potstill.ir import Analysis, CoupledGroup
+    from potstill.ir.capture import Analysis, CoupledGroup
 
 
 def weight_gradient_scores(

@@ -35,7 +35,7 @@ import numpy as np
 from .align import align_units, unit_step
 
 if TYPE_CHECKING:
-    from potstill.ir import CoupledGroup
+    from potstill.ir.capture import CoupledGroup
 
 Measure = Callable[[Mapping[int, int]], float]
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from potstill.data import iter_batches
 from potstill.errors import InputError
+from potstill.inputs.data import iter_batches
 from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.state import CompileState
 from torch import nn
@@ -75,7 +75,7 @@ def recalibrate_batchnorm(
     if not bns:
         return 0, 0
     saved = {n: {k: getattr(m, k).clone() for k in _STATS} for n, m in bns.items()}
-    for m in bns.values():  # write into copies of our own: a student may share them with the teacher (potstill.cow)
+    for m in bns.values():  # write into copies of our own: a student may share them with the teacher (potstill.ir.cow)
         for k in _STATS:
             setattr(m, k, getattr(m, k).clone())
     modes = {m: m.training for m in model.modules()}

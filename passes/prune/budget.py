@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from potstill.ir import Analysis
+    from potstill.ir.capture import Analysis
 
 
 @dataclass

@@ -8,7 +8,7 @@ The blocks to remove are the least important by a block importance (``importance
 * ``importance=dp``  -- AmoebaLLM's dynamic programme over ``state.metric`` (or the output error
   when there is none): the mask it finds for exactly ``drop`` removals.
 
-``drop=N`` removes N blocks, ``keep=N`` keeps N of the removable ones. ``potstill.surgery.
+``drop=N`` removes N blocks, ``keep=N`` keeps N of the removable ones. ``potstill.ir.surgery.
 remove_blocks`` builds the student and renumbers what depends on layer indices; a Hugging Face
 student's ``config.num_hidden_layers`` follows (checked here).
 """
@@ -65,14 +65,14 @@ def choose_blocks(state: CompileState, names: list[str], n_drop: int, o: DepthOp
 class DepthPrunePass(Pass):
     """``prune.depth{drop=2,importance=bi}``: remove whole blocks."""
 
-    in_place = False  # builds a new, smaller module (potstill.cow): the source is only read
+    in_place = False  # builds a new, smaller module (potstill.ir.cow): the source is only read
 
     name: ClassVar[str] = "prune.depth"
     Options: ClassVar[type] = DepthOptions
     ensures: ClassVar[frozenset[str]] = frozenset({"pruned"})
 
     def run(self, state: CompileState) -> PassResult:
-        from potstill.surgery import remove_blocks
+        from potstill.ir.surgery import remove_blocks
 
         o: DepthOptions = self.options
         if o.importance not in METHODS:

@@ -38,9 +38,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from potstill.cow import unshare
-from potstill.data import Batch
-from potstill.layerwise import (
+from potstill.inputs.data import Batch
+from potstill.ir.cow import unshare
+from potstill.ir.layerwise import (
     BlockInput,
     block_output,
     blocks_share_inputs,
@@ -51,7 +51,7 @@ from potstill.layerwise import (
 from torch import nn
 
 if TYPE_CHECKING:
-    from potstill.ir import Analysis
+    from potstill.ir.capture import Analysis
 
 
 def _is_pointwise(mod: nn.Module | None) -> bool:
@@ -227,7 +227,7 @@ def _whole_model_captures(source: nn.Module, student: nn.Module, name: str, batc
 
 
 def stack_holding(model: nn.Module, names: Iterable[str]) -> str | None:
-    """The qualified name of the model's layer stack (``potstill.layerwise.layer_stack``) when every
+    """The qualified name of the model's layer stack (``potstill.ir.layerwise.layer_stack``) when every
     named layer lies inside one of its items, else None."""
     stack = layer_stack(model)
     if stack is None:
@@ -257,7 +257,7 @@ def _block_captures(src: nn.Module, dst: nn.Module, layer: str, head: str, xs: S
 def _reconstruct_layerwise(source: nn.Module, student: nn.Module, container: str, names: Sequence[str],
                            batches: Sequence[Batch], refit: Callable[[str, Captures], None]) -> None:  # fmt: skip
     """Refit ``names`` (all inside the items of ``container``) one block at a time: each model's
-    block inputs are captured once (``potstill.layerwise``), and block ``i`` then runs on them alone
+    block inputs are captured once (``potstill.ir.layerwise``), and block ``i`` then runs on them alone
     (SparseGPT's and FLAP's order), so a refit costs one block's forward, not a whole-model forward
     stopped at the layer. Refits run in forward order and the student's next block inputs come from
     its refitted block, so the fit sees exactly the inputs the whole-model capture would."""

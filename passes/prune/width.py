@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from potstill.cow import shared_copy
 from potstill.errors import InputError
+from potstill.ir.cow import shared_copy
 from potstill.passes.importance import ImportanceEstimator, calibration_batches, run_estimator
 from potstill.passes.importance.base import warn
 from potstill.pipeline import Pass, PassResult, register_pass
@@ -58,7 +58,7 @@ from .budget import CostModel, layer_shapes
 from .reconstruct import reconstruct
 
 if TYPE_CHECKING:
-    from potstill.ir import Analysis, CoupledGroup
+    from potstill.ir.capture import Analysis, CoupledGroup
 
 #: kinds pruned by default; ``hidden`` (the residual stream of a transformer) only when named
 DEFAULT_KINDS = ("channels", "neurons", "heads", "kv_heads", "conv_groups")
@@ -319,7 +319,7 @@ def record_arch(state: CompileState, student: Student, widths: dict[str, dict[st
 class WidthPrunePass(Pass):
     """``prune.width{ratio=0.5}``: physically smaller, hardware-aligned students."""
 
-    in_place = False  # builds a new, smaller module (potstill.cow): the source is only read
+    in_place = False  # builds a new, smaller module (potstill.ir.cow): the source is only read
 
     name: ClassVar[str] = "prune.width"
     Options: ClassVar[type] = WidthOptions
@@ -434,7 +434,7 @@ class WidthPrunePass(Pass):
                o: WidthOptions, use_recon: bool) -> int:
         """Slice (in ``o.steps`` steps, re-scoring between them) and refit; returns how many groups
         the mask rearrangement changed."""
-        from potstill.surgery import keep_top, prune_width
+        from potstill.ir.surgery import keep_top, prune_width
 
         final_by_label = {labels[g.id]: (final[g.id], g.n_units) for g in groups}
         rearranged = 0
@@ -478,7 +478,7 @@ def fit_and_heldout(state: CompileState, limit: int) -> tuple[list[Any], list[An
     """Calibration batches for the refit, and held-out batches to judge it: ``state.heldout_data``
     when the driver split one off, else the last quarter of the calibration batches (then not
     used for the refit)."""
-    from potstill.data import as_batch
+    from potstill.inputs.data import as_batch
 
     batches = calibration_batches(state, limit)
     heldout_fn = getattr(state, "heldout_data", None)
@@ -492,7 +492,7 @@ def fit_and_heldout(state: CompileState, limit: int) -> tuple[list[Any], list[An
 
 def heldout_error(reference: nn.Module, model: nn.Module, batches: list[Any]) -> float:
     """``sum ||y - y_ref||^2 / sum ||y_ref||^2`` of the primary outputs (padding masked out)."""
-    from potstill.data import primary_output
+    from potstill.inputs.data import primary_output
 
     num = den = 0.0
     with torch.no_grad():

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from potstill.data import iter_batches, resize_center_crop
 from potstill.errors import InputError
-from potstill.frontend import (
+from potstill.inputs.data import iter_batches, resize_center_crop
+from potstill.inputs.teacher import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     load_calibration,

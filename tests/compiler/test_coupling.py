@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from potstill.ir import analyze
-from potstill.surgery import masked_reference, prune_width
-from potstill.verify import verify_analysis
+from potstill.ir.capture import analyze
+from potstill.ir.surgery import masked_reference, prune_width
+from potstill.ir.verify import verify_analysis
 from torch import nn
 from torch.nn import functional as F
 

@@ -11,9 +11,9 @@ import random
 
 import pytest
 import torch
-from potstill.data import primary_output
-from potstill.ir import analyze
-from potstill.surgery import masked_reference, prune_width
+from potstill.inputs.data import primary_output
+from potstill.ir.capture import analyze
+from potstill.ir.surgery import masked_reference, prune_width
 
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,16 +1,16 @@
-"""Copy-on-write students (``potstill.cow``): a student shares the teacher's tensors until a pass
+"""Copy-on-write students (``potstill.ir.cow``): a student shares the teacher's tensors until a pass
 that writes in place runs; surgery slices into new tensors with counters of their own; nothing a
 student does reaches the teacher."""
 
 from __future__ import annotations
 
 import torch
-from potstill.cow import TensorSlots, shared_copy, shares_storage, unshare
-from potstill.ir import analyze
+from potstill.inputs.guard import TeacherGuard, tensor_versions
+from potstill.ir.capture import analyze
+from potstill.ir.cow import TensorSlots, shared_copy, shares_storage, unshare
+from potstill.ir.surgery import prune_width
 from potstill.pipeline import Pass, PassManager, PassResult
 from potstill.state import CompileState
-from potstill.surgery import prune_width
-from potstill.teacher_guard import TeacherGuard, tensor_versions
 from torch import nn
 
 

@@ -12,9 +12,9 @@ import random
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from potstill.ir import analyze
-from potstill.surgery import masked_reference, prune_width
-from potstill.verify import verify_analysis
+from potstill.ir.capture import analyze
+from potstill.ir.surgery import masked_reference, prune_width
+from potstill.ir.verify import verify_analysis
 
 from .archgen import conv_programs, token_programs
 

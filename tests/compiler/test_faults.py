@@ -45,7 +45,7 @@ def calib_data():
 #: a pass name, or a step of the output folder's swap
 KILLER = '''
 import os, signal, sys
-import potstill.outdir as od
+import potstill.outputs.outdir as od
 import potstill.pipeline as pl
 
 stage, sig = sys.argv[1], getattr(signal, sys.argv[2])

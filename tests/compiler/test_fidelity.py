@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from potstill.data import Batch
 from potstill.errors import InputError
 from potstill.fidelity import (
     Fidelity,
@@ -17,6 +16,7 @@ from potstill.fidelity import (
     split_source,
     student_fidelity,
 )
+from potstill.inputs.data import Batch
 from torch import nn
 
 

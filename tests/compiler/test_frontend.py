@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from potstill.data import iter_batches
 from potstill.errors import InputError
-from potstill.frontend import (
+from potstill.inputs.data import iter_batches
+from potstill.inputs.teacher import (
     docstring_corpus,
     hf_task,
     load_calibration,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from potstill.errors import InputError
-from potstill.frontend import DEFAULT_SEQUENCE_LENGTH, load_teacher
+from potstill.inputs.teacher import DEFAULT_SEQUENCE_LENGTH, load_teacher
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from potstill.data import Batch
-from potstill.layerwise import first_block_inputs, run_layerwise
+from potstill.inputs.data import Batch
+from potstill.ir.layerwise import first_block_inputs, run_layerwise
 from torch import nn
 
 transformers = pytest.importorskip("transformers")

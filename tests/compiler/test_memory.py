@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from potstill.errors import InputError
-from potstill.memory import (
+from potstill.inputs.memory import (
     STUDENT_FACTOR,
     check_fits,
     estimate_compile_memory,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from potstill.errors import InputError
-from potstill.outdir import MARK, OutputFolder, inside, read_mark
+from potstill.outputs.outdir import MARK, OutputFolder, inside, read_mark
 
 
 def _compile(out: Path, text: str, **kw: bool) -> OutputFolder:
@@ -156,7 +156,7 @@ _CHILD = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    import potstill.outdir as od
+    import potstill.outputs.outdir as od
 
     out, mode, arg = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     if mode == "kill":
@@ -278,7 +278,7 @@ def test_lock_of_a_killed_holder_is_free(tmp_path: Path) -> None:
 
 
 def test_atomic_path_replaces_a_folder_by_renaming_it_aside(tmp_path: Path) -> None:
-    from potstill.atomic import atomic_path
+    from potstill.outputs.atomic import atomic_path
 
     target = tmp_path / "model.dir"
     target.mkdir()

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from potstill.report import (
+from potstill.outputs.report import (
     below_floor,
     markdown,
     pareto_front,

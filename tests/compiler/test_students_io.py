@@ -16,11 +16,11 @@ from pathlib import Path
 import potstill
 import pytest
 import torch
-from potstill.data import primary_output
 from potstill.errors import InputError
-from potstill.ir import analyze
-from potstill.students_io import RECORD_FILE, WEIGHTS_FILE, load_student, save_student
-from potstill.surgery import prune_width, remove_blocks
+from potstill.inputs.data import primary_output
+from potstill.ir.capture import analyze
+from potstill.ir.surgery import prune_width, remove_blocks
+from potstill.outputs.students_io import RECORD_FILE, WEIGHTS_FILE, load_student, save_student
 
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,7 +99,7 @@ def teacher():
 def test_file_factory_cnn(tmp_path):
     src = tmp_path / "cnn.py"
     src.write_text(textwrap.dedent(CNN))
-    from potstill.data import load_callable
+    from potstill.inputs.data import load_callable
 
     m = load_callable(f"{src}:teacher")().eval()
     x = torch.randn(2, 3, 8, 8)
@@ -146,8 +146,8 @@ def test_unused_path_is_not_touched(tmp_path: Path):
 @pytest.mark.slow
 def test_llama_student_pt2_with_plain_tensor_mask(tmp_path):
     """transformers' mask code (flat_apply) cannot be serialized; the plain-tensor mask can."""
-    from potstill.manifest import save_program
-    from potstill.students_io import plain_mask_module
+    from potstill.outputs.manifest import save_program
+    from potstill.outputs.students_io import plain_mask_module
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -7,9 +7,9 @@ import copy
 
 import pytest
 import torch
+from potstill.inputs.guard import TeacherGuard
 from potstill.pipeline import Pass, PassError, PassManager, PassResult
 from potstill.state import CompileState, Student
-from potstill.teacher_guard import TeacherGuard
 from torch import nn
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from potstill.data import primary_output
-from potstill.ir import analyze
-from potstill.surgery import masked_reference, prune_width, remove_blocks
+from potstill.inputs.data import primary_output
+from potstill.ir.capture import analyze
+from potstill.ir.surgery import masked_reference, prune_width, remove_blocks
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -142,7 +142,7 @@ def test_efficientnet_lite0_real():
 
 
 def resnet18_shaped() -> nn.Module:
-    from potstill.data import load_callable
+    from potstill.inputs.data import load_callable
 
     return load_callable(str(Path(__file__).resolve().parents[2] / "examples" / "resnet18.py:resnet18"))(classes=10)
 

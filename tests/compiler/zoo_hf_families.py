@@ -132,12 +132,12 @@ def compile_and_check(name: str, root: Path, ratio: float = 0.5) -> dict[str, An
     import numpy as np
     import onnxruntime as ort
     import transformers
-    from potstill.data import primary_output
     from potstill.driver import compile_teacher
-    from potstill.frontend import load_hf_teacher
+    from potstill.inputs.data import primary_output
+    from potstill.inputs.teacher import load_hf_teacher
+    from potstill.outputs.students_io import RECORD_FILE, load_student, save_student
     from potstill.pipeline import PassInstrument
     from potstill.plan import CompileOptions
-    from potstill.students_io import RECORD_FILE, load_student, save_student
 
     captured: list[Any] = []
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from potstill.data import Batch
 from potstill.errors import InputError
+from potstill.inputs.data import Batch
 from potstill.passes.distill.capture import ModelOutputs
 from potstill.passes.distill.losses import (
     AttentionLoss,

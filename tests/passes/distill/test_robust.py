@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from potstill.data import Batch
+from potstill.inputs.data import Batch
 from potstill.passes.distill import DistillTrainer, TensorBatches, TrainConfig
 from potstill.passes.distill.robust import PGDConfig, attack, pgd, robust_accuracy
 

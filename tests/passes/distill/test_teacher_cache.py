@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from potstill.data import Batch
 from potstill.errors import InputError
+from potstill.inputs.data import Batch
 from potstill.passes.distill import DistillTrainer, TensorBatches, TrainConfig
 from potstill.passes.distill.capture import run_model
 from potstill.passes.distill.teacher_cache import TeacherCache

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from potstill.data import Batch
 from potstill.errors import InputError
+from potstill.inputs.data import Batch
 from potstill.passes.distill import DistillTrainer, StudentSpec, TensorBatches, TrainConfig
 from potstill.passes.distill.checkpoint import list_checkpoints
 from potstill.passes.distill.evaluate import evaluate

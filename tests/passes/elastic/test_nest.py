@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pytest
 import torch
-from potstill.data import primary_output
-from potstill.ir import analyze
+from potstill.inputs.data import primary_output
+from potstill.ir.capture import analyze
 from potstill.passes.elastic import extract, make_supernet, permute_group
 from potstill.passes.elastic.space import SubnetConfig
 

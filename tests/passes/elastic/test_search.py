@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from potstill.errors import InputError
-from potstill.ir import analyze
+from potstill.ir.capture import analyze
 from potstill.passes.elastic import extract, make_supernet
 from potstill.passes.elastic.cost import CostModel
 from potstill.passes.elastic.search import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from potstill.data import Batch
+from potstill.inputs.data import Batch
 from potstill.passes.importance.blocks import (
     BlockImportance,
     block_influence,

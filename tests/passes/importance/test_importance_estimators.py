@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from potstill.data import Batch
-from potstill.ir import analyze
+from potstill.inputs.data import Batch
+from potstill.ir.capture import analyze
 from potstill.passes.importance import get_estimator
 from potstill.passes.importance.activation import ActivationImportance
 from potstill.passes.importance.base import aggregate, calibration_batches

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from potstill.data import Batch
-from potstill.ir import analyze
+from potstill.inputs.data import Batch
+from potstill.ir.capture import analyze
 from potstill.passes.importance import get_estimator
 from potstill.passes.importance.obs import OBSImportance
 from torch import nn

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from potstill.ir import analyze
+from potstill.ir.capture import analyze
 from potstill.passes.prune.allocate import allocate, rearrange
 from potstill.passes.prune.budget import CostModel
 from potstill.pipeline import PassManager, build_pipeline

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from potstill.ir import analyze
+from potstill.ir.capture import analyze
 from potstill.pipeline import PassManager, build_pipeline
 from potstill.state import CompileState
 from torch import nn

@@ -8,7 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from potstill.data import primary_output  # noqa: E402
+from potstill.inputs.data import primary_output  # noqa: E402
 from potstill.pipeline import PassManager, build_pipeline  # noqa: E402
 from potstill.state import CompileState  # noqa: E402
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from potstill.data import Batch
-from potstill.ir import analyze
+from potstill.inputs.data import Batch
+from potstill.ir.capture import analyze
+from potstill.ir.surgery import prune_width
 from potstill.passes.prune.reconstruct import consumers, reconstruct
 from potstill.pipeline import PassManager, build_pipeline
 from potstill.state import CompileState
-from potstill.surgery import prune_width
 from torch import nn
 
 

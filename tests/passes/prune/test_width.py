@@ -8,11 +8,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from potstill.errors import InputError, PassError
+from potstill.ir.surgery import keep_top, masked_reference
 from potstill.passes.importance.magnitude import MagnitudeImportance
 from potstill.passes.prune.budget import CostModel
 from potstill.pipeline import PassManager, build_pipeline
 from potstill.state import CompileState
-from potstill.surgery import keep_top, masked_reference
 from torch import nn
 
 
@@ -149,8 +149,8 @@ def test_cost_model_predicts_params_exactly():
     groups = [g for g in a.prunable() if g.kind == "channels"]
     keep_counts = {g.id: 8 for g in groups}
     cm = CostModel.build(net, a)
-    from potstill.ir import analyze
-    from potstill.surgery import prune_width
+    from potstill.ir.capture import analyze
+    from potstill.ir.surgery import prune_width
 
     student = prune_width(net, a, {g.id: list(range(8)) for g in groups})
     b = analyze(student, (X,))

@@ -12,10 +12,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from potstill.ir.coupling_rules import einsum_subscripts
+from potstill.ir.types import Analysis, CostReport
 from torch import fx, nn
-
-from .analysis_types import Analysis, CostReport
-from .coupling_rules import einsum_subscripts
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1, "int8": 1, "uint8": 1,
                 "float64": 8}

@@ -17,9 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from potstill.pipeline import Pass, PassError, PassInstrument, PassResult
 from torch import nn
-
-from .pipeline import Pass, PassError, PassInstrument, PassResult
 
 
 def tensor_versions(module: nn.Module) -> dict[str, int]:

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from .data import as_batch
-from .manifest import sha256_file, to_jsonable, versions
+from potstill.inputs.data import as_batch
+from potstill.outputs.manifest import sha256_file, to_jsonable, versions
 
 _IGNORED = {"__pycache__"}
 

@@ -40,10 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from potstill.inputs.data import Batch
+from potstill.outputs.atomic import atomic_write_json
 from torch import nn
-
-from .atomic import atomic_write_json
-from .data import Batch
 
 MANIFEST_VERSION = 1
 VERSIONED_PACKAGES = ("potstill", "torch", "numpy", "onnx", "onnxruntime", "onnxscript", "transformers",
@@ -250,7 +249,7 @@ def build_manifest(
         entry["speedup"] = t_lat / s_lat if t_lat and s_lat and s_lat > 0 else None
         if teacher.get("macs") and entry.get("macs"):
             entry["macs_reduction"] = teacher["macs"] / entry["macs"]
-    from . import __version__
+    from potstill._version import __version__
 
     return to_jsonable({
         "manifest_version": MANIFEST_VERSION,
@@ -359,7 +358,7 @@ def save_program(
     Returns ``{"file", "dynamic_batch", "note"}``; a model whose batch cannot be made dynamic is
     saved with a static batch and the note says why.
     """
-    from .students_io import PlainCausalMask, plain_mask_module
+    from potstill.outputs.students_io import PlainCausalMask, plain_mask_module
 
     module = module.eval()
     if not args and not isinstance(module, PlainCausalMask) and (wrapped := plain_mask_module(module, kwargs)) is not None:
@@ -400,7 +399,7 @@ def save_program(
 def save_hf(module: nn.Module, hf: Mapping[str, Any], directory: Path) -> list[str]:
     """``save_pretrained`` the student and a copy of the teacher's tokenizer into ``directory``,
     then reload it with the teacher's Auto class; returns notes (empty when all is well)."""
-    from .frontend import load_tokenizer
+    from potstill.inputs.teacher import load_tokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
     save = getattr(module, "save_pretrained", None)

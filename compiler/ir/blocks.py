@@ -16,9 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 import networkx as nx
+from potstill.ir.types import Analysis, Block
 from torch import nn
-
-from .analysis_types import Analysis, Block
 
 
 def _containers(model: nn.Module) -> dict[str, nn.Module]:

@@ -143,7 +143,7 @@ class Unsupported(Exception):
 
 
 class ChannelAnalysis(Protocol):
-    """What an op rule may use of the coupling analysis (``potstill.coupling.CouplingAnalysis``)."""
+    """What an op rule may use of the coupling analysis (``potstill.ir.coupling.CouplingAnalysis``)."""
 
     table: SpaceTable
     param_dims: dict[str, list[Any]]
@@ -165,7 +165,7 @@ class ChannelAnalysis(Protocol):
 
 
 Rule = Callable[[ChannelAnalysis, fx.Node], Any]
-#: ATen op name (overload packet) -> its rule. Filled by ``potstill.coupling_rules`` on import.
+#: ATen op name (overload packet) -> its rule. Filled by ``potstill.ir.coupling_rules`` on import.
 RULES: dict[str, Rule] = {}
 
 #: Ops with no tensor result that matters (assertions, shape queries, constants): they neither pin nor join.

@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from potstill.errors import InputError
+from potstill.inputs.data import image_files, import_file, load_callable, load_image
 from torch import nn
-
-from .data import image_files, import_file, load_callable, load_image
-from .errors import InputError
 
 #: Real sentences for the example inputs of text models (not a benchmark: shapes and realism).
 SENTENCES = (
@@ -546,7 +545,7 @@ def image_batches(
 def _transform_images(
     images: list[Any], teacher: Teacher, chw: tuple[int, int, int], where: str, note: Callable[[str], None]
 ) -> torch.Tensor:
-    from .data import resize_center_crop
+    from potstill.inputs.data import resize_center_crop
 
     c, h, w = chw
     hook = teacher.hooks.get("preprocess")

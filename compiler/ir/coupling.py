@@ -1,6 +1,6 @@
 """Coupled-channel analysis: which parameter slices must be pruned together (after DepGraph).
 
-Every tensor dim of the exported ATen graph gets a *dim map* (``potstill.analysis_types``):
+Every tensor dim of the exported ATen graph gets a *dim map* (``potstill.ir.types``):
 ``None`` (not a channel dim: batch, space, sequence, or the inside of a head), or a tuple of
 segments. A segment ``Seg(space, c, r)`` says: the dim's positions come in blocks of ``r``
 consecutive positions, block ``k`` stands for the ``c`` channels ``[k*c, (k+1)*c)`` of channel
@@ -28,8 +28,8 @@ spaces is rewritten to the pieces in order. A fused QKV or gate-up projection th
 producer with several members (row offsets 0, E, 2E), each in the group its chunk joins.
 
 An op without a rule *pins* every channel it touches: the group is never pruned and the reason
-names the node. Rules live in ``potstill.coupling_rules`` (compute ops) and
-``potstill.coupling_layout_rules`` (layout ops) and register into ``analysis_types.RULES``.
+names the node. Rules live in ``potstill.ir.coupling_rules`` (compute ops) and
+``potstill.ir.coupling_layout_rules`` (layout ops) and register into ``analysis_types.RULES``.
 """
 
 from __future__ import annotations
@@ -41,10 +41,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import fx
-
-from . import coupling_layout_rules, coupling_rules  # noqa: F401  (register the op rules)
-from .analysis_types import (
+from potstill.ir import coupling_layout_rules, coupling_rules  # noqa: F401  (register the op rules)
+from potstill.ir.types import (
     NO_OP,
     RULES,
     UNSET,
@@ -58,6 +56,7 @@ from .analysis_types import (
     op_name,
     seg_length,
 )
+from torch import fx
 
 
 class CouplingAnalysis:

@@ -8,7 +8,7 @@ bytes per element, read from safetensors headers for ``hf:DIR`` before anything 
 - ``R``: the runtime (torch, transformers, ONNX, ONNX Runtime imported) and fixed costs, 0.8 GB;
 - the teacher itself (``W``);
 - ``c_student`` per student alive at once: each starts sharing the teacher's tensors
-  (``potstill.cow``) and holds only what pruning sliced or training wrote (the driver records each
+  (``potstill.ir.cow``) and holds only what pruning sliced or training wrote (the driver records each
   student and drops it before the next, so one);
 - ``c_lower``: lowering — the ONNX Runtime session's copy of the weights (+1.05 W measured with
   external data, which ``targets.large_onnx`` uses from 128 MiB) and the exporter's (+0.3 W);
@@ -32,9 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from potstill.errors import InputError
 from torch import nn
-
-from .errors import InputError
 
 GB = 1e9
 #: the imported runtime (torch, transformers, onnx, onnxruntime, rich, matplotlib) and what does not

@@ -2,8 +2,8 @@
 
 ``analyze(model, example_inputs)`` exports the model (strict=False), builds a networkx graph of
 ops and values (each with shape and dtype; each parameter tied to its module's qualified name),
-and runs the coupled-channel analysis (``potstill.coupling``), block detection
-(``potstill.blocks``) and the cost model (``potstill.cost``).
+and runs the coupled-channel analysis (``potstill.ir.coupling``), block detection
+(``potstill.ir.blocks``) and the cost model (``potstill.ir.cost``).
 
     >>> a = analyze(model, (torch.randn(1, 3, 32, 32),))
     >>> [g.kind for g in a.prunable()]
@@ -18,13 +18,12 @@ from typing import Any
 
 import networkx as nx
 import torch
+from potstill.errors import InputError
+from potstill.ir.blocks import find_blocks
+from potstill.ir.cost import cost_model
+from potstill.ir.coupling import CouplingAnalysis
+from potstill.ir.types import UNSET, Analysis, Block, CoupledGroup, Fixed, GraphIR, Member, Seg, seg_length
 from torch import fx, nn
-
-from .analysis_types import UNSET, Analysis, Block, CoupledGroup, Fixed, GraphIR, Member, Seg, seg_length
-from .blocks import find_blocks
-from .cost import cost_model
-from .coupling import CouplingAnalysis
-from .errors import InputError
 
 __all__ = [
     "Analysis",

@@ -1,6 +1,6 @@
 """Human-readable results: the console table, ``report.md`` and the Pareto plot ``pareto.png``.
 
-All three read the manifest dict (see ``potstill.manifest``), so a report can be rebuilt from a
+All three read the manifest dict (see ``potstill.outputs.manifest``), so a report can be rebuilt from a
 finished ``OUT/manifest.json`` alone. Manifest fields read besides cost, latency and parity:
 
 * a student's ``fidelity`` (``potstill.fidelity.Fidelity.to_dict()``; also found under
@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_text
+from potstill.outputs.atomic import atomic_write_text
 
 Row = Mapping[str, Any]
 
@@ -87,7 +87,7 @@ def fidelity_of(entry: Row, key: str = "fidelity") -> Mapping[str, Any] | None:
 
 def floor_of(manifest: Mapping[str, Any]) -> float:
     """The fidelity floor of this run (``min_fidelity``, else the default)."""
-    from .fidelity import DEFAULT_MIN_FIDELITY
+    from potstill.fidelity import DEFAULT_MIN_FIDELITY
 
     value = manifest.get("min_fidelity")
     if value is None:
@@ -124,7 +124,7 @@ def measures_text(fid: Mapping[str, Any] | None, *, secondary: bool = False) -> 
     score (``secondary``), prefixed by the score's measure name."""
     if fid is None:
         return "—"
-    from .fidelity import PRIMARY
+    from potstill.fidelity import PRIMARY
 
     primary = PRIMARY.get(str(fid.get("task")))
     parts = [f"({MEASURE_LABELS.get(primary, primary)})"] if secondary and primary in MEASURE_LABELS else []

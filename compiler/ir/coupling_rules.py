@@ -5,10 +5,10 @@ Elementwise ops and norms join equal dims (broadcast size-1 dims excepted); ``li
 start a channel space at their output dim and read one at their input dim; ``prelu`` and layer
 scale (``gamma * x``) slice their per-channel parameters with the channels; matmul and attention
 join the contracted dims and carry heads; reductions end a dim. Layout ops (views, cuts, lookups)
-are in ``potstill.coupling_layout_rules``.
+are in ``potstill.ir.coupling_layout_rules``.
 
 Each rule takes the analysis (through ``analysis_types.ChannelAnalysis``) and the node and returns
-the output's dim maps (see ``potstill.coupling``); it may join dims, start a channel space, bind
+the output's dim maps (see ``potstill.ir.coupling``); it may join dims, start a channel space, bind
 parameter dims, cut a dim into pieces (index maps), or raise ``Unsupported(reason)`` to pin what
 the node touches. Ops with no rule pin every channel they touch. Rules register into
 ``analysis_types.RULES``; this module imports nothing else of the analysis, so there is no cycle.
@@ -18,9 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import fx
-
-from .analysis_types import (
+from potstill.ir.types import (
     UNSET,
     ChannelAnalysis,
     DimMap,
@@ -35,6 +33,7 @@ from .analysis_types import (
     rule,
     seg_length,
 )
+from torch import fx
 
 UNARY = (
     "relu", "relu_", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardswish",

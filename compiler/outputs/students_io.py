@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from potstill.errors import InputError
+from potstill.ir.surgery import BLOCK_ORIGIN_ATTR, attention_counts, drop_children
 from torch import nn
-
-from .errors import InputError
-from .surgery import BLOCK_ORIGIN_ATTR, attention_counts, drop_children
 
 RECORD_FILE = "architecture.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -216,7 +215,7 @@ def build_teacher(record: Mapping[str, Any], *, meta: bool = False) -> nn.Module
             tie()  # skipped with the initialisation: tied tensors must be one tensor again
         return model
     if kind == "factory":
-        from .data import load_callable
+        from potstill.inputs.data import load_callable
 
         factory: Callable[[], Any] = load_callable(str(record["spec"]))
         model = factory()
@@ -317,7 +316,7 @@ def _check_same(
     module: nn.Module, again: nn.Module, example: tuple[tuple[Any, ...], Mapping[str, Any]] | None, loader: str
 ) -> None:
     """The reloaded module holds the same tensors (and computes the same outputs on ``example``)."""
-    from .data import primary_output
+    from potstill.inputs.data import primary_output
 
     mine, _ = canonical_tensors(module)
     theirs, _ = canonical_tensors(again)
@@ -345,8 +344,7 @@ def save_hf_where_describable(
     import shutil
 
     import transformers
-
-    from .frontend import load_tokenizer
+    from potstill.inputs.teacher import load_tokenizer
 
     auto_name = str(hf.get("auto_class") or "AutoModel")
     config = getattr(module, "config", None)
@@ -483,7 +481,7 @@ class PlainCausalMask(nn.Module):
 def plain_mask_module(module: nn.Module, kwargs: Mapping[str, Any]) -> nn.Module | None:
     """``PlainCausalMask(module)`` when it computes what ``module`` computes on ``kwargs`` (a causal
     decoder with unpadded and padded rows checked), else None (encoders, sliding windows, ...)."""
-    from .data import primary_output
+    from potstill.inputs.data import primary_output
 
     ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or set(kwargs) - {"input_ids", "attention_mask"}:

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from .errors import InputError
+from potstill.errors import InputError
 
 
 @dataclass

@@ -9,12 +9,11 @@ import itertools
 from typing import TYPE_CHECKING
 
 import torch
-
-from .errors import VerificationError
+from potstill.errors import VerificationError
 
 if TYPE_CHECKING:
-    from .ir import Analysis
-    from .state import CompileState
+    from potstill.ir.capture import Analysis
+    from potstill.state import CompileState
 
 
 def verify_analysis(analysis: Analysis) -> list[str]:
@@ -48,7 +47,7 @@ def verify_analysis(analysis: Analysis) -> list[str]:
 
 def verify_student(state: CompileState) -> None:
     """Re-export the working student, check its analysis and that it still runs like the teacher's shape."""
-    from .data import primary_output
+    from potstill.inputs.data import primary_output
 
     student = state.working()
     analysis = state.analysis(student)

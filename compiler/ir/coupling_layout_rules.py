@@ -6,7 +6,7 @@ with index maps (``analysis.cut`` refines the spaces, after Torch-Pruning's spli
 ``view``/``reshape`` split or merge dims, which is how heads appear (``[H*D] -> [H, D]`` makes a
 head the unit) and how stacked pieces appear (``[3*E] -> [3, H, D]`` picked apart by ``unbind``);
 ``index``/``gather`` look up rows (a relative-position bias table, DeBERTa's relative positions)
-and keep the channels of the dims they do not touch. Registered like ``potstill.coupling_rules``.
+and keep the channels of the dims they do not touch. Registered like ``potstill.ir.coupling_rules``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import fx
-
-from .analysis_types import (
+from potstill.ir.types import (
     UNSET,
     ChannelAnalysis,
     DimMap,
@@ -32,6 +30,7 @@ from .analysis_types import (
     op_name,
     rule,
 )
+from torch import fx
 
 
 @rule("transpose", "swapaxes")

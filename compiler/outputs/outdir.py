@@ -41,9 +41,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import __version__
-from .atomic import atomic_write_json
-from .errors import InputError
+from potstill._version import __version__
+from potstill.errors import InputError
+from potstill.outputs.atomic import atomic_write_json
 
 MARK = ".potstill"
 """Name of the ownership mark inside every folder potstill writes."""

@@ -19,14 +19,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from potstill.errors import InputError
+from potstill.ir.capture import HF_FFN_MODULES
+from potstill.ir.cow import TensorSlots, shared_copy
 from torch import nn
 
-from .cow import TensorSlots, shared_copy
-from .errors import InputError
-from .ir import HF_FFN_MODULES
-
 if TYPE_CHECKING:
-    from .ir import Analysis, CoupledGroup
+    from potstill.ir.capture import Analysis, CoupledGroup
 
 #: attribute block removal leaves on a student: container -> the teacher index of each kept child
 #: (``students_io`` records it so ``load_student`` removes the same blocks from a fresh teacher)
@@ -66,10 +65,10 @@ def _drop_plan(analysis: Analysis, keep: Mapping[int, Sequence[int]]) -> dict[tu
 def prune_width(model: nn.Module, analysis: Analysis, keep: Mapping[int, Sequence[int]]) -> nn.Module:
     """A physically smaller copy of ``model`` keeping the given units of each group.
 
-    Tensors that are not sliced stay shared with ``model`` (``potstill.cow``): give the copy its own
-    (``potstill.cow.unshare``) before writing into it in place."""
+    Tensors that are not sliced stay shared with ``model`` (``potstill.ir.cow``): give the copy its own
+    (``potstill.ir.cow.unshare``) before writing into it in place."""
     drops = _drop_plan(analysis, keep)
-    new = shared_copy(model)  # sliced tensors get new storage; the rest stay shared (potstill.cow)
+    new = shared_copy(model)  # sliced tensors get new storage; the rest stay shared (potstill.ir.cow)
     slots = TensorSlots(new)
     for (name, dim), dropped in sorted(drops.items()):
         t = _get_tensor(new, name)
@@ -324,7 +323,7 @@ def _update_hf_config(model: nn.Module, heads: bool = True) -> None:
 
 def remove_blocks(model: nn.Module, analysis: Analysis, names: Sequence[str]) -> nn.Module:
     """A copy of ``model`` without the named blocks (see ``Analysis.blocks``); its tensors are
-    shared with ``model`` (``potstill.cow``)."""
+    shared with ``model`` (``potstill.ir.cow``)."""
     known = {b.name: b for b in analysis.blocks}
     unknown = [n for n in names if n not in known]
     if unknown:

@@ -51,7 +51,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     Works for files and directories: whatever the body creates at the temporary path is moved.
     A folder already at ``path`` is first renamed aside into the temporary folder, never deleted
     before the new one is in place, so a kill between the steps leaves one whole copy.
-    (``potstill.outdir`` does the same for OUT, with ownership marks and a lock.)
+    (``potstill.outputs.outdir`` does the same for OUT, with ownership marks and a lock.)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

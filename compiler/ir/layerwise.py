@@ -25,9 +25,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from potstill.inputs.data import as_batch
 from torch import nn
-
-from .data import as_batch
 
 #: one block's call: (positional args, keyword args)
 BlockInput = tuple[tuple[Any, ...], dict[str, Any]]
