@@ -21,8 +21,9 @@ from potstill.errors import InputError
 from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.state import CompileState, Student
 
-from . import DEFAULT_RATIOS, Supernet, make_supernet
+from .build import DEFAULT_RATIOS, make_supernet
 from .search import SearchSettings
+from .supernet import Supernet
 
 _KEY = "_elastic"
 ROBUST_LOSSES = ("rslad", "ard")
