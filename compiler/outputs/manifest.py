@@ -396,30 +396,6 @@ def save_program(
     return {"file": path.name, "dynamic_batch": dynamic, "note": note}
 
 
-def save_hf(module: nn.Module, hf: Mapping[str, Any], directory: Path) -> list[str]:
-    """``save_pretrained`` the student and a copy of the teacher's tokenizer into ``directory``,
-    then reload it with the teacher's Auto class; returns notes (empty when all is well)."""
-    from potstill.inputs.teacher import load_tokenizer
-
-    directory.mkdir(parents=True, exist_ok=True)
-    save = getattr(module, "save_pretrained", None)
-    if save is None:
-        return [f"{type(module).__name__} has no save_pretrained; hf/ not written"]
-    save(str(directory))
-    tokenizer = load_tokenizer(hf["path"])
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
-    import transformers
-
-    auto_name = str(hf.get("auto_class") or "AutoModel")
-    try:
-        getattr(transformers, auto_name).from_pretrained(str(directory))
-    except Exception as e:  # reported in the manifest: the folder is written but a user cannot load it
-        first = str(e).strip().splitlines()[-1][:300] if str(e).strip() else ""
-        return [f"hf/ does not reload with {auto_name}.from_pretrained: {type(e).__name__}: {first}"]
-    return []
-
-
 def write_manifest(out_dir: Path, manifest: Mapping[str, Any]) -> Path:
     return atomic_write_json(out_dir / "manifest.json", to_jsonable(manifest))
 

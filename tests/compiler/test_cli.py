@@ -449,7 +449,31 @@ def test_hf_e2e_compiles_with_hf_folder_and_dynamic_program(hf_demo: tuple[subpr
 
 
 def test_hf_e2e_student_reloads_with_from_pretrained(hf_demo: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    """Depth pruning leaves every width the config states: hf/ is written, and AutoModel's
+    from_pretrained gives the same student as load_student. Non-uniform widths are not
+    describable by a config: then hf/ is absent, the note says why, and load_student still works."""
+    import transformers
+    from potstill.outputs.students_io import load_student
+
     proc, out = hf_demo
     assert proc.returncode == 0, proc.stderr[-4000:]
-    (s,) = json.loads((out / "manifest.json").read_text())["students"]
-    assert not [n for n in s["notes"] if "does not reload" in n]
+    ids = torch.randint(5, 17, (2, 12))
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    (nonuniform,) = json.loads((out / "manifest.json").read_text())["students"]
+    if not (out / "students" / "w50" / "hf").is_dir():
+        assert any("hf/ not written" in n and "load_student" in n for n in nonuniform["notes"]), nonuniform["notes"]
+    teacher_dir = out.parent / "tiny-bert"
+    depth_out = out.parent / "depth"
+    cmd = [sys.executable, "-m", "potstill.cli", "compile", f"hf:{teacher_dir}", "--pipeline",
+           "prune.depth{drop=1},lower.onnxruntime", "--no-teacher-timing", "-o", str(depth_out)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900, cwd=out.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (s,) = json.loads((depth_out / "manifest.json").read_text())["students"]
+    folder = depth_out / "students" / s["name"]
+    assert (folder / "hf" / "config.json").is_file(), s["notes"]
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder / "hf")).eval()
+    assert reloaded.config.num_hidden_layers == 1
+    rebuilt = load_student(folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**kwargs).logits, rebuilt(**kwargs).logits, atol=1e-5, rtol=1e-4)
+    assert sum(p.numel() for p in reloaded.parameters()) == s["params"]

@@ -34,17 +34,19 @@ def _calib() -> list[torch.Tensor]:
     return [torch.randn(4, 3, 32, 32, generator=gen) for _ in range(4)]
 
 
-def test_int8_kept_when_faster_and_accurate(tmp_path: Path) -> None:
+def test_int8_kept_when_within_parity_and_accuracy_budgets(tmp_path: Path) -> None:
     model = _conv_net()
-    # an untrained net's logits are near ties, so top-1 agreement says little here: budget on rel only
-    art = lower(model, (torch.randn(1, 3, 32, 32),), _int8_profile(max_rel_error=0.3, max_accuracy_drop=1.0),
+    with torch.no_grad():  # wide logit margins, so top-1 agreement is a real gate on a random net
+        model[-1].weight.mul_(50.0)
+    # speed is the decision rule's business (test_decision_rule_both_ways); a test never asserts a timing
+    art = lower(model, (torch.randn(1, 3, 32, 32),),
+                _int8_profile(max_rel_error=0.1, max_accuracy_drop=0.25, require_speedup=False),
                 tmp_path, calib=_calib)
     assert art.precision == "int8", art.notes
     qmodel = onnx.load(str(art.files["onnx"]))
     assert any(n.op_type == "QuantizeLinear" for n in qmodel.graph.node)
     assert art.files["onnx_fp32"].is_file()
-    assert art.latency_ms["median"] < art.latency_ms["fp32_median"]
-    assert art.parity["ok"] and art.parity["rel"] <= 0.3
+    assert art.parity["ok"] and art.parity["rel"] <= 0.1
     note = next(n for n in art.notes if n.startswith("kept INT8"))
     assert "FP32" in note and "speed-up" in note and "calibration samples from the calibration data" in note
 
@@ -85,6 +87,6 @@ def test_quantize_pass_records_decision(tmp_path: Path) -> None:
 
 
 def test_int8_transformer_like_runs(encoder: nn.Module, token_inputs: dict, tmp_path: Path) -> None:
-    profile = _int8_profile(require_speedup=False, max_rel_error=10.0)
+    profile = _int8_profile(require_speedup=False, max_rel_error=0.1)
     art = lower(encoder, (), profile, tmp_path, example_kwargs=token_inputs)
-    assert art.precision == "int8" and art.parity["ok"]
+    assert art.precision == "int8" and art.parity["ok"] and art.parity["rel"] <= 0.1

@@ -45,7 +45,6 @@ def _check_supernet(model, args, kwargs, batches=None, n_random=3):
         ex = extract(net, cfg)
         torch.testing.assert_close(_out(ex.module, args, kwargs), inside, atol=1e-5, rtol=1e-5)
         assert sum(p.numel() for p in ex.module.parameters()) <= sum(p.numel() for p in model.parameters())
-        assert ex.seconds < 5.0  # generous on a loaded CI machine; the benchmark reports the real time
     small = extract(net, net.space.smallest()).module
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
     # hooks are gone outside `configured`: the supernet is the full network again
