@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -103,9 +104,13 @@ def test_inplace_distillation_and_student_configs(teacher_data) -> None:
 def test_bf16_autocast_on_cpu_when_asked(teacher_data) -> None:
     teacher, x, y = teacher_data
     student = mlp(8, 16, 5, seed=3)
+    seen: set[torch.dtype] = set()
+    hook = student[0].register_forward_hook(lambda _m, _i, out: seen.add(out.dtype) if torch.is_grad_enabled() else None)
     cfg = TrainConfig(epochs=2, lr=1e-2, precision="bf16", progress=False)
     result = DistillTrainer(student, teacher, "kd", cfg).fit(TensorBatches(x, y, batch_size=64))
-    assert result.loss == result.loss  # finite, not NaN
+    hook.remove()
+    assert math.isfinite(result.loss)
+    assert seen == {torch.bfloat16}  # the training forward ran under bf16 autocast
     assert student[0].weight.dtype == torch.float32
     with pytest.raises(InputError, match="fp16 needs CUDA"):
         DistillTrainer(student, teacher, "kd", TrainConfig(precision="fp16", device="cpu", progress=False)).fit(
@@ -120,11 +125,22 @@ def test_hf_student_hidden_and_attention_losses() -> None:
     teacher = transformers.BertModel(cfg_t).eval()
     cfg_s = transformers.BertConfig(**(cfg_t.to_dict() | {"num_hidden_layers": 2, "hidden_size": 8,
                                                           "num_attention_heads": 2, "intermediate_size": 16}))
+    torch.manual_seed(1)
     student = transformers.BertModel(cfg_s)
+    twin = transformers.BertModel(cfg_s)
+    twin.load_state_dict(student.state_dict())
     ids = torch.randint(0, 50, (32, 6), generator=torch.Generator().manual_seed(1))
     data = [{"input_ids": ids[i:i + 8], "attention_mask": torch.ones(8, 6, dtype=torch.long)} for i in range(0, 32, 8)]
+    torch.manual_seed(2)  # the same projection init and shuffling for both runs below
     trainer = DistillTrainer(student, teacher, "hidden+attention+cosine", TrainConfig(epochs=3, lr=5e-3, progress=False))
     first = trainer.fit(data)
     assert set(trainer.loss.parts["hidden"].projections) == {"0", "1"}  # type: ignore[union-attr]
     assert trainer.loss.parts["hidden"].projections["0"].weight.shape == (16, 8)  # type: ignore[union-attr,index]
-    assert first.steps == 12 and first.loss == first.loss
+    assert first.steps == 12 and math.isfinite(first.loss)
+    # the attention term acts: the same student and data without it train to other weights
+    torch.manual_seed(2)
+    without = DistillTrainer(twin, teacher, "hidden+cosine", TrainConfig(epochs=3, lr=5e-3, progress=False)).fit(data)
+    assert without.steps == 12 and math.isfinite(without.loss)
+    q_with = student.encoder.layer[0].attention.self.query.weight
+    q_without = twin.encoder.layer[0].attention.self.query.weight
+    assert not torch.allclose(q_with, q_without, atol=1e-6)
