@@ -135,35 +135,23 @@ def compile_and_check(name: str, root: Path, ratio: float = 0.5) -> dict[str, An
     from potstill.driver import compile_teacher
     from potstill.inputs.data import primary_output
     from potstill.inputs.teacher import load_hf_teacher
-    from potstill.outputs.students_io import RECORD_FILE, load_student, save_student
-    from potstill.pipeline import PassInstrument
+    from potstill.outputs.students_io import RECORD_FILE, load_student
     from potstill.plan import CompileOptions
-
-    captured: list[Any] = []
-
-    class Capture(PassInstrument):
-        """Keeps the compiled students (the driver writes engines, not yet the record)."""
-
-        def end(self, state: Any) -> None:
-            captured[:] = list(state.students)
 
     path = save_family(name, root)
     out = root / f"out-{name}"
     res = compile_teacher(CompileOptions(teacher=f"hf:{path}", out=str(out), ratios=(ratio,), distill=False,
-                                         cache=False), note=lambda _: None, instruments=[Capture()])
+                                         cache=False), note=lambda _: None)
     man = res.manifest
     t, s = man["teacher"], man["students"][0]
     student_dir = out / s["dir"]
     teacher = load_hf_teacher(str(path))
-    if (student_dir / RECORD_FILE).is_file():  # the record pass wrote it
-        record_dir = student_dir
-        import json
+    # the record pass must have written the reload record: a missing one is a failure, never patched here
+    assert (student_dir / RECORD_FILE).is_file(), f"{name}: the record pass wrote no {RECORD_FILE}: {s['notes']}"
+    import json
 
-        record = json.loads((student_dir / RECORD_FILE).read_text())
-    else:  # this driver does not write the record yet: save the compiled student the same way
-        record_dir = root / f"record-{name}"
-        record = save_student(captured[0].module, record_dir, teacher={"spec": teacher.spec, "hf": teacher.hf},
-                              example=((), teacher.example_kwargs))
+    record_dir = student_dir
+    record = json.loads((student_dir / RECORD_FILE).read_text())
     reloaded = load_student(record_dir)
     fresh = fresh_inputs(teacher.example_kwargs)
     with torch.no_grad():
