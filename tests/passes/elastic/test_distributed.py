@@ -27,6 +27,11 @@ def test_two_gloo_ranks_train_the_same_supernet(tmp_path: Path) -> None:
         torch.testing.assert_close(ranks[1]["state"][key], value, rtol=0, atol=0)
     assert not torch.allclose(ranks[0]["state"]["0.weight"], initial.state_dict()["0.weight"])
     assert (tmp_path / "ck").is_dir()
+    # and the two ranks trained one supernet together: the same as one process on the whole batches
+    # (two ranks each training alone on all the data would agree with each other, not with this)
+    single = ddp_worker.train().state_dict()
+    for key, value in single.items():
+        torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-5, atol=1e-6)
 
 
 class _Crash(RuntimeError):
