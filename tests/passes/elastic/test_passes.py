@@ -88,3 +88,13 @@ def test_nest_train_search_emits_students_within_measured_budgets(tmp_path) -> N
             assert s.module(X[:4]).shape == (4, 10)
     for r in search_record["rejected"]:
         assert "latency" in r["why"] or "memory" in r["why"]
+
+
+def test_an_impossible_latency_budget_binds() -> None:
+    """The budget is not decoration: a budget no subnet can meet emits no student and says so."""
+    state = _state()
+    PassManager(build_pipeline("elastic.nest")).run(state)
+    spec = "elastic.search{students=2,latency_ms=0.000001,population=6,generations=1}"
+    with pytest.raises(Exception, match="no subnet fits the budgets"):
+        PassManager(build_pipeline(spec)).run(state)
+    assert not [s for s in state.students if "elastic" in s.metrics]
