@@ -260,9 +260,16 @@ def _ratio_name(ratio: float) -> str:
     return f"w{round(ratio * 100):d}"
 
 
+MIN_RATIO, MAX_RATIO = 0.01, 0.95
+
+
 def _check_ratio(ratio: float) -> float:
-    if not 0.0 < ratio < 1.0:
-        raise InputError(f"--ratio {ratio}: expected a fraction of channels to remove, between 0 and 1")
+    """``--ratio`` is the fraction of the teacher's MACs (of its latency, where the profile has a measured
+    table) to remove. Below 1 % no aligned unit goes and the student name would read ``w0``; above 95 % no
+    student keeps the teacher's job."""
+    if not MIN_RATIO <= ratio <= MAX_RATIO:
+        raise InputError(f"--ratio {ratio}: expected the fraction of the MACs (or latency) to remove, between "
+                         f"{MIN_RATIO} and {MAX_RATIO}; e.g. --ratio 0.5 removes about half")
     return ratio
 
 

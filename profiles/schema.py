@@ -26,7 +26,8 @@ Device = Literal["cpu", "cuda"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a tolerance or budget of .inf or .nan would switch its check off
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Tolerance(_Strict):

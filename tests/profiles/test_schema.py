@@ -62,6 +62,8 @@ BASE = {"name": "x", "target": "onnxruntime", "precision": "fp32"}
     ("change", "expected"),
     [
         ({"tolerance": {"max_abs": -1.0, "rel": 1e-3}}, ["field 'tolerance.max_abs'", "greater than 0", "-1.0"]),
+        ({"tolerance": {"max_abs": float("inf"), "rel": 1e-3}}, ["field 'tolerance.max_abs'", "finite number"]),
+        ({"tolerance": {"max_abs": 1e-3, "rel": float("nan")}}, ["field 'tolerance.rel'", "finite number"]),
         ({"tolerance": {"max_abs": 1e-3, "rel": 1e-3, "atol": 1}}, ["field 'tolerance.atol'", "unknown field",
                                                                      "max_abs, rel"]),
         ({"colour": "red"}, ["field 'colour'", "unknown field", "remove it"]),
