@@ -199,6 +199,7 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     ranks = Ranks.detect()
     if ranks.is_writer:
         folder.preflight()
+        _refuse_inputs_inside(Path(out_spec), opts, plugin_files)
     else:  # rank 0 speaks for all
         note = _silent
     _seed_everything(seed)
@@ -276,6 +277,28 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     base_key = cache_key(inputs, profile, target)
     inputs["cache_key"] = base_key
     return Prepared(opts, teacher, state, plans, target, inputs, base_key, folder, ranks)
+
+
+def _spec_path(spec: str) -> Path:
+    """The local file or folder a teacher, data or recipe spec names (``hf:DIR``, ``file.py:FN``, ``PATH``)."""
+    if spec.startswith("hf:"):
+        return Path(spec[3:])
+    return Path(spec.rsplit(":", 1)[0]) if ".py:" in spec else Path(spec)
+
+
+def _refuse_inputs_inside(out: Path, opts: CompileOptions, plugin_files: Sequence[Path]) -> None:
+    """OUT is replaced whole at the end of a run: a teacher, data, recipe or plugin inside it would be
+    deleted with it, so that is an error before any work."""
+    root = out.resolve()
+    named = [("teacher", opts.teacher), ("--data", opts.data), ("--calib", opts.calib),
+             ("--eval-data", opts.eval_data), ("--recipe", opts.recipe)]
+    paths = [(flag, _spec_path(spec)) for flag, spec in named if spec]
+    paths += [("--plugin", Path(f)) for f in plugin_files]
+    for flag, path in paths:
+        resolved = path.resolve()
+        if resolved == root or root in resolved.parents:
+            raise InputError(f"{flag} {path}: lies inside -o {out}, which potstill replaces whole at the end of "
+                             "the run; move it out of OUT or give another -o")
 
 
 def _spec_files(opts: CompileOptions) -> list[Path]:

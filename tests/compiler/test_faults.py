@@ -153,6 +153,29 @@ def test_input_of_the_wrong_rank_is_blamed_on_the_input(tmp_path: Path, capsys: 
     assert "control flow" not in err
 
 
+@pytest.mark.parametrize("flag", ["teacher", "--calib"])
+def test_an_input_inside_out_is_refused_and_kept(tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str) -> None:
+    from potstill.outputs.outdir import new_run_id, write_mark
+
+    out = tmp_path / "out"
+    out.mkdir()
+    write_mark(out, new_run_id(), "complete")  # an earlier OUT that potstill wrote and would replace
+    teacher = (out if flag == "teacher" else tmp_path) / "conv.py"
+    teacher.write_text("import torch\nfrom torch import nn\n\ndef teacher():\n    return nn.Conv2d(3, 4, 3)\n\n"
+                       "def example_inputs():\n    return (torch.randn(1, 3, 8, 8),)\n\n"
+                       "def calib():\n    return [torch.randn(2, 3, 8, 8)]\n")
+    calib = out / "calib.py"
+    calib.write_text(teacher.read_text())
+    args = ["compile", f"{teacher}:teacher", "-o", str(out)]
+    if flag == "--calib":
+        args += ["--calib", f"{calib}:calib"]
+    code, _, err = run_cli(args, capsys)
+    flat = " ".join(err.split())
+    assert code == 2, err
+    assert f"{flag} " in flat and "lies inside -o" in flat, err
+    assert teacher.is_file() and calib.is_file()  # nothing of the user's was deleted
+
+
 def test_huge_input_shape_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "conv.py"
     path.write_text("from torch import nn\n\ndef teacher():\n    return nn.Conv2d(3, 4, 3)\n")
