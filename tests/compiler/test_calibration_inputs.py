@@ -165,3 +165,30 @@ def test_random_calibration_warning_is_for_image_models_only(tmp_path: Path):
     msg = random_calibration_warning(cnn)
     assert msg is not None and "random pixels" in msg and "--calib" in msg
     assert random_calibration_warning(_bert(tmp_path)) is None
+
+
+def test_corpus_is_streamed_capped_and_binary_refused(tmp_path, monkeypatch) -> None:
+    import potstill.inputs.teacher as teacher_mod
+    from potstill.errors import InputError
+    from potstill.inputs.teacher import read_texts
+
+    notes: list[str] = []
+    one_line = tmp_path / "one-line.txt"
+    one_line.write_bytes(b"word " * 200_000)  # 1 MB on one line: cut at the line cap, not read whole
+    (text,) = read_texts(str(one_line), note=notes.append)
+    assert len(text.encode()) <= teacher_mod.MAX_LINE_BYTES
+    assert any("longer than 16 KB" in n for n in notes)
+    monkeypatch.setattr(teacher_mod, "MAX_CORPUS_LINES", 3)
+    many = tmp_path / "many.txt"
+    many.write_text("".join(f"sentence {i}\n" for i in range(10)))
+    notes.clear()
+    assert read_texts(str(many), note=notes.append) == ["sentence 0", "sentence 1", "sentence 2"]
+    assert notes == [f"--calib '{many}': read the first 3 lines of the file (the corpus cap)"]
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(b"\x00\x01\x02 not text\n")
+    with pytest.raises(InputError, match=r"weights.txt': a binary file"):
+        read_texts(str(binary), "--data")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café au lait\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1.txt': not UTF-8 text"):
+        read_texts(str(latin))
