@@ -15,6 +15,7 @@ from potstill.errors import InputError
 
 from .base import (
     DEFAULT_CALIB_BATCHES,
+    ESTIMATORS,
     ImportanceEstimator,
     aggregate,
     calibration_batches,
@@ -22,24 +23,31 @@ from .base import (
     write_importance,
 )
 
-#: width estimator name -> module defining it (imported on first use)
-WIDTH_ESTIMATORS: dict[str, str] = {
+#: the built-in width estimators: name -> module defining it (imported on first use); a plugin
+#: estimator registers itself with ``@estimator`` and is found by name the same way
+BUILTIN_ESTIMATORS: dict[str, str] = {
     "magnitude": "potstill.passes.importance.magnitude",
     "taylor": "potstill.passes.importance.taylor",
     "fisher": "potstill.passes.importance.fisher",
     "activation": "potstill.passes.importance.activation",
     "obs": "potstill.passes.importance.obs",
 }
+#: kept for callers of the old name
+WIDTH_ESTIMATORS = BUILTIN_ESTIMATORS
+
+
+def estimator_names() -> list[str]:
+    """Every width estimator a pipeline can name: the built-ins and the registered plugins."""
+    return [*BUILTIN_ESTIMATORS, *(n for n in ESTIMATORS if n not in BUILTIN_ESTIMATORS)]
 
 
 def estimator_class(name: str) -> type[ImportanceEstimator]:
     """The estimator class named ``name`` (an InputError listing the names otherwise)."""
-    if name not in WIDTH_ESTIMATORS:
-        raise InputError(f"unknown importance '{name}'; choose one of {', '.join(WIDTH_ESTIMATORS)}")
-    module = importlib.import_module(WIDTH_ESTIMATORS[name])
-    found = [c for c in vars(module).values()
-             if isinstance(c, type) and issubclass(c, ImportanceEstimator) and c.name == name]
-    return found[0]
+    if name in BUILTIN_ESTIMATORS and name not in ESTIMATORS:
+        importlib.import_module(BUILTIN_ESTIMATORS[name])
+    if name not in ESTIMATORS:
+        raise InputError(f"unknown importance '{name}'; choose one of {', '.join(estimator_names())}")
+    return ESTIMATORS[name]
 
 
 def get_estimator(name: str, **options: Any) -> ImportanceEstimator:
@@ -51,12 +59,15 @@ def get_estimator(name: str, **options: Any) -> ImportanceEstimator:
 
 
 __all__ = [
+    "BUILTIN_ESTIMATORS",
     "DEFAULT_CALIB_BATCHES",
+    "ESTIMATORS",
     "WIDTH_ESTIMATORS",
     "ImportanceEstimator",
     "aggregate",
     "calibration_batches",
     "estimator_class",
+    "estimator_names",
     "get_estimator",
     "run_estimator",
     "write_importance",

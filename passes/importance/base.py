@@ -239,8 +239,15 @@ class ImportancePass(Pass):
 E = TypeVar("E", bound=type[ImportanceEstimator])
 
 
+#: the one estimator registry: name -> class, filled by ``@estimator`` where each estimator lives
+#: (built-ins on first use through ``BUILTIN_ESTIMATORS``, plugins when their file is imported)
+ESTIMATORS: dict[str, type[ImportanceEstimator]] = {}
+
+
 def estimator(cls: E) -> E:
-    """Class decorator: make a frozen-dataclass estimator also the pass ``importance.<name>``."""
+    """Class decorator: register a frozen-dataclass estimator by its ``name`` (usable as
+    ``prune.width{importance=<name>}``) and make it the pass ``importance.<name>``."""
+    ESTIMATORS[cls.name] = cls
     pass_cls = type(
         f"{cls.__name__}Pass",
         (ImportancePass,),

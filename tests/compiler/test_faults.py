@@ -472,3 +472,54 @@ def test_a_family_with_distillation_trains_every_student(tmp_path: Path, capsys:
     students = json.loads((out / "manifest.json").read_text())["students"]
     assert [s["name"] for s in students] == ["w30", "w50"]
     assert all(s["metrics"]["distill"]["steps"] == 4 for s in students)  # the second student trained too
+
+
+ESTIMATOR_PLUGIN = '''
+from dataclasses import dataclass
+from typing import ClassVar
+
+from potstill.passes.importance.base import estimator
+from potstill.passes.importance.magnitude import MagnitudeImportance
+
+
+@estimator
+@dataclass(frozen=True)
+class SmallestFirst(MagnitudeImportance):
+    """``importance.smallest``: the reverse of magnitude (keeps the smallest units; a test estimator)."""
+
+    name: ClassVar[str] = "smallest"
+
+    def scores(self, target, analysis, batches=None):
+        return {g: -s for g, s in super().scores(target, analysis, batches).items()}
+'''
+
+
+def test_plugin_estimator_is_named_in_prune_width(registry: dict[str, type[Pass]], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from potstill.passes.importance import ESTIMATORS
+    from safetensors.torch import load_file
+
+    before = dict(ESTIMATORS)
+    plugin = tmp_path / "my_estimator.py"
+    plugin.write_text(ESTIMATOR_PLUGIN)
+    try:
+        outs = {}
+        for name in ("magnitude", "smallest"):
+            out = tmp_path / f"out-{name}"
+            code, _, err = run_cli(["compile", tiny(tmp_path), "--plugin", str(plugin), "--pipeline",
+                                    f"prune.width{{ratio=0.5,importance={name}}}", "--no-teacher-timing",
+                                    "-o", str(out)], capsys)  # fmt: skip
+            assert code == 0, err
+            student = json.loads((out / "manifest.json").read_text())["students"][0]
+            outs[name] = (student, load_file(str(out / student["dir"] / "model.safetensors")))
+        assert outs["smallest"][0]["pipeline"][0] == "prune.width{ratio=0.5,importance=smallest}"
+        # the plugin's scores kept other units than magnitude's: same shapes, other weights
+        (a, wa), (_, wb) = outs["magnitude"], outs["smallest"]
+        assert {k: v.shape for k, v in wa.items()} == {k: v.shape for k, v in wb.items()}
+        assert any(not torch.equal(wa[k], wb[k]) for k in wa), a["pipeline"]
+        code, _, err = run_cli(["compile", tiny(tmp_path), "--pipeline", "prune.width{ratio=0.5,importance=nope}",
+                                "-o", str(tmp_path / "bad")], capsys)  # fmt: skip
+        assert code == 2 and "unknown importance 'nope'" in err and "smallest" in err
+    finally:
+        ESTIMATORS.clear()
+        ESTIMATORS.update(before)
