@@ -21,7 +21,7 @@ is built.
 
 ``load_student(dir)`` replays the record the way Model Optimizer's ``mto.restore`` replays its
 ``modelopt_state`` on a freshly built model: build the teacher's class from its config (or call the
-factory), drop the recorded blocks, set the recorded attributes, then give every tensor its saved
+caller's factory), drop the recorded blocks, set the recorded attributes, then give every tensor its saved
 shape and values. ``hf/`` (``save_pretrained``) is written next to it only when plain
 ``AutoModel.from_pretrained`` rebuilds exactly these tensors, so the manifest's ``loaders`` list
 is a checked promise, not a hope.
@@ -30,6 +30,7 @@ is a checked promise, not a hope.
     >>> record["loaders"]
     ['potstill.load_student', 'transformers.AutoModel']
     >>> model = load_student("out/students/r0.5")
+    >>> cnn = load_student("out/students/w50", factory=my_module.teacher)  # a file.py:FACTORY teacher
 """
 
 from __future__ import annotations
