@@ -108,8 +108,8 @@ class CompileState:
     seed: int = 0
     #: a stable per-OUT work area that survives a killed run (distillation checkpoints live here)
     work_dir: Path | None = None
-    #: how the teacher was given (``hf:PATH`` or ``file.py:FACTORY``); ``potstill.load_student``
-    #: rebuilds students from it, so a teacher given as a bare module gets no reload record
+    #: how the teacher was given (``hf:PATH`` or ``file.py:FACTORY``); the reload record is written
+    #: (and checked with this factory) from it, so a teacher given as a bare module gets no record
     teacher_spec: str | None = None
     #: the teacher's analysis, metric and flags, shared by the states of one compilation
     shared: TeacherCache = field(default_factory=TeacherCache)

@@ -10,9 +10,18 @@ A student is its teacher's class with some blocks removed and some modules narro
   ``groups``, ``num_heads``, ``num_key_value_heads``, ``head_dim``, ``all_head_size``, ...), the
   per-layer attention head counts, the student's config and the loaders the student supports.
 
+Nothing in a student folder executes. The record names the teacher's class, but ``load_student``
+resolves it only from an allow-list: a ``transformers.PreTrainedModel`` subclass found by name in
+the ``transformers`` namespace, an ``nn.Module`` class of a module the caller has already imported,
+or the ``model_class`` the caller passes; no module is imported because a record names it. A
+factory teacher (``file.py:FACTORY``) is rebuilt only by the ``factory`` the caller passes; the
+recorded spec is information, never imported. Every tensor's shape and dtype in
+``model.safetensors`` is checked against the record (from the file's header) before any module
+is built.
+
 ``load_student(dir)`` replays the record the way Model Optimizer's ``mto.restore`` replays its
 ``modelopt_state`` on a freshly built model: build the teacher's class from its config (or call the
-factory), drop the recorded blocks, set the recorded attributes, then give every tensor its saved
+caller's factory), drop the recorded blocks, set the recorded attributes, then give every tensor its saved
 shape and values. ``hf/`` (``save_pretrained``) is written next to it only when plain
 ``AutoModel.from_pretrained`` rebuilds exactly these tensors, so the manifest's ``loaders`` list
 is a checked promise, not a hope.
@@ -21,12 +30,13 @@ is a checked promise, not a hope.
     >>> record["loaders"]
     ['potstill.load_student', 'transformers.AutoModel']
     >>> model = load_student("out/students/r0.5")
+    >>> cnn = load_student("out/students/w50", factory=my_module.teacher)  # a file.py:FACTORY teacher
 """
 
 from __future__ import annotations
 
-import importlib
 import json
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -122,16 +132,56 @@ def _class_path(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _import_class(path: str) -> type:
+_FIX = "pass model_class= (the class itself) or factory= (a function that builds the teacher)"
+
+
+def _resolve_class(path: str, model_class: type | None = None) -> type:
+    """The ``nn.Module`` class the record names, from the allow-list only (nothing is imported
+    because a record says so): ``model_class`` when the caller gives it; a
+    ``transformers.PreTrainedModel`` subclass resolved by name as ``getattr(transformers, NAME)``
+    when the path is under ``transformers.``; else a class of a module already in ``sys.modules``."""
+    where = f"{RECORD_FILE}: teacher.class '{path}'"
+    if model_class is not None:
+        if not isinstance(model_class, type) or _class_path(model_class) != path:
+            raise InputError(f"{where} does not match the model_class passed ({model_class!r}); pass the class "
+                             "the student was saved from")
+        return model_class
     module_name, _, name = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as e:
-        raise InputError(f"{RECORD_FILE}: teacher class '{path}' cannot be imported ({e}); install the package "
-                         "that defines it") from e
-    if not isinstance(cls, type):
-        raise InputError(f"{RECORD_FILE}: teacher class '{path}' is not a class")
+    cls: Any = None
+    if module_name.startswith("transformers."):
+        import transformers
+
+        try:
+            cls = getattr(transformers, name, None)
+        except Exception:  # a lazy import that fails: not resolvable by name
+            cls = None
+        base = getattr(transformers, "PreTrainedModel", None)
+        if not (isinstance(cls, type) and base is not None and issubclass(cls, base) and _class_path(cls) == path):
+            raise InputError(f"{where} is not a transformers model class (a PreTrainedModel subclass that "
+                             f"transformers exports by name); {_FIX}")
+        return cls
+    owner = _imported_owner(path)
+    if owner is not None:
+        cls = owner[0]
+        for part in owner[1].split("."):
+            cls = getattr(cls, part, None)
+    if owner is None or cls is None:
+        raise InputError(f"{where}: its module is not imported, and a student folder never imports code; "
+                         f"import it yourself first or {_FIX}")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and _class_path(cls) == path):
+        raise InputError(f"{where} is not an nn.Module class; a student folder may name only model classes; {_FIX}")
     return cls
+
+
+def _imported_owner(path: str) -> tuple[Any, str] | None:
+    """(the already-imported module, the qualified name inside it) for a dotted class path, or None;
+    ``sys.modules`` is only read, never extended."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        mod = sys.modules.get(".".join(parts[:i]))
+        if mod is not None:
+            return mod, ".".join(parts[i:])
+    return None
 
 
 def _teacher_record(module: nn.Module, teacher: Mapping[str, Any]) -> dict[str, Any]:
@@ -174,9 +224,19 @@ def _no_init() -> Any:
     return no_init_weights()
 
 
-def build_teacher(record: Mapping[str, Any], *, meta: bool = False) -> nn.Module:
+def build_teacher(
+    record: Mapping[str, Any],
+    *,
+    meta: bool = False,
+    factory: Callable[[], nn.Module] | None = None,
+    model_class: type | None = None,
+) -> nn.Module:
     """A freshly built teacher (uninitialised weights) from the ``teacher`` part of a record;
-    ``meta``: on the meta device (structure and attributes only, no memory)."""
+    ``meta``: on the meta device (structure and attributes only, no memory).
+
+    ``factory``: the caller's function that builds a ``kind: factory`` teacher (the recorded spec
+    is never imported); ``model_class``: the class of a ``kind: hf`` teacher when it is not a
+    transformers class or one of an already-imported module (see :func:`_resolve_class`)."""
     import contextlib
 
     if meta:
@@ -187,14 +247,14 @@ def build_teacher(record: Mapping[str, Any], *, meta: bool = False) -> nn.Module
             # here only the structure and attributes are wanted
             with torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                return build_teacher(record)
+                return build_teacher(record, factory=factory, model_class=model_class)
         except InputError:
             raise
         except Exception:  # a factory that needs real tensors (e.g. loads a checkpoint): build on CPU
-            return build_teacher(record)
+            return build_teacher(record, factory=factory, model_class=model_class)
     kind = record.get("kind")
     if kind == "hf":
-        cls = _import_class(str(record["class"]))
+        cls = _resolve_class(str(record.get("class")), model_class)
         from transformers import AutoConfig
 
         config_dict = dict(record["config"])
@@ -215,13 +275,17 @@ def build_teacher(record: Mapping[str, Any], *, meta: bool = False) -> nn.Module
             tie()  # skipped with the initialisation: tied tensors must be one tensor again
         return model
     if kind == "factory":
-        from potstill.inputs.data import load_callable
-
-        factory: Callable[[], Any] = load_callable(str(record["spec"]))
-        model = factory()
-        if not isinstance(model, nn.Module):
-            raise InputError(f"{RECORD_FILE}: {record['spec']} returned a {type(model).__name__}, not an nn.Module")
-        return model
+        if factory is None:
+            raise InputError(f"{RECORD_FILE}: teacher.kind is 'factory' and the record names spec "
+                             f"'{record.get('spec')}'; for safety a student folder never imports code: pass the "
+                             "factory yourself, e.g. load_student(dir, factory=my_module.teacher)")
+        built: Any = factory()
+        if not isinstance(built, nn.Module):
+            raise InputError(f"load_student: factory= returned a {type(built).__name__}, not an nn.Module")
+        if _class_path(built) != record.get("class"):
+            raise InputError(f"{RECORD_FILE}: teacher.class is '{record.get('class')}' but factory= built a "
+                             f"{_class_path(built)}; pass the factory the student was saved from")
+        return built
     raise InputError(f"{RECORD_FILE}: teacher.kind must be 'hf' or 'factory', found {kind!r}")
 
 
@@ -260,7 +324,8 @@ def save_student(
     directory.mkdir(parents=True, exist_ok=True)
     module = module.eval()
     teacher_rec = _teacher_record(module, teacher)
-    fresh = build_teacher(teacher_rec, meta=True)
+    factory = _caller_factory(teacher)
+    fresh = build_teacher(teacher_rec, meta=True, factory=factory, model_class=type(module))
     origin: dict[str, list[int]] = dict(getattr(module, BLOCK_ORIGIN_ATTR, {}) or {})
     removed = _apply_removals(fresh, origin)
     fresh_mods = dict(fresh.named_modules())
@@ -293,7 +358,7 @@ def save_student(
     save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(directory / WEIGHTS_FILE),
               metadata={"format": "pt"})
     _write_json(directory / RECORD_FILE, record)
-    again = load_student(directory)
+    again = load_student(directory, factory=factory, model_class=type(module))
     _check_same(module, again, example, "potstill.load_student")
     if teacher_rec["kind"] == "hf":
         hf = dict(teacher.get("hf") or {})
@@ -304,6 +369,18 @@ def save_student(
             record["notes"].append(note)
         _write_json(directory / RECORD_FILE, record)
     return record
+
+
+def _caller_factory(teacher: Mapping[str, Any]) -> Callable[[], nn.Module] | None:
+    """The factory of a ``file.py:FACTORY`` teacher the caller gave ``save_student`` (the user's own
+    spec, e.g. from the command line; never a spec read out of a record)."""
+    spec = str(teacher.get("spec") or "")
+    if teacher.get("hf") or spec.startswith("hf:") or teacher.get("config") is not None:
+        return None
+    from potstill.inputs.data import load_callable
+
+    fn: Callable[[], nn.Module] = load_callable(spec)
+    return fn
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -401,16 +478,93 @@ def read_record(directory: str | Path) -> dict[str, Any]:
     return record
 
 
-def load_student(directory: str | Path) -> nn.Module:
+#: torch dtype name (as the record writes it) -> the safetensors header's dtype
+_SAFETENSORS_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}  # fmt: skip
+
+
+def check_weights_header(weights: Path, tensors: Mapping[str, Any], record_path: Path) -> None:
+    """Every tensor in ``weights`` has the shape and dtype the record states, and the two name the
+    same tensors; read from the safetensors header only (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    if not isinstance(tensors, Mapping):
+        raise InputError(f"{record_path}: 'tensors' must be an object of name -> {{shape, dtype}}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            names: list[str] = list(f.keys())
+            slices = {name: f.get_slice(name) for name in names}
+            header = {name: (list(sl.get_shape()), str(sl.get_dtype())) for name, sl in slices.items()}
+    except Exception as e:  # truncated or not a safetensors file
+        raise InputError(f"{weights}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    missing = sorted(set(tensors) - set(header))
+    if missing:
+        raise InputError(f"{weights}: tensors {missing[:5]} named in {record_path.name} are missing")
+    extra = sorted(set(header) - set(tensors))
+    if extra:
+        raise InputError(f"{weights}: tensors {extra[:5]} are not named in {record_path.name}; the folder was "
+                         "altered after potstill wrote it")
+    for name, (shape, dtype) in header.items():
+        entry = tensors[name]
+        want_shape = entry.get("shape") if isinstance(entry, Mapping) else None
+        want_dtype = _SAFETENSORS_DTYPES.get(str(entry.get("dtype"))) if isinstance(entry, Mapping) else None
+        if not isinstance(want_shape, list) or want_dtype is None:
+            raise InputError(f"{record_path}: tensors.{name} must be {{shape: [ints], dtype: "
+                             f"{'|'.join(_SAFETENSORS_DTYPES)}}}, found {entry!r}")
+        if shape != want_shape or dtype != want_dtype:
+            raise InputError(f"{weights}: tensor '{name}' is {dtype}{shape} but {record_path.name} records "
+                             f"{want_dtype}{want_shape}; the folder was altered after potstill wrote it")
+
+
+def _set_recorded_attrs(mod: nn.Module, name: str, attrs: Any, record_path: Path) -> None:
+    """Set the recorded attributes of one module: public names and simple JSON values only."""
+    if not isinstance(attrs, Mapping):
+        raise InputError(f"{record_path}: modules.{name} must be an object of attribute -> value")
+    for key, value in attrs.items():
+        value = _decode(value)
+        if not str(key).isidentifier() or str(key).startswith("_") or _encode(value) is ...:
+            raise InputError(f"{record_path}: modules.{name}.{key}: only public attributes with simple values "
+                             "(numbers, strings, lists of them) are recorded")
+        setattr(mod, key, value)
+
+
+def load_student(
+    directory: str | Path,
+    *,
+    factory: Callable[[], nn.Module] | None = None,
+    model_class: type | None = None,
+) -> nn.Module:
     """Rebuild a student saved by :func:`save_student` (eval mode, CPU).
 
+    Nothing in the folder executes: the teacher's class comes from the allow-list of
+    :func:`_resolve_class` (or ``model_class``), a factory teacher is built by the caller's
+    ``factory`` (the recorded spec is never imported), and the weights' shapes and dtypes are
+    checked against the record before any module is built.
+
     >>> model = load_student("out/students/r0.5")
+    >>> cnn = load_student("out/students/w50", factory=my_module.teacher)  # a file.py:FACTORY teacher
     """
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    record_path = directory / RECORD_FILE
     record = read_record(directory)
-    model = build_teacher(record["teacher"])
+    weights = directory / str(record.get("weights") or WEIGHTS_FILE)
+    if weights.parent != directory or not weights.is_file():
+        raise InputError(f"{weights}: no such file in {directory} (the student's weights)")
+    check_weights_header(weights, record["tensors"], record_path)
+    teacher = record["teacher"]
+    if not isinstance(teacher, Mapping):
+        raise InputError(f"{record_path}: 'teacher' must be an object")
+    try:
+        model = build_teacher(teacher, factory=factory, model_class=model_class)
+    except InputError as e:  # name the folder, not only the file
+        if str(e).startswith(f"{RECORD_FILE}:"):
+            raise InputError(f"{directory}{'/'}{e}") from e
+        raise
     removed = {str(k): [int(i) for i in v] for k, v in dict(record["removed_blocks"]).items()}
     if removed:
         drop_children(model, {k: set(v) for k, v in removed.items()})
@@ -418,24 +572,17 @@ def load_student(directory: str | Path) -> nn.Module:
     for name, attrs in dict(record["modules"]).items():
         mod = mods.get(name)
         if mod is None:
-            raise InputError(f"{directory / RECORD_FILE}: module '{name}' is not in the rebuilt teacher")
-        for key, value in attrs.items():
-            setattr(mod, key, _decode(value))
-    weights = directory / str(record.get("weights") or WEIGHTS_FILE)
-    if not weights.is_file():
-        raise InputError(f"{weights}: no such file (the student's weights)")
+            raise InputError(f"{record_path}: module '{name}' is not in the rebuilt teacher")
+        _set_recorded_attrs(mod, name, attrs, record_path)
     saved = load_file(str(weights))
     tensors, _ = canonical_tensors(model)
-    missing = sorted(set(record["tensors"]) - set(saved))
-    if missing:
-        raise InputError(f"{weights}: tensors {missing[:5]} named in {RECORD_FILE} are missing")
     unknown = sorted(set(saved) - set(tensors))
     if unknown:
-        raise InputError(f"{weights}: tensors {unknown[:5]} do not exist in the rebuilt {record['teacher']['class']}")
+        raise InputError(f"{weights}: tensors {unknown[:5]} do not exist in the rebuilt {teacher['class']}")
     for name, t in tensors.items():
         value = saved.get(name)
         if value is None:
-            raise InputError(f"{weights}: no tensor '{name}' for the rebuilt {record['teacher']['class']}")
+            raise InputError(f"{weights}: no tensor '{name}' for the rebuilt {teacher['class']}")
         with torch.no_grad():
             t.data = value.to(t.device)
     student_config = record.get("student_config")

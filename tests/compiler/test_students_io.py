@@ -109,9 +109,14 @@ def test_file_factory_cnn(tmp_path):
     record = save_student(student, tmp_path / "s", teacher={"spec": f"{src}:teacher"}, example=((x,), {}))
     assert record["teacher"]["kind"] == "factory" and record["loaders"] == ["potstill.load_student"]
     assert record["modules"]["0"]["out_channels"] == student[0].out_channels
-    again = load_student(tmp_path / "s")
+    again = load_student(tmp_path / "s", factory=load_callable(f"{src}:teacher"))
     with torch.no_grad():
         torch.testing.assert_close(again(torch.ones(3, 3, 8, 8)), student(torch.ones(3, 3, 8, 8)))
+    with pytest.raises(InputError, match=r"names spec .*cnn\.py:teacher.*pass the factory yourself"):
+        load_student(tmp_path / "s")  # the recorded spec is never imported
+    with pytest.raises(InputError, match=r"teacher\.class is 'torch\.nn\.modules\.container\.Sequential' but "
+                                         r"factory= built a torch\.nn\.modules\.linear\.Linear"):
+        load_student(tmp_path / "s", factory=lambda: torch.nn.Linear(2, 2))
 
 
 def test_bad_records_name_the_file_and_field(tmp_path):
@@ -124,8 +129,14 @@ def test_bad_records_name_the_file_and_field(tmp_path):
     with pytest.raises(InputError, match="missing field 'teacher'"):
         load_student(tmp_path)
     rec = {"format": "potstill.student", "version": 1, "tensors": {}, "modules": {}, "removed_blocks": {},
-           "teacher": {"kind": "hf", "class": "transformers.BertModel", "config": {"model_type": "no-such-model"}}}
+           "teacher": {"kind": "hf", "class": "transformers.models.bert.modeling_bert.BertModel",
+                       "config": {"model_type": "no-such-model"}}}
     (tmp_path / RECORD_FILE).write_text(json.dumps(rec))
+    with pytest.raises(InputError, match=r"model\.safetensors: no such file"):
+        load_student(tmp_path)
+    from safetensors.torch import save_file
+
+    save_file({}, str(tmp_path / WEIGHTS_FILE))
     with pytest.raises(InputError, match="no-such-model"):
         load_student(tmp_path)
 
@@ -164,3 +175,134 @@ def test_llama_student_pt2_with_plain_tensor_mask(tmp_path):
     bert = transformers.BertModel(transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
                                                           num_attention_heads=2, intermediate_size=16)).eval()
     assert plain_mask_module(bert, kw) is None  # bidirectional: a causal mask would change it
+
+
+# ---------------------------------------------------------------------------------------------
+# A student folder is data: tampered records execute nothing
+
+
+PAYLOAD = """
+from pathlib import Path
+Path({sentinel!r}).write_text("ran")
+
+def make():
+    Path({sentinel!r}).write_text("ran")
+    import torch
+    return torch.nn.Linear(2, 2)
+"""
+
+
+def _tiny_bert_student(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    m = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=32, vocab_size=50)).eval()
+    path = tmp_path / "t"
+    m.save_pretrained(path)
+    save_student(m, tmp_path / "s", teacher={"spec": f"hf:{path}", "hf": {"path": str(path)}})
+    return tmp_path / "s"
+
+
+def _tamper(folder: Path, **teacher) -> None:
+    rec = json.loads((folder / RECORD_FILE).read_text())
+    rec["teacher"].update(teacher)
+    (folder / RECORD_FILE).write_text(json.dumps(rec))
+
+
+def test_tampered_factory_spec_is_never_imported(tmp_path: Path):
+    folder = _tiny_bert_student(tmp_path)
+    sentinel = tmp_path / "sentinel"
+    evil = tmp_path / "elsewhere" / "evil.py"
+    evil.parent.mkdir()
+    evil.write_text(PAYLOAD.format(sentinel=str(sentinel)))
+    _tamper(folder, kind="factory", spec=f"{evil}:make", **{"class": "torch.nn.modules.linear.Linear"})
+    with pytest.raises(InputError, match=rf"{RECORD_FILE}: .*record names spec '.*evil\.py:make'.*factory="):
+        load_student(folder)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("path", ["subprocess.Popen", "os.system", "builtins.eval", "transformers.pipeline",
+                                  "transformers.models.bert.modeling_bert.BertConfig", "torch.Tensor"])
+def test_tampered_class_outside_the_allow_list(tmp_path: Path, path: str):
+    folder = _tiny_bert_student(tmp_path)
+    _tamper(folder, **{"class": path})
+    with pytest.raises(InputError, match=rf"{RECORD_FILE}: teacher.class '{path}'.*model_class=.*factory="):
+        load_student(folder)
+
+
+NOT_IMPORTED = """
+import json, sys
+from pathlib import Path
+from potstill.errors import InputError
+from potstill.outputs.students_io import RECORD_FILE, load_student
+folder = Path(sys.argv[1])
+rec = json.loads((folder / RECORD_FILE).read_text())
+out = {}
+for path in ("this.s", "antigravity.fly", "xml.dom.minidom.parseString"):
+    module = path.rsplit(".", 1)[0]
+    before = module in sys.modules
+    rec["teacher"]["class"] = path
+    (folder / RECORD_FILE).write_text(json.dumps(rec))
+    try:
+        load_student(folder)
+        out[path] = "loaded"
+    except InputError as e:
+        out[path] = ["InputError", str(e), before, module in sys.modules]
+print(json.dumps(out))
+"""
+
+
+def test_tampered_class_of_a_module_not_yet_imported_imports_nothing(tmp_path: Path):
+    """``this.s`` would print the Zen on import: the module stays unimported (checked in a fresh
+    interpreter, so no other test's imports interfere)."""
+    import subprocess
+    import sys
+
+    folder = _tiny_bert_student(tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", NOT_IMPORTED, str(folder)], capture_output=True, text=True,
+                          env=env, timeout=300, check=True)
+    assert "Beautiful is better than ugly" not in done.stdout
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for path, (kind, message, before, after) in out.items():
+        assert kind == "InputError" and f"teacher.class '{path}'" in message
+        assert "not imported" in message and "model_class=" in message
+        assert before is False and after is False, path
+
+
+def test_legit_class_from_an_imported_module_or_passed_in(tmp_path: Path):
+    """A transformers class by name, an nn.Module class of a module the caller imported, and a class
+    passed as model_class resolve; a model_class that is not the recorded one is refused."""
+    from potstill.outputs.students_io import _resolve_class
+
+    assert _resolve_class("torch.nn.modules.linear.Linear") is torch.nn.Linear
+    assert _resolve_class("transformers.models.bert.modeling_bert.BertModel") is transformers.BertModel
+    folder = _tiny_bert_student(tmp_path)
+    kw = {"input_ids": torch.randint(0, 50, (1, 5))}
+    _same(load_student(folder), load_student(folder, model_class=transformers.BertModel), kw)
+    with pytest.raises(InputError, match="does not match the model_class passed"):
+        load_student(folder, model_class=transformers.GPT2Model)
+
+
+def test_tensor_replaced_by_a_larger_one_is_named(tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _tiny_bert_student(tmp_path)
+    saved = load_file(str(folder / WEIGHTS_FILE))
+    name = "encoder.layer.0.output.dense.weight"
+    saved[name] = torch.zeros(saved[name].shape[0] * 4, saved[name].shape[1])
+    save_file(saved, str(folder / WEIGHTS_FILE))
+    with pytest.raises(InputError, match=rf"tensor '{name}' is F32\[128, 32\] but {RECORD_FILE} records F32\[32, 32\]"):
+        load_student(folder)
+    saved[name] = torch.zeros(32, 32, dtype=torch.float64)
+    save_file(saved, str(folder / WEIGHTS_FILE))
+    with pytest.raises(InputError, match=rf"tensor '{name}' is F64"):
+        load_student(folder)
+    saved[name] = torch.zeros(32, 32)
+    saved["extra.weight"] = torch.zeros(1)
+    save_file(saved, str(folder / WEIGHTS_FILE))
+    with pytest.raises(InputError, match=r"\['extra.weight'\] are not named"):
+        load_student(folder)
+    del saved["extra.weight"], saved[name]
+    save_file(saved, str(folder / WEIGHTS_FILE))
+    with pytest.raises(InputError, match=rf"\['{name}'\] named in {RECORD_FILE} are missing"):
+        load_student(folder)
