@@ -173,7 +173,12 @@ def warnings(manifest: Mapping[str, Any]) -> list[str]:
 
 
 def _distilled(entry: Row) -> bool:
-    return any(str(step).split("{", 1)[0] == "distill" for step in entry.get("pipeline", []))
+    """A training step ran: ``distill`` or ``elastic.train`` (the sandwich-rule KD), unless ``epochs=0``."""
+    for step in map(str, entry.get("pipeline", [])):
+        name, _, options = step.partition("{")
+        if name in ("distill", "elastic.train") and "epochs=0}" not in options and "epochs=0," not in options:
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
