@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from potstill.driver import prepare
+from potstill.driver import Prepared, prepare
 from potstill.outputs.report import warnings
 from potstill.plan import CompileOptions
 
@@ -30,7 +30,7 @@ def train_data():
 """
 
 
-def _prepare(tmp_path: Path, extra: str = "") -> tuple[object, list[str]]:
+def _prepare(tmp_path: Path, extra: str = "") -> tuple[Prepared, list[str]]:
     path = tmp_path / "t.py"
     path.write_text(textwrap.dedent(TEACHER) + textwrap.dedent(extra))
     said: list[str] = []
@@ -44,12 +44,12 @@ def _mean(batches: list) -> float:
 
 def test_train_data_calibrates_when_there_is_no_calib(tmp_path: Path) -> None:
     p, said = _prepare(tmp_path)
-    calib = p.inputs["calib"]  # type: ignore[attr-defined]
+    calib = p.inputs["calib"]
     assert calib["source"] == "data" and not calib["random"]
     assert calib["batches"] == 12 and calib["heldout_batches"] == 4  # 16 batches of the data, a quarter held out
     assert any(s.startswith("calibrating on train_data() in the teacher file: 12 batches, 4 held out") for s in said)
     assert not any("random" in s for s in said)
-    state = p.state  # type: ignore[attr-defined]
+    state = p.state
     seen, held = list(state.calib_data()), list(state.heldout_data())
     assert abs(_mean(seen) - 5.0) < 0.2 and abs(_mean(held) - 5.0) < 0.3  # the data's statistics, not noise
     assert not any(any(a[0] is b[0] for b in held) for a in seen)  # held-out is disjoint from calibration
@@ -62,7 +62,7 @@ def test_calib_data_still_wins_over_train_data(tmp_path: Path) -> None:
             yield torch.zeros(2, 3, 8, 8)
     """
     p, said = _prepare(tmp_path, extra)
-    assert p.inputs["calib"]["source"] == "calib"  # type: ignore[attr-defined]
+    assert p.inputs["calib"]["source"] == "calib"
     assert any(s.startswith("calibrating on calib_data() in the teacher file") for s in said)
 
 
@@ -87,3 +87,19 @@ def test_fewer_elastic_students_than_asked_are_explained() -> None:
     lines = warnings(_manifest(["elastic.nest", "elastic.search{students=3}"], profile="cpu", shortfall=short))
     assert any("elastic search on cpu: 1 of the 3 students" in w and "Pareto front holds 1" in w for w in lines)
     assert not any("elastic search" in w for w in warnings(_manifest(["elastic.nest"], profile="cpu")))
+
+
+def test_search_shortfall_names_the_cause() -> None:
+    from potstill.passes.elastic.pass_ import _shortfall
+    from potstill.passes.elastic.search import Candidate, SearchResult
+
+    def cand(i: int, violation: float = 0.0) -> Candidate:
+        return Candidate((i,), None, 0.9, 1.0 + i, 1.0, violation)  # _shortfall reads no config
+
+    front = [cand(0), cand(1, violation=0.5)]
+    over = [{"why": "latency 3.000 ms > 2 ms"}]
+    one = SearchResult(front, [front[0]], over, 10, 1.0, "model")
+    short = _shortfall(one, 3)
+    assert short is not None and short["requested"] == 3 and short["emitted"] == 1
+    assert "2 distinct subnets, 1 within the budgets" in short["why"] and "latency 3.000 ms > 2 ms" in short["why"]
+    assert _shortfall(one, 1) is None
