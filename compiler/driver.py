@@ -30,6 +30,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,14 @@ def _run_teacher_once(teacher: Teacher) -> Any:
         ) from e
 
 
+#: batches of --data / train_data() that calibrate when neither --calib nor calib_data() exists
+CALIB_FROM_DATA_BATCHES = 16
+
+
+def _iterate(source: Any) -> Any:
+    return iter(source() if callable(source) else source)
+
+
 def _materialise(source: Any, what: str) -> list[Any]:
     try:
         return list(source() if callable(source) else source)
@@ -223,9 +232,17 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     example_output = _run_teacher_once(teacher)
     if opts.min_fidelity is not None:
         profile = profile.model_copy(update={"min_fidelity": float(opts.min_fidelity)})
-    calib_source = load_calibration(opts.calib, teacher, note=note)
-    calib_batches = _materialise(calib_source, "calibration data") if calib_source is not None else []
-    if converted:
+    train = load_data(opts.data, teacher, "--data", note=note) if opts.data else teacher.hooks.get("train_data")
+    if converted and train is not None:
+        train = _float32_source(train)
+    train_label = "--data" if opts.data else "train_data() in the teacher file"
+    calib_from_data = train is not None and not opts.calib and "calib_data" not in teacher.hooks
+    if calib_from_data:  # one data story: the first batches of the training data calibrate (a quarter held out)
+        calib_batches = _materialise(lambda: islice(_iterate(train), CALIB_FROM_DATA_BATCHES), "calibration data")
+    else:
+        calib_source = load_calibration(opts.calib, teacher, note=note)
+        calib_batches = _materialise(calib_source, "calibration data") if calib_source is not None else []
+    if converted and not calib_from_data:  # train is already float32
         calib_batches = [_float32(b) for b in calib_batches]
     if len(calib_batches) == 1 and as_batch(calib_batches[0]).size < 2:
         note("note: the calibration data is one sample: fidelity is measured on it too (no held-out split)")
@@ -236,9 +253,10 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
         warning = random_calibration_warning(teacher)
         note(f"warning: {warning}" if warning else "warning: no calibration data (--calib): data-driven steps use "
              "random inputs and fidelity is measured on random inputs shaped like the example inputs")  # fmt: skip
-    train = load_data(opts.data, teacher, "--data", note=note) if opts.data else teacher.hooks.get("train_data")
-    if converted and train is not None:
-        train = _float32_source(train)
+    if calib_batches:
+        source = train_label if calib_from_data else (f"--calib {opts.calib}" if opts.calib else
+                 "calib_data() in the teacher file" if "calib_data" in teacher.hooks else "built-in text")  # fmt: skip
+        note(f"calibrating on {source}: {len(calib)} batches, {len(heldout)} held out for fidelity")
     evaluation = load_callable(opts.eval_data) if opts.eval_data else teacher.hooks.get("eval_data")
     metric = teacher.hooks.get("metric")
     state = CompileState.from_teacher(
@@ -271,7 +289,8 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     sources = local_sources([*teacher.sources, *plugin_files, *_spec_files(opts)], extra=plugin_files)
     inputs = _inputs_record(opts, teacher, plans, sources)
     inputs["calib"]["batches_sha256"] = batches_sha256(calib_batches) if calib_batches else None
-    inputs["calib"].update(random=not calib_batches, batches=len(calib), heldout_batches=len(heldout))
+    inputs["calib"].update(random=not calib_batches, batches=len(calib), heldout_batches=len(heldout),
+                           source="data" if calib_from_data else "calib" if calib_batches else "random")
     if train is not None:
         inputs["data"] = {**(inputs["data"] or {}), "batches_sha256": batches_sha256(_materialise(train, "training data"))}
     base_key = cache_key(inputs, profile, target)

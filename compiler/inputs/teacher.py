@@ -541,8 +541,8 @@ def random_calibration_warning(teacher: Teacher) -> str | None:
     if image_input(teacher) is None:
         return None
     return (
-        f"{teacher.label} is an image model and no calibration data was given (--calib, or calib_data() in "
-        "the teacher file): importance, reconstruction, BatchNorm re-estimation and INT8 calibration "
+        f"{teacher.label} is an image model and no calibration data was given (--calib, --data, or calib_data() "
+        "/ train_data() in the teacher file): importance, reconstruction, BatchNorm re-estimation and INT8 calibration "
         "would run on random pixels, which makes them meaningless, and fidelity would be measured on "
         "noise. Give --calib FOLDER (a folder of .png/.jpg images like those the model will see) or "
         "--calib FILE.py:FN."

@@ -162,6 +162,14 @@ def warnings(manifest: Mapping[str, Any]) -> list[str]:
             f"not distilled: {', '.join(undistilled)} (no training step ran; give --data FILE.py:FN or a .txt corpus "
             "to distil, unless --no-distill was meant). Their fidelity shows what pruning alone did."
         )
+    shortfalls = {}
+    for s in manifest.get("students", []):
+        el = (s.get("metrics") or {}).get("elastic") or {}
+        if el.get("shortfall"):
+            shortfalls[el.get("profile")] = el["shortfall"]
+    for profile, short in shortfalls.items():
+        lines.append(f"elastic search on {profile}: {short['emitted']} of the {short['requested']} students asked for "
+                     f"(--students) were emitted: {short['why']}")  # fmt: skip
     calib = manifest.get("calibration") or (manifest.get("inputs") or {}).get("calib") or {}
     if calib.get("random"):
         int8 = [s["name"] for s in manifest.get("students", []) if s.get("precision") == "int8"]
@@ -173,7 +181,12 @@ def warnings(manifest: Mapping[str, Any]) -> list[str]:
 
 
 def _distilled(entry: Row) -> bool:
-    return any(str(step).split("{", 1)[0] == "distill" for step in entry.get("pipeline", []))
+    """A training step ran: ``distill`` or ``elastic.train`` (the sandwich-rule KD), unless ``epochs=0``."""
+    for step in map(str, entry.get("pipeline", [])):
+        name, _, options = step.partition("{")
+        if name in ("distill", "elastic.train") and "epochs=0}" not in options and "epochs=0," not in options:
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -309,13 +309,30 @@ class ElasticSearchPass(Pass):
         # the supernet is not a deliverable: the first search replaces it, later ones (other devices) add
         supernet_student = next((s for s in state.students if "elastic" not in s.metrics), None)
         front = [{"accuracy": c.accuracy, "latency_ms": c.latency_ms, "memory_mb": c.memory_mb} for c in result.front]
+        shortfall = _shortfall(result, o.students)
         students = []
         for i, f in enumerate(result.finalists):
             history = supernet_student.history if supernet_student is not None else []
             s = Student(f"{profile.name}-elastic{i}", f.module, history=list(history))
             s.metrics["elastic"] = f.to_dict() | {"profile": profile.name, "front": front} | _robustness(state, f.module)
+            if shortfall is not None:
+                s.metrics["elastic"]["shortfall"] = shortfall
             students.append(s)
         state.students = [s for s in state.students if s is not supernet_student] + students
         record = state.records.setdefault("elastic", {})
         record.setdefault("searches", {})[profile.name] = result.to_dict()
         return PassResult(state, True)
+
+
+def _shortfall(result: Any, requested: int) -> dict[str, Any] | None:
+    """Why the search emitted fewer students than ``--students`` asked for (None when it did not)."""
+    emitted = len(result.finalists)
+    if emitted >= requested:
+        return None
+    feasible = sum(1 for c in result.front if c.violation == 0.0)
+    why = []
+    if feasible < requested:
+        why.append(f"the Pareto front holds {len(result.front)} distinct subnets, {feasible} within the budgets")
+    if result.rejected:
+        why.append(f"{len(result.rejected)} over a budget when measured ({result.rejected[0]['why']})")
+    return {"requested": requested, "emitted": emitted, "why": "; ".join(why) or "no further front point"}
