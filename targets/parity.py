@@ -6,7 +6,14 @@ has a dynamic batch, inputs at another batch size. Errors: ``max_abs = max|engin
 ``rel = max_abs / max|torch|`` (the error against the output's scale), maxima over all inputs.
 An engine passes when ``max_abs <= tolerance.max_abs`` or ``rel <= tolerance.rel``.
 
-NaN-aware: a NaN or infinity anywhere, in the engine's output or in PyTorch's, fails parity and the
+Mask-aware: when an input carries an ``attention_mask`` ``[B, S]`` and the output is ``[B, S, ...]``
+(three or more dims, so a pooled ``[B, H]`` with ``H == S`` is never mistaken for one), only the
+positions the mask keeps are compared, and ``max|torch|`` is taken over them. The outputs at padded
+positions are undefined: a left-padded decoder (Llama) gives logits there that PyTorch and its ONNX
+export disagree on by tens while kept positions agree to ~1e-4. The record counts ``positions``:
+``{"compared": n, "masked": m}`` over all inputs.
+
+NaN-aware: a NaN or infinity at a compared position, in the engine's output or in PyTorch's, fails parity and the
 record says where (``nonfinite``), because NaN compares false with everything: ``max(0.0, nan)`` is
 ``0.0`` and would have reported a NaN engine as exact.
 """
@@ -84,16 +91,30 @@ def torch_reference(module: torch.nn.Module, inputs: Inputs) -> np.ndarray:
     return out.detach().float().cpu().numpy()
 
 
-def errors(engine: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """(max_abs, rel) of ``engine`` against ``reference``; shapes must agree.
+def kept_positions(inputs: Inputs, shape: Sequence[int]) -> np.ndarray | None:
+    """``[B, S]`` booleans of the positions ``inputs``' ``attention_mask`` keeps, when an output of
+    ``shape`` is per position (``[B, S, ...]``, three or more dims); ``None`` otherwise (compare all)."""
+    mask = inputs[1].get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or len(shape) < 3:
+        return None
+    if tuple(shape[:2]) != tuple(mask.shape):
+        return None
+    return np.asarray(mask.detach().cpu().numpy() != 0)
 
-    ``nan`` when either holds a NaN or an infinity, ``inf`` when the shapes differ: both fail every
-    tolerance (compare with ``<=``, never keep a worst case with ``max``).
+
+def errors(engine: np.ndarray, reference: np.ndarray, keep: np.ndarray | None = None) -> tuple[float, float]:
+    """(max_abs, rel) of ``engine`` against ``reference`` at the positions ``keep`` marks (all when
+    ``None``); shapes must agree.
+
+    ``nan`` when either holds a NaN or an infinity there, ``inf`` when the shapes differ: both fail
+    every tolerance (compare with ``<=``, never keep a worst case with ``max``).
     """
     engine = np.asarray(engine, dtype=np.float64)
     reference = np.asarray(reference, dtype=np.float64)
     if engine.shape != reference.shape:
         return float("inf"), float("inf")
+    if keep is not None:
+        engine, reference = engine[keep], reference[keep]
     if not (np.isfinite(engine).all() and np.isfinite(reference).all()):
         return float("nan"), float("nan")
     max_abs = float(np.max(np.abs(engine - reference))) if engine.size else 0.0
@@ -121,17 +142,26 @@ def check_parity(
 ) -> dict[str, Any]:
     """Run torch and the engine on each input; ``{"max_abs", "rel", "ok", "n_inputs", "output"}``.
 
-    With a NaN or infinity the record also has ``nonfinite``: ``{"engine": n, "torch": n,
-    "input": i}`` (counts of non-finite values and the first held-out input that had them).
+    With a NaN or infinity at a compared position the record also has ``nonfinite``: ``{"engine": n,
+    "torch": n, "input": i}`` (counts of non-finite values and the first held-out input that had
+    them). With an attention mask over a per-position output it has ``positions``: ``{"compared":
+    n, "masked": m}``, summed over the inputs.
     """
     worst_abs, worst_rel = 0.0, 0.0
     nonfinite: dict[str, int] = {}
+    compared = masked = 0
     for i, item in enumerate(inputs):
         engine, reference = run_engine(item), torch_reference(module, item)
-        bad = {"engine": _nonfinite(engine), "torch": _nonfinite(reference)}
+        keep = kept_positions(item, np.shape(reference)) if np.shape(engine) == np.shape(reference) else None
+        if keep is not None:
+            compared, masked = compared + int(keep.sum()), masked + int(keep.size - keep.sum())
+        bad = {
+            "engine": _nonfinite(engine if keep is None else np.asarray(engine)[keep]),
+            "torch": _nonfinite(reference if keep is None else reference[keep]),
+        }
         if any(bad.values()) and not nonfinite:
             nonfinite = bad | {"input": i}
-        max_abs, rel = errors(engine, reference)
+        max_abs, rel = errors(engine, reference, keep)
         # keep NaN: max() would drop it (max(0.0, nan) == 0.0)
         worst_abs = max_abs if math.isnan(max_abs) or math.isnan(worst_abs) else max(worst_abs, max_abs)
         worst_rel = rel if math.isnan(rel) or math.isnan(worst_rel) else max(worst_rel, rel)
@@ -142,6 +172,8 @@ def check_parity(
         "n_inputs": len(inputs),
         "output": output,
     }
+    if compared or masked:
+        record["positions"] = {"compared": compared, "masked": masked}
     if nonfinite:
         record["nonfinite"] = nonfinite
     return record
@@ -168,8 +200,10 @@ def raise_if_failed(parity: dict[str, Any], engine: Any, tolerance: Any) -> None
             f"{engine}: output '{output}' is not finite on held-out input {bad.get('input', 0)} of "
             f"{parity.get('n_inputs')}: {'; '.join(where)}; {fix}"
         )
+    positions = parity.get("positions")
+    kept = f" at the {positions['compared']} positions the attention mask keeps" if positions else ""
     raise ParityError(
-        f"{engine}: output '{output}' does not match PyTorch on {parity.get('n_inputs')} held-out inputs: "
+        f"{engine}: output '{output}' does not match PyTorch on {parity.get('n_inputs')} held-out inputs{kept}: "
         f"max_abs={parity['max_abs']:.3g} (tolerance {tolerance.max_abs:g}), "
         f"rel={parity['rel']:.3g} (tolerance {tolerance.rel:g}); check the export for ops that "
         "change numerics, or loosen the profile's tolerance if this precision is expected"

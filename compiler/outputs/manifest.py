@@ -168,11 +168,15 @@ def cost(analysis: Any) -> dict[str, Any]:
 def parity_dict(value: Any) -> dict[str, Any] | None:
     if not value or field_of(value, "max_abs") is None:
         return None
-    return {
+    record: dict[str, Any] = {
         "max_abs": float(field_of(value, "max_abs", float("nan"))),
         "rel": float(field_of(value, "rel", float("nan"))),
         "ok": bool(field_of(value, "ok", False)),
     }
+    positions = field_of(value, "positions")
+    if positions:  # compared/masked positions of a mask-aware check
+        record["positions"] = {k: int(v) for k, v in dict(positions).items()}
+    return record
 
 
 def host_info() -> dict[str, Any]:

@@ -151,3 +151,76 @@ def test_lower_pass_lowers_every_student(cnn: nn.Module, tmp_path: Path) -> None
 def test_measure_torch_latency(cnn: nn.Module) -> None:
     lat = measure_torch_latency(cnn, (torch.randn(1, 3, 16, 16),), budget_s=0.1)
     assert lat["runs"] >= 5 and 0 < lat["median"] <= lat["p90"]
+
+
+class _PerToken(nn.Module):
+    """Logits-like ``[B, S, V]`` from token ids, with an attention mask it does not need."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(16, 5)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.emb(input_ids) * 10
+
+
+def _left_padded() -> tuple[tuple[()], dict[str, torch.Tensor]]:
+    ids = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    return (), {"input_ids": ids, "attention_mask": mask}
+
+
+def _engine(module: nn.Module, at: tuple[int, int], value: float):  # type: ignore[no-untyped-def]
+    """An 'engine' that computes ``module`` exactly except at position ``at`` (row, token)."""
+    from potstill.targets.parity import torch_reference
+
+    def run(inputs):  # type: ignore[no-untyped-def]
+        out = torch_reference(module, inputs).copy()
+        out[at] = value
+        return out
+
+    return run
+
+
+def test_parity_ignores_positions_the_attention_mask_drops() -> None:
+    from potstill.targets.parity import check_parity, raise_if_failed
+
+    module, inputs = _PerToken().eval(), _left_padded()
+    tol = load_profile("cpu").tolerance
+    # a padded position off by 42 (a left-padded Llama's ONNX engine differs there by tens): ok
+    parity = check_parity(module, _engine(module, (0, 1), 42.0), [inputs], tol)
+    assert parity["ok"] and parity["max_abs"] == 0.0
+    assert parity["positions"] == {"compared": 8, "masked": 2}
+    # NaN at a padded position is undefined output, not an error
+    assert check_parity(module, _engine(module, (0, 0), float("nan")), [inputs], tol)["ok"]
+    # the same error at a kept position fails, and the error names the kept positions
+    bad = check_parity(module, _engine(module, (0, 2), 42.0), [inputs], tol)
+    assert not bad["ok"] and bad["max_abs"] > 1.0
+    with pytest.raises(ParityError, match="8 positions the attention mask keeps"):
+        raise_if_failed(bad, "engine", tol)
+    # NaN at a kept position still fails
+    nan = check_parity(module, _engine(module, (1, 0), float("nan")), [inputs], tol)
+    assert not nan["ok"] and nan["nonfinite"] == {"engine": 5, "torch": 0, "input": 0}  # the 5 logits there
+
+
+def test_parity_rel_is_against_the_kept_positions_scale() -> None:
+    from potstill.targets.parity import errors
+
+    ref = np.zeros((1, 3, 2))
+    ref[0, 0] = 1000.0  # a huge value at a padded position must not shrink rel
+    ref[0, 1:] = 2.0
+    eng = ref.copy()
+    eng[0, 2, 0] = 3.0
+    keep = np.array([[False, True, True]])
+    assert errors(eng, ref, keep) == (1.0, 0.5)
+    assert errors(eng, ref) == (1.0, 0.001)
+
+
+def test_pooled_output_is_compared_whole() -> None:
+    from potstill.targets.parity import kept_positions
+
+    _, kwargs = _left_padded()
+    assert kept_positions(((), kwargs), (2, 5)) is None  # [B, H] with H == S: not per position
+    keep = kept_positions(((), kwargs), (2, 5, 7))
+    assert keep is not None and keep.sum() == 8
+    assert kept_positions(((), kwargs), (2, 4, 7)) is None  # other length: not this mask's positions
