@@ -143,12 +143,7 @@ def test_bad_records_name_the_file_and_field(tmp_path):
 
 def test_unused_path_is_not_touched(tmp_path: Path):
     """load_student reads only its folder: nothing is written there."""
-    torch.manual_seed(0)
-    m = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                       intermediate_size=32, vocab_size=50)).eval()
-    path = tmp_path / "t"
-    m.save_pretrained(path)
-    save_student(m, tmp_path / "s", teacher={"spec": f"hf:{path}", "hf": {"path": str(path)}})
+    _tiny_bert_student(tmp_path)
     before = sorted(p.name for p in (tmp_path / "s").iterdir())
     load_student(tmp_path / "s")
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == before
