@@ -168,17 +168,17 @@ def test_random_calibration_warning_is_for_image_models_only(tmp_path: Path):
 
 
 def test_corpus_is_streamed_capped_and_binary_refused(tmp_path, monkeypatch) -> None:
-    import potstill.inputs.teacher as teacher_mod
+    import potstill.inputs.corpus as corpus_mod
     from potstill.errors import InputError
-    from potstill.inputs.teacher import read_texts
+    from potstill.inputs.corpus import read_texts
 
     notes: list[str] = []
     one_line = tmp_path / "one-line.txt"
     one_line.write_bytes(b"word " * 200_000)  # 1 MB on one line: cut at the line cap, not read whole
     (text,) = read_texts(str(one_line), note=notes.append)
-    assert len(text.encode()) <= teacher_mod.MAX_LINE_BYTES
+    assert len(text.encode()) <= corpus_mod.MAX_LINE_BYTES
     assert any("longer than 16 KB" in n for n in notes)
-    monkeypatch.setattr(teacher_mod, "MAX_CORPUS_LINES", 3)
+    monkeypatch.setattr(corpus_mod, "MAX_CORPUS_LINES", 3)
     many = tmp_path / "many.txt"
     many.write_text("".join(f"sentence {i}\n" for i in range(10)))
     notes.clear()
