@@ -292,15 +292,23 @@ BUILTIN_PASSES: dict[str, str] = {
     "elastic.search": "potstill.passes.elastic.pass_",
     "distill.progressive": "potstill.passes.distill.progressive_pass",
     "quantize.int8": "potstill.targets.passes",
-    "lower.onnx": "potstill.targets.passes",
-    "lower.onnxruntime": "potstill.targets.passes",
-    "lower.tensorrt": "potstill.targets.passes",
-    "lower.aoti": "potstill.targets.passes",
     "record": "potstill.targets.passes",
     "record.teacher": "potstill.targets.passes",
 }
 
+#: Pass families: a name prefix -> the module whose ``family_pass(rest)`` builds and registers the
+#: pass ``prefix + rest`` on first use, and whose ``family_names()`` lists them: ``lower.<target>``
+#: exists for every registered target (``potstill.targets.registry``), a plugin's included.
+PASS_FAMILIES: dict[str, str] = {
+    "lower.": "potstill.targets.passes",
+}
+
 _REGISTRY: dict[str, type[Pass]] = {}
+
+
+def _family(name: str) -> str | None:
+    """The module of the family ``name`` belongs to (None: no family)."""
+    return next((module for prefix, module in PASS_FAMILIES.items() if name.startswith(prefix)), None)
 
 
 def _origin(cls: type) -> str:
@@ -320,7 +328,7 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         raise TypeError(f"{cls.__name__}.Options must be a frozen dataclass")
     predicates(cls.requires)  # type-checks the declarations now rather than at the first run
     predicates(cls.ensures)
-    builtin = BUILTIN_PASSES.get(cls.name)
+    builtin = BUILTIN_PASSES.get(cls.name) or _family(cls.name)
     if builtin is not None and cls.__module__ != builtin:
         raise InputError(f"pass name '{cls.name}' is a built-in pass ({builtin}); {_origin(cls)} must use another name")
     old = _REGISTRY.get(cls.name)
@@ -371,8 +379,12 @@ def get_pass(name: str) -> type[Pass]:
             importlib.reload(sys.modules[module])
         else:
             importlib.import_module(module)
+    family = _family(name)
+    if name not in _REGISTRY and family is not None:
+        prefix = next(p for p in PASS_FAMILIES if name.startswith(p))
+        importlib.import_module(family).family_pass(name[len(prefix):])
     if name not in _REGISTRY:
-        known = sorted(set(_REGISTRY) | set(BUILTIN_PASSES))
+        known = available_passes()
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise InputError(f"unknown pass '{name}'{hint}; known passes: {', '.join(known)}")
@@ -380,7 +392,9 @@ def get_pass(name: str) -> type[Pass]:
 
 
 def available_passes() -> list[str]:
-    return sorted(set(_REGISTRY) | set(BUILTIN_PASSES))
+    """Every pass a pipeline can name: registered, built-in and each family's members."""
+    families = {n for module in PASS_FAMILIES.values() for n in importlib.import_module(module).family_names()}
+    return sorted(set(_REGISTRY) | set(BUILTIN_PASSES) | families)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,9 +27,9 @@ import yaml
 from potstill.errors import InputError
 from potstill.passes.distill.recipe import DataSpec as RecipeData  # one schema for data: {train, eval, calib}
 from potstill.pipeline import Fact, Pass, build_pipeline, get_pass, needs_fact, parse_pipeline, predicates
+from potstill.targets.registry import check_target
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-TARGETS = ("onnx", "onnxruntime", "tensorrt", "aoti")
 RATIO_PLACEHOLDER = "$ratio"
 RECIPE_VERSION = 1
 SEED_MAX = 2**32 - 1
@@ -137,7 +137,8 @@ class CompileRecipe(BaseModel):
     drop_layers: int | None = Field(default=None, ge=1)
     keep_layers: int | None = Field(default=None, ge=1)
     importance: str | None = None
-    target: Literal["onnx", "onnxruntime", "tensorrt", "aoti"] | None = None
+    #: a registered target (``potstill.targets.registry``), checked once plugins are loaded
+    target: str | None = None
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     name: str | None = None
     distill_epochs: int | None = Field(default=None, ge=1)
@@ -376,8 +377,7 @@ def plan_students(opts: CompileOptions, target: str, distill_epochs: int | None 
     With ``distill_epochs`` (the driver sets it when training data is at hand and ``--no-distill``
     is not given) the default pipeline distils each pruned student from the teacher before lowering.
     """
-    if target not in TARGETS:
-        raise InputError(f"--target '{target}': expected one of {', '.join(TARGETS)}")
+    check_target(target, "--target")
     check_flags(opts)
     if opts.elastic:
         return _elastic_plans(opts, target, distill_epochs)

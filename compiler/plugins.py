@@ -3,7 +3,8 @@
 ``--plugin my_passes.py`` (a file) or ``--plugin mypkg.passes`` (an importable module), repeatable,
 and every entry point in the group ``potstill.passes`` (``[project.entry-points."potstill.passes"]``
 in a package's ``pyproject.toml``). A plugin registers passes with ``@register_pass`` or
-``@function_pass``; a name already taken (a built-in or another plugin's) is refused. The files
+``@function_pass``, importance estimators with ``@estimator`` and targets with ``@target``; a name
+already taken (a built-in or another plugin's) is refused. The files
 they came from go into the cache key.
 """
 

@@ -20,7 +20,8 @@ from .table import LatencyTable
 #: the schema version this code reads and writes
 PROFILE_VERSION = 1
 
-Target = Literal["onnxruntime", "tensorrt", "aoti", "onnx"]
+#: a registered target's name (``potstill.targets.registry``; a plugin's included)
+Target = str
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 Device = Literal["cpu", "cuda"]
 
@@ -145,6 +146,15 @@ class DeviceProfile(_Strict):
             raise ValueError(f"version must be >= 1, got {v}")
         return v
 
+    @field_validator("target")
+    @classmethod
+    def _known_target(cls, v: str) -> str:
+        from potstill.targets.registry import target_names  # imported here: the targets read profiles
+
+        if v not in target_names():
+            raise ValueError(f"unknown target {v!r}; expected one of {', '.join(map(repr, target_names()))}")
+        return v
+
     @field_validator("input_shapes")
     @classmethod
     def _shapes(cls, v: list[list[int]] | None) -> list[list[int]] | None:
@@ -155,8 +165,12 @@ class DeviceProfile(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> DeviceProfile:
-        if self.target == "tensorrt" and self.device != "cuda":
-            raise ValueError("target 'tensorrt' runs on device 'cuda'; set device: cuda")
+        from potstill.targets.registry import get_target
+
+        devices = get_target(self.target).devices
+        if devices is not None and self.device not in devices:
+            raise ValueError(f"target '{self.target}' runs on device {' or '.join(map(repr, devices))}; "
+                             f"set device: {devices[0]}")  # fmt: skip
         if self.tensorrt.dla_core is not None and self.precision not in ("fp16", "int8"):
             raise ValueError("a DLA core runs fp16 or int8 only; set precision to fp16 or int8")
         return self

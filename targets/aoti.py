@@ -32,6 +32,7 @@ from .artifact import Artifact
 from .onnx_export import FlatInputs, batch_of_two, flat_spec
 from .onnxruntime import fixed_batch
 from .parity import batch_size, check_parity, held_out_inputs, raise_if_failed
+from .registry import target
 
 CHILD_TIMEOUT_S = 600
 
@@ -121,6 +122,7 @@ def _child_failure(path: Path, code: int, stderr: str) -> str:
     return f"{path}: loading or running the AOTInductor package failed (exit {code}):\n{tail}"
 
 
+@target("aoti")
 def lower_aoti(
     module: nn.Module,
     args: Sequence[Any],

@@ -4,6 +4,8 @@
 profile (target defaults to the profile's) and returns an ``Artifact``: engine files, parity
 against PyTorch on held-out inputs and measured latency. A parity failure raises ``ParityError``.
 
+The targets are those registered with ``@target`` (``targets.registry``); the built-ins:
+
 =============  ==============================================================================
 target         what is produced
 =============  ==============================================================================
@@ -20,13 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from potstill.errors import InputError
 from potstill.profiles import DeviceProfile, load_profile
 from torch import nn
 
 from .artifact import Artifact
-
-TARGETS = ("onnx", "onnxruntime", "tensorrt", "aoti")
+from .registry import get_target
 
 
 def lower(
@@ -47,26 +47,8 @@ def lower(
     >>> art.parity["ok"], art.latency_ms["median"]                               # doctest: +SKIP
     """
     profile = load_profile(profile)
-    target = target or profile.target
-    if target not in TARGETS:
-        raise InputError(f"unknown target '{target}'; targets: {', '.join(TARGETS)}")
-    args = tuple(example_inputs)
-    kwargs = dict(example_kwargs or {})
-    if target in ("onnx", "onnxruntime"):
-        if profile.precision == "int8":
-            from .int8 import lower_int8
-
-            return lower_int8(module, args, profile, out_dir, kwargs=kwargs, dynamic_batch=dynamic_batch,
-                              calib=calib, hf=hf)
-        from .onnxruntime import lower_onnxruntime
-
-        return lower_onnxruntime(module, args, profile, out_dir, kwargs=kwargs, dynamic_batch=dynamic_batch,
-                                 hf=hf, target=target)
-    if target == "tensorrt":
-        from .tensorrt import lower_tensorrt
-
-        return lower_tensorrt(module, args, profile, out_dir, kwargs=kwargs, dynamic_batch=dynamic_batch,
-                              calib=calib, hf=hf)
-    from .aoti import lower_aoti
-
-    return lower_aoti(module, args, profile, out_dir, kwargs=kwargs, dynamic_batch=dynamic_batch)
+    spec = get_target(target or profile.target)
+    optional = {"calib": calib, "hf": hf}
+    extra = {name: optional[name] for name in spec.takes()}
+    return spec.lower(module, tuple(example_inputs), profile, out_dir, kwargs=dict(example_kwargs or {}),
+                      dynamic_batch=dynamic_batch, **extra)  # fmt: skip

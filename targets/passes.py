@@ -33,7 +33,8 @@ from potstill.state import CompileState, Student
 from torch import nn
 
 from .artifact import Artifact
-from .lower import TARGETS, lower
+from .lower import lower
+from .registry import check_target, get_target, target_names
 from .timing import timing_method
 
 # ---------------------------------------------------------------------------------------------
@@ -71,8 +72,9 @@ def lower_module(
             tmp = Path(tempfile.mkdtemp(prefix=f"potstill-hf-{name}-"))
             module.save_pretrained(str(tmp))  # type: ignore[operator]
             hf = {"dir": str(tmp), "task": state.hf.get("task")}
+    subdir = get_target(target).subdir
     try:
-        return lower(module, state.example_inputs, profile, out / "tensorrt" if target == "tensorrt" else out,
+        return lower(module, state.example_inputs, profile, out / subdir if subdir else out,
                      target=target, example_kwargs=state.example_kwargs, dynamic_batch=state.dynamic_batch,
                      calib=state.calib_data, hf=hf)  # fmt: skip
     finally:
@@ -117,16 +119,20 @@ class LowerPass(Pass):
         return PassResult(state, False)
 
 
-def _lower_pass(target: str, doc: str) -> type[LowerPass]:
-    cls = type(f"Lower{target.title()}Pass", (LowerPass,), {"name": f"lower.{target}", "target": target,
-                                                            "__doc__": doc, "__module__": __name__})
+def family_pass(target: str) -> type[LowerPass]:
+    """The pass ``lower.<target>``, built and registered on first use for any registered target
+    (the pipeline's ``PASS_FAMILIES``); an unknown target is an InputError listing them."""
+    spec = get_target(target)
+    cls = type(f"Lower{target.title().replace('_', '')}Pass", (LowerPass,), {
+        "name": f"lower.{target}", "target": target, "__module__": __name__,
+        "__doc__": f"Lower every student to the target '{target}': {spec.summary}",
+    })  # fmt: skip
     return register_pass(cls)  # type: ignore[return-value]
 
 
-LowerOnnxPass = _lower_pass("onnx", "Export every student to a checked ONNX file (parity and latency through ONNX Runtime).")
-LowerOnnxRuntimePass = _lower_pass("onnxruntime", "Lower every student to ONNX Runtime with the profile's settings (INT8 when it asks).")
-LowerTensorRTPass = _lower_pass("tensorrt", "Build TensorRT engines (or bundles to build on the device) for every student.")
-LowerAotiPass = _lower_pass("aoti", "Compile every student to an AOTInductor package and check it in a child process.")
+def family_names() -> list[str]:
+    """The ``lower.<target>`` passes, one per target."""
+    return [f"lower.{t}" for t in target_names()]
 
 
 @dataclass(frozen=True)
@@ -327,8 +333,7 @@ class TeacherOptions:
     timing: bool = True
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        check_target(self.target)
 
 
 def _teacher_recorded(state: CompileState) -> bool:

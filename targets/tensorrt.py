@@ -30,6 +30,7 @@ from .artifact import Artifact
 from .large_onnx import external_files
 from .onnxruntime import OrtRunner, export_for_runtime, fixed_batch, make_session, ort_parity_and_latency
 from .parity import Inputs, batch_size, check_parity, held_out_inputs, raise_if_failed
+from .registry import target
 from .trt_lint import findings_to_json, lint_onnx, report_markdown
 
 ENGINE_NAME = "model.engine"
@@ -132,6 +133,7 @@ def _int8_model(onnx_path: Path, exported: Any, example: Inputs, profile: Device
     return path, samples, [f"INT8 as explicit Q/DQ (NNCF, symmetric): {note}"]
 
 
+@target("tensorrt", devices=("cuda",), subdir="tensorrt")
 def lower_tensorrt(
     module: nn.Module,
     args: Sequence[Any],

@@ -523,3 +523,67 @@ def test_plugin_estimator_is_named_in_prune_width(registry: dict[str, type[Pass]
     finally:
         ESTIMATORS.clear()
         ESTIMATORS.update(before)
+
+
+TARGET_PLUGIN = '''
+from dataclasses import replace
+from pathlib import Path
+
+from potstill.targets.onnx_targets import lower_onnx
+from potstill.targets.registry import target
+
+
+@target("wrapped_onnx")
+def lower_wrapped(module, args, profile, out_dir, *, kwargs, dynamic_batch):
+    """The ONNX target plus a marker file (a test backend)."""
+    art = lower_onnx(module, args, profile, out_dir, kwargs=kwargs, dynamic_batch=dynamic_batch)
+    marker = Path(out_dir) / "wrapped.txt"
+    marker.write_text("lowered by the plugin target")
+    return replace(art, target="wrapped_onnx", files={**art.files, "marker": marker})
+'''
+
+
+def test_plugin_pass_estimator_and_target_from_the_cli(registry: dict[str, type[Pass]], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """One plugin file adds a pass, an importance estimator and a target; one compile uses all three."""
+    from potstill.passes.importance import ESTIMATORS
+    from potstill.targets.registry import TARGETS
+
+    estimators, targets = dict(ESTIMATORS), dict(TARGETS)
+    plugin = tmp_path / "my_plugin.py"
+    plugin.write_text("\n".join([PLUGIN, ESTIMATOR_PLUGIN, TARGET_PLUGIN]))
+    out = tmp_path / "out"
+    try:
+        code, _, err = run_cli(["compile", tiny(tmp_path), "--plugin", str(plugin), "--target", "wrapped_onnx",
+                                "--pipeline", "prune.width{ratio=0.5,importance=smallest},my.nudge{amount=0.1}",
+                                "-o", str(out)], capsys)  # fmt: skip
+        assert code == 0, err
+        m = json.loads((out / "manifest.json").read_text())
+        (s,) = m["students"]
+        assert s["pipeline"] == ["prune.width{ratio=0.5,importance=smallest}", "my.nudge{amount=0.1}",
+                                 "lower.wrapped_onnx", "record"]  # fmt: skip
+        folder = out / s["dir"]
+        assert (folder / "wrapped.txt").read_text() == "lowered by the plugin target"
+        assert (folder / "model.onnx").is_file()
+        assert s["parity"]["ok"] is True
+        # a target nobody registered is refused with the list, the plugin's included
+        code, _, err = run_cli(["compile", tiny(tmp_path), "--plugin", str(plugin), "--target", "wraped_onnx",
+                                "-o", str(tmp_path / "bad")], capsys)  # fmt: skip
+        assert code == 2 and "wraped_onnx" in err and "did you mean 'wrapped_onnx'" in err, err
+    finally:
+        ESTIMATORS.clear()
+        ESTIMATORS.update(estimators)
+        TARGETS.clear()
+        TARGETS.update(targets)
+
+
+def test_a_plugin_cannot_take_a_builtin_target_name() -> None:
+    from potstill.errors import InputError
+    from potstill.targets.registry import target
+
+    def lower_fake(module: object, args: object, profile: object, out_dir: object, *, kwargs: object,
+                   dynamic_batch: bool) -> None:  # fmt: skip
+        """Not a backend."""
+
+    with pytest.raises(InputError, match="'onnx' is a built-in target"):
+        target("onnx")(lower_fake)
