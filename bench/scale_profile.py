@@ -104,7 +104,7 @@ def main() -> None:
                          ("potstill.targets.optimum_export", "optimum_export"),
                          ("potstill.targets.onnxruntime", "ort_parity_and_latency"),
                          ("potstill.targets.onnxruntime", "_same_model"),
-                         ("potstill.outputs.manifest", "save_program"), ("potstill.outputs.students_io", "save_student"),
+                         ("potstill.outputs.students_io", "save_program"), ("potstill.outputs.students_io", "save_student"),
                          ("potstill.fidelity", "measure_fidelity")):  # fmt: skip
         label(sampler, module, name)
     with tempfile.TemporaryDirectory(prefix="potstill-prof-") as tmp:

@@ -260,7 +260,7 @@ class RecordPass(Pass):
 
     def run(self, state: CompileState) -> PassResult:
         from potstill.fidelity import fidelity_floor, student_fidelity
-        from potstill.outputs.manifest import save_program
+        from potstill.outputs.students_io import save_program
 
         profile = state_profile(state)
         for student in state.students:

@@ -24,7 +24,8 @@ the run and to pick a student without opening anything else::
 
 Each student's folder ``OUT/students/<name>/`` holds the engines the target wrote, ``student.pt2``
 (``torch.export.save``, batch dimension dynamic unless the profile fixes the batch) and, for
-Hugging Face teachers, ``hf/`` (``save_pretrained`` with the tokenizer).
+Hugging Face teachers, ``hf/`` (``save_pretrained`` with the tokenizer); ``potstill.outputs.students_io``
+writes and reads those.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import hashlib
-import inspect
 import platform
 from collections.abc import Iterable, Mapping
 from importlib import metadata
@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from potstill.inputs.data import Batch
 from potstill.outputs.atomic import atomic_write_json
 from torch import nn
 
@@ -271,133 +270,6 @@ def build_manifest(
         },
         "versions": versions(),
     })  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-# student.pt2 and hf/
-
-
-def example_batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
-    return Batch(tuple(args), dict(kwargs)).size
-
-
-def rebatch(args: tuple[Any, ...], kwargs: Mapping[str, Any], batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Repeat the example along the batch dim to ``batch`` rows (a batch of 1 cannot be dynamic)."""
-    size = example_batch_size(args, kwargs)
-
-    def grow(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == size and size != batch:
-            reps = -(-batch // size)
-            return x.repeat(reps, *([1] * (x.dim() - 1)))[:batch]
-        return x
-
-    return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
-
-
-def _dynamic_shapes(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-
-    def spec(x: Any) -> Any:
-        return {0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
-
-    params = inspect.signature(module.forward).parameters
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    shapes: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        kind = params[name].kind
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            shapes[name] = {k: spec(v) for k, v in value.items()}
-        elif kind is inspect.Parameter.VAR_POSITIONAL:
-            shapes[name] = tuple(spec(v) for v in value)
-        else:
-            shapes[name] = spec(value)
-    return shapes
-
-
-def _plain(value: Any) -> Any:
-    """Outputs with only built-in containers: a Hugging Face ``ModelOutput`` becomes a dict."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_plain(v) for v in value) if type(value) in (tuple, list) else tuple(_plain(v) for v in value)
-    return value
-
-
-def _needs_plain(value: Any) -> bool:
-    if isinstance(value, torch.Tensor) or value is None or isinstance(value, (int, float, bool)):
-        return False
-    if type(value) in (tuple, list):
-        return any(_needs_plain(v) for v in value)
-    if type(value) is dict:
-        return any(_needs_plain(v) for v in value.values())
-    return True
-
-
-class PlainOutputs(nn.Module):
-    """Wraps a model whose outputs are classes ``torch.export.load`` cannot rebuild (HF ``ModelOutput``).
-
-    ``forward`` takes the wrapped model's signature, so dynamic shapes are named as for the model.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return _plain(self.model(*args, **kwargs))
-
-        forward.__signature__ = inspect.signature(model.forward)  # type: ignore[attr-defined]
-        self.forward = forward
-
-
-def save_program(
-    module: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-    path: Path,
-    fixed_batch: int | None = None,
-) -> dict[str, Any]:
-    """``torch.export`` the module to ``path`` (a ``.pt2``); batch dynamic unless ``fixed_batch``.
-
-    Returns ``{"file", "dynamic_batch", "note"}``; a model whose batch cannot be made dynamic is
-    saved with a static batch and the note says why.
-    """
-    from potstill.outputs.students_io import PlainCausalMask, plain_mask_module
-
-    module = module.eval()
-    if not args and not isinstance(module, PlainCausalMask) and (wrapped := plain_mask_module(module, kwargs)) is not None:
-        # decoders: one export that saves, rather than one that torch.export.save refuses and a second
-        saved = save_program(wrapped, (), kwargs, path, fixed_batch)
-        if saved["file"]:
-            why = ("the causal mask is built from attention_mask with plain tensor ops (transformers' mask "
-                   "code uses higher-order ops such as flat_apply, which torch.export.save cannot always serialize)")
-            saved["note"] = f"{saved['note']}; {why}" if saved["note"] else why
-            return saved
-    note = ""
-    dynamic = fixed_batch is None
-    args, kw = rebatch(args, kwargs, fixed_batch or 2)
-    with torch.no_grad():
-        if _needs_plain(module(*args, **kw)):
-            module = PlainOutputs(module)
-            note = "outputs saved as a dict of tensors (the model returns a class torch.export.load cannot rebuild)"
-    program = None
-    if dynamic:
-        try:
-            program = torch.export.export(module, args, kw, dynamic_shapes=_dynamic_shapes(module, args, kw), strict=False)
-        except Exception as e:  # export names the guard that fixed the batch; keep it for the manifest
-            dynamic = False
-            reason = f"batch could not be made dynamic ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            note = f"{note}; {reason}" if note else reason
-    if program is None:
-        program = torch.export.export(module, args, kw, strict=False)
-    try:
-        torch.export.save(program, str(path))
-    except Exception as e:  # e.g. higher-order ops (flat_apply in HF mask code) torch cannot serialize yet
-        path.unlink(missing_ok=True)
-        reason = (f"not written: torch.export cannot serialize this program ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:160]}); load the student with potstill.load_student")
-        return {"file": None, "dynamic_batch": dynamic, "note": f"{note}; {reason}" if note else reason}
-    return {"file": path.name, "dynamic_batch": dynamic, "note": note}
 
 
 def write_manifest(out_dir: Path, manifest: Mapping[str, Any]) -> Path:

@@ -152,8 +152,7 @@ def test_unused_path_is_not_touched(tmp_path: Path):
 @pytest.mark.slow
 def test_llama_student_pt2_with_plain_tensor_mask(tmp_path):
     """transformers' mask code (flat_apply) cannot be serialized; the plain-tensor mask can."""
-    from potstill.outputs.manifest import save_program
-    from potstill.outputs.students_io import plain_mask_module
+    from potstill.outputs.students_io import plain_mask_module, save_program
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -267,7 +266,7 @@ def test_tampered_class_of_a_module_not_yet_imported_imports_nothing(tmp_path: P
 def test_legit_class_from_an_imported_module_or_passed_in(tmp_path: Path):
     """A transformers class by name, an nn.Module class of a module the caller imported, and a class
     passed as model_class resolve; a model_class that is not the recorded one is refused."""
-    from potstill.outputs.students_io import _resolve_class
+    from potstill.outputs.students_io.teacher import _resolve_class
 
     assert _resolve_class("torch.nn.modules.linear.Linear") is torch.nn.Linear
     assert _resolve_class("transformers.models.bert.modeling_bert.BertModel") is transformers.BertModel
