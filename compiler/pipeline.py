@@ -291,16 +291,16 @@ BUILTIN_PASSES: dict[str, str] = {
     "elastic.train": "potstill.passes.elastic.pass_",
     "elastic.search": "potstill.passes.elastic.pass_",
     "distill.progressive": "potstill.passes.distill.progressive_pass",
-    "quantize.int8": "potstill.targets.passes",
-    "record": "potstill.targets.passes",
-    "record.teacher": "potstill.targets.passes",
+    "quantize.int8": "potstill.targets.lowering",
+    "record": "potstill.targets.recording",
+    "record.teacher": "potstill.targets.recording",
 }
 
 #: Pass families: a name prefix -> the module whose ``family_pass(rest)`` builds and registers the
 #: pass ``prefix + rest`` on first use, and whose ``family_names()`` lists them: ``lower.<target>``
 #: exists for every registered target (``potstill.targets.registry``), a plugin's included.
 PASS_FAMILIES: dict[str, str] = {
-    "lower.": "potstill.targets.passes",
+    "lower.": "potstill.targets.lowering",
 }
 
 _REGISTRY: dict[str, type[Pass]] = {}

@@ -1,4 +1,4 @@
-"""``lower()``: one entry point for every target (the ``lower.*`` passes are in ``targets.passes``).
+"""``lower()``: one entry point for every target (the ``lower.*`` passes are in ``targets.lowering``).
 
 ``lower(module, example_inputs, profile, out_dir, target=None, ...)`` lowers a student for a
 profile (target defaults to the profile's) and returns an ``Artifact``: engine files, parity
