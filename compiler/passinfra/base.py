@@ -1,0 +1,142 @@
+"""``Pass``: a name, frozen ``Options``, the predicates it ``requires`` and ``ensures``, one ``run``.
+
+The contract follows onnx-ir's ``PassBase``: the base class checks ``requires`` before ``run`` and
+``ensures`` after it (``PreconditionError`` / ``PostconditionError``), and ``run`` returns a
+``PassResult(state, changed)`` as torch.fx's ``PassResult`` does. A predicate is a callable on the
+state; a plain string in ``requires`` is the fact of that name (``Fact``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from potstill.errors import PostconditionError, PreconditionError
+
+from .options import build_options, format_value
+
+if TYPE_CHECKING:
+    from potstill.state import CompileState
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """Options of a pass that takes none."""
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a pass did: the state it leaves and whether it changed anything."""
+
+    state: CompileState
+    changed: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Predicates on the state (requires / ensures)
+
+
+@dataclass(frozen=True)
+class Fact:
+    """The predicate "``name`` is among ``state.facts``"; a plain string in ``requires`` means this."""
+
+    name: str
+
+    def __call__(self, state: CompileState) -> bool:
+        return self.name in state.facts
+
+    def __str__(self) -> str:
+        return self.name
+
+
+Predicate = Callable[["CompileState"], bool]
+
+
+def predicates(items: Iterable[str | Predicate]) -> tuple[Predicate, ...]:
+    """Normalise ``requires``/``ensures``: fact names become :class:`Fact`, callables stay."""
+    out: list[Predicate] = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(Fact(item))
+        elif callable(item):
+            out.append(item)
+        else:
+            raise TypeError(f"requires/ensures items are fact names or callables on the state, got {item!r}")
+    return tuple(out)
+
+
+def describe(pred: Predicate) -> str:
+    """A readable name of a predicate for error messages."""
+    if isinstance(pred, Fact):
+        return pred.name
+    doc = (getattr(pred, "__doc__", None) or "").strip().splitlines()
+    return getattr(pred, "__name__", None) or (doc[0] if doc else repr(pred))
+
+
+def needs_fact(pass_cls: type[Pass], name: str) -> bool:
+    """Whether ``pass_cls`` requires the fact ``name``."""
+    return Fact(name) in predicates(pass_cls.requires)
+
+
+class Pass:
+    """Base class of every pass. Subclasses set ``name`` and ``Options`` and implement ``run``.
+
+    ``requires`` / ``ensures``: predicates on the state (callables ``state -> bool``; a string
+    is a fact name). The base class checks them around ``run``.
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    requires: ClassVar[Iterable[str | Predicate]] = ()
+    ensures: ClassVar[Iterable[str | Predicate]] = ()
+    #: runs on every rank under torchrun (training); other passes run on rank 0 only
+    collective: ClassVar[bool] = False
+    #: may write into the students' tensors in place (training, refits). Students share the
+    #: teacher's tensors until such a pass runs (``potstill.ir.cow``): before it, each student gets
+    #: its own copy of what it still shares. Passes that only read weights or build new modules
+    #: (importance, surgery, lowering, recording) set False and keep the sharing.
+    in_place: ClassVar[bool] = True
+
+    def __init__(self, options: Any = None, **kwargs: Any) -> None:
+        if options is not None and kwargs:
+            raise TypeError("give either an options object or keyword options, not both")
+        self.options = options if options is not None else build_options(self.Options, kwargs, self.name)
+
+    def run(self, state: CompileState) -> PassResult:
+        raise NotImplementedError
+
+    def __call__(self, state: CompileState) -> PassResult:
+        missing = [describe(p) for p in predicates(self.requires) if not p(state)]
+        if missing:
+            raise PreconditionError(
+                f"pass '{self.name}' requires {missing}; run a pass that provides it first "
+                f"(state has {sorted(state.facts)})"
+            )
+        if self.in_place and state.students:
+            state.unshare_students()
+        result = self.run(state)
+        if not isinstance(result, PassResult):
+            raise PostconditionError(f"pass '{self.name}' returned {type(result).__name__}, not PassResult")
+        unmet = [describe(p) for p in predicates(self.ensures) if not p(result.state)]
+        if unmet:
+            raise PostconditionError(f"pass '{self.name}' promised {unmet} but did not provide it")
+        return result
+
+    def spec(self) -> str:
+        """The pipeline-string form of this pass with its non-default options."""
+        if not dataclasses.is_dataclass(self.options):
+            return self.name
+        parts = []
+        for f in dataclasses.fields(self.options):
+            value = getattr(self.options, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            if value != default:
+                parts.append(f"{f.name}={format_value(value)}")
+        return f"{self.name}{{{','.join(parts)}}}" if parts else self.name
+
+    def __repr__(self) -> str:
+        return f"<pass {self.spec()}>"
