@@ -1,4 +1,4 @@
-"""What to build: compile options, the recipe schema, and one plan (name + passes) per student.
+"""What to build: compile options, a recipe applied to them, and one plan (name + passes) per student.
 
 With no ``--pipeline`` each ``--ratio R`` gives a student ``w{100R}`` built by
 ``[importance.<estimator>,]prune.width{ratio=R},bn.recalibrate[,fidelity{stage=before_distill},distill{epochs=N}]``
@@ -18,21 +18,21 @@ recipe key the schema does not know (the message names the closest valid key). A
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import yaml
+from potstill import recipe as recipe_schema
 from potstill.errors import InputError
-from potstill.passes.distill.recipe import DataSpec as RecipeData  # one schema for data: {train, eval, calib}
 from potstill.pipeline import Fact, Pass, build_pipeline, get_pass, needs_fact, parse_pipeline, predicates
+from potstill.recipe import SEED_MAX, Recipe, parse_recipe, read_recipe_file
+from potstill.recipe import DataSpec as RecipeData
 from potstill.targets.registry import check_target
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 RATIO_PLACEHOLDER = "$ratio"
-RECIPE_VERSION = 1
-SEED_MAX = 2**32 - 1
+#: the recipe schema (one for compiling and distilling: ``potstill.recipe``), under its names here
+CompileRecipe = Recipe
+RECIPE_VERSION = recipe_schema.RECIPE_VERSION
 #: the distillation epochs of the default pipeline when training data is at hand
 DEFAULT_DISTILL_EPOCHS = 3
 
@@ -117,72 +117,7 @@ class Plan:
 
 
 # ---------------------------------------------------------------------------------------------
-# The recipe schema (version 1)
-
-
-class CompileRecipe(BaseModel):
-    """A compile recipe: the same settings as the flags, plus ``train:`` and ``stages:``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    version: Literal[1]
-    teacher: str | None = None
-    output: str | None = None
-    profile: str | None = None
-    ratio: float | list[float] | None = None
-    input_shape: str | list[str] | None = None
-    pipeline: str | list[str | dict[str, dict[str, Any] | None]] | None = None
-    data: str | RecipeData | None = None
-    calib: str | None = None
-    eval: str | None = None
-    drop_layers: int | None = Field(default=None, ge=1)
-    keep_layers: int | None = Field(default=None, ge=1)
-    importance: str | None = None
-    #: a registered target (``potstill.targets.registry``), checked once plugins are loaded
-    target: str | None = None
-    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
-    name: str | None = None
-    distill_epochs: int | None = Field(default=None, ge=1)
-    plugins: list[str] = Field(default_factory=list)
-    #: options of the distillation pass (``distill`` or ``distill.progressive``)
-    train: dict[str, Any] = Field(default_factory=dict)
-    #: progressive distillation stages (see potstill.passes.distill.recipe.StageSpec)
-    stages: list[dict[str, Any]] = Field(default_factory=list)
-
-
-def _closest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _check_keys(where: str, given: dict[str, Any], model: type[BaseModel]) -> None:
-    valid = sorted(model.model_fields)
-    for key in given:
-        if str(key) not in valid:
-            raise InputError(f"{where}: unknown key '{key}'{_closest(str(key), valid)}; valid keys: {', '.join(valid)}")
-
-
-def parse_recipe(data: Any, source: str) -> CompileRecipe:
-    """Validate a recipe mapping; an error names the field by its path and the fix."""
-    if not isinstance(data, dict):
-        raise InputError(f"--recipe '{source}': expected a mapping of settings (version: 1, teacher:, pipeline:, ...)")
-    if "version" not in data:
-        raise InputError(f"--recipe '{source}': version: missing; add 'version: {RECIPE_VERSION}' (the schema this potstill reads)")
-    if data["version"] != RECIPE_VERSION:
-        raise InputError(f"--recipe '{source}': version: {data['version']!r} is not supported (this potstill reads {RECIPE_VERSION})")
-    _check_keys(f"--recipe '{source}'", data, CompileRecipe)
-    if isinstance(data.get("data"), dict):
-        _check_keys(f"--recipe '{source}': data", data["data"], RecipeData)
-    try:
-        recipe = CompileRecipe.model_validate(data)
-    except ValidationError as e:
-        msgs = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})" for err in e.errors()]
-        raise InputError(f"--recipe '{source}': " + "; ".join(msgs[:5])) from e
-    if recipe.stages:
-        from potstill.passes.distill.recipe import StageSpec
-
-        for i, stage in enumerate(recipe.stages):
-            _check_keys(f"--recipe '{source}': stages.{i}", stage, StageSpec)
-    return recipe
+# Recipes (the schema and its parser: ``potstill.recipe``)
 
 
 def apply_recipe(opts: CompileOptions) -> CompileOptions:
@@ -190,13 +125,9 @@ def apply_recipe(opts: CompileOptions) -> CompileOptions:
     if not opts.recipe:
         return opts
     path = Path(opts.recipe)
-    if not path.is_file():
-        raise InputError(f"--recipe '{path}': no such file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise InputError(f"--recipe '{path}': not valid YAML: {e}") from e
-    recipe = parse_recipe(data, str(path))
+    source = f"--recipe '{path}'"
+    data = read_recipe_file(path, source)
+    recipe = parse_recipe(data, source)
     base = path.parent
     values: dict[str, Any] = {
         "teacher": recipe.teacher, "out": recipe.output, "profile": recipe.profile,

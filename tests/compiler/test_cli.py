@@ -157,7 +157,8 @@ def test_distillation_recipe_data_mapping(tmp_path: Path) -> None:
     assert opts.eval_data == f"{tmp_path / 'data.py'}:test"
     assert opts.calib == f"{tmp_path / 'data.py'}:calib"
     assert opts.pipeline == "prune.width{ratio=0.5},distill{method=kd,epochs=3}"
-    assert opts.recipe_data.stages == [{"name": "general", "method": "hidden", "epochs": 1}]
+    assert [s.model_dump(exclude_defaults=True) for s in opts.recipe_data.stages] == [
+        {"name": "general", "method": "hidden", "epochs": 1}]
 
 
 def test_recipe_pipeline_mapping_builds_passes(fakes: None) -> None:
@@ -180,10 +181,11 @@ def test_recipe_errors(tmp_path: Path) -> None:
         ("teacher: m.py:f\n", "add 'version: 1'"),
         ("version: 2\n", "version: 2 is not supported"),
         ("version: 1\npipelne: importance.magnitude\n", "unknown key 'pipelne' (did you mean 'pipeline'?)"),
-        ("version: 1\ndata: {trian: d.py:f}\n", "data: unknown key 'trian' (did you mean 'train'?)"),
+        ("version: 1\ndata: {trian: d.py:f}\n", "data.trian: unknown key 'trian' (did you mean 'train'?); valid keys: calib, eval, train"),
         ("version: 1\nseed: lots\n", "seed"),
         ("version: 1\nratio: [0.3, x]\n", "ratio"),
-        ("version: 1\nstages: [{name: a, epoks: 1}]\n", "stages.0: unknown key 'epoks' (did you mean 'epochs'?)"),
+        ("version: 1\nstages: [{name: a, epoks: 1}]\n", "stages.0.epoks: unknown key 'epoks' (did you mean 'epochs'?)"),
+        ("version: 1\nstages: [{name: a, method: kdd}]\n", "stages.0: Value error, distill: unknown method 'kdd'"),
     ],
 )
 def test_recipe_schema_is_strict(tmp_path: Path, text: str, fragment: str) -> None:
