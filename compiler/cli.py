@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     el.add_argument("--latency-ms", type=float, metavar="X", help="latency budget of the search (default: the profile's)")
     el.add_argument("--memory-mb", type=float, metavar="Y",
                     help="memory budget: weights + peak activations (default: the profile's)")
-    c.add_argument("--target", metavar="T", help="override the profile's target: onnxruntime, onnx, tensorrt, aoti")
+    c.add_argument("--target", metavar="T", help="override the profile's target ('potstill passes' lists lower.<target> for each)")
     c.add_argument("--seed", type=_seed, default=None, help="random seed, 0 to 2**32-1 (default 0)")
     c.add_argument("--debug", action="store_true", help="verify the IR after every pass, dump IR before/after under OUT/debug/, show tracebacks")
     c.add_argument("--no-distill", action="store_true",

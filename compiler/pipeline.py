@@ -146,7 +146,12 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         raise TypeError(f"{cls.__name__}.Options must be a frozen dataclass")
     predicates(cls.requires)  # type-checks the declarations now rather than at the first run
     predicates(cls.ensures)
-    builtin = BUILTIN_PASSES.get(cls.name) or _family(cls.name)
+    family = _family(cls.name)
+    if family is not None and cls.__module__ != family:
+        prefix = next(p for p in PASS_FAMILIES if cls.name.startswith(p))
+        raise InputError(f"pass names '{prefix}*' are made by {family} for each target; {_origin(cls)} must use "
+                         "another name (a new backend is a function decorated with @target, potstill.targets.registry)")
+    builtin = BUILTIN_PASSES.get(cls.name)
     if builtin is not None and cls.__module__ != builtin:
         raise InputError(f"pass name '{cls.name}' is a built-in pass ({builtin}); {_origin(cls)} must use another name")
     old = _REGISTRY.get(cls.name)

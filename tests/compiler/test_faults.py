@@ -566,6 +566,8 @@ def test_plugin_pass_estimator_and_target_from_the_cli(registry: dict[str, type[
         assert (folder / "wrapped.txt").read_text() == "lowered by the plugin target"
         assert (folder / "model.onnx").is_file()
         assert s["parity"]["ok"] is True
+        code, printed, _ = run_cli(["passes", "--plugin", str(plugin)], capsys)
+        assert code == 0 and {"lower.wrapped_onnx", "lower.onnx", "my.nudge", "importance.smallest"} <= set(printed.split())
         # a target nobody registered is refused with the list, the plugin's included
         code, _, err = run_cli(["compile", tiny(tmp_path), "--plugin", str(plugin), "--target", "wraped_onnx",
                                 "-o", str(tmp_path / "bad")], capsys)  # fmt: skip

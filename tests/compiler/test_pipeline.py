@@ -406,3 +406,20 @@ def test_verify_instrument_raises_through_the_manager(registry: dict[str, type[P
 
     with pytest.raises(VerificationError, match="dangling"):
         PassManager(build_pipeline("test.scale{factor=2}"), [VerifyInstrument(check=broken)]).run(make_state())
+
+
+def test_lower_passes_come_from_targets_only(registry: dict[str, type[Pass]]) -> None:
+    class LowerMine(Pass):
+        name = "lower.mine"
+
+        def run(self, state: CompileState) -> PassResult:
+            return PassResult(state, False)
+
+    with pytest.raises(InputError, match="@target"):
+        register_pass(LowerMine)
+    from potstill.targets.lowering import LowerPass
+
+    lower_onnx = get_pass("lower.onnx")  # built on first use for the registered target
+    assert issubclass(lower_onnx, LowerPass) and lower_onnx.target == "onnx"
+    with pytest.raises(InputError, match=r"unknown target 'onx' \(did you mean 'onnx'\?\)"):
+        get_pass("lower.onx")
