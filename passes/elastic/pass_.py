@@ -233,11 +233,30 @@ class SearchOptions(SearchSettings):
     profile: str | None = None
 
     def __post_init__(self) -> None:
-        _positive("students", self.students)
+        _positive("students", self.students, allow_none=True)
         if self.profile is not None and (not isinstance(self.profile, str) or not self.profile):
             raise ValueError(f"profile must be a profile name or path, got {self.profile!r}")
         _positive("latency_ms", self.latency_ms, float, allow_none=True)
         _positive("memory_mb", self.memory_mb, float, allow_none=True)
+        if self.speedup is not None:
+            values = self.speedup if isinstance(self.speedup, tuple) else (self.speedup,)
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1 <= v < float("inf"):
+                    raise ValueError(f"speedup: every budget must be a finite number >= 1 (times faster than the "
+                                     f"teacher), got {v!r}")
+            if len(set(values)) != len(values):
+                raise ValueError(f"speedup: budgets must be distinct, got {list(values)}")
+            object.__setattr__(self, "speedup", tuple(float(v) for v in values))
+            if self.latency_ms is not None:
+                raise ValueError("speedup and latency_ms: give a relative or an absolute latency budget, not both")
+        tol = self.speedup_tolerance
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 0.5:
+            raise ValueError(f"speedup_tolerance must lie in [0, 0.5), got {tol!r}")
+        _positive("timing_rounds", self.timing_rounds)
+        _positive("max_timing_rounds", self.max_timing_rounds)
+        if self.max_timing_rounds < self.timing_rounds:
+            raise ValueError(f"max_timing_rounds ({self.max_timing_rounds}) must be >= timing_rounds ({self.timing_rounds})")
+        _positive("extra_tries", self.extra_tries, zero=True)
         _positive("population", self.population)
         if self.population < 2:
             raise ValueError(f"population must be >= 2, got {self.population}")
@@ -309,7 +328,7 @@ class ElasticSearchPass(Pass):
         # the supernet is not a deliverable: the first search replaces it, later ones (other devices) add
         supernet_student = next((s for s in state.students if "elastic" not in s.metrics), None)
         front = [{"accuracy": c.accuracy, "latency_ms": c.latency_ms, "memory_mb": c.memory_mb} for c in result.front]
-        shortfall = _shortfall(result, o.students)
+        shortfall = _shortfall(result, o.wanted)
         students = []
         for i, f in enumerate(result.finalists):
             history = supernet_student.history if supernet_student is not None else []
@@ -317,6 +336,8 @@ class ElasticSearchPass(Pass):
             s.metrics["elastic"] = f.to_dict() | {"profile": profile.name, "front": front} | _robustness(state, f.module)
             if shortfall is not None:
                 s.metrics["elastic"]["shortfall"] = shortfall
+            if result.timing:
+                s.metrics["elastic"]["search_timing"] = result.timing
             students.append(s)
         state.students = [s for s in state.students if s is not supernet_student] + students
         record = state.records.setdefault("elastic", {})
@@ -335,4 +356,7 @@ def _shortfall(result: Any, requested: int) -> dict[str, Any] | None:
         why.append(f"the Pareto front holds {len(result.front)} distinct subnets, {feasible} within the budgets")
     if result.rejected:
         why.append(f"{len(result.rejected)} over a budget when measured ({result.rejected[0]['why']})")
+    timed, bound = result.timing.get("front_points_timed"), result.timing.get("max_front_points_timed")
+    if timed is not None and timed >= bound:
+        why.append(f"the measurement bound was reached ({timed} front points timed)")
     return {"requested": requested, "emitted": emitted, "why": "; ".join(why) or "no further front point"}
