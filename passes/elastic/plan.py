@@ -72,7 +72,7 @@ def elastic_pipelines(
     latency_ms: float | None,
     speedups: Sequence[float] = (),
     memory_mb: float | None,
-    train_epochs: int | None,
+    train_epochs: int | None,  # None: no training; 0: elastic.train's own step budget
     importance: str | None,
 ) -> list[tuple[str, str, str]]:
     """``(plan name, profile, pipeline string)`` for each device."""
@@ -88,7 +88,7 @@ def elastic_pipelines(
         head.append(importance if "." in importance else f"importance.{importance}")
     head.append("elastic.nest")
     if train_epochs is not None:
-        head.append(f"elastic.train{{epochs={train_epochs}}}")
+        head.append(f"elastic.train{{epochs={train_epochs}}}" if train_epochs else "elastic.train")
     out = []
     seen: set[str] = set()
     for profile in profiles:

@@ -193,16 +193,26 @@ class Scorer:
     heldout: list[Batch]
     calib: list[Batch]
     metric: Callable[[nn.Module], float] | None = None
+    #: samples that re-estimate BatchNorm for each scored candidate (the finalists use every
+    #: calibration batch); a few hundred estimate the statistics well (OFA uses 2,000 ImageNet images)
+    bn_samples: int = 256
     _teacher_out: list[torch.Tensor] = field(default_factory=list)
+    _bn_batches: list[Batch] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.heldout:
             raise InputError("elastic search needs held-out batches to score subnets")
         with torch.no_grad():
             self._teacher_out = [primary_output(b.run(self.teacher)).float() for b in self.heldout]
+        seen = 0
+        for b in self.calib:
+            if seen >= self.bn_samples:
+                break
+            self._bn_batches.append(b)
+            seen += b.size
 
     def __call__(self, config: SubnetConfig) -> float:
-        recalibrate_bn(self.net, config, self.calib)
+        recalibrate_bn(self.net, config, self._bn_batches)
         if self.metric is not None:
             return float(self.metric(extract(self.net, config).module))
         was = self.net.model.training

@@ -18,7 +18,7 @@ BASE = CompileOptions(teacher=TEACHER, out="out", profile="cpu", elastic=True)
 
 
 def test_elastic_plans_one_per_profile_sharing_the_supernet() -> None:
-    opts = replace(BASE, students=2, speedups=(2.0,), extra_profiles=("x86-avx512-ort",))
+    opts = replace(BASE, students=2, speedups=(2.0,), extra_profiles=("x86-avx512-ort",), distill_epochs=2)
     plans = plan_students(opts, "onnxruntime", distill_epochs=2)
     assert [p.name for p in plans] == ["elastic-cpu", "elastic-x86-avx512-ort"]
     assert [p.profile for p in plans] == [None, "x86-avx512-ort"]
@@ -26,6 +26,15 @@ def test_elastic_plans_one_per_profile_sharing_the_supernet() -> None:
         names = [x.name for x in p.passes]
         assert names == ["elastic.nest", "elastic.train", "elastic.search", "lower.onnxruntime", "record"]
         assert "students=2" in p.spec and "speedup=[2.0]" in p.spec and "epochs=2" in p.spec
+
+
+def test_elastic_training_defaults_to_its_step_budget() -> None:
+    # the driver passes the default distillation epochs; without --distill-epochs the supernet trains
+    # for elastic.train's own step budget (a supernet needs more steps than one student)
+    (plan,) = plan_students(BASE, "onnxruntime", distill_epochs=3)
+    train = next(p for p in plan.passes if p.name == "elastic.train")
+    assert train.options.epochs is None and "epochs" not in plan.spec
+    assert not [p for p in plan_students(BASE, "onnxruntime")[0].passes if p.name == "elastic.train"]
 
 
 def test_several_speedups_make_one_student_each() -> None:
