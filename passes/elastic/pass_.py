@@ -27,7 +27,9 @@ from .supernet import Supernet
 
 _KEY = "_elastic"
 ROBUST_LOSSES = ("rslad", "ard")
-LOSSES = ("kd", *ROBUST_LOSSES)
+#: auto: cosine of mean-pooled outputs for an embedding teacher (kd on hidden states would be a
+#: softmax over channels), kd on logits otherwise
+LOSSES = ("auto", "kd", "cosine", *ROBUST_LOSSES)
 
 
 def _ratios(name: str, values: Any) -> tuple[float, ...]:
@@ -142,15 +144,16 @@ class TrainOptions:
     epochs: int | None = None
     max_steps: int | None = None
     lr: float = 1e-3
-    #: kd (in-place KD) | rslad | ard (robust supernet, ProARD)
-    loss: str = "kd"
+    #: auto | kd (in-place KD on logits) | cosine (embeddings) | rslad | ard (robust supernet, ProARD)
+    loss: str = "auto"
     #: random subnets per step besides the largest and the smallest (sandwich rule)
     random_subnets: int = 2
     #: unlock width, then depth, then expansion (OFA)
     progressive: bool = True
     #: AmoebaLLM loss balancing (None: only when there is no teacher; see elastic.train's docs)
     balance: bool | None = None
-    temperature: float = 1.0
+    #: KD temperature (kd and ard; None: 1)
+    temperature: float | None = None
     #: PGD radius and steps (robust losses only)
     eps: float | None = None
     pgd_steps: int | None = None
@@ -160,7 +163,9 @@ class TrainOptions:
         _positive("epochs", self.epochs, allow_none=True)
         _positive("max_steps", self.max_steps, allow_none=True)
         _positive("lr", self.lr, float)
-        _positive("temperature", self.temperature, float)
+        _positive("temperature", self.temperature, float, allow_none=True)
+        if self.loss == "cosine" and self.temperature is not None:
+            raise ValueError("temperature applies to kd and ard, not loss=cosine")
         _positive("random_subnets", self.random_subnets, zero=True)
         _positive("seed", self.seed, zero=True)
         if self.loss not in LOSSES:
@@ -177,13 +182,20 @@ class TrainOptions:
         if self.balance is not None and not isinstance(self.balance, bool):
             raise ValueError(f"balance must be true or false, got {self.balance!r}")
 
-    def loss_options(self) -> dict[str, Any]:
-        if self.loss == "kd":
-            return {"temperature": self.temperature}
+    def loss_options(self, loss: str | None = None) -> dict[str, Any]:
+        loss = loss or self.loss
+        temperature = 1.0 if self.temperature is None else self.temperature
+        if loss == "kd":
+            return {"temperature": temperature}
+        if loss == "cosine":
+            if self.temperature is not None:
+                raise InputError("elastic.train: the teacher's output is an embedding, so loss=auto trains with "
+                                 "cosine, which has no temperature; drop temperature= (or give loss=kd)")
+            return {}
         from potstill.passes.distill.robust import eps_options
 
         opts = eps_options(self.eps if self.eps is not None else 8 / 255, self.pgd_steps or 10)
-        return opts | ({"temperature": self.temperature} if self.loss == "ard" else {})
+        return opts | ({"temperature": temperature} if loss == "ard" else {})
 
 
 @register_pass
@@ -224,15 +236,26 @@ class ElasticTrainPass(Pass):
             max_steps = steps
         cfg = TrainConfig(epochs=epochs, max_steps=max_steps, lr=o.lr, seed=o.seed, progress=False,
                           checkpoint_dir=ckpt, resume=ckpt is not None, checkpoint_every=50 if ckpt else 0)
-        result = train_supernet(net, state.teacher, state.train_data, cfg, loss=o.loss,
+        loss = _auto_loss(state) if o.loss == "auto" else o.loss
+        result = train_supernet(net, state.teacher, state.train_data, cfg, loss=loss,
                                 random_subnets=o.random_subnets, progressive=o.progressive, balance=o.balance,
-                                **o.loss_options())
-        training = {"loss": o.loss, "steps": result.steps, "final_loss": result.loss, "seconds": result.seconds,
+                                **o.loss_options(loss))
+        training = {"loss": loss, "steps": result.steps, "final_loss": result.loss, "seconds": result.seconds,
                     "resumed_from": result.resumed_from, **({"pgd": o.loss_options()} if o.loss in ROBUST_LOSSES else {})}
         net.trained[self.spec()] = training
         state.records.setdefault("elastic", {})["training"] = training
         state.facts.add("distilled")
         return PassResult(state, True)
+
+
+def _auto_loss(state: CompileState) -> str:
+    """``cosine`` for a teacher whose output is an embedding (``potstill.fidelity.infer_task``), else ``kd``."""
+    import torch
+    from potstill.fidelity import infer_task
+
+    with torch.no_grad():
+        out = state.teacher(*state.example_inputs, **(state.example_kwargs or {}))
+    return "cosine" if infer_task(state.teacher, state.hf, out) == "embedding" else "kd"
 
 
 # ---------------------------------------------------------------------------------------------
