@@ -294,6 +294,8 @@ class SearchOptions(SearchSettings):
         if self.max_timing_rounds < self.timing_rounds:
             raise ValueError(f"max_timing_rounds ({self.max_timing_rounds}) must be >= timing_rounds ({self.timing_rounds})")
         _positive("extra_tries", self.extra_tries, zero=True)
+        if isinstance(self.band, bool) or not isinstance(self.band, (int, float)) or not 0 <= self.band <= 1:
+            raise ValueError(f"band must lie in [0, 1], got {self.band!r}")
         _positive("population", self.population)
         if self.population < 2:
             raise ValueError(f"population must be >= 2, got {self.population}")

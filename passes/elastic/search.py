@@ -297,6 +297,9 @@ class SearchSettings:
     max_timing_rounds: int = 15
     #: front points timed beyond ``students`` before the search stops trying (bounds the measurement)
     extra_tries: int = 3
+    #: spread the students over front points within this much fidelity of the best feasible one
+    #: (widened to the fidelity floor, then to the whole front, when fewer than ``students`` are)
+    band: float = 0.02
     population: int = 24
     generations: int = 8
     mutation: float = 0.2
@@ -473,7 +476,7 @@ def _search(net: Supernet, teacher: nn.Module, profile: Any, example_inputs: tup
                  for s in reversed(speedups)]  # the strictest budget chooses first
     else:
         threshold = speedups[0] * (1 - settings.speedup_tolerance) if speedups else None
-        slots = [(threshold, _spread_order(feasible, n, floor))] * n
+        slots = [(threshold, _spread_order(feasible, n, floor, settings.band))] * n
     finalists, rejected, tries = _finalists(
         net, costs, front, slots, n + settings.extra_tries, latency_budget, memory_budget,
         timed, example_inputs, kwargs, profile, example_batch, artifacts)
@@ -498,10 +501,17 @@ def _most_accurate(cands: Sequence[Candidate]) -> list[Candidate]:
     return sorted(cands, key=lambda c: (c.objectives()[0], c.latency_ms))
 
 
-def _spread_order(feasible: list[Candidate], n: int, floor: float | None) -> list[Candidate]:
-    """The front points to time, in order: ``n`` spread by latency over those at or above the fidelity
-    floor (all of them when fewer than ``n`` reach it), then the rest, most accurate first."""
-    pool = [c for c in feasible if floor is None or c.objectives()[0] <= -floor]
+def _spread_order(feasible: list[Candidate], n: int, floor: float | None, band: float) -> list[Candidate]:
+    """The front points to time, in order: ``n`` spread by latency over those within ``band`` of the
+    best fidelity and at or above the floor (widening to the floor, then to all, when fewer than ``n``
+    qualify), then the rest, most accurate first. Measured on digits: spreading over the whole front
+    gave a 5x student at 0.84 test accuracy when 2x was asked and 2.6x ones reached 0.98."""
+    best = -min(c.objectives()[0] for c in feasible)
+    pool: list[Candidate] = []
+    for low in (max(best - band, floor or 0.0), floor):
+        pool = [c for c in feasible if low is None or c.objectives()[0] <= -low]
+        if len(pool) >= n:
+            break
     if len(pool) < n:
         pool = feasible
     first = [pool[i] for i in _spread(len(pool), n)]
