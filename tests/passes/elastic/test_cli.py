@@ -99,3 +99,12 @@ def test_compile_elastic_for_two_profiles_from_one_supernet(tmp_path: Path, caps
         assert s["parity"]["ok"]
     trained = [s for s in students if s["plan"] == "elastic-x86-avx512-ort"]
     assert trained and all(s["metrics"]["elastic"]["profile"] == "x86-avx512-ort" for s in trained)
+
+
+def test_speedup_is_repeatable_or_a_list() -> None:
+    from potstill.cli import build_parser
+
+    args = build_parser().parse_args(["compile", TEACHER, "--elastic", "--speedup", "2", "--speedup", "1.5,3"])
+    assert [s for group in args.speedup for s in group] == [2.0, 1.5, 3.0]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compile", TEACHER, "--elastic", "--speedup", "fast"])
