@@ -34,6 +34,14 @@ def _seed(text: str) -> int:
     return value
 
 
+def _speedups(text: str) -> list[float]:
+    """``2`` or ``2,3.5``: speed-up budgets (the range is checked with the other elastic flags)."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers, e.g. 2 or 1.5,2,3") from None
+
+
 def _size(text: str) -> int:
     from potstill.errors import InputError
     from potstill.inputs.memory import parse_size
@@ -97,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="nest the teacher into a supernet, train it (with training data), search each profile's "
                          "Pareto front under its budgets and emit measured students")
     el.add_argument("--students", type=int, metavar="N", help="students per profile along the front (default 3)")
-    el.add_argument("--latency-ms", type=float, metavar="X", help="latency budget of the search (default: the profile's)")
+    el.add_argument("--speedup", type=_speedups, action="append", metavar="S",
+                    help="budget relative to the teacher: S x faster than its engine, timed against it on this host "
+                         "(met within 5%%); repeat or list (2,3) for one student per budget")
+    el.add_argument("--latency-ms", type=float, metavar="X",
+                    help="absolute latency budget (profiles with a measured latency table; default: the profile's)")
     el.add_argument("--memory-mb", type=float, metavar="Y",
                     help="memory budget: weights + peak activations (default: the profile's)")
     c.add_argument("--target", metavar="T", help="override the profile's target ('potstill passes' lists lower.<target> for each)")
@@ -171,6 +183,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         teacher=args.teacher, out=args.output, profile=(args.profile or [None])[0],
         extra_profiles=tuple((args.profile or [])[1:]), elastic=args.elastic, students=args.students,
         latency_ms=args.latency_ms, memory_mb=args.memory_mb, ratios=tuple(args.ratio or ()),
+        speedups=tuple(s for group in args.speedup or () for s in group),
         input_shapes=tuple(args.input_shape), pipeline=args.pipeline, recipe=args.recipe, data=args.data,
         calib=args.calib, drop_layers=args.drop_layers, keep_layers=args.keep_layers,
         importance=args.importance, target=args.target, seed=args.seed, debug=args.debug, cache=not args.no_cache,

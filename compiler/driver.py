@@ -279,7 +279,9 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     distill_epochs = None
     if train is not None and not opts.pipeline and opts.distill:
         distill_epochs = opts.distill_epochs or DEFAULT_DISTILL_EPOCHS
-        note(f"training data found: students are distilled from the teacher ({distill_epochs} epochs; --no-distill skips)")
+        how = "the supernet trains for elastic.train's step budget" if opts.elastic and opts.distill_epochs is None \
+            else f"{distill_epochs} epochs"
+        note(f"training data found: students are distilled from the teacher ({how}; --no-distill skips)")
     elif not opts.pipeline and opts.distill_epochs is not None:
         raise InputError(f"--distill-epochs {opts.distill_epochs}: there is no training data to distil on; "
                          "give --data FILE.py:FN (or train_data() in the teacher file), or drop the flag")  # fmt: skip

@@ -92,6 +92,8 @@ class CompileOptions:
     #: elastic: latency and memory budgets of the search (None: the profile's)
     latency_ms: float | None = None
     memory_mb: float | None = None
+    #: elastic: speed-up budgets over the teacher, timed against its engine (one student per budget when several)
+    speedups: tuple[float, ...] = ()
     #: elastic: more device profiles (``--profile`` given again), each searched on the same supernet
     extra_profiles: tuple[str, ...] = ()
     #: the validated recipe (``CompileRecipe``) when one was given
@@ -370,7 +372,9 @@ def _elastic_plans(opts: CompileOptions, target: str, distill_epochs: int | None
     profiles = [opts.profile or DEFAULT_PROFILE, *opts.extra_profiles]
     plans = []
     for name, profile, spec in elastic_pipelines(profiles, students=opts.students, latency_ms=opts.latency_ms,
-                                                 memory_mb=opts.memory_mb, train_epochs=distill_epochs,
+                                                 speedups=opts.speedups, memory_mb=opts.memory_mb,
+                                                 # no --distill-epochs: elastic.train's own step budget
+                                                 train_epochs=None if distill_epochs is None else opts.distill_epochs or 0,
                                                  importance=opts.importance):
         own = None if profile == profiles[0] else profile
         lower_target = target if own is None else (opts.target or load_profile(profile).target)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -89,3 +89,37 @@ def timing_method(
         "budget_s": budget_s,
         "shapes": shapes,
     }
+
+
+def time_rounds(
+    fns: Mapping[str, Callable[[], Any]],
+    rounds: int,
+    per_round: int = 5,
+    warmup: int = 2,
+    first_round: int = 0,
+) -> dict[str, list[float]]:
+    """Interleaved A/B timing: per name, the median (ms) of ``per_round`` calls in each round.
+
+    Round ``r`` calls every function in turn, in the given order when ``first_round + r`` is even
+    and reversed when it is odd (A B, B A, ...), so that load which comes and goes between rounds
+    hits all of them alike and their per-round ratios are steadier than any one time.
+    ``first_round`` continues the alternation when more rounds are taken later (``warmup=0``).
+
+    >>> sorted(time_rounds({"a": lambda: None, "b": lambda: None}, rounds=3))
+    ['a', 'b']
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    order = list(fns)
+    out: dict[str, list[float]] = {name: [] for name in order}
+    for r in range(rounds):
+        for name in order if (first_round + r) % 2 == 0 else reversed(order):
+            fn = fns[name]
+            times = []
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            out[name].append(statistics.median(times))
+    return out

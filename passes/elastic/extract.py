@@ -5,7 +5,10 @@ Zero-shot (no retraining): slice the kept prefix of every narrowed group with
 Face config fields), then drop the configuration's blocks with ``remove_blocks``. Widths first,
 because block removal renames the parameters the analysis refers to. The result computes what the
 supernet computes when run as that configuration (``Supernet.configured``), BatchNorm statistics
-included, and is lowered and parity-checked like any other student.
+included, and is lowered and parity-checked like any other student. It owns every tensor: the
+surgery shares unsliced tensors with its source (``potstill.ir.cow``), and the supernet's BatchNorm
+statistics are re-estimated in place for the next configuration, which would otherwise rewrite an
+extracted student's.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from potstill.ir.cow import unshare
 from potstill.ir.surgery import prune_width, remove_blocks
 from torch import nn
 
@@ -33,7 +37,6 @@ def extract(net: Supernet, config: SubnetConfig) -> Extracted:
     t0 = time.perf_counter()
     with _detached(net):
         keep = net.space.keep(config)
-        # prune_width deep-copies; with nothing to slice, copy once here so the result never aliases
         module = prune_width(net.model, net.analysis, keep)
         removed = net.space.removed_blocks(config)
         if removed:
@@ -42,6 +45,7 @@ def extract(net: Supernet, config: SubnetConfig) -> Extracted:
                 parent, _, child = name.rpartition(".")
                 module.get_submodule(parent).register_module(child, nn.Identity())
             module = remove_blocks(module, net.analysis, removed)
+        unshare(module, net.model)
     module.eval()
     return Extracted(module, config, time.perf_counter() - t0)
 

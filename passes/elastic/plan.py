@@ -1,9 +1,9 @@
 """Planning ``potstill compile --elastic``: one plan per device profile, one supernet for all.
 
-    potstill compile TEACHER --elastic --students N [--latency-ms X] [--memory-mb Y] --profile A [--profile B]
+    potstill compile TEACHER --elastic --students N [--speedup S | --latency-ms X] [--memory-mb Y] --profile A [--profile B]
 
 Each profile gets the plan ``[importance.E,] elastic.nest, [elastic.train{epochs=K},]
-elastic.search{students=N, latency_ms=X, memory_mb=Y}`` followed by that profile's lowering and
+elastic.search{students=N, speedup=[S..] | latency_ms=X, memory_mb=Y}`` followed by that profile's lowering and
 ``record``. The plans of one compilation share the nested, trained supernet (``elastic.nest`` and
 ``elastic.train`` reuse what the first plan built, through ``state.shared``), so the supernet is
 trained once and searched once per device. Flags that configure the per-ratio pipeline do not apply
@@ -23,7 +23,7 @@ def check_elastic_flags(opts: Any) -> None:
     the per-ratio flags are moot."""
     elastic_only = [flag for flag, value in (
         ("--students", opts.students), ("--latency-ms", opts.latency_ms), ("--memory-mb", opts.memory_mb),
-        ("a second --profile", opts.extra_profiles or None),
+        ("--speedup", opts.speedups or None), ("a second --profile", opts.extra_profiles or None),
     ) if value is not None]  # fmt: skip
     if not opts.elastic:
         if elastic_only:
@@ -36,12 +36,33 @@ def check_elastic_flags(opts: Any) -> None:
     ) if value is not None]  # fmt: skip
     if moot:
         raise InputError(f"{', '.join(moot)} with --elastic: the elastic search chooses widths and depths itself; "
-                         "give budgets (--latency-ms, --memory-mb) and --students instead")
+                         "give budgets (--speedup, --memory-mb) and --students instead")
     if opts.students is not None and opts.students < 1:
         raise InputError(f"--students {opts.students}: must be at least 1")
     for flag, value in (("--latency-ms", opts.latency_ms), ("--memory-mb", opts.memory_mb)):
         if value is not None and not value > 0:
             raise InputError(f"{flag} {value}: must be a positive number")
+    for s in opts.speedups:
+        if not 1 <= s < float("inf"):
+            raise InputError(f"--speedup {s:g}: a budget is how many times faster than the teacher, a finite "
+                             "number >= 1 (e.g. --speedup 2)")
+    if len(set(opts.speedups)) != len(opts.speedups):
+        raise InputError(f"--speedup {' '.join(f'{s:g}' for s in opts.speedups)}: a budget is given twice")
+    if opts.speedups and opts.latency_ms is not None:
+        raise InputError("--speedup with --latency-ms: give a budget relative to the teacher (--speedup) or an "
+                         "absolute one (--latency-ms, on a profile with a measured latency table), not both")
+    if len(opts.speedups) > 1 and opts.students is not None and opts.students != len(opts.speedups):
+        raise InputError(f"--students {opts.students} with {len(opts.speedups)} --speedup budgets: several budgets "
+                         "make one student each; drop --students, or give one --speedup for N students")
+    if opts.latency_ms is not None:
+        from potstill.profiles import DEFAULT_PROFILE, load_profile
+
+        from .search import absolute_budget_error
+
+        for name in (opts.profile or DEFAULT_PROFILE, *opts.extra_profiles):
+            profile = load_profile(name)
+            if profile.latency_table is None:
+                raise InputError(absolute_budget_error(profile, opts.latency_ms))
 
 
 def elastic_pipelines(
@@ -49,12 +70,15 @@ def elastic_pipelines(
     *,
     students: int | None,
     latency_ms: float | None,
+    speedups: Sequence[float] = (),
     memory_mb: float | None,
-    train_epochs: int | None,
+    train_epochs: int | None,  # None: no training; 0: elastic.train's own step budget
     importance: str | None,
 ) -> list[tuple[str, str, str]]:
     """``(plan name, profile, pipeline string)`` for each device."""
-    search = [f"students={students or 3}"]
+    search = [f"students={students}"] if students is not None else []
+    if speedups:
+        search.append(f"speedup=[{','.join(f'{s:g}' for s in speedups)}]")
     if latency_ms is not None:
         search.append(f"latency_ms={latency_ms:g}")
     if memory_mb is not None:
@@ -64,7 +88,7 @@ def elastic_pipelines(
         head.append(importance if "." in importance else f"importance.{importance}")
     head.append("elastic.nest")
     if train_epochs is not None:
-        head.append(f"elastic.train{{epochs={train_epochs}}}")
+        head.append(f"elastic.train{{epochs={train_epochs}}}" if train_epochs else "elastic.train")
     out = []
     seen: set[str] = set()
     for profile in profiles:
@@ -72,5 +96,6 @@ def elastic_pipelines(
         if name in seen:
             raise InputError(f"--profile {profile} given twice")
         seen.add(name)
-        out.append((name, profile, ",".join([*head, f"elastic.search{{{','.join(search)}}}"])))
+        options = f"{{{','.join(search)}}}" if search else ""
+        out.append((name, profile, ",".join([*head, f"elastic.search{options}"])))
     return out

@@ -13,10 +13,18 @@ non-dominated rank and crowding distance (the spread of a point's neighbours on 
 The sort and crowding are a few dozen lines over a discrete genome, so they are written here
 rather than pulling in an optimisation framework.
 
-Finalists: ``n`` feasible configurations spread along the front by predicted latency are
-extracted, timed on the profile's engine (``potstill.targets.lower``) and measured for memory on
-their own graph; any over a budget by measurement is dropped and the next front point tried. Each
-finalist records where it sits on the front.
+Budgets: an absolute ``latency_ms`` (only on a profile with a measured latency table), or speed-ups
+over the teacher (``budget``): the teacher's engine is lowered and every engine the search builds is
+timed interleaved with it, so a budget means "S× faster than the teacher on this host, now". The
+predictor then works on the teacher's scale (``t = t_teacher / speed-up``), and ``T_max = t_teacher / S``.
+
+Finalists: ``n`` feasible configurations spread along the front by predicted latency (over the
+points at or above the fidelity floor when ``n`` of them reach it) — or, with one speed-up per
+student, the most accurate point under each budget — are extracted, timed on the profile's engine
+(``potstill.targets.lower``) and measured for memory on their own graph; any over a budget by
+measurement is dropped and the next front point tried, at most ``students + extra_tries`` in all, so
+the time spent measuring is bounded however loaded the host is. Each finalist records where it sits
+on the front.
 """
 
 from __future__ import annotations
@@ -33,9 +41,11 @@ from typing import Any
 
 import torch
 from potstill.errors import InputError
+from potstill.fidelity import fidelity_floor
 from potstill.inputs.data import Batch, as_batch, primary_output
 from torch import nn
 
+from .budget import SpeedupReading, TeacherClock, engine_callable
 from .cost import CostModel, measured_memory_mb
 from .extract import extract
 from .space import SubnetConfig
@@ -183,16 +193,26 @@ class Scorer:
     heldout: list[Batch]
     calib: list[Batch]
     metric: Callable[[nn.Module], float] | None = None
+    #: samples that re-estimate BatchNorm for each scored candidate (the finalists use every
+    #: calibration batch); a few hundred estimate the statistics well (OFA uses 2,000 ImageNet images)
+    bn_samples: int = 256
     _teacher_out: list[torch.Tensor] = field(default_factory=list)
+    _bn_batches: list[Batch] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.heldout:
             raise InputError("elastic search needs held-out batches to score subnets")
         with torch.no_grad():
             self._teacher_out = [primary_output(b.run(self.teacher)).float() for b in self.heldout]
+        seen = 0
+        for b in self.calib:
+            if seen >= self.bn_samples:
+                break
+            self._bn_batches.append(b)
+            seen += b.size
 
     def __call__(self, config: SubnetConfig) -> float:
-        recalibrate_bn(self.net, config, self.calib)
+        recalibrate_bn(self.net, config, self._bn_batches)
         if self.metric is not None:
             return float(self.metric(extract(self.net, config).module))
         was = self.net.model.training
@@ -223,12 +243,18 @@ class Finalist:
     measured_memory_mb: float
     front_index: int
     artifact: Any = None
+    #: the speed-up over the teacher, timed interleaved with it (``SpeedupReading.to_dict``; relative budgets)
+    timing: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "accuracy": self.accuracy,
-                "predicted_latency_ms": self.predicted_latency_ms, "measured_latency_ms": self.measured_latency_ms,
-                "predicted_memory_mb": self.predicted_memory_mb, "measured_memory_mb": self.measured_memory_mb,
-                "front_index": self.front_index}
+        out = {"config": self.config.to_dict(), "accuracy": self.accuracy,
+               "predicted_latency_ms": self.predicted_latency_ms, "measured_latency_ms": self.measured_latency_ms,
+               "predicted_memory_mb": self.predicted_memory_mb, "measured_memory_mb": self.measured_memory_mb,
+               "front_index": self.front_index}
+        if self.timing is not None:
+            out |= {"measured_speedup": self.timing["speedup"], "teacher_ms": self.timing["teacher_ms"],
+                    "speedup_timing": self.timing}
+        return out
 
 
 @dataclass
@@ -239,6 +265,9 @@ class SearchResult:
     evaluated: int
     seconds: float
     latency_source: str
+    #: how latency was judged: the mode, the front points timed (bounded), and for speed-up budgets the
+    #: teacher's time, the rounds spent and how many verdicts the host was too noisy to decide
+    timing: dict[str, Any] = field(default_factory=dict)
 
     @property
     def candidates_per_s(self) -> float:
@@ -247,18 +276,40 @@ class SearchResult:
     def to_dict(self) -> dict[str, Any]:
         return {"front": [c.to_dict() for c in self.front], "finalists": [f.to_dict() for f in self.finalists],
                 "rejected": self.rejected, "evaluated": self.evaluated, "seconds": self.seconds,
-                "candidates_per_s": self.candidates_per_s, "latency_source": self.latency_source}
+                "candidates_per_s": self.candidates_per_s, "latency_source": self.latency_source,
+                "timing": self.timing}
 
 
 @dataclass(frozen=True)
 class SearchSettings:
-    students: int = 3
+    #: students to emit (None: one per speed-up budget when several are given, else 3)
+    students: int | None = None
+    #: absolute latency budget (ms); only for profiles with a measured latency table
     latency_ms: float | None = None
     memory_mb: float | None = None
+    #: speed-up budgets over the teacher, timed interleaved with its engine (``budget``): one
+    #: budget for every student, or one student per budget
+    speedup: tuple | None = None
+    #: a finalist meets ``S`` when its measured speed-up is at least ``S·(1 − tolerance)``
+    speedup_tolerance: float = 0.05
+    #: interleaved rounds per engine: at least ``timing_rounds``, more only to decide, never past the max
+    timing_rounds: int = 5
+    max_timing_rounds: int = 15
+    #: front points timed beyond ``students`` before the search stops trying (bounds the measurement)
+    extra_tries: int = 3
+    #: spread the students over front points within this much fidelity of the best feasible one
+    #: (widened to the fidelity floor, then to the whole front, when fewer than ``students`` are)
+    band: float = 0.02
     population: int = 24
     generations: int = 8
     mutation: float = 0.2
     seed: int = 0
+
+    @property
+    def wanted(self) -> int:
+        if self.students is not None:
+            return self.students
+        return len(self.speedup) if self.speedup and len(self.speedup) > 1 else 3
 
 
 def measure_latency(module: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: dict[str, Any],
@@ -307,26 +358,36 @@ def search(
     return result
 
 
+def absolute_budget_error(profile: Any, latency_ms: float) -> str:
+    """Why an absolute latency budget is refused on a profile without a measured table, and the fix."""
+    return (f"--latency-ms {latency_ms:g} on profile '{profile.name}': an absolute budget needs a profile with a "
+            "measured latency table (it has none, so the milliseconds would be this host's under whatever load "
+            "it has now); give --speedup S (S x faster than the teacher, measured against it here), or measure a "
+            "table with 'potstill profile -o my-device.yaml' and pass --profile my-device.yaml")
+
+
 def _search(net: Supernet, teacher: nn.Module, profile: Any, example_inputs: tuple[Any, ...],
             example_kwargs: dict[str, Any] | None, heldout: Sequence[Any], calib: Sequence[Any],
             settings: SearchSettings, metric: Callable[[nn.Module], float] | None, work_dir: Path) -> SearchResult:
     kwargs = dict(example_kwargs or {})
     example_batch = Batch(tuple(example_inputs), kwargs).size
-    latency_budget = settings.latency_ms if settings.latency_ms is not None else profile.latency_budget_ms
+    speedups = tuple(sorted(float(v) for v in settings.speedup or ()))
+    if speedups and settings.latency_ms is not None:
+        raise InputError("elastic search: give a speed-up budget or an absolute latency budget, not both")
+    if settings.latency_ms is not None and profile.latency_table is None:
+        raise InputError(absolute_budget_error(profile, settings.latency_ms))
+    n = settings.wanted
+    if len(speedups) > 1 and n != len(speedups):
+        raise InputError(f"elastic search: {len(speedups)} speed-up budgets make one student each; "
+                         f"students={n} does not match (drop --students or give one budget)")
+    latency_budget = settings.latency_ms if settings.latency_ms is not None else \
+        (None if speedups else profile.latency_budget_ms)
     memory_budget = settings.memory_mb if settings.memory_mb is not None else profile.memory_budget_mb
     scorer = Scorer(net, teacher, [as_batch(b) for b in heldout], [as_batch(b) for b in calib], metric)
     costs = CostModel.build(net, profile, example_batch)
     tmp = work_dir
     tmp.mkdir(parents=True, exist_ok=True)
     artifacts: dict[SubnetConfig, Any] = {}
-
-    def timed(config: SubnetConfig, tag: str) -> float:
-        recalibrate_bn(net, config, scorer.calib)
-        module = extract(net, config).module
-        ms, art = measure_latency(module, tuple(example_inputs), kwargs, profile, tmp / tag)
-        artifacts[config] = art
-        return ms
-
     space = net.space
     smallest_mb = costs.memory_mb(space.smallest())
     if memory_budget is not None and smallest_mb > memory_budget:
@@ -334,9 +395,31 @@ def _search(net: Supernet, teacher: nn.Module, profile: Any, example_inputs: tup
         raise InputError(f"memory budget {memory_budget} MB on {profile.name}: even the smallest subnet needs "
                          f"{smallest_mb:.3f} MB (weights + peak activations at batch {costs.batch}, "
                          f"{profile.precision}); relax --memory-mb or widen the space")
-    anchors = [(space.largest(), timed(space.largest(), "anchor-largest")),
-               (space.smallest(), timed(space.smallest(), "anchor-smallest"))]
+    clock: TeacherClock | None = None
+    if speedups:
+        _, teacher_art = measure_latency(teacher, tuple(example_inputs), kwargs, profile, tmp / "teacher")
+        clock = TeacherClock(engine_callable(teacher_art, teacher, tuple(example_inputs), kwargs, profile),
+                             min_rounds=settings.timing_rounds, max_rounds=settings.max_timing_rounds)
+    reference: list[float] = []  # the teacher's ms in the first reading: the scale of relative times
+
+    def timed(config: SubnetConfig, tag: str, threshold: float | None = None) -> tuple[float, SpeedupReading | None]:
+        """Latency (ms; relative budgets: on the teacher's scale, ``teacher_ms / speed-up``) and the reading."""
+        recalibrate_bn(net, config, scorer.calib)
+        module = extract(net, config).module
+        ms, art = measure_latency(module, tuple(example_inputs), kwargs, profile, tmp / tag)
+        artifacts[config] = art
+        if clock is None:
+            return ms, None
+        reading = clock.read(engine_callable(art, module, tuple(example_inputs), kwargs, profile), threshold)
+        if not reference:
+            reference.append(reading.teacher_ms)
+        return reference[0] / reading.speedup, reading
+
+    anchors = [(c, timed(c, f"anchor-{name}")[0]) for name, c in (("largest", space.largest()),
+                                                                  ("smallest", space.smallest()))]
     costs.calibrate(anchors)
+    if speedups:
+        latency_budget = reference[0] / speedups[0]  # the loosest budget bounds the search
 
     cache: dict[tuple[int, ...], Candidate] = {}
     t0 = time.perf_counter()
@@ -378,14 +461,31 @@ def _search(net: Supernet, teacher: nn.Module, profile: Any, example_inputs: tup
     front = sorted(non_dominated_sort(everything)[0], key=lambda c: (c.latency_ms, -c.accuracy))
     feasible = [c for c in front if c.violation == 0.0]
     if not feasible:
+        wanted = f"speed-up ≥ {speedups[-1]:g}x" if speedups else f"latency ≤ {latency_budget} ms"
+        fastest = min(c.latency_ms for c in everything)
+        best = f"{reference[0] / fastest:.2f}x" if speedups else f"{fastest:.3f} ms"
         raise InputError(
-            f"no subnet fits the budgets (latency ≤ {latency_budget} ms, memory ≤ {memory_budget} MB); the "
-            f"smallest predicted is {min(c.latency_ms for c in everything):.3f} ms / "
-            f"{min(c.memory_mb for c in everything):.2f} MB — relax a budget or widen the space"
+            f"no subnet fits the budgets ({wanted}, memory ≤ {memory_budget} MB); the smallest predicted is "
+            f"{best} / {min(c.memory_mb for c in everything):.2f} MB — relax a budget or widen the space"
         )
-    finalists, rejected = _finalists(net, costs, feasible, front, settings.students, latency_budget, memory_budget,
-                                     timed, example_inputs, kwargs, profile, example_batch, artifacts, scorer)
-    return SearchResult(front, finalists, rejected, len(cache), seconds, costs.source)
+    floor = None if metric is not None else fidelity_floor(profile)
+    slots: list[tuple[float | None, list[Candidate]]]
+    if len(speedups) > 1:
+        slots = [(s * (1 - settings.speedup_tolerance), _most_accurate([c for c in feasible
+                                                                        if c.latency_ms <= reference[0] / s]))
+                 for s in reversed(speedups)]  # the strictest budget chooses first
+    else:
+        threshold = speedups[0] * (1 - settings.speedup_tolerance) if speedups else None
+        slots = [(threshold, _spread_order(feasible, n, floor, settings.band))] * n
+    finalists, rejected, tries = _finalists(
+        net, costs, front, slots, n + settings.extra_tries, latency_budget, memory_budget,
+        timed, example_inputs, kwargs, profile, example_batch, artifacts)
+    timing: dict[str, Any] = {"mode": "speedup" if speedups else "absolute" if latency_budget is not None else "none",
+                              "front_points_timed": tries, "max_front_points_timed": n + settings.extra_tries}
+    if clock is not None:
+        timing |= {"speedup": list(speedups), "tolerance": settings.speedup_tolerance, **clock.summary()}
+    return SearchResult(front, sorted(finalists, key=lambda f: f.predicted_latency_ms), rejected, len(cache), seconds,
+                        costs.source, timing)
 
 
 def _spread(n: int, k: int) -> list[int]:
@@ -397,30 +497,62 @@ def _spread(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
-def _finalists(net: Supernet, costs: CostModel, feasible: list[Candidate], front: list[Candidate], n: int,
-               latency_budget: float | None, memory_budget: float | None, timed: Callable[[SubnetConfig, str], float],
+def _most_accurate(cands: Sequence[Candidate]) -> list[Candidate]:
+    return sorted(cands, key=lambda c: (c.objectives()[0], c.latency_ms))
+
+
+def _spread_order(feasible: list[Candidate], n: int, floor: float | None, band: float) -> list[Candidate]:
+    """The front points to time, in order: ``n`` spread by latency over those within ``band`` of the
+    best fidelity and at or above the floor (widening to the floor, then to all, when fewer than ``n``
+    qualify), then the rest, most accurate first. Measured on digits: spreading over the whole front
+    gave a 5x student at 0.84 test accuracy when 2x was asked and 2.6x ones reached 0.98."""
+    best = -min(c.objectives()[0] for c in feasible)
+    pool: list[Candidate] = []
+    for low in (max(best - band, floor or 0.0), floor):
+        pool = [c for c in feasible if low is None or c.objectives()[0] <= -low]
+        if len(pool) >= n:
+            break
+    if len(pool) < n:
+        pool = feasible
+    first = [pool[i] for i in _spread(len(pool), n)]
+    return first + [c for c in _most_accurate(feasible) if c not in first]
+
+
+def _finalists(net: Supernet, costs: CostModel, front: list[Candidate],
+               slots: Sequence[tuple[float | None, list[Candidate]]], max_tries: int, latency_budget: float | None,
+               memory_budget: float | None, timed: Callable[..., tuple[float, SpeedupReading | None]],
                example_inputs: tuple[Any, ...], kwargs: dict[str, Any], profile: Any, example_batch: int,
-               artifacts: dict[SubnetConfig, Any], scorer: Scorer) -> tuple[list[Finalist], list[dict[str, Any]]]:
-    order = _spread(len(feasible), n)
-    order += [i for i in reversed(range(len(feasible))) if i not in order]  # fall-backs, most accurate first
+               artifacts: dict[SubnetConfig, Any]) -> tuple[list[Finalist], list[dict[str, Any]], int]:
+    """Fill each slot ``(speed-up threshold, front points in order)`` with the first point that meets
+    the budgets by measurement; no point is timed twice and at most ``max_tries`` are timed."""
     finalists: list[Finalist] = []
     rejected: list[dict[str, Any]] = []
-    for i in order:
-        if len(finalists) >= n:
+    timed_configs: set[SubnetConfig] = set()
+    for threshold, order in slots:
+        for c in order:
+            if len(timed_configs) >= max_tries:
+                break
+            if c.config in timed_configs:
+                continue
+            timed_configs.add(c.config)
+            measured, reading = timed(c.config, f"finalist-{len(timed_configs) - 1}", threshold)
+            module = extract(net, c.config).module  # BN statistics recalibrated for c by timed()
+            mem = measured_memory_mb(module, tuple(example_inputs), kwargs, profile.precision, costs.batch, example_batch)
+            over = []
+            if reading is not None and not reading.meets:
+                lo, hi = reading.iqr
+                over.append(f"speed-up {reading.speedup:.2f}x (IQR {lo:.2f}-{hi:.2f}) < {threshold:.2f}x")
+            elif reading is None and latency_budget is not None and measured > latency_budget:
+                over.append(f"latency {measured:.3f} ms > {latency_budget} ms")
+            if memory_budget is not None and mem > memory_budget:
+                over.append(f"memory {mem:.3f} MB > {memory_budget} MB")
+            timing = reading.to_dict() if reading is not None else None
+            if over:
+                rejected.append({**c.to_dict(), "measured_latency_ms": reading.ms if reading else measured,
+                                 "measured_memory_mb": mem, "timing": timing, "why": "; ".join(over)})
+                continue
+            finalists.append(Finalist(c.config, module, c.accuracy, c.latency_ms,
+                                      reading.ms if reading else measured, c.memory_mb, mem, front.index(c),
+                                      artifacts.get(c.config), timing))
             break
-        c = feasible[i]
-        measured = timed(c.config, f"finalist-{len(finalists) + len(rejected)}")
-        module = extract(net, c.config).module  # BN statistics recalibrated for c by timed()
-        mem = measured_memory_mb(module, tuple(example_inputs), kwargs, profile.precision, costs.batch, example_batch)
-        over = []
-        if latency_budget is not None and measured > latency_budget:
-            over.append(f"latency {measured:.3f} ms > {latency_budget} ms")
-        if memory_budget is not None and mem > memory_budget:
-            over.append(f"memory {mem:.3f} MB > {memory_budget} MB")
-        if over:
-            rejected.append({**c.to_dict(), "measured_latency_ms": measured, "measured_memory_mb": mem,
-                             "why": "; ".join(over)})
-            continue
-        finalists.append(Finalist(c.config, module, c.accuracy, c.latency_ms, measured, c.memory_mb, mem,
-                                  front.index(c), artifacts.get(c.config)))
-    return finalists, rejected
+    return finalists, rejected, len(timed_configs)

@@ -18,14 +18,48 @@ BASE = CompileOptions(teacher=TEACHER, out="out", profile="cpu", elastic=True)
 
 
 def test_elastic_plans_one_per_profile_sharing_the_supernet() -> None:
-    opts = replace(BASE, students=2, latency_ms=5.0, extra_profiles=("x86-avx512-ort",))
+    opts = replace(BASE, students=2, speedups=(2.0,), extra_profiles=("x86-avx512-ort",), distill_epochs=2)
     plans = plan_students(opts, "onnxruntime", distill_epochs=2)
     assert [p.name for p in plans] == ["elastic-cpu", "elastic-x86-avx512-ort"]
     assert [p.profile for p in plans] == [None, "x86-avx512-ort"]
     for p in plans:
         names = [x.name for x in p.passes]
         assert names == ["elastic.nest", "elastic.train", "elastic.search", "lower.onnxruntime", "record"]
-        assert "students=2" in p.spec and "latency_ms=5" in p.spec and "epochs=2" in p.spec
+        assert "students=2" in p.spec and "speedup=[2.0]" in p.spec and "epochs=2" in p.spec
+
+
+def test_elastic_training_defaults_to_its_step_budget() -> None:
+    # the driver passes the default distillation epochs; without --distill-epochs the supernet trains
+    # for elastic.train's own step budget (a supernet needs more steps than one student)
+    (plan,) = plan_students(BASE, "onnxruntime", distill_epochs=3)
+    train = next(p for p in plan.passes if p.name == "elastic.train")
+    assert train.options.epochs is None and "epochs" not in plan.spec
+    assert not [p for p in plan_students(BASE, "onnxruntime")[0].passes if p.name == "elastic.train"]
+
+
+def test_several_speedups_make_one_student_each() -> None:
+    (plan,) = plan_students(replace(BASE, speedups=(1.5, 3.0)), "onnxruntime")
+    search = next(p for p in plan.passes if p.name == "elastic.search")
+    assert search.options.speedup == (1.5, 3.0) and search.options.wanted == 2
+
+
+def _table_profile(tmp_path: Path) -> str:
+    """The cpu profile with a (made-up) measured latency table, as a YAML file."""
+    import yaml
+    from potstill.profiles import LatencyEntry, LatencyTable, load_profile
+
+    table = LatencyTable(entries=[LatencyEntry(op="conv2d", cin=16, cout=16, kernel=3, hw=8, groups=1, stride=1, ms=0.01)])
+    profile = load_profile("cpu").model_copy(update={"name": "cpu-table", "latency_table": table})
+    path = tmp_path / "cpu-table.yaml"
+    path.write_text(yaml.safe_dump(profile.model_dump(mode="json")))
+    return str(path)
+
+
+def test_absolute_latency_needs_a_measured_table(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"measured latency table.*--speedup S.*potstill profile"):
+        plan_students(replace(BASE, latency_ms=5.0), "onnxruntime")
+    (plan,) = plan_students(replace(BASE, latency_ms=5.0, profile=_table_profile(tmp_path)), "onnxruntime")
+    assert "latency_ms=5" in plan.spec
 
 
 @pytest.mark.parametrize(("changes", "fragment"), [
@@ -34,6 +68,11 @@ def test_elastic_plans_one_per_profile_sharing_the_supernet() -> None:
     ({"pipeline": "elastic.nest"}, "--pipeline with --elastic"),
     ({"students": 0}, "--students 0"),
     ({"latency_ms": -1.0}, "--latency-ms -1"),
+    ({"speedups": (0.5,)}, "--speedup 0.5: a budget is how many times faster"),
+    ({"speedups": (2.0, 2.0)}, "given twice"),
+    ({"speedups": (2.0,), "latency_ms": 5.0}, "--speedup with --latency-ms"),
+    ({"speedups": (2.0, 3.0, 4.0), "students": 2}, "--students 2 with 3 --speedup"),
+    ({"elastic": False, "speedups": (2.0,)}, "--speedup without --elastic"),
     ({"elastic": False, "students": 2}, "--students without --elastic"),
     ({"elastic": False, "extra_profiles": ("cpu",)}, "second --profile without --elastic"),
     ({"extra_profiles": ("cpu",)}, "given twice"),
@@ -60,3 +99,12 @@ def test_compile_elastic_for_two_profiles_from_one_supernet(tmp_path: Path, caps
         assert s["parity"]["ok"]
     trained = [s for s in students if s["plan"] == "elastic-x86-avx512-ort"]
     assert trained and all(s["metrics"]["elastic"]["profile"] == "x86-avx512-ort" for s in trained)
+
+
+def test_speedup_is_repeatable_or_a_list() -> None:
+    from potstill.cli import build_parser
+
+    args = build_parser().parse_args(["compile", TEACHER, "--elastic", "--speedup", "2", "--speedup", "1.5,3"])
+    assert [s for group in args.speedup for s in group] == [2.0, 1.5, 3.0]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compile", TEACHER, "--elastic", "--speedup", "fast"])

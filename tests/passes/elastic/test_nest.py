@@ -108,3 +108,19 @@ def test_configuration_outside_the_space_is_an_error(cnn) -> None:
         extract(net, bad)
     with pytest.raises(InputError, match="not a choice"), net.configured(bad):
         pass
+
+
+def test_an_extracted_subnet_owns_its_batchnorm_statistics(cnn) -> None:
+    """Recalibrating the supernet for the next configuration must not rewrite an earlier student's
+    statistics (the surgery shares unsliced tensors with its source)."""
+    from potstill.passes.elastic import recalibrate_bn
+
+    net = make_supernet(cnn, (X,), batches=[X])
+    space = net.space
+    # full width in the first group: its BatchNorm is not sliced, so it would be shared
+    first = space.config([len(d.choices) - 1 if i == 0 else 0 for i, d in enumerate(space.dims())])
+    recalibrate_bn(net, first, [X])
+    student = extract(net, first).module
+    before = _out(student, (X,), {})
+    recalibrate_bn(net, space.largest(), [X * 3 + 1])  # other statistics
+    torch.testing.assert_close(_out(student, (X,), {}), before)

@@ -37,6 +37,10 @@ def _state() -> CompileState:
     ("elastic.train{epochs=0}", "epochs"),
     ("elastic.search{students=0}", "students"),
     ("elastic.search{latency_ms=-1}", "latency_ms"),
+    ("elastic.search{speedup=[0.5]}", "speedup"),
+    ("elastic.search{speedup=[2],latency_ms=3}", "not both"),
+    ("elastic.search{speedup_tolerance=0.7}", "speedup_tolerance"),
+    ("elastic.search{timing_rounds=9,max_timing_rounds=3}", "max_timing_rounds"),
     ("elastic.search{mutation=2}", "mutation"),
 ])
 def test_options_are_strict(spec: str, match: str) -> None:
@@ -52,7 +56,7 @@ def test_train_and_search_need_a_supernet() -> None:
 
 
 @pytest.mark.slow
-def test_nest_train_search_emits_students_within_measured_budgets(tmp_path) -> None:
+def test_nest_train_search_emits_students_within_measured_budgets() -> None:
     state = _state()
     with torch.no_grad():
         before = state.teacher(X[:8])
@@ -62,39 +66,29 @@ def test_nest_train_search_emits_students_within_measured_budgets(tmp_path) -> N
     # the teacher itself is untouched: nesting and training act on the working copy
     with torch.no_grad():
         torch.testing.assert_close(state.teacher(X[:8]), before)
-    # a latency budget from the probe's measured front
-    from potstill.passes.elastic.pass_ import supernet_of
-    from potstill.passes.elastic.search import SearchSettings, search
-
-    net = supernet_of(state)
-    probe = search(net, state.teacher, state.profile, state.example_inputs, {}, [X[:48]], [X[:32]],
-                   SearchSettings(students=1, population=6, generations=1), work_dir=tmp_path / "probe")
-    lat = sorted(c.latency_ms for c in probe.front)
-    # generous: predictions of sub-0.1 ms subnets are calibrated on anchors timed under whatever load
-    # the machine has, and moved 2x between two searches of one CI run (0.019 ms against 0.035);
-    # the claim under test is that whatever is emitted meets the budget by measurement
-    budget = lat[-1] * 10
-    spec = f"elastic.search{{students=2,latency_ms={budget:.6f},population=8,generations=2}}"
+    # a speed-up budget the smallest anchor beats: the claim under test is that whatever is emitted
+    # meets it by measurement against the teacher, not by prediction
+    spec = "elastic.search{students=2,speedup=[1.2],population=8,generations=2}"
     PassManager(build_pipeline(spec)).run(state)
     students = state.students
-    assert 1 <= len(students) <= 2
     search_record = state.records["elastic"]["searches"]["cpu"]
+    assert 1 <= len(students) <= 2, search_record["rejected"]
     assert search_record["front"] and search_record["evaluated"] > 0
     for s in students:
         e = s.metrics["elastic"]
-        assert e["measured_latency_ms"] <= budget  # by measurement, not prediction
+        assert e["measured_speedup"] >= 1.2 * 0.95 and e["teacher_ms"] > 0 and e["measured_latency_ms"] > 0
         assert 0 <= e["front_index"] < len(search_record["front"])
         with torch.no_grad():
             assert s.module(X[:4]).shape == (4, 10)
     for r in search_record["rejected"]:
-        assert "latency" in r["why"] or "memory" in r["why"]
+        assert "speed-up" in r["why"] or "memory" in r["why"]
 
 
 def test_an_impossible_latency_budget_binds() -> None:
     """The budget is not decoration: a budget no subnet can meet emits no student and says so."""
     state = _state()
     PassManager(build_pipeline("elastic.nest")).run(state)
-    spec = "elastic.search{students=2,latency_ms=0.000001,population=6,generations=1}"
+    spec = "elastic.search{students=2,speedup=[100000],population=6,generations=1}"
     with pytest.raises(Exception, match="no subnet fits the budgets"):
         PassManager(build_pipeline(spec)).run(state)
     assert not [s for s in state.students if "elastic" in s.metrics]

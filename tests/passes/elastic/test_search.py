@@ -81,3 +81,16 @@ def test_a_memory_budget_no_subnet_meets_is_an_error_before_any_timing(cnn) -> N
     net = make_supernet(cnn, (X[:1],), batches=[X])
     with pytest.raises(InputError, match="even the smallest subnet"):
         search(net, cnn, load_profile("cpu"), (X[:1],), {}, [X], [X], SearchSettings(memory_mb=1e-6))
+
+
+def test_students_spread_over_the_points_near_the_best_fidelity() -> None:
+    from potstill.passes.elastic.search import _spread_order
+
+    # (fidelity, latency): fast and poor, then a plateau near the best
+    points = [(0.5, 1.0), (0.85, 2.0), (0.9, 3.0), (0.985, 4.0), (0.99, 5.0), (1.0, 6.0)]
+    feasible = _cands([(a, t, 1.0, 0.0) for a, t in points])
+    first = [c.accuracy for c in _spread_order(feasible, 3, floor=0.8, band=0.02)[:3]]
+    assert first == [0.985, 0.99, 1.0]
+    # too few within the band: widen to the floor (0.5 stays out), then to everything
+    assert [c.accuracy for c in _spread_order(feasible, 4, floor=0.8, band=0.02)[:4]] == [0.85, 0.9, 0.99, 1.0]
+    assert len(_spread_order(feasible, 6, floor=0.8, band=0.02)) == 6
