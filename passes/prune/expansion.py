@@ -91,7 +91,8 @@ def _norm_after(model: nn.Module, name: str) -> str | None:
     if leaf not in names:
         return None
     for n, c in children[names.index(leaf) + 1:]:
-        if isinstance(c, nn.modules.batchnorm._BatchNorm) and c.num_features == conv.out_channels:  # type: ignore[union-attr]
+        if (isinstance(c, nn.modules.batchnorm._BatchNorm) and c.running_var is not None
+                and c.num_features == conv.out_channels):  # type: ignore[union-attr]
             return f"{parent_name}.{n}" if parent_name else n
     return None
 

@@ -29,6 +29,11 @@ only when it lowers the held-out output error (``metrics["prune"]["candidates"]`
 are ``state.heldout_data`` when the driver split them off, else the last quarter of the calibration
 batches, which the refit then does not read.
 
+Inverted-residual CNNs (``scope=auto``, the default, finds expansion -> depthwise -> projection
+groups): only the expansion channels are pruned, the residual widths stay, channels are ordered by
+greedy OBS on the projection, widths are allocated by measured per-block held-out sensitivity per
+unit of cost saved, and the projections are refitted in full (``expansion.py``).
+
 The student records ``metrics["arch"]["widths"]`` (kept units per group, by the group's first
 producing parameter, with how each was chosen) and ``metrics["prune"]`` (estimator, allocation,
 budget asked / predicted / measured, layers refitted).
