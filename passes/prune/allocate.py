@@ -26,6 +26,7 @@ loss (greedy, ``O(n)`` per step using the Gram matrix ``M = V V^T``).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -166,3 +167,50 @@ def rearrange(grads: np.ndarray, n_keep: int) -> list[int]:
         in_p[j] = False
         t -= gram[:, j]
     return sorted(int(i) for i in np.flatnonzero(~in_p))
+
+
+def lower_hull(points: Sequence[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """The lower convex hull of ``(saved, loss, width)`` points from ``(0, 0, full)``, by ascending
+    ``saved``: the widths worth buying, each at a higher loss per cost than the one before."""
+    pts = sorted(points, key=lambda p: (p[0], p[1]))
+    hull: list[tuple[float, float, int]] = []
+    for p in pts:
+        if hull and p[0] <= hull[-1][0]:
+            continue  # saves no more than a cheaper-to-lose option already kept
+        while len(hull) >= 2:
+            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
+            if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):  # hull[-1] lies on or above the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def sensitivity_allocate(curves: Mapping[int, Sequence[tuple[int, float, float]]], needed: float) -> dict[int, int]:
+    """Kept width per group, buying cost savings by the least loss per unit saved (NetAdapt / AMC).
+
+    ``curves[g]`` lists ``(width, loss, saved)`` for each candidate width of group ``g`` (the full
+    width with ``loss = saved = 0`` included); losses and savings add across groups. Steps along each
+    group's lower convex hull are taken in ascending ``d loss / d saved`` until ``needed`` is saved
+    (all of them when it cannot be): a multiple-choice knapsack solved greedily on its hulls.
+
+    >>> sensitivity_allocate({0: [(8, 0, 0), (4, 1.0, 10)], 1: [(8, 0, 0), (4, 5.0, 10)]}, 10)
+    {0: 4, 1: 8}
+    """
+    keep: dict[int, int] = {}
+    steps: list[tuple[float, int, int, float]] = []
+    for gid, options in curves.items():
+        full = max(options, key=lambda o: o[0])
+        keep[gid] = full[0]
+        hull = lower_hull([(s, loss, w) for w, loss, s in options])
+        for (x0, y0, _), (x1, y1, w1) in itertools.pairwise(hull):
+            steps.append(((y1 - y0) / (x1 - x0), gid, w1, x1 - x0))
+    steps.sort(key=lambda s: (s[0], s[1]))
+    saved = 0.0
+    for _, gid, width, gain in steps:
+        if saved >= needed:
+            break
+        keep[gid] = width
+        saved += gain
+    return keep

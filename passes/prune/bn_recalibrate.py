@@ -13,6 +13,14 @@ where ``mean_k`` / ``var_k`` are per-channel over batch ``k``'s samples and posi
 ``running_mean``, ``running_var`` and ``num_batches_tracked`` change; weights, biases and every
 other buffer stay bit-identical. A BN layer no batch reached keeps its old statistics.
 
+Re-estimation is only as good as the calibration data is representative: on a few dozen crops of a
+dozen photographs, re-estimating the *unpruned* EfficientNet-Lite0 teacher's statistics drops its
+top-1 agreement with itself to 0.23 (measured here; the ImageNet statistics it was trained with are
+not what 48 crops show). So the pass checks its work: with held-out batches (``state.heldout_data``,
+never read for the statistics) it keeps the new statistics only when the student's held-out loss
+against the teacher (``heldout.py``: KL of the logits, else relative error) does not rise, and
+otherwise puts the old ones back and says so (``check=false`` keeps them unconditionally).
+
 Sources: "adaptive BatchNorm" of EagleEye (Li et al., "EagleEye: Fast Sub-net Evaluation for
 Efficient Neural Network Pruning", ECCV 2020) and NNCF's "BN adaptation" initialisation
 (``nncf/torch/initialization.py``, ``DataLoaderBNAdaptationRunner``). The data is
@@ -21,6 +29,7 @@ Efficient Neural Network Pruning", ECCV 2020) and NNCF's "BN adaptation" initial
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -40,8 +49,12 @@ _STATS = ("running_mean", "running_var", "num_batches_tracked")
 class BNRecalibrateOptions:
     #: calibration batches to average over (None: every batch of the calibration split)
     batches: int | None = None
+    #: keep the new statistics only when the held-out loss does not rise (None: when held-out data exists)
+    check: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.check is not None and not isinstance(self.check, bool):
+            raise ValueError(f"check={self.check!r}: expected true or false")
         if self.batches is not None and (isinstance(self.batches, bool) or not isinstance(self.batches, int)
                                          or self.batches < 1):  # fmt: skip
             raise ValueError(f"batches={self.batches!r}: expected a whole number of batches >= 1")
@@ -135,7 +148,32 @@ class BNRecalibratePass(Pass):
                 loud=True,
             )
             return PassResult(state, False)
+        check = self.options.check
+        if check and state.heldout_data is None:
+            raise InputError("bn.recalibrate{check=true}: there are no held-out batches to check on; give --calib")
+        reference = None
+        record: dict[str, Any] = {}
+        before = math.inf
+        saved: dict[str, dict[str, torch.Tensor]] = {}
+        if check is not False and state.heldout_data is not None:
+            from .heldout import HeldoutReference, as_batches
+
+            reference = HeldoutReference.of(state.teacher, as_batches(state.heldout_data()))
+            before = reference.loss(student.module)
+            saved = {n: {k: getattr(m, k).clone() for k in _STATS} for n, m in batchnorms(student.module).items()}
         used, updated = recalibrate_batchnorm(student.module, state.calib_data, self.options.batches)
+        if reference is not None and used:
+            after = reference.loss(student.module)
+            record = {"heldout_loss_before": before, "heldout_loss_after": after, "kept": after <= before}
+            if not after <= before:
+                for n, m in batchnorms(student.module).items():
+                    for k, v in saved[n].items():
+                        setattr(m, k, v)
+                _note(f"bn.recalibrate: re-estimated statistics raised the held-out loss of {student.name} "
+                      f"({before:.4g} -> {after:.4g}); the previous statistics are kept")
+                student.history.append("bn.recalibrate: statistics re-estimated, rejected on held-out data")
+                student.metrics["bn_recalibrate"] = {"layers": 0, "of": n_bn, "batches": used, **record}
+                return PassResult(state, False)
         if used == 0:
             _note(
                 "bn.recalibrate: the calibration data yielded no batches; BatchNorm statistics unchanged",
@@ -144,4 +182,5 @@ class BNRecalibratePass(Pass):
             return PassResult(state, False)
         student.history.append(f"bn.recalibrate: {updated} of {n_bn} BatchNorm layers on {used} batches")
         student.metrics["bn_recalibrate"] = {"layers": updated, "of": n_bn, "batches": used}
+        student.metrics["bn_recalibrate"].update(record)
         return PassResult(state, updated > 0)

@@ -29,6 +29,11 @@ only when it lowers the held-out output error (``metrics["prune"]["candidates"]`
 are ``state.heldout_data`` when the driver split them off, else the last quarter of the calibration
 batches, which the refit then does not read.
 
+Inverted-residual CNNs (``scope=auto``, the default, finds expansion -> depthwise -> projection
+groups): only the expansion channels are pruned, the residual widths stay, channels are ordered by
+greedy OBS on the projection, widths are allocated by measured per-block held-out sensitivity per
+unit of cost saved, and the projections are refitted in full (``expansion.py``).
+
 The student records ``metrics["arch"]["widths"]`` (kept units per group, by the group's first
 producing parameter, with how each was chosen) and ``metrics["prune"]`` (estimator, allocation,
 budget asked / predicted / measured, layers refitted).
@@ -69,6 +74,7 @@ ALL_KINDS = (*DEFAULT_KINDS, "hidden")
 AMOUNT_OPTIONS = ("ratio", "per_kind", "macs_budget", "params_budget", "latency_budget_ms")
 ALLOCATIONS = ("global", "local")
 REFITS = ("scale", "full")
+SCOPES = ("auto", "all", "expansion")
 
 
 def _number(name: str, value: Any) -> float | None:
@@ -120,8 +126,12 @@ class WidthOptions:
     #: Kwon et al.'s mask rearrangement with the Fisher estimator's per-sample gradients
     rearrange: bool = True
     #: what the refit changes: "scale" (one factor per kept unit and the bias: Kwon's mask tuning),
-    #: "full" (every kept weight, pulled toward its old value by the ridge)
-    refit: str = "scale"
+    #: "full" (every kept weight, pulled toward its old value by the ridge); None: "full" for
+    #: inverted-residual expansions (scope), "scale" otherwise
+    refit: str | None = None
+    #: which groups: "expansion" (only the inside of inverted-residual blocks: expansion -> depthwise
+    #: -> projection; residual widths stay), "all", or "auto" (expansion when the model has such blocks)
+    scope: str = "auto"
     #: ridge of the least-squares refit, relative to the Gram's mean diagonal
     ridge: float = 1e-3
 
@@ -165,7 +175,9 @@ class WidthOptions:
             object.__setattr__(self, "reconstruct", None)
         if self.reconstruct is not None and not isinstance(self.reconstruct, bool):
             raise InputError(f"prune.width: reconstruct must be true, false or auto, not {self.reconstruct!r}")
-        if self.refit not in REFITS:
+        if self.scope not in SCOPES:
+            raise InputError(f"prune.width: scope must be one of {SCOPES}, not {self.scope!r}")
+        if self.refit is not None and self.refit not in REFITS:
             raise InputError(f"prune.width: refit must be one of {REFITS}, not {self.refit!r}")
         if self.per_kind and self.allocation != "global":
             raise InputError("prune.width: allocation applies to ratio and budgets, not to per_kind")
@@ -331,6 +343,8 @@ class WidthPrunePass(Pass):
         o: WidthOptions = self.options
         student = state.working()
         candidates = auto_candidates(state, student, o)
+        if candidates and _expansion_scope(student.module, state.analysis(student), select_groups(state.analysis(student), o), o):
+            candidates = ()  # expansion channels are ordered by the projection's OBS, not by an estimator
         if not candidates:
             return self._run_one(state, student, choose_estimator(state, student, o))
         # importance=auto on a cheap model: build one student per estimator, keep the one closest
@@ -357,8 +371,14 @@ class WidthPrunePass(Pass):
         if not groups:
             raise InputError(f"prune.width: no prunable groups of kinds {sorted(set(o.kinds or DEFAULT_KINDS))} "
                              f"in this model ({len(analysis.prunable())} prunable groups of other kinds)")
-        scores = method.scores(state, analysis)
+        exps = _expansion_scope(student.module, analysis, groups, o)
+        if exps:
+            groups = [g for g in groups if g.id in {e.group for e in exps}]
         multiple = channel_multiple(state.profile, o.align or 0)
+        plan = _expansion_plan(state, student, analysis, exps, groups, o, multiple) if exps else None
+        if plan is not None:
+            method = _Scores(method.estimator, dict(plan.scores), name="obs-greedy")
+        scores = method.scores(state, analysis)
         table = getattr(state.profile, "latency_table", None) if o.use_table else None
         layers = layer_shapes(student.module, state.example_inputs, state.example_kwargs)
         uniform = o.uniform
@@ -372,6 +392,8 @@ class WidthPrunePass(Pass):
             budget = _budget(state, o, cost, groups)
             if o.allocation == "local":
                 final, how = _local_budget(groups, budget, multiple, table, layers, uniform)
+            elif plan is not None:
+                final, how = dict(plan.keep), dict.fromkeys(plan.keep, "sensitivity")
             else:
                 try:
                     # --ratio asks "about R of the MACs": where the pinned part (embeddings, the
@@ -394,7 +416,8 @@ class WidthPrunePass(Pass):
         # auto: refit when there is calibration data, and keep the refit only if it is better on
         # held-out data (``choose_refit``)
         use_recon = o.reconstruct is True or (o.reconstruct is None and state.calib_data is not None)
-        keep_sets = self._prune(state, student, groups, final, labels, method, scores, o, use_recon)
+        refit = o.refit or ("full" if exps else "scale")
+        keep_sets = self._prune(state, student, groups, final, labels, method, scores, o, use_recon, refit)
         widths = {
             labels[g.id]: {"kind": g.kind, "units": final[g.id], "of": g.n_units,
                            "channels": final[g.id] * g.unit_channels, "how": how.get(g.id, "aligned")}
@@ -407,7 +430,11 @@ class WidthPrunePass(Pass):
             "reconstructed": student.metrics.get("reconstructed", []) if use_recon else [],
             "rearranged": keep_sets, "macs_before": int(analysis.cost.macs), "macs_after": int(macs_after),
             "candidates": student.metrics.pop("prune_candidates", []),
+            "scope": "expansion" if exps else "all", "refit": refit if use_recon else None,
         }
+        if plan is not None:
+            record["allocation"] = "sensitivity"
+            record["blocks"] = plan.blocks
         if budget is not None:
             record["budget"] = {"asked": budget.asked, "what": budget.what, "limit": budget.limit, "full": budget.full}
             if budget.what == "MACs":
@@ -431,7 +458,7 @@ class WidthPrunePass(Pass):
     @staticmethod
     def _prune(state: CompileState, student: Student, groups: list[CoupledGroup], final: dict[int, int],
                labels: dict[int, str], method: ImportanceEstimator, scores: dict[int, np.ndarray],
-               o: WidthOptions, use_recon: bool) -> int:
+               o: WidthOptions, use_recon: bool, refit: str) -> int:
         """Slice (in ``o.steps`` steps, re-scoring between them) and refit; returns how many groups
         the mask rearrangement changed."""
         from potstill.ir.surgery import keep_top, prune_width
@@ -465,7 +492,7 @@ class WidthPrunePass(Pass):
             if use_recon:
                 fit, heldout = fit_and_heldout(state, o.batches)
                 plain = copy.deepcopy(new) if o.reconstruct is None and heldout else None
-                done = reconstruct(source, new, analysis, keep, fit, o.ridge, mode=o.refit)
+                done = reconstruct(source, new, analysis, keep, fit, o.ridge, mode=refit)
                 if plain is not None and done:
                     new, chosen = choose_refit(source, plain, new, heldout, student)
                     done = done if chosen else []
@@ -529,9 +556,10 @@ def _mask_grads(state: CompileState, student: Student) -> dict[int, np.ndarray]:
 class _Scores:
     """Scores for the width pass: from the importance pass that ran, or from the named estimator."""
 
-    def __init__(self, estimator: ImportanceEstimator, existing: dict[int, np.ndarray] | None) -> None:
+    def __init__(self, estimator: ImportanceEstimator, existing: dict[int, np.ndarray] | None,
+                 name: str | None = None) -> None:  # fmt: skip
         self.estimator, self.existing = estimator, existing
-        self.name, self.comparable = estimator.name, estimator.comparable
+        self.name, self.comparable = name or estimator.name, estimator.comparable
 
     def scores(self, state: CompileState, analysis: Analysis) -> dict[int, np.ndarray]:
         if self.existing is not None:
@@ -580,3 +608,33 @@ def auto_candidates(state: CompileState, student: Student, o: WidthOptions) -> t
 def default_estimator(state: CompileState, analysis: Analysis) -> str:
     """``auto``: Kwon's mask Fisher when there is calibration data, magnitude without it."""
     return "fisher" if state.calib_data is not None else "magnitude"
+
+
+def _expansion_scope(model: nn.Module, analysis: Analysis, groups: list[CoupledGroup], o: WidthOptions) -> list[Any]:
+    """The inverted-residual expansion groups to prune alone (``scope``), or [] to prune ``groups``."""
+    if o.scope == "all" or o.per_kind:
+        return []
+    from .expansion import expansion_groups
+
+    exps = expansion_groups(model, analysis, groups)
+    if o.scope == "expansion" and not exps:
+        raise InputError("prune.width{scope=expansion}: the model has no inverted-residual expansion "
+                         "(pointwise -> depthwise -> pointwise) groups; use scope=all")
+    return exps
+
+
+def _expansion_plan(state: CompileState, student: Student, analysis: Analysis, exps: list[Any],
+                    groups: list[CoupledGroup], o: WidthOptions, multiple: int) -> Any:  # fmt: skip
+    """Widths by measured per-block sensitivity (``expansion.plan_expansions``) when there is data to
+    fit and to hold out and a budget to allocate; else None (the estimator's global allocation)."""
+    from .expansion import plan_expansions
+
+    if o.allocation != "global" or o.per_kind or state.calib_data is None:
+        return None
+    fit, heldout = fit_and_heldout(state, o.batches)
+    if not heldout:
+        return None
+    cost = CostModel.build(student.module, analysis, state.example_inputs, state.example_kwargs, with_layers=True)
+    budget = _budget(state, o, cost, groups)
+    return plan_expansions(student.module, analysis, exps, fit, heldout, budget.measure, budget.limit, multiple,
+                           floor=max(o.floor, 0.25))  # fmt: skip

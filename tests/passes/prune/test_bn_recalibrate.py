@@ -135,3 +135,40 @@ def test_pass_is_a_noted_no_op_without_batchnorm_or_without_data(capsys: pytest.
 def test_options_are_checked(bad: object):
     with pytest.raises(ValueError, match="batches"):
         BNRecalibrateOptions(batches=bad)  # type: ignore[arg-type]
+
+
+def test_statistics_that_raise_the_heldout_loss_are_rejected():
+    """Calibration data unlike what the teacher saw (shifted by +2) would move the unpruned teacher's
+    statistics away from its own; held-out data from the teacher's distribution rejects that."""
+    teacher = conv_bn()
+    recalibrate_batchnorm(teacher, batches(6, shift=0.0))
+    state = CompileState(teacher=teacher, example_inputs=(torch.randn(1, 3, 6, 6),),
+                         calib_data=lambda: iter(batches(3, shift=2.0)),
+                         heldout_data=lambda: iter(batches(2, shift=0.0)))  # fmt: skip
+    state.students.append(Student("s", copy.deepcopy(teacher)))
+    before = copy.deepcopy(state.students[0].module.state_dict())
+    assert not PassManager(build_pipeline("bn.recalibrate")).run(state).changed
+    rec = state.students[0].metrics["bn_recalibrate"]
+    assert rec["kept"] is False and rec["heldout_loss_after"] > rec["heldout_loss_before"]
+    for k, v in state.students[0].module.state_dict().items():
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(before[k], v), k
+    # check=false keeps them whatever the held-out data say
+    assert PassManager(build_pipeline("bn.recalibrate{check=false}")).run(state).changed
+    assert not torch.equal(before["1.running_mean"], state.students[0].module[1].running_mean)
+
+
+def test_statistics_that_lower_the_heldout_loss_are_kept():
+    teacher = conv_bn()
+    data = batches(6)
+    recalibrate_batchnorm(teacher, data)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[0].weight.mul_(0.5)
+        student[0].bias.mul_(0.5)
+    state = CompileState(teacher=teacher, example_inputs=(torch.randn(1, 3, 6, 6),),
+                         calib_data=lambda: iter(data[:4]), heldout_data=lambda: iter(data[4:]))  # fmt: skip
+    state.students.append(Student("s", student))
+    assert PassManager(build_pipeline("bn.recalibrate")).run(state).changed
+    rec = state.students[0].metrics["bn_recalibrate"]
+    assert rec["kept"] is True and rec["heldout_loss_after"] < rec["heldout_loss_before"]
