@@ -53,11 +53,12 @@ from . import checkpoint as ckpt
 from . import methods
 from .batches import Rebatched
 from .capture import Want
+from .config import PARALLEL, StudentSpec, TrainConfig, not_launched, step_batches
 from .distributed import launched_distributed
 from .losses import DistillLoss, make_loss
 from .methods import require, typed_fields
 from .teacher_cache import TeacherCache
-from .trainer import PARALLEL, DistillTrainer, StudentSpec, TrainConfig, not_launched, step_batches
+from .trainer import DistillTrainer
 
 METHODS = methods.METHODS
 TEACHER_OUTPUTS = ("live", "cached")

@@ -30,8 +30,8 @@ from potstill.inputs.data import load_callable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import methods
+from .config import TrainConfig
 from .progressive import Stage
-from .trainer import TrainConfig
 
 RECIPE_VERSION = 1
 
