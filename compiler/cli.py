@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not distil default-pipeline students even when training data is given")
     c.add_argument("--distill-epochs", type=int, default=None, metavar="N",
                    help="epochs of distillation in the default pipeline when training data is given (default 3; >= 1)")
+    c.add_argument("--train-minutes", type=float, default=None, metavar="M",
+                   help="wall-clock budget of each student's default distillation, in minutes (training stops "
+                        "when it is spent; the manifest says whether it did)")  # fmt: skip
+    c.add_argument("--no-augment", action="store_true",
+                   help="do not augment image training data (random crops, flips, colour jitter) in the default distillation")  # fmt: skip
     c.add_argument("--no-cache", action="store_true",
                    help="rebuild every student (by default students of an earlier run into OUT with unchanged inputs are reused)")  # fmt: skip
     c.add_argument("--plugin", action="append", default=[], metavar="MODULE|FILE.py",
@@ -191,6 +196,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         force=args.force, resume=True if args.resume else None, max_memory=args.max_memory, min_fidelity=args.min_fidelity,
         sequence_length=args.sequence_length, trust_remote_code=args.trust_remote_code,
         teacher_timing=not args.no_teacher_timing, progress=not (args.quiet or args.json),
+        train_minutes=args.train_minutes, augment=not args.no_augment,
     )  # fmt: skip
     result = compile_teacher(opts, note=note)
     if not result.manifest:  # a torchrun rank other than 0: rank 0 reports

@@ -191,7 +191,8 @@ def _materialise(source: Any, what: str) -> list[Any]:
 
 def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     """Step 1: check and load everything; raises ``InputError`` before any heavy work."""
-    from potstill.fidelity import split_heldout
+    from potstill.fidelity import infer_task, split_heldout
+    from potstill.inputs.corpus import is_text_file
     from potstill.profiles import DEFAULT_PROFILE, load_profile
 
     opts = apply_recipe(opts)
@@ -244,6 +245,9 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
         calib_batches = _materialise(calib_source, "calibration data") if calib_source is not None else []
     if converted and not calib_from_data:  # train is already float32
         calib_batches = [_float32(b) for b in calib_batches]
+    # a --calib corpus or image folder is unlabelled data the user gave: the default repair distils on it
+    # (its calibration part; the held-out quarter is never trained on)
+    calib_trains = train is None and bool(opts.calib) and (is_text_file(str(opts.calib)) or Path(str(opts.calib)).is_dir())
     if len(calib_batches) == 1 and as_batch(calib_batches[0]).size < 2:
         note("note: the calibration data is one sample: fidelity is measured on it too (no held-out split)")
         calib, heldout = calib_batches, calib_batches
@@ -253,6 +257,10 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
         warning = random_calibration_warning(teacher)
         note(f"warning: {warning}" if warning else "warning: no calibration data (--calib): data-driven steps use "
              "random inputs and fidelity is measured on random inputs shaped like the example inputs")  # fmt: skip
+    if calib_from_data and heldout and train is not None:  # fidelity is measured on batches training never saw
+        from potstill.passes.distill.batches import Without
+
+        train = Without(train, heldout)
     if calib_batches:
         source = train_label if calib_from_data else (f"--calib {opts.calib}" if opts.calib else
                  "calib_data() in the teacher file" if "calib_data" in teacher.hooks else "built-in text")  # fmt: skip
@@ -275,19 +283,10 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
 
         state.shared.metric = run_metric(metric, teacher.module, "teacher")  # once, up front
         state.restore_teacher()
+    task = infer_task(teacher.module, teacher.hf, example_output)
     del example_output
-    distill_epochs = None
-    if train is not None and not opts.pipeline and opts.distill:
-        distill_epochs = opts.distill_epochs or DEFAULT_DISTILL_EPOCHS
-        how = "the supernet trains for elastic.train's step budget" if opts.elastic and opts.distill_epochs is None \
-            else f"{distill_epochs} epochs"
-        note(f"training data found: students are distilled from the teacher ({how}; --no-distill skips)")
-    elif not opts.pipeline and opts.distill_epochs is not None:
-        raise InputError(f"--distill-epochs {opts.distill_epochs}: there is no training data to distil on; "
-                         "give --data FILE.py:FN (or train_data() in the teacher file), or drop the flag")  # fmt: skip
-    elif train is None and not opts.pipeline:
-        note("note: no training data: students are pruned but not distilled (give --data to distil)")
-    plans = plan_students(opts, target, distill_epochs=distill_epochs)
+    distill_epochs, distill = _default_distillation(opts, teacher, task, train is not None or calib_trains, note)
+    plans = plan_students(opts, target, distill_epochs=distill_epochs, distill=distill)
     sources = local_sources([*teacher.sources, *plugin_files, *_spec_files(opts)], extra=plugin_files)
     inputs = _inputs_record(opts, teacher, plans, sources)
     inputs["calib"]["batches_sha256"] = batches_sha256(calib_batches) if calib_batches else None
@@ -298,6 +297,41 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     base_key = cache_key(inputs, profile, target)
     inputs["cache_key"] = base_key
     return Prepared(opts, teacher, state, plans, target, inputs, base_key, folder, ranks)
+
+
+def _default_distillation(opts: CompileOptions, teacher: Teacher, task: str, has_data: bool,
+                          note: Note) -> tuple[int | None, str | None]:  # fmt: skip
+    """The default pipeline's distillation: ``(epochs, distill{...} step)``, or Nones when none runs
+    (``potstill.passes.distill.defaults``: label-free KD chosen by the teacher's task)."""
+    from potstill.inputs.teacher import image_input
+    from potstill.passes.distill.defaults import default_distill_options, distill_spec
+
+    flags = [f for f, on in (("--distill-epochs", opts.distill_epochs is not None),
+                             ("--train-minutes", opts.train_minutes is not None), ("--no-augment", not opts.augment)) if on]
+    images = image_input(teacher) is not None
+    if not opts.augment and not images:
+        raise InputError(f"--no-augment: {teacher.label} takes no images ([N, C, H, W]); there is nothing to augment; drop the flag")
+    if opts.pipeline or not opts.distill:
+        return None, None
+    if not has_data:
+        if flags:
+            raise InputError(f"{', '.join(flags)}: there is no training data to distil on, so no training would run; give "
+                             "--data FILE.py:FN|corpus.txt|IMAGES/ (or train_data() in the teacher file), or drop the flag")  # fmt: skip
+        note("note: no training data: students are pruned but not distilled (give --data to distil)")
+        return None, None
+    minutes = opts.train_minutes
+    epochs = opts.distill_epochs or (None if minutes is not None else DEFAULT_DISTILL_EPOCHS)
+    if opts.elastic:
+        how = "elastic.train's step budget" if opts.distill_epochs is None else f"{opts.distill_epochs} epochs"
+        note(f"training data found: the supernet trains from the teacher ({how}; --no-distill skips)")
+        return opts.distill_epochs or DEFAULT_DISTILL_EPOCHS, None
+    given = (getattr(opts.recipe_data, "train", None) or {}).keys()
+    options = default_distill_options(task, epochs=epochs, minutes=minutes, images=images, augment=opts.augment, given=given)
+    how = " and ".join(x for x in (f"{epochs} epochs" if epochs else "", f"at most {minutes:g} min" if minutes else "") if x)
+    source = "the training data" if opts.data or "train_data" in teacher.hooks else f"--calib {opts.calib} (its calibration part)"
+    note(f"training data found: students are distilled from the teacher on {source} without labels "
+         f"({options.get('method', 'kd')}, {how}; --no-distill skips)")  # fmt: skip
+    return epochs, distill_spec(options)
 
 
 def _spec_path(spec: str) -> Path:

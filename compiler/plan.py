@@ -18,6 +18,7 @@ recipe key the schema does not know (the message names the closest valid key). A
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,10 @@ class CompileOptions:
     extra: dict[str, Any] = field(default_factory=dict)
     #: fidelity floor (0..1) overriding the profile's ``min_fidelity``; students below it are flagged
     min_fidelity: float | None = None
+    #: wall-clock budget of each student's default distillation, in minutes (``--train-minutes``)
+    train_minutes: float | None = None
+    #: augment image training data in the default distillation (``--no-augment`` turns it off)
+    augment: bool = True
 
 
 @dataclass
@@ -220,6 +225,7 @@ def check_flags(opts: CompileOptions) -> None:
         raise InputError(f"--min-fidelity {opts.min_fidelity}: must be between 0 and 1 (a fidelity score)")
     if opts.seed is not None and not 0 <= int(opts.seed) <= SEED_MAX:
         raise InputError(f"--seed {opts.seed}: must be between 0 and {SEED_MAX}")
+    _check_training_flags(opts)
     if opts.pipeline:
         moot = [flag for flag, value in (
             ("--drop-layers", opts.drop_layers), ("--keep-layers", opts.keep_layers),
@@ -232,6 +238,21 @@ def check_flags(opts: CompileOptions) -> None:
                 f"{', '.join(moot)} with --pipeline: the pipeline says what runs; write it there "
                 "(prune.depth{drop=N}, importance.NAME, distill{epochs=N}) and drop the flag"
             )
+
+
+def _check_training_flags(opts: CompileOptions) -> None:
+    """``--train-minutes`` and ``--no-augment`` shape the default distillation: without one they are errors."""
+    m = opts.train_minutes
+    if m is not None and not (math.isfinite(float(m)) and float(m) > 0):
+        raise InputError(f"--train-minutes {m}: must be a positive number of minutes (e.g. 10)")
+    given = [f for f, on in (("--train-minutes", m is not None), ("--no-augment", not opts.augment)) if on]
+    why = ("--no-distill turns distillation off" if not opts.distill else
+           "the pipeline says what runs: write distill{minutes=M} or distill{augment=false} there" if opts.pipeline else
+           "elastic supernet training takes --distill-epochs" if opts.elastic else
+           "the recipe's stages: run distill.progressive, which takes epochs per stage"
+           if getattr(opts.recipe_data, "stages", None) else "")  # fmt: skip
+    if given and why:
+        raise InputError(f"{', '.join(given)}: no default distillation would use it ({why}); drop the flag")
 
 
 def _depth_steps(opts: CompileOptions) -> tuple[list[str], str]:
@@ -303,12 +324,15 @@ def _finish(passes: list[Pass], target: str) -> list[Pass]:
     return [*passes, get_pass("record")()]
 
 
-def plan_students(opts: CompileOptions, target: str, distill_epochs: int | None = None) -> list[Plan]:
+def plan_students(opts: CompileOptions, target: str, distill_epochs: int | None = None,
+                  distill: str | None = None) -> list[Plan]:  # fmt: skip
     """One plan per student: the user's pipeline, or the default prune pipeline per ratio, each
     ending in lowering and ``record``.
 
-    With ``distill_epochs`` (the driver sets it when training data is at hand and ``--no-distill``
-    is not given) the default pipeline distils each pruned student from the teacher before lowering.
+    With ``distill`` (the ``distill{...}`` step the driver chose for the teacher's task,
+    ``potstill.passes.distill.defaults``) or ``distill_epochs`` (then ``distill{epochs=N}``) — set when
+    training data is at hand and ``--no-distill`` is not given — the default pipeline distils each
+    pruned student from the teacher before lowering.
     """
     check_target(target, "--target")
     check_flags(opts)
@@ -350,12 +374,12 @@ def plan_students(opts: CompileOptions, target: str, distill_epochs: int | None 
                 steps += [*([importance] if importance else []), f"prune.width{{ratio={r:g}}}"]
                 tags.insert(0, _ratio_name(r))
             steps.append("bn.recalibrate")  # BN statistics of the pruned widths (a no-op without BN)
-            if stages or distill_epochs is not None:
+            if stages or distill_epochs is not None or distill is not None:
                 steps.append("fidelity{stage=before_distill}")
             if stages:
                 steps.append("distill.progressive")
-            elif distill_epochs is not None:
-                steps.append(f"distill{{epochs={distill_epochs}}}")
+            elif distill is not None or distill_epochs is not None:
+                steps.append(distill or f"distill{{epochs={distill_epochs}}}")
             plans.append(Plan("-".join(tags), build_pipeline(",".join(steps))))
     plans = [Plan(p.name, _finish(_feed_training(p.passes, opts.recipe_data, source), target)) for p in plans]
     names = [p.name for p in plans]

@@ -212,18 +212,19 @@ def table_rows(manifest: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
     Latency is the engine's on the profile's target (median and 90th percentile); speed-up and
     ``MACs ÷`` are the teacher's value divided by the student's; parity is ok/FAIL against the
     profile's tolerance with the max absolute error; fidelity is the score against the teacher on
-    held-out data (✗: below the floor or NaN), ``pre-KD`` the same before distillation.
+    held-out data (✗: below the floor or NaN), ``pre-KD`` the same before distillation and ``KD min``
+    the minutes distillation trained (``⏱``: its ``--train-minutes`` budget stopped it).
     """
     floor = floor_of(manifest)
     students = manifest.get("students", [])
     before = any(fidelity_of(s, "fidelity_before_distill") for s in students)
     header = ["model", "MACs", "params", "p50 ms", "p90 ms", "speed-up", "MACs ÷", "parity", "fidelity"]
-    header += ["pre-KD"] if before else []
+    header += ["pre-KD", "KD min"] if before else []
     header += ["measures", "metric"]
     teacher = manifest["teacher"]
     rows = [[
         "teacher", human(teacher.get("macs")), human(teacher.get("params")), _latency(teacher, "median"),
-        _latency(teacher, "p90"), "1.00×", "1.00×", _parity(teacher), "1 (ref)", *([""] if before else []), "",
+        _latency(teacher, "p90"), "1.00×", "1.00×", _parity(teacher), "1 (ref)", *(["", ""] if before else []), "",
         _num(teacher.get("metric"), "{:.3f}"),
     ]]  # fmt: skip
     for s in students:
@@ -231,7 +232,7 @@ def table_rows(manifest: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
         rows.append([
             s["name"], human(s.get("macs")), human(s.get("params")), _latency(s, "median"), _latency(s, "p90"),
             _num(s.get("speedup"), "{:.2f}×"), _num(s.get("macs_reduction"), "{:.2f}×"), _parity(s),
-            _fid_cell(fid, floor), *([_fid_cell(fidelity_of(s, "fidelity_before_distill"))] if before else []),
+            _fid_cell(fid, floor), *([_fid_cell(fidelity_of(s, "fidelity_before_distill")), _train_minutes(s)] if before else []),
             measures_text(fid, secondary=True), _num(s.get("metric"), "{:.3f}"),
         ])  # fmt: skip
     robust = [_robust(s.get("robust")) for s in manifest.get("students", [])]
@@ -241,6 +242,20 @@ def table_rows(manifest: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
         for row, r in zip(rows[1:], robust):
             row.append(r)
     return header, rows
+
+
+def _distill_record(s: Row) -> Mapping[str, Any]:
+    record = (s.get("metrics") or {}).get("distill")
+    return record if isinstance(record, Mapping) else {}
+
+
+def _train_minutes(s: Row) -> str:
+    """Minutes the student's distillation trained, ``⏱`` when its time budget stopped it."""
+    d = _distill_record(s)
+    used = d.get("minutes_used")
+    if not isinstance(used, (int, float)):
+        return "—"
+    return f"{used:.1f}" + (" ⏱" if d.get("stopped_by_budget") else "")
 
 
 def _robust(value: Any) -> str:
@@ -397,6 +412,13 @@ def _fidelity_lines(s: Row, floor: float) -> list[str]:
     before = fidelity_of(s, "fidelity_before_distill")
     if before is not None:
         out.append(f"- fidelity before distillation: {_fid_cell(before)}; {measures_text(before)}")
+    d = _distill_record(s)
+    if d.get("steps") is not None:
+        budget = d.get("budget_minutes")
+        why = (f"stopped by its {budget:g}-minute budget" if d.get("stopped_by_budget") else
+               f"within its {budget:g}-minute budget" if budget else "no time budget")  # fmt: skip
+        out.append(f"- distillation: {d.get('method')}, {d['steps']} steps in {float(d.get('minutes_used') or 0):.1f} min "
+                   f"({why}); augmented images: {'yes' if d.get('augment') else 'no'}")  # fmt: skip
     return out
 
 

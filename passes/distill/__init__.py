@@ -7,6 +7,7 @@ recipes load from YAML (recipe); the ``distill`` pass (pass_) plugs it into pipe
 
 from .batches import Rebatched, TensorBatches
 from .capture import ModelOutputs, Want, run_model
+from .config import StudentSpec, TrainConfig, TrainResult
 from .losses import (
     AttentionLoss,
     CosineEmbeddingLoss,
@@ -19,7 +20,7 @@ from .losses import (
     register_loss,
     uniform_layer_map,
 )
-from .trainer import DistillTrainer, StudentSpec, TrainConfig, TrainResult
+from .trainer import DistillTrainer
 
 __all__ = [
     "AttentionLoss",

@@ -135,3 +135,19 @@ def _take(b: Batch, lo: int, hi: int) -> Batch:
         return x[lo:hi] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n else x
 
     return Batch(tuple(cut(a) for a in b.args), {k: cut(v) for k, v in b.kwargs.items()}, cut(b.target))
+
+
+class Without:
+    """A source without the batches of ``exclude`` (compared by content, ``teacher_cache.batch_key``):
+    training data that also calibrated never trains on the held-out batches fidelity is measured on."""
+
+    def __init__(self, source: Callable[..., Iterable[Any]] | Iterable[Any], exclude: Iterable[Any]) -> None:
+        from .teacher_cache import batch_key
+
+        self.source, self._key = source, batch_key
+        self.keys = {batch_key(as_batch(b)) for b in exclude}
+
+    def __call__(self, epoch: int = 0) -> Iterator[Any]:
+        for raw in _raw(self.source, epoch):
+            if self._key(as_batch(raw)) not in self.keys:
+                yield raw

@@ -124,3 +124,12 @@ def step_health(loss: torch.Tensor, grad_norm: torch.Tensor, ctx: DistContext) -
         dist.all_reduce(flags)
     total, bad_loss, bad_grad = flags.tolist()
     return total / ctx.world_size, bad_loss > 0, bad_grad > 0
+
+
+def broadcast_object(obj: Any, ctx: DistContext) -> Any:
+    """Rank 0's ``obj`` on every rank (a decision all ranks must take alike, e.g. a spent time budget)."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

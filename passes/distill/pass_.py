@@ -6,9 +6,17 @@ the objective and regime (``kd``, ``hidden``, ``attention``, ``cosine`` or a sum
 options: see ``methods`` for the table. An option of another method is an error listing this
 method's options; ``loss=`` is an error that says which ``method=`` to write.
 
-Training options (every method): epochs, max_steps, lr, batch_size, optimizer, weight_decay,
+Training options (every method): epochs, minutes, max_steps, lr, batch_size, optimizer, weight_decay,
 warmup_steps, grad_clip, precision, checkpoint_every, resume, eval_limit, progress,
-divergence_factor, parallel. ``None`` means "not set" (no step limit, the data's own batches, no clipping).
+divergence_factor, parallel, augment. ``None`` means "not set" (no step limit, the data's own batches, no clipping).
+
+``minutes``: a wall-clock budget (``budget``): training stops when it is spent, and the learning
+rate decays over it; ``epochs`` then bounds the run too, and without ``epochs`` it trains until
+the budget is spent. The metrics record the minutes used and whether the budget stopped the run.
+``augment`` (``augment``): each step sees new random crops, flips and colour jitter of the
+training images, teacher and student the same view; ``None`` turns it on when the batches are
+images ``[N, C, H, W]``, fewer than ``AUGMENT_BELOW`` (1,000) of them, and the teacher runs live;
+``false`` turns it off; ``true`` on data without images is an error.
 
 ``parallel`` (under ``torchrun``): ``auto`` (DDP when launched with several processes, else one
 process), ``ddp``, or ``fsdp`` — FSDP2 (``fully_shard``) for a student whose weights, gradients and
@@ -25,7 +33,10 @@ moves to the training device. Full outputs train exactly as the live teacher doe
 back as a tail ``TAIL_GAP`` below them: the renormalised top-``K`` distribution), for large
 vocabularies. The cache lives under ``state.work_dir / "teacher-cache" / <student>`` (a re-run with the
 same teacher and data reuses it), else in a temporary folder the pass removes afterwards.
-``method=attention`` needs the live teacher (the cache keeps no attention maps).
+``method=attention`` needs the live teacher (the cache keeps no attention maps), and so do augmented
+images (every step's view is new). The cache is shared by the students of one compile: its folder
+is named by the teacher's weights, top-k and what is captured, and each file by its batch. Under
+``minutes`` the steps are not known in advance, so the cache fills as training meets each batch.
 
 Data: ``state.train_data``, else ``state.calib_data``. Metrics go to ``student.metrics["distill"]``
 with the method and every option as it ran. Checkpoints (safetensors + JSON) and a JSON-lines log
@@ -46,18 +57,21 @@ from pathlib import Path
 from typing import Any
 
 from potstill.errors import InputError
+from potstill.inputs.data import as_batch
 from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.state import CompileState
 
 from . import checkpoint as ckpt
 from . import methods
+from .augment import AugmentedImages, image_tensor
 from .batches import Rebatched
 from .capture import Want
+from .config import PARALLEL, StudentSpec, TrainConfig, not_launched, step_batches
 from .distributed import launched_distributed
 from .losses import DistillLoss, make_loss
 from .methods import require, typed_fields
 from .teacher_cache import TeacherCache
-from .trainer import PARALLEL, DistillTrainer, StudentSpec, TrainConfig, not_launched, step_batches
+from .trainer import DistillTrainer
 
 METHODS = methods.METHODS
 TEACHER_OUTPUTS = ("live", "cached")
@@ -70,7 +84,10 @@ class DistillOptions:
     """Training options, then every method's options (``None``: not given, the method's default)."""
 
     method: str = "kd"
-    epochs: int = 1
+    #: passes over the data (None: 1, or as many as ``minutes`` allows when it is given)
+    epochs: int | None = None
+    #: wall-clock budget of the training, in minutes (None: no budget)
+    minutes: float | None = None
     max_steps: int | None = None
     lr: float = 1e-3
     batch_size: int | None = None
@@ -89,6 +106,8 @@ class DistillOptions:
     teacher_outputs: str = "live"
     #: with cached: keep only the top K logits per position (None: the whole output)
     teacher_top_k: int | None = None
+    #: random resized crops, flips and colour jitter of image batches (None: on for fewer than 1,000 images)
+    augment: bool | None = None
     # -- method options (see methods.py; each applies to the methods listed there) --
     temperature: float | None = None
     alpha: float | None = None
@@ -112,7 +131,8 @@ class DistillOptions:
     def __post_init__(self) -> None:
         typed_fields(self, "distill")
         checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1 (or null: 1, or until minutes are spent), got {self.epochs}"),
+            (self.minutes is None or self.minutes > 0, f"minutes must be > 0 (or null: no time budget), got {self.minutes}"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1 (or null: no limit), got {self.max_steps}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.batch_size is None or self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -143,6 +163,9 @@ class DistillOptions:
                     "teacher_outputs=cached or drop teacher_top_k")  # fmt: skip
             require(self.teacher_top_k >= 1, "distill",
                     f"teacher_top_k must be >= 1 (or null: keep the whole output), got {self.teacher_top_k}")  # fmt: skip
+        require(self.teacher_outputs == "live" or self.augment is not True, "distill",
+                "augment=true needs teacher_outputs=live: the teacher must see each step's new view of the images, "
+                "which no cache holds; use teacher_outputs=live, or augment=false")  # fmt: skip
         live_only = [p for p in methods.parse_method(self.method) if p in NEEDS_LIVE_TEACHER]
         require(self.teacher_outputs == "live" or not live_only, "distill",
                 f"method={self.method} needs teacher_outputs=live: {', '.join(live_only)} matches the teacher's "
@@ -158,6 +181,18 @@ class DistillOptions:
         """Each part of the method with its options object (defaults filled in)."""
         return methods.build(self.method, self.given_method_options())
 
+    @property
+    def run_epochs(self) -> int:
+        """The epochs bound of the run: as given, else 1, else (with ``minutes``) until the budget ends."""
+        if self.epochs is not None:
+            return self.epochs
+        return UNTIL_BUDGET if self.minutes is not None else 1
+
+
+#: the epochs bound of a run that trains until its time budget is spent
+UNTIL_BUDGET = 1_000_000
+#: augment=None augments image data of fewer images than this (a few photos)
+AUGMENT_BELOW = 1000
 
 NO_DATA = (
     "distill needs training data: pass --data FILE.py:FN (a function returning an iterable of "
@@ -199,7 +234,7 @@ class DistillPass(Pass):
         o = self.options
         ckpt_dir = self._checkpoint_dir(state, name)
         return TrainConfig(
-            epochs=o.epochs, max_steps=o.max_steps, lr=o.lr, weight_decay=o.weight_decay,
+            epochs=o.run_epochs, max_steps=o.max_steps, time_budget_s=o.minutes * 60 if o.minutes else None, lr=o.lr, weight_decay=o.weight_decay,
             optimizer=o.optimizer, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip,
             precision=o.precision, seed=state.seed, checkpoint_dir=ckpt_dir,
             checkpoint_every=o.checkpoint_every or 0, resume=ckpt_dir is not None and o.resume is not False,
@@ -244,6 +279,9 @@ class DistillPass(Pass):
                 "give it or drop the option(s)")  # fmt: skip
         built = o.method_options()
         data: Any = Rebatched(source, o.batch_size) if o.batch_size else source
+        augment = self._augment(data)
+        if augment:
+            data = AugmentedImages(data, state.seed)
         student = state.working()
         config = self._config(state, student.name)
         with self._teacher_cache(state, student.name, data, config, built) as (cache, cached):
@@ -262,7 +300,17 @@ class DistillPass(Pass):
             "resumed_from": result.resumed_from,
             "checkpoints": str(config.checkpoint_dir) if config.checkpoint_dir is not None else None,
             "teacher_outputs": cached or "live",
+            "augment": augment,
+            "minutes_used": result.seconds / 60,
+            "budget_minutes": o.minutes,
+            "stopped_by_budget": result.stopped_by_budget,
+            "planned_steps": None if o.epochs is None and o.minutes is not None else result.planned_steps,
         }
+        if cache is not None and cached is not None:
+            cached.update(computed_in_training=cache.filled, read_back=cache.hits)
+        if result.stopped_by_budget:
+            note(f"distill: {student.name}: the {o.minutes:g}-minute budget stopped training after {result.steps} steps"
+                 f" ({result.seconds / 60:.1f} min)")  # fmt: skip
         if trainer.discarded:
             metrics["checkpoint_discarded"] = trainer.discarded
         if result.metrics:
@@ -273,6 +321,29 @@ class DistillPass(Pass):
         student.metrics["distill"] = metrics
         state.facts.add("distilled")
         return PassResult(state, True)
+
+    def _augment(self, data: Any) -> bool:
+        """Whether image augmentation runs: as asked, or (None) when the training batches are images,
+        fewer than ``AUGMENT_BELOW`` of them (a few photos; a large set is its own variety)."""
+        from .batches import epoch_batches
+
+        o = self.options
+        if o.augment is False:
+            return False
+        n, images = 0, False
+        for raw in epoch_batches(data, 0, 0):
+            found = image_tensor(as_batch(raw))
+            if found is None:
+                break
+            images, n = True, n + int(found[1].shape[0])
+            if n >= AUGMENT_BELOW:
+                break
+        require(images or o.augment is None, "distill",
+                "augment=true, but the training batches hold no images ([N, C, H, W] floats, positional or "
+                "pixel_values); drop augment")  # fmt: skip
+        if o.augment is None:
+            return images and n < AUGMENT_BELOW and o.teacher_outputs == "live"
+        return True
 
     @contextlib.contextmanager
     def _teacher_cache(self, state: CompileState, name: str, data: Any, config: TrainConfig,
@@ -290,21 +361,28 @@ class DistillPass(Pass):
             work = getattr(state, "work_dir", None)
             if work is None:
                 root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="potstill-teacher-cache-")))
-            else:
-                root = Path(work) / "teacher-cache" / name
+            else:  # one cache per compile: every student reads the batches another one computed
+                root = Path(work) / "teacher-cache"
                 _remove_stale_caches(root, keep=key)
             cache = TeacherCache(root / key, top_k=o.teacher_top_k)
-            # exactly the batches the steps will see: every epoch's order, the step limit, the sharding
-            n = cache.build(state.teacher, step_batches(data, config), want)
-            size = sum(f.stat().st_size for f in cache.directory.glob("*.safetensors"))
             what = f"top-{o.teacher_top_k} logits" if o.teacher_top_k else "whole outputs"
             if want.hidden:
                 what += " and hidden states"
             where = str(cache.directory) if work is not None else "a temporary folder, removed after training"
-            note(f"distill: the teacher's outputs were precomputed for {n} training batches ({what}, "
-                 f"{len(cache)} files, {size / 2**20:.1f} MiB on disk in {where}); training reads them instead of "
-                 "running the teacher" + (" (cema's teacher entropy is that of the renormalised top-k "
-                 "distribution)" if o.teacher_top_k and "cema" in built else ""))  # fmt: skip
+            entropy = (" (cema's teacher entropy is that of the renormalised top-k distribution)"
+                       if o.teacher_top_k and "cema" in built else "")  # fmt: skip
+            if o.minutes is not None:  # the steps are not known in advance: fill as training meets each batch
+                cache.fill_from(state.teacher, want)
+                n = len(cache)
+                note(f"distill: the teacher's outputs ({what}) are cached in {where} as training meets each batch "
+                     f"({n} batches stored already); later epochs and students read them back{entropy}")  # fmt: skip
+            else:  # exactly the batches the steps will see: every epoch's order, the step limit, the sharding
+                n = cache.build(state.teacher, step_batches(data, config), want)
+                size = sum(f.stat().st_size for f in cache.directory.glob("*.safetensors"))
+                note(f"distill: the teacher's outputs were precomputed for {n} training batches ({what}, "
+                     f"{len(cache)} files, {size / 2**20:.1f} MiB on disk in {where}); training reads them instead of "
+                     f"running the teacher{entropy}")  # fmt: skip
+            size = sum(f.stat().st_size for f in cache.directory.glob("*.safetensors"))
             yield cache, {"mode": "cached", "batches": n, "files": len(cache), "top_k": o.teacher_top_k,
                           "hidden": want.hidden, "bytes": size,
                           "dir": str(cache.directory) if work is not None else None}  # fmt: skip

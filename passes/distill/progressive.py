@@ -25,7 +25,8 @@ from typing import Any
 from potstill.errors import InputError
 from torch import nn
 
-from .trainer import DataSource, DistillTrainer, TrainConfig, TrainResult
+from .config import DataSource, TrainConfig, TrainResult
+from .trainer import DistillTrainer
 
 
 @dataclass

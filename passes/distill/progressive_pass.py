@@ -16,9 +16,9 @@ from potstill.errors import InputError
 from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.state import CompileState
 
+from .config import TrainConfig
 from .progressive import ProgressiveDistiller
 from .recipe import Recipe, StageSpec, build_stages
-from .trainer import TrainConfig
 
 
 @dataclass(frozen=True)

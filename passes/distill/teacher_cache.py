@@ -13,7 +13,11 @@ way). What is kept per batch:
 - hidden states and the embedding output when the loss reads them (``Want.hidden``).
 
 Each file is named by a hash of the batch's input tensors, so a batch the cache has not seen (other
-data, another order after a change) is an error, never another batch's teacher outputs.
+data, another order after a change) is an error, never another batch's teacher outputs — unless the
+cache was given the teacher to fill itself (``fill_from``): then a batch it has not seen runs the
+teacher once and is stored, so a run whose steps are not known in advance (a wall-clock budget)
+computes each batch's outputs the first time any student meets it, and every later epoch and
+student of the compile reads them back.
 
     cache = TeacherCache(work_dir / "teacher-cache", top_k=64)
     cache.build(teacher, train_batches, want=loss.teacher_want())
@@ -61,34 +65,47 @@ class TeacherCache:
         self.directory = Path(directory)
         self.top_k = top_k
         self.device = torch.device("cpu")
+        self._teacher: nn.Module | None = None
+        self._want = Want()
+        #: batches computed on a miss (``fill_from``) and batches read back, for the run's record
+        self.filled = 0
+        self.hits = 0
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"
+
+    def fill_from(self, teacher: nn.Module, want: Want | None = None) -> None:
+        """Compute and store the outputs of a batch the cache has not seen, instead of refusing it."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / "cache.json").write_text(json.dumps({"top_k": self.top_k, "hidden": bool(want and want.hidden)}))
+        self._teacher, self._want = teacher, want or Want()
+
+    def _store(self, teacher: nn.Module, batch: Batch, key: str, want: Want) -> None:
+        from safetensors.torch import save_file
+
+        device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
+        teacher.eval()
+        with torch.inference_mode():
+            out = run_model(teacher, batch.to(device), want)
+        tensors = self._pack(out)
+        tmp = self._path(key).with_suffix(".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(self._path(key))  # a half-written file never looks stored
 
     def build(self, teacher: nn.Module, batches: Iterable[Any], want: Want | None = None) -> int:
         """Run ``teacher`` over ``batches`` and store its outputs; returns how many batches are stored.
 
         Batches already stored (same inputs) are skipped, so an interrupted build resumes.
         """
-        from safetensors.torch import save_file
-
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / "cache.json").write_text(json.dumps({"top_k": self.top_k, "hidden": bool(want and want.hidden)}))
-        device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
-        teacher.eval()
         n = 0
         for raw in batches:
             batch = as_batch(raw)
             key = batch_key(batch)
             n += 1
-            if self._path(key).is_file():
-                continue
-            with torch.inference_mode():
-                out = run_model(teacher, batch.to(device), want or Want())
-            tensors = self._pack(out)
-            tmp = self._path(key).with_suffix(".tmp")
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-            tmp.replace(self._path(key))  # a half-written file never looks stored
+            if not self._path(key).is_file():
+                self._store(teacher, batch, key, want or Want())
         return n
 
     def _pack(self, out: ModelOutputs) -> dict[str, torch.Tensor]:
@@ -111,6 +128,11 @@ class TeacherCache:
 
         key = batch_key(batch)
         path = self._path(key)
+        if not path.is_file() and self._teacher is not None:
+            self._store(self._teacher, batch, key, self._want)
+            self.filled += 1
+        elif path.is_file():
+            self.hits += 1
         if not path.is_file():
             raise InputError(
                 f"teacher cache {self.directory}: no outputs for this batch (key {key}); the training data "

@@ -20,21 +20,19 @@ are copied back into the plain student on every rank at the end, so what follows
 lowering — sees an ordinary module); checkpoints and logs come from rank 0 only (see
 ``checkpoint`` for the resume guarantee; under FSDP they hold the full weights and optimizer state).
 
-Resume: a checkpoint records a fingerprint of what the run started from (``run_key``, the training
-settings, the students' and the teacher's initial weights, the first batch). ``resume=True``
-continues only from a checkpoint with the same fingerprint; others are deleted and the run starts
-fresh. Numeric health (finite loss, gradients and weights; divergence) is checked every step, see
-``health``.
+A run ends after its epochs, its ``max_steps``, or its wall-clock budget (``time_budget_s``, see
+``budget``), whichever comes first. Resume: see ``trainer_checkpoints``. Numeric health (finite
+loss, gradients and weights; divergence) is checked every step, see ``health``.
+
+The parts: ``config`` (settings, result, the batches of each step), ``frozen`` (the teacher's flags),
+``trainer_checkpoints`` (save, restore, resume), ``budget`` and ``progress``; this module is the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,126 +43,42 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import distributed as ddp
 from . import fsdp, health
-from .batches import count_batches, epoch_batches
-from .capture import ForwardFn, ModelOutputs, Want, run_model, unwrap
+from .budget import TimeBudget
+from .capture import ModelOutputs, Want, run_model, unwrap
+from .config import (
+    PARALLEL,
+    DataSource,
+    StudentSpec,
+    TrainConfig,
+    TrainResult,
+    epoch_iter,
+    not_launched,
+    step_batches,
+    total_steps,
+)
 from .evaluate import Evaluator, MetricsLog, evaluate
+from .frozen import FrozenTeacher
 from .losses import DistillLoss, LossInputs, SumLoss, make_loss
 from .progress import StepProgress
 from .schedule import make_optimizer, make_scheduler
+from .trainer_checkpoints import CheckpointingMixin
 
-DataSource = Callable[..., Iterable[Any]] | Iterable[Any]
-
-
-@dataclass
-class StudentSpec:
-    """A student: a module, or a configuration of one run by ``forward(module, batch, config)``."""
-
-    module: nn.Module
-    config: Any = None
-    weight: float = 1.0
-    forward: ForwardFn | None = None
-    name: str = ""
+__all__ = ["PARALLEL", "DataSource", "DistillTrainer", "StudentSpec", "TrainConfig", "TrainResult", "not_launched",
+           "step_batches"]  # fmt: skip
 
 
 @dataclass
-class TrainConfig:
-    epochs: int = 1
-    max_steps: int | None = None
-    steps_per_epoch: int | None = None
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = 1.0
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on CUDA only)
-    seed: int = 0
-    device: str | None = None
-    inplace: bool = False
-    balance: bool = False
-    shard: str = "split"  # split | batches
-    #: under torchrun: "ddp" (each rank a whole student), "fsdp" (FSDP2: each rank a shard of its
-    #: weights, gradients and optimizer state, for students too big for one device), "auto" (DDP
-    #: under torchrun, one process otherwise). ddp and fsdp need torchrun with WORLD_SIZE > 1.
-    parallel: str = "auto"
-    find_unused_parameters: bool = False
-    checkpoint_dir: Path | None = None
-    #: every this many steps; 0: at the end of each epoch (and always at the end)
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 1
-    resume: bool = False
-    log_path: Path | None = None
-    log_every: int = 10
-    eval_every: int = 0
-    eval_limit: int | None = None
-    progress: bool = True
-    #: identity of the run beyond these settings (the distill pass's spec): part of the fingerprint
-    run_key: str = ""
-    #: fail when the loss ends above this multiple of its start (``health``); None: do not check
-    divergence_factor: float | None = 10.0
+class _Position:
+    """Where the loop is: global step, epoch, batches consumed in that epoch, samples seen."""
+
+    step: int = 0
+    epoch: int = 0
+    pos: int = 0
+    samples: int = 0
+    loss: float = float("nan")
 
 
-PARALLEL = ("auto", "ddp", "fsdp")
-
-
-def not_launched(parallel: str) -> str:
-    return (
-        f"parallel={parallel} needs several processes under torchrun (WORLD_SIZE > 1), but this is one "
-        f"process: launch with 'torchrun --nproc_per_node N ...', or use parallel=auto to train in this process"
-    )
-
-
-#: settings that do not change what a run computes (left out of the resume fingerprint)
-_NOT_FINGERPRINTED = {"checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "log_path", "log_every",
-                      "eval_every", "eval_limit", "progress"}  # fmt: skip
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    epochs: int
-    loss: float
-    seconds: float
-    samples: int
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    resumed_from: int | None = None
-
-    @property
-    def samples_per_s(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else 0.0
-
-
-def _epoch_iter(data: DataSource, c: TrainConfig, dist: ddp.DistContext, epoch: int) -> Iterator[Any]:
-    items = epoch_batches(data, c.seed, epoch)
-    return ddp.shard_batches(items, dist) if c.shard == "batches" and dist.enabled else items
-
-
-def _total_steps(data: DataSource, c: TrainConfig, dist: ddp.DistContext) -> int:
-    """Steps in the run on this rank."""
-    per_epoch = c.steps_per_epoch or count_batches(data, c.seed)
-    if c.shard == "batches" and dist.enabled:
-        per_epoch = -(-per_epoch // dist.world_size)
-    return min(c.max_steps or per_epoch * c.epochs, per_epoch * c.epochs)
-
-
-def step_batches(data: DataSource, config: TrainConfig, dist: ddp.DistContext | None = None) -> Iterator[Batch]:
-    """Every batch a step of ``DistillTrainer.fit(data)`` with ``config`` trains on, on this rank, in
-    order: every epoch (each in its ``(seed, epoch)`` order), up to the step limit, sharded as the
-    steps shard it. What a teacher cache (``teacher_cache``) must hold."""
-    dist = dist or ddp.init_distributed(torch.device(config.device) if config.device else None)
-    total, step = _total_steps(data, config, dist), 0
-    for epoch in range(config.epochs):
-        for raw in _epoch_iter(data, config, dist, epoch):
-            if step >= total:
-                return
-            batch = as_batch(raw)
-            yield ddp.shard_batch(batch, dist)[0] if config.shard == "split" else batch
-            step += 1
-
-
-class DistillTrainer:
+class DistillTrainer(CheckpointingMixin):
     """Distil ``teacher`` into ``students`` with ``loss`` (a name, a sum such as ``"kd+hidden"``, or
     a ``DistillLoss``).
 
@@ -204,6 +118,7 @@ class DistillTrainer:
         self.mask_fn = mask_fn
         if self.config.parallel not in PARALLEL:
             raise InputError(f"parallel must be one of {', '.join(PARALLEL)}, got {self.config.parallel!r}")
+        self.budget = TimeBudget(self.config.time_budget_s)  # checks the budget now, before any work
         self.dist = ddp.init_distributed(torch.device(self.config.device) if self.config.device else None)
         if self.config.parallel != "auto" and not self.dist.enabled:
             raise InputError(not_launched(self.config.parallel))
@@ -213,7 +128,7 @@ class DistillTrainer:
         self.modules = list({id(s.module): s.module for s in self.students}.values())
         self.wrapped: dict[int, nn.Module] = {}
         self.log = MetricsLog(self.config.log_path if self.dist.is_main else None)
-        self._teacher_saved: tuple[list[tuple[nn.Parameter, bool]], list[tuple[nn.Module, bool]], Any] | None = None
+        self.frozen = FrozenTeacher(teacher)
         self.discarded: str | None = None
         self.fingerprint: str | None = None
         self.monitor: health.DivergenceMonitor | None = None
@@ -254,33 +169,6 @@ class DistillTrainer:
                     "unfreeze it (student.requires_grad_(True)) before distilling"
                 )
 
-    def _freeze_teacher(self) -> None:
-        """Freeze the teacher for this run only; ``_restore_teacher`` puts every flag back."""
-        t = self.teacher
-        if t is None:
-            return
-        first = next(iter(t.parameters()), None)
-        self._teacher_saved = (
-            [(p, p.requires_grad) for p in t.parameters()],
-            [(m, m.training) for m in t.modules()],
-            first.device if first is not None else None,
-        )
-        if self.teacher_outputs is None:  # with cached outputs the teacher stays where it is, off the device
-            t.to(self.device)
-        t.eval().requires_grad_(False)
-
-    def _restore_teacher(self) -> None:
-        if self.teacher is None or self._teacher_saved is None:
-            return
-        params, modules, device = self._teacher_saved
-        for p, flag in params:
-            p.requires_grad_(flag)
-        for m, training in modules:
-            m.training = training  # not m.train(): that would also reset the children
-        if device is not None and device != self.device:
-            self.teacher.to(device)
-        self._teacher_saved = None
-
     def _trainable(self, m: nn.Module) -> bool:
         return any(p.requires_grad for p in m.parameters())
 
@@ -298,7 +186,8 @@ class DistillTrainer:
                 self.wrapped[id(m)] = fsdp.sharded_replica(m, self.device).train()
             else:
                 m.to(self.device).train()
-        self._freeze_teacher()
+        # with cached outputs the teacher stays where it is, off the device
+        self.frozen.freeze(self.device, move=self.teacher_outputs is None)
         self.loss.to(self.device)
         for m in self.loss.frozen_models():
             m.to(self.device).eval().requires_grad_(False)
@@ -307,6 +196,15 @@ class DistillTrainer:
             with torch.no_grad():
                 self._losses(probe, self.students)
         ddp.broadcast_parameters(self.loss.parameters(), self.dist)
+        self._wrap_ddp()
+        # the trained modules' parameters: under FSDP the replicas' shards (DTensors)
+        params = {id(p): p for m in self.modules for p in self._trained(m).parameters() if p.requires_grad}
+        params.update({id(p): p for p in self.loss.parameters() if p.requires_grad})
+        c = self.config
+        self.optimizer = make_optimizer(params.values(), c.optimizer, c.lr, c.weight_decay, c.momentum)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=c.precision == "fp16" and self.device.type == "cuda")
+
+    def _wrap_ddp(self) -> None:
         for m in self.modules:
             if self.sharded:
                 continue
@@ -317,12 +215,6 @@ class DistillTrainer:
                 )
             else:
                 self.wrapped[id(m)] = m
-        # the trained modules' parameters: under FSDP the replicas' shards (DTensors)
-        params = {id(p): p for m in self.modules for p in self._trained(m).parameters() if p.requires_grad}
-        params.update({id(p): p for p in self.loss.parameters() if p.requires_grad})
-        c = self.config
-        self.optimizer = make_optimizer(params.values(), c.optimizer, c.lr, c.weight_decay, c.momentum)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=c.precision == "fp16" and self.device.type == "cuda")
 
     # -- one step ----------------------------------------------------------------------------------
 
@@ -424,11 +316,6 @@ class DistillTrainer:
             step, terms, batch, teacher_bad, [(s.name, self._trained(s.module)) for s in specs]
         )
 
-    def _check_weights(self, step: int) -> None:
-        named = [(spec.name, self._trained(spec.module)) for spec in self.students]
-        gather = (lambda bad: ddp.gather_objects(bad, self.dist)) if self.sharded else None
-        health.check_weights(named, step, self.config.lr, gather)
-
     def _unshard(self) -> None:
         """FSDP: copy each replica's full trained weights into its plain module (every rank), drop it."""
         if not self.sharded:
@@ -438,122 +325,79 @@ class DistillTrainer:
             if replica is not None:
                 fsdp.gather_into(replica, m)
 
-    # -- checkpoints -------------------------------------------------------------------------------
-
-    def _state(self, step: int, epoch: int, position: int) -> dict[str, Any]:
-        return {
-            "version": 1,
-            "step": step,
-            "epoch": epoch,
-            "position": position,
-            "world_size": self.dist.world_size,
-            "students": [fsdp.full_state_dict(self._trained(m)) if self.sharded else m.state_dict()
-                         for m in self.modules],
-            "loss": self.loss.state_dict(),
-            "optimizer": fsdp.full_optimizer_state(self.optimizer) if self.sharded else self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "fingerprint": self.fingerprint,
-            "first_loss": self.monitor.first if self.monitor is not None else None,
-        }
-
-    def save(self, step: int, epoch: int, position: int) -> Path | None:
-        self._check_weights(step)  # never checkpoint a NaN
-        rngs = ddp.gather_objects(ckpt.rng_state(), self.dist)
-        path = None
-        # under FSDP gathering the full state is collective: every rank takes part, rank 0 writes
-        state = self._state(step, epoch, position) if self.sharded else None
-        if self.dist.is_main and self.config.checkpoint_dir is not None:
-            payload = (state or self._state(step, epoch, position)) | {"rng": rngs}
-            path = ckpt.save_checkpoint(self.config.checkpoint_dir, step, payload, self.config.keep_checkpoints)
-        ddp.barrier(self.dist)
-        return path
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        for m, sd in zip(self.modules, state["students"]):
-            if self.sharded and id(m) in self.wrapped:
-                fsdp.load_full_state(self.wrapped[id(m)], sd)
-            else:
-                m.load_state_dict(sd)
-        self.loss.load_state_dict(state["loss"])
-        optimizer = state["optimizer"]
-        self.optimizer.load_state_dict(fsdp.shard_optimizer_state(optimizer, self.optimizer) if self.sharded else optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-
     # -- the loop ----------------------------------------------------------------------------------
 
     def _epoch_iter(self, data: DataSource, epoch: int) -> Iterator[Any]:
-        return _epoch_iter(data, self.config, self.dist, epoch)
+        return epoch_iter(data, self.config, self.dist, epoch)
 
     def fit(self, data: DataSource, eval_data: DataSource | None = None) -> TrainResult:
-        """Train for ``epochs`` (or ``max_steps``) over ``data``; evaluate on ``eval_data``.
+        """Train for ``epochs`` (or ``max_steps``, or until the time budget is spent) over ``data``;
+        evaluate on ``eval_data``.
 
         The teacher's flags are restored on the way out, whether training succeeded or raised.
         """
         try:
             return self._fit(data, eval_data)
         finally:
-            self._restore_teacher()
+            self.frozen.restore(self.device)
 
-    def _fingerprint(self, data: DataSource, probe: Any) -> str:
+    def _start(self, data: DataSource, total: int) -> tuple[_Position, dict[str, Any] | None]:
+        """Set up the students and the optimizer, and resume from a matching checkpoint if any."""
         c = self.config
-        if c.shard == "batches" and self.dist.enabled:  # each rank's probe differs: use the unsharded first
-            probe = next(iter(epoch_batches(data, c.seed, 0)))
-        first = as_batch(probe)
-        settings = {k: v for k, v in dataclasses.asdict(c).items() if k not in _NOT_FINGERPRINTED}
-        tensors = [x for x in (*first.args, *first.kwargs.values(), first.target) if isinstance(x, torch.Tensor)]
-        return ckpt.fingerprint(
-            [ckpt.FORMAT, settings, self.dist.world_size, self.loss_name, *self.modules, self.loss,
-             *([self.teacher] if self.teacher is not None else []), *tensors]
-        )  # fmt: skip
-
-    def _resume_state(self, data: DataSource, probe: Any) -> dict[str, Any] | None:
-        """The checkpoint to continue from, if any matches this run; clears the ones that do not."""
-        c = self.config
-        if c.checkpoint_dir is None:
-            return None
-        self.fingerprint = self._fingerprint(data, probe)
-        last = ckpt.latest_checkpoint(c.checkpoint_dir) if c.resume else None  # refuses pickles
-        state = ckpt.load_checkpoint(last) if last is not None else None
-        if state is not None and state.get("fingerprint") != self.fingerprint:
-            self.discarded = f"{last}: written by a run with other settings, weights or data; started afresh"
-            state = None
-        if state is None:
-            ddp.barrier(self.dist)  # every rank has read before rank 0 deletes
-            if self.dist.is_main:
-                ckpt.remove_checkpoints(c.checkpoint_dir)
-                self.log.truncate_after(0)
-            ddp.barrier(self.dist)
-        return state
-
-    def _fit(self, data: DataSource, eval_data: DataSource | None) -> TrainResult:
-        c = self.config
-        total = _total_steps(data, c, self.dist)
-        if total <= 0:
-            raise InputError("the training data yielded no batches")
         probe = next(iter(self._epoch_iter(data, 0)))
         probe_batch = ddp.shard_batch(as_batch(probe), self.dist)[0] if c.shard == "split" else as_batch(probe)
         ckpt.seed_everything(c.seed)
         self._setup(probe_batch.to(self.device))
-        self.scheduler = make_scheduler(self.optimizer, c.schedule, total, c.warmup_steps, c.min_lr_ratio)
-        step, epoch0, position, resumed = 0, 0, 0, None
-        rng: dict[str, Any] | None = None
+        spent = self.budget.fraction if c.time_budget_s is not None else None
+        self.scheduler = make_scheduler(self.optimizer, c.schedule, total, c.warmup_steps, c.min_lr_ratio, spent)
+        at, rng = _Position(), None
         state = self._resume_state(data, probe)
         self.monitor = health.DivergenceMonitor(total, c.divergence_factor)
         if state is not None:
-            self._restore(state)
-            step, epoch0, position, resumed = state["step"], state["epoch"], state["position"], state["step"]
+            self._restore(state, self.wrapped)
+            at = _Position(state["step"], state["epoch"], state["position"])
             self.monitor.start_from(state.get("first_loss"))
             rngs = state["rng"]
             rng = rngs[self.dist.rank] if len(rngs) == self.dist.world_size else rngs[0]
-            self.log.truncate_after(step)
-        t0, samples, loss_value = time.perf_counter(), 0, float("nan")
-        epoch, pos = epoch0, position
-        bar = StepProgress(total, enabled=c.progress and self.dist.is_main, start=step)
+            self.log.truncate_after(at.step)
+        return at, rng
+
+    def _after_step(self, at: _Position, total: int, bar: StepProgress, eval_data: DataSource | None) -> None:
+        """Log, check, evaluate and checkpoint after step ``at.step`` as the config asks."""
+        c = self.config
+        if self.monitor is not None:  # set in _start
+            self.monitor.update(at.step, at.loss, c.lr)
+        rate = at.samples / max(self.budget.elapsed, 1e-9)
+        log_now = at.step % max(c.log_every, 1) == 0 or at.step == total
+        bar.update(at.step, at.loss if log_now else None, rate)
+        if log_now:
+            self._check_weights(at.step)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.log.append({"step": at.step, "epoch": at.epoch, "loss": at.loss, "lr": lr, "samples_per_s": rate})
+        if c.eval_every and eval_data is not None and at.step % c.eval_every == 0:
+            self.log.append({"step": at.step, "eval": self.evaluate(eval_data)})
+        if c.checkpoint_every and at.step % c.checkpoint_every == 0:
+            self.save(at.step, at.epoch, at.pos)
+
+    def _out_of_time(self) -> bool:
+        """The budget is spent (on every rank alike: rank 0's clock decides under torchrun)."""
+        if self.config.time_budget_s is None:
+            return False
+        return bool(ddp.broadcast_object(self.budget.spent, self.dist))
+
+    def _fit(self, data: DataSource, eval_data: DataSource | None) -> TrainResult:
+        c = self.config
+        total = total_steps(data, c, self.dist)
+        if total <= 0:
+            raise InputError("the training data yielded no batches")
+        self.budget.start()  # setup and the teacher's first outputs count against the budget
+        at, rng = self._start(data, total)
+        resumed = at.step if rng is not None else None
+        epoch0, position, stopped = at.epoch, at.pos, False
+        bar = StepProgress(total, enabled=c.progress and self.dist.is_main, start=at.step, budget_s=c.time_budget_s)
         with bar:
             for epoch in range(epoch0, c.epochs):
-                if step >= total:
+                if at.step >= total or stopped:
                     break
                 it = self._epoch_iter(data, epoch)
                 if epoch == epoch0 and position:
@@ -563,40 +407,37 @@ class DistillTrainer:
                 if rng is not None:
                     ckpt.set_rng_state(rng)
                     rng = None
-                pos = position if epoch == epoch0 else 0
+                at.epoch, at.pos = epoch, position if epoch == epoch0 else 0
                 for raw in it:
-                    _, n = self.train_step(raw, step)
-                    step, pos, samples = step + 1, pos + 1, samples + n * self.dist.world_size
-                    loss_value = self.last_loss
-                    self.monitor.update(step, loss_value, c.lr)
-                    rate = samples / max(time.perf_counter() - t0, 1e-9)
-                    log_now = step % max(c.log_every, 1) == 0 or step == total
-                    bar.update(step, loss_value if log_now else None, rate)
-                    if log_now:
-                        self._check_weights(step)
-                        lr = self.optimizer.param_groups[0]["lr"]
-                        self.log.append({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
-                                         "samples_per_s": rate})
-                    if c.eval_every and eval_data is not None and step % c.eval_every == 0:
-                        self.log.append({"step": step, "eval": self.evaluate(eval_data)})
-                    if c.checkpoint_every and step % c.checkpoint_every == 0:
-                        self.save(step, epoch, pos)
-                    if step >= total:
+                    _, n = self.train_step(raw, at.step)
+                    at.step, at.pos, at.samples = at.step + 1, at.pos + 1, at.samples + n * self.dist.world_size
+                    at.loss = self.last_loss
+                    self._after_step(at, total, bar, eval_data)
+                    stopped = at.step < total and self._out_of_time()
+                    if at.step >= total or stopped:
                         break
-                if c.checkpoint_dir is not None and not c.checkpoint_every and step < total:
-                    self.save(step, epoch, pos)  # once per epoch: a killed run loses at most one
+                if c.checkpoint_dir is not None and not c.checkpoint_every and at.step < total and not stopped:
+                    self.save(at.step, at.epoch, at.pos)  # once per epoch: a killed run loses at most one
                 position = 0
-        self._check_weights(step)
-        self.monitor.finish(c.lr)
-        if c.checkpoint_dir is not None and (not c.checkpoint_every or step % c.checkpoint_every):
-            self.save(step, epoch, pos)
+        return self._finish(at, total, stopped, resumed, eval_data)
+
+    def _finish(self, at: _Position, total: int, stopped: bool, resumed: int | None,
+                eval_data: DataSource | None) -> TrainResult:  # fmt: skip
+        c = self.config
+        self._check_weights(at.step)
+        if self.monitor is not None:  # set in _start
+            self.monitor.finish(c.lr)
+        if c.checkpoint_dir is not None and (not c.checkpoint_every or at.step % c.checkpoint_every):
+            self.save(at.step, at.epoch, at.pos)
         self._unshard()
         metrics = self.evaluate(eval_data) if eval_data is not None else {}
-        seconds = time.perf_counter() - t0
-        self.log.append({"step": step, "final": True, "loss": loss_value, "seconds": seconds, "eval": metrics})
+        seconds = self.budget.elapsed
+        self.log.append({"step": at.step, "final": True, "loss": at.loss, "seconds": seconds, "eval": metrics,
+                         "stopped_by_budget": stopped})  # fmt: skip
         for m in self.modules:
             m.eval()
-        return TrainResult(step, epoch + 1, loss_value, seconds, samples, metrics, resumed)
+        return TrainResult(at.step, at.epoch + 1, at.loss, seconds, at.samples, metrics, resumed,
+                           stopped_by_budget=stopped, planned_steps=total)  # fmt: skip
 
     def evaluate(self, data: DataSource) -> dict[str, dict[str, float]]:
         """Built-in accuracy/fidelity plus the registered evaluators, per student."""

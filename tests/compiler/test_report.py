@@ -52,9 +52,16 @@ def manifest(**extra: Any) -> dict[str, Any]:
 def test_table_shows_fidelity_before_and_after_distillation_and_flags():
     m = manifest()
     header, rows = table_rows(m)
-    assert header[8:11] == ["fidelity", "pre-KD", "measures"]
+    assert header[8:12] == ["fidelity", "pre-KD", "KD min", "measures"]
     by_name = {r[0]: dict(zip(header, r)) for r in rows}
     assert by_name["good"]["fidelity"] == "0.950" and by_name["good"]["pre-KD"] == "0.700"
+    assert by_name["good"]["KD min"] == "—"  # no distillation record
+    m["students"][0]["metrics"]["distill"] = {"method": "kd", "steps": 40, "minutes_used": 2.34,
+                                              "budget_minutes": 2.0, "stopped_by_budget": True}  # fmt: skip
+    m["students"][3]["metrics"]["distill"] = {"method": "kd", "steps": 9, "minutes_used": 0.5, "stopped_by_budget": False}
+    header, rows = table_rows(m)
+    by_name = {r[0]: dict(zip(header, r)) for r in rows}
+    assert by_name["good"]["KD min"] == "2.3 ⏱" and by_name["slow"]["KD min"] == "0.5"
     assert by_name["good"]["measures"] == "(top-1 agr.) KL 0.1"  # the score is the fidelity column
     assert by_name["bad"]["fidelity"] == "0.420 ✗"
     assert by_name["nan"]["fidelity"] == "NaN ✗"

@@ -173,5 +173,6 @@ def test_family_of_two_distilled_students_through_the_cli(tmp_path: Path) -> Non
     students = json.loads((out / "manifest.json").read_text())["students"]
     assert len(students) == 2
     for s in students:
-        assert s["metrics"]["distill"]["method"] == "kd" and s["metrics"]["distill"]["steps"] == 3
+        # 3 batches of train_data calibrate too: the held-out one is never trained on, 2 train
+        assert s["metrics"]["distill"]["method"] == "kd" and s["metrics"]["distill"]["steps"] == 2
     assert not list(out.rglob("step-*")) and not list(out.rglob("*.safetensors.tmp")), "no checkpoints in OUT"

@@ -43,7 +43,7 @@ def test_cached_outputs_train_the_same_student_as_the_live_teacher(teacher_data,
     m = cached.working().metrics["distill"]["teacher_outputs"]
     assert m["mode"] == "cached" and m["batches"] == 12 and m["files"] == 12 and m["top_k"] is None
     folder = Path(m["dir"])
-    assert folder.parent == tmp_path / "teacher-cache" / "narrow" and len(list(folder.glob("*.safetensors"))) == 12
+    assert folder.parent == tmp_path / "teacher-cache" and len(list(folder.glob("*.safetensors"))) == 12
     assert "precomputed for 12 training batches" in capsys.readouterr().err
     assert live.working().metrics["distill"]["teacher_outputs"] == "live"
     # a re-run with the same teacher reuses the cache: the teacher does not run again
