@@ -68,11 +68,10 @@ def refit_block(teacher: nn.Module, teacher_block: nn.Module, student: nn.Module
                 batches: Sequence[Batch], ridge: float = 1e-2) -> list[str]:
     """Refit every Linear of ``student_block`` (in place of its Parameters: new tensors, never written
     into shared storage) to reproduce ``teacher_block``'s Linears; returns the refitted names."""
-    names = [n for n, m in student_block.named_modules() if isinstance(m, nn.Linear)]
-    teacher_names = {n for n, m in teacher_block.named_modules() if isinstance(m, nn.Linear)}
+    mine = {n: m for n, m in student_block.named_modules() if isinstance(m, nn.Linear)}
+    theirs = {n: m for n, m in teacher_block.named_modules() if isinstance(m, nn.Linear)}
     # a Linear whose outputs were pruned (a narrower q_proj or up_proj) has no teacher target per output
-    names = [n for n in names if n in teacher_names
-             and student_block.get_submodule(n).weight.shape[0] == teacher_block.get_submodule(n).weight.shape[0]]
+    names = [n for n, m in mine.items() if n in theirs and m.weight.shape[0] == theirs[n].weight.shape[0]]
     targets = [_capture(teacher, teacher_block, names, b, "out") for b in batches]
     done = []
     for name in names:
