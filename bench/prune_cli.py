@@ -11,6 +11,11 @@ compile never saw:
   digits (and top-1 agreement with the teacher).
 * ``effnet``: EfficientNet-Lite0 (``bench/prune_effnet_teacher.py``), ``--ratio R``; top-1 agreement
   and KL on 96 skimage / sklearn photo crops disjoint from the calibration crops.
+* ``smollm2``: SmolLM2-135M (``hf:$SMOLLM2_DIR``, default ``/work/models/smollm2``), ``--ratio R``;
+  on 128 docstring sentences disjoint from the CLI's calibration corpus (batch 8 x 64 tokens, left
+  padded): the student engine's perplexity over the teacher's (PyTorch) and next-token agreement, both
+  at the positions the mask keeps, and the speed-up of the student's engine over the teacher's own
+  engine from the same compile (``.OUT.work/teacher-engine``), timed interleaved on those batches.
 
 Speed-up and MACs reduction are the CLI's own measurements (manifest). The wall-clock and CPU time
 of the compile are recorded.
@@ -47,7 +52,12 @@ def minilm_path() -> str:
     return str(g.get_model_path())
 
 
+SMOLLM2_DIR = os.environ.get("SMOLLM2_DIR", "/work/models/smollm2")
+
+
 def teacher_spec(case: str) -> str:
+    if case == "smollm2":
+        return f"hf:{SMOLLM2_DIR}"
     if case == "minilm":
         return f"hf:{minilm_path()}"
     if case == "digits":
@@ -113,7 +123,62 @@ def evaluate_logits(onnx: Path, teacher: torch.nn.Module, x: torch.Tensor, y: to
     return res
 
 
+def smollm2_batches(n: int = 128, seq: int = 64, batch: int = 8) -> list[dict[str, torch.Tensor]]:
+    """Held-out prose: docstring sentences the CLI's default calibration never reads, left padded."""
+    from potstill.inputs.teacher import docstring_corpus, load_tokenizer
+
+    seen = set(docstring_corpus(4096))
+    held = [s for s in C.docstring_sentences(4000, seed=1) if s not in seen][:n]
+    tok = load_tokenizer(SMOLLM2_DIR)
+    out = []
+    for i in range(0, len(held), batch):
+        enc = tok(held[i:i + batch], padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return out
+
+
+def _nll_and_top1(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per kept next-token position: NLL of the true next token, and the predicted token."""
+    pair = mask[:, :-1].bool() & mask[:, 1:].bool()
+    logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return nll[pair], logits.argmax(-1)[mask.bool()]
+
+
+def evaluate_smollm2(onnx: Path) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, dtype=torch.float32).eval()
+    sess = session(onnx)
+    t_nll, s_nll, agree, n = [], [], 0, 0
+    batches = smollm2_batches()
+    for b in batches:
+        with torch.no_grad():
+            t_logits = teacher(**b).logits
+        feeds = {x.name: b[x.name].numpy() for x in sess.get_inputs()}
+        s_logits = torch.from_numpy(sess.run(None, feeds)[0])
+        tn, tt = _nll_and_top1(t_logits, b["input_ids"], b["attention_mask"])
+        sn, stop = _nll_and_top1(s_logits, b["input_ids"], b["attention_mask"])
+        t_nll.append(tn)
+        s_nll.append(sn)
+        agree += int((tt == stop).sum())
+        n += int(tt.numel())
+    t_ppl = float(torch.cat(t_nll).mean().exp())
+    s_ppl = float(torch.cat(s_nll).mean().exp())
+    engine = onnx.parent.parent.parent / f".{onnx.parent.parent.parent.name}.work" / "teacher-engine" / "model.onnx"
+    res: dict[str, float] = {"teacher_ppl": t_ppl, "student_ppl": s_ppl, "ppl_ratio": s_ppl / t_ppl,
+                             "next_token_agreement": agree / n, "positions": n, "sentences": 8 * len(batches)}
+    if engine.is_file():
+        feeds = [batches[0]["input_ids"], batches[0]["attention_mask"]]
+        lat = C.interleaved_latency({"teacher": C.OrtModel(engine, feeds), "student": C.OrtModel(onnx, feeds)})
+        res.update({"teacher_ms": lat["teacher"]["median"], "student_ms": lat["student"]["median"],
+                    "speedup_interleaved": lat["teacher"]["median"] / lat["student"]["median"]})
+    return res
+
+
 def evaluate(case: str, onnx: Path) -> dict[str, float]:
+    if case == "smollm2":
+        return evaluate_smollm2(onnx)
     if case == "minilm":
         return evaluate_minilm(onnx)
     if case == "digits":
@@ -129,7 +194,7 @@ def evaluate(case: str, onnx: Path) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("case", choices=("minilm", "digits", "effnet"))
+    ap.add_argument("case", choices=("minilm", "digits", "effnet", "smollm2"))
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--out", default=None, help="OUT folder (default /tmp/pq-CASE-RATIO)")
     ap.add_argument("--extra", default="", help="extra CLI arguments, e.g. \"--importance magnitude\"")
@@ -149,7 +214,8 @@ def main() -> None:
         rows.append({"student": s["name"], "pipeline": s["pipeline"], "speedup": s.get("speedup"),
                      "macs_reduction": s.get("macs_reduction"), "latency_ms": s.get("latency_ms"),
                      "fidelity": fid, "importance": prune.get("importance"), "candidates": prune.get("candidates"),
-                     "estimators": prune.get("estimators")})
+                     "estimators": prune.get("estimators"), "structure": prune.get("structure"),
+                     "decoder": prune.get("decoder"), "budget": prune.get("budget")})
         print(json.dumps(rows[-1], indent=1, default=str))
     payload = {"command": " ".join(cmd), "compile_wall_s": wall, "compile_cpu_s": cpu, "rows": rows}
     path = C.write_json(f"prune_cli_{args.case}_{args.ratio:g}" + (f"_{args.tag}" if args.tag else ""), payload)

@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ratio", type=float, action="append", metavar="R",
                    help="fraction of the MACs to remove (of the latency when the profile has a latency "
                         "table), allocated across layers by importance; repeat for several students (default 0.5)")  # fmt: skip
+    c.add_argument("--ratio-of", choices=("total", "prunable"), default=None,
+                   help="what --ratio is a fraction of: 'total' (default: the model's MACs) or 'prunable' (the MACs "
+                        "outside pinned parts, such as a decoder's embeddings and LM head, which no pruning removes); "
+                        "the manifest's prune.budget records which")  # fmt: skip
     c.add_argument("--input-shape", action="append", default=[], metavar="S", help=SHAPE_HELP)
     c.add_argument("--pipeline", metavar="STR",
                    help="pass pipeline, e.g. 'importance.taylor,prune.width{ratio=0.5},distill{epochs=3}'; "
@@ -187,7 +191,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     opts = CompileOptions(
         teacher=args.teacher, out=args.output, profile=(args.profile or [None])[0],
         extra_profiles=tuple((args.profile or [])[1:]), elastic=args.elastic, students=args.students,
-        latency_ms=args.latency_ms, memory_mb=args.memory_mb, ratios=tuple(args.ratio or ()),
+        latency_ms=args.latency_ms, memory_mb=args.memory_mb, ratios=tuple(args.ratio or ()), ratio_of=args.ratio_of,
         speedups=tuple(s for group in args.speedup or () for s in group),
         input_shapes=tuple(args.input_shape), pipeline=args.pipeline, recipe=args.recipe, data=args.data,
         calib=args.calib, drop_layers=args.drop_layers, keep_layers=args.keep_layers,

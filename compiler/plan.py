@@ -50,6 +50,8 @@ class CompileOptions:
     out: str | Path | None = None
     profile: str | None = None
     ratios: tuple[float, ...] = ()
+    #: what each ratio is a fraction of: "total" or "prunable" (None: total)
+    ratio_of: str | None = None
     input_shapes: tuple[str, ...] = ()
     pipeline: str | list[Any] | None = None
     recipe: str | None = None
@@ -226,8 +228,13 @@ def check_flags(opts: CompileOptions) -> None:
     if opts.seed is not None and not 0 <= int(opts.seed) <= SEED_MAX:
         raise InputError(f"--seed {opts.seed}: must be between 0 and {SEED_MAX}")
     _check_training_flags(opts)
+    if opts.ratio_of is not None and opts.ratio_of not in ("total", "prunable"):
+        raise InputError(f"--ratio-of {opts.ratio_of!r}: expected 'total' or 'prunable'")
+    if opts.ratio_of is not None and not opts.ratios and not opts.pipeline:
+        raise InputError("--ratio-of says what --ratio is a fraction of: give --ratio too")
     if opts.pipeline:
         moot = [flag for flag, value in (
+            ("--ratio-of", opts.ratio_of),
             ("--drop-layers", opts.drop_layers), ("--keep-layers", opts.keep_layers),
             ("--importance", opts.importance), ("--distill-epochs", opts.distill_epochs),
         ) if value is not None]  # fmt: skip
@@ -371,7 +378,8 @@ def plan_students(opts: CompileOptions, target: str, distill_epochs: int | None 
             steps = list(depth)
             tags = [depth_tag] if depth_tag else []
             if r is not None:
-                steps += [*([importance] if importance else []), f"prune.width{{ratio={r:g}}}"]
+                of = f",ratio_of={opts.ratio_of}" if opts.ratio_of else ""
+                steps += [*([importance] if importance else []), f"prune.width{{ratio={r:g}{of}}}"]
                 tags.insert(0, _ratio_name(r))
             steps.append("bn.recalibrate")  # BN statistics of the pruned widths (a no-op without BN)
             if stages or distill_epochs is not None or distill is not None:

@@ -11,6 +11,10 @@ Three estimators over the IR's removable blocks (``analysis.blocks``), higher = 
 * ``dp`` -- AmoebaLLM's dynamic programme (``potstill.passes.prune.depth_dp``) over
   ``state.metric`` (or, without one, ``-e`` of the blocks removed together), giving the best mask
   for every removal count in one run.
+* ``angular`` -- Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers" (arXiv
+  2403.17887): for ``n`` blocks to remove, the *contiguous* run starting at ``l`` whose input and
+  output are closest, ``d(l, n) = mean_t arccos(cos(h_l[t], h_{l+n}[t])) / pi`` over the tokens the
+  mask keeps (``angular_distances``); a block's score is ``d`` of the single-block run (n = 1).
 
 Removing a block is simulated with a forward hook that returns the block's input (the block
 computes ``x + f(x)``, so removal makes it the identity); no surgery is needed to score.
@@ -35,7 +39,7 @@ from .base import DEFAULT_CALIB_BATCHES, calibration_batches
 if TYPE_CHECKING:
     from potstill.passes.prune.depth_dp import DepthDPResult
 
-METHODS = ("bi", "mse", "dp")
+METHODS = ("bi", "mse", "dp", "angular")
 
 
 def _block_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -110,6 +114,54 @@ def block_influence(model: nn.Module, names: Sequence[str], batches: Sequence[Ba
     return {n: 1.0 - sums[n] / max(counts[n], 1) for n in names}
 
 
+def _stream(model: nn.Module, names: Sequence[str], batch: Batch) -> list[torch.Tensor]:
+    """``[h_0, ..., h_N]``: the input of each named block (in order) and the output of the last,
+    at the tokens the batch's attention mask keeps, as ``[tokens, hidden]``."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, name: str = name) -> None:
+            seen[name] = _block_input(args, kwargs).detach().float()
+            seen[name + "/out"] = _block_output(out).detach().float()
+
+        handles.append(model.get_submodule(name).register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            batch.run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    states = [seen[n] for n in names] + [seen[names[-1] + "/out"]]
+    mask = batch.kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and states[0].dim() == 3 \
+            and tuple(states[0].shape[:2]) == tuple(mask.shape):
+        return [h[mask.bool()] for h in states]
+    return [h.reshape(-1, h.shape[-1]) if h.dim() == 3 else h.flatten(1) for h in states]
+
+
+def angular_distances(model: nn.Module, names: Sequence[str], batches: Sequence[Batch], n: int) -> dict[int, float]:
+    """``{l: d(l, n)}`` for every start ``l`` of a run of ``n`` consecutive named blocks (Gromov et al.)."""
+    if not 1 <= n <= len(names):
+        raise InputError(f"angular distance: a run of {n} blocks among {len(names)}")
+    sums = dict.fromkeys(range(len(names) - n + 1), 0.0)
+    count = 0
+    for b in batches:
+        h = _stream(model, names, b)
+        for start in sums:
+            cos = torch.nn.functional.cosine_similarity(h[start], h[start + n], dim=-1, eps=1e-8)
+            sums[start] += float(torch.arccos(cos.clamp(-1.0, 1.0)).sum() / torch.pi)
+        count += h[0].shape[0]
+    return {start: total / max(count, 1) for start, total in sums.items()}
+
+
+def angular_run(model: nn.Module, names: Sequence[str], batches: Sequence[Batch], n: int) -> list[str]:
+    """The ``n`` consecutive blocks with the smallest angular distance between their input and output."""
+    dist = angular_distances(model, names, batches, n)
+    start = min(dist, key=lambda s: (dist[s], -s))  # ties: the later run (deeper layers are more redundant)
+    return list(names[start:start + n])
+
+
 def output_error(
     model: nn.Module, removed: Iterable[str], batches: Sequence[Batch], reference: Sequence[torch.Tensor]
 ) -> float:
@@ -162,7 +214,7 @@ def dp_masks(
 
 @dataclass(frozen=True)
 class BlockImportanceOptions:
-    #: "bi" | "mse" | "dp"
+    #: "bi" | "mse" | "dp" | "angular"
     method: str = "bi"
     batches: int = DEFAULT_CALIB_BATCHES
     #: dp: the largest removal count to solve for (0 = all but one block)
@@ -188,6 +240,9 @@ class BlockImportance:
     ) -> dict[str, float]:
         if self.method == "bi":
             return block_influence(model, names, batches)
+        if self.method == "angular":
+            dist = angular_distances(model, names, batches, 1)
+            return {name: dist[i] for i, name in enumerate(names)}
         if self.method == "mse":
             order = iterative_output_error(model, names, batches)
             scores, running = {}, 0.0

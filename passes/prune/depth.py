@@ -5,6 +5,9 @@ The blocks to remove are the least important by a block importance (``importance
 * ``importance=bi``  -- Block Importance ``1 - mean cos(h_in, h_out)`` (Minitron), one pass;
 * ``importance=mse`` -- normalised output error with the block removed, iterative: drop the
   least harmful block, re-score the rest with it gone, ``drop`` rounds (Nemotron Elastic);
+* ``importance=angular`` -- the run of ``drop`` consecutive blocks whose input and output are
+  closest in angle (Gromov et al. 2024, ``angular_run``); with ``heal=true`` the block after the run
+  is refitted by least squares (``potstill.passes.prune.heal``);
 * ``importance=dp``  -- AmoebaLLM's dynamic programme over ``state.metric`` (or the output error
   when there is none): the mask it finds for exactly ``drop`` removals.
 
@@ -20,7 +23,13 @@ from typing import ClassVar
 
 from potstill.errors import InputError
 from potstill.passes.importance.base import calibration_batches
-from potstill.passes.importance.blocks import METHODS, block_influence, dp_masks, iterative_output_error
+from potstill.passes.importance.blocks import (
+    METHODS,
+    angular_run,
+    block_influence,
+    dp_masks,
+    iterative_output_error,
+)
 from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.state import CompileState
 
@@ -33,8 +42,10 @@ class DepthOptions:
     drop: int = 0
     #: number of removable blocks to keep (instead of drop)
     keep: int = 0
-    #: block importance: bi | mse | dp
+    #: block importance: bi | mse | dp | angular
     importance: str = "bi"
+    #: least-squares refit of the block after each removed run (on when calibration data exists)
+    heal: bool | None = None
     #: calibration batches
     batches: int = 8
     #: reuse block_importance already on the student (from an importance.blocks pass)
@@ -56,6 +67,8 @@ def choose_blocks(state: CompileState, names: list[str], n_drop: int, o: DepthOp
     if o.importance == "bi":
         scores = block_influence(model, names, batches)
         return sorted(names, key=scores.__getitem__)[:n_drop]
+    if o.importance == "angular":
+        return angular_run(model, names, batches, n_drop)
     if o.importance == "mse":
         return [n for n, _ in iterative_output_error(model, names, batches, rounds=n_drop)]
     return list(dp_masks(model, names, batches, n_drop, state.metric).masks[n_drop])

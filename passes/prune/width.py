@@ -75,6 +75,7 @@ AMOUNT_OPTIONS = ("ratio", "per_kind", "macs_budget", "params_budget", "latency_
 ALLOCATIONS = ("global", "local")
 REFITS = ("scale", "full")
 SCOPES = ("auto", "all", "expansion")
+RATIO_OF = ("total", "prunable")
 
 
 def _number(name: str, value: Any) -> float | None:
@@ -134,6 +135,9 @@ class WidthOptions:
     scope: str = "auto"
     #: ridge of the least-squares refit, relative to the Gram's mean diagonal
     ridge: float = 1e-3
+    #: what ``ratio`` is a fraction of: "total" (the model's MACs) or "prunable" (the MACs outside
+    #: pinned parts such as a decoder's embeddings and LM head)
+    ratio_of: str = "total"
 
     def __post_init__(self) -> None:
         given = [n for n in AMOUNT_OPTIONS if getattr(self, n) not in (None, ())]
@@ -179,6 +183,10 @@ class WidthOptions:
             raise InputError(f"prune.width: scope must be one of {SCOPES}, not {self.scope!r}")
         if self.refit is not None and self.refit not in REFITS:
             raise InputError(f"prune.width: refit must be one of {REFITS}, not {self.refit!r}")
+        if self.ratio_of not in RATIO_OF:
+            raise InputError(f"prune.width: ratio_of must be one of {RATIO_OF}, not {self.ratio_of!r}")
+        if self.ratio_of != "total" and self.ratio is None:
+            raise InputError("prune.width: ratio_of applies to ratio=, not to budgets or per_kind")
         if self.per_kind and self.allocation != "global":
             raise InputError("prune.width: allocation applies to ratio and budgets, not to per_kind")
 
@@ -340,8 +348,16 @@ class WidthPrunePass(Pass):
     def run(self, state: CompileState) -> PassResult:
         from potstill.passes.importance import get_estimator
 
+        from .decoder import is_causal_lm, prune_decoder
+
         o: WidthOptions = self.options
         student = state.working()
+        if is_causal_lm(student.module) and o.ratio is not None and o.importance in (None, "auto") \
+                and "importance" not in state.facts and state.calib_data is not None and not o.per_kind:
+            return prune_decoder(state, student, o)  # FLAP / angular depth, chosen by held-out perplexity
+        if o.ratio_of != "total":
+            raise InputError("prune.width: ratio_of=prunable is defined for decoders (*ForCausalLM) pruned "
+                             "by the default estimator; give ratio_of=total here")
         candidates = auto_candidates(state, student, o)
         if candidates and _expansion_scope(student.module, state.analysis(student), select_groups(state.analysis(student), o), o):
             candidates = ()  # expansion channels are ordered by the projection's OBS, not by an estimator

@@ -111,6 +111,21 @@ def _set_recorded_attrs(mod: nn.Module, name: str, attrs: Any, record_path: Path
         setattr(mod, key, value)
 
 
+def _add_linear_biases(model: nn.Module, extra: Mapping[str, torch.Tensor]) -> None:
+    """Give a Linear the bias a pass added to it (FLAP's bias compensation on Llama's bias-free
+    projections): ``NAME.bias`` saved, ``NAME`` an ``nn.Linear`` without one, shape ``[out_features]``."""
+    for key, value in extra.items():
+        owner, _, leaf = key.rpartition(".")
+        if leaf != "bias":
+            continue
+        try:
+            mod = model.get_submodule(owner)
+        except AttributeError:
+            continue
+        if isinstance(mod, nn.Linear) and mod.bias is None and tuple(value.shape) == (mod.weight.shape[0],):
+            mod.bias = nn.Parameter(torch.empty_like(value), requires_grad=mod.weight.requires_grad)
+
+
 def load_student(
     directory: str | Path,
     *,
@@ -155,6 +170,8 @@ def load_student(
             raise InputError(f"{record_path}: module '{name}' is not in the rebuilt teacher")
         _set_recorded_attrs(mod, name, attrs, record_path)
     saved = load_file(str(weights))
+    tensors, _ = canonical_tensors(model)
+    _add_linear_biases(model, {k: v for k, v in saved.items() if k not in tensors})
     tensors, _ = canonical_tensors(model)
     unknown = sorted(set(saved) - set(tensors))
     if unknown:
