@@ -56,7 +56,7 @@ from .capture import Want
 from .distributed import launched_distributed
 from .losses import DistillLoss, make_loss
 from .methods import require, typed_fields
-from .teacher_cache import TeacherCache
+from .teacher_cache import TeacherCache, remove_teacher_caches
 from .trainer import PARALLEL, DistillTrainer, StudentSpec, TrainConfig, not_launched, step_batches
 
 METHODS = methods.METHODS
@@ -292,7 +292,7 @@ class DistillPass(Pass):
                 root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="potstill-teacher-cache-")))
             else:
                 root = Path(work) / "teacher-cache" / name
-                _remove_stale_caches(root, keep=key)
+                remove_teacher_caches(root, keep=key)
             cache = TeacherCache(root / key, top_k=o.teacher_top_k)
             # exactly the batches the steps will see: every epoch's order, the step limit, the sharding
             n = cache.build(state.teacher, step_batches(data, config), want)
@@ -327,20 +327,6 @@ def teacher_want(built: dict[str, Any]) -> Want:
         if part in methods.COMPOSABLE:  # the regimes read the teacher's logits
             want = want | make_loss(part, **methods.loss_kwargs(part, opts)).teacher_want()
     return want
-
-
-def _remove_stale_caches(root: Path, keep: str) -> None:
-    """Delete the teacher caches under ``root`` built for another teacher or top-k: only folders
-    holding the cache's ``cache.json`` mark, and in them only the files the cache writes."""
-    if not root.is_dir():
-        return
-    for folder in root.iterdir():
-        if folder.name == keep or not (folder / "cache.json").is_file():
-            continue
-        for f in [*folder.glob("*.safetensors"), *folder.glob("*.tmp"), folder / "cache.json"]:
-            f.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # not empty: something else is in it; leave it
-            folder.rmdir()
 
 
 def note(message: str) -> None:
