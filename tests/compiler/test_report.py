@@ -140,7 +140,12 @@ def test_plot_and_report_are_written(tmp_path: Path):
     m = manifest()
     for p in (m["teacher"], *m["students"]):
         p["latency_ms"] = None  # not timed: x falls back to MACs, and the axis says so
-    assert pareto_plot(m, tmp_path / "macs.png") is not None
+    macs_png = pareto_plot(m, tmp_path / "macs.png")
+    assert macs_png == tmp_path / "macs.png" and macs_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the MACs axis is another picture than the latency one of the same models
+    assert macs_png.read_bytes() != (tmp_path / "pareto.png").read_bytes()
+    again = pareto_plot(manifest(), tmp_path / "again.png")  # the same models and latencies: the same picture
+    assert again is not None and again.read_bytes() == (tmp_path / "pareto.png").read_bytes()
 
 
 def _ratio_student(m: dict[str, Any], asked: str) -> dict[str, Any]:
