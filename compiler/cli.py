@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-augment", action="store_true",
                    help="do not augment image training data (random crops, flips, colour jitter) in the default distillation")  # fmt: skip
     c.add_argument("--no-cache", action="store_true",
-                   help="rebuild every student (by default students of an earlier run into OUT with unchanged inputs are reused)")  # fmt: skip
+                   help="rebuild every student and clear the teacher-output cache in .OUT.work (by default students of an earlier run into OUT with unchanged inputs are reused)")  # fmt: skip
     c.add_argument("--plugin", action="append", default=[], metavar="MODULE|FILE.py",
                    help="import a module or file that registers passes before planning (repeatable)")
     c.add_argument("--force", action="store_true", help="replace OUT even if potstill did not write it")
@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the profile's sequence_length, else 32); engines take any length")  # fmt: skip
     c.add_argument("--trust-remote-code", action="store_true",
                    help="let a Hugging Face folder whose config has auto_map run its own Python code "
-                        "(off: such a folder is refused)")  # fmt: skip
+                        "(off: that code never runs; a model_type transformers knows is built with its own "
+                        "class, said on the console, and an unknown one is refused)")  # fmt: skip
     c.add_argument("--no-teacher-timing", action="store_true",
                    help="do not lower and time the teacher (faster; the students get no speed-ups)")
     c.add_argument("-o", "--output", metavar="OUT", help="output folder (written atomically)")
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from potstill.driver import CompileOptions, compile_teacher
-    from potstill.outputs.report import results_table
+    from potstill.outputs.report import ratio_lines, results_table
 
     out, err = _console(), _console(stderr=True)
 
@@ -215,6 +216,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
             if timing.times:
                 err.print(timing.table())
     out.print(results_table(result.manifest))
+    for line in ratio_lines(result.manifest):  # --ratio asked next to what it achieved
+        out.print(line, markup=False, soft_wrap=True, highlight=False)
     if not args.quiet:
         out.print(f"wrote {result.out}/ (manifest.json, report.md, pareto.png, students/)", markup=False, soft_wrap=True)
     return 0

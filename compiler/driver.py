@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from potstill.errors import InputError
 from potstill.inputs.data import as_batch, load_callable
-from potstill.inputs.guard import TeacherGuard
+from potstill.inputs.guard import TeacherGuard, check_finite_batches
 from potstill.inputs.memory import module_weights, preflight_memory, release_freed_memory
 from potstill.inputs.teacher import (
     Teacher,
@@ -219,17 +219,17 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
 
     _check_shapes(opts.input_shapes)
     # one student is alive at a time (each is recorded and dropped before the next)
-    sized = preflight_memory(teacher_spec, max_memory=opts.max_memory, note=note)  # hf:DIR, before loading
+    sized = preflight_memory(teacher_spec, max_memory=opts.max_memory, data=(opts.calib, opts.data), note=note)  # hf:DIR, before loading
     note(f"loading teacher {teacher_spec}")
     default_shapes = tuple("x".join(map(str, s)) for s in (profile.input_shapes or []))
     seq = opts.sequence_length
     if seq is None and str(teacher_spec).startswith("hf:"):
         seq = getattr(profile, "sequence_length", None)  # the profile's timing shape, for text teachers
     teacher = load_teacher(teacher_spec, opts.input_shapes, seed=seed, default_shapes=default_shapes,
-                           sequence_length=seq, trust_remote_code=opts.trust_remote_code)  # fmt: skip
+                           sequence_length=seq, trust_remote_code=opts.trust_remote_code, note=note)  # fmt: skip
     converted = _check_teacher(teacher, note)
     if sized is None:
-        preflight_memory(teacher.module, max_memory=opts.max_memory, note=note)
+        preflight_memory(teacher.module, max_memory=opts.max_memory, data=(opts.calib, opts.data), note=note)
     example_output = _run_teacher_once(teacher)
     if opts.min_fidelity is not None:
         profile = profile.model_copy(update={"min_fidelity": float(opts.min_fidelity)})
@@ -248,6 +248,9 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     # a --calib corpus or image folder is unlabelled data the user gave: the default repair distils on it
     # (its calibration part; the held-out quarter is never trained on)
     calib_trains = train is None and bool(opts.calib) and (is_text_file(str(opts.calib)) or Path(str(opts.calib)).is_dir())
+    calib_label = train_label if calib_from_data else (f"--calib {opts.calib}" if opts.calib else
+                  "calib_data() in the teacher file" if "calib_data" in teacher.hooks else "built-in text")  # fmt: skip
+    check_finite_batches(calib_batches, calib_label)
     if len(calib_batches) == 1 and as_batch(calib_batches[0]).size < 2:
         note("note: the calibration data is one sample: fidelity is measured on it too (no held-out split)")
         calib, heldout = calib_batches, calib_batches
@@ -262,9 +265,7 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
 
         train = Without(train, heldout)
     if calib_batches:
-        source = train_label if calib_from_data else (f"--calib {opts.calib}" if opts.calib else
-                 "calib_data() in the teacher file" if "calib_data" in teacher.hooks else "built-in text")  # fmt: skip
-        note(f"calibrating on {source}: {len(calib)} batches, {len(heldout)} held out for fidelity")
+        note(f"calibrating on {calib_label}: {len(calib)} batches, {len(heldout)} held out for fidelity")
     evaluation = load_callable(opts.eval_data) if opts.eval_data else teacher.hooks.get("eval_data")
     metric = teacher.hooks.get("metric")
     state = CompileState.from_teacher(
@@ -459,6 +460,13 @@ def sync_work_dir(p: Prepared, note: Note) -> None:
         shutil.rmtree(folder)
         if name in keys:
             note(f"student {name}: discarded the checkpoints of a run with other inputs (--resume keeps them)")
+    caches = work / "teacher-cache"
+    if not p.opts.cache and caches.is_dir() and not caches.is_symlink():  # --no-cache: the teacher's outputs too
+        from potstill.passes.distill.teacher_cache import remove_teacher_caches
+
+        removed = remove_teacher_caches(caches)  # teacher-cache/<key>/: one cache per teacher and data
+        if removed:
+            note(f"--no-cache: cleared the teacher-output cache in {caches} ({removed} files)")
     if p.opts.resume and not any(ckpts.glob("*/*")):
         note("note: --resume: there are no checkpoints to resume from; training starts afresh")
     work.mkdir(parents=True, exist_ok=True)
@@ -552,16 +560,22 @@ def compile_teacher(
         p.ranks.barrier()
         return CompileResult({}, p.folder.path, [])
     with p.folder as tmp:
-        for line in p.folder.notes:
-            note(line)
-        sync_work_dir(p, note)
-        entries, timings, teacher_record = run_plans(p, tmp, note, instruments)
-        order = {plan.name: i for i, plan in enumerate(p.plans)}
-        entries.sort(key=lambda e: order.get(str(e.get("plan")), len(order)))
-        manifest = build_manifest(teacher_record, entries, p.inputs, p.state.profile, p.target, timings,
-                                  prepare_s=prep_s, total_s=time.perf_counter() - t0)  # fmt: skip
-        write_report(manifest, tmp)
-        write_manifest(tmp, manifest)  # last: a manifest means the folder is complete
+        try:
+            for line in p.folder.notes:
+                note(line)
+            sync_work_dir(p, note)
+            entries, timings, teacher_record = run_plans(p, tmp, note, instruments)
+            order = {plan.name: i for i, plan in enumerate(p.plans)}
+            entries.sort(key=lambda e: order.get(str(e.get("plan")), len(order)))
+            manifest = build_manifest(teacher_record, entries, p.inputs, p.state.profile, p.target, timings,
+                                      prepare_s=prep_s, total_s=time.perf_counter() - t0)  # fmt: skip
+            write_report(manifest, tmp)
+            write_manifest(tmp, manifest)  # last: a manifest means the folder is complete
+        except BaseException:  # still under the lock: no other run is using the work area
+            kept = p.folder.keep_work_after_failure()
+            if kept:
+                note(kept)
+            raise
     p.ranks.barrier()  # the other ranks wait until OUT is written
     # every student is in OUT: checkpoints and the teacher's scratch engine are no longer needed
     shutil.rmtree(p.folder.work_dir, ignore_errors=True)

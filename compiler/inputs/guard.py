@@ -1,4 +1,10 @@
-"""Check, after every pass, that the reference teacher was not modified in place.
+"""Guards on what goes into a compile: calibration batches hold finite numbers only, and, after
+every pass, the reference teacher was not modified in place.
+
+A NaN or an infinity in one calibration batch turns every importance score it touches into NaN, and
+the student that comes out of it into noise, far from the cause; so the batches are checked once,
+when they are read, and the first bad one is named (batch index and input).
+
 
 Every student starts from the one reference teacher, so a pass that writes into the teacher's
 tensors (an in-place ``mul_`` on a shared weight, BatchNorm statistics updated in train mode)
@@ -14,11 +20,28 @@ shared tensor is caught at once, naming the pass and the tensor.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+from potstill.errors import InputError
 from potstill.pipeline import Pass, PassError, PassInstrument, PassResult
 from torch import nn
+
+
+def check_finite_batches(batches: Sequence[Any], source: str) -> None:
+    """``InputError`` naming the first batch of ``source`` (e.g. ``--calib data.py:calib``) whose
+    floating-point inputs or target hold a NaN or an infinity, and which ones."""
+    from potstill.inputs.data import as_batch
+    from potstill.passes.distill.health import nonfinite_inputs
+
+    for i, raw in enumerate(batches):
+        bad = nonfinite_inputs(as_batch(raw))
+        if bad:
+            raise InputError(
+                f"calibration data ({source}): batch {i} of {len(batches)} holds NaN or infinite values in "
+                f"{', '.join(bad)}; clean or drop those samples (potstill never calibrates on non-finite numbers)"
+            )
 
 
 def tensor_versions(module: nn.Module) -> dict[str, int]:

@@ -12,7 +12,10 @@ bytes per element, read from safetensors headers for ``hf:DIR`` before anything 
   student and drops it before the next, so one);
 - ``c_lower``: lowering — the ONNX Runtime session's copy of the weights (+1.05 W measured with
   external data, which ``targets.large_onnx`` uses from 128 MiB) and the exporter's (+0.3 W);
-- ``c_work``: importance scores, pruning's transient copies, parity runs, allocator slack.
+- ``c_work``: importance scores, pruning's transient copies, parity runs, allocator slack;
+- ``data``: the text corpora of ``--calib`` / ``--data`` as read — each streamed and capped at
+  ``corpus.MAX_CORPUS_BYTES`` (a 1 GB file costs at most that, never its size), counted twice
+  (the bytes and the Python strings); Python data functions are the user's and stream or not.
 
 Fitted to ``bench/scale_profile.py`` / ``bench/scale_llm.py`` on Llama-style decoders (44M, 124M and
 336M parameters, 32k vocabulary, GQA) through the default command: child peak RSS 1.18, 1.82 and
@@ -28,7 +31,7 @@ import json
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +70,23 @@ class MemoryEstimate:
         return f"estimated peak memory {self.peak_bytes / GB:.1f} GB ({inner}; {self.params / 1e6:.0f}M parameters)"
 
 
-def estimate_compile_memory(params: int, weight_bytes: int | None = None, *, students: int = 1) -> MemoryEstimate:
+def corpus_bytes(specs: Sequence[str | None]) -> int:
+    """Bytes the text corpora among ``specs`` hold once read (see the module docstring).
+
+    >>> corpus_bytes([None, "data.py:batches"])
+    0
+    """
+    from potstill.inputs.corpus import MAX_CORPUS_BYTES, is_text_file
+
+    total = 0
+    for spec in specs:
+        if spec and is_text_file(spec) and Path(spec).is_file():
+            total += 2 * min(Path(spec).stat().st_size, MAX_CORPUS_BYTES)
+    return total
+
+
+def estimate_compile_memory(params: int, weight_bytes: int | None = None, *, students: int = 1,
+                            data_bytes: int = 0) -> MemoryEstimate:
     """The estimate for a teacher of ``params`` parameters taking ``weight_bytes`` (fp32 if None).
 
     >>> round(estimate_compile_memory(124_000_000).peak_bytes / 1e9, 1)  # measured peak: 1.82 GB
@@ -81,6 +100,8 @@ def estimate_compile_memory(params: int, weight_bytes: int | None = None, *, stu
         "lowering": int(LOWER_FACTOR * w),
         "work": int(WORK_FACTOR * w),
     }
+    if data_bytes:
+        parts["data"] = data_bytes
     return MemoryEstimate(params, w, students, parts)
 
 
@@ -116,11 +137,15 @@ def hf_dir_weights(path: str | os.PathLike[str]) -> tuple[int, int] | None:
     """(parameters, bytes) of a saved Hugging Face model from its safetensors headers, without loading it.
 
     A safetensors file starts with an 8-byte little-endian header length and a JSON header giving
-    each tensor's dtype and shape (huggingface/safetensors, *Format*). None when there are none.
+    each tensor's dtype and shape (huggingface/safetensors, *Format*). None when there are none;
+    ``InputError`` naming a truncated or corrupt file (its 8 bytes may claim an exabyte of header).
     """
+    from potstill.inputs.hf_files import check_weight_files
+
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         return None
+    check_weight_files(Path(path), f"hf:{path}")
     n = size = 0
     for f in files:
         with open(f, "rb") as handle:
@@ -189,13 +214,15 @@ def preflight_memory(
     *,
     students: int = 1,
     max_memory: int | None = None,
+    data: Sequence[str | None] = (),
     note: Callable[[str], None] = print,
 ) -> MemoryEstimate | None:
     """Estimate, print and check a compile's peak before the heavy work.
 
     ``teacher`` is the spec (``hf:DIR``: sized from its safetensors headers before it is loaded;
     other specs give None, to be checked once loaded) or the loaded module. potstill holds the
-    teacher in float32, so the weights count 4 bytes per parameter at least.
+    teacher in float32, so the weights count 4 bytes per parameter at least. ``data`` are the
+    ``--calib`` / ``--data`` specs (text corpora count as read: ``corpus_bytes``).
     """
     if isinstance(teacher, str):
         weights = hf_dir_weights(teacher[3:]) if teacher.startswith("hf:") else None
@@ -204,7 +231,7 @@ def preflight_memory(
     else:
         weights = module_weights(teacher)
     params, size = weights
-    estimate = estimate_compile_memory(params, max(size, 4 * params), students=students)
+    estimate = estimate_compile_memory(params, max(size, 4 * params), students=students, data_bytes=corpus_bytes(data))
     note(estimate.text())
     check_fits(estimate, max_memory)
     return estimate

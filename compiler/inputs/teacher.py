@@ -32,6 +32,14 @@ import torch
 from potstill.errors import InputError
 from potstill.inputs.corpus import is_text_file, read_texts
 from potstill.inputs.data import image_files, import_file, load_callable, load_image
+from potstill.inputs.hf_files import (
+    check_sequence_length,
+    check_tokenizer_files,
+    check_weight_files,
+    max_positions,
+    remote_code_note,
+    tokenizer_fix,
+)
 from torch import nn
 
 #: Real sentences for the example inputs of text models (not a benchmark: shapes and realism).
@@ -96,6 +104,7 @@ def load_teacher(
     *,
     sequence_length: int | None = None,
     trust_remote_code: bool = False,
+    note: Callable[[str], None] = print,
 ) -> Teacher:
     """Load ``path/to/file.py:FACTORY`` or ``hf:PATH`` (see the module docstring).
 
@@ -108,7 +117,8 @@ def load_teacher(
         if input_shapes:
             raise InputError(f"'{spec}': --input-shape does not apply to Hugging Face teachers; "
                              "text teachers take --sequence-length, vision teachers use the config's image_size")
-        return load_hf_teacher(spec[3:], sequence_length=sequence_length, trust_remote_code=trust_remote_code)
+        return load_hf_teacher(spec[3:], sequence_length=sequence_length, trust_remote_code=trust_remote_code,
+                               note=note)
     if trust_remote_code:
         raise InputError(f"'{spec}': --trust-remote-code applies to Hugging Face teachers (hf:PATH) only")
     if sequence_length is not None:
@@ -215,10 +225,13 @@ def hf_task(architectures: Sequence[str] | None) -> tuple[str, str]:
 DEFAULT_SEQUENCE_LENGTH = 32
 
 
-def load_hf_teacher(path_text: str, *, sequence_length: int | None = None, trust_remote_code: bool = False) -> Teacher:
+def load_hf_teacher(path_text: str, *, sequence_length: int | None = None, trust_remote_code: bool = False,
+                    note: Callable[[str], None] = print) -> Teacher:
     """A Hugging Face model folder as a teacher. Never runs the folder's own Python unless
     ``trust_remote_code`` (``--trust-remote-code``) is set: ``trust_remote_code=False`` is passed to
-    every ``from_pretrained``, so a config with ``auto_map`` neither prompts nor runs code."""
+    every ``from_pretrained``, so a config with ``auto_map`` neither prompts nor runs code (the
+    console says the built-in class is used). A corrupt weight, config or tokenizer file is an
+    ``InputError`` naming the file (``potstill.inputs.hf_files``)."""
     spec = f"hf:{path_text}"
     path = Path(path_text)
     if not (path / "config.json").is_file():
@@ -236,17 +249,22 @@ def load_hf_teacher(path_text: str, *, sequence_length: int | None = None, trust
     except ImportError as e:
         raise InputError(f"teacher '{spec}' needs transformers: pip install 'potstill[hf]'") from e
 
-    config = _hf_config(transformers, path, spec, trust_remote_code)
+    config = _hf_config(transformers, path, spec, trust_remote_code, note)
+    check_sequence_length(config, sequence_length, spec)
+    check_weight_files(path, spec)
+    check_tokenizer_files(path, spec)
     task, auto_name = hf_task(getattr(config, "architectures", None))
     auto_class = getattr(transformers, auto_name)
     config.use_cache = False
     config.return_dict = True
     model = _hf_from_pretrained(auto_class, path, config, spec, trust_remote_code)
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, spec=spec)
     main = getattr(model, "main_input_name", "input_ids")
     if sequence_length is not None and main != "input_ids":
         raise InputError(f"teacher '{spec}': --sequence-length applies to text models; this one takes {main}")
-    kwargs = _hf_example_inputs(model, config, tokenizer, sequence_length or DEFAULT_SEQUENCE_LENGTH)
+    bound = max_positions(config)
+    default = min(DEFAULT_SEQUENCE_LENGTH, bound[1]) if bound else DEFAULT_SEQUENCE_LENGTH
+    kwargs = _hf_example_inputs(model, config, tokenizer, sequence_length or default)
     sources = sorted(p.resolve() for p in path.iterdir() if p.is_file())
     return Teacher(
         module=model.eval(),
@@ -266,7 +284,7 @@ def hf_label(path: Path) -> str:
     return f"hf:{path.parent.name}/{path.name}" if path.name.lower() in generic else f"hf:{path.name}"
 
 
-def _hf_config(transformers: Any, path: Path, spec: str, trust_remote_code: bool) -> Any:
+def _hf_config(transformers: Any, path: Path, spec: str, trust_remote_code: bool, note: Callable[[str], None]) -> Any:
     """The folder's config, checked before any weights are read: valid JSON, a known
     ``model_type``, and no ``auto_map`` code unless the user opted in."""
     cfg_path = path / "config.json"
@@ -287,6 +305,9 @@ def _hf_config(transformers: Any, path: Path, spec: str, trust_remote_code: bool
                 if remote else " Upgrade transformers or give a supported model.")
         raise InputError(f"teacher '{spec}': {cfg_path} field 'model_type' is '{model_type}', which this transformers "
                          f"({transformers.__version__}) does not know.{hint}")
+    remote_note = remote_code_note(raw, spec, trust_remote_code)
+    if remote_note:
+        note(remote_note)
     archs = raw.get("architectures")
     if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
         raise InputError(f"teacher '{spec}': {cfg_path} field 'architectures' must be a list of class names")
@@ -311,8 +332,9 @@ def _hf_from_pretrained(auto_class: Any, path: Path, config: Any, spec: str, tru
             first = (str(e).strip().splitlines() or [""])[0][:300]
             raise InputError(f"teacher '{spec}': {auto_class.__name__} cannot build it from {path / 'config.json'}: "
                              f"{type(e).__name__}: {first}") from e
-        except OSError as e:
-            raise InputError(f"teacher '{spec}': cannot load the weights: {e}") from e
+        except (OSError, OverflowError) as e:
+            raise InputError(f"teacher '{spec}': cannot load the weights in {path}: {type(e).__name__}: {e}; "
+                             "download or save_pretrained the model again") from e
         except (RuntimeError, TypeError, KeyError) as e:  # weights that do not fit the config, bad fields
             first = (str(e).strip().splitlines() or [""])[-1][:300]
             raise InputError(f"teacher '{spec}': {auto_class.__name__} cannot build it from {path / 'config.json'}: "
@@ -324,16 +346,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
 
 
-def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
-    """The tokenizer saved in a model directory, or None when there is none."""
-    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False, spec: str | None = None) -> Any:
+    """The tokenizer saved in a model directory, or None when there is none; ``InputError`` naming
+    the folder's tokenizer files when they are there but do not load."""
+    present = [name for name in TOKENIZER_FILES if (Path(path) / name).is_file()]
+    if not present:
         return None
     try:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception:  # a broken or partial tokenizer: the caller falls back to token ids
-        return None
+    except Exception as e:  # transformers raises many kinds for a broken or partial tokenizer
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise InputError(f"teacher '{spec or f'hf:{path}'}': the tokenizer in {path} ({', '.join(present)}) does not "
+                         f"load: {type(e).__name__}: {first}; {tokenizer_fix(Path(path))}") from e
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -584,6 +610,8 @@ def _text_batches(
     if tokenizer is None:
         raise InputError(f"{teacher.spec}: the model directory has no tokenizer to calibrate with; give --calib FILE.py:FN")
     module = teacher.module
+    bound = max_positions(getattr(module, "config", None))
+    seq_len = min(seq_len, bound[1]) if bound else seq_len  # a longer batch would overrun the position embedding
 
     def batches() -> Iterator[dict[str, Any]]:
         for i in range(num_batches):

@@ -7,6 +7,12 @@ potstill replaces ``OUT`` whole at the end of a compile. Three rules make that s
   it unless ``force=True`` (``--force``), and never deletes a leftover that lacks the mark.
 * **Exclusion.** An exclusive ``fcntl.flock`` on ``.OUT.lock`` beside ``OUT`` admits one compile at
   a time; the kernel drops the lock when its holder dies, so a killed run never blocks the next.
+  The holder unlinks the file before it lets go, so no lock file stays beside ``OUT``; a run that
+  opened the file just before the unlink then holds a lock on an orphaned inode, sees that the path
+  no longer names the inode it locked (``stat`` against ``fstat``), and opens the file afresh.
+* **Work area.** ``.OUT.work`` holds what lets a killed or failed run resume (distillation
+  checkpoints, the teacher-output cache). A failed run keeps it and says so; a run that succeeds
+  deletes it; a work area with nothing to resume from is removed.
 * **Atomic swap.** The run writes into a sibling ``.OUT.<run>.tmp``. :meth:`OutputFolder.commit`
   then (1) marks the temporary folder complete, (2) renames ``OUT`` aside to ``.OUT.<run>.old``,
   (3) renames the temporary folder to ``OUT``, (4) deletes the aside folder, its mark last. Each
@@ -47,6 +53,10 @@ from potstill.outputs.atomic import atomic_write_json
 
 MARK = ".potstill"
 """Name of the ownership mark inside every folder potstill writes."""
+
+#: what a run writes into ``.OUT.work`` that the next run rebuilds anyway: the record of its plans
+#: (the driver) and the teacher's scratch engine (``record.teacher``)
+WORK_SCRATCH = ("run.json", "teacher-engine")
 
 _RUN_ID = r"\d{8}T\d{6}-[0-9a-f]{8}"
 
@@ -196,6 +206,33 @@ class OutputFolder:
 
     # -- lock ------------------------------------------------------------------------------------
     def _lock(self) -> None:
+        for _ in range(100):  # another run unlinked the file between our open and our flock: retry
+            fd = self._lock_once()
+            if self._names_locked_file(fd):
+                before = os.pread(fd, 64, 0).strip()
+                if before and not before.isdigit():  # potstill writes only its pid here
+                    os.close(fd)
+                    raise InputError(f"-o {self.path}: {self.lock_path} holds text potstill did not write; it is "
+                                     "potstill's lock file name: move that file away and run again")
+                self._lock_fd = fd
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return
+            os.close(fd)
+        raise InputError(f"-o {self.path}: the lock file {self.lock_path} keeps changing under potstill; "
+                         "another program is replacing it: stop it and run again")
+
+    def _names_locked_file(self, fd: int) -> bool:
+        """True when the lock path still names the inode ``fd`` holds (not unlinked by its last holder)."""
+        try:
+            st = os.stat(self.lock_path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+    def _lock_once(self) -> int:
+        """Open the lock file and take its lock (without waiting); InputError naming the holder."""
         try:
             # O_NOFOLLOW: a planted link must not make potstill write its pid into another file
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -217,15 +254,38 @@ class OutputFolder:
                 f"-o {self.path}: another potstill compile (pid {holder}) is writing this folder; "
                 "wait for it to finish or give another -o"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        return fd
 
     def _unlock(self) -> None:
-        # the lock file stays: unlinking it would let a waiter lock an orphaned inode
         if self._lock_fd is not None:
+            # unlink while still holding the lock (a run that locks the orphan retries: see _lock)
+            if self._names_locked_file(self._lock_fd):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.lock_path)
             os.close(self._lock_fd)  # closing drops the flock
             self._lock_fd = None
+
+    def keep_work_after_failure(self) -> str | None:
+        """After a failed run: the console line saying ``.OUT.work`` is kept for a resume, or None when
+        it held nothing to resume from (then the scratch potstill wrote there, and the folder, go)."""
+        work = self.work_dir
+        if not work.is_dir() or work.is_symlink():
+            return None
+        for name in WORK_SCRATCH:  # rebuilt by every run: nothing to resume from
+            entry = work / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.is_file():
+                entry.unlink()
+        for entry in work.iterdir():  # empty folders (a checkpoints folder with no checkpoint yet)
+            if entry.is_dir() and not entry.is_symlink() and not any(entry.iterdir()):
+                entry.rmdir()
+        kept = sorted(p.name for p in work.iterdir())
+        if not kept:
+            work.rmdir()
+            return None
+        return (f"note: kept {work} ({', '.join(kept[:4])}): the next compile into {self.path} resumes from it; "
+                "delete it to start afresh (a compile that succeeds deletes it)")
 
     # -- recovery ------------------------------------------------------------------------------
     def recover(self) -> None:

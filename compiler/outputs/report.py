@@ -18,6 +18,7 @@ higher fidelity), and the latency budget and the fidelity floor are drawn as lin
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,8 @@ def _distilled(entry: Row) -> bool:
 def table_rows(manifest: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows shared by the console table and report.md (teacher first).
 
+    ``asked`` is what ``--ratio`` asked to remove (``-50% MACs``, or ``-50% lat.`` where the
+    profile's latency table made it a fraction of the predicted latency; see ``ratio_lines``).
     Latency is the engine's on the profile's target (median and 90th percentile); speed-up and
     ``MACs ÷`` are the teacher's value divided by the student's; parity is ok/FAIL against the
     profile's tolerance with the max absolute error; fidelity is the score against the teacher on
@@ -218,19 +221,19 @@ def table_rows(manifest: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
     floor = floor_of(manifest)
     students = manifest.get("students", [])
     before = any(fidelity_of(s, "fidelity_before_distill") for s in students)
-    header = ["model", "MACs", "params", "p50 ms", "p90 ms", "speed-up", "MACs ÷", "parity", "fidelity"]
+    header = ["model", "asked", "MACs", "params", "p50 ms", "p90 ms", "speed-up", "MACs ÷", "parity", "fidelity"]
     header += ["pre-KD", "KD min"] if before else []
     header += ["measures", "metric"]
     teacher = manifest["teacher"]
     rows = [[
-        "teacher", human(teacher.get("macs")), human(teacher.get("params")), _latency(teacher, "median"),
+        "teacher", "", human(teacher.get("macs")), human(teacher.get("params")), _latency(teacher, "median"),
         _latency(teacher, "p90"), "1.00×", "1.00×", _parity(teacher), "1 (ref)", *(["", ""] if before else []), "",
         _num(teacher.get("metric"), "{:.3f}"),
     ]]  # fmt: skip
     for s in students:
         fid = fidelity_of(s)
         rows.append([
-            s["name"], human(s.get("macs")), human(s.get("params")), _latency(s, "median"), _latency(s, "p90"),
+            s["name"], _asked_cell(s), human(s.get("macs")), human(s.get("params")), _latency(s, "median"), _latency(s, "p90"),
             _num(s.get("speedup"), "{:.2f}×"), _num(s.get("macs_reduction"), "{:.2f}×"), _parity(s),
             _fid_cell(fid, floor), *([_fid_cell(fidelity_of(s, "fidelity_before_distill")), _train_minutes(s)] if before else []),
             measures_text(fid, secondary=True), _num(s.get("metric"), "{:.3f}"),
@@ -256,6 +259,48 @@ def _train_minutes(s: Row) -> str:
     if not isinstance(used, (int, float)):
         return "—"
     return f"{used:.1f}" + (" ⏱" if d.get("stopped_by_budget") else "")
+
+
+def asked_ratio(s: Row) -> tuple[float, str] | None:
+    """(ratio, "MACs" or "latency") that ``prune.width{ratio=R}`` was asked for, from its record."""
+    budget = ((s.get("metrics") or {}).get("prune") or {}).get("budget") or {}
+    m = re.fullmatch(r"ratio ([0-9.eE+-]+) of the (MACs|latency).*", str(budget.get("asked", "")))
+    return (float(m.group(1)), m.group(2)) if m else None
+
+
+def _asked_cell(s: Row) -> str:
+    asked = asked_ratio(s)
+    if asked is None:
+        return "—"
+    return f"-{asked[0]:.0%} {'MACs' if asked[1] == 'MACs' else 'lat.'}"
+
+
+def _change(factor: Any, what: str) -> str:
+    """A teacher ÷ student factor as the fraction removed: 2.0 -> "50 % fewer MACs"."""
+    if not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+        return f"{what}: not measured"
+    cut = 1 - 1 / factor
+    return f"{abs(cut):.0%} {'less' if cut >= 0 else 'more'} {what} ({factor:.2f}×)"
+
+
+def ratio_lines(manifest: Mapping[str, Any]) -> list[str]:
+    """One line per student built from ``--ratio``: the ratio asked next to the achieved MACs and
+    measured latency reductions, and a note where the profile's latency table drove the allocation
+    (its ratio is a fraction of the *predicted latency*, so the MACs cut differs from it)."""
+    lines = []
+    for s in manifest.get("students", []):
+        asked = asked_ratio(s)
+        if asked is None:
+            continue
+        ratio, of = asked
+        of_text = "MACs" if of == "MACs" else "predicted latency"
+        line = (f"{s['name']}: --ratio {ratio:g} asked to remove {ratio:.0%} of the {of_text}; achieved "
+                f"{_change(s.get('macs_reduction'), 'MACs')} and {_change(s.get('speedup'), 'measured latency')}")
+        if of == "latency":
+            line += (f"; profile '{(manifest.get('profile') or {}).get('name', '?')}' has a latency table, which "
+                     "drove the allocation, so the MACs removed differ from the ratio")
+        lines.append(line)
+    return lines
 
 
 def _robust(value: Any) -> str:
@@ -312,6 +357,8 @@ def _host_line(host: Mapping[str, Any]) -> str:
 def print_results(manifest: Mapping[str, Any], out: Any, err: Any) -> None:
     """Print the table on ``out`` and the loud lines on ``err`` (rich consoles), as the CLI does."""
     out.print(results_table(manifest))
+    for line in ratio_lines(manifest):
+        out.print(_escape(line), soft_wrap=True, highlight=False)
     for line in warnings(manifest):
         err.print(f"[bold red]warning:[/] {_escape(line)}", soft_wrap=True)
 
@@ -359,6 +406,9 @@ def markdown(manifest: Mapping[str, Any], plot: str | None = "pareto.png") -> st
         cells = [f"**{c}**" if bad and c and c != "—" else c for c in r]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    ratios = ratio_lines(manifest)
+    if ratios:
+        lines += [f"- {line}" for line in ratios] + [""]
     teacher_widths = (teacher.get("architecture") or {}).get("widths", {})
     for s in manifest.get("students", []):
         lines += [f"## {s['name']}", "", f"- folder: `{s.get('dir', '')}`"]

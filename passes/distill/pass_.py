@@ -31,7 +31,7 @@ to one safetensors file per batch (see ``teacher_cache``); training reads them a
 moves to the training device. Full outputs train exactly as the live teacher does;
 ``teacher_top_k=K`` keeps only the top ``K`` logits per position (values and indices, the rest read
 back as a tail ``TAIL_GAP`` below them: the renormalised top-``K`` distribution), for large
-vocabularies. The cache lives under ``state.work_dir / "teacher-cache" / <student>`` (a re-run with the
+vocabularies. The cache lives under ``state.work_dir / "teacher-cache"`` (a re-run with the
 same teacher and data reuses it), else in a temporary folder the pass removes afterwards.
 ``method=attention`` needs the live teacher (the cache keeps no attention maps), and so do augmented
 images (every step's view is new). The cache is shared by the students of one compile: its folder
@@ -70,7 +70,7 @@ from .config import PARALLEL, StudentSpec, TrainConfig, not_launched, step_batch
 from .distributed import launched_distributed
 from .losses import DistillLoss, make_loss
 from .methods import require, typed_fields
-from .teacher_cache import TeacherCache
+from .teacher_cache import TeacherCache, remove_teacher_caches
 from .trainer import DistillTrainer
 
 METHODS = methods.METHODS
@@ -363,7 +363,7 @@ class DistillPass(Pass):
                 root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="potstill-teacher-cache-")))
             else:  # one cache per compile: every student reads the batches another one computed
                 root = Path(work) / "teacher-cache"
-                _remove_stale_caches(root, keep=key)
+                remove_teacher_caches(root, keep=key)
             cache = TeacherCache(root / key, top_k=o.teacher_top_k)
             what = f"top-{o.teacher_top_k} logits" if o.teacher_top_k else "whole outputs"
             if want.hidden:
@@ -405,20 +405,6 @@ def teacher_want(built: dict[str, Any]) -> Want:
         if part in methods.COMPOSABLE:  # the regimes read the teacher's logits
             want = want | make_loss(part, **methods.loss_kwargs(part, opts)).teacher_want()
     return want
-
-
-def _remove_stale_caches(root: Path, keep: str) -> None:
-    """Delete the teacher caches under ``root`` built for another teacher or top-k: only folders
-    holding the cache's ``cache.json`` mark, and in them only the files the cache writes."""
-    if not root.is_dir():
-        return
-    for folder in root.iterdir():
-        if folder.name == keep or not (folder / "cache.json").is_file():
-            continue
-        for f in [*folder.glob("*.safetensors"), *folder.glob("*.tmp"), folder / "cache.json"]:
-            f.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # not empty: something else is in it; leave it
-            folder.rmdir()
 
 
 def note(message: str) -> None:

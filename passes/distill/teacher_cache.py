@@ -140,7 +140,13 @@ class TeacherCache:
             )
         device = next((x.device for x in (*batch.args, *batch.kwargs.values()) if isinstance(x, torch.Tensor)),
                       self.device)  # fmt: skip
-        stored = {k: v.to(device) for k, v in load_file(str(path)).items()}
+        try:
+            stored = {k: v.to(device) for k, v in load_file(str(path)).items()}
+        except Exception as e:  # SafetensorError (no public class), OverflowError: a damaged file
+            raise InputError(
+                f"teacher cache file {path} is unreadable ({type(e).__name__}: {e}); it was damaged after potstill "
+                "wrote it: compile again with --no-cache, which clears the teacher cache"
+            ) from e
         if "logits" in stored:
             logits = stored["logits"]
         else:
@@ -153,3 +159,26 @@ class TeacherCache:
 
     def __len__(self) -> int:
         return len(list(self.directory.glob("*.safetensors"))) if self.directory.is_dir() else 0
+
+
+def remove_teacher_caches(root: Path, keep: str | None = None) -> int:
+    """Delete the teacher caches under ``root`` except the folder named ``keep``: only folders holding
+    the cache's ``cache.json`` mark, and in them only the files the cache writes (a folder that holds
+    anything else stays). Returns how many files were deleted."""
+    import contextlib
+
+    if not root.is_dir() or root.is_symlink():
+        return 0
+    n = 0
+    for folder in root.iterdir():
+        if folder.name == keep or folder.is_symlink() or not (folder / "cache.json").is_file():
+            continue
+        for f in [*folder.glob("*.safetensors"), *folder.glob("*.tmp"), folder / "cache.json"]:
+            if f.is_file() and not f.is_symlink():
+                f.unlink()
+                n += 1
+        with contextlib.suppress(OSError):  # not empty: something else is in it; leave it
+            folder.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()
+    return n

@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 from potstill.cli import main
 from potstill.errors import InputError
-from potstill.pipeline import Pass, PassResult, function_pass
+from potstill.pipeline import Pass, function_pass
 from potstill.plan import CompileOptions, apply_recipe, plan_students
 from potstill.state import CompileState
 
@@ -26,49 +25,31 @@ EXAMPLE = f"{REPO / 'examples' / 'digits_cnn.py'}:teacher"
 
 
 
-@dataclass(frozen=True)
-class _Opts:
-    ratio: float = 0.0
-    drop: int = 0
-    keep: int = 0
-
-
-def _fake(name: str, requires: frozenset[str] = frozenset(), ensures: frozenset[str] = frozenset()) -> None:
-    """A do-nothing stand-in for a built-in pass, so planning is tested without running anything."""
-
-    def run(self: Pass, state: CompileState) -> PassResult:
-        return PassResult(state, False)
-
-    # stands in for a built-in, so it bypasses register_pass (which refuses to shadow one)
-    pl._REGISTRY[name] = type("Fake", (Pass,), {"name": name, "Options": _Opts, "requires": requires,
-                                                     "ensures": ensures, "run": run})
-
-
-@pytest.fixture
-def fakes(registry: dict[str, type[Pass]]) -> None:
-    for name in ("importance.magnitude", "importance.taylor", "prune.width", "distill", "record"):
-        _fake(name)
-    for name in ("lower.onnxruntime", "lower.aoti"):
-        _fake(name, ensures=frozenset({"lowered"}))
-    _fake("importance.blocks")
-    _fake("prune.depth", requires=frozenset({"block_importance"}))
-
-
 # ---------------------------------------------------------------------------------------------
 # Planning
 
 
 def specs(plans: list[Any]) -> dict[str, str]:
+    """Each plan's spec, once the plan is checked against the real passes' contracts: every pass is the
+    built-in class its module registers, and every fact a pass requires is ensured by a pass before
+    it (a compile starts with no facts)."""
+    for plan in plans:
+        facts: set[str] = set()
+        for p in plan.passes:
+            assert type(p).__module__ == pl.BUILTIN_PASSES.get(p.name, type(p).__module__), p.name
+            needed = {f.name for f in pl.predicates(type(p).requires) if isinstance(f, pl.Fact)}
+            assert needed <= facts, f"{plan.name}: '{p.name}' requires {needed - facts}, which no earlier pass ensures"
+            facts |= {f.name for f in pl.predicates(type(p).ensures) if isinstance(f, pl.Fact)}
     return {p.name: p.spec for p in plans}
 
 
-def test_default_plan_is_one_student_at_half_width(fakes: None) -> None:
+def test_default_plan_is_one_student_at_half_width() -> None:
     assert specs(plan_students(CompileOptions(), "onnxruntime")) == {
         "w50": "prune.width{ratio=0.5},bn.recalibrate,lower.onnxruntime,record"
     }
 
 
-def test_one_student_per_ratio_with_the_chosen_importance_and_target(fakes: None) -> None:
+def test_one_student_per_ratio_with_the_chosen_importance_and_target() -> None:
     plans = plan_students(CompileOptions(ratios=(0.3, 0.7), importance="taylor"), "aoti")
     assert specs(plans) == {
         "w30": "importance.taylor,prune.width{ratio=0.3},bn.recalibrate,lower.aoti,record",
@@ -76,16 +57,17 @@ def test_one_student_per_ratio_with_the_chosen_importance_and_target(fakes: None
     }
 
 
-def test_depth_options_add_depth_pruning(fakes: None) -> None:
+def test_depth_options_add_depth_pruning() -> None:
     plans = plan_students(CompileOptions(ratios=(0.5,), drop_layers=2), "onnxruntime")
+    # the real prune.depth scores the blocks itself (it requires no block_importance), so no importance.blocks
     assert specs(plans) == {
-        "w50-d2": "importance.blocks,prune.depth{drop=2},prune.width{ratio=0.5},bn.recalibrate,lower.onnxruntime,record"
+        "w50-d2": "prune.depth{drop=2},prune.width{ratio=0.5},bn.recalibrate,lower.onnxruntime,record"
     }
     plans = plan_students(CompileOptions(keep_layers=3), "onnxruntime")
-    assert specs(plans) == {"k3": "importance.blocks,prune.depth{keep=3},bn.recalibrate,lower.onnxruntime,record"}
+    assert specs(plans) == {"k3": "prune.depth{keep=3},bn.recalibrate,lower.onnxruntime,record"}
 
 
-def test_user_pipeline_and_ratio_placeholder(fakes: None) -> None:
+def test_user_pipeline_and_ratio_placeholder() -> None:
     plans = plan_students(CompileOptions(pipeline="importance.magnitude,prune.width{ratio=0.25}"), "onnxruntime")
     assert specs(plans) == {"student": "importance.magnitude,prune.width{ratio=0.25},lower.onnxruntime,record"}
     plans = plan_students(CompileOptions(pipeline="prune.width{ratio=$ratio},lower.aoti", ratios=(0.2, 0.4)), "onnxruntime")
@@ -115,7 +97,7 @@ def test_user_pipeline_and_ratio_placeholder(fakes: None) -> None:
         (CompileOptions(seed=2**40), "onnxruntime", "--seed"),
     ],
 )
-def test_planning_errors(fakes: None, opts: CompileOptions, target: str, fragment: str) -> None:
+def test_planning_errors(opts: CompileOptions, target: str, fragment: str) -> None:
     with pytest.raises(InputError, match=re.escape(fragment)):
         plan_students(opts, target)
 
@@ -161,7 +143,7 @@ def test_distillation_recipe_data_mapping(tmp_path: Path) -> None:
         {"name": "general", "method": "hidden", "epochs": 1}]
 
 
-def test_recipe_pipeline_mapping_builds_passes(fakes: None) -> None:
+def test_recipe_pipeline_mapping_builds_passes() -> None:
     opts = CompileOptions(pipeline=["importance.magnitude", {"prune.width": {"ratio": 0.4}}])
     assert specs(plan_students(opts, "onnxruntime")) == {"student": "importance.magnitude,prune.width{ratio=0.4},lower.onnxruntime,record"}
 
@@ -201,11 +183,7 @@ def _recipe_opts(tmp_path: Path, text: str, **kw: Any) -> CompileOptions:
     return apply_recipe(CompileOptions(recipe=str(recipe), **kw))
 
 
-def test_recipe_train_feeds_the_distill_pass_or_is_an_error(fakes: None, tmp_path: Path) -> None:
-    pl._REGISTRY.pop("distill")
-    from potstill.passes.distill.pass_ import DistillPass
-
-    pl._REGISTRY["distill"] = DistillPass  # the real options: train: is checked against them
+def test_recipe_train_feeds_the_distill_pass_or_is_an_error(tmp_path: Path) -> None:
     opts = _recipe_opts(tmp_path, "train: {lr: 0.01}\n")
     assert specs(plan_students(opts, "onnxruntime", distill_epochs=2))["w50"].startswith(
         "prune.width{ratio=0.5},bn.recalibrate,fidelity{stage=before_distill},distill{epochs=2,lr=0.01}")
@@ -217,7 +195,7 @@ def test_recipe_train_feeds_the_distill_pass_or_is_an_error(fakes: None, tmp_pat
         plan_students(_recipe_opts(tmp_path, "train: {lr: 0.01}\npipeline: distill{lr=0.1}\n"), "onnxruntime")
 
 
-def test_recipe_stages_drive_progressive_distillation(fakes: None, tmp_path: Path) -> None:
+def test_recipe_stages_drive_progressive_distillation(tmp_path: Path) -> None:
     opts = _recipe_opts(tmp_path, "stages: [{name: general, method: kd, epochs: 1}, {name: task, epochs: 2}]\n")
     (plan,) = plan_students(opts, "onnxruntime")
     assert [p.name for p in plan.passes][1:] == ["bn.recalibrate", "fidelity", "distill.progressive", "lower.onnxruntime", "record"]

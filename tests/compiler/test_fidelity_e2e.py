@@ -7,6 +7,7 @@ from pathlib import Path
 
 import potstill
 import pytest
+from potstill.outputs.report import below_floor
 from potstill.pipeline import Pass
 
 TEACHER = """
@@ -59,8 +60,12 @@ def test_broken_student_is_flagged_and_a_copy_is_not(
     report = (result.out / "report.md").read_text()
     assert "> **⚠ student student: fidelity" in report
 
+    copy_notes: list[str] = []
     same = potstill.compile(f"{tmp_path / 'tiny.py'}:teacher", out=tmp_path / "out2", profile="cpu",
-                            pipeline="bn.recalibrate", min_fidelity=0.5, note=notes.append)  # fmt: skip
+                            pipeline="bn.recalibrate", min_fidelity=0.5, note=copy_notes.append)  # fmt: skip
     (s,) = same.students
-    assert s.fidelity is not None and s.fidelity["score"] > 0.5
+    assert s.fidelity is not None and s.fidelity["score"] == 1.0  # an unchanged copy agrees everywhere
+    assert not below_floor(same.manifest["students"][0], 0.5)
+    assert not [n for n in copy_notes if "below the floor" in n]  # the copy is not flagged
+    assert "⚠ student" not in (same.out / "report.md").read_text()
     assert same.manifest["profile"]["min_fidelity"] == 0.5

@@ -52,7 +52,7 @@ def manifest(**extra: Any) -> dict[str, Any]:
 def test_table_shows_fidelity_before_and_after_distillation_and_flags():
     m = manifest()
     header, rows = table_rows(m)
-    assert header[8:12] == ["fidelity", "pre-KD", "KD min", "measures"]
+    assert header[9:13] == ["fidelity", "pre-KD", "KD min", "measures"]
     by_name = {r[0]: dict(zip(header, r)) for r in rows}
     assert by_name["good"]["fidelity"] == "0.950" and by_name["good"]["pre-KD"] == "0.700"
     assert by_name["good"]["KD min"] == "—"  # no distillation record
@@ -147,4 +147,40 @@ def test_plot_and_report_are_written(tmp_path: Path):
     m = manifest()
     for p in (m["teacher"], *m["students"]):
         p["latency_ms"] = None  # not timed: x falls back to MACs, and the axis says so
-    assert pareto_plot(m, tmp_path / "macs.png") is not None
+    macs_png = pareto_plot(m, tmp_path / "macs.png")
+    assert macs_png == tmp_path / "macs.png" and macs_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the MACs axis is another picture than the latency one of the same models
+    assert macs_png.read_bytes() != (tmp_path / "pareto.png").read_bytes()
+    again = pareto_plot(manifest(), tmp_path / "again.png")  # the same models and latencies: the same picture
+    assert again is not None and again.read_bytes() == (tmp_path / "pareto.png").read_bytes()
+
+
+def _ratio_student(m: dict[str, Any], asked: str) -> dict[str, Any]:
+    s = m["students"][2]  # nan: macs_reduction 4.0, speedup 2.5
+    s.setdefault("metrics", {})["prune"] = {"budget": {"asked": asked}}
+    return s
+
+
+def test_ratio_lines_put_the_achieved_reductions_next_to_the_asked_ratio() -> None:
+    from potstill.outputs.report import ratio_lines
+
+    m = manifest()
+    _ratio_student(m, "ratio 0.5 of the MACs")
+    (line,) = ratio_lines(m)
+    assert line == ("nan: --ratio 0.5 asked to remove 50% of the MACs; achieved 75% less MACs (4.00×) and "
+                    "60% less measured latency (2.50×)")  # fmt: skip
+    header, rows = table_rows(m)
+    assert [dict(zip(header, r))["asked"] for r in rows] == ["", "—", "—", "-50% MACs", "—"]
+    assert "- " + line in markdown(m)
+
+
+def test_ratio_lines_say_when_the_latency_table_drove_the_allocation() -> None:
+    from potstill.outputs.report import ratio_lines
+
+    m = manifest()
+    s = _ratio_student(m, "ratio 0.3 of the latency (table)")
+    s["speedup"] = 0.8  # slower than the teacher: said, not hidden
+    (line,) = ratio_lines(m)
+    assert "asked to remove 30% of the predicted latency" in line and "25% more measured latency (0.80×)" in line
+    assert "profile 'cpu' has a latency table, which drove the allocation" in line
+    assert dict(zip(*table_rows(m)[:1], table_rows(m)[1][3]))["asked"] == "-30% lat."
