@@ -332,7 +332,7 @@ def save_student(
     changed: dict[str, dict[str, Any]] = {}
     for name, mod in module.named_modules():
         ref = fresh_mods.get(name)
-        if ref is None or type(ref) is not type(mod):
+        if ref is None or _plain_type(ref) is not _plain_type(mod):
             raise InputError(f"save_student: module '{name}' ({type(mod).__name__}) is not in the teacher's "
                              f"architecture; potstill records narrowed modules and removed blocks only")
         mine, theirs = _module_attrs(mod), _module_attrs(ref)
@@ -411,6 +411,14 @@ def _check_same(
             b = primary_output(again.eval()(*args, **kwargs))
         if a.shape != b.shape or not torch.allclose(a, b, atol=1e-5, rtol=1e-4):
             raise RuntimeError(f"{loader} rebuilds a module that computes something else than the student")
+
+
+def _plain_type(mod: nn.Module) -> type:
+    """The module's class; for a parametrized one (weight norm: a class made per instance), the
+    class it was made from."""
+    from torch.nn.utils import parametrize
+
+    return type(mod).__bases__[0] if parametrize.is_parametrized(mod) else type(mod)
 
 
 def save_hf_where_describable(
