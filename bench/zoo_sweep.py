@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--cap", type=float, default=240.0, help="seconds per class")
     ap.add_argument("--redo", action="store_true", help="sweep classes already in the JSON again")
     ap.add_argument("--redo-failed", action="store_true", help="sweep again the classes that did not pass")
+    ap.add_argument("--known-only", action="store_true", help="only classes already in the JSON")
     ap.add_argument("--table-only", action="store_true", help="rewrite docs/coverage.md from the JSON")
     ap.add_argument("--json", default=str(RESULTS))
     ap.add_argument("--coverage", default=str(COVERAGE), help="the generated table (markdown)")
@@ -142,6 +143,8 @@ def main() -> None:
         for task, model_type, cls in todo:
             key = f"{task}:{model_type}:{cls}"
             old = rows.get(key)
+            if args.known_only and old is None:
+                continue
             if old is not None and not args.redo and not (args.redo_failed and old["status"] != "pass"):
                 continue
             if args.limit is not None and done >= args.limit:

@@ -66,13 +66,16 @@ def hf_task(architectures: Sequence[str] | None) -> tuple[str, str]:
     >>> hf_task(["BertModel"])
     ('feature-extraction', 'AutoModel')
     """
+    mappings: list[tuple[Any, str, str]] = []
     try:
         import transformers.models.auto.modeling_auto as auto
+
+        mappings = [(getattr(auto, m, {}), task, name) for m, task, name in HF_AUTO_TASKS]
     except ImportError:
-        auto = None
+        pass
     for arch in architectures or ():
-        for mapping, task, auto_name in HF_AUTO_TASKS if auto is not None else ():
-            for names in getattr(auto, mapping, {}).values():
+        for mapping, task, auto_name in mappings:
+            for names in mapping.values():
                 if arch == names or (isinstance(names, tuple) and arch in names):
                     return task, auto_name
         for suffix, task, auto_name in HF_SUFFIX_TASKS:

@@ -135,7 +135,10 @@ def _shrink_value(key: str, value: Any, defaults: dict[str, Any]) -> Any:
         if key in ("hidden_sizes", "embed_dims", "embed_dim", "hidden_size", "dims", "channels", "widths",
                    "num_channels", "conv_dim", "out_features", "in_channels", "out_channels", "filter_sizes",
                    "hidden_dims", "stage_channels", "decoder_hidden_size"):
-            return [max(8, min(v, 16 * 2 ** i)) for i, v in enumerate(value)] if key != "conv_dim" else [32] * len(value)
+            if key == "conv_dim":
+                return [32] * len(value)
+            # one function of the value for every list, so that in_channels[i + 1] == out_channels[i] holds
+            return [max(8, -(-v // 32) * 8) for v in value]
         if key in ("num_heads", "num_attention_heads", "heads", "attention_heads"):
             return [min(v, 2) for v in value]
     return value
