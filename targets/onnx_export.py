@@ -41,7 +41,10 @@ from .large_onnx import check_onnx, needs_external_data, onnx_destination
 OUTPUT_NAME = "output"
 #: inputs whose dim 1 counts tokens (dynamic "sequence" axis)
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "decoder_input_ids",
-               "decoder_attention_mask")
+               "decoder_attention_mask", "input_values")
+#: the name of each input's dim-1 axis: a decoder's tokens and a waveform's samples have lengths of their own
+AXIS_NAMES = {"decoder_input_ids": "decoder_sequence", "decoder_attention_mask": "decoder_sequence",
+              "input_values": "samples"}
 
 
 def output_leaves(out: Any, prefix: str = "") -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
@@ -228,7 +231,7 @@ def _axes(names: Sequence[str], flat: Sequence[torch.Tensor], batch: bool,
     for n, t in zip(names, flat):
         dims = {0: "batch"} if batch and t.dim() > 0 else {}
         if n in seq_names:
-            dims[1] = "sequence"
+            dims[1] = AXIS_NAMES.get(n, "sequence")
         if dims:
             axes[n] = dims
     return axes
@@ -252,7 +255,10 @@ def _export(
         if dynamo:
             # forward(*flat): one dynamic_shapes entry for the varargs tuple, one spec per tensor
             dims = {"batch": torch.export.Dim("batch", min=1, max=65536),
-                    "sequence": torch.export.Dim("sequence", min=1, max=max_seq)}
+                    "sequence": torch.export.Dim("sequence", min=1, max=max_seq),
+                    "decoder_sequence": torch.export.Dim("decoder_sequence", min=1, max=max_seq),
+                    # a tenth of a second at 16 kHz: convolutional feature encoders need a receptive field
+                    "samples": torch.export.Dim("samples", min=1600, max=1 << 24)}
             shapes = (tuple({d: dims[a] for d, a in axes[n].items()} if n in axes else None for n in names),)
             program = torch.onnx.export(
                 wrapper, flat, dynamo=True, optimize=False, input_names=names,

@@ -32,6 +32,7 @@ import torch
 from potstill.errors import InputError
 from potstill.inputs.corpus import is_text_file, read_texts
 from potstill.inputs.data import image_files, import_file, load_callable, load_image
+from potstill.inputs.hf import accepts, hf_task, signal_inputs, with_decoder_inputs
 from potstill.inputs.hf_files import (
     check_sequence_length,
     check_tokenizer_files,
@@ -53,13 +54,6 @@ SENTENCES = (
 #: Hooks a teacher file may define; they become the defaults of a compilation.
 TEACHER_HOOKS = ("calib_data", "train_data", "eval_data", "metric", "preprocess")
 
-#: (architecture suffix, task, Auto class name), first match wins.
-HF_TASKS = (
-    ("ForCausalLM", "text-generation", "AutoModelForCausalLM"),
-    ("ForSequenceClassification", "text-classification", "AutoModelForSequenceClassification"),
-    ("ForImageClassification", "image-classification", "AutoModelForImageClassification"),
-)
-HF_BASE = ("feature-extraction", "AutoModel")
 
 
 @dataclass
@@ -206,21 +200,6 @@ def _split_inputs(value: Any, where: str) -> tuple[tuple[Any, ...], dict[str, An
 # hf:PATH
 
 
-def hf_task(architectures: Sequence[str] | None) -> tuple[str, str]:
-    """(task, Auto class name) for a config's ``architectures`` list.
-
-    >>> hf_task(["LlamaForCausalLM"])
-    ('text-generation', 'AutoModelForCausalLM')
-    >>> hf_task(["BertModel"])
-    ('feature-extraction', 'AutoModel')
-    """
-    for arch in architectures or ():
-        for suffix, task, auto in HF_TASKS:
-            if arch.endswith(suffix):
-                return task, auto
-    return HF_BASE
-
-
 #: token count of a text teacher's example inputs (the timing shape) unless --sequence-length says
 DEFAULT_SEQUENCE_LENGTH = 32
 
@@ -264,7 +243,7 @@ def load_hf_teacher(path_text: str, *, sequence_length: int | None = None, trust
         raise InputError(f"teacher '{spec}': --sequence-length applies to text models; this one takes {main}")
     bound = max_positions(config)
     default = min(DEFAULT_SEQUENCE_LENGTH, bound[1]) if bound else DEFAULT_SEQUENCE_LENGTH
-    kwargs = _hf_example_inputs(model, config, tokenizer, sequence_length or default)
+    kwargs = _hf_example_inputs(model, config, tokenizer, sequence_length or default, path)
     sources = sorted(p.resolve() for p in path.iterdir() if p.is_file())
     return Teacher(
         module=model.eval(),
@@ -365,17 +344,18 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False, spec: s
     return tok
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+_accepts = accepts
 
 
-def _hf_example_inputs(model: nn.Module, config: Any, tokenizer: Any, seq_len: int = 32) -> dict[str, Any]:
+def _hf_example_inputs(model: nn.Module, config: Any, tokenizer: Any, seq_len: int = 32,
+                       path: Path | None = None) -> dict[str, Any]:
+    """The inputs of the class's ``main_input_name`` (tokens, pixels, a waveform, a spectrogram),
+    with ``decoder_input_ids`` for an encoder-decoder."""
     main = getattr(model, "main_input_name", "input_ids")
     if main == "pixel_values":
         return {"pixel_values": example_pixels(config)}
+    if main != "input_ids":
+        return with_decoder_inputs(model, signal_inputs(model, config, main, path))
     if tokenizer is not None:
         return tokenize(tokenizer, list(SENTENCES[:1]), model, seq_len)
     vocab = int(getattr(config, "vocab_size", 1000))
@@ -386,21 +366,22 @@ def _hf_example_inputs(model: nn.Module, config: Any, tokenizer: Any, seq_len: i
     }
     if _accepts(model, "token_type_ids") and int(getattr(config, "type_vocab_size", 0) or 0) > 0:
         kwargs["token_type_ids"] = torch.zeros(1, seq_len, dtype=torch.long)
-    return kwargs
+    return with_decoder_inputs(model, kwargs)
 
 
 def tokenize(tokenizer: Any, texts: list[str], model: nn.Module, seq_len: int) -> dict[str, Any]:
     """Token ids padded to ``seq_len``, with the inputs the model's forward accepts."""
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
     keep = ("input_ids", "attention_mask", "token_type_ids")
-    return {k: enc[k] for k in keep if k in enc and (k == "input_ids" or _accepts(model, k))}
+    return with_decoder_inputs(model, {k: enc[k] for k in keep if k in enc and (k == "input_ids" or _accepts(model, k))})
 
 
 def example_pixels(config: Any) -> torch.Tensor:
     """One real photograph (scikit-image's cat), resized and normalised to the config's image size."""
-    size = getattr(config, "image_size", 224)
+    vision = getattr(config, "vision_config", None)  # CLIP/SigLIP-style: the sizes live in the vision tower
+    size = getattr(config, "image_size", None) or getattr(vision, "image_size", None) or 224
     size = size if isinstance(size, int) else int(size[0])
-    channels = int(getattr(config, "num_channels", 3))
+    channels = int(getattr(config, "num_channels", None) or getattr(vision, "num_channels", None) or 3)
     try:
         from skimage import data as skdata
 

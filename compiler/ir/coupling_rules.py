@@ -332,10 +332,16 @@ def _addmm(a: ChannelAnalysis, node: fx.Node) -> Any:
     if isinstance(bias, fx.Node):
         if a.is_param(bias):
             a.bind(bias, len(a.param_shapes[a.pname(bias)]) - 1, out[-1], "out", node.name)
-        else:
-            bm = a.arg_maps(bias, node.name)
-            if bm:
-                out[-1] = a.join(out[-1], bm[-1], (a.shape(node) or (0,))[-1], node.name)
+        else:  # an activation added to the product broadcasts over every dim, not just the last
+            bm, shape, out_shape = a.arg_maps(bias, node.name), a.shape(bias), a.shape(node)
+            if bm and shape is not None and out_shape is not None:
+                offset = len(out_shape) - len(shape)
+                for d, (size, dm) in enumerate(zip(shape, bm)):
+                    od = d + offset
+                    if size == 1 and out_shape[od] != 1:
+                        a.pin_map(dm, f"{node.name}: broadcast channel dim")
+                    else:  # e.g. ALiBi's per-head bias, computed from the head count, pins the heads
+                        out[od] = a.join(out[od], dm, out_shape[od], node.name)
     return out
 
 

@@ -399,36 +399,45 @@ class WidthPrunePass(Pass):
         layers = layer_shapes(student.module, state.example_inputs, state.example_kwargs)
         uniform = o.uniform
         budget: Budget | None = None
-        if o.per_kind:
-            per_kind = parse_per_kind(o.per_kind)
-            final, how = local_counts(groups, {g.id: per_kind[g.kind] for g in groups}, multiple, table, layers, uniform)
-        else:
+        if not o.per_kind:
             cost = CostModel.build(student.module, analysis, state.example_inputs, state.example_kwargs,
                                    with_layers=True)
             budget = _budget(state, o, cost, groups)
+
+        def allocate_with(multiple: int) -> tuple[dict[int, int], dict[int, str]]:
+            if o.per_kind:
+                per_kind = parse_per_kind(o.per_kind)
+                return local_counts(groups, {g.id: per_kind[g.kind] for g in groups}, multiple, table, layers, uniform)
+            assert budget is not None
             if o.allocation == "local":
-                final, how = _local_budget(groups, budget, multiple, table, layers, uniform)
-            elif plan is not None:
-                final, how = dict(plan.keep), dict.fromkeys(plan.keep, "sensitivity")
-            else:
-                try:
-                    # --ratio asks "about R of the MACs": where the pinned part (embeddings, the
-                    # output layer) makes R unreachable, prune as far as the floors allow and say so;
-                    # an explicit budget stays a hard one
-                    alloc = allocate(groups, scores, budget.measure, budget.limit, multiple=multiple,
-                                     comparable=method.comparable, floor=o.floor, uniform=uniform,
-                                     best_effort=o.ratio is not None)  # fmt: skip
-                except ValueError as e:
-                    raise InputError(f"prune.width: the {budget.asked} cannot be met by width pruning alone: {e}") from e
-                final, how = alloc.keep, dict.fromkeys(alloc.keep, "global")
+                return _local_budget(groups, budget, multiple, table, layers, uniform)
+            if plan is not None:  # inverted-residual expansions: widths from measured per-block sensitivity
+                return dict(plan.keep), dict.fromkeys(plan.keep, "sensitivity")
+            try:
+                # --ratio asks "about R of the MACs": where the pinned part (embeddings, the
+                # output layer) makes R unreachable, prune as far as the floors allow and say so;
+                # an explicit budget stays a hard one
+                alloc = allocate(groups, scores, budget.measure, budget.limit, multiple=multiple,
+                                 comparable=method.comparable, floor=o.floor, uniform=uniform,
+                                 best_effort=o.ratio is not None)  # fmt: skip
+            except ValueError as e:
+                raise InputError(f"prune.width: the {budget.asked} cannot be met by width pruning alone: {e}") from e
+            return alloc.keep, dict.fromkeys(alloc.keep, "global")
+
+        final, how = allocate_with(multiple)
+        asked = budget.asked if budget else list(o.per_kind)
+        if multiple > 1 and o.align is None and all(final[g.id] == g.n_units for g in groups):
+            # groups too small for the profile's multiple: one that still removes units beats none
+            final, how = allocate_with(1)
+            warn(f"prune.width: {asked} removes no unit at the profile's channel multiple {multiple} "
+                 f"(groups of {sorted({g.n_units for g in groups})[:6]} units); aligned to 1 instead")
+            multiple = 1
         labels = {g.id: group_label(g) for g in groups}
         if all(final[g.id] == g.n_units for g in groups):
-            note = (f"prune.width: {budget.asked if budget else list(o.per_kind)} removes no aligned unit "
-                    f"(channel multiple {multiple}); the student is not pruned")
-            warn(note)
-            student.metrics["prune"] = {"importance": method.name, "note": note}
-            state.facts.add("pruned")
-            return PassResult(state, False)
+            # one behaviour for "nothing to prune", as for a model without prunable groups: exit 2
+            raise InputError(f"prune.width: {asked} removes no unit of the {len(groups)} prunable groups "
+                             f"(channel multiple {multiple}, largest group {max(g.n_units for g in groups)} units); "
+                             "ask for a larger ratio or a smaller align")
         # auto: refit when there is calibration data, and keep the refit only if it is better on
         # held-out data (``choose_refit``)
         use_recon = o.reconstruct is True or (o.reconstruct is None and state.calib_data is not None)

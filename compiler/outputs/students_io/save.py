@@ -69,7 +69,7 @@ def save_student(
     changed: dict[str, dict[str, Any]] = {}
     for name, mod in module.named_modules():
         ref = fresh_mods.get(name)
-        if ref is None or type(ref) is not type(mod):
+        if ref is None or _plain_type(ref) is not _plain_type(mod):
             raise InputError(f"save_student: module '{name}' ({type(mod).__name__}) is not in the teacher's "
                              f"architecture; potstill records narrowed modules and removed blocks only")
         mine, theirs = _module_attrs(mod), _module_attrs(ref)
@@ -180,3 +180,11 @@ def save_hf_where_describable(
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     return f"transformers.{auto_name}", None
+
+
+def _plain_type(mod: nn.Module) -> type:
+    """The module's class; for a parametrized one (weight norm: a class made per instance), the
+    class it was made from."""
+    from torch.nn.utils import parametrize
+
+    return type(mod).__bases__[0] if parametrize.is_parametrized(mod) else type(mod)

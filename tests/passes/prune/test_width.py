@@ -39,9 +39,9 @@ class Net(nn.Module):
         return self.head(self.layers(self.stem(x)).mean((2, 3)))
 
 
-def make_net() -> Net:
+def make_net(c: int = 32) -> Net:
     torch.manual_seed(0)
-    net = Net().eval()
+    net = Net(c).eval()
     for m in net.modules():  # non-trivial BN so that the masked comparison means something
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
@@ -95,8 +95,16 @@ def test_ratio_is_a_macs_budget_checked_on_the_student():
 def test_align_option_and_small_ratio():
     s = run("prune.width{per_kind=[channels=0.3],align=1}").working()
     assert {w["units"] for w in s.metrics["arch"]["widths"].values()} == {22}
-    state = run("prune.width{per_kind=[channels=0.01]}")  # 31.7 of 32 rounds to 32: nothing to remove
-    assert "not pruned" in state.working().metrics["prune"]["note"]
+    # 31.7 of 32 rounds to 32 at any multiple: nothing to remove is exit 2, as "no prunable groups" is
+    with pytest.raises(PassError, match="removes no unit of the") as info:
+        run("prune.width{per_kind=[channels=0.01]}")
+    assert isinstance(info.value.__cause__, InputError)
+
+
+def test_profile_multiple_falls_back_where_it_removes_nothing():
+    # 8 channels per group at the profile's multiple 8: 0.3 of 8 rounds to none; multiple 1 prunes
+    s = run("prune.width{per_kind=[channels=0.3]}", make_net(8)).working()
+    assert {w["units"] for w in s.metrics["arch"]["widths"].values()} == {6}
 
 
 @pytest.mark.parametrize(("spec", "match"), [

@@ -1,0 +1,132 @@
+"""One fast test per failure kind the registry sweep (``bench/zoo_sweep.py``) found and that is now
+fixed, each on a tiny config built by the sweep's own ``tiny_config``: task heads load as their own
+class and every output reaches the engine, audio models get waveforms, encoder-decoders get
+``decoder_input_ids`` and both stacks are analysed, ALiBi pins the heads it biases, and a
+weight-normalised conv records and reloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from potstill.inputs.hf import hf_task
+from potstill.inputs.teacher import load_hf_teacher
+from potstill.ir.capture import analyze
+
+from .zoo_sweep_lib import TASKS, build_tiny, registry, tiny_config
+
+
+def _saved(model_type: str, cls: str, root: Path) -> Path:
+    path = root / model_type
+    build_tiny(model_type, cls).save_pretrained(path)
+    return path
+
+
+def test_audio_teacher_takes_a_waveform(tmp_path):
+    t = load_hf_teacher(str(_saved("wav2vec2", "Wav2Vec2ForSequenceClassification", tmp_path)))
+    assert type(t.module).__name__ == "Wav2Vec2ForSequenceClassification"
+    assert list(t.example_kwargs) == ["input_values"] and t.example_kwargs["input_values"].shape == (1, 16000)
+
+
+@pytest.mark.parametrize(("arch", "task", "auto"), [
+    ("BertForQuestionAnswering", "question-answering", "AutoModelForQuestionAnswering"),
+    ("RobertaForTokenClassification", "token-classification", "AutoModelForTokenClassification"),
+    ("Wav2Vec2ForSequenceClassification", "audio-classification", "AutoModelForAudioClassification"),
+    ("T5ForConditionalGeneration", "text2text-generation", "AutoModelForSeq2SeqLM"),
+    ("GPT2LMHeadModel", "text-generation", "AutoModelForCausalLM"),
+    ("BertModel", "feature-extraction", "AutoModel"),
+])  # fmt: skip
+def test_every_head_maps_to_the_auto_class_that_builds_it(arch, task, auto):
+    assert hf_task([arch]) == (task, auto)
+
+
+def test_registry_and_tiny_configs_cover_every_task():
+    rows = registry()
+    assert {t for t, _, _ in rows} == set(TASKS)
+    assert len(rows) > 500  # transformers 4.57 ships ~900 auto classes; a list would be a few dozen
+    cfg = tiny_config("llama")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.vocab_size) == (64, 2, 4, 256)
+    assert cfg.num_key_value_heads in (2, 4) and cfg.intermediate_size == 128
+
+
+def test_question_answering_teacher_is_the_head_with_both_outputs(tmp_path):
+    from potstill.targets.onnx_export import ordered_outputs
+
+    t = load_hf_teacher(str(_saved("bert", "BertForQuestionAnswering", tmp_path)))
+    assert type(t.module).__name__ == "BertForQuestionAnswering"
+    with torch.no_grad():
+        out = t.module(**t.example_kwargs)
+    names, tensors, _ = ordered_outputs(out)
+    assert names == ["output", "output.end_logits"]
+    assert tensors[0] is out.start_logits and tuple(tensors[1].shape) == tuple(t.example_kwargs["input_ids"].shape)
+
+
+@pytest.mark.slow
+def test_question_answering_engine_returns_start_and_end_logits(tmp_path):
+    import onnxruntime as ort
+    from potstill.targets.onnx_export import export_onnx
+
+    t = load_hf_teacher(str(_saved("bert", "BertForQuestionAnswering", tmp_path)))
+    assert type(t.module).__name__ == "BertForQuestionAnswering"
+    exported = export_onnx(t.module, (), tmp_path / "qa.onnx", dict(t.example_kwargs))
+    session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+    ids = torch.randint(3, 200, (2, 9))
+    feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    names = [i.name for i in session.get_inputs()]
+    got = session.run(None, {k: v.numpy() for k, v in feeds.items() if k in names})
+    with torch.no_grad():
+        want = t.module(**{k: v for k, v in feeds.items() if k in names})
+    assert [o.name for o in session.get_outputs()] == ["output", "output.end_logits"]
+    np.testing.assert_allclose(got[0], want.start_logits.numpy(), atol=1e-5)
+    np.testing.assert_allclose(got[1], want.end_logits.numpy(), atol=1e-5)
+    assert got[0].shape == (2, 9)
+
+
+@pytest.mark.slow
+def test_audio_model_gets_a_waveform_and_a_dynamic_length_engine(tmp_path):
+    import onnxruntime as ort
+    from potstill.ir.surgery import prune_width
+    from potstill.outputs.students_io import load_student, save_student
+    from potstill.targets.onnx_export import export_onnx
+
+    path = _saved("wav2vec2", "Wav2Vec2ForSequenceClassification", tmp_path)
+    t = load_hf_teacher(str(path))
+    assert list(t.example_kwargs) == ["input_values"] and t.example_kwargs["input_values"].shape == (1, 16000)
+    a = analyze(t.module, (), t.example_kwargs)
+    # the positional conv is weight-normalised (a parametrized module): prune the FFN and reload it
+    ffn = next(g for g in a.prunable() if g.kind == "neurons")
+    student = prune_width(t.module, a, {ffn.id: list(range(ffn.n_units // 2))})
+    teacher = {"spec": f"hf:{path}", "hf": {"path": str(path), "task": "audio-classification",
+                                            "auto_class": "AutoModelForAudioClassification"}}
+    save_student(student, tmp_path / "student", teacher=teacher)
+    again = load_student(tmp_path / "student")
+    exported = export_onnx(again, (), tmp_path / "a.onnx", dict(t.example_kwargs))
+    session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+    wave = torch.randn(2, 9000)  # another batch and length than the 1 x 16000 example
+    with torch.no_grad():
+        want = student(input_values=wave).logits.numpy()
+    np.testing.assert_allclose(session.run(None, {"input_values": wave.numpy()})[0], want, atol=1e-4)
+
+
+def test_encoder_decoder_gets_decoder_ids_and_both_stacks_are_prunable(tmp_path):
+    t = load_hf_teacher(str(_saved("t5", "T5ForConditionalGeneration", tmp_path)))
+    ids, dec = t.example_kwargs["input_ids"], t.example_kwargs["decoder_input_ids"]
+    config = t.module.config
+    start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.pad_token_id
+    assert dec.shape == ids.shape and int(dec[0, 0]) == start and torch.equal(dec[0, 1:], ids[0, :-1])
+    a = analyze(t.module, (), t.example_kwargs)
+    owners = {m.param.split(".")[0] for g in a.prunable() for m in g.members if g.kind in ("heads", "neurons")}
+    assert {"encoder", "decoder"} <= owners
+
+
+def test_alibi_bias_pins_the_heads_it_is_added_to(tmp_path):
+    t = load_hf_teacher(str(_saved("bloom", "BloomModel", tmp_path)))
+    a = analyze(t.module, (), t.example_kwargs)
+    heads = [g for g in a.groups if g.kind == "heads"]
+    assert heads and all(g.pinned and "baddbmm" in g.pinned for g in heads)
+    assert any(g.kind == "neurons" for g in a.prunable())  # the MLPs are still pruned
