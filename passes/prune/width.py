@@ -5,7 +5,12 @@ latency when the profile has a measured latency table), ``macs_budget`` / ``para
 ``latency_budget_ms``, or ``per_kind`` (explicit fractions of *units* per kind). Giving none, or
 two, is an error; so are values out of range (ratio in (0, 1), budgets > 0).
 
-Where: ``allocation=global`` (default) ranks every unit of every selected group by importance per
+Where: ``allocation=auto`` (default) is ``latency`` where it applies, else ``global``.
+``allocation=latency`` is Kwon et al. 2022's mask search under a latency constraint: each
+sublayer's latency as a function of its kept heads / neurons is measured on this host and heads and
+neurons are bought globally by Fisher under ``ratio`` of that latency (``latency_search.py``,
+``mask_search.py``; Fisher scores, heads and neurons only, a cpu profile without a latency table).
+``allocation=global`` ranks every unit of every selected group by importance per
 unit of cost saved and removes the cheapest-to-lose units until the budget is met (``allocate.py``;
 Kwon et al. 2022's mask search), so groups lose different fractions; ``allocation=local`` removes one
 fraction from every group (bisection on it). Counts are rounded to the profile's channel multiple;
@@ -55,6 +60,7 @@ from torch import nn
 from .align import channel_multiple, choose_width
 from .allocate import allocate, rearrange
 from .budget import CostModel, layer_shapes
+from .latency_search import LatencyAllocation, allocate_latency, applies
 from .reconstruct import reconstruct
 
 if TYPE_CHECKING:
@@ -67,7 +73,7 @@ ALL_KINDS = (*DEFAULT_KINDS, "hidden")
 
 #: options that say how much to prune; exactly one of them is required
 AMOUNT_OPTIONS = ("ratio", "per_kind", "macs_budget", "params_budget", "latency_budget_ms")
-ALLOCATIONS = ("global", "local")
+ALLOCATIONS = ("auto", "latency", "global", "local")
 REFITS = ("scale", "full")
 
 
@@ -107,8 +113,10 @@ class WidthOptions:
     align: int | None = None
     #: let the profile's latency table pick among aligned widths no wider than asked
     use_table: bool = True
-    #: "global" (units ranked by importance per cost across groups) or "local" (one unit fraction for all)
-    allocation: str = "global"
+    #: "latency" (Kwon's mask search under per-sublayer latency measured here; heads and neurons),
+    #: "global" (units ranked by importance per cost across groups), "local" (one unit fraction for
+    #: all), or "auto": latency where it applies (``latency_search.applies``), else global
+    allocation: str = "auto"
     #: global allocation: every group keeps at least this fraction of its units
     floor: float = 0.1
     #: same width for every group of a kind with the same size
@@ -167,7 +175,9 @@ class WidthOptions:
             raise InputError(f"prune.width: reconstruct must be true, false or auto, not {self.reconstruct!r}")
         if self.refit not in REFITS:
             raise InputError(f"prune.width: refit must be one of {REFITS}, not {self.refit!r}")
-        if self.per_kind and self.allocation != "global":
+        if self.allocation == "latency" and self.ratio is None:
+            raise InputError("prune.width: allocation=latency takes its budget from ratio=R")
+        if self.per_kind and self.allocation not in ("auto", "global"):
             raise InputError("prune.width: allocation applies to ratio and budgets, not to per_kind")
 
 
@@ -363,6 +373,7 @@ class WidthPrunePass(Pass):
         layers = layer_shapes(student.module, state.example_inputs, state.example_kwargs)
         uniform = o.uniform
         budget: Budget | None = None
+        searched: LatencyAllocation | None = None
         if o.per_kind:
             per_kind = parse_per_kind(o.per_kind)
             final, how = local_counts(groups, {g.id: per_kind[g.kind] for g in groups}, multiple, table, layers, uniform)
@@ -370,7 +381,10 @@ class WidthPrunePass(Pass):
             cost = CostModel.build(student.module, analysis, state.example_inputs, state.example_kwargs,
                                    with_layers=True)
             budget = _budget(state, o, cost, groups)
-            if o.allocation == "local":
+            searched = self._latency_search(state, student, groups, scores, method.comparable, table, multiple)
+            if searched is not None:
+                final, how = searched.result.keep, dict.fromkeys(searched.result.keep, "latency-search")
+            elif o.allocation == "local":
                 final, how = _local_budget(groups, budget, multiple, table, layers, uniform)
             else:
                 try:
@@ -403,12 +417,15 @@ class WidthPrunePass(Pass):
         record_arch(state, student, widths)
         macs_after = float(student.metrics["arch"]["macs"])
         record: dict[str, Any] = {
-            "importance": method.name, "allocation": "per_kind" if o.per_kind else o.allocation,
+            "importance": method.name, "allocation": "per_kind" if o.per_kind else "latency" if searched else
+            "global" if o.allocation == "auto" else o.allocation,
             "reconstructed": student.metrics.get("reconstructed", []) if use_recon else [],
             "rearranged": keep_sets, "macs_before": int(analysis.cost.macs), "macs_after": int(macs_after),
             "candidates": student.metrics.pop("prune_candidates", []),
         }
-        if budget is not None:
+        if searched is not None:
+            record["budget"] = searched.record()
+        elif budget is not None:
             record["budget"] = {"asked": budget.asked, "what": budget.what, "limit": budget.limit, "full": budget.full}
             if budget.what == "MACs":
                 # the prediction holds attention products constant, so the measured count is lower;
@@ -427,6 +444,21 @@ class WidthPrunePass(Pass):
         state.facts.discard("importance")
         state.facts.add("pruned")
         return PassResult(state, True)
+
+    def _latency_search(self, state: CompileState, student: Student, groups: list[CoupledGroup],
+                        scores: dict[int, np.ndarray], comparable: bool, table: Any,
+                        multiple: int) -> LatencyAllocation | None:  # fmt: skip
+        """Kwon's latency-constrained mask search (``latency_search.py``) when ``allocation`` asks
+        for it or is ``auto`` and it applies; None otherwise."""
+        o: WidthOptions = self.options
+        fits = o.ratio is not None and table is None and applies(state, groups, comparable)
+        if o.allocation == "latency" and not fits:
+            raise InputError("prune.width: allocation=latency needs Fisher scores, only heads / neurons groups, "
+                             "ratio=R and a cpu ONNX Runtime profile without a latency table; use allocation=global")
+        if o.allocation not in ("auto", "latency") or not fits or o.ratio is None:
+            return None
+        return allocate_latency(state, student.module, groups, scores, calibration_batches(state, o.batches),
+                                ratio=o.ratio, multiple=multiple, floor=o.floor)
 
     @staticmethod
     def _prune(state: CompileState, student: Student, groups: list[CoupledGroup], final: dict[int, int],
