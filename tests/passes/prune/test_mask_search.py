@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 from potstill.passes.prune.mask_search import predict_ms, search_latency
-from potstill.passes.prune.sublayer_latency import PiecewiseLatency, fit_piecewise, measure_sublayer, sample_counts
+from potstill.passes.prune.sublayer_latency import (
+    PiecewiseLatency,
+    fit_piecewise,
+    measure_sublayer,
+    sample_counts,
+)
 from potstill.pipeline import PassManager, build_pipeline
 from potstill.state import CompileState
 
