@@ -65,9 +65,22 @@ def teacher_spec(case: str) -> str:
     return str(ROOT / "bench" / "prune_effnet_teacher.py") + ":teacher"
 
 
+def minilm_corpus() -> Path:
+    """A text corpus for ``--calib`` (one sentence a line): the built-in docstring corpus and the
+    docstring sentences past the 512 that ``evaluate_minilm`` holds out (disjoint from them)."""
+    from potstill.inputs.teacher import docstring_corpus
+
+    seen = docstring_corpus(4096)
+    rest = [s for s in C.docstring_sentences(4000, seed=1) if s not in set(seen)][512:]  # past the held-out 512
+    path = Path("/tmp/potstill-minilm-calib.txt")
+    path.write_text("\n".join(seen + rest) + "\n")
+    return path
+
+
 def compile_cli(case: str, ratio: float, out: Path, extra: list[str]) -> tuple[list[str], float, float]:
+    calib = ["--calib", str(minilm_corpus())] if case == "minilm" and "--calib" not in extra else []
     cmd = [POTSTILL, "compile", teacher_spec(case), "--profile", "cpu", "--ratio", f"{ratio:g}",
-           "--no-distill", "--no-cache", "-o", str(out), *extra]
+           "--no-distill", "--no-cache", "-o", str(out), *calib, *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()

@@ -403,6 +403,25 @@ def example_pixels(config: Any) -> torch.Tensor:
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+#: sentences a text corpus calibrates with at least, after a quarter is held out (Kwon et al. 2022's
+#: layer-wise least squares fits hundreds of unknowns per layer; 64 sentences overfit it)
+TEXT_CALIB_SENTENCES = 512
+
+
+def text_calib_batches(batch_size: int, sentences: int = TEXT_CALIB_SENTENCES) -> int:
+    """The fewest batches ``n`` whose calibration part (``n`` minus the quarter that
+    ``potstill.fidelity.split_heldout`` holds out) has ``sentences`` sentences.
+
+    >>> text_calib_batches(8)
+    85
+    """
+    need = -(-sentences // batch_size)
+    n = need + 1
+    while n - max(1, round(0.25 * n)) < need:
+        n += 1
+    return n
+
+
 def load_calibration(
     spec: str | None,
     teacher: Teacher,
@@ -421,6 +440,8 @@ def load_calibration(
     to measure fidelity (``potstill.fidelity.split_heldout``), so ``num_batches`` leaves room for it.
     """
     if spec:
+        if is_text_file(spec):  # the refit needs tokens: at least TEXT_CALIB_SENTENCES after the held-out split
+            num_batches = max(num_batches, text_calib_batches(batch_size))
         return load_data(spec, teacher, "--calib", batch_size=batch_size, num_batches=num_batches,
                          seq_len=seq_len, note=note)  # fmt: skip
     if "calib_data" in teacher.hooks:

@@ -120,7 +120,7 @@ def mask_gradients(
         for i, batch in enumerate(batches):
             m = batch.kwargs.get("attention_mask")
             mask_box[0] = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
-            for_each_gradient(model, teacher, [batch], on_gradients, seed=seed + i)
+            for_each_gradient(model, teacher, [batch], on_gradients, seed=seed + i, vectors_only=True)
     finally:
         for h in handles:
             h.remove()

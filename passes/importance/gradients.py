@@ -59,15 +59,20 @@ def for_each_gradient(
     batches: Sequence[Batch],
     on_gradients: Callable[[], None],
     seed: int = 0,
+    vectors_only: bool = False,
 ) -> None:
-    """For each batch: forward, the loss, backward, then ``on_gradients()`` reads ``p.grad``."""
+    """For each batch: forward, the loss, backward, then ``on_gradients()`` reads ``p.grad``.
+
+    ``vectors_only``: only 1-D parameters (biases, norms) require gradients, which is enough for
+    every activation after the first norm to carry one (what activation hooks read), without the
+    weight-gradient products (a third of the backward pass)."""
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
     flags = {p: p.requires_grad for p in model.parameters()}
     try:
         for p in model.parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(not vectors_only or p.dim() <= 1)
         for batch in batches:
             out_t = None
             if teacher is not None and teacher is not model:

@@ -5,7 +5,12 @@ latency when the profile has a measured latency table), ``macs_budget`` / ``para
 ``latency_budget_ms``, or ``per_kind`` (explicit fractions of *units* per kind). Giving none, or
 two, is an error; so are values out of range (ratio in (0, 1), budgets > 0).
 
-Where: ``allocation=global`` (default) ranks every unit of every selected group by importance per
+Where: ``allocation=auto`` (default) is ``latency`` where it applies, else ``global``.
+``allocation=latency`` is Kwon et al. 2022's mask search under a latency constraint: each
+sublayer's latency as a function of its kept heads / neurons is measured on this host and heads and
+neurons are bought globally by Fisher under ``ratio`` of that latency (``latency_search.py``,
+``mask_search.py``; Fisher scores, heads and neurons only, a cpu profile without a latency table).
+``allocation=global`` ranks every unit of every selected group by importance per
 unit of cost saved and removes the cheapest-to-lose units until the budget is met (``allocate.py``;
 Kwon et al. 2022's mask search), so groups lose different fractions; ``allocation=local`` removes one
 fraction from every group (bisection on it). Counts are rounded to the profile's channel multiple;
@@ -60,6 +65,7 @@ from torch import nn
 from .align import channel_multiple, choose_width
 from .allocate import allocate, rearrange
 from .budget import CostModel, layer_shapes
+from .latency_search import LatencyAllocation, allocate_latency, applies
 from .reconstruct import reconstruct
 
 if TYPE_CHECKING:
@@ -70,9 +76,15 @@ DEFAULT_KINDS = ("channels", "neurons", "heads", "kv_heads", "conv_groups")
 ALL_KINDS = (*DEFAULT_KINDS, "hidden")
 
 
+#: calibration batches an estimator reads by default (Kwon et al. estimate the Fisher on 2,048
+#: samples; 32 batches of 8 sentences is what a 2-core CPU scores in seconds)
+IMPORTANCE_BATCHES = 32
+#: "every calibration batch" (the data are bounded where they are read: ``potstill.inputs``)
+ALL_BATCHES = 1 << 30
+
 #: options that say how much to prune; exactly one of them is required
 AMOUNT_OPTIONS = ("ratio", "per_kind", "macs_budget", "params_budget", "latency_budget_ms")
-ALLOCATIONS = ("global", "local")
+ALLOCATIONS = ("auto", "latency", "global", "local")
 REFITS = ("scale", "full")
 SCOPES = ("auto", "all", "expansion")
 RATIO_OF = ("total", "prunable")
@@ -106,16 +118,20 @@ class WidthOptions:
     #: estimator: auto, magnitude, taylor, fisher, activation, obs (default: the scores of the
     #: importance pass that ran before, else auto)
     importance: str | None = None
-    #: calibration batches read by data-driven estimators and by reconstruction
-    batches: int = 8
+    #: calibration batches read by data-driven estimators (the refit reads ``refit_batches``)
+    batches: int = IMPORTANCE_BATCHES
+    #: calibration batches the least-squares refit reads (default: all of them)
+    refit_batches: int | None = None
     #: iterative schedule: prune in this many steps, re-scoring in between
     steps: int = 1
     #: channel multiple to align to (default: the profile's, else 8; 1: no alignment)
     align: int | None = None
     #: let the profile's latency table pick among aligned widths no wider than asked
     use_table: bool = True
-    #: "global" (units ranked by importance per cost across groups) or "local" (one unit fraction for all)
-    allocation: str = "global"
+    #: "latency" (Kwon's mask search under per-sublayer latency measured here; heads and neurons),
+    #: "global" (units ranked by importance per cost across groups), "local" (one unit fraction for
+    #: all), or "auto": latency where it applies (``latency_search.applies``), else global
+    allocation: str = "auto"
     #: global allocation: every group keeps at least this fraction of its units
     floor: float = 0.1
     #: same width for every group of a kind with the same size
@@ -165,7 +181,7 @@ class WidthOptions:
             estimator_class(str(self.importance))
         if self.allocation not in ALLOCATIONS:
             raise InputError(f"prune.width: allocation must be one of {ALLOCATIONS}, not {self.allocation!r}")
-        for name, low in (("batches", 1), ("steps", 1), ("align", 1)):
+        for name, low in (("batches", 1), ("refit_batches", 1), ("steps", 1), ("align", 1)):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
                 raise InputError(f"prune.width: {name} must be an integer >= {low}, not {v!r}")
@@ -187,7 +203,9 @@ class WidthOptions:
             raise InputError(f"prune.width: ratio_of must be one of {RATIO_OF}, not {self.ratio_of!r}")
         if self.ratio_of != "total" and self.ratio is None:
             raise InputError("prune.width: ratio_of applies to ratio=, not to budgets or per_kind")
-        if self.per_kind and self.allocation != "global":
+        if self.allocation == "latency" and self.ratio is None:
+            raise InputError("prune.width: allocation=latency takes its budget from ratio=R")
+        if self.per_kind and self.allocation not in ("auto", "global"):
             raise InputError("prune.width: allocation applies to ratio and budgets, not to per_kind")
 
 
@@ -399,16 +417,20 @@ class WidthPrunePass(Pass):
         layers = layer_shapes(student.module, state.example_inputs, state.example_kwargs)
         uniform = o.uniform
         budget: Budget | None = None
+        searched: LatencyAllocation | None = None
         if not o.per_kind:
             cost = CostModel.build(student.module, analysis, state.example_inputs, state.example_kwargs,
                                    with_layers=True)
             budget = _budget(state, o, cost, groups)
+            searched = self._latency_search(state, student, groups, scores, method.comparable, table, multiple)
 
         def allocate_with(multiple: int) -> tuple[dict[int, int], dict[int, str]]:
             if o.per_kind:
                 per_kind = parse_per_kind(o.per_kind)
                 return local_counts(groups, {g.id: per_kind[g.kind] for g in groups}, multiple, table, layers, uniform)
             assert budget is not None
+            if searched is not None:  # Kwon et al.'s search on this host's measured sublayer latencies
+                return searched.result.keep, dict.fromkeys(searched.result.keep, "latency-search")
             if o.allocation == "local":
                 return _local_budget(groups, budget, multiple, table, layers, uniform)
             if plan is not None:  # inverted-residual expansions: widths from measured per-block sensitivity
@@ -426,7 +448,7 @@ class WidthPrunePass(Pass):
 
         final, how = allocate_with(multiple)
         asked = budget.asked if budget else list(o.per_kind)
-        if multiple > 1 and o.align is None and all(final[g.id] == g.n_units for g in groups):
+        if searched is None and multiple > 1 and o.align is None and all(final[g.id] == g.n_units for g in groups):
             # groups too small for the profile's multiple: one that still removes units beats none
             final, how = allocate_with(1)
             warn(f"prune.width: {asked} removes no unit at the profile's channel multiple {multiple} "
@@ -451,7 +473,8 @@ class WidthPrunePass(Pass):
         record_arch(state, student, widths)
         macs_after = float(student.metrics["arch"]["macs"])
         record: dict[str, Any] = {
-            "importance": method.name, "allocation": "per_kind" if o.per_kind else o.allocation,
+            "importance": method.name, "allocation": "per_kind" if o.per_kind else "latency" if searched else
+            "global" if o.allocation == "auto" else o.allocation,
             "reconstructed": student.metrics.get("reconstructed", []) if use_recon else [],
             "rearranged": keep_sets, "macs_before": int(analysis.cost.macs), "macs_after": int(macs_after),
             "candidates": student.metrics.pop("prune_candidates", []),
@@ -460,7 +483,9 @@ class WidthPrunePass(Pass):
         if plan is not None:
             record["allocation"] = "sensitivity"
             record["blocks"] = plan.blocks
-        if budget is not None:
+        if searched is not None:
+            record["budget"] = searched.record()
+        elif budget is not None:
             record["budget"] = {"asked": budget.asked, "what": budget.what, "limit": budget.limit, "full": budget.full}
             if budget.what == "MACs":
                 # the prediction holds attention products constant, so the measured count is lower;
@@ -479,6 +504,21 @@ class WidthPrunePass(Pass):
         state.facts.discard("importance")
         state.facts.add("pruned")
         return PassResult(state, True)
+
+    def _latency_search(self, state: CompileState, student: Student, groups: list[CoupledGroup],
+                        scores: dict[int, np.ndarray], comparable: bool, table: Any,
+                        multiple: int) -> LatencyAllocation | None:  # fmt: skip
+        """Kwon's latency-constrained mask search (``latency_search.py``) when ``allocation`` asks
+        for it or is ``auto`` and it applies; None otherwise."""
+        o: WidthOptions = self.options
+        fits = o.ratio is not None and table is None and applies(state, groups, comparable)
+        if o.allocation == "latency" and not fits:
+            raise InputError("prune.width: allocation=latency needs Fisher scores, only heads / neurons groups, "
+                             "ratio=R and a cpu ONNX Runtime profile without a latency table; use allocation=global")
+        if o.allocation not in ("auto", "latency") or not fits or o.ratio is None:
+            return None
+        return allocate_latency(state, student.module, groups, scores, calibration_batches(state, o.batches),
+                                ratio=o.ratio, multiple=multiple, floor=o.floor)
 
     @staticmethod
     def _prune(state: CompileState, student: Student, groups: list[CoupledGroup], final: dict[int, int],
@@ -515,7 +555,7 @@ class WidthPrunePass(Pass):
             source = student.module
             new = prune_width(source, analysis, keep)
             if use_recon:
-                fit, heldout = fit_and_heldout(state, o.batches)
+                fit, heldout = fit_and_heldout(state, o.refit_batches or ALL_BATCHES)
                 plain = copy.deepcopy(new) if o.reconstruct is None and heldout else None
                 done = reconstruct(source, new, analysis, keep, fit, o.ridge, mode=refit)
                 if plain is not None and done:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from potstill.inputs.data import Batch
 from potstill.ir.capture import analyze
@@ -175,3 +176,68 @@ def test_layerwise_refit_equals_whole_model_refit_bert_residual():
     ids = [torch.randint(0, 64, (2, 10)) for _ in range(3)]
     _refit_both_ways(model, [{"input_ids": i, "attention_mask": torch.ones(2, 10, dtype=torch.long)} for i in ids],
                      {"neurons", "kv_heads", "heads"})
+
+
+def _tiny_bert_with_redundant_neurons():
+    """A tiny BERT whose FFN neurons 32..63 copy neurons 0..31 and whose down projection reads the
+    copies at half weight: dropping them is undone exactly by scaling the kept neurons by 1.5."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32)
+    model = transformers.BertModel(cfg).eval()
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            layer.intermediate.dense.weight[32:] = layer.intermediate.dense.weight[:32]
+            layer.intermediate.dense.bias[32:] = layer.intermediate.dense.bias[:32]
+            layer.output.dense.weight[:, 32:] = 0.5 * layer.output.dense.weight[:, :32]
+    return model
+
+
+def _text_batches(n: int, seed: int, vocab: int = 50) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    return [Batch((), {"input_ids": torch.randint(0, vocab, (4, 16), generator=g),
+                       "attention_mask": torch.ones(4, 16, dtype=torch.long)}) for _ in range(n)]
+
+
+def test_kwon_mask_tuning_finds_the_known_scale_on_tiny_bert():
+    """Scale-mode least squares (Kwon's mask tuning) recovers the exact answer: the held-out output
+    error of the pruned BERT falls from visible to ~0."""
+    from potstill.passes.prune.width import heldout_error
+
+    model = _tiny_bert_with_redundant_neurons()
+    cal, held = _text_batches(6, 0), _text_batches(3, 1)
+    a = analyze(model, (), example_kwargs=dict(cal[0].kwargs))
+    keep = {g.id: list(range(32)) for g in a.prunable() if g.kind == "neurons"}
+    assert len(keep) == 2
+    plain = prune_width(model, a, keep)
+    tuned = prune_width(model, a, keep)
+    done = reconstruct(model, tuned, a, keep, cal, ridge=1e-9, mode="scale")
+    assert done == ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]
+    before, after = heldout_error(model, plain, held), heldout_error(model, tuned, held)
+    assert before > 1e-6 and after < 1e-3 * before
+    w = tuned.encoder.layer[0].output.dense.weight
+    torch.testing.assert_close(w, 1.5 * model.encoder.layer[0].output.dense.weight[:, :32], rtol=1e-4, atol=1e-6)
+
+
+def test_refit_is_kept_only_when_it_lowers_heldout_error():
+    """Calibrated on two tokens far from the held-out text, the refit is judged on the held-out
+    split: the student is whichever of plain / refit has the lower held-out error, as recorded."""
+    from potstill.passes.prune.width import heldout_error
+
+    model = _tiny_bert_with_redundant_neurons()
+    with torch.no_grad():  # make the copies imperfect, so there is something to (over)fit
+        for layer in model.encoder.layer:
+            layer.intermediate.dense.weight[32:] += 0.3 * torch.randn(32, 32)
+    ids = torch.tensor([[1, 2, 1, 2]]).repeat(4, 1)  # two distinct tokens: far from the held-out text
+    same = Batch((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    held = _text_batches(3, 1)
+    state = CompileState(model, (), dict(same.kwargs), calib_data=lambda: iter([same] * 4),
+                         heldout_data=lambda: iter(held))
+    PassManager(build_pipeline("prune.width{per_kind=[neurons=0.5],refit=full,ridge=1e-9}")).run(state)
+    student = state.working()
+    (cand,) = student.metrics["prune"]["candidates"]
+    kept = "plain" if cand["refit"] > cand["plain"] else "refit"
+    assert cand["chosen"] == kept
+    assert (student.metrics["prune"]["reconstructed"] == []) == (kept == "plain")
+    assert heldout_error(model, student.module, held) == pytest.approx(cand[kept])
