@@ -262,10 +262,11 @@ def _train_minutes(s: Row) -> str:
 
 
 def asked_ratio(s: Row) -> tuple[float, str] | None:
-    """(ratio, "MACs" or "latency") that ``prune.width{ratio=R}`` was asked for, from its record."""
+    """(ratio, "MACs", "latency" or "sublayers") that ``prune.width{ratio=R}`` was asked for, from its record."""
     budget = ((s.get("metrics") or {}).get("prune") or {}).get("budget") or {}
-    m = re.fullmatch(r"ratio ([0-9.eE+-]+) of the (MACs|latency).*", str(budget.get("asked", "")))
-    return (float(m.group(1)), m.group(2)) if m else None
+    # "of the MACs", "of the latency" (a profile's table), "of the sublayers' latency" (the host-timed search)
+    m = re.fullmatch(r"ratio ([0-9.eE+-]+) of the (MACs|latency|sublayers' latency).*", str(budget.get("asked", "")))
+    return (float(m.group(1)), m.group(2).split()[0].rstrip("'")) if m else None
 
 
 def _asked_cell(s: Row) -> str:
@@ -293,12 +294,15 @@ def ratio_lines(manifest: Mapping[str, Any]) -> list[str]:
         if asked is None:
             continue
         ratio, of = asked
-        of_text = "MACs" if of == "MACs" else "predicted latency"
+        of_text = {"MACs": "MACs", "latency": "predicted latency"}.get(of, "sublayers' latency measured on this host")
         line = (f"{s['name']}: --ratio {ratio:g} asked to remove {ratio:.0%} of the {of_text}; achieved "
                 f"{_change(s.get('macs_reduction'), 'MACs')} and {_change(s.get('speedup'), 'measured latency')}")
         if of == "latency":
             line += (f"; profile '{(manifest.get('profile') or {}).get('name', '?')}' has a latency table, which "
                      "drove the allocation, so the MACs removed differ from the ratio")
+        if of == "sublayers":
+            line += ("; heads and neurons were allocated by Kwon et al.'s latency search on sublayer latencies "
+                     "timed on this host, so the MACs removed differ from the ratio")
         lines.append(line)
     return lines
 

@@ -46,7 +46,7 @@ from .flap import compensate_bias, flap_scores, rank_scores
 if TYPE_CHECKING:
     from potstill.ir.capture import Analysis, CoupledGroup
 
-    from .width import WidthOptions
+    from .width_options import WidthOptions
 
 #: the share of the block budget the ``mix`` candidate gives to depth
 MIX_DEPTH_SHARE = 0.5
@@ -149,7 +149,7 @@ def prune_decoder(state: CompileState, student: Student, o: WidthOptions) -> Pas
     """Build the candidates of the module docstring, keep the best by held-out perplexity."""
     from potstill.passes.importance.blocks import angular_distances
 
-    from .width import _budget, fit_and_heldout, record_arch, select_groups
+    from .width_options import _budget, fit_and_heldout, record_arch, select_groups
 
     analysis = state.analysis(student)
     groups = select_groups(analysis, o)
@@ -259,7 +259,7 @@ def prune_decoder(state: CompileState, student: Student, o: WidthOptions) -> Pas
 
 
 def _labels(groups: Sequence[CoupledGroup]) -> dict[int, str]:
-    from .width import group_label
+    from .width_options import group_label
 
     return {g.id: group_label(g) for g in groups}
 

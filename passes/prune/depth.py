@@ -33,7 +33,7 @@ from potstill.passes.importance.blocks import (
 from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.state import CompileState
 
-from .width import record_arch
+from .width_options import record_arch
 
 
 @dataclass(frozen=True)

@@ -364,8 +364,8 @@ def test_e2e_report_plot_and_debug_dumps(demo: tuple[subprocess.CompletedProcess
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     dumps = sorted(p.name for p in (out / "debug" / "ir" / "w50").iterdir())
     assert any("after-prune.width" in d for d in dumps)
-    # no temporary sibling or work area left (the lock file stays by design)
-    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".demo")] == [".demo.lock"]
+    # no temporary sibling, work area or lock file left (the lock is removed when it is released)
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".demo")] == []
 
 
 def test_e2e_rerun_reuses_unchanged_students(

@@ -203,7 +203,7 @@ def _text_batches(n: int, seed: int, vocab: int = 50) -> list[Batch]:
 def test_kwon_mask_tuning_finds_the_known_scale_on_tiny_bert():
     """Scale-mode least squares (Kwon's mask tuning) recovers the exact answer: the held-out output
     error of the pruned BERT falls from visible to ~0."""
-    from potstill.passes.prune.width import heldout_error
+    from potstill.passes.prune.width_options import heldout_error
 
     model = _tiny_bert_with_redundant_neurons()
     cal, held = _text_batches(6, 0), _text_batches(3, 1)
@@ -223,7 +223,7 @@ def test_kwon_mask_tuning_finds_the_known_scale_on_tiny_bert():
 def test_refit_is_kept_only_when_it_lowers_heldout_error():
     """Calibrated on two tokens far from the held-out text, the refit is judged on the held-out
     split: the student is whichever of plain / refit has the lower held-out error, as recorded."""
-    from potstill.passes.prune.width import heldout_error
+    from potstill.passes.prune.width_options import heldout_error
 
     model = _tiny_bert_with_redundant_neurons()
     with torch.no_grad():  # make the copies imperfect, so there is something to (over)fit
