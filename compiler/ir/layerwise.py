@@ -32,6 +32,23 @@ from torch import nn
 BlockInput = tuple[tuple[Any, ...], dict[str, Any]]
 
 
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once what is needed is captured."""
+
+
+def run_hooked(model: nn.Module, batch: Any, handles: Sequence[Any]) -> None:
+    """Run ``model`` on ``batch`` without gradients (until a hook raises ``StopForward``, if one
+    does), then remove ``handles``."""
+    try:
+        with torch.no_grad():
+            batch.run(model)
+    except StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The model's largest ``nn.ModuleList`` by parameter count (a transformer's layers) and its
     qualified name; None when it has none."""

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from potstill.errors import InputError
 from potstill.inputs.data import Batch, primary_output
+from potstill.ir.layerwise import run_hooked
 from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.state import CompileState
 from torch import nn
@@ -126,12 +127,7 @@ def _stream(model: nn.Module, names: Sequence[str], batch: Batch) -> list[torch.
             seen[name + "/out"] = _block_output(out).detach().float()
 
         handles.append(model.get_submodule(name).register_forward_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            batch.run(model)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, batch, handles)
     states = [seen[n] for n in names] + [seen[names[-1] + "/out"]]
     mask = batch.kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and states[0].dim() == 3 \

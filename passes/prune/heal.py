@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 from potstill.inputs.data import Batch
+from potstill.ir.layerwise import StopForward, run_hooked
 from torch import nn
-
-from .reconstruct import Stop, run_until_stop
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -48,10 +47,10 @@ def _capture(model: nn.Module, block: nn.Module, names: Sequence[str], batch: Ba
         handles.append(block.get_submodule(name).register_forward_hook(hook))
 
     def stop(_m: nn.Module, _a: tuple[Any, ...], _o: Any) -> None:
-        raise Stop
+        raise StopForward
 
     handles.append(block.register_forward_hook(stop))
-    run_until_stop(model, batch, handles)
+    run_hooked(model, batch, handles)
     return got
 
 

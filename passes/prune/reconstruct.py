@@ -42,10 +42,12 @@ from potstill.inputs.data import Batch
 from potstill.ir.cow import unshare
 from potstill.ir.layerwise import (
     BlockInput,
+    StopForward,
     block_output,
     blocks_share_inputs,
     first_block_inputs,
     layer_stack,
+    run_hooked,
     with_hidden,
 )
 from torch import nn
@@ -125,16 +127,6 @@ def collect_grams(model: nn.Module, names: Iterable[str], batches: Sequence[Batc
     return grams
 
 
-def _run_hooked(model: nn.Module, batch: Batch, handles: list[Any]) -> None:
-    """One forward pass without gradients, then remove the hooks."""
-    try:
-        with torch.no_grad():
-            batch.run(model)
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def following_batchnorms(model: nn.Module, names: Iterable[str], batch: Batch) -> dict[str, nn.Module]:
     """For each named module, the BatchNorm that reads its output directly (found by tensor identity)."""
     produced: dict[int, str] = {}
@@ -154,7 +146,7 @@ def following_batchnorms(model: nn.Module, names: Iterable[str], batch: Batch) -
                     found.setdefault(produced[id(args[0])], m)
 
             handles.append(mod.register_forward_pre_hook(bn_hook))
-    _run_hooked(model, batch, handles)
+    run_hooked(model, batch, handles)
     return found
 
 
@@ -170,22 +162,6 @@ def _columns(mod: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torc
     return x.reshape(-1, x.shape[-1])
 
 
-class Stop(Exception):
-    """Raised by a hook to end a forward pass once what is needed is captured."""
-
-
-def run_until_stop(model: nn.Module, batch: Batch, handles: list[Any]) -> None:
-    """Run ``model`` on ``batch`` without gradients until a hook raises ``Stop``, then remove ``handles``."""
-    try:
-        with torch.no_grad():
-            batch.run(model)
-    except Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _capture(model: nn.Module, name: str, batch: Batch, mask: torch.Tensor | None,
              norm: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's input columns, and (with ``norm``) the input of that norm, flattened like the
@@ -195,17 +171,17 @@ def _capture(model: nn.Module, name: str, batch: Batch, mask: torch.Tensor | Non
     def hook(m: nn.Module, args: tuple[Any, ...]) -> None:
         box["x"] = _columns(m, args[0], mask)
         if norm is None:
-            raise Stop
+            raise StopForward
 
     def norm_hook(m: nn.Module, args: tuple[Any, ...]) -> None:
         if "x" in box:
             box["z"] = _columns(nn.Identity(), args[0], mask)
-            raise Stop
+            raise StopForward
 
     handles = [model.get_submodule(name).register_forward_pre_hook(hook)]
     if norm is not None:
         handles.append(model.get_submodule(norm).register_forward_pre_hook(norm_hook))
-    run_until_stop(model, batch, handles)
+    run_hooked(model, batch, handles)
     if "x" not in box:
         raise RuntimeError(f"reconstruction: layer '{name}' was not called by the forward pass")
     return box["x"], box.get("z")
@@ -302,7 +278,7 @@ def forward_order(model: nn.Module, names: Iterable[str], batch: Batch) -> list[
                 order.append(name)
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    _run_hooked(model, batch, handles)
+    run_hooked(model, batch, handles)
     return order + [n for n in names if n not in order]
 
 
