@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from potstill.state import CompileState
 from potstill.targets import Artifact, lower, measure_torch_latency
 from potstill.targets.onnx_export import flat_spec
 from potstill.targets.onnxruntime import OnnxExport, ort_parity_and_latency
+from potstill.targets.parity import Inputs
 from torch import nn
 
 
@@ -170,11 +172,11 @@ def _left_padded() -> tuple[tuple[()], dict[str, torch.Tensor]]:
     return (), {"input_ids": ids, "attention_mask": mask}
 
 
-def _engine(module: nn.Module, at: tuple[int, int], value: float):  # type: ignore[no-untyped-def]
+def _engine(module: nn.Module, at: tuple[int, int], value: float) -> Callable[[Inputs], np.ndarray]:
     """An 'engine' that computes ``module`` exactly except at position ``at`` (row, token)."""
     from potstill.targets.parity import torch_reference
 
-    def run(inputs):  # type: ignore[no-untyped-def]
+    def run(inputs: Inputs) -> np.ndarray:
         out = torch_reference(module, inputs).copy()
         out[at] = value
         return out
