@@ -176,6 +176,9 @@ def _run_teacher_once(teacher: Teacher) -> Any:
 
 #: batches of --data / train_data() that calibrate when neither --calib nor calib_data() exists
 CALIB_FROM_DATA_BATCHES = 16
+#: below this many calibration samples (after the held-out split) the console says the estimates are noisy;
+#: the digits CNN at --ratio 0.7 kept 0.800 accuracy on 192 samples and 0.942 on 1,078
+FEW_CALIB_SAMPLES = 512
 
 
 def _iterate(source: Any) -> Any:
@@ -266,6 +269,10 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
         train = Without(train, heldout)
     if calib_batches:
         note(f"calibrating on {calib_label}: {len(calib)} batches, {len(heldout)} held out for fidelity")
+        samples = sum(as_batch(b).size for b in calib)
+        if samples < FEW_CALIB_SAMPLES:
+            note(f"note: {samples} calibration samples after the held-out split; importance scores and the "
+                 f"least-squares refit are noisy below {FEW_CALIB_SAMPLES} (give more with --calib)")  # fmt: skip
     evaluation = load_callable(opts.eval_data) if opts.eval_data else teacher.hooks.get("eval_data")
     metric = teacher.hooks.get("metric")
     state = CompileState.from_teacher(

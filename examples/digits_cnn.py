@@ -121,10 +121,15 @@ def eval_data(batch_size: int = 128) -> Iterator[tuple[torch.Tensor, torch.Tenso
     return _batches(x, y, batch_size, None)
 
 
-def calib_data(batch_size: int = 32, num_batches: int = 8) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """A few training batches for importance scores and INT8 calibration."""
+def calib_data(batch_size: int = 32, num_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Calibration for importance scores, the least-squares refit, BN statistics and INT8: the whole
+    training split (1,437 digits, shuffled), of which potstill holds out a quarter to measure fidelity.
+
+    Fisher scores and the refit are estimates over these samples: with 8 batches (192 after the
+    held-out quarter) ``--ratio 0.7`` kept 0.800 test accuracy, with all of them 0.942
+    (``bench/prune_cli.py digits --ratio 0.7``)."""
     for i, batch in enumerate(train_data(batch_size, seed=1)):
-        if i >= num_batches:
+        if num_batches is not None and i >= num_batches:
             break
         yield batch
 
