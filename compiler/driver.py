@@ -185,6 +185,18 @@ def _iterate(source: Any) -> Any:
     return iter(source() if callable(source) else source)
 
 
+def _calibration_prefix(batches: Iterator[Any], cap: int = 8 * CALIB_FROM_DATA_BATCHES) -> Iterator[Any]:
+    """The first batches of the training data that calibrate: at least ``CALIB_FROM_DATA_BATCHES``,
+    and more (up to ``cap``) until the part left after the held-out quarter has ``FEW_CALIB_SAMPLES``
+    samples (a text corpus read 8 sentences a batch needs 86 batches for 512)."""
+    samples = 0
+    for i, batch in enumerate(islice(batches, cap)):
+        if i >= CALIB_FROM_DATA_BATCHES and 0.75 * samples >= FEW_CALIB_SAMPLES:
+            return
+        samples += as_batch(batch).size
+        yield batch
+
+
 def _materialise(source: Any, what: str) -> list[Any]:
     try:
         return list(source() if callable(source) else source)
@@ -242,7 +254,7 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     train_label = "--data" if opts.data else "train_data() in the teacher file"
     calib_from_data = train is not None and not opts.calib and "calib_data" not in teacher.hooks
     if calib_from_data:  # one data story: the first batches of the training data calibrate (a quarter held out)
-        calib_batches = _materialise(lambda: islice(_iterate(train), CALIB_FROM_DATA_BATCHES), "calibration data")
+        calib_batches = _materialise(lambda: _calibration_prefix(_iterate(train)), "calibration data")
     else:
         calib_source = load_calibration(opts.calib, teacher, note=note)
         calib_batches = _materialise(calib_source, "calibration data") if calib_source is not None else []

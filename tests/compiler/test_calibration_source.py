@@ -46,13 +46,30 @@ def test_train_data_calibrates_when_there_is_no_calib(tmp_path: Path) -> None:
     p, said = _prepare(tmp_path)
     calib = p.inputs["calib"]
     assert calib["source"] == "data" and not calib["random"]
-    assert calib["batches"] == 12 and calib["heldout_batches"] == 4  # 16 batches of the data, a quarter held out
-    assert any(s.startswith("calibrating on train_data() in the teacher file: 12 batches, 4 held out") for s in said)
+    # all 24 batches (96 samples): past the first 16, data is read on while calibration has < 512 samples
+    assert calib["batches"] == 18 and calib["heldout_batches"] == 6
+    assert any(s.startswith("calibrating on train_data() in the teacher file: 18 batches, 6 held out") for s in said)
+    assert any("72 calibration samples" in s and "noisy below 512" in s for s in said)
     assert not any("random" in s for s in said)
     state = p.state
     seen, held = list(state.calib_data()), list(state.heldout_data())
     assert abs(_mean(seen) - 5.0) < 0.2 and abs(_mean(held) - 5.0) < 0.3  # the data's statistics, not noise
     assert not any(any(a[0] is b[0] for b in held) for a in seen)  # held-out is disjoint from calibration
+
+
+def test_a_long_stream_calibrates_on_just_enough_batches_for_512_samples(tmp_path: Path) -> None:
+    extra = """
+    def train_data():
+        g = torch.Generator().manual_seed(1)
+        for _ in range(1000):
+            yield torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 2, (16,), generator=g)
+    """
+    p, said = _prepare(tmp_path, extra)
+    calib = p.inputs["calib"]
+    read = calib["batches"] + calib["heldout_batches"]
+    assert calib["batches"] * 16 >= 512  # enough after the held-out quarter ...
+    assert 0.75 * (read - 1) * 16 < 512  # ... and no more than needed to get there
+    assert not any("noisy below" in s for s in said)
 
 
 def test_calib_data_still_wins_over_train_data(tmp_path: Path) -> None:

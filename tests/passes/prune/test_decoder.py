@@ -129,7 +129,9 @@ def test_decoder_default_chooses_by_heldout_perplexity_and_reloads(tmp_path, rat
     student = state.working()
     record = student.metrics["prune"]
     rows = record["decoder"]["candidates"]
-    assert {r["structure"] for r in rows} >= {"width", "depth", "depth+heal"}
+    assert {r["structure"] for r in rows} >= {"width", "width+refit", "depth", "depth+heal"}
+    refit = next(r for r in rows if r["structure"] == "width+refit")
+    assert refit["healed"] and all(n.endswith(("o_proj", "down_proj")) for n in refit["healed"])
     chosen = [r for r in rows if r["chosen"]]
     assert len(chosen) == 1 and chosen[0]["heldout_ppl_ratio"] == min(r["heldout_ppl_ratio"] for r in rows)
     heldout = [as_batch(b) for b in data[6:]]
@@ -162,3 +164,14 @@ def test_ratio_of_flag_reaches_the_width_pass_and_is_strict():
         plan_students(CompileOptions(ratio_of="prunable"), "onnxruntime")
     with pytest.raises(InputError, match="--ratio-of"):
         plan_students(CompileOptions(pipeline="prune.width{ratio=0.3}", ratio_of="prunable"), "onnxruntime")
+
+
+def test_reconstruct_false_drops_the_refit_candidate():
+    model = tiny_llama(layers=4)
+    data = batches(8)
+    state = CompileState(model, (), {"input_ids": data[0]["input_ids"]}, calib_data=lambda: data[:6],
+                         hf={"path": "", "task": "text-generation", "auto_class": "AutoModelForCausalLM"})
+    state.heldout_data = lambda: data[6:]
+    PassManager(build_pipeline("prune.width{ratio=0.3,reconstruct=false}")).run(state)
+    rows = state.working().metrics["prune"]["decoder"]["candidates"]
+    assert "width" in {r["structure"] for r in rows} and "width+refit" not in {r["structure"] for r in rows}
