@@ -451,6 +451,7 @@ def load_calibration(
             note(f"note: {teacher.spec} has no tokenizer and no --calib was given: data-driven importance "
                  "falls back to random token ids (give --calib FILE.py:FN)")  # fmt: skip
             return None
+        num_batches = max(num_batches, text_calib_batches(batch_size))  # as for a --calib corpus
         texts = docstring_corpus(batch_size * num_batches)
         note(
             f"note: no --calib given; calibrating on {len(texts)} sentences from the docstrings of "
