@@ -630,6 +630,7 @@ def _text_batches(
 CORPUS_MODULES = (
     "argparse", "json", "collections", "pathlib", "functools", "itertools", "subprocess", "logging",
     "torch.nn.modules.conv", "torch.nn.modules.linear", "torch.nn.modules.activation", "torch.optim.adamw",
+    "inspect", "typing", "shutil", "statistics", "threading", "torch.nn.modules.module", "torch.nn.modules.rnn",
 )  # fmt: skip
 
 

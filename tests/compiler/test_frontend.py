@@ -15,6 +15,7 @@ from potstill.inputs.teacher import (
     load_calibration,
     load_teacher,
     parse_input_shape,
+    text_calib_batches,
 )
 from torch import nn
 
@@ -299,9 +300,10 @@ def test_hf_text_calibration_default_corpus_and_text_file(tmp_path: Path) -> Non
     notes: list[str] = []
     calib = load_calibration(None, t, batch_size=4, num_batches=2, seq_len=16, note=notes.append)
     assert calib is not None
-    batches = list(calib())
-    assert len(batches) == 2 and batches[0]["input_ids"].shape == (4, 16)
-    assert notes and "docstrings" in notes[0]
+    batches = list(calib())  # num_batches=2 is raised to 512 sentences after the held-out quarter
+    assert len(batches) == text_calib_batches(4) and batches[0]["input_ids"].shape == (4, 16)
+    assert len(batches) - round(0.25 * len(batches)) >= 512 // 4
+    assert notes and "docstrings" in notes[0] and f"{4 * len(batches)} sentences" in notes[0]
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox\n\nthe lazy dog\na small model\n")
     calib = load_calibration(str(corpus), t, batch_size=2, num_batches=5, seq_len=8)

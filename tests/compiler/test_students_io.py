@@ -300,3 +300,43 @@ def test_tensor_replaced_by_a_larger_one_is_named(tmp_path: Path):
     save_file(saved, str(folder / WEIGHTS_FILE))
     with pytest.raises(InputError, match=rf"\['{name}'\] named in {RECORD_FILE} are missing"):
         load_student(folder)
+
+
+CACHED_CNN = CNN.replace("def teacher():", "import functools\n\n@functools.lru_cache(maxsize=1)\ndef teacher():") + """
+
+def example_inputs():
+    return (torch.randn(1, 3, 8, 8),)
+
+
+def calib_data():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        yield torch.randn(16, 3, 8, 8, generator=g)
+"""
+
+
+def test_a_factory_that_hands_out_one_instance_keeps_its_teacher(tmp_path: Path) -> None:
+    """``functools.lru_cache`` on the factory: saving and reloading a student narrow a copy, never
+    the caller's teacher. Narrowing the shared teacher turned it into the student, so the compile
+    measured the student against itself (top-1 agreement 1.0, KL 0.0)."""
+    from potstill.inputs.data import load_callable
+
+    src = tmp_path / "cached.py"
+    src.write_text(textwrap.dedent(CACHED_CNN))
+    factory = load_callable(f"{src}:teacher")
+    teacher = factory().eval()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    x = torch.randn(2, 3, 8, 8)
+    a = analyze(teacher, (x,))
+    student = prune_width(teacher, a, _half(a))
+    save_student(student, tmp_path / "s", teacher={"spec": f"{src}:teacher"}, example=((x,), {}))
+    again = load_student(tmp_path / "s", factory=factory)
+    assert factory() is teacher and again is not teacher and again[0].out_channels == student[0].out_channels
+    assert teacher[0].out_channels == 16
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+    result = potstill.compile(f"{src}:teacher", out=tmp_path / "out", ratios=[0.5], distill=False)
+    (s,) = result.students
+    assert factory() is teacher and teacher[0].out_channels == 16
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert s.fidelity["measures"]["kl"] > 0  # measured against the teacher, not against itself

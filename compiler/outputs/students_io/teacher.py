@@ -130,7 +130,42 @@ def build_teacher(
 
     ``factory``: the caller's function that builds a ``kind: factory`` teacher (the recorded spec
     is never imported); ``model_class``: the class of a ``kind: hf`` teacher when it is not a
-    transformers class or one of an already-imported module (see :func:`_resolve_class`)."""
+    transformers class or one of an already-imported module (see :func:`_resolve_class`).
+
+    A factory may hand out one shared instance (``functools.lru_cache``): the module it returns is
+    copied (structure only when ``meta``), because the rebuilt teacher is narrowed in place and the
+    caller's teacher must stay as it was."""
+    built = _build_teacher(record, meta=meta, factory=factory, model_class=model_class)
+    return own_copy(built, meta=meta) if record.get("kind") == "factory" else built
+
+
+def own_copy(module: nn.Module, *, meta: bool = False) -> nn.Module:
+    """A deep copy of ``module`` that shares no tensor with it; ``meta``: its parameters and buffers
+    become meta tensors (no memory), ties between them kept.
+
+    >>> net = nn.Linear(2, 2)
+    >>> twin = own_copy(net, meta=True)
+    >>> twin.weight.is_meta, net.weight.is_meta
+    (True, False)
+    """
+    import copy
+    import itertools
+
+    memo: dict[int, Any] = {}
+    if meta:
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            empty = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(module, memo)
+
+
+def _build_teacher(
+    record: Mapping[str, Any],
+    *,
+    meta: bool,
+    factory: Callable[[], nn.Module] | None,
+    model_class: type | None,
+) -> nn.Module:
     import contextlib
 
     if meta:
@@ -141,11 +176,11 @@ def build_teacher(
             # here only the structure and attributes are wanted
             with torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                return build_teacher(record, factory=factory, model_class=model_class)
+                return _build_teacher(record, meta=False, factory=factory, model_class=model_class)
         except InputError:
             raise
         except Exception:  # a factory that needs real tensors (e.g. loads a checkpoint): build on CPU
-            return build_teacher(record, factory=factory, model_class=model_class)
+            return _build_teacher(record, meta=False, factory=factory, model_class=model_class)
     kind = record.get("kind")
     if kind == "hf":
         cls = _resolve_class(str(record.get("class")), model_class)
