@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from potstill.errors import InputError
+from potstill.errors import InputError, PassError
 from potstill.passes.distill import TensorBatches
 from potstill.passes.distill.pass_ import DistillPass
 from potstill.pipeline import PassManager, build_pipeline
@@ -82,3 +82,37 @@ def test_every_method_runs_through_the_pass(teacher_data, method: str) -> None:
     assert all(m["options"][k] == v for k, v in own.items())
     if method in {"ard", "rslad"}:
         assert set(m["robust"]) == {"clean_accuracy", "robust_accuracy"}
+
+
+def test_training_that_raises_the_heldout_loss_is_rejected(teacher_data, tmp_path: Path) -> None:
+    """check (default): the student before training is put back when training raised the loss on
+    the held-out batches; a run that lowers it is kept; check=false keeps either; check=true needs
+    held-out batches."""
+    x = teacher_data[1]
+    held = [x[448:]]
+
+    def run(options: str, heldout: bool = True) -> tuple[Student, torch.Tensor]:
+        state = _state(teacher_data, None)
+        state.heldout_data = (lambda: iter(held)) if heldout else None
+        before = state.working().module[0].weight.clone()
+        PassManager(build_pipeline(f"distill{{progress=false,{options}}}")).run(state)
+        return state.working(), before
+
+    # sgd at lr=50 without a divergence check: the weights blow up, the held-out loss rises
+    wild = "optimizer=sgd,lr=50,max_steps=3,grad_clip=null,divergence_factor=null"
+    student, before = run(wild)
+    h = student.metrics["distill"]["heldout"]
+    assert h["kept"] is False and not h["loss_after"] < h["loss_before"]
+    assert torch.equal(student.module[0].weight, before) and "rejected" in student.history[-2]
+    student, before = run(f"{wild},check=false")
+    assert "heldout" not in student.metrics["distill"] and not torch.equal(student.module[0].weight, before)
+
+    student, before = run("epochs=2,lr=0.01")  # ordinary distillation lowers it and is kept
+    h = student.metrics["distill"]["heldout"]
+    assert h["kept"] is True and h["loss_after"] < h["loss_before"]
+    assert not torch.equal(student.module[0].weight, before)
+
+    with pytest.raises(PassError, match=r"check=true.*no held-out batches"):
+        run("max_steps=1,check=true", heldout=False)
+    student, _ = run("max_steps=1", heldout=False)  # None: nothing to check on, nothing checked
+    assert "heldout" not in student.metrics["distill"]
