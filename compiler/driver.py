@@ -279,20 +279,9 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
         from potstill.passes.distill.batches import Without
 
         train = Without(train, heldout)
-    views = 0  # batches of augmented views padding a few calibration images
     if calib_batches:
         note(f"calibrating on {calib_label}: {len(calib)} batches, {len(heldout)} held out for fidelity")
         samples = sum(as_batch(b).size for b in calib)
-        if opts.augment and samples < FEW_CALIB_SAMPLES and calib is not heldout:
-            from potstill.passes.distill.augment import with_views
-
-            n_calib = len(calib)
-            calib, added = with_views(calib, FEW_CALIB_SAMPLES, seed)
-            views = len(calib) - n_calib
-            if added:
-                note(f"calibration: {samples} images and {added} augmented views of them (random resized crops, flips, "
-                     "colour jitter); the held-out images are not augmented (--no-augment: none)")  # fmt: skip
-                samples += added
         if samples < FEW_CALIB_SAMPLES:
             note(f"note: {samples} calibration samples after the held-out split; importance scores and the "
                  f"least-squares refit are noisy below {FEW_CALIB_SAMPLES} (give more with --calib)")  # fmt: skip
@@ -321,8 +310,7 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     sources = local_sources([*teacher.sources, *plugin_files, *_spec_files(opts)], extra=plugin_files)
     inputs = _inputs_record(opts, teacher, plans, sources)
     inputs["calib"]["batches_sha256"] = batches_sha256(calib_batches) if calib_batches else None
-    inputs["calib"].update(random=not calib_batches, batches=len(calib) - views, heldout_batches=len(heldout),
-                           augmented_batches=views,
+    inputs["calib"].update(random=not calib_batches, batches=len(calib), heldout_batches=len(heldout),
                            source="data" if calib_from_data else "calib" if calib_batches else "random")
     if train is not None:
         inputs["data"] = {**(inputs["data"] or {}), "batches_sha256": batches_sha256(_materialise(train, "training data"))}

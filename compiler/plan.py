@@ -248,12 +248,11 @@ def check_flags(opts: CompileOptions) -> None:
 
 
 def _check_training_flags(opts: CompileOptions) -> None:
-    """``--train-minutes`` shapes the default distillation: without one it is an error (``--no-augment``
-    also turns off the augmented views that pad a few calibration images, so it applies without one)."""
+    """``--train-minutes`` and ``--no-augment`` shape the default distillation: without one they are errors."""
     m = opts.train_minutes
     if m is not None and not (math.isfinite(float(m)) and float(m) > 0):
         raise InputError(f"--train-minutes {m}: must be a positive number of minutes (e.g. 10)")
-    given = ["--train-minutes"] if m is not None else []
+    given = [f for f, on in (("--train-minutes", m is not None), ("--no-augment", not opts.augment)) if on]
     why = ("--no-distill turns distillation off" if not opts.distill else
            "the pipeline says what runs: write distill{minutes=M} or distill{augment=false} there" if opts.pipeline else
            "elastic supernet training takes --distill-epochs" if opts.elastic else

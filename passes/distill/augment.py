@@ -23,7 +23,7 @@ few batched tensor ops. Seeded by a ``torch.Generator``: the same seed gives the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,27 +118,3 @@ class AugmentedImages:
                 yield Batch((view,), {}, batch.target)
             else:
                 yield Batch(batch.args, {**batch.kwargs, str(key): view}, batch.target)
-
-
-def with_views(batches: Sequence[Any], samples: int, seed: int = 0, augment: Augment | None = None) -> tuple[list[Any], int]:
-    """``batches``, then augmented views of them (epochs 1, 2, ... of ``AugmentedImages``) until
-    there are at least ``samples`` samples; returns the batches and the number of views added.
-
-    A few photos make poor calibration: Fisher scores, the least-squares refit and BatchNorm
-    statistics are averages over samples, and 15 photos give them 15 points. Views of the same
-    photos are not new scenes, but they vary scale, position, flip and colour the way the held-out
-    images do. Anything but image batches is returned unchanged."""
-    items = list(batches)
-    if not items or any(image_tensor(as_batch(b)) is None for b in items):
-        return items, 0
-    have = sum(as_batch(b).size for b in items)
-    source = AugmentedImages(lambda: items, seed, augment)
-    out, added, epoch = list(items), 0, 1
-    while have < samples:
-        for view in source(epoch):
-            out.append(view)
-            have, added = have + view.size, added + view.size
-            if have >= samples:
-                break
-        epoch += 1
-    return out, added

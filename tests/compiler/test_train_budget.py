@@ -69,6 +69,7 @@ def test_training_never_sees_the_held_out_batches(tmp_path: Path) -> None:
     ({"train_minutes": float("nan")}, "positive number of minutes"),
     ({"train_minutes": 1.0, "distill": False}, "--no-distill turns distillation off"),
     ({"train_minutes": 1.0, "pipeline": "prune.width{ratio=0.5}"}, "distill{minutes=M}"),
+    ({"augment": False, "distill": False}, "--no-augment"),
 ])  # fmt: skip
 def test_budget_flags_that_cannot_apply_are_errors(tmp_path: Path, kw: dict, message: str) -> None:
     with pytest.raises(InputError, match=message.replace("{", r"\{").replace("}", r"\}")):
@@ -107,28 +108,3 @@ def test_the_manifest_says_the_budget_stopped_training(tmp_path: Path, capsys: p
     assert d["stopped_by_budget"] is True and d["budget_minutes"] == 0.0005
     assert 1 <= d["steps"] < 50 * 9 == d["planned_steps"]  # 9 of the 12 batches train: 3 are held out
     assert "fidelity_before_distill" in student["metrics"] and "⏱" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("augment", [True, False])
-def test_a_few_calibration_images_are_padded_with_views_and_held_out_ones_are_not(tmp_path: Path, augment: bool) -> None:
-    p, said = _prepare(tmp_path, augment=augment)  # 12 batches of 4 images: 36 calibrate, 12 held out
-    calib = [as_batch(b) for b in p.state.calib_data()]
-    held = [as_batch(b) for b in p.state.heldout_data()]
-    raw = sum(b.size for b in calib[:9])
-    assert raw == 36 and sum(b.size for b in held) == 12
-    views = calib[9:]
-    if not augment:
-        assert not views and not any("augmented views" in s for s in said)
-        return
-    assert sum(b.size for b in calib) >= 512 > sum(b.size for b in calib[:-1])  # padded to 512, no further
-    assert any("36 images and 476 augmented views" in s for s in said)
-    originals = {batch_key(b) for b in calib[:9]}
-    assert not {batch_key(b) for b in views} & (originals | {batch_key(b) for b in held})  # new pixels
-    assert all(v.args[0].shape[1:] == (3, 8, 8) and torch.isfinite(v.args[0]).all() for v in views)
-
-
-def test_text_calibration_gets_no_views(tmp_path: Path) -> None:
-    from potstill.passes.distill.augment import with_views
-
-    ids = [{"input_ids": torch.ones(2, 5, dtype=torch.long)}] * 3
-    assert with_views(ids, 512) == (ids, 0)
