@@ -183,9 +183,11 @@ def run_case(name: str, case: Case, ratios: tuple[float, ...], minutes: float, m
                 "speedup": fid.get("speedup_interleaved") or s.get("speedup"), "cli_speedup": s.get("speedup"),
                 "macs_reduction": s.get("macs_reduction"), "latency_ms": s.get("latency_ms"), "heldout": fid,
                 "score": fid.get(case.score), "score_name": case.score,
-                "compile_fidelity": ((s.get("metrics") or {}).get("fidelity") or {}).get("score"),
+                # the compile's own held-out measure (its calibration's held-out quarter), before and after training
+                "compile_fidelity": (s.get("fidelity") or {}).get("score"),
+                "compile_fidelity_before_distill": ((s.get("metrics") or {}).get("fidelity_before_distill") or {}).get("score"),
                 "distill": {k: d.get(k) for k in ("method", "steps", "minutes_used", "budget_minutes",
-                                                  "stopped_by_budget", "augment")} if d else None,
+                                                  "stopped_by_budget", "augment", "heldout")} if d else None,
                 "command": " ".join(cmd), "compile_wall_s": wall, "compile_cpu_s": cpu,
             })  # fmt: skip
             print(json.dumps(rows[-1], default=str), flush=True)
