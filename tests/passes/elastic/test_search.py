@@ -4,6 +4,7 @@ and budgets that cannot be met."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,10 +78,24 @@ def test_cost_model_matches_the_extracted_subnets(cnn) -> None:
     assert costs.latency_ms(net.space.smallest()) == pytest.approx(0.5)
 
 
-def test_a_memory_budget_no_subnet_meets_is_an_error_before_any_timing(cnn) -> None:
+def _engines_built(work: Path) -> list[str]:
+    """What the search lowered to time: every engine it builds goes to a folder of its own in ``work``
+    (``teacher``, ``anchor-largest``, ``finalist-0``, ...)."""
+    return sorted(p.name for p in work.iterdir()) if work.exists() else []
+
+
+@pytest.mark.parametrize("settings", [SearchSettings(memory_mb=1e-6), SearchSettings(memory_mb=1e-6, speedup=(2.0,))],
+                         ids=["absolute", "speedup"])
+def test_a_memory_budget_no_subnet_meets_is_an_error_before_any_timing(cnn, tmp_path, settings) -> None:
     net = make_supernet(cnn, (X[:1],), batches=[X])
     with pytest.raises(InputError, match="even the smallest subnet"):
-        search(net, cnn, load_profile("cpu"), (X[:1],), {}, [X], [X], SearchSettings(memory_mb=1e-6))
+        search(net, cnn, load_profile("cpu"), (X[:1],), {}, [X], [X], settings, work_dir=tmp_path / "search")
+    # before any timing: neither the teacher's engine nor an anchor's was built
+    assert _engines_built(tmp_path / "search") == []
+    # the same folder fills once a search does time (the check above can see engines)
+    search(net, cnn, load_profile("cpu"), (X[:1],), {}, [X], [X],
+           SearchSettings(students=1, population=2, generations=0, extra_tries=0), work_dir=tmp_path / "search")
+    assert "anchor-largest" in _engines_built(tmp_path / "search")
 
 
 def test_students_spread_over_the_points_near_the_best_fidelity() -> None:
