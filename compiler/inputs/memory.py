@@ -104,8 +104,8 @@ def image_folder_bytes(folder: str | os.PathLike[str], chw: tuple[int, int, int]
     Traceback (most recent call last):
     potstill.errors.InputError: --data 'no-such-folder': no such folder
     """
-    from PIL import Image, UnidentifiedImageError
-    from potstill.inputs.data import image_files
+    from PIL import Image
+    from potstill.inputs.data import image_errors, image_files, unreadable_image
 
     c, h, w = chw
     used = image_files(folder, flag)[:limit]
@@ -114,8 +114,8 @@ def image_folder_bytes(folder: str | os.PathLike[str], chw: tuple[int, int, int]
         try:
             with Image.open(path) as img:
                 width, height = img.size
-        except (OSError, UnidentifiedImageError) as e:
-            raise InputError(f"{flag} '{path}': cannot read the image ({e}); remove it or convert it to PNG/JPEG") from e
+        except image_errors() as e:
+            raise unreadable_image(path, flag, e) from e
         decoded += width * height * c
     return decoded + 2 * len(used) * c * h * w * 4
 

@@ -264,3 +264,22 @@ def test_a_data_folder_too_large_to_read_is_refused_before_it_is_read(tmp_path: 
     assert "exceeds --max-memory (1.5 GB)" in flat and "data 1.0" in flat, err
     assert "Its data part (1.0 GB: --calib / --data as read) shrinks with fewer or smaller images" in flat
     assert not (tmp_path / "out").exists()
+
+
+def test_an_image_past_the_decompression_bomb_limit_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """PIL refuses to open a 30000x30000 image (900M pixels) with DecompressionBombError, which is no
+    OSError: the loader and the memory estimate both name the file and the fix, and the CLI exits 2."""
+    from potstill.cli import main
+    from potstill.inputs.memory import image_folder_bytes
+
+    big = tmp_path / "big"
+    big.mkdir()
+    _png_header(big / "p0.png", 30000, 30000)
+    t = load_teacher(f"{_teacher_file(tmp_path)}:factory")
+    with pytest.raises(InputError, match=r"p0\.png': the image has more pixels than PIL opens .*downscale it"):
+        load_calibration(str(big), t)
+    with pytest.raises(InputError, match=r"--data '.*p0\.png': the image has more pixels than PIL opens"):
+        image_folder_bytes(big, (3, 12, 16))
+    code = main(["compile", f"{_teacher_file(tmp_path)}:factory", "--calib", str(big), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "p0.png': the image has more pixels than PIL opens" in err, err
