@@ -42,6 +42,7 @@ from potstill.inputs.guard import TeacherGuard, check_finite_batches
 from potstill.inputs.memory import module_weights, preflight_memory, release_freed_memory
 from potstill.inputs.teacher import (
     Teacher,
+    image_input,
     load_calibration,
     load_data,
     load_teacher,
@@ -176,6 +177,8 @@ def _run_teacher_once(teacher: Teacher) -> Any:
 
 #: batches of --data / train_data() that calibrate when neither --calib nor calib_data() exists
 CALIB_FROM_DATA_BATCHES = 16
+#: what --calib reads: at most CALIB_BATCHES batches of CALIB_BATCH_SIZE (images: that many files)
+CALIB_BATCH_SIZE, CALIB_BATCHES = 8, 16
 #: below this many calibration samples (after the held-out split) the console says the estimates are noisy;
 #: the digits CNN at --ratio 0.7 kept 0.800 accuracy on 192 samples and 0.942 on 1,078
 FEW_CALIB_SAMPLES = 512
@@ -234,7 +237,10 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
 
     _check_shapes(opts.input_shapes)
     # one student is alive at a time (each is recorded and dropped before the next)
-    sized = preflight_memory(teacher_spec, max_memory=opts.max_memory, data=(opts.calib, opts.data), note=note)  # hf:DIR, before loading
+    data = (opts.calib, opts.data)
+    # image folders count as read: --calib up to its batches, --data whole
+    folders = (("--calib", opts.calib, CALIB_BATCH_SIZE * CALIB_BATCHES), ("--data", opts.data, None))
+    sized = preflight_memory(teacher_spec, max_memory=opts.max_memory, data=data, images=folders, note=note)  # hf:DIR, before loading
     note(f"loading teacher {teacher_spec}")
     default_shapes = tuple("x".join(map(str, s)) for s in (profile.input_shapes or []))
     seq = opts.sequence_length
@@ -244,7 +250,9 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
                            sequence_length=seq, trust_remote_code=opts.trust_remote_code, note=note)  # fmt: skip
     converted = _check_teacher(teacher, note)
     if sized is None:
-        preflight_memory(teacher.module, max_memory=opts.max_memory, data=(opts.calib, opts.data), note=note)
+        pixels = image_input(teacher)
+        preflight_memory(teacher.module, max_memory=opts.max_memory, data=data, images=folders,
+                         image_chw=pixels[1] if pixels is not None else None, note=note)
     example_output = _run_teacher_once(teacher)
     if opts.min_fidelity is not None:
         profile = profile.model_copy(update={"min_fidelity": float(opts.min_fidelity)})
@@ -256,7 +264,8 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     if calib_from_data:  # one data story: the first batches of the training data calibrate (a quarter held out)
         calib_batches = _materialise(lambda: _calibration_prefix(_iterate(train)), "calibration data")
     else:
-        calib_source = load_calibration(opts.calib, teacher, note=note)
+        calib_source = load_calibration(opts.calib, teacher, batch_size=CALIB_BATCH_SIZE, num_batches=CALIB_BATCHES,
+                                        note=note)
         calib_batches = _materialise(calib_source, "calibration data") if calib_source is not None else []
     if converted and not calib_from_data:  # train is already float32
         calib_batches = [_float32(b) for b in calib_batches]
@@ -323,7 +332,6 @@ def _default_distillation(opts: CompileOptions, teacher: Teacher, task: str, has
                           note: Note) -> tuple[int | None, str | None]:  # fmt: skip
     """The default pipeline's distillation: ``(epochs, distill{...} step)``, or Nones when none runs
     (``potstill.passes.distill.defaults``: label-free KD chosen by the teacher's task)."""
-    from potstill.inputs.teacher import image_input
     from potstill.passes.distill.defaults import default_distill_options, distill_spec
 
     flags = [f for f, on in (("--distill-epochs", opts.distill_epochs is not None),

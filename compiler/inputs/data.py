@@ -162,17 +162,34 @@ def image_files(folder: str | Path, flag: str = "--calib") -> list[Path]:
     return files
 
 
+def unreadable_image(path: Path, flag: str, error: Exception) -> InputError:
+    """The error for an image file PIL refuses: unreadable, or past its decompression-bomb limit."""
+    from PIL import Image
+
+    if isinstance(error, Image.DecompressionBombError):
+        return InputError(f"{flag} '{path}': the image has more pixels than PIL opens ({error}); downscale it "
+                          "(the teacher's input is far smaller) or remove it")
+    return InputError(f"{flag} '{path}': cannot read the image ({error}); remove it or convert it to PNG/JPEG")
+
+
+def image_errors() -> tuple[type[Exception], ...]:
+    """What PIL raises for a file it cannot open as an image (``DecompressionBombError`` is no ``OSError``)."""
+    from PIL import Image, UnidentifiedImageError
+
+    return OSError, UnidentifiedImageError, Image.DecompressionBombError
+
+
 def load_image(path: Path, channels: int, flag: str = "--calib") -> Any:
     """A PIL image in RGB (3 channels) or grayscale (1 channel); InputError naming a file PIL cannot read."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if channels not in (1, 3):
         raise InputError(f"{flag} '{path.parent}': images give 1 or 3 channels, the teacher takes {channels}")
     try:
         with Image.open(path) as img:
             return img.convert("L" if channels == 1 else "RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise InputError(f"{flag} '{path}': cannot read the image ({e}); remove it or convert it to PNG/JPEG") from e
+    except image_errors() as e:
+        raise unreadable_image(path, flag, e) from e
 
 
 def resize_center_crop(image: Any, height: int, width: int) -> torch.Tensor:

@@ -15,7 +15,11 @@ bytes per element, read from safetensors headers for ``hf:DIR`` before anything 
 - ``c_work``: importance scores, pruning's transient copies, parity runs, allocator slack;
 - ``data``: the text corpora of ``--calib`` / ``--data`` as read — each streamed and capped at
   ``corpus.MAX_CORPUS_BYTES`` (a 1 GB file costs at most that, never its size), counted twice
-  (the bytes and the Python strings); Python data functions are the user's and stream or not.
+  (the bytes and the Python strings); image folders as read — every image used is decoded at
+  once (width × height × C bytes, 8-bit, from each file's header) and becomes float32 pixels at the
+  teacher's input size, counted twice (the per-image tensors and the stacked batch), i.e.
+  ``Σ w·h·C + 2 · n · C·H·W · 4``, with ``n`` the images read (``--calib``: the calibration batches,
+  ``--data``: the whole folder); Python data functions are the user's and stream or not.
 
 Fitted to ``bench/scale_profile.py`` / ``bench/scale_llm.py`` on Llama-style decoders (44M, 124M and
 336M parameters, 32k vocabulary, GQA) through the default command: child peak RSS 1.18, 1.82 and
@@ -83,6 +87,53 @@ def corpus_bytes(specs: Sequence[str | None]) -> int:
         if spec and is_text_file(spec) and Path(spec).is_file():
             total += 2 * min(Path(spec).stat().st_size, MAX_CORPUS_BYTES)
     return total
+
+
+#: the input an image teacher is assumed to take before it is loaded, when its config.json does
+#: not say (``num_channels``, ``image_size``): the ImageNet size most image processors produce
+DEFAULT_IMAGE_CHW = (3, 224, 224)
+
+
+def image_folder_bytes(folder: str | os.PathLike[str], chw: tuple[int, int, int], limit: int | None = None,
+                       flag: str = "--data") -> int:
+    """Bytes the images of ``folder`` hold once read for a teacher taking ``C×H×W`` (see the module
+    docstring); ``limit``: at most that many images are read (the first, by name). Only each file's
+    header is read (PIL opens lazily); a file PIL cannot open is named, as the loader would.
+
+    >>> image_folder_bytes("no-such-folder", (3, 8, 8))
+    Traceback (most recent call last):
+    potstill.errors.InputError: --data 'no-such-folder': no such folder
+    """
+    from PIL import Image
+    from potstill.inputs.data import image_errors, image_files, unreadable_image
+
+    c, h, w = chw
+    used = image_files(folder, flag)[:limit]
+    decoded = 0
+    for path in used:
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except image_errors() as e:
+            raise unreadable_image(path, flag, e) from e
+        decoded += width * height * c
+    return decoded + 2 * len(used) * c * h * w * 4
+
+
+def hf_image_chw(path: str | os.PathLike[str]) -> tuple[int, int, int]:
+    """``(C, H, W)`` an HF vision model takes, from its config.json (``DEFAULT_IMAGE_CHW`` where it is silent)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return DEFAULT_IMAGE_CHW
+    size = config.get("image_size") if isinstance(config, dict) else None
+    channels = config.get("num_channels") if isinstance(config, dict) else None
+    c = channels if isinstance(channels, int) and channels > 0 else DEFAULT_IMAGE_CHW[0]
+    if isinstance(size, int) and size > 0:
+        return c, size, size
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):
+        return c, int(size[0]), int(size[1])
+    return c, *DEFAULT_IMAGE_CHW[1:]
 
 
 def estimate_compile_memory(params: int, weight_bytes: int | None = None, *, students: int = 1,
@@ -203,8 +254,11 @@ def check_fits(estimate: MemoryEstimate, max_memory: int | None = None, availabl
         limits.append((max_memory, "--max-memory"))
     limit, what = min(limits)
     if estimate.peak_bytes > limit:
+        data = estimate.parts.get("data", 0)
+        fix = (f"Its data part ({data / GB:.1f} GB: --calib / --data as read) shrinks with fewer or smaller images, "
+               "or a FILE.py:FN that streams batches. " if data > estimate.peak_bytes - limit else "")
         raise InputError(
-            f"{estimate.text()} exceeds {what} ({limit / GB:.1f} GB). Compile fewer students at once "
+            f"{estimate.text()} exceeds {what} ({limit / GB:.1f} GB). {fix}Compile fewer students at once "
             f"(one --ratio per run), free memory, or raise --max-memory if you know better"
         )
 
@@ -215,6 +269,8 @@ def preflight_memory(
     students: int = 1,
     max_memory: int | None = None,
     data: Sequence[str | None] = (),
+    images: Sequence[tuple[str, str | None, int | None]] = (),
+    image_chw: tuple[int, int, int] | None = None,
     note: Callable[[str], None] = print,
 ) -> MemoryEstimate | None:
     """Estimate, print and check a compile's peak before the heavy work.
@@ -222,16 +278,25 @@ def preflight_memory(
     ``teacher`` is the spec (``hf:DIR``: sized from its safetensors headers before it is loaded;
     other specs give None, to be checked once loaded) or the loaded module. potstill holds the
     teacher in float32, so the weights count 4 bytes per parameter at least. ``data`` are the
-    ``--calib`` / ``--data`` specs (text corpora count as read: ``corpus_bytes``).
+    ``--calib`` / ``--data`` specs (text corpora count as read: ``corpus_bytes``). ``images``:
+    ``(flag, spec, most images read or None for all)``; the specs that are folders count as read
+    (``image_folder_bytes``) at ``image_chw``, the loaded teacher's image input (None: an ``hf:DIR``
+    teacher's config.json says, else ``DEFAULT_IMAGE_CHW``; a loaded teacher without one reads no images).
     """
     if isinstance(teacher, str):
         weights = hf_dir_weights(teacher[3:]) if teacher.startswith("hf:") else None
         if weights is None:
             return None
+        chw: tuple[int, int, int] | None = hf_image_chw(teacher[3:])
     else:
         weights = module_weights(teacher)
+        chw = image_chw
     params, size = weights
-    estimate = estimate_compile_memory(params, max(size, 4 * params), students=students, data_bytes=corpus_bytes(data))
+    data_bytes = corpus_bytes(data)
+    if chw is not None:
+        data_bytes += sum(image_folder_bytes(spec, chw, limit, flag) for flag, spec, limit in images
+                          if spec and Path(spec).is_dir())
+    estimate = estimate_compile_memory(params, max(size, 4 * params), students=students, data_bytes=data_bytes)
     note(estimate.text())
     check_fits(estimate, max_memory)
     return estimate

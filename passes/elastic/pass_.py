@@ -100,7 +100,8 @@ class ElasticNestPass(Pass):
 
         o: NestOptions = self.options
         student = state.working()
-        key = f"{self.spec()}@{getattr(state.profile, 'channel_multiple', None)}"
+        multiple = channel_multiple(state.profile, o.channel_multiple or 0)
+        key = f"{self.spec()}@{multiple}"  # the multiple the widths are aligned to: one supernet per value
         shared = state.shared.passes.get(_KEY, {}).get(key)
         if isinstance(shared, Supernet):  # another device's plan built it: one supernet for all
             student.module = shared.model
@@ -111,7 +112,7 @@ class ElasticNestPass(Pass):
         net = make_supernet(
             student.module, state.example_inputs, state.example_kwargs, scores=scores, batches=batches,
             width_ratios=o.width_ratios, expansion_ratios=o.expansion_ratios, depth=o.depth, min_depth=o.min_depth,
-            multiple=channel_multiple(state.profile, o.channel_multiple or 0), analysis=state.analysis(student),
+            multiple=multiple, analysis=state.analysis(student),
         )
         if not net.space.dims():
             raise InputError(

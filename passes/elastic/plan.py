@@ -6,7 +6,10 @@ Each profile gets the plan ``[importance.E,] elastic.nest, [elastic.train{epochs
 elastic.search{students=N, speedup=[S..] | latency_ms=X, memory_mb=Y}`` followed by that profile's lowering and
 ``record``. The plans of one compilation share the nested, trained supernet (``elastic.nest`` and
 ``elastic.train`` reuse what the first plan built, through ``state.shared``), so the supernet is
-trained once and searched once per device. Flags that configure the per-ratio pipeline do not apply
+trained once and searched once per device. Widths are aligned to one channel multiple for all of
+them: when the devices' multiples differ, every plan nests with ``channel_multiple=L``, their least
+common multiple (a width aligned to 16 is aligned to 8 too), else each device would nest and train a
+supernet of its own. Flags that configure the per-ratio pipeline do not apply
 and are errors.
 """
 
@@ -65,6 +68,18 @@ def check_elastic_flags(opts: Any) -> None:
                 raise InputError(absolute_budget_error(profile, opts.latency_ms))
 
 
+def shared_channel_multiple(profiles: Sequence[str]) -> int | None:
+    """The least common multiple of the profiles' channel multiples, when they differ (None: they
+    agree, and each plan's own profile gives the same one)."""
+    import math
+
+    from potstill.passes.prune.align import channel_multiple
+    from potstill.profiles import load_profile
+
+    multiples = {channel_multiple(load_profile(p)) for p in profiles}
+    return math.lcm(*multiples) if len(multiples) > 1 else None
+
+
 def elastic_pipelines(
     profiles: Sequence[str],
     *,
@@ -86,7 +101,8 @@ def elastic_pipelines(
     head = []
     if importance:
         head.append(importance if "." in importance else f"importance.{importance}")
-    head.append("elastic.nest")
+    multiple = shared_channel_multiple(profiles)
+    head.append(f"elastic.nest{{channel_multiple={multiple}}}" if multiple is not None else "elastic.nest")
     if train_epochs is not None:
         head.append(f"elastic.train{{epochs={train_epochs}}}" if train_epochs else "elastic.train")
     out = []

@@ -192,3 +192,94 @@ def test_corpus_is_streamed_capped_and_binary_refused(tmp_path, monkeypatch) -> 
     latin.write_bytes("café au lait\n".encode("latin-1"))
     with pytest.raises(InputError, match=r"latin1.txt': not UTF-8 text"):
         read_texts(str(latin))
+
+
+def _png_header(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims ``width x height`` RGB pixels and whose data is empty: opening it reads
+    the size; decoding it fails (the file is a few dozen bytes)."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+
+
+def test_image_folders_count_in_the_memory_estimate_as_read(tmp_path: Path) -> None:
+    """The data part is what the real loader holds: every image decoded, and the float32 pixels it
+    makes of them twice over (per-image tensors, then the stacked batch); --calib reads its batches'
+    worth of images, --data the whole folder."""
+    from potstill.inputs.data import image_files, load_image
+    from potstill.inputs.memory import image_folder_bytes, preflight_memory
+
+    t = load_teacher(f"{_teacher_file(tmp_path)}:factory")
+    photos = _photos(tmp_path / "photos", 5)  # 20..24 x 30 pixels, and a notes.txt that is not an image
+
+    def held(source: object, n: int) -> int:
+        decoded = sum(len(load_image(p, 3).tobytes()) for p in image_files(photos)[:n])
+        pixels = torch.cat([b.args[0] for b in iter_batches(source)])
+        assert pixels.shape == (n, 3, 12, 16)
+        return decoded + 2 * pixels.numel() * pixels.element_size()
+
+    whole = held(load_data(str(photos), t, "--data", batch_size=2), 5)
+    calib = held(load_calibration(str(photos), t, batch_size=2, num_batches=1), 2)
+    assert image_folder_bytes(photos, (3, 12, 16)) == whole
+    assert image_folder_bytes(photos, (3, 12, 16), limit=2, flag="--calib") == calib
+    lines: list[str] = []
+    folders = [("--calib", str(photos), 2), ("--data", str(photos), None), ("--data", None, None)]
+    est = preflight_memory(t.module, data=(str(photos), str(photos)), images=folders, image_chw=(3, 12, 16),
+                           note=lines.append)
+    assert est is not None and est.parts["data"] == whole + calib and lines == [est.text()]
+    # a teacher that takes no images reads none (the loader refuses the folder)
+    est = preflight_memory(t.module, images=folders, image_chw=None, note=lines.append)
+    assert est is not None and "data" not in est.parts
+    # an hf:DIR teacher, before it is loaded: its config.json gives the input size
+    from safetensors.torch import save_file
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file({"w": torch.zeros(4, 4)}, str(hf / "model.safetensors"))
+    (hf / "config.json").write_text('{"num_channels": 3, "image_size": 32}')
+    est = preflight_memory(f"hf:{hf}", images=[("--data", str(photos), None)], note=lines.append)
+    assert est is not None and est.parts["data"] == image_folder_bytes(photos, (3, 32, 32))
+
+
+def test_a_data_folder_too_large_to_read_is_refused_before_it_is_read(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Four 9000x9000 photos decode to 0.97 GB: with --max-memory 1.5G the compile (0.8 GB without them)
+    is refused by the estimate, naming its data part, instead of running out of memory reading them."""
+    from potstill.cli import main
+
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(4):
+        _png_header(big / f"p{i}.png", 9000, 9000)
+    teacher = f"{_teacher_file(tmp_path)}:factory"
+    code = main(["compile", teacher, "--data", str(big), "--max-memory", "1.5G", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    flat = " ".join(err.split())
+    assert code == 2, err
+    assert "exceeds --max-memory (1.5 GB)" in flat and "data 1.0" in flat, err
+    assert "Its data part (1.0 GB: --calib / --data as read) shrinks with fewer or smaller images" in flat
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_image_past_the_decompression_bomb_limit_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """PIL refuses to open a 30000x30000 image (900M pixels) with DecompressionBombError, which is no
+    OSError: the loader and the memory estimate both name the file and the fix, and the CLI exits 2."""
+    from potstill.cli import main
+    from potstill.inputs.memory import image_folder_bytes
+
+    big = tmp_path / "big"
+    big.mkdir()
+    _png_header(big / "p0.png", 30000, 30000)
+    t = load_teacher(f"{_teacher_file(tmp_path)}:factory")
+    with pytest.raises(InputError, match=r"p0\.png': the image has more pixels than PIL opens .*downscale it"):
+        load_calibration(str(big), t)
+    with pytest.raises(InputError, match=r"--data '.*p0\.png': the image has more pixels than PIL opens"):
+        image_folder_bytes(big, (3, 12, 16))
+    code = main(["compile", f"{_teacher_file(tmp_path)}:factory", "--calib", str(big), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "p0.png': the image has more pixels than PIL opens" in err, err

@@ -377,23 +377,41 @@ def test_skip_instrument_skips_by_name(registry: dict[str, type[Pass]]) -> None:
     assert result.state.pipeline == ["test.scale{factor=2.0}"]
 
 
-def test_dump_and_verify_run_around_changing_passes(
-    registry: dict[str, type[Pass]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    register_scale()
-    state = make_state()
+def test_dump_and_verify_run_around_changing_passes(tmp_path: Path) -> None:
+    """A real pipeline (magnitude importance, then a 50 % width prune) dumps the real IR: the hidden
+    width in each dump is the one the module has at that point, read from the module itself."""
+    from potstill.ir.verify import verify_student
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    state = CompileState(teacher=teacher, example_inputs=(torch.randn(2, 4),))
     verified: list[int] = []
-    monkeypatch.setattr(CompileState, "ir_text", lambda self: f"weight sum {float(self.working().module.weight.detach().sum()):.4f}")
-    passes = build_pipeline("test.scale{factor=1},test.scale{factor=2}")
-    check = VerifyInstrument(check=lambda state: verified.append(1))
-    PassManager(passes, [DumpIRInstrument(directory=tmp_path), check]).run(state)
+
+    def check(s: CompileState) -> None:  # the real verifier, and the hidden width it saw
+        verify_student(s)
+        verified.append(s.working().module[0].out_features)
+
+    passes = build_pipeline("importance.magnitude,prune.width{ratio=0.5}")
+    result = PassManager(passes, [DumpIRInstrument(directory=tmp_path), VerifyInstrument(check=check)]).run(state)
     names = sorted(p.name for p in tmp_path.iterdir())
-    # before both passes; after only the one that changed the model
-    assert names == ["01-before-test.scale.txt", "02-after-test.scale.txt", "02-before-test.scale.txt"]
-    before = (tmp_path / "02-before-test.scale.txt").read_text()
-    after = (tmp_path / "02-after-test.scale.txt").read_text()
-    assert before != after
-    assert len(verified) == 1
+    # before both passes; after only the one that changed the model (importance only scores it)
+    assert names == ["01-before-importance.magnitude.txt", "02-after-prune.width.txt", "02-before-prune.width.txt"]
+    assert verified == [16]  # once, after the prune
+    student = result.state.working().module
+    for dump, hidden in (("01-before-importance.magnitude.txt", teacher[0].out_features),
+                         ("02-before-prune.width.txt", teacher[0].out_features),
+                         ("02-after-prune.width.txt", student[0].out_features)):
+        lines = (tmp_path / dump).read_text().splitlines()
+        assert lines[:5] == [
+            "%input: float32[2x4] = placeholder()",
+            f"%linear: float32[2x{hidden}] = linear(%input, @0.weight, @0.bias)  # 0",
+            f"%relu: float32[2x{hidden}] = relu(%linear)  # 1",
+            "%linear_1: float32[2x3] = linear(%relu, @2.weight, @2.bias)  # 2",
+            "%output: -[-] = output(%linear_1)",
+        ], dump
+        # the coupled group the prune acted on: the hidden neurons, shared by both linears
+        assert f"g0 neurons x{hidden} [0, 2]  prunable" in lines, dump
+    assert teacher[0].out_features == 32 and student[0].out_features == 16
 
 
 def test_verify_instrument_raises_through_the_manager(registry: dict[str, type[Pass]], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,9 +8,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from potstill.cli import main
 from potstill.errors import InputError
+from potstill.pipeline import Pass, PassInstrument, PassResult
 from potstill.plan import CompileOptions, plan_students
+from potstill.state import CompileState
 
 HERE = Path(__file__).parent
 TEACHER = f"{HERE / 'toy_teacher.py'}:teacher"
@@ -26,6 +27,12 @@ def test_elastic_plans_one_per_profile_sharing_the_supernet() -> None:
         names = [x.name for x in p.passes]
         assert names == ["elastic.nest", "elastic.train", "elastic.search", "lower.onnxruntime", "record"]
         assert "students=2" in p.spec and "speedup=[2.0]" in p.spec and "epochs=2" in p.spec
+    # cpu aligns widths to 8 channels, x86-avx512-ort to 16: both nest with 16, so the second plan's
+    # elastic.nest finds the first one's supernet under the same key instead of nesting its own
+    nests = [next(x for x in p.passes if x.name == "elastic.nest") for p in plans]
+    assert [n.options.channel_multiple for n in nests] == [16, 16] and nests[0].spec() == nests[1].spec()
+    (alone,) = plan_students(replace(opts, extra_profiles=()), "onnxruntime", distill_epochs=2)
+    assert next(x for x in alone.passes if x.name == "elastic.nest").options.channel_multiple is None
 
 
 def test_elastic_training_defaults_to_its_step_budget() -> None:
@@ -82,13 +89,30 @@ def test_elastic_flags_are_strict(changes: dict, fragment: str) -> None:
         plan_students(replace(BASE, **changes), "onnxruntime")
 
 
+class _ElasticWatch(PassInstrument):
+    """Records, after each elastic pass, the profile it ran for, whether it changed anything, and the
+    supernet object it acted on (held, not its id: an id can be reused once an object is freed)."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, str, bool, object]] = []
+
+    def after_pass(self, p: Pass, state: CompileState, result: PassResult) -> None:
+        if p.name.startswith("elastic."):
+            from potstill.passes.elastic.pass_ import supernet_of
+
+            profile = getattr(state.profile, "name", state.profile)
+            self.runs.append((p.name, str(profile), result.changed, supernet_of(result.state)))
+
+
 @pytest.mark.slow
-def test_compile_elastic_for_two_profiles_from_one_supernet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compile_elastic_for_two_profiles_from_one_supernet(tmp_path: Path) -> None:
+    from potstill.driver import compile_teacher
+
     out = tmp_path / "out"
-    code = main(["compile", TEACHER, "--elastic", "--students", "1", "--profile", "cpu",
-                 "--profile", "x86-avx512-ort", "--distill-epochs", "1", "--json", "-q", "-o", str(out)])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err[-3000:]
+    watch = _ElasticWatch()
+    opts = replace(BASE, out=str(out), students=1, extra_profiles=("x86-avx512-ort",), distill_epochs=1,
+                   progress=False)
+    compile_teacher(opts, note=lambda line: None, instruments=[watch])
     manifest = json.loads((out / "manifest.json").read_text())
     students = manifest["students"]
     assert {s["plan"] for s in students} == {"elastic-cpu", "elastic-x86-avx512-ort"}
@@ -99,6 +123,16 @@ def test_compile_elastic_for_two_profiles_from_one_supernet(tmp_path: Path, caps
         assert s["parity"]["ok"]
     trained = [s for s in students if s["plan"] == "elastic-x86-avx512-ort"]
     assert trained and all(s["metrics"]["elastic"]["profile"] == "x86-avx512-ort" for s in trained)
+    # one supernet shared: both plans' nest, train and search acted on the same object, nested and
+    # trained by the first plan only; the second plan searched it for its own device
+    assert [(name, profile, changed) for name, profile, changed, _ in watch.runs] == [
+        ("elastic.nest", "cpu", True), ("elastic.train", "cpu", True), ("elastic.search", "cpu", True),
+        ("elastic.nest", "x86-avx512-ort", True), ("elastic.train", "x86-avx512-ort", False),
+        ("elastic.search", "x86-avx512-ort", True),
+    ]
+    nets = [net for *_, net in watch.runs]
+    assert all(net is nets[0] for net in nets)
+    assert len(nets[0].trained) == 1  # one training run, recorded once
 
 
 def test_speedup_is_repeatable_or_a_list() -> None:

@@ -4,6 +4,7 @@ and budgets that cannot be met."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,10 +78,24 @@ def test_cost_model_matches_the_extracted_subnets(cnn) -> None:
     assert costs.latency_ms(net.space.smallest()) == pytest.approx(0.5)
 
 
-def test_a_memory_budget_no_subnet_meets_is_an_error_before_any_timing(cnn) -> None:
+def _engines_built(work: Path) -> list[str]:
+    """What the search lowered to time: every engine it builds goes to a folder of its own in ``work``
+    (``teacher``, ``anchor-largest``, ``finalist-0``, ...)."""
+    return sorted(p.name for p in work.iterdir()) if work.exists() else []
+
+
+@pytest.mark.parametrize("settings", [SearchSettings(memory_mb=1e-6), SearchSettings(memory_mb=1e-6, speedup=(2.0,))],
+                         ids=["absolute", "speedup"])
+def test_a_memory_budget_no_subnet_meets_is_an_error_before_any_timing(cnn, tmp_path, settings) -> None:
     net = make_supernet(cnn, (X[:1],), batches=[X])
     with pytest.raises(InputError, match="even the smallest subnet"):
-        search(net, cnn, load_profile("cpu"), (X[:1],), {}, [X], [X], SearchSettings(memory_mb=1e-6))
+        search(net, cnn, load_profile("cpu"), (X[:1],), {}, [X], [X], settings, work_dir=tmp_path / "search")
+    # before any timing: neither the teacher's engine nor an anchor's was built
+    assert _engines_built(tmp_path / "search") == []
+    # the same folder fills once a search does time (the check above can see engines)
+    search(net, cnn, load_profile("cpu"), (X[:1],), {}, [X], [X],
+           SearchSettings(students=1, population=2, generations=0, extra_tries=0), work_dir=tmp_path / "search")
+    assert "anchor-largest" in _engines_built(tmp_path / "search")
 
 
 def test_students_spread_over_the_points_near_the_best_fidelity() -> None:
@@ -94,3 +109,79 @@ def test_students_spread_over_the_points_near_the_best_fidelity() -> None:
     # too few within the band: widen to the floor (0.5 stays out), then to everything
     assert [c.accuracy for c in _spread_order(feasible, 4, floor=0.8, band=0.02)[:4]] == [0.85, 0.9, 0.99, 1.0]
     assert len(_spread_order(feasible, 6, floor=0.8, band=0.02)) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# A budget that lies between two subnets: only the one on the right side of it is emitted.
+# The space has exactly two subnets (one hidden layer of 4096 or 256 neurons); the larger is the
+# teacher's own architecture, so its speed-up over the teacher is ~1x, while the smaller does 1/16
+# of the work. Both the prediction (constraint violation on the front) and the measurement (the
+# finalist's verdict) are checked, each on its own.
+
+TWO = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
+
+
+def _two_subnets() -> tuple[torch.nn.Module, object]:
+    import copy
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(256, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 10)).eval()
+    net = make_supernet(copy.deepcopy(teacher), (TWO[:1],), width_ratios=[0.0625, 1.0],
+                        expansion_ratios=[0.0625, 1.0], depth=False)
+    assert net.space.size() == 2
+    return teacher, net
+
+
+def _search_two(settings: SearchSettings, tmp_path):
+    teacher, net = _two_subnets()
+    small, large = net.space.smallest(), net.space.largest()
+    result = search(net, teacher, load_profile("cpu"), (TWO[:1],), {}, [TWO[32:]], [TWO[:32]], settings,
+                    work_dir=tmp_path / "search")
+    feasible = {SubnetConfig.from_dict(c.to_dict()["config"]): c.violation == 0.0 for c in result.front}
+    return result, small, large, feasible
+
+
+def test_a_memory_budget_between_two_subnets_emits_only_the_smaller(tmp_path) -> None:
+    _, net = _two_subnets()
+    costs = CostModel.build(net, load_profile("cpu"), example_batch=1)
+    lo, hi = costs.memory_mb(net.space.smallest()), costs.memory_mb(net.space.largest())
+    assert lo < hi / 4
+    budget = (lo * hi) ** 0.5
+    result, small, _, feasible = _search_two(
+        SearchSettings(students=2, memory_mb=budget, population=4, generations=1, extra_tries=1), tmp_path)
+    # by prediction: the larger subnet violates the budget, so the feasible smaller one dominates it
+    # (Deb's rule) and the front is the smaller alone ...
+    assert feasible == {small: True}, feasible
+    # ... and by measurement only the smaller is emitted (asking for two students changes nothing)
+    assert [f.config for f in result.finalists] == [small], result.rejected
+    assert result.finalists[0].measured_memory_mb <= budget
+    assert result.rejected == [] and result.timing["front_points_timed"] == 1
+
+
+def test_a_speedup_budget_between_two_subnets_emits_only_the_faster(tmp_path) -> None:
+    """2x lies between the larger subnet (the teacher's architecture: ~1x) and the smaller (1/16 the
+    work): the predictor marks the larger infeasible (it leaves the front), and the smaller is emitted
+    by measurement."""
+    result, small, _, feasible = _search_two(
+        SearchSettings(students=1, speedup=(2.0,), population=4, generations=1, timing_rounds=3,
+                       max_timing_rounds=6, extra_tries=1), tmp_path)
+    assert feasible == {small: True}, feasible
+    assert [f.config for f in result.finalists] == [small], result.rejected
+    timing = result.finalists[0].timing
+    assert timing is not None and timing["speedup"] >= timing["threshold"] == pytest.approx(2.0 * 0.95)
+    assert result.rejected == [] and result.timing["front_points_timed"] == 1
+
+
+def test_a_speedup_budget_the_predictor_misjudges_still_binds_by_measurement(tmp_path, monkeypatch) -> None:
+    """Fault injection: a cost model that predicts every subnet 100x faster than the teacher puts both
+    on the feasible front; the larger (more faithful) one is timed first, measured at ~1x and rejected,
+    and the smaller is emitted in its place."""
+    monkeypatch.setattr(CostModel, "latency_ms", lambda self, config: 1e-6)
+    result, small, large, feasible = _search_two(
+        SearchSettings(students=1, speedup=(2.0,), population=4, generations=1, timing_rounds=3,
+                       max_timing_rounds=6, extra_tries=1), tmp_path)
+    assert feasible == {small: True, large: True}, feasible
+    assert [f.config for f in result.finalists] == [small], result.rejected
+    assert [SubnetConfig.from_dict(r["config"]) for r in result.rejected] == [large]
+    why = result.rejected[0]
+    assert "speed-up" in why["why"] and why["timing"]["speedup"] < why["timing"]["threshold"]
