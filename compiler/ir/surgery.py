@@ -318,7 +318,9 @@ def _update_hf_config(model: nn.Module, heads: bool = True) -> None:
     get_emb = getattr(model, "get_input_embeddings", None)
     try:
         emb = get_emb() if callable(get_emb) else None
-    except NotImplementedError:  # vision models (ResNet, ConvNeXt, ...) have no input embeddings
+    except (NotImplementedError, AttributeError):
+        # vision models have no input embeddings: ResNet, ConvNeXt, ... say so; PoolFormer's
+        # accessor reads an ``embeddings`` attribute its model never defines
         emb = None
     if isinstance(emb, nn.Embedding) and hasattr(config, "hidden_size"):
         config.hidden_size = emb.embedding_dim

@@ -176,8 +176,9 @@ def test_heads_are_pinned_only_where_the_forward_cannot_follow_their_removal(res
         assert student(x).shape == x.shape
 
 
-def _compile_reload_parity(model_type: str, cls: str, root: Path) -> tuple[list, torch.nn.Module]:
-    """Prune half of every prunable head and FFN group of the tiny class, save, reload, lower to
+def _compile_reload_parity(model_type: str, cls: str, root: Path,
+                           kinds: tuple[str, ...] = ("heads", "kv_heads", "neurons")) -> tuple[list, torch.nn.Module]:
+    """Prune half of every prunable group of these kinds in the tiny class, save, reload, lower to
     ONNX at the example's shape and check the engine against the reloaded student on other
     values. Returns the head groups and the reloaded student."""
     import onnxruntime as ort
@@ -189,8 +190,8 @@ def _compile_reload_parity(model_type: str, cls: str, root: Path) -> tuple[list,
     t = load_hf_teacher(str(path))
     a = analyze(t.module, (), t.example_kwargs)
     heads = [g for g in a.groups if g.kind in ("heads", "kv_heads")]
-    chosen = [g for g in a.prunable() if g.kind in ("heads", "kv_heads", "neurons")]
-    assert any(g.kind == "neurons" for g in chosen)
+    chosen = [g for g in a.prunable() if g.kind in kinds and g.n_units > 1]
+    assert any(g.kind == kinds[-1] for g in chosen)
     student = prune_width(t.module, a, {g.id: list(range(max(1, g.n_units // 2))) for g in chosen})
     teacher = {"spec": f"hf:{path}", "hf": t.hf}
     save_student(student, root / "student", teacher=teacher)
@@ -231,3 +232,13 @@ def test_heads_the_forward_cannot_follow_are_pinned_and_the_rest_prunes(model_ty
     heads, _ = _compile_reload_parity(model_type, cls, tmp_path)
     four = [g for g in heads if g.n_units == 4]
     assert four and all(g.pinned and f"{attention}'s forward fails once a head is removed" in g.pinned for g in four)
+
+
+@pytest.mark.slow
+def test_a_model_whose_input_embeddings_accessor_fails_still_prunes(tmp_path):
+    # PoolFormer's get_input_embeddings reads ``self.embeddings``, which its model never defines
+    heads, student = _compile_reload_parity("poolformer", "PoolFormerForImageClassification", tmp_path,
+                                            kinds=("channels",))
+    assert not heads
+    with pytest.raises(AttributeError):
+        student.get_input_embeddings()
