@@ -242,3 +242,45 @@ def test_a_model_whose_input_embeddings_accessor_fails_still_prunes(tmp_path):
     assert not heads
     with pytest.raises(AttributeError):
         student.get_input_embeddings()
+
+
+LLAMA_FACTORY = """
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+def teacher():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+def example_inputs():
+    return (torch.randint(0, 256, (1, 16)),)
+"""
+
+
+@pytest.mark.slow
+def test_a_llama_from_a_file_factory_compiles_and_writes_student_pt2(tmp_path):
+    # the config keeps transformers' default use_cache=True and the example ids are positional
+    import importlib.util
+
+    from potstill.driver import compile_teacher
+    from potstill.outputs.students_io import load_student
+    from potstill.plan import CompileOptions
+
+    path = tmp_path / "llama_factory.py"
+    path.write_text(LLAMA_FACTORY)
+    said: list[str] = []
+    res = compile_teacher(CompileOptions(teacher=f"{path}:teacher", out=str(tmp_path / "out"), profile="cpu",
+                                         ratios=(0.5,), distill=False, teacher_timing=False), note=said.append)
+    assert any("use_cache=True" in line for line in said)
+    entry = res.manifest["students"][0]
+    assert entry["files"].get("pt2") == "student.pt2", entry["notes"]
+    spec = importlib.util.spec_from_file_location("llama_factory", path)
+    assert spec is not None and spec.loader is not None
+    factory_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(factory_module)
+    student = load_student(res.out / entry["dir"], factory=factory_module.teacher)
+    program = torch.export.load(str(res.out / entry["dir"] / "student.pt2")).module()
+    ids = torch.randint(0, 256, (3, 16))  # another batch than the compile's
+    with torch.no_grad():
+        torch.testing.assert_close(program(ids)["logits"], student(ids).logits, atol=1e-4, rtol=1e-4)
