@@ -244,6 +244,8 @@ def classify(message: str) -> str:
     rules = (
         ("nothing-prunable", ("no prunable", "nothing to prune", "removes no aligned", "at their floor")),
         ("capture", ("could not capture", "torch.export", "export(")),
+        # an engine fixed at the compile's length (the exporter kept no symbolic sequence axis)
+        ("fixed-shape", ("got invalid dimensions",)),
         ("inputs", ("input_ids", "pixel_values", "input_values", "decoder_input_ids", "unexpected keyword",
                     "missing", "required positional")),
         ("attribute", ("has no attribute",)),
