@@ -145,6 +145,11 @@ def _check_teacher(teacher: Teacher, note: Note) -> bool:
                                        for a in teacher.example_inputs)  # fmt: skip
         teacher.example_kwargs = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                                   for k, v in teacher.example_kwargs.items()}  # fmt: skip
+    config = getattr(teacher.module, "config", None)
+    if config is not None and getattr(config, "use_cache", None) is True:  # a file factory's HF model (hf: teachers are loaded without)
+        note("note: the teacher's config has use_cache=True; potstill compiles the forward without a key/value "
+             "cache (a cache object is no tensor a captured graph can return) and set it to False")  # fmt: skip
+        config.use_cache = False
     for i, a in enumerate(teacher.example_inputs):
         if isinstance(a, torch.Tensor) and a.numel() > MAX_INPUT_ELEMENTS:
             raise InputError(f"example input {i} has shape {tuple(a.shape)} ({a.numel():,} elements, more than "

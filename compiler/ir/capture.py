@@ -3,7 +3,8 @@
 ``analyze(model, example_inputs)`` exports the model (strict=False), builds a networkx graph of
 ops and values (each with shape and dtype; each parameter tied to its module's qualified name),
 and runs the coupled-channel analysis (``potstill.ir.coupling``), block detection
-(``potstill.ir.blocks``) and the cost model (``potstill.ir.cost``).
+(``potstill.ir.blocks``) and the cost model (``potstill.ir.cost``). Head groups whose removal the
+module's own forward cannot follow are pinned by a trial surgery (``potstill.ir.surgery_probe``).
 
     >>> a = analyze(model, (torch.randn(1, 3, 32, 32),))
     >>> [g.kind for g in a.prunable()]
@@ -129,6 +130,9 @@ def analyze(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: d
     conv_groups = _conv_groups(gm, placeholder_to_param)
     analysis = Analysis(ir, groups, [], unknown_ops=dict(ca.unknown_ops), param_shapes=param_shapes,
                         conv_groups=conv_groups)
+    from potstill.ir.surgery_probe import pin_unfollowable_heads  # surgery imports this module
+
+    pin_unfollowable_heads(model, analysis, example_inputs, example_kwargs)
     analysis.cost = cost_model(analysis, model)
     analysis.blocks = find_blocks(analysis, model)
     # the ExportedProgram holds references to every parameter of ``model``: kept, it would pin a

@@ -221,6 +221,10 @@ _HEAD_DIM_ATTRS = ("attention_head_size", "head_dim", "head_size")
 #: attributes that hold ``heads * head_dim`` (the width of the attention's concatenated heads):
 #: BERT-likes' ``all_head_size``, GPT-2's ``split_size`` (its fused QKV split), DistilBERT's ``dim``
 _ALL_HEADS_ATTRS = ("all_head_size", "split_size", "dim")
+#: attributes that hold ``heads * head_dim`` in some families and the residual width in others
+#: (BART-likes' ``embed_dim``: MVP reshapes its concatenated heads to it): updated only where the
+#: value equals the unpruned ``heads * head_dim``, i.e. where it can be the concatenated width
+_MAYBE_ALL_HEADS_ATTRS = ("embed_dim",)
 
 
 def _int_attr(mod: nn.Module, names: Iterable[str]) -> int | None:
@@ -264,6 +268,10 @@ def _update_attention(mod: nn.Module) -> None:
     if not counts:
         return
     heads, head_dim = counts["heads"], counts["head_dim"]
+    before = _int_attr(mod, _HEADS_ATTRS)
+    for attr in _MAYBE_ALL_HEADS_ATTRS:
+        if before is not None and before != heads and _int_attr(mod, (attr,)) == before * head_dim:
+            setattr(mod, attr, heads * head_dim)
     for attr in _HEADS_ATTRS:
         if _int_attr(mod, (attr,)) is not None:
             setattr(mod, attr, heads)
@@ -310,7 +318,9 @@ def _update_hf_config(model: nn.Module, heads: bool = True) -> None:
     get_emb = getattr(model, "get_input_embeddings", None)
     try:
         emb = get_emb() if callable(get_emb) else None
-    except NotImplementedError:  # vision models (ResNet, ConvNeXt, ...) have no input embeddings
+    except (NotImplementedError, AttributeError):
+        # vision models have no input embeddings: ResNet, ConvNeXt, ... say so; PoolFormer's
+        # accessor reads an ``embeddings`` attribute its model never defines
         emb = None
     if isinstance(emb, nn.Embedding) and hasattr(config, "hidden_size"):
         config.hidden_size = emb.embedding_dim

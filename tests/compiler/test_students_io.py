@@ -171,6 +171,27 @@ def test_llama_student_pt2_with_plain_tensor_mask(tmp_path):
     assert plain_mask_module(bert, kw) is None  # bidirectional: a causal mask would change it
 
 
+@pytest.mark.slow
+def test_llama_from_a_factory_gets_student_pt2_from_positional_ids(tmp_path):
+    """A ``file.py:teacher`` factory's example is ``(input_ids,)``, positional: the plain-tensor mask
+    applies to it too (before, the program kept flat_apply and student.pt2 was not written)."""
+    from potstill.outputs.students_io import plain_mask_module, save_program
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 50, (1, 8))
+    saved = save_program(m, (ids,), {}, tmp_path / "student.pt2")
+    assert saved["file"] == "student.pt2" and saved["dynamic_batch"] and "plain tensor ops" in saved["note"]
+    program = torch.export.load(str(tmp_path / "student.pt2")).module()
+    other = torch.randint(0, 50, (3, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(program(other)["logits"], m(other).logits)
+    assert plain_mask_module(m, {}, (ids.float(),)) is None  # not token ids: no wrapper
+    assert plain_mask_module(m, {}, (None, torch.ones(1, 8))) is None  # the ids are not the first argument
+
+
 # ---------------------------------------------------------------------------------------------
 # A student folder is data: tampered records execute nothing
 

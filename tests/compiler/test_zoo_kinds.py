@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("transformers")
 
@@ -130,3 +131,156 @@ def test_alibi_bias_pins_the_heads_it_is_added_to(tmp_path):
     heads = [g for g in a.groups if g.kind == "heads"]
     assert heads and all(g.pinned and "baddbmm" in g.pinned for g in heads)
     assert any(g.kind == "neurons" for g in a.prunable())  # the MLPs are still pruned
+
+
+# ---------------------------------------------------------------------------------------------
+# Head pruning that the attention's own forward must follow
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention whose output reshape is sized by an attribute (``embed_dim``,
+    which surgery updates) or by the input's width (which no attribute can change)."""
+
+    def __init__(self, width: int, heads: int, reshape_to_input: bool) -> None:
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim = width, heads, width // heads
+        self.reshape_to_input = reshape_to_input
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(width, width) for _ in range(3))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, width = x.shape
+        q, k, v = (p(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = torch.softmax(q @ k.transpose(-1, -2) * self.head_dim**-0.5, -1) @ v
+        return x + self.out_proj(out.transpose(1, 2).reshape(b, t, width if self.reshape_to_input else self.embed_dim))
+
+
+@pytest.mark.parametrize("reshape_to_input", [False, True])
+def test_heads_are_pinned_only_where_the_forward_cannot_follow_their_removal(reshape_to_input):
+    from potstill.ir.surgery import prune_width
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_Attention(32, 4, reshape_to_input), _Attention(32, 4, reshape_to_input)).eval()
+    x = torch.randn(2, 5, 32)
+    a = analyze(model, (x,))
+    heads = [g for g in a.groups if g.kind == "heads"]
+    assert len(heads) == 2
+    if reshape_to_input:  # SigLIP-like: the reshape reads the input's width, which stays 32
+        assert all(g.pinned and "_Attention's forward fails once a head is removed" in g.pinned for g in heads)
+        return
+    assert all(g.pinned is None for g in heads)
+    student = prune_width(model, a, {g.id: [0, 2] for g in heads})
+    assert (student[0].num_heads, student[0].embed_dim, student[0].q_proj.out_features) == (2, 16, 16)
+    with torch.no_grad():
+        assert student(x).shape == x.shape
+
+
+def _compile_reload_parity(model_type: str, cls: str, root: Path,
+                           kinds: tuple[str, ...] = ("heads", "kv_heads", "neurons")) -> tuple[list, torch.nn.Module]:
+    """Prune half of every prunable group of these kinds in the tiny class, save, reload, lower to
+    ONNX at the example's shape and check the engine against the reloaded student on other
+    values. Returns the head groups and the reloaded student."""
+    import onnxruntime as ort
+    from potstill.ir.surgery import prune_width
+    from potstill.outputs.students_io import load_student, save_student
+    from potstill.targets.onnx_export import export_onnx, ordered_outputs
+
+    path = _saved(model_type, cls, root)
+    t = load_hf_teacher(str(path))
+    a = analyze(t.module, (), t.example_kwargs)
+    heads = [g for g in a.groups if g.kind in ("heads", "kv_heads")]
+    chosen = [g for g in a.prunable() if g.kind in kinds and g.n_units > 1]
+    assert any(g.kind == kinds[-1] for g in chosen)
+    student = prune_width(t.module, a, {g.id: list(range(max(1, g.n_units // 2))) for g in chosen})
+    teacher = {"spec": f"hf:{path}", "hf": t.hf}
+    save_student(student, root / "student", teacher=teacher)
+    again = load_student(root / "student")
+    assert type(again).__name__ == cls
+    exported = export_onnx(again, (), root / "s.onnx", dict(t.example_kwargs), dynamic_sequence=False)
+    session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(5)
+    feeds = {k: (torch.randn(v.shape, generator=gen) if v.is_floating_point() else v)
+             for k, v in t.example_kwargs.items()}
+    names = [i.name for i in session.get_inputs()]
+    with torch.no_grad():
+        _, want, _ = ordered_outputs(again(**feeds))
+        _, direct, _ = ordered_outputs(student(**feeds))
+    got = session.run(None, {k: feeds[k].numpy() for k in names})
+    assert len(got) == len(want)
+    for g, w, d in zip(got, want, direct):
+        np.testing.assert_allclose(w.numpy(), d.numpy(), atol=1e-5)  # the reload is the student
+        np.testing.assert_allclose(g, w.numpy(), atol=1e-4, rtol=1e-4)
+    return heads, again
+
+
+@pytest.mark.slow
+def test_bart_like_heads_prune_and_reload_with_embed_dim_updated(tmp_path):
+    # MVP reshapes its concatenated heads to ``self.embed_dim``: surgery keeps it equal to them
+    heads, student = _compile_reload_parity("mvp", "MvpForQuestionAnswering", tmp_path)
+    assert heads and all(g.pinned is None for g in heads)
+    attn = student.model.encoder.layers[0].self_attn
+    assert attn.embed_dim == attn.num_heads * attn.head_dim == attn.q_proj.out_features < 64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model_type", "cls", "attention"), [
+    ("wavlm", "WavLMForSequenceClassification", "WavLMAttention"),  # gated bias splits the residual by heads
+    ("siglip", "SiglipForImageClassification", "SiglipAttention"),  # reshapes to the input's width
+])  # fmt: skip
+def test_heads_the_forward_cannot_follow_are_pinned_and_the_rest_prunes(model_type, cls, attention, tmp_path):
+    heads, _ = _compile_reload_parity(model_type, cls, tmp_path)
+    four = [g for g in heads if g.n_units == 4]
+    assert four and all(g.pinned and f"{attention}'s forward fails once a head is removed" in g.pinned for g in four)
+
+
+@pytest.mark.slow
+def test_a_model_whose_input_embeddings_accessor_fails_still_prunes(tmp_path):
+    # PoolFormer's get_input_embeddings reads ``self.embeddings``, which its model never defines
+    heads, student = _compile_reload_parity("poolformer", "PoolFormerForImageClassification", tmp_path,
+                                            kinds=("channels",))
+    assert not heads
+    with pytest.raises(AttributeError):
+        student.get_input_embeddings()
+
+
+LLAMA_FACTORY = """
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+def teacher():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+def example_inputs():
+    return (torch.randint(0, 256, (1, 16)),)
+"""
+
+
+@pytest.mark.slow
+def test_a_llama_from_a_file_factory_compiles_and_writes_student_pt2(tmp_path):
+    # the config keeps transformers' default use_cache=True and the example ids are positional
+    import importlib.util
+
+    from potstill.driver import compile_teacher
+    from potstill.outputs.students_io import load_student
+    from potstill.plan import CompileOptions
+
+    path = tmp_path / "llama_factory.py"
+    path.write_text(LLAMA_FACTORY)
+    said: list[str] = []
+    res = compile_teacher(CompileOptions(teacher=f"{path}:teacher", out=str(tmp_path / "out"), profile="cpu",
+                                         ratios=(0.5,), distill=False, teacher_timing=False), note=said.append)
+    assert any("use_cache=True" in line for line in said)
+    entry = res.manifest["students"][0]
+    assert entry["files"].get("pt2") == "student.pt2", entry["notes"]
+    spec = importlib.util.spec_from_file_location("llama_factory", path)
+    assert spec is not None and spec.loader is not None
+    factory_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(factory_module)
+    student = load_student(res.out / entry["dir"], factory=factory_module.teacher)
+    program = torch.export.load(str(res.out / entry["dir"] / "student.pt2")).module()
+    ids = torch.randint(0, 256, (3, 16))  # another batch than the compile's
+    with torch.no_grad():
+        torch.testing.assert_close(program(ids)["logits"], student(ids).logits, atol=1e-4, rtol=1e-4)

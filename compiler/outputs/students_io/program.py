@@ -4,7 +4,8 @@
 batch of one cannot be dynamic) with a dynamic batch dimension; when ``torch.export`` pins the batch
 it saves a static one and says why. Two wrappers make programs ``torch.export.save`` can write:
 ``PlainOutputs`` turns Hugging Face ``ModelOutput`` classes into dicts, and ``PlainCausalMask``
-builds a decoder's causal mask from plain tensor ops (transformers' mask code uses ``flat_apply``).
+builds a decoder's causal mask from plain tensor ops (transformers' mask code uses ``flat_apply``),
+for an example given by keyword (``hf:`` teachers) or positionally (``file.py:FACTORY`` teachers).
 """
 
 from __future__ import annotations
@@ -105,9 +106,9 @@ def save_program(
     saved with a static batch and the note says why.
     """
     module = module.eval()
-    if not args and not isinstance(module, PlainCausalMask) and (wrapped := plain_mask_module(module, kwargs)) is not None:
+    if not isinstance(module, PlainCausalMask) and (wrapped := plain_mask_module(module, kwargs, args)) is not None:
         # decoders: one export that saves, rather than one that torch.export.save refuses and a second
-        saved = save_program(wrapped, (), kwargs, path, fixed_batch)
+        saved = save_program(wrapped, args, kwargs, path, fixed_batch)
         if saved["file"]:
             why = ("the causal mask is built from attention_mask with plain tensor ops (transformers' mask "
                    "code uses higher-order ops such as flat_apply, which torch.export.save cannot always serialize)")
@@ -154,7 +155,9 @@ class PlainCausalMask(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
+        if attention_mask is None:  # a teacher whose example is the token ids alone (a file factory's)
+            attention_mask = torch.ones_like(input_ids)
         n = input_ids.shape[1]
         causal = torch.ones(n, n, dtype=torch.bool, device=input_ids.device).tril()
         keep = causal[None, None] & attention_mask[:, None, None, :].bool()
@@ -164,14 +167,25 @@ class PlainCausalMask(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=mask)
 
 
-def plain_mask_module(module: nn.Module, kwargs: Mapping[str, Any]) -> nn.Module | None:
-    """``PlainCausalMask(module)`` when it computes what ``module`` computes on ``kwargs`` (a causal
-    decoder with unpadded and padded rows checked), else None (encoders, sliding windows, ...)."""
+def plain_mask_module(module: nn.Module, kwargs: Mapping[str, Any], args: tuple[Any, ...] = ()) -> nn.Module | None:
+    """``PlainCausalMask(module)`` when it computes what ``module`` computes on the example (a causal
+    decoder with unpadded and padded rows checked), else None (encoders, sliding windows, ...).
+
+    The example is ``kwargs``, or positional ``args`` bound to the forward's parameter names (a
+    ``file.py:FACTORY`` teacher's ``example_inputs()`` gives ``(input_ids,)``)."""
     from potstill.inputs.data import primary_output
 
-    ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or set(kwargs) - {"input_ids", "attention_mask"}:
+    named = dict(kwargs)
+    if args:
+        try:
+            named = dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
+        except (TypeError, ValueError):
+            return None
+    ids, mask = named.get("input_ids"), named.get("attention_mask")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or set(named) - {"input_ids", "attention_mask"}:
         return None
+    if args and tuple(named)[: len(args)] != ("input_ids", "attention_mask")[: len(args)]:
+        return None  # the wrapper takes (input_ids, attention_mask) positionally in that order
     mask = torch.ones_like(ids) if not isinstance(mask, torch.Tensor) else mask
     wrapped = PlainCausalMask(module).eval()
     padded = mask.clone()
