@@ -24,7 +24,6 @@ in ``DistributedInstrument``).
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
@@ -37,15 +36,16 @@ from typing import Any
 import numpy as np
 import torch
 from potstill.errors import InputError
+from potstill.inputs.calibration import load_calibration, load_data, random_calibration_warning
 from potstill.inputs.data import as_batch, load_callable
 from potstill.inputs.guard import TeacherGuard, check_finite_batches
 from potstill.inputs.memory import module_weights, preflight_memory, release_freed_memory
 from potstill.inputs.teacher import (
     Teacher,
-    load_calibration,
-    load_data,
+    check_input_shapes,
     load_teacher,
-    random_calibration_warning,
+    normalise_teacher,
+    run_teacher_once,
 )
 from potstill.outputs.atomic import atomic_write_json
 from potstill.outputs.cachekey import artifact_hashes, batches_sha256, cache_key, local_sources, plan_key
@@ -76,8 +76,6 @@ from potstill.state import CompileState
 from rich.console import Console
 
 Note = Callable[[str], None]
-#: the most elements one example input may have (a typo such as 1x3x22400x22400 is refused up front)
-MAX_INPUT_ELEMENTS = 1 << 28
 
 
 @dataclass
@@ -130,48 +128,6 @@ def _float32(batch: Any) -> Any:
 def _float32_source(source: Callable[[], Iterable[Any]]) -> Callable[[], Iterator[Any]]:
     """A data source whose batches come in float32, like the converted teacher."""
     return lambda: (_float32(b) for b in source())
-
-
-def _check_teacher(teacher: Teacher, note: Note) -> bool:
-    """Dtype and input size, before any heavy work; True when the teacher was converted to float32."""
-    dtypes = {p.dtype for p in teacher.module.parameters()} | {b.dtype for b in teacher.module.buffers() if b.is_floating_point()}
-    odd = sorted(str(d) for d in dtypes if d.is_floating_point and d not in (torch.float32, torch.float16))
-    if odd:
-        note(f"note: the teacher's weights are {', '.join(odd)}; potstill compiles in float32 and converted them "
-             "(engines and parity are float32)")  # fmt: skip
-        teacher.module.float()
-        teacher.example_inputs = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                                       for a in teacher.example_inputs)  # fmt: skip
-        teacher.example_kwargs = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                                  for k, v in teacher.example_kwargs.items()}  # fmt: skip
-    for i, a in enumerate(teacher.example_inputs):
-        if isinstance(a, torch.Tensor) and a.numel() > MAX_INPUT_ELEMENTS:
-            raise InputError(f"example input {i} has shape {tuple(a.shape)} ({a.numel():,} elements, more than "
-                             f"{MAX_INPUT_ELEMENTS:,}); give a realistic --input-shape such as 1x3x224x224")  # fmt: skip
-    return bool(odd)
-
-
-def _check_shapes(shapes: Sequence[str]) -> None:
-    from potstill.inputs.teacher import parse_input_shape
-
-    for text in shapes:
-        n = math.prod(parse_input_shape(text))
-        if n > MAX_INPUT_ELEMENTS:
-            raise InputError(f"--input-shape {text}: {n:,} elements, more than {MAX_INPUT_ELEMENTS:,}; "
-                             "give a realistic shape such as 1x3x224x224")  # fmt: skip
-
-
-def _run_teacher_once(teacher: Teacher) -> Any:
-    """Run the teacher on its example; an input it rejects is an InputError about the input."""
-    try:
-        with torch.no_grad():
-            return teacher.module(*teacher.example_inputs, **teacher.example_kwargs)
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        shapes = [tuple(a.shape) for a in teacher.example_inputs if isinstance(a, torch.Tensor)]
-        raise InputError(
-            f"the teacher does not run on its example inputs {shapes}: {type(e).__name__}: {str(e).splitlines()[0][:300]}; "
-            "check --input-shape (rank and sizes) or the file's example_inputs()"
-        ) from e
 
 
 #: batches of --data / train_data() that calibrate when neither --calib nor calib_data() exists
@@ -232,7 +188,7 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     target = opts.target or profile.target
     plan_students(opts, target)  # fails fast on a bad pipeline, before loading anything big
 
-    _check_shapes(opts.input_shapes)
+    check_input_shapes(opts.input_shapes)
     # one student is alive at a time (each is recorded and dropped before the next)
     sized = preflight_memory(teacher_spec, max_memory=opts.max_memory, data=(opts.calib, opts.data), note=note)  # hf:DIR, before loading
     note(f"loading teacher {teacher_spec}")
@@ -242,10 +198,10 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
         seq = getattr(profile, "sequence_length", None)  # the profile's timing shape, for text teachers
     teacher = load_teacher(teacher_spec, opts.input_shapes, seed=seed, default_shapes=default_shapes,
                            sequence_length=seq, trust_remote_code=opts.trust_remote_code, note=note)  # fmt: skip
-    converted = _check_teacher(teacher, note)
+    converted = normalise_teacher(teacher, note)
     if sized is None:
         preflight_memory(teacher.module, max_memory=opts.max_memory, data=(opts.calib, opts.data), note=note)
-    example_output = _run_teacher_once(teacher)
+    example_output = run_teacher_once(teacher)
     if opts.min_fidelity is not None:
         profile = profile.model_copy(update={"min_fidelity": float(opts.min_fidelity)})
     train = load_data(opts.data, teacher, "--data", note=note) if opts.data else teacher.hooks.get("train_data")
@@ -335,7 +291,7 @@ def _default_distillation(opts: CompileOptions, teacher: Teacher, task: str, has
                           note: Note) -> tuple[int | None, str | None]:  # fmt: skip
     """The default pipeline's distillation: ``(epochs, distill{...} step)``, or Nones when none runs
     (``potstill.passes.distill.defaults``: label-free KD chosen by the teacher's task)."""
-    from potstill.inputs.teacher import image_input
+    from potstill.inputs.calibration import image_input
     from potstill.passes.distill.defaults import default_distill_options, distill_spec
 
     flags = [f for f, on in (("--distill-epochs", opts.distill_epochs is not None),
