@@ -64,9 +64,8 @@ from potstill.plan import (
     DEFAULT_DISTILL_EPOCHS,
     CompileOptions,
     Plan,
+    StudentPlanner,
     apply_recipe,
-    check_flags,
-    plan_students,
     teacher_plan,
 )
 from potstill.plugins import load_plugins
@@ -172,7 +171,7 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
         raise InputError("no teacher: give TEACHER (path/to/file.py:FACTORY or hf:PATH) or 'teacher:' in the recipe")
     if not out_spec:
         raise InputError("no output folder: give -o OUT (or 'output:' in the recipe)")
-    check_flags(opts)
+    planner = StudentPlanner(opts)  # the flags and each --ratio, checked once
     seed = 0 if opts.seed is None else int(opts.seed)
     opts = replace(opts, profile=opts.profile or DEFAULT_PROFILE, seed=seed)
     plugin_files = load_plugins(opts.plugins, note)
@@ -186,7 +185,7 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     _seed_everything(seed)
     profile = load_profile(opts.profile)
     target = opts.target or profile.target
-    plan_students(opts, target)  # fails fast on a bad pipeline, before loading anything big
+    planner.draft(target)  # fails fast on a bad pipeline, before loading anything big
 
     check_input_shapes(opts.input_shapes)
     # one student is alive at a time (each is recorded and dropped before the next)
@@ -273,7 +272,7 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     task = infer_task(teacher.module, teacher.hf, example_output)
     del example_output
     distill_epochs, distill = _default_distillation(opts, teacher, task, train is not None or calib_trains, note)
-    plans = plan_students(opts, target, distill_epochs=distill_epochs, distill=distill)
+    plans = planner.plans(distill_epochs=distill_epochs, distill=distill)
     sources = local_sources([*teacher.sources, *plugin_files, *_spec_files(opts)], extra=plugin_files)
     inputs = _inputs_record(opts, teacher, plans, sources)
     inputs["calib"]["batches_sha256"] = batches_sha256(calib_batches) if calib_batches else None

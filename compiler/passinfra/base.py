@@ -124,18 +124,24 @@ class Pass:
             raise PostconditionError(f"pass '{self.name}' promised {unmet} but did not provide it")
         return result
 
-    def spec(self) -> str:
-        """The pipeline-string form of this pass with its non-default options."""
+    def given(self) -> dict[str, Any]:
+        """The options that differ from their defaults, as values (what ``spec`` writes as text):
+        ``type(p)(**p.given())`` builds the same pass."""
         if not dataclasses.is_dataclass(self.options):
-            return self.name
-        parts = []
+            return {}
+        out = {}
         for f in dataclasses.fields(self.options):
             value = getattr(self.options, f.name)
             default = f.default if f.default is not dataclasses.MISSING else None
             if f.default_factory is not dataclasses.MISSING:
                 default = f.default_factory()
             if value != default:
-                parts.append(f"{f.name}={format_value(value)}")
+                out[f.name] = value
+        return out
+
+    def spec(self) -> str:
+        """The pipeline-string form of this pass with its non-default options."""
+        parts = [f"{k}={format_value(v)}" for k, v in self.given().items()]
         return f"{self.name}{{{','.join(parts)}}}" if parts else self.name
 
     def __repr__(self) -> str:

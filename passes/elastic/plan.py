@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from potstill.errors import InputError
+from potstill.pipeline import Pass, get_pass
 
 
 def check_elastic_flags(opts: Any) -> None:
@@ -65,6 +66,11 @@ def check_elastic_flags(opts: Any) -> None:
                 raise InputError(absolute_budget_error(profile, opts.latency_ms))
 
 
+def train_pass(epochs: int) -> Pass:
+    """``elastic.train`` for ``epochs`` epochs; 0: its own step budget."""
+    return get_pass("elastic.train")(**({"epochs": epochs} if epochs else {}))
+
+
 def elastic_pipelines(
     profiles: Sequence[str],
     *,
@@ -88,7 +94,7 @@ def elastic_pipelines(
         head.append(importance if "." in importance else f"importance.{importance}")
     head.append("elastic.nest")
     if train_epochs is not None:
-        head.append(f"elastic.train{{epochs={train_epochs}}}" if train_epochs else "elastic.train")
+        head.append(train_pass(train_epochs).spec())
     out = []
     seen: set[str] = set()
     for profile in profiles:
