@@ -14,6 +14,11 @@ Options are strict: a flag that ``--pipeline`` makes moot (``--drop-layers``, ``
 recipe key the schema does not know (the message names the closest valid key). A recipe's
 ``train:`` feeds the options of the distillation pass and its ``stages:`` drive
 ``distill.progressive``; with no pass to feed they are errors, never ignored.
+
+Each ``--ratio`` becomes a ``Ratio`` once (the fraction of the teacher's MACs to remove, or of its
+latency where the profile has a measured table), checked once, and reaches ``prune.width`` as a
+typed option. ``StudentPlanner`` plans each student once, in the steps the driver interleaves with
+loading the teacher (see its docstring); ``plan_students`` runs them at once.
 """
 
 from __future__ import annotations
@@ -340,7 +345,7 @@ def _finish(passes: list[Pass], target: str) -> list[Pass]:
     """Append the lowering pass (unless the pipeline lowers) and ``record``: every plan ends the same."""
     if any(p.name.startswith("record") for p in passes):
         raise InputError("'record' is added to every plan by potstill; remove it from the pipeline")
-    if not any(Fact("lowered") in predicates(type(p).ensures) for p in passes):
+    if not any(Fact("lowered") in predicates(p.ensures) for p in passes):
         passes = [*passes, get_pass(f"lower.{target}")()]
     return [*passes, get_pass("record")()]
 
