@@ -57,6 +57,7 @@ __all__ = [
     "parse_input_shape",
     "run_teacher_once",
 ]
+
 #: Hooks a teacher file may define; they become the defaults of a compilation.
 TEACHER_HOOKS = ("calib_data", "train_data", "eval_data", "metric", "preprocess")
 
@@ -324,7 +325,6 @@ def _hf_from_pretrained(auto_class: Any, path: Path, config: Any, spec: str, tru
             raise InputError(f"teacher '{spec}': {auto_class.__name__} cannot build it from {path / 'config.json'}: "
                              f"{type(e).__name__}: {first}") from e
     raise InputError(f"teacher '{spec}': {auto_class.__name__} could not load it ({'; '.join(errors)})")
-
 
 
 # ---------------------------------------------------------------------------------------------
