@@ -61,7 +61,7 @@ def case_args(case: str, work: Path) -> tuple[str, list[str], set[str]]:
 def evaluate_minilm(onnx: Path, seen: set[str]) -> dict[str, float]:
     import numpy as np
     import torch
-    from potstill.inputs.teacher import docstring_corpus
+    from potstill.inputs.corpus import docstring_corpus
     from transformers import AutoModel, AutoTokenizer
 
     sess = P.session(onnx)

@@ -68,7 +68,7 @@ def teacher_spec(case: str) -> str:
 def minilm_corpus() -> Path:
     """A text corpus for ``--calib`` (one sentence a line): the built-in docstring corpus and the
     docstring sentences past the 512 that ``evaluate_minilm`` holds out (disjoint from them)."""
-    from potstill.inputs.teacher import docstring_corpus
+    from potstill.inputs.corpus import docstring_corpus
 
     seen = docstring_corpus(4096)
     rest = [s for s in C.docstring_sentences(4000, seed=1) if s not in set(seen)][512:]  # past the held-out 512
@@ -126,7 +126,7 @@ def interleaved_speedup(case: str, onnx: Path, feeds: dict[str, np.ndarray]) -> 
 
 
 def evaluate_minilm(onnx: Path) -> dict[str, float]:
-    from potstill.inputs.teacher import docstring_corpus
+    from potstill.inputs.corpus import docstring_corpus
     from transformers import AutoModel, AutoTokenizer
 
     sess = session(onnx)
@@ -166,7 +166,8 @@ def evaluate_logits(onnx: Path, teacher: torch.nn.Module, x: torch.Tensor, y: to
 
 def smollm2_batches(n: int = 128, seq: int = 64, batch: int = 8) -> list[dict[str, torch.Tensor]]:
     """Held-out prose: docstring sentences the CLI's default calibration never reads, left padded."""
-    from potstill.inputs.teacher import docstring_corpus, load_tokenizer
+    from potstill.inputs.corpus import docstring_corpus
+    from potstill.inputs.hf_examples import load_tokenizer
 
     seen = set(docstring_corpus(4096))
     held = [s for s in C.docstring_sentences(4000, seed=1) if s not in seen][:n]

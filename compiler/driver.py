@@ -24,7 +24,6 @@ in ``DistributedInstrument``).
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
@@ -37,16 +36,16 @@ from typing import Any
 import numpy as np
 import torch
 from potstill.errors import InputError
+from potstill.inputs.calibration import image_input, load_calibration, load_data, random_calibration_warning
 from potstill.inputs.data import as_batch, load_callable
 from potstill.inputs.guard import TeacherGuard, check_finite_batches
 from potstill.inputs.memory import module_weights, preflight_memory, release_freed_memory
 from potstill.inputs.teacher import (
     Teacher,
-    image_input,
-    load_calibration,
-    load_data,
+    check_input_shapes,
     load_teacher,
-    random_calibration_warning,
+    normalise_teacher,
+    run_teacher_once,
 )
 from potstill.outputs.atomic import atomic_write_json
 from potstill.outputs.cachekey import artifact_hashes, batches_sha256, cache_key, local_sources, plan_key
@@ -65,9 +64,8 @@ from potstill.plan import (
     DEFAULT_DISTILL_EPOCHS,
     CompileOptions,
     Plan,
+    StudentPlanner,
     apply_recipe,
-    check_flags,
-    plan_students,
     teacher_plan,
 )
 from potstill.plugins import load_plugins
@@ -77,8 +75,6 @@ from potstill.state import CompileState
 from rich.console import Console
 
 Note = Callable[[str], None]
-#: the most elements one example input may have (a typo such as 1x3x22400x22400 is refused up front)
-MAX_INPUT_ELEMENTS = 1 << 28
 
 
 @dataclass
@@ -133,53 +129,6 @@ def _float32_source(source: Callable[[], Iterable[Any]]) -> Callable[[], Iterato
     return lambda: (_float32(b) for b in source())
 
 
-def _check_teacher(teacher: Teacher, note: Note) -> bool:
-    """Dtype and input size, before any heavy work; True when the teacher was converted to float32."""
-    dtypes = {p.dtype for p in teacher.module.parameters()} | {b.dtype for b in teacher.module.buffers() if b.is_floating_point()}
-    odd = sorted(str(d) for d in dtypes if d.is_floating_point and d not in (torch.float32, torch.float16))
-    if odd:
-        note(f"note: the teacher's weights are {', '.join(odd)}; potstill compiles in float32 and converted them "
-             "(engines and parity are float32)")  # fmt: skip
-        teacher.module.float()
-        teacher.example_inputs = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                                       for a in teacher.example_inputs)  # fmt: skip
-        teacher.example_kwargs = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                                  for k, v in teacher.example_kwargs.items()}  # fmt: skip
-    config = getattr(teacher.module, "config", None)
-    if config is not None and getattr(config, "use_cache", None) is True:  # a file factory's HF model (hf: teachers are loaded without)
-        note("note: the teacher's config has use_cache=True; potstill compiles the forward without a key/value "
-             "cache (a cache object is no tensor a captured graph can return) and set it to False")  # fmt: skip
-        config.use_cache = False
-    for i, a in enumerate(teacher.example_inputs):
-        if isinstance(a, torch.Tensor) and a.numel() > MAX_INPUT_ELEMENTS:
-            raise InputError(f"example input {i} has shape {tuple(a.shape)} ({a.numel():,} elements, more than "
-                             f"{MAX_INPUT_ELEMENTS:,}); give a realistic --input-shape such as 1x3x224x224")  # fmt: skip
-    return bool(odd)
-
-
-def _check_shapes(shapes: Sequence[str]) -> None:
-    from potstill.inputs.teacher import parse_input_shape
-
-    for text in shapes:
-        n = math.prod(parse_input_shape(text))
-        if n > MAX_INPUT_ELEMENTS:
-            raise InputError(f"--input-shape {text}: {n:,} elements, more than {MAX_INPUT_ELEMENTS:,}; "
-                             "give a realistic shape such as 1x3x224x224")  # fmt: skip
-
-
-def _run_teacher_once(teacher: Teacher) -> Any:
-    """Run the teacher on its example; an input it rejects is an InputError about the input."""
-    try:
-        with torch.no_grad():
-            return teacher.module(*teacher.example_inputs, **teacher.example_kwargs)
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        shapes = [tuple(a.shape) for a in teacher.example_inputs if isinstance(a, torch.Tensor)]
-        raise InputError(
-            f"the teacher does not run on its example inputs {shapes}: {type(e).__name__}: {str(e).splitlines()[0][:300]}; "
-            "check --input-shape (rank and sizes) or the file's example_inputs()"
-        ) from e
-
-
 #: batches of --data / train_data() that calibrate when neither --calib nor calib_data() exists
 CALIB_FROM_DATA_BATCHES = 16
 #: what --calib reads: at most CALIB_BATCHES batches of CALIB_BATCH_SIZE (images: that many files)
@@ -224,7 +173,7 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
         raise InputError("no teacher: give TEACHER (path/to/file.py:FACTORY or hf:PATH) or 'teacher:' in the recipe")
     if not out_spec:
         raise InputError("no output folder: give -o OUT (or 'output:' in the recipe)")
-    check_flags(opts)
+    planner = StudentPlanner(opts)  # the flags and each --ratio, checked once
     seed = 0 if opts.seed is None else int(opts.seed)
     opts = replace(opts, profile=opts.profile or DEFAULT_PROFILE, seed=seed)
     plugin_files = load_plugins(opts.plugins, note)
@@ -238,9 +187,9 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     _seed_everything(seed)
     profile = load_profile(opts.profile)
     target = opts.target or profile.target
-    plan_students(opts, target)  # fails fast on a bad pipeline, before loading anything big
+    planner.draft(target)  # fails fast on a bad pipeline, before loading anything big
 
-    _check_shapes(opts.input_shapes)
+    check_input_shapes(opts.input_shapes)
     # one student is alive at a time (each is recorded and dropped before the next)
     data = (opts.calib, opts.data)
     # image folders count as read: --calib up to its batches, --data whole
@@ -253,12 +202,12 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
         seq = getattr(profile, "sequence_length", None)  # the profile's timing shape, for text teachers
     teacher = load_teacher(teacher_spec, opts.input_shapes, seed=seed, default_shapes=default_shapes,
                            sequence_length=seq, trust_remote_code=opts.trust_remote_code, note=note)  # fmt: skip
-    converted = _check_teacher(teacher, note)
+    converted = normalise_teacher(teacher, note)
     if sized is None:
         pixels = image_input(teacher)
         preflight_memory(teacher.module, max_memory=opts.max_memory, data=data, images=folders,
                          image_chw=pixels[1] if pixels is not None else None, note=note)
-    example_output = _run_teacher_once(teacher)
+    example_output = run_teacher_once(teacher)
     if opts.min_fidelity is not None:
         profile = profile.model_copy(update={"min_fidelity": float(opts.min_fidelity)})
     train = load_data(opts.data, teacher, "--data", note=note) if opts.data else teacher.hooks.get("train_data")
@@ -320,7 +269,7 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     task = infer_task(teacher.module, teacher.hf, example_output)
     del example_output
     distill_epochs, distill = _default_distillation(opts, teacher, task, train is not None or calib_trains, note)
-    plans = plan_students(opts, target, distill_epochs=distill_epochs, distill=distill)
+    plans = planner.plans(distill_epochs=distill_epochs, distill=distill)
     sources = local_sources([*teacher.sources, *plugin_files, *_spec_files(opts)], extra=plugin_files)
     inputs = _inputs_record(opts, teacher, plans, sources)
     inputs["calib"]["batches_sha256"] = batches_sha256(calib_batches) if calib_batches else None

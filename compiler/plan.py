@@ -14,6 +14,11 @@ Options are strict: a flag that ``--pipeline`` makes moot (``--drop-layers``, ``
 recipe key the schema does not know (the message names the closest valid key). A recipe's
 ``train:`` feeds the options of the distillation pass and its ``stages:`` drive
 ``distill.progressive``; with no pass to feed they are errors, never ignored.
+
+Each ``--ratio`` becomes a ``Ratio`` once (the fraction of the teacher's MACs to remove, or of its
+latency where the profile has a measured table), checked once, and reaches ``prune.width`` as a
+typed option. ``StudentPlanner`` plans each student once, in the steps the driver interleaves with
+loading the teacher (see its docstring); ``plan_students`` runs them at once.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 
 from potstill import recipe as recipe_schema
 from potstill.errors import InputError
-from potstill.pipeline import Fact, Pass, build_pipeline, get_pass, needs_fact, parse_pipeline, predicates
+from potstill.pipeline import Fact, Pass, build_pipeline, get_pass, needs_fact, predicates
 from potstill.recipe import SEED_MAX, Recipe, parse_recipe, read_recipe_file
 from potstill.recipe import DataSpec as RecipeData
 from potstill.targets.registry import check_target
@@ -197,21 +202,43 @@ def _pipeline_items(spec: str | list[Any]) -> list[str | Pass]:
     return items
 
 
-def _ratio_name(ratio: float) -> str:
-    return f"w{round(ratio * 100):d}"
-
-
 MIN_RATIO, MAX_RATIO = 0.01, 0.95
+#: what a ratio is a fraction of (``prune.width``'s ``ratio_of``)
+RATIO_OF = ("total", "prunable")
 
 
-def _check_ratio(ratio: float) -> float:
-    """``--ratio`` is the fraction of the teacher's MACs (of its latency, where the profile has a measured
-    table) to remove. Below 1 % no aligned unit goes and the student name would read ``w0``; above 95 % no
-    student keeps the teacher's job."""
-    if not MIN_RATIO <= ratio <= MAX_RATIO:
-        raise InputError(f"--ratio {ratio}: expected the fraction of the MACs (or latency) to remove, between "
-                         f"{MIN_RATIO} and {MAX_RATIO}; e.g. --ratio 0.5 removes about half")
-    return ratio
+@dataclass(frozen=True)
+class Ratio:
+    """One ``--ratio``: the fraction of the teacher's MACs to remove (of its latency, where the
+    profile has a measured table: the width pass's ``budget.asked`` says which), counted on the whole
+    model (``of="total"``) or on its prunable part (``of="prunable"``: a decoder's pinned embeddings
+    and LM head left out). Checked once, when the planner is built; the width pass receives it as
+    typed options, never as text.
+
+    >>> Ratio(0.3).tag
+    'w30'
+    """
+
+    value: float
+    of: str = "total"
+
+    def __post_init__(self) -> None:
+        # below 1 % no aligned unit goes and the student name would read w0; above 95 % no student
+        # keeps the teacher's job
+        if not MIN_RATIO <= self.value <= MAX_RATIO:
+            raise InputError(f"--ratio {self.value}: expected the fraction of the MACs (or latency) to remove, "
+                             f"between {MIN_RATIO} and {MAX_RATIO}; e.g. --ratio 0.5 removes about half")  # fmt: skip
+        if self.of not in RATIO_OF:
+            raise InputError(f"--ratio-of {self.of!r}: expected 'total' or 'prunable'")
+
+    @property
+    def tag(self) -> str:
+        """The student's name: ``w`` and the percentage removed."""
+        return f"w{round(self.value * 100):d}"
+
+    def width_pass(self) -> Pass:
+        """``prune.width`` with this ratio."""
+        return get_pass("prune.width")(ratio=self.value, ratio_of=self.of)
 
 
 def check_flags(opts: CompileOptions) -> None:
@@ -228,8 +255,6 @@ def check_flags(opts: CompileOptions) -> None:
     if opts.seed is not None and not 0 <= int(opts.seed) <= SEED_MAX:
         raise InputError(f"--seed {opts.seed}: must be between 0 and {SEED_MAX}")
     _check_training_flags(opts)
-    if opts.ratio_of is not None and opts.ratio_of not in ("total", "prunable"):
-        raise InputError(f"--ratio-of {opts.ratio_of!r}: expected 'total' or 'prunable'")
     if opts.ratio_of is not None and not opts.ratios and not opts.pipeline:
         raise InputError("--ratio-of says what --ratio is a fraction of: give --ratio too")
     if opts.pipeline:
@@ -262,31 +287,24 @@ def _check_training_flags(opts: CompileOptions) -> None:
         raise InputError(f"{', '.join(given)}: no default distillation would use it ({why}); drop the flag")
 
 
-def _depth_steps(opts: CompileOptions) -> tuple[list[str], str]:
+def _depth_steps(opts: CompileOptions) -> tuple[list[Pass], str]:
     if opts.drop_layers is None and opts.keep_layers is None:
         return [], ""
     if opts.drop_layers is not None and opts.keep_layers is not None:
         raise InputError("give --drop-layers or --keep-layers, not both")
+    depth = get_pass("prune.depth")
     if opts.drop_layers is not None:
         if opts.drop_layers < 1:
             raise InputError(f"--drop-layers {opts.drop_layers}: must be at least 1")
-        step, tag = f"prune.depth{{drop={opts.drop_layers}}}", f"d{opts.drop_layers}"
+        step, tag = depth(drop=opts.drop_layers), f"d{opts.drop_layers}"
     else:
         if opts.keep_layers is None or opts.keep_layers < 1:
             raise InputError(f"--keep-layers {opts.keep_layers}: must be at least 1")
-        step, tag = f"prune.depth{{keep={opts.keep_layers}}}", f"k{opts.keep_layers}"
+        step, tag = depth(keep=opts.keep_layers), f"k{opts.keep_layers}"
     steps = [step]
-    if needs_fact(get_pass("prune.depth"), "block_importance"):
-        steps.insert(0, "importance.blocks")
+    if needs_fact(depth, "block_importance"):
+        steps.insert(0, get_pass("importance.blocks")())
     return steps, tag
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_format(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_format(v)}" for k, v in value.items()) + "}"
-    return str(value)
 
 
 def _feed_training(passes: list[Pass], recipe: Any, source: str) -> list[Pass]:
@@ -310,7 +328,7 @@ def _feed_training(passes: list[Pass], recipe: Any, source: str) -> list[Pass]:
         if p.name not in ("distill", "distill.progressive") or (p.name != target and not train):
             out.append(p)
             continue
-        given = dict(parse_pipeline(p.spec())[0][1])
+        given = p.given()
         twice = sorted(set(given) & set(train))
         if twice:
             raise InputError(f"{source}: train.{twice[0]} is also set in '{p.spec()}'; give it once")
@@ -326,92 +344,163 @@ def _finish(passes: list[Pass], target: str) -> list[Pass]:
     """Append the lowering pass (unless the pipeline lowers) and ``record``: every plan ends the same."""
     if any(p.name.startswith("record") for p in passes):
         raise InputError("'record' is added to every plan by potstill; remove it from the pipeline")
-    if not any(Fact("lowered") in predicates(type(p).ensures) for p in passes):
+    if not any(Fact("lowered") in predicates(p.ensures) for p in passes):
         passes = [*passes, get_pass(f"lower.{target}")()]
     return [*passes, get_pass("record")()]
 
 
-def plan_students(opts: CompileOptions, target: str, distill_epochs: int | None = None,
-                  distill: str | None = None) -> list[Plan]:  # fmt: skip
-    """One plan per student: the user's pipeline, or the default prune pipeline per ratio, each
-    ending in lowering and ``record``.
+@dataclass
+class _Draft:
+    """A student planned before the teacher is loaded."""
 
-    With ``distill`` (the ``distill{...}`` step the driver chose for the teacher's task,
-    ``potstill.passes.distill.defaults``) or ``distill_epochs`` (then ``distill{epochs=N}``) — set when
-    training data is at hand and ``--no-distill`` is not given — the default pipeline distils each
-    pruned student from the teacher before lowering.
+    name: str
+    passes: list[Pass]
+    #: "pipeline" (complete), "default" (distillation, lowering and record still to add) or
+    #: "elastic" (complete but for elastic.train, added when training data is at hand)
+    kind: str
+    profile: str | None = None
+
+
+class StudentPlanner:
+    """Plans the students of one compilation, once, in three steps the driver interleaves with loading:
+
+    1. ``StudentPlanner(opts)`` checks the flags (``check_flags``) and reads each ``--ratio`` into a
+       ``Ratio`` — before anything is loaded;
+    2. ``draft(target)`` builds every pass that does not depend on the teacher, so a bad pipeline,
+       option or target fails before a large teacher loads;
+    3. ``plans(distill_epochs=, distill=)`` adds what the teacher decides: the default pipeline's
+       distillation (the step the driver chose for the teacher's task) with the recipe's ``train:``
+       and ``stages:``, ``elastic.train`` for a supernet, and every plan's lowering and ``record``.
+
+    The width pass is built from the ``Ratio`` (``Ratio.width_pass``), never from pipeline text; only
+    a user's ``--pipeline`` with ``$ratio`` is text, the user's own.
     """
-    check_target(target, "--target")
-    check_flags(opts)
-    if opts.elastic:
-        return _elastic_plans(opts, target, distill_epochs)
-    ratios = [_check_ratio(float(r)) for r in opts.ratios]
-    source = f"--recipe '{opts.recipe}'" if opts.recipe else "recipe"
-    plans: list[Plan] = []
-    if opts.pipeline:
-        text = opts.pipeline if isinstance(opts.pipeline, str) else None
-        if ratios and (text is None or RATIO_PLACEHOLDER not in text):
+
+    def __init__(self, opts: CompileOptions) -> None:
+        check_flags(opts)
+        self.opts = opts
+        self.ratios = tuple(Ratio(float(r), opts.ratio_of or "total") for r in opts.ratios)
+        self.source = f"--recipe '{opts.recipe}'" if opts.recipe else "recipe"
+        self._drafts: list[_Draft] | None = None
+        self._target = ""
+
+    def draft(self, target: str) -> None:
+        """Step 2: build the passes that do not depend on the teacher (see the class docstring)."""
+        check_target(target, "--target")
+        opts = self.opts
+        if opts.elastic:
+            drafts = self._elastic_drafts(target)
+        elif opts.pipeline:
+            drafts = [_Draft(name, _finish(_feed_training(passes, opts.recipe_data, self.source), target), "pipeline")
+                      for name, passes in self._pipeline_students(opts.pipeline)]  # fmt: skip
+        else:
+            drafts = self._default_drafts()
+        names = [d.name for d in drafts]
+        if len(set(names)) != len(names):
+            raise InputError(f"two students would share a name ({names}); give distinct --ratio values")
+        self._drafts, self._target = drafts, target
+
+    def plans(self, distill_epochs: int | None = None, distill: str | None = None) -> list[Plan]:
+        """Step 3: every student's whole plan. ``distill`` is the ``distill{...}`` step the driver chose
+        for the teacher's task (``potstill.passes.distill.defaults``), ``distill_epochs`` the epochs
+        (then ``distill{epochs=N}`` when ``distill`` is None); both None when no training runs."""
+        if self._drafts is None:
+            raise RuntimeError("StudentPlanner.plans() runs once, after draft()")
+        drafts, self._drafts = self._drafts, None
+        plans = []
+        for d in drafts:
+            passes = d.passes
+            if d.kind == "default":
+                passes = _feed_training([*passes, *self._distillation(distill_epochs, distill)],
+                                        self.opts.recipe_data, self.source)  # fmt: skip
+                passes = _finish(passes, self._target)
+            elif d.kind == "elastic" and distill_epochs is not None:
+                from potstill.passes.elastic.plan import train_pass
+
+                # no --distill-epochs: elastic.train's own step budget
+                at = next(i for i, p in enumerate(passes) if p.name == "elastic.nest") + 1
+                passes = [*passes[:at], train_pass(self.opts.distill_epochs or 0), *passes[at:]]
+            plans.append(Plan(d.name, passes, d.profile))
+        return plans
+
+    def _pipeline_students(self, pipeline: str | list[Any]) -> list[tuple[str, list[Pass]]]:
+        text = pipeline if isinstance(pipeline, str) else None
+        if self.ratios and (text is None or RATIO_PLACEHOLDER not in text):
             raise InputError(
                 "--ratio with --pipeline: write the ratio into the pipeline (prune.width{ratio=0.5}) "
                 f"or use '{RATIO_PLACEHOLDER}' there to build one student per --ratio"
             )
         if text is not None and RATIO_PLACEHOLDER in text:
-            if not ratios:
+            if not self.ratios:
                 raise InputError(f"the pipeline uses '{RATIO_PLACEHOLDER}': give --ratio")
-            plans = [Plan(_ratio_name(r), build_pipeline(text.replace(RATIO_PLACEHOLDER, f"{r:g}"))) for r in ratios]
-        else:
-            passes = build_pipeline(_pipeline_items(opts.pipeline))
-            if not passes:
-                raise InputError("--pipeline is empty: name at least one pass (see 'potstill passes')")
-            plans = [Plan(opts.name or "student", passes)]
-    else:
+            return [(r.tag, build_pipeline(text.replace(RATIO_PLACEHOLDER, f"{r.value:g}"))) for r in self.ratios]
+        passes = build_pipeline(_pipeline_items(pipeline))
+        if not passes:
+            raise InputError("--pipeline is empty: name at least one pass (see 'potstill passes')")
+        return [(self.opts.name or "student", passes)]
+
+    def _default_drafts(self) -> list[_Draft]:
+        """``[prune.depth,][importance.E,]prune.width{ratio=R},bn.recalibrate`` per ratio."""
+        opts = self.opts
         depth, depth_tag = _depth_steps(opts)
-        if not ratios and not depth:
-            ratios = [0.5]
+        ratios: list[Ratio | None] = list(self.ratios) or ([None] if depth else [Ratio(0.5)])
         # no --importance: prune.width chooses (importance=auto, Kwon's mask Fisher when data exists)
         importance = opts.importance
         if importance is not None and "." not in importance:
             importance = f"importance.{importance}"
-        stages = bool(getattr(opts.recipe_data, "stages", None))
-        width_ratios: list[float | None] = list(ratios) if ratios else [None]
-        for r in width_ratios:
-            steps = list(depth)
+        drafts = []
+        for r in ratios:
+            passes = list(depth)
             tags = [depth_tag] if depth_tag else []
             if r is not None:
-                of = f",ratio_of={opts.ratio_of}" if opts.ratio_of else ""
-                steps += [*([importance] if importance else []), f"prune.width{{ratio={r:g}{of}}}"]
-                tags.insert(0, _ratio_name(r))
-            steps.append("bn.recalibrate")  # BN statistics of the pruned widths (a no-op without BN)
-            if stages or distill_epochs is not None or distill is not None:
-                steps.append("fidelity{stage=before_distill}")
-            if stages:
-                steps.append("distill.progressive")
-            elif distill is not None or distill_epochs is not None:
-                steps.append(distill or f"distill{{epochs={distill_epochs}}}")
-            plans.append(Plan("-".join(tags), build_pipeline(",".join(steps))))
-    plans = [Plan(p.name, _finish(_feed_training(p.passes, opts.recipe_data, source), target)) for p in plans]
-    names = [p.name for p in plans]
-    if len(set(names)) != len(names):
-        raise InputError(f"two students would share a name ({names}); give distinct --ratio values")
-    return plans
+                passes += [*(build_pipeline(importance) if importance else []), r.width_pass()]
+                tags.insert(0, r.tag)
+            passes.append(get_pass("bn.recalibrate")())  # BN statistics of the pruned widths (a no-op without BN)
+            drafts.append(_Draft("-".join(tags), passes, "default"))
+        return drafts
+
+    def _distillation(self, distill_epochs: int | None, distill: str | None) -> list[Pass]:
+        """The default pipeline's repair: ``fidelity{stage=before_distill}`` then the distillation."""
+        stages = bool(getattr(self.opts.recipe_data, "stages", None))
+        if not (stages or distill_epochs is not None or distill is not None):
+            return []
+        steps = [get_pass("fidelity")(stage="before_distill")]
+        if stages:
+            steps.append(get_pass("distill.progressive")())
+        elif distill is not None:
+            steps += build_pipeline(distill)
+        else:
+            steps.append(get_pass("distill")(epochs=distill_epochs))
+        return steps
+
+    def _elastic_drafts(self, target: str) -> list[_Draft]:
+        """One plan per profile sharing one supernet (see ``potstill.passes.elastic.plan``)."""
+        from potstill.passes.elastic.plan import elastic_pipelines
+        from potstill.profiles import DEFAULT_PROFILE, load_profile
+
+        opts = self.opts
+        profiles = [opts.profile or DEFAULT_PROFILE, *opts.extra_profiles]
+        drafts = []
+        for name, profile, spec in elastic_pipelines(profiles, students=opts.students, latency_ms=opts.latency_ms,
+                                                     speedups=opts.speedups, memory_mb=opts.memory_mb,
+                                                     train_epochs=None, importance=opts.importance):  # fmt: skip
+            own = None if profile == profiles[0] else profile
+            lower_target = target if own is None else (opts.target or load_profile(profile).target)
+            drafts.append(_Draft(name, _finish(build_pipeline(spec), lower_target), "elastic", own))
+        return drafts
 
 
-def _elastic_plans(opts: CompileOptions, target: str, distill_epochs: int | None) -> list[Plan]:
-    """One plan per profile sharing one supernet (see ``potstill.passes.elastic.plan``)."""
-    from potstill.passes.elastic.plan import elastic_pipelines
-    from potstill.profiles import DEFAULT_PROFILE, load_profile
+def plan_students(opts: CompileOptions, target: str, distill_epochs: int | None = None,
+                  distill: str | None = None) -> list[Plan]:  # fmt: skip
+    """One plan per student in one call (``StudentPlanner``'s three steps): the user's pipeline, or
+    the default prune pipeline per ratio, each ending in lowering and ``record``.
 
-    profiles = [opts.profile or DEFAULT_PROFILE, *opts.extra_profiles]
-    plans = []
-    for name, profile, spec in elastic_pipelines(profiles, students=opts.students, latency_ms=opts.latency_ms,
-                                                 speedups=opts.speedups, memory_mb=opts.memory_mb,
-                                                 # no --distill-epochs: elastic.train's own step budget
-                                                 train_epochs=None if distill_epochs is None else opts.distill_epochs or 0,
-                                                 importance=opts.importance):
-        own = None if profile == profiles[0] else profile
-        lower_target = target if own is None else (opts.target or load_profile(profile).target)
-        plans.append(Plan(name, _finish(build_pipeline(spec), lower_target), own))
-    return plans
+    With ``distill`` (a ``distill{...}`` step) or ``distill_epochs`` (then ``distill{epochs=N}``) the
+    default pipeline distils each pruned student from the teacher before lowering.
+    """
+    planner = StudentPlanner(opts)
+    planner.draft(target)
+    return planner.plans(distill_epochs=distill_epochs, distill=distill)
 
 
 def teacher_plan(target: str, *, timing: bool = True) -> Plan:

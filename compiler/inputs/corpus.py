@@ -1,9 +1,12 @@
 """Text corpora for ``--calib`` / ``--data``: a UTF-8 file of one sentence per line, streamed with caps
-on lines, bytes and line length, so a huge or binary file cannot exhaust memory or pass silently."""
+on lines, bytes and line length, so a huge or binary file cannot exhaust memory or pass silently;
+and the default English corpus, sentences from installed packages' docstrings (``docstring_corpus``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from potstill.errors import InputError
@@ -70,3 +73,38 @@ def read_texts(path_text: str, flag: str = "--calib", note: Callable[[str], None
     if not texts:
         raise InputError(f"{flag} '{path_text}': the file has no text lines")
     return texts
+
+
+#: Modules whose docstrings make the default English corpus (installed with potstill's dependencies).
+CORPUS_MODULES = (
+    "argparse", "json", "collections", "pathlib", "functools", "itertools", "subprocess", "logging",
+    "torch.nn.modules.conv", "torch.nn.modules.linear", "torch.nn.modules.activation", "torch.optim.adamw",
+    "inspect", "typing", "shutil", "statistics", "threading", "torch.nn.modules.module", "torch.nn.modules.rnn",
+)  # fmt: skip
+
+
+def docstring_corpus(limit: int = 64, modules: Sequence[str] = CORPUS_MODULES) -> list[str]:
+    """English sentences from installed packages' docstrings, in a fixed order (deterministic)."""
+    import importlib
+
+    sentences: list[str] = []
+    seen: set[str] = set()
+    for name in modules:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        docs = [inspect.getdoc(mod) or ""]
+        docs += [inspect.getdoc(obj) or "" for _, obj in sorted(vars(mod).items()) if inspect.isclass(obj) or inspect.isfunction(obj)]
+        for doc in docs:
+            for para in re.split(r"\n\s*\n", doc):
+                text = " ".join(para.split())
+                for sent in re.split(r"(?<=[.!?])\s+", text):
+                    if 40 <= len(sent) <= 300 and sent[0].isupper() and sent.endswith(".") and sent not in seen:
+                        if sum(c.isalpha() or c == " " for c in sent) < 0.9 * len(sent):
+                            continue  # code, formulas, tables
+                        seen.add(sent)
+                        sentences.append(sent)
+                        if len(sentences) >= limit:
+                            return sentences
+    return sentences

@@ -1,4 +1,4 @@
-"""Load a teacher and its example inputs from what a user types on the command line.
+"""Load a teacher from what a user types on the command line, and make it one potstill compiles.
 
 Two spellings:
 
@@ -8,52 +8,61 @@ Two spellings:
   and ``metric``; they become the compilation's defaults.
 * ``hf:PATH`` — a Hugging Face model directory. The task is read from ``config.architectures``
   (``…ForCausalLM``, ``…ForSequenceClassification``, ``…ForImageClassification``, else the base
-  model) and the task's standard inputs are built: token ids of real sentences for text (with the
-  directory's tokenizer when it has one), ``pixel_values`` for vision.
+  model) and the task's standard inputs are built (``potstill.inputs.hf_examples``).
 
-``load_calibration`` picks the calibration batches: a ``FILE.py:FN``, a folder of images (image
-models; the teacher file may define ``preprocess(image)``), the teacher file's ``calib_data``, or for
-text models a tokenizer over a text file or, by default, the docstrings of installed packages.
-``load_data`` reads ``--data`` the same way.
+``normalise_teacher`` then converts a teacher whose weights are neither float32 nor float16 to
+float32 and refuses oversized example inputs; ``run_teacher_once`` checks it runs on its example.
+Calibration and training batches are read by ``potstill.inputs.calibration``.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
+import math
 import os
-import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from potstill.errors import InputError
-from potstill.inputs.corpus import is_text_file, read_texts
-from potstill.inputs.data import image_files, import_file, load_callable, load_image
-from potstill.inputs.hf import accepts, hf_task, signal_inputs, with_decoder_inputs
+from potstill.inputs.corpus import docstring_corpus
+from potstill.inputs.data import import_file, load_callable
+from potstill.inputs.hf import hf_task
+from potstill.inputs.hf_examples import DEFAULT_SEQUENCE_LENGTH, hf_example_inputs, load_tokenizer
 from potstill.inputs.hf_files import (
     check_sequence_length,
     check_tokenizer_files,
     check_weight_files,
     max_positions,
     remote_code_note,
-    tokenizer_fix,
 )
 from torch import nn
 
-#: Real sentences for the example inputs of text models (not a benchmark: shapes and realism).
-SENTENCES = (
-    "The quick brown fox jumps over the lazy dog near the river bank.",
-    "Compilers translate programs written in one language into another language.",
-    "A small model that runs fast on the device is often better than a large one that does not.",
-    "She planted tomatoes in the garden before the first rain of spring.",
-)
+# docstring_corpus and load_tokenizer live in potstill.inputs.corpus and .hf_examples; bench/real_teachers.py
+# and potstill.outputs.students_io.save still import them from here
+__all__ = [
+    "MAX_INPUT_ELEMENTS",
+    "TEACHER_HOOKS",
+    "Teacher",
+    "check_input_shapes",
+    "docstring_corpus",
+    "hf_label",
+    "load_file_teacher",
+    "load_hf_teacher",
+    "load_teacher",
+    "load_tokenizer",
+    "normalise_teacher",
+    "parse_input_shape",
+    "run_teacher_once",
+]
 
 #: Hooks a teacher file may define; they become the defaults of a compilation.
 TEACHER_HOOKS = ("calib_data", "train_data", "eval_data", "metric", "preprocess")
 
+#: the most elements one example input may have (a typo such as 1x3x22400x22400 is refused up front)
+MAX_INPUT_ELEMENTS = 1 << 28
 
 
 @dataclass
@@ -196,12 +205,9 @@ def _split_inputs(value: Any, where: str) -> tuple[tuple[Any, ...], dict[str, An
     )
 
 
+
 # ---------------------------------------------------------------------------------------------
 # hf:PATH
-
-
-#: token count of a text teacher's example inputs (the timing shape) unless --sequence-length says
-DEFAULT_SEQUENCE_LENGTH = 32
 
 
 def load_hf_teacher(path_text: str, *, sequence_length: int | None = None, trust_remote_code: bool = False,
@@ -243,7 +249,7 @@ def load_hf_teacher(path_text: str, *, sequence_length: int | None = None, trust
         raise InputError(f"teacher '{spec}': --sequence-length applies to text models; this one takes {main}")
     bound = max_positions(config)
     default = min(DEFAULT_SEQUENCE_LENGTH, bound[1]) if bound else DEFAULT_SEQUENCE_LENGTH
-    kwargs = _hf_example_inputs(model, config, tokenizer, sequence_length or default, path)
+    kwargs = hf_example_inputs(model, config, tokenizer, sequence_length or default, path)
     sources = sorted(p.resolve() for p in path.iterdir() if p.is_file())
     return Teacher(
         module=model.eval(),
@@ -321,341 +327,51 @@ def _hf_from_pretrained(auto_class: Any, path: Path, config: Any, spec: str, tru
     raise InputError(f"teacher '{spec}': {auto_class.__name__} could not load it ({'; '.join(errors)})")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
-
-
-def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False, spec: str | None = None) -> Any:
-    """The tokenizer saved in a model directory, or None when there is none; ``InputError`` naming
-    the folder's tokenizer files when they are there but do not load."""
-    present = [name for name in TOKENIZER_FILES if (Path(path) / name).is_file()]
-    if not present:
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as e:  # transformers raises many kinds for a broken or partial tokenizer
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise InputError(f"teacher '{spec or f'hf:{path}'}': the tokenizer in {path} ({', '.join(present)}) does not "
-                         f"load: {type(e).__name__}: {first}; {tokenizer_fix(Path(path))}") from e
-    if tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-_accepts = accepts
-
-
-def _hf_example_inputs(model: nn.Module, config: Any, tokenizer: Any, seq_len: int = 32,
-                       path: Path | None = None) -> dict[str, Any]:
-    """The inputs of the class's ``main_input_name`` (tokens, pixels, a waveform, a spectrogram),
-    with ``decoder_input_ids`` for an encoder-decoder."""
-    main = getattr(model, "main_input_name", "input_ids")
-    if main == "pixel_values":
-        return {"pixel_values": example_pixels(config)}
-    if main != "input_ids":
-        return with_decoder_inputs(model, signal_inputs(model, config, main, path))
-    if tokenizer is not None:
-        return tokenize(tokenizer, list(SENTENCES[:1]), model, seq_len)
-    vocab = int(getattr(config, "vocab_size", 1000))
-    gen = torch.Generator().manual_seed(0)
-    kwargs: dict[str, Any] = {
-        "input_ids": torch.randint(0, vocab, (1, seq_len), generator=gen),
-        "attention_mask": torch.ones(1, seq_len, dtype=torch.long),
-    }
-    if _accepts(model, "token_type_ids") and int(getattr(config, "type_vocab_size", 0) or 0) > 0:
-        kwargs["token_type_ids"] = torch.zeros(1, seq_len, dtype=torch.long)
-    return with_decoder_inputs(model, kwargs)
-
-
-def tokenize(tokenizer: Any, texts: list[str], model: nn.Module, seq_len: int) -> dict[str, Any]:
-    """Token ids padded to ``seq_len``, with the inputs the model's forward accepts."""
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
-    keep = ("input_ids", "attention_mask", "token_type_ids")
-    return with_decoder_inputs(model, {k: enc[k] for k in keep if k in enc and (k == "input_ids" or _accepts(model, k))})
-
-
-def example_pixels(config: Any) -> torch.Tensor:
-    """One real photograph (scikit-image's cat), resized and normalised to the config's image size."""
-    vision = getattr(config, "vision_config", None)  # CLIP/SigLIP-style: the sizes live in the vision tower
-    size = getattr(config, "image_size", None) or getattr(vision, "image_size", None) or 224
-    size = size if isinstance(size, int) else int(size[0])
-    channels = int(getattr(config, "num_channels", None) or getattr(vision, "num_channels", None) or 3)
-    try:
-        from skimage import data as skdata
-
-        img = torch.tensor(skdata.chelsea(), dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
-        img = torch.nn.functional.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)
-        img = (img - 0.5) / 0.5
-        if channels != 3:
-            img = img.mean(1, keepdim=True).expand(1, channels, size, size).contiguous()
-        return img
-    except ImportError:
-        return torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(0))
-
-
 # ---------------------------------------------------------------------------------------------
-# Calibration data
+# A loaded teacher, made one potstill compiles
 
 
-#: the ImageNet channel statistics most vision checkpoints were trained with (torchvision, timm)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+def normalise_teacher(teacher: Teacher, note: Callable[[str], None]) -> bool:
+    """Dtype and input size, before any heavy work; True when the teacher was converted to float32."""
+    dtypes = {p.dtype for p in teacher.module.parameters()} | {b.dtype for b in teacher.module.buffers() if b.is_floating_point()}
+    odd = sorted(str(d) for d in dtypes if d.is_floating_point and d not in (torch.float32, torch.float16))
+    if odd:
+        note(f"note: the teacher's weights are {', '.join(odd)}; potstill compiles in float32 and converted them "
+             "(engines and parity are float32)")  # fmt: skip
+        teacher.module.float()
+        teacher.example_inputs = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                       for a in teacher.example_inputs)  # fmt: skip
+        teacher.example_kwargs = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                                  for k, v in teacher.example_kwargs.items()}  # fmt: skip
+    config = getattr(teacher.module, "config", None)
+    if config is not None and getattr(config, "use_cache", None) is True:  # a file factory's HF model (hf: teachers are loaded without)
+        note("note: the teacher's config has use_cache=True; potstill compiles the forward without a key/value "
+             "cache (a cache object is no tensor a captured graph can return) and set it to False")  # fmt: skip
+        config.use_cache = False
+    for i, a in enumerate(teacher.example_inputs):
+        if isinstance(a, torch.Tensor) and a.numel() > MAX_INPUT_ELEMENTS:
+            raise InputError(f"example input {i} has shape {tuple(a.shape)} ({a.numel():,} elements, more than "
+                             f"{MAX_INPUT_ELEMENTS:,}); give a realistic --input-shape such as 1x3x224x224")  # fmt: skip
+    return bool(odd)
 
 
-#: sentences a text corpus calibrates with at least, after a quarter is held out (Kwon et al. 2022's
-#: layer-wise least squares fits hundreds of unknowns per layer; 64 sentences overfit it)
-TEXT_CALIB_SENTENCES = 512
+def check_input_shapes(shapes: Sequence[str]) -> None:
+    """Each ``--input-shape`` parses and is of a realistic size, before anything is loaded."""
+    for text in shapes:
+        n = math.prod(parse_input_shape(text))
+        if n > MAX_INPUT_ELEMENTS:
+            raise InputError(f"--input-shape {text}: {n:,} elements, more than {MAX_INPUT_ELEMENTS:,}; "
+                             "give a realistic shape such as 1x3x224x224")  # fmt: skip
 
 
-def text_calib_batches(batch_size: int, sentences: int = TEXT_CALIB_SENTENCES) -> int:
-    """The fewest batches ``n`` whose calibration part (``n`` minus the quarter that
-    ``potstill.fidelity.split_heldout`` holds out) has ``sentences`` sentences.
-
-    >>> text_calib_batches(8)
-    85
-    """
-    need = -(-sentences // batch_size)
-    n = need + 1
-    while n - max(1, round(0.25 * n)) < need:
-        n += 1
-    return n
-
-
-def load_calibration(
-    spec: str | None,
-    teacher: Teacher,
-    *,
-    batch_size: int = 8,
-    num_batches: int = 16,
-    seq_len: int = 64,
-    note: Callable[[str], None] = print,
-) -> Callable[[], Iterable[Any]] | None:
-    """Calibration batches: ``FILE.py:FN``, a folder of images (image models), a text file (text
-    models), the teacher file's ``calib_data``, or for Hugging Face text models the docstrings of
-    installed packages.
-
-    Returns a callable producing an iterable of batches, or None when nothing applies (the caller
-    then warns: see ``random_calibration_warning``). The driver holds out a part of these batches
-    to measure fidelity (``potstill.fidelity.split_heldout``), so ``num_batches`` leaves room for it.
-    """
-    if spec:
-        if is_text_file(spec):  # the refit needs tokens: at least TEXT_CALIB_SENTENCES after the held-out split
-            num_batches = max(num_batches, text_calib_batches(batch_size))
-        return load_data(spec, teacher, "--calib", batch_size=batch_size, num_batches=num_batches,
-                         seq_len=seq_len, note=note)  # fmt: skip
-    if "calib_data" in teacher.hooks:
-        return teacher.hooks["calib_data"]
-    if teacher.hf is not None and "input_ids" in teacher.example_kwargs:
-        if load_tokenizer(teacher.hf["path"]) is None:
-            note(f"note: {teacher.spec} has no tokenizer and no --calib was given: data-driven importance "
-                 "falls back to random token ids (give --calib FILE.py:FN)")  # fmt: skip
-            return None
-        num_batches = max(num_batches, text_calib_batches(batch_size))  # as for a --calib corpus
-        texts = docstring_corpus(batch_size * num_batches)
-        note(
-            f"note: no --calib given; calibrating on {len(texts)} sentences from the docstrings of "
-            "installed packages (give --calib corpus.txt or FILE.py:FN for your domain)"
-        )
-        return _text_batches(teacher, texts, batch_size, num_batches, seq_len)
-    return None
-
-
-def load_data(
-    spec: str,
-    teacher: Teacher,
-    flag: str = "--data",
-    *,
-    batch_size: int = 8,
-    num_batches: int | None = None,
-    seq_len: int = 64,
-    note: Callable[[str], None] = print,
-) -> Callable[[], Iterable[Any]]:
-    """Batches from what ``--data`` / ``--calib`` name: ``FILE.py:FN``, a folder of images or a text file.
-
-    Images and text are read now, so a bad file fails before any heavy work; ``num_batches=None``
-    reads all of them.
-    """
-    if Path(spec).is_dir():
-        return image_batches(spec, teacher, flag, batch_size=batch_size, num_batches=num_batches, note=note)
-    if is_text_file(spec):
-        if teacher.hf is None or "input_ids" not in teacher.example_kwargs:
-            raise InputError(f"{flag} '{spec}': a text file calibrates text models only; give FILE.py:FN")
-        texts = read_texts(spec, flag, note)
-        limit = len(texts) if num_batches is None else batch_size * num_batches
-        return _text_batches(teacher, texts[:limit], batch_size, -(-min(limit, len(texts)) // batch_size), seq_len)
-    return load_callable(spec)
-
-
-def image_input(teacher: Teacher) -> tuple[str | None, tuple[int, int, int]] | None:
-    """Where a teacher takes an image: ``(keyword or None for positional, (C, H, W))``, else None.
-
-    An image model takes one float ``[N, C, H, W]`` input: ``pixel_values`` for Hugging Face
-    vision models, or the only positional example input of a file teacher.
-    """
-    pixels = teacher.example_kwargs.get("pixel_values")
-    if isinstance(pixels, torch.Tensor) and pixels.dim() == 4:
-        return "pixel_values", tuple(int(d) for d in pixels.shape[1:])  # type: ignore[return-value]
-    args = teacher.example_inputs
-    if (len(args) == 1 and not teacher.example_kwargs and isinstance(args[0], torch.Tensor)
-            and args[0].dim() == 4 and args[0].is_floating_point()):  # fmt: skip
-        return None, tuple(int(d) for d in args[0].shape[1:])  # type: ignore[return-value]
-    return None
-
-
-def random_calibration_warning(teacher: Teacher) -> str | None:
-    """The loud console line for an image teacher with no calibration data (None otherwise)."""
-    if image_input(teacher) is None:
-        return None
-    return (
-        f"{teacher.label} is an image model and no calibration data was given (--calib, --data, or calib_data() "
-        "/ train_data() in the teacher file): importance, reconstruction, BatchNorm re-estimation and INT8 calibration "
-        "would run on random pixels, which makes them meaningless, and fidelity would be measured on "
-        "noise. Give --calib FOLDER (a folder of .png/.jpg images like those the model will see) or "
-        "--calib FILE.py:FN."
-    )
-
-
-def image_batches(
-    folder: str,
-    teacher: Teacher,
-    flag: str = "--calib",
-    *,
-    batch_size: int = 8,
-    num_batches: int | None = None,
-    note: Callable[[str], None] = print,
-) -> Callable[[], Iterator[Any]]:
-    """Batches of the images in ``folder`` (sorted by name), transformed to the teacher's input.
-
-    The transform, first that applies: the teacher file's ``preprocess(image) -> [C, H, W]`` (a PIL
-    image in); a Hugging Face model's image processor (``preprocessor_config.json``); else resize
-    and centre-crop to the example input's size, scale to [0, 1] and, for Hugging Face models,
-    normalise with the ImageNet mean and std. Each choice that is a guess is noted.
-    """
-    where = image_input(teacher)
-    if where is None:
-        raise InputError(
-            f"{flag} '{folder}': a folder of images calibrates image models only; {teacher.label} takes no "
-            "[N, C, H, W] image input. Give FILE.py:FN"
-        )
-    key, (c, h, w) = where
-    files = image_files(folder, flag)
-    limit = len(files) if num_batches is None else batch_size * num_batches
-    used, files = files[:limit], files[limit:]
-    images = [load_image(p, c, flag) for p in used]
-    pixels = _transform_images(images, teacher, (c, h, w), f"{flag} '{folder}'", note)
-    extra = f" ({len(files)} more not used)" if files else ""
-    note(f"note: {flag}: {len(used)} images from {folder}{extra}, as {c}x{h}x{w}")
-
-    def batches() -> Iterator[Any]:
-        for i in range(0, len(pixels), batch_size):
-            x = pixels[i : i + batch_size]
-            yield {key: x} if key else x
-
-    return batches
-
-
-def _transform_images(
-    images: list[Any], teacher: Teacher, chw: tuple[int, int, int], where: str, note: Callable[[str], None]
-) -> torch.Tensor:
-    from potstill.inputs.data import resize_center_crop
-
-    c, h, w = chw
-    hook = teacher.hooks.get("preprocess")
-    if hook is not None:
-        try:
-            out = [hook(img) for img in images]
-        except Exception as e:
-            raise InputError(f"{where}: the teacher file's preprocess() raised {type(e).__name__}: {e}") from e
-        pixels = torch.stack([o.reshape(o.shape[-3:]) if isinstance(o, torch.Tensor) else torch.as_tensor(o) for o in out])
-        if tuple(pixels.shape[1:]) != chw:
-            raise InputError(
-                f"{where}: preprocess() returned images of shape {tuple(pixels.shape[1:])}; the teacher's example "
-                f"input is {c}x{h}x{w}: return a [C, H, W] tensor of that size"
-            )
-        return pixels.float()
-    if teacher.hf is not None:
-        processor = _image_processor(teacher.hf["path"])
-        if processor is not None:
-            pixels = processor(images=images, return_tensors="pt")["pixel_values"].float()
-            if tuple(pixels.shape[1:]) != chw:
-                note(f"note: {where}: the image processor gives {tuple(pixels.shape[1:])}; resized to {c}x{h}x{w}")
-                pixels = torch.nn.functional.interpolate(pixels, size=(h, w), mode="bilinear", align_corners=False)
-            return pixels
-    pixels = torch.stack([resize_center_crop(img, h, w) for img in images])
-    if teacher.hf is not None and c == 3:
-        note(f"note: {where}: the model directory has no image processor (preprocessor_config.json); images are "
-             "resized, centre-cropped and normalised with the ImageNet mean and std")  # fmt: skip
-        mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return (pixels - mean) / std
-    note(f"note: {where}: {teacher.label} defines no preprocess(image); images are resized, centre-cropped and "
-         "scaled to [0, 1] without normalisation. If the teacher expects normalised inputs, define "
-         "preprocess(image) -> [C, H, W] tensor in its file")  # fmt: skip
-    return pixels
-
-
-def _image_processor(path: str | Path) -> Any:
-    if not (Path(path) / "preprocessor_config.json").is_file():
-        return None
+def run_teacher_once(teacher: Teacher) -> Any:
+    """Run the teacher on its example; an input it rejects is an InputError about the input."""
     try:
-        from transformers import AutoImageProcessor
-
-        return AutoImageProcessor.from_pretrained(path)
-    except (OSError, ValueError, ImportError):  # a processor that needs extras: use the plain transform
-        return None
-
-
-def _text_batches(
-    teacher: Teacher, texts: list[str], batch_size: int, num_batches: int, seq_len: int
-) -> Callable[[], Iterator[dict[str, Any]]]:
-    assert teacher.hf is not None  # callers checked
-    tokenizer = load_tokenizer(teacher.hf["path"])
-    if tokenizer is None:
-        raise InputError(f"{teacher.spec}: the model directory has no tokenizer to calibrate with; give --calib FILE.py:FN")
-    module = teacher.module
-    bound = max_positions(getattr(module, "config", None))
-    seq_len = min(seq_len, bound[1]) if bound else seq_len  # a longer batch would overrun the position embedding
-
-    def batches() -> Iterator[dict[str, Any]]:
-        for i in range(num_batches):
-            chunk = texts[i * batch_size : (i + 1) * batch_size]
-            if not chunk:
-                return
-            yield tokenize(tokenizer, chunk, module, seq_len)
-
-    return batches
-
-
-#: Modules whose docstrings make the default English corpus (installed with potstill's dependencies).
-CORPUS_MODULES = (
-    "argparse", "json", "collections", "pathlib", "functools", "itertools", "subprocess", "logging",
-    "torch.nn.modules.conv", "torch.nn.modules.linear", "torch.nn.modules.activation", "torch.optim.adamw",
-    "inspect", "typing", "shutil", "statistics", "threading", "torch.nn.modules.module", "torch.nn.modules.rnn",
-)  # fmt: skip
-
-
-def docstring_corpus(limit: int = 64, modules: Sequence[str] = CORPUS_MODULES) -> list[str]:
-    """English sentences from installed packages' docstrings, in a fixed order (deterministic)."""
-    import importlib
-
-    sentences: list[str] = []
-    seen: set[str] = set()
-    for name in modules:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        docs = [inspect.getdoc(mod) or ""]
-        docs += [inspect.getdoc(obj) or "" for _, obj in sorted(vars(mod).items()) if inspect.isclass(obj) or inspect.isfunction(obj)]
-        for doc in docs:
-            for para in re.split(r"\n\s*\n", doc):
-                text = " ".join(para.split())
-                for sent in re.split(r"(?<=[.!?])\s+", text):
-                    if 40 <= len(sent) <= 300 and sent[0].isupper() and sent.endswith(".") and sent not in seen:
-                        if sum(c.isalpha() or c == " " for c in sent) < 0.9 * len(sent):
-                            continue  # code, formulas, tables
-                        seen.add(sent)
-                        sentences.append(sent)
-                        if len(sentences) >= limit:
-                            return sentences
-    return sentences
+        with torch.no_grad():
+            return teacher.module(*teacher.example_inputs, **teacher.example_kwargs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        shapes = [tuple(a.shape) for a in teacher.example_inputs if isinstance(a, torch.Tensor)]
+        raise InputError(
+            f"the teacher does not run on its example inputs {shapes}: {type(e).__name__}: {str(e).splitlines()[0][:300]}; "
+            "check --input-shape (rank and sizes) or the file's example_inputs()"
+        ) from e

@@ -84,20 +84,22 @@ class Pass:
     """Base class of every pass. Subclasses set ``name`` and ``Options`` and implement ``run``.
 
     ``requires`` / ``ensures``: predicates on the state (callables ``state -> bool``; a string
-    is a fact name). The base class checks them around ``run``.
+    is a fact name). The base class checks them around ``run``. A pass class declares them (and
+    ``collective``, ``in_place``) as class attributes; a ``PassManager`` object sets its own from the
+    passes it runs, so they are read from the object.
     """
 
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
-    requires: ClassVar[Iterable[str | Predicate]] = ()
-    ensures: ClassVar[Iterable[str | Predicate]] = ()
+    requires: Iterable[str | Predicate] = ()
+    ensures: Iterable[str | Predicate] = ()
     #: runs on every rank under torchrun (training); other passes run on rank 0 only
-    collective: ClassVar[bool] = False
+    collective: bool = False
     #: may write into the students' tensors in place (training, refits). Students share the
     #: teacher's tensors until such a pass runs (``potstill.ir.cow``): before it, each student gets
     #: its own copy of what it still shares. Passes that only read weights or build new modules
     #: (importance, surgery, lowering, recording) set False and keep the sharing.
-    in_place: ClassVar[bool] = True
+    in_place: bool = True
 
     def __init__(self, options: Any = None, **kwargs: Any) -> None:
         if options is not None and kwargs:
@@ -124,18 +126,24 @@ class Pass:
             raise PostconditionError(f"pass '{self.name}' promised {unmet} but did not provide it")
         return result
 
-    def spec(self) -> str:
-        """The pipeline-string form of this pass with its non-default options."""
+    def given(self) -> dict[str, Any]:
+        """The options that differ from their defaults, as values (what ``spec`` writes as text):
+        ``type(p)(**p.given())`` builds the same pass."""
         if not dataclasses.is_dataclass(self.options):
-            return self.name
-        parts = []
+            return {}
+        out = {}
         for f in dataclasses.fields(self.options):
             value = getattr(self.options, f.name)
             default = f.default if f.default is not dataclasses.MISSING else None
             if f.default_factory is not dataclasses.MISSING:
                 default = f.default_factory()
             if value != default:
-                parts.append(f"{f.name}={format_value(value)}")
+                out[f.name] = value
+        return out
+
+    def spec(self) -> str:
+        """The pipeline-string form of this pass with its non-default options."""
+        parts = [f"{k}={format_value(v)}" for k, v in self.given().items()]
         return f"{self.name}{{{','.join(parts)}}}" if parts else self.name
 
     def __repr__(self) -> str:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from potstill.errors import InputError
+from potstill.pipeline import Pass, get_pass
 
 
 def check_elastic_flags(opts: Any) -> None:
@@ -80,6 +81,11 @@ def shared_channel_multiple(profiles: Sequence[str]) -> int | None:
     return math.lcm(*multiples) if len(multiples) > 1 else None
 
 
+def train_pass(epochs: int) -> Pass:
+    """``elastic.train`` for ``epochs`` epochs; 0: its own step budget."""
+    return get_pass("elastic.train")(**({"epochs": epochs} if epochs else {}))
+
+
 def elastic_pipelines(
     profiles: Sequence[str],
     *,
@@ -104,7 +110,7 @@ def elastic_pipelines(
     multiple = shared_channel_multiple(profiles)
     head.append(f"elastic.nest{{channel_multiple={multiple}}}" if multiple is not None else "elastic.nest")
     if train_epochs is not None:
-        head.append(f"elastic.train{{epochs={train_epochs}}}" if train_epochs else "elastic.train")
+        head.append(train_pass(train_epochs).spec())
     out = []
     seen: set[str] = set()
     for profile in profiles:

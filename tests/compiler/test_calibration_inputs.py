@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 from potstill.errors import InputError
-from potstill.inputs.data import iter_batches, resize_center_crop
-from potstill.inputs.teacher import (
+from potstill.inputs.calibration import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     load_calibration,
     load_data,
-    load_teacher,
     random_calibration_warning,
 )
+from potstill.inputs.data import iter_batches, resize_center_crop
+from potstill.inputs.teacher import load_teacher
 
 CNN = """
 import torch

@@ -8,15 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from potstill.errors import InputError
+from potstill.inputs.calibration import load_calibration, text_calib_batches
+from potstill.inputs.corpus import docstring_corpus
 from potstill.inputs.data import iter_batches
-from potstill.inputs.teacher import (
-    docstring_corpus,
-    hf_task,
-    load_calibration,
-    load_teacher,
-    parse_input_shape,
-    text_calib_batches,
-)
+from potstill.inputs.hf import hf_task
+from potstill.inputs.teacher import load_teacher, parse_input_shape
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 from potstill.errors import InputError
-from potstill.inputs.teacher import DEFAULT_SEQUENCE_LENGTH, load_teacher
+from potstill.inputs.hf_examples import DEFAULT_SEQUENCE_LENGTH
+from potstill.inputs.teacher import load_teacher
 
 transformers = pytest.importorskip("transformers")
 

@@ -354,6 +354,56 @@ def test_run_must_return_a_pass_result(registry: dict[str, type[Pass]]) -> None:
     assert isinstance(e.value.__cause__, PostconditionError)
 
 
+def test_a_manager_nests_as_a_pass_with_its_passes_contract_combined(registry: dict[str, type[Pass]]) -> None:
+    register_scale()  # ensures "scaled"
+    _register_chain()
+
+    @function_pass("test.needs_scaled", requires={"scaled"}, ensures={"checked"})
+    def needs_scaled(state: CompileState, opts: object) -> bool:
+        state.facts.add("checked")
+        return False
+
+    inner = PassManager(build_pipeline("test.scale{factor=2},test.needs_scaled"))
+    assert isinstance(inner, Pass)
+    assert inner.spec() == "test.scale{factor=2.0},test.needs_scaled"
+    assert [str(r) for r in inner.requires] == []  # "scaled" is ensured inside before it is required
+    assert sorted(str(e) for e in inner.ensures) == ["checked", "scaled"]
+    assert inner.in_place
+
+    state = make_state()
+    before = state.teacher.weight.detach().clone()
+    timing = TimingInstrument()
+    result = PassManager([*build_pipeline("test.a"), inner, *build_pipeline("test.scale{factor=3}")], [timing]).run(state)
+    assert result.changed
+    torch.testing.assert_close(result.state.working().module.weight, 6 * before)
+    # the nested passes are recorded once each, in order, by the manager that ran them
+    assert result.state.pipeline == ["test.a", "test.scale{factor=2.0}", "test.needs_scaled", "test.scale{factor=3.0}"]
+    assert result.state.students[0].history == result.state.pipeline[1:]  # the student appeared at test.scale
+    # the outer manager's instruments see the nested manager as one step
+    assert [name for name, _, _ in timing.times] == ["test.a", "test.scale{factor=2.0},test.needs_scaled", "test.scale{factor=3.0}"]
+    # the flattened spec rebuilds the same pipeline
+    assert [p.spec() for p in build_pipeline(inner.spec())] == ["test.scale{factor=2.0}", "test.needs_scaled"]
+
+
+def test_a_nested_managers_contract_is_checked_and_its_failure_named(registry: dict[str, type[Pass]]) -> None:
+    _register_chain()
+
+    @function_pass("test.needs_scaled", requires={"scaled"})
+    def needs_scaled(state: CompileState, opts: object) -> bool:
+        return False
+
+    inner = PassManager(build_pipeline("test.a,test.needs_scaled"))
+    assert [str(r) for r in inner.requires] == ["scaled"]
+    with pytest.raises(PassError) as e:
+        PassManager([*build_pipeline("test.b"), inner]).run(make_state())
+    assert "pass 'test.a,test.needs_scaled' failed (passes before it: test.b)" in str(e.value)
+    assert isinstance(e.value.__cause__, PreconditionError)  # checked before any inner pass ran
+    with pytest.raises(PassError) as e:
+        PassManager([PassManager(build_pipeline("test.a,test.fail"))]).run(make_state())
+    assert "pass 'test.fail' failed (passes before it: test.a)" in str(e.value)
+    assert isinstance(e.value.__cause__, PassError) and isinstance(e.value.__cause__.__cause__, ValueError)
+
+
 # ---------------------------------------------------------------------------------------------
 # Instruments
 

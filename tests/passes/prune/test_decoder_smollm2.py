@@ -20,8 +20,9 @@ def smollm2(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 @pytest.mark.slow
 def test_smollm2_decoder_default_keeps_the_teachers_job(smollm2: Path) -> None:
     from potstill.fidelity import split_heldout
+    from potstill.inputs.calibration import load_calibration
     from potstill.inputs.data import as_batch, iter_batches
-    from potstill.inputs.teacher import load_calibration, load_teacher
+    from potstill.inputs.teacher import load_teacher
     from potstill.passes.prune.decoder import perplexity
     from potstill.pipeline import PassManager, build_pipeline
     from potstill.profiles import load_profile
