@@ -130,7 +130,7 @@ def analyze(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: d
     conv_groups = _conv_groups(gm, placeholder_to_param)
     analysis = Analysis(ir, groups, [], unknown_ops=dict(ca.unknown_ops), param_shapes=param_shapes,
                         conv_groups=conv_groups)
-    from potstill.ir.surgery_probe import pin_unfollowable_heads  # surgery imports this module
+    from potstill.ir.surgery_probe import pin_unfollowable_heads
 
     pin_unfollowable_heads(model, analysis, example_inputs, example_kwargs)
     analysis.cost = cost_model(analysis, model)
@@ -214,11 +214,6 @@ def _build_groups(ca: CouplingAnalysis, param_modules: dict[str, str], norm_modu
         )
     _label_attention(groups)
     return groups
-
-
-#: Hugging Face FFN input projections: their width is ``config.intermediate_size``
-HF_FFN_MODULES = ("intermediate.dense", "mlp.up_proj", "mlp.gate_proj", "mlp.fc1", "mlp.c_fc", "mlp.dense_h_to_4h",
-                  "ffn.lin1", "mlp.fc_in")
 
 
 def _label_attention(groups: list[CoupledGroup]) -> None:

@@ -20,16 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from potstill.errors import InputError
-from potstill.ir.capture import HF_FFN_MODULES
 from potstill.ir.cow import TensorSlots, shared_copy
 from torch import nn
 
 if TYPE_CHECKING:
-    from potstill.ir.capture import Analysis, CoupledGroup
+    from potstill.ir.types import Analysis, CoupledGroup
 
 #: attribute block removal leaves on a student: container -> the teacher index of each kept child
 #: (``students_io`` records it so ``load_student`` removes the same blocks from a fresh teacher)
 BLOCK_ORIGIN_ATTR = "_potstill_block_origin"
+
+#: Hugging Face FFN input projections: their width is ``config.intermediate_size``
+HF_FFN_MODULES = ("intermediate.dense", "mlp.up_proj", "mlp.gate_proj", "mlp.fc1", "mlp.c_fc", "mlp.dense_h_to_4h",
+                  "ffn.lin1", "mlp.fc_in")
 
 
 def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
