@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from potstill.targets.onnxruntime import session_options
 from torch import nn
 
 RESULTS = Path(os.environ.get("POTSTILL_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
@@ -64,9 +65,7 @@ class OrtModel:
         """``module`` exported here (``onnx_bytes``), or the path of an ONNX file exported already."""
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = THREADS
-        opts.inter_op_num_threads = 1
+        opts = session_options(THREADS)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         model = str(module) if isinstance(module, (str, Path)) else onnx_bytes(module, inputs, names)
         self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
@@ -291,10 +290,7 @@ class MeasuredTable:
                                   initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(model.SerializeToString(), session_options(self.threads), providers=["CPUExecutionProvider"])
         feeds = {"x": rng.standard_normal(x_shape).astype(np.float32)}
         for _ in range(3):
             sess.run(None, feeds)

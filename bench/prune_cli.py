@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
+from potstill.targets.onnxruntime import session_options
 
 ROOT = Path(__file__).resolve().parent.parent
 POTSTILL = str(ROOT / ".venv" / "bin" / "potstill")
@@ -94,9 +95,7 @@ def compile_cli(case: str, ratio: float, out: Path, extra: list[str]) -> tuple[l
 def session(path: Path) -> Any:
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = C.THREADS
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options(C.THREADS), providers=["CPUExecutionProvider"])
 
 
 def teacher_engine(case: str) -> Path:

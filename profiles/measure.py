@@ -122,15 +122,12 @@ def _describe(shape: Shape) -> str:
 
 def _ort_timer(profile: DeviceProfile) -> Callable[[Shape, float], float]:
     import onnxruntime as ort
+    from potstill.targets.onnxruntime import session_options
     from potstill.targets.timing import time_callable
 
     def run(shape: Shape, budget_s: float) -> float:
         model, feeds = _one_op_onnx(shape)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = profile.threads or 0
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(model.SerializeToString(), session_options(profile.threads), providers=["CPUExecutionProvider"])
         return time_callable(lambda: sess.run(None, feeds), budget_s=budget_s)["median"]
 
     return run

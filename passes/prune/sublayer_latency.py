@@ -140,12 +140,9 @@ def _onnx_block(kind: str, units: int, unit_channels: int, hidden: int, batch: i
 def _session(kind: str, units: int, unit_channels: int, hidden: int, batch: int, seq: int,
              threads: int | None) -> tuple[Any, dict[str, np.ndarray]]:
     import onnxruntime as ort
+    from potstill.targets.onnxruntime import session_options
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or 0
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(_onnx_block(kind, units, unit_channels, hidden, batch, seq), opts,
+    sess = ort.InferenceSession(_onnx_block(kind, units, unit_channels, hidden, batch, seq), session_options(threads),
                                 providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
     feeds = {"x": np.asarray(rng.standard_normal((batch, seq, hidden)), dtype=np.float32)}

@@ -226,3 +226,23 @@ def test_pooled_output_is_compared_whole() -> None:
     keep = kept_positions(((), kwargs), (2, 5, 7))
     assert keep is not None and keep.sum() == 8
     assert kept_positions(((), kwargs), (2, 4, 7)) is None  # other length: not this mask's positions
+
+
+def test_sessions_potstill_times_do_not_spin(cnn: nn.Module, tmp_path: Path) -> None:
+    """Every timing here runs two sessions in one process, student against teacher; a pool that
+    spins after its run takes the cores from the other (one model against itself measured 0.7x to
+    2.1x "speed-ups"; ``bench/timing_spin.py``). The profile's session and the sublayer-latency
+    sessions sleep when a run ends."""
+    from potstill.passes.prune.sublayer_latency import _session
+    from potstill.targets.onnxruntime import make_session
+
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(cnn, (torch.randn(1, 3, 16, 16),), str(path), input_names=["input"], output_names=["output"],
+                      dynamo=False)
+    profile_session, _ = make_session(path, load_profile("cpu"))
+    block_session, _ = _session("neurons", 4, 8, 16, 1, 4, threads=2)
+    for session in (profile_session, block_session):
+        opts = session.get_session_options()
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert opts.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    assert profile_session.get_session_options().intra_op_num_threads == load_profile("cpu").threads

@@ -113,19 +113,19 @@ def test_students_spread_over_the_points_near_the_best_fidelity() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # A budget that lies between two subnets: only the one on the right side of it is emitted.
-# The space has exactly two subnets (one hidden layer of 4096 or 256 neurons); the larger is the
+# The space has exactly two subnets (one hidden layer of 8192 or 512 neurons); the larger is the
 # teacher's own architecture, so its speed-up over the teacher is ~1x, while the smaller does 1/16
 # of the work. Both the prediction (constraint violation on the front) and the measurement (the
 # finalist's verdict) are checked, each on its own.
 
-TWO = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
+TWO = torch.randn(64, 1024, generator=torch.Generator().manual_seed(2))
 
 
 def _two_subnets() -> tuple[torch.nn.Module, object]:
     import copy
 
     torch.manual_seed(0)
-    teacher = torch.nn.Sequential(torch.nn.Linear(256, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 10)).eval()
+    teacher = torch.nn.Sequential(torch.nn.Linear(1024, 8192), torch.nn.ReLU(), torch.nn.Linear(8192, 10)).eval()
     net = make_supernet(copy.deepcopy(teacher), (TWO[:1],), width_ratios=[0.0625, 1.0],
                         expansion_ratios=[0.0625, 1.0], depth=False)
     assert net.space.size() == 2
