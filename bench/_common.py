@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from potstill.targets.onnxruntime import session_options
+from potstill.targets.timing import session_options
 from torch import nn
 
 RESULTS = Path(os.environ.get("POTSTILL_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))

@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
-from potstill.targets.onnxruntime import session_options
+from potstill.targets.timing import session_options
 
 ROOT = Path(__file__).resolve().parent.parent
 POTSTILL = str(ROOT / ".venv" / "bin" / "potstill")

@@ -28,7 +28,7 @@ import _common as C
 
 def _pair(onnx: bytes, spinning: bool) -> dict[str, Any]:
     import onnxruntime as ort
-    from potstill.targets.onnxruntime import session_options
+    from potstill.targets.timing import session_options
 
     def make() -> Any:
         opts = session_options(C.THREADS)

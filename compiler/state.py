@@ -77,6 +77,9 @@ class TeacherCache:
     requires_grad: dict[str, bool] = field(default_factory=dict)
     #: the teacher's engine record, written by the ``record.teacher`` pass
     record: dict[str, Any] = field(default_factory=dict)
+    #: the teacher's lowered engine (``potstill.targets.Artifact``), written by ``record.teacher``:
+    #: each student's engine is timed interleaved with it
+    engine: Any = None
     #: what a pass builds once for every plan of the compilation (an elastic supernet), by key
     passes: dict[str, Any] = field(default_factory=dict)
 

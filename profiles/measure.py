@@ -122,8 +122,7 @@ def _describe(shape: Shape) -> str:
 
 def _ort_timer(profile: DeviceProfile) -> Callable[[Shape, float], float]:
     import onnxruntime as ort
-    from potstill.targets.onnxruntime import session_options
-    from potstill.targets.timing import time_callable
+    from potstill.targets.timing import session_options, time_callable
 
     def run(shape: Shape, budget_s: float) -> float:
         model, feeds = _one_op_onnx(shape)

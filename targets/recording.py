@@ -29,6 +29,7 @@ from torch import nn
 
 from .lowering import lower_module, state_profile, student_dir
 from .registry import check_target
+from .speedup import interleaved_speedup
 from .timing import timing_method
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +149,8 @@ class RecordPass(Pass):
             latency = latency_record(art, student.module, state)
             if latency is not None and latency["source"] == "pytorch":
                 notes.append("latency is PyTorch's: the engine was not timed on this machine")
+            speedup = interleaved_speedup(state.shared.engine, state.teacher, art, student.module,
+                                          tuple(state.example_inputs), state.example_kwargs, profile)
             memory = weight_bytes(student.module) + int(state.analysis(student).cost.peak_activation_bytes)
             budgets = check_budgets(profile, latency, memory)
             for key, b in budgets.items():
@@ -160,6 +163,7 @@ class RecordPass(Pass):
             student.metrics["budgets"] = budgets
             student.artifacts["record"] = {
                 "files": files, "notes": notes, "dynamic_batch": pt2["dynamic_batch"], "latency_ms": latency,
+                "speedup_timing": speedup.to_dict() if speedup is not None else None,
                 "memory_bytes": memory, "target": getattr(art, "target", None), "precision": getattr(art, "precision", None),
                 "loaders": loaders,
             }  # fmt: skip
@@ -222,6 +226,7 @@ class TeacherRecordPass(Pass):
         art = None
         if self.options.timing:
             art = lower_module(state, state.teacher, scratch, self.options.target, state_profile(state), name="teacher")
+        state.shared.engine = art  # the students' engines are timed interleaved with it (record)
         if state.metric is not None and state.shared.metric is None:
             state.shared.metric = run_metric(state.metric, state.teacher, "teacher")
         state.shared.record = {

@@ -210,6 +210,7 @@ def student_entry(state: Any, student: Any, plan: Any, out: Path) -> dict[str, A
         "dir": f"students/{student.name}",
         **cost(analysis),
         "latency_ms": record["latency_ms"],
+        "speedup_timing": record.get("speedup_timing"),
         "parity": parity_dict(student.metrics.get("parity")),
         "target": record["target"],
         "precision": record["precision"],
@@ -245,11 +246,20 @@ def build_manifest(
     prepare_s: float = 0.0,
     total_s: float = 0.0,
 ) -> dict[str, Any]:
-    """The manifest: teacher, students (speed-ups against the teacher's engine), inputs, timings, host."""
+    """The manifest: teacher, students (speed-ups against the teacher's engine), inputs, timings, host.
+
+    A student's ``speedup`` is its engine timed interleaved with the teacher's (``speedup_timing``,
+    ``potstill.targets.speedup``) where both ran in this process; else the ratio of the two medians,
+    timed apart (``speedup_method`` says which)."""
     t_lat = (teacher.get("latency_ms") or {}).get("median")
     for entry in students:
         s_lat = (entry.get("latency_ms") or {}).get("median")
-        entry["speedup"] = t_lat / s_lat if t_lat and s_lat and s_lat > 0 else None
+        timing = entry.get("speedup_timing")
+        if timing:
+            entry["speedup"], entry["speedup_method"] = timing["speedup"], "interleaved"
+        else:
+            entry["speedup"] = t_lat / s_lat if t_lat and s_lat and s_lat > 0 else None
+            entry["speedup_method"] = "separate medians" if entry["speedup"] is not None else None
         if teacher.get("macs") and entry.get("macs"):
             entry["macs_reduction"] = teacher["macs"] / entry["macs"]
     from potstill._version import __version__

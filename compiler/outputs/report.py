@@ -212,8 +212,9 @@ def table_rows(manifest: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
 
     ``asked`` is what ``--ratio`` asked to remove (``-50% MACs``, or ``-50% lat.`` where the
     profile's latency table made it a fraction of the predicted latency; see ``ratio_lines``).
-    Latency is the engine's on the profile's target (median and 90th percentile); speed-up and
-    ``MACs ÷`` are the teacher's value divided by the student's; parity is ok/FAIL against the
+    Latency is the engine's on the profile's target (median and 90th percentile); speed-up is the
+    student's engine timed in rounds interleaved with the teacher's (``speedup_method``; else the
+    ratio of the two medians) and ``MACs ÷`` the teacher's MACs divided by the student's; parity is ok/FAIL against the
     profile's tolerance with the max absolute error; fidelity is the score against the teacher on
     held-out data (✗: below the floor or NaN), ``pre-KD`` the same before distillation and ``KD min``
     the minutes distillation trained (``⏱``: its ``--train-minutes`` budget stopped it).
@@ -388,7 +389,9 @@ def markdown(manifest: Mapping[str, Any], plot: str | None = "pareto.png") -> st
         f"Profile `{profile.get('name', '?')}` (target {profile.get('target', '?')}, precision "
         f"{profile.get('precision', '?')}, threads {profile.get('threads') or 'default'}). "
         f"Created {manifest.get('created', '?')} by potstill {manifest.get('potstill', '?')}. "
-        "Latency is the engine's (median, 90th percentile); speed-up and MACs ÷ are teacher ÷ student; "
+        "Latency is the engine's (median, 90th percentile); speed-up is teacher ÷ student, each student's "
+        "engine timed in rounds interleaved with the teacher's where both run in this process (else the two "
+        "medians, timed apart); MACs ÷ is teacher ÷ student; "
         "parity is against the profile's tolerance (max absolute error); `*` marks a latency PyTorch "
         "measured (the engine was not timed here), `!` a miss of the profile's latency budget. Fidelity is "
         "each student's score against the teacher on held-out calibration data (1 = identical); the floor "

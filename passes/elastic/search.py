@@ -43,9 +43,9 @@ import torch
 from potstill.errors import InputError
 from potstill.fidelity import fidelity_floor
 from potstill.inputs.data import Batch, as_batch, primary_output
+from potstill.targets.speedup import SpeedupReading, TeacherClock, engine_callable
 from torch import nn
 
-from .budget import SpeedupReading, TeacherClock, engine_callable
 from .cost import CostModel, measured_memory_mb
 from .extract import extract
 from .space import SubnetConfig

@@ -140,7 +140,7 @@ def _onnx_block(kind: str, units: int, unit_channels: int, hidden: int, batch: i
 def _session(kind: str, units: int, unit_channels: int, hidden: int, batch: int, seq: int,
              threads: int | None) -> tuple[Any, dict[str, np.ndarray]]:
     import onnxruntime as ort
-    from potstill.targets.onnxruntime import session_options
+    from potstill.targets.timing import session_options
 
     sess = ort.InferenceSession(_onnx_block(kind, units, unit_channels, hidden, batch, seq), session_options(threads),
                                 providers=["CPUExecutionProvider"])

@@ -246,3 +246,38 @@ def test_sessions_potstill_times_do_not_spin(cnn: nn.Module, tmp_path: Path) -> 
         assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
         assert opts.get_session_config_entry("session.inter_op.allow_spinning") == "0"
     assert profile_session.get_session_options().intra_op_num_threads == load_profile("cpu").threads
+
+
+def test_a_students_speedup_is_read_interleaved_with_the_teachers_engine(cnn: nn.Module, tmp_path: Path) -> None:
+    """The record pass times the student's engine in rounds alternating with the teacher's engine
+    (``potstill.targets.speedup``), so the manifest's speed-up is one reading taken under one load,
+    not two medians taken minutes apart (SmolLM2: 3.75x that way on a busy host, 1.52x interleaved).
+    Without the teacher's engine (``--no-teacher-timing``, a reused teacher record) the manifest
+    falls back to the two medians and says so."""
+    from potstill.outputs.manifest import build_manifest
+
+    def compiled(with_teacher: bool) -> tuple[CompileState, dict]:
+        state = CompileState(teacher=cnn, example_inputs=(torch.randn(1, 3, 16, 16),), profile=load_profile("cpu"),
+                             out_dir=tmp_path / str(with_teacher), work_dir=tmp_path / f"work-{with_teacher}")
+        if with_teacher:
+            PassManager(build_pipeline("record.teacher")).run(state)
+        state.students.append(state.new_student("s"))
+        PassManager(build_pipeline("lower.onnxruntime,record")).run(state)
+        return state, state.students[0].artifacts["record"]
+
+    state, record = compiled(True)
+    assert state.shared.engine is not None and state.shared.engine.files["onnx"].is_file()
+    timing = record["speedup_timing"]
+    assert timing is not None and timing["rounds"] >= 5 and timing["teacher_ms"] > 0 and timing["ms"] > 0
+    lo, hi = timing["speedup_iqr"]
+    assert lo <= timing["speedup"] <= hi
+    teacher = {"latency_ms": {"median": 1.0}}  # a stale teacher median: the reading wins over it
+    entry = {"latency_ms": record["latency_ms"], "speedup_timing": timing}
+    [got] = build_manifest(teacher, [entry], {}, None, "onnxruntime", {})["students"]
+    assert got["speedup"] == timing["speedup"] and got["speedup_method"] == "interleaved"
+
+    _, record = compiled(False)
+    assert record["speedup_timing"] is None
+    entry = {"latency_ms": record["latency_ms"], "speedup_timing": None}
+    [got] = build_manifest(teacher, [entry], {}, None, "onnxruntime", {})["students"]
+    assert got["speedup"] == 1.0 / record["latency_ms"]["median"] and got["speedup_method"] == "separate medians"

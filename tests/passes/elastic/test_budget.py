@@ -13,9 +13,9 @@ import pytest
 import torch
 from potstill.errors import InputError
 from potstill.passes.elastic import make_supernet
-from potstill.passes.elastic.budget import NOISY_SPREAD, SpeedupReading, TeacherClock
 from potstill.passes.elastic.search import SearchSettings, search
 from potstill.profiles import load_profile
+from potstill.targets.speedup import NOISY_SPREAD, SpeedupReading, TeacherClock
 
 from .conftest import TinyCNN, randomize_bn
 

@@ -1,7 +1,8 @@
-"""Relative latency budgets: ``speedup=S`` means S× faster than the teacher, on this host, now.
+"""Speed-ups measured against the teacher's engine, on this host, now.
 
-Every engine is timed interleaved with the teacher's engine in one session
-(``potstill.targets.timing.time_rounds``): round ``r`` runs both for a few calls, alternating which
+Every student's speed-up in the manifest (``interleaved_speedup``, from the ``record`` pass) and
+every relative budget (``--speedup S``: S× faster than the teacher) is measured here. Every engine
+is timed interleaved with the teacher's engine in one process (``potstill.targets.timing.time_rounds``): round ``r`` runs both for a few calls, alternating which
 goes first, and gives the speed-up of that round
 
     q_r = median(t_teacher, r) / median(t_candidate, r).
@@ -134,12 +135,26 @@ class TeacherClock:
                 "too_noisy": len(undecided)}
 
 
+def interleaved_speedup(teacher_art: Any, teacher: Any, art: Any, module: Any, example_inputs: tuple[Any, ...],
+                        example_kwargs: dict[str, Any], profile: Any) -> SpeedupReading | None:
+    """The student's engine ``art`` timed interleaved with the teacher's ``teacher_art``; None unless
+    both are ONNX Runtime engines (the others are timed out of process and keep the ratio of their
+    separate medians)."""
+    if not (_in_process(teacher_art) and _in_process(art)):
+        return None
+    clock = TeacherClock(engine_callable(teacher_art, teacher, example_inputs, example_kwargs, profile))
+    return clock.read(engine_callable(art, module, example_inputs, example_kwargs, profile))
+
+
+def _in_process(art: Any) -> bool:
+    return art is not None and art.target in ("onnx", "onnxruntime") and art.files.get("onnx") is not None
+
+
 def engine_callable(art: Any, module: Any, example_inputs: tuple[Any, ...], example_kwargs: dict[str, Any],
                     profile: Any) -> Callable[[], Any]:
     """A no-argument call of the lowered engine ``art`` on the example inputs (ONNX Runtime engines;
     other runtimes are timed out of process, so they cannot be interleaved here)."""
-    path = art.files.get("onnx") if art is not None else None
-    if art is None or art.target not in ("onnx", "onnxruntime") or path is None:
+    if not _in_process(art):
         raise InputError(
             f"a speed-up budget times engines against the teacher's in this process; the {profile.name} "
             f"engine ({getattr(art, 'target', 'none')}) cannot be: use an ONNX Runtime profile for --speedup, "
@@ -148,7 +163,8 @@ def engine_callable(art: Any, module: Any, example_inputs: tuple[Any, ...], exam
     from potstill.targets.onnx_export import OnnxExport, flat_spec
     from potstill.targets.onnxruntime import OrtRunner, fixed_batch, make_session
 
-    session, _ = make_session(Path(path), profile)
+    path = Path(art.files["onnx"])
+    session, _ = make_session(path, profile)
     inputs = fixed_batch(example_inputs, example_kwargs, profile.batch)
     runner = OrtRunner(session, OnnxExport(Path(path), flat_spec(module, *inputs), "potstill"))
     feeds = runner.feeds(inputs)
