@@ -137,8 +137,13 @@ def docstring_sentences(limit: int = 2000, seed: int = 0) -> list[str]:
     return out[:limit]
 
 
-def real_images(n: int, size: int = 224, seed: int = 0) -> torch.Tensor:
-    """``n`` random crops of scikit-image / scikit-learn photographs, resized, ImageNet-normalised."""
+#: per-channel (mean, std) of the pixels in [0, 1]: torchvision's ImageNet statistics, or the
+#: [-1, 1] scaling TensorFlow's EfficientNet-Lite checkpoints were trained with (mean 127, std 128)
+NORMS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+
+def real_images(n: int, size: int = 224, seed: int = 0, norm: str = "imagenet") -> torch.Tensor:
+    """``n`` random crops of scikit-image / scikit-learn photographs, resized, normalised (``NORMS``)."""
     import skimage.data
     from skimage.transform import resize
     from sklearn.datasets import load_sample_images
@@ -155,7 +160,7 @@ def real_images(n: int, size: int = 224, seed: int = 0) -> torch.Tensor:
             photos.append(np.asarray(img[..., :3]))
     photos += [np.asarray(i) for i in load_sample_images().images]
     rng = np.random.default_rng(seed)
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    mean, std = (np.array(v) for v in NORMS[norm])
     out = []
     for i in range(n):
         img = photos[i % len(photos)].astype(np.float64) / 255.0

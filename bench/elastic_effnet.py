@@ -27,6 +27,6 @@ _DRAWS = itertools.count(100)
 
 def train_data(n: int = 128, batch_size: int = 16) -> Iterator[torch.Tensor]:
     """``n`` augmented crops in batches, a new draw per call."""
-    imgs = C.real_images(n, seed=next(_DRAWS))
+    imgs = C.real_images(n, seed=next(_DRAWS), norm="inception")
     for i in range(0, n, batch_size):
         yield imgs[i:i + batch_size]

@@ -81,8 +81,8 @@ def main() -> None:
 
     teacher = load()
     x = torch.randn(1, 3, 224, 224)
-    evals = C.real_images(args.eval_images, seed=1)
-    calib_imgs = C.real_images(64, seed=2)
+    evals = C.real_images(args.eval_images, seed=1, norm="inception")
+    calib_imgs = C.real_images(64, seed=2, norm="inception")
     calib = [calib_imgs[i: i + 16] for i in range(0, 64, 16)]
 
     def logits(m: nn.Module) -> np.ndarray:

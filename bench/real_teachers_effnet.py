@@ -1,5 +1,6 @@
 """EfficientNet-Lite0 as a teacher file for ``bench/real_teachers.py``: the CLI bench's teacher, plus
-``preprocess(image)`` so a folder of photos (``--data PHOTOS/``) becomes ImageNet-normalised inputs.
+``preprocess(image)`` so a folder of photos (``--data PHOTOS/``) becomes inputs scaled as the
+teacher's (``prune_effnet_teacher.NORM``).
 
     potstill compile bench/real_teachers_effnet.py:teacher --ratio 0.5 --data PHOTOS/ --train-minutes 10 -o OUT
 """
@@ -16,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prune_effnet_teacher as _effnet
 
-MEAN, STD = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+MEAN, STD = (torch.tensor(v).view(3, 1, 1) for v in _effnet.C.NORMS[_effnet.NORM])
 
 
 def teacher() -> torch.nn.Module:
@@ -33,7 +34,7 @@ def calib_data() -> Iterator[torch.Tensor]:
 
 
 def preprocess(image: Any) -> torch.Tensor:
-    """A PIL photo -> ``[3, 224, 224]``: resize, centre crop, ImageNet mean and std."""
+    """A PIL photo -> ``[3, 224, 224]``: resize, centre crop, the teacher's scaling."""
     from potstill.inputs.data import resize_center_crop
 
     return (resize_center_crop(image, 224, 224) - MEAN) / STD
@@ -46,7 +47,7 @@ def save_photos(folder: Path, n: int = 20, seed: int = 4) -> Path:
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    x = C.real_images(n, seed=seed) * STD + MEAN
+    x = C.real_images(n, seed=seed, norm=_effnet.NORM) * STD + MEAN
     for i, img in enumerate(x):
         arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         Image.fromarray(arr).save(folder / f"photo{i:02d}.png")
