@@ -149,8 +149,10 @@ class RecordPass(Pass):
             latency = latency_record(art, student.module, state)
             if latency is not None and latency["source"] == "pytorch":
                 notes.append("latency is PyTorch's: the engine was not timed on this machine")
-            speedup = interleaved_speedup(state.shared.engine, state.teacher, art, student.module,
-                                          tuple(state.example_inputs), state.example_kwargs, profile)
+            speedup, why = interleaved_speedup(state.shared.engine, state.teacher, art, student.module,
+                                               tuple(state.example_inputs), state.example_kwargs, profile)
+            if why:
+                notes.append(why)
             memory = weight_bytes(student.module) + int(state.analysis(student).cost.peak_activation_bytes)
             budgets = check_budgets(profile, latency, memory)
             for key, b in budgets.items():

@@ -136,14 +136,30 @@ class TeacherClock:
 
 
 def interleaved_speedup(teacher_art: Any, teacher: Any, art: Any, module: Any, example_inputs: tuple[Any, ...],
-                        example_kwargs: dict[str, Any], profile: Any) -> SpeedupReading | None:
-    """The student's engine ``art`` timed interleaved with the teacher's ``teacher_art``; None unless
-    both are ONNX Runtime engines (the others are timed out of process and keep the ratio of their
-    separate medians)."""
+                        example_kwargs: dict[str, Any], profile: Any) -> tuple[SpeedupReading | None, str | None]:
+    """The student's engine ``art`` timed interleaved with the teacher's ``teacher_art``, and a note
+    when it was not: None unless both are ONNX Runtime engines (the others are timed out of process
+    and keep the ratio of their separate medians), and None, said, when the two sessions together
+    would take more than half the memory still free (a large decoder's compile must not grow its
+    peak for a timing)."""
     if not (_in_process(teacher_art) and _in_process(art)):
-        return None
+        return None, None
+    from potstill.inputs.memory import GB, available_bytes
+
+    need = _engine_bytes(teacher_art) + _engine_bytes(art)
+    free = available_bytes()
+    if 2 * need > free:
+        return None, (f"speed-up from the two medians, timed apart: the teacher's and the student's engines "
+                      f"({need / GB:.1f} GB) would take more than half of the {free / GB:.1f} GB free to time "
+                      "them interleaved")  # fmt: skip
     clock = TeacherClock(engine_callable(teacher_art, teacher, example_inputs, example_kwargs, profile))
-    return clock.read(engine_callable(art, module, example_inputs, example_kwargs, profile))
+    return clock.read(engine_callable(art, module, example_inputs, example_kwargs, profile)), None
+
+
+def _engine_bytes(art: Any) -> int:
+    """The engine's files on disk (the ONNX graph and its external weights): about what a session
+    holds in memory."""
+    return sum(Path(f).stat().st_size for f in {Path(v) for v in art.files.values()} if Path(f).is_file())
 
 
 def _in_process(art: Any) -> bool:

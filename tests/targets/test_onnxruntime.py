@@ -248,7 +248,8 @@ def test_sessions_potstill_times_do_not_spin(cnn: nn.Module, tmp_path: Path) -> 
     assert profile_session.get_session_options().intra_op_num_threads == load_profile("cpu").threads
 
 
-def test_a_students_speedup_is_read_interleaved_with_the_teachers_engine(cnn: nn.Module, tmp_path: Path) -> None:
+def test_a_students_speedup_is_read_interleaved_with_the_teachers_engine(cnn: nn.Module, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The record pass times the student's engine in rounds alternating with the teacher's engine
     (``potstill.targets.speedup``), so the manifest's speed-up is one reading taken under one load,
     not two medians taken minutes apart (SmolLM2: 3.75x that way on a busy host, 1.52x interleaved).
@@ -256,9 +257,9 @@ def test_a_students_speedup_is_read_interleaved_with_the_teachers_engine(cnn: nn
     falls back to the two medians and says so."""
     from potstill.outputs.manifest import build_manifest
 
-    def compiled(with_teacher: bool) -> tuple[CompileState, dict]:
+    def compiled(with_teacher: bool, tag: str = "") -> tuple[CompileState, dict]:
         state = CompileState(teacher=cnn, example_inputs=(torch.randn(1, 3, 16, 16),), profile=load_profile("cpu"),
-                             out_dir=tmp_path / str(with_teacher), work_dir=tmp_path / f"work-{with_teacher}")
+                             out_dir=tmp_path / f"{with_teacher}{tag}", work_dir=tmp_path / f"work-{with_teacher}{tag}")
         if with_teacher:
             PassManager(build_pipeline("record.teacher")).run(state)
         state.students.append(state.new_student("s"))
@@ -281,3 +282,9 @@ def test_a_students_speedup_is_read_interleaved_with_the_teachers_engine(cnn: nn
     entry = {"latency_ms": record["latency_ms"], "speedup_timing": None}
     [got] = build_manifest(teacher, [entry], {}, None, "onnxruntime", {})["students"]
     assert got["speedup"] == 1.0 / record["latency_ms"]["median"] and got["speedup_method"] == "separate medians"
+
+    # two sessions that would take more than half the free memory: not timed together, and said
+    monkeypatch.setattr("potstill.inputs.memory.available_bytes", lambda: 1000)
+    _, record = compiled(True, "-tight")
+    assert record["speedup_timing"] is None
+    assert any("timed apart" in n and "half of the 0.0 GB free" in n for n in record["notes"]), record["notes"]
