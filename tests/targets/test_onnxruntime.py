@@ -288,3 +288,14 @@ def test_a_students_speedup_is_read_interleaved_with_the_teachers_engine(cnn: nn
     _, record = compiled(True, "-tight")
     assert record["speedup_timing"] is None
     assert any("timed apart" in n and "half of the 0.0 GB free" in n for n in record["notes"]), record["notes"]
+
+    # a timing that fails after the work is done leaves the two medians, and says why
+    monkeypatch.undo()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no session")
+
+    monkeypatch.setattr("potstill.targets.speedup.engine_callable", broken)
+    _, record = compiled(True, "-broken")
+    assert record["speedup_timing"] is None
+    assert any("interleaved failed (RuntimeError: no session)" in n for n in record["notes"]), record["notes"]
