@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_compile(args: argparse.Namespace) -> int:
     from potstill.driver import CompileOptions, compile_teacher
     from potstill.outputs.report import ratio_lines, results_table
+    from potstill.threads import fit_threads_to_free_cores
 
     out, err = _console(), _console(stderr=True)
 
@@ -203,6 +204,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         teacher_timing=not args.no_teacher_timing, progress=not (args.quiet or args.json),
         train_minutes=args.train_minutes, augment=not args.no_augment,
     )  # fmt: skip
+    fit_threads_to_free_cores(note)
     result = compile_teacher(opts, note=note)
     if not result.manifest:  # a torchrun rank other than 0: rank 0 reports
         return 0
