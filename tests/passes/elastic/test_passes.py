@@ -1,5 +1,9 @@
 """The elastic passes end to end on a tiny CNN: nest → train → search emits measured students
-within the budgets; options are strict."""
+within the budgets; options are strict.
+
+The images are 32x32, not the 8x8 the CNN was drawn for: at 8x8 its engine runs in microseconds,
+where a call's fixed cost hides the work a smaller subnet saves, and a 1.2x speed-up budget the
+cost model predicts is measured at ~1.03x (the search then rightly emits nothing)."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from potstill.state import CompileState
 from .conftest import TinyCNN, randomize_bn
 
 G = torch.Generator().manual_seed(0)
-X = torch.rand(96, 1, 8, 8, generator=G)
+X = torch.rand(96, 1, 32, 32, generator=G)
 Y = torch.randint(0, 10, (96,), generator=G)
 
 
