@@ -80,8 +80,9 @@ def minilm_corpus() -> Path:
 
 def compile_cli(case: str, ratio: float, out: Path, extra: list[str]) -> tuple[list[str], float, float]:
     calib = ["--calib", str(minilm_corpus())] if case == "minilm" and "--calib" not in extra else []
+    no_distill = [] if "--pipeline" in extra else ["--no-distill"]  # a pipeline says what runs
     cmd = [POTSTILL, "compile", teacher_spec(case), "--profile", "cpu", "--ratio", f"{ratio:g}",
-           "--no-distill", "--no-cache", "-o", str(out), *calib, *extra]
+           *no_distill, "--no-cache", "-o", str(out), *calib, *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()

@@ -187,6 +187,21 @@ def lower_hull(points: Sequence[tuple[float, float, int]]) -> list[tuple[float, 
     return hull
 
 
+def hull_steps(curves: Mapping[int, Sequence[tuple[int, float, float]]]) -> tuple[dict[int, int], list[tuple[float, int, int, float]]]:
+    """Each group's full width, and the steps along every group's lower convex hull of
+    ``(saved, loss)`` as ``(d loss / d saved, group, width, saved by the step)``, cheapest first."""
+    keep: dict[int, int] = {}
+    steps: list[tuple[float, int, int, float]] = []
+    for gid, options in curves.items():
+        full = max(options, key=lambda o: o[0])
+        keep[gid] = full[0]
+        hull = lower_hull([(s, loss, w) for w, loss, s in options])
+        for (x0, y0, _), (x1, y1, w1) in itertools.pairwise(hull):
+            steps.append(((y1 - y0) / (x1 - x0), gid, w1, x1 - x0))
+    steps.sort(key=lambda s: (s[0], s[1]))
+    return keep, steps
+
+
 def sensitivity_allocate(curves: Mapping[int, Sequence[tuple[int, float, float]]], needed: float) -> dict[int, int]:
     """Kept width per group, buying cost savings by the least loss per unit saved (NetAdapt / AMC).
 
@@ -198,15 +213,7 @@ def sensitivity_allocate(curves: Mapping[int, Sequence[tuple[int, float, float]]
     >>> sensitivity_allocate({0: [(8, 0, 0), (4, 1.0, 10)], 1: [(8, 0, 0), (4, 5.0, 10)]}, 10)
     {0: 4, 1: 8}
     """
-    keep: dict[int, int] = {}
-    steps: list[tuple[float, int, int, float]] = []
-    for gid, options in curves.items():
-        full = max(options, key=lambda o: o[0])
-        keep[gid] = full[0]
-        hull = lower_hull([(s, loss, w) for w, loss, s in options])
-        for (x0, y0, _), (x1, y1, w1) in itertools.pairwise(hull):
-            steps.append(((y1 - y0) / (x1 - x0), gid, w1, x1 - x0))
-    steps.sort(key=lambda s: (s[0], s[1]))
+    keep, steps = hull_steps(curves)
     saved = 0.0
     for _, gid, width, gain in steps:
         if saved >= needed:

@@ -5,7 +5,10 @@ latency when the profile has a measured latency table), ``macs_budget`` / ``para
 ``latency_budget_ms``, or ``per_kind`` (explicit fractions of *units* per kind). Giving none, or
 two, is an error; so are values out of range (ratio in (0, 1), budgets > 0).
 
-Where: ``allocation=auto`` (default) is ``latency`` where it applies, else ``global``.
+Where: ``allocation=auto`` (default) is ``latency`` where it applies, else ``global``; on a cheap
+model it also builds a student with ``allocation=sensitivity`` and keeps the better (below).
+``allocation=sensitivity`` measures each group's held-out loss at a few widths, pruned alone and
+refitted, and buys widths by the least loss per unit of cost saved (NetAdapt / AMC, ``sensitivity.py``).
 ``allocation=latency`` is Kwon et al. 2022's mask search under a latency constraint: each
 sublayer's latency as a function of its kept heads / neurons is measured on this host and heads and
 neurons are bought globally by Fisher under ``ratio`` of that latency (``latency_search.py``,
@@ -27,8 +30,9 @@ One estimator vocabulary across passes: ``importance=NAME`` runs that estimator 
 ``importance.NAME`` pass before ``prune.width`` provides the scores instead. Both at once with
 different names is an error (never silently one of them). With neither, ``auto``: on a cheap model
 (under ``CHEAP_MACS`` per forward pass) with held-out batches, one student per estimator in
-``AUTO_CANDIDATES`` and the one closest to the teacher on the held-out batches is kept (the
-comparison is recorded in ``metrics["prune"]["estimators"]``); otherwise the mask Fisher (Kwon et
+``AUTO_CANDIDATES``, plus one with the default estimator and widths by measured sensitivity, and the
+one closest to the teacher on the held-out batches is kept (the comparison is recorded in
+``metrics["prune"]["estimators"]``); otherwise the mask Fisher (Kwon et
 al.) when calibration data exists, magnitude without. Likewise ``reconstruct=auto`` keeps the refit
 only when it lowers the held-out output error (``metrics["prune"]["candidates"]``). Held-out batches
 are ``state.heldout_data`` when the driver split them off, else the last quarter of the calibration
@@ -63,6 +67,7 @@ from .allocate import allocate, rearrange
 from .budget import CostModel, layer_shapes
 from .latency_search import LatencyAllocation, allocate_latency, applies
 from .reconstruct import reconstruct
+from .sensitivity import SensitivityPlan, plan_sensitivity
 from .width_options import (
     ALL_BATCHES,
     DEFAULT_KINDS,
@@ -111,27 +116,31 @@ class WidthPrunePass(Pass):
             candidates = ()  # expansion channels are ordered by the projection's OBS, not by an estimator
         if not candidates:
             return self._run_one(state, student, choose_estimator(state, student, o))
-        # importance=auto on a cheap model: build one student per estimator, keep the one closest
-        # to the teacher on held-out batches, and record the comparison
+        # importance=auto on a cheap model: build one student per estimator (widths by the global
+        # allocation) and one with widths from measured sensitivity, keep the one closest to the
+        # teacher on held-out batches, and record the comparison
         _, heldout = fit_and_heldout(state, o.batches)
-        trials: list[tuple[float, str, Student]] = []
-        for name in candidates:
+        trials: list[tuple[float, int, str, str, Student]] = []
+        for i, (name, allocation) in enumerate(candidates):
             trial = Student(student.name, shared_copy(student.module), list(student.history),
                             metrics=copy.deepcopy(student.metrics), artifacts=dict(student.artifacts))
             state.students[-1] = trial
             # one budget for every candidate: the MACs (the host-timed latency search would give the
             # Fisher candidate another budget and make the comparison unfair)
-            self._run_one(state, trial, _Scores(get_estimator(name, batches=o.batches), None), comparing=True)
-            trials.append((heldout_error(student.module, trial.module, heldout), name, trial))
-        _, _, best = min(trials, key=lambda t: (t[0], candidates.index(t[1])))
+            self._run_one(state, trial, _Scores(get_estimator(name, batches=o.batches), None), comparing=True,
+                          allocation=allocation)
+            trials.append((heldout_error(student.module, trial.module, heldout), i, name, allocation, trial))
+        best = min(trials, key=lambda t: (t[0], t[1]))[-1]
         state.students[-1] = best
         best.metrics["prune"]["estimators"] = [
-            {"importance": n, "heldout_error": e, "chosen": t is best} for e, n, t in trials
+            {"importance": n, "allocation": a, "heldout_error": e, "chosen": t is best} for e, _, n, a, t in trials
         ]
         return PassResult(state, True)
 
-    def _run_one(self, state: CompileState, student: Student, method: Any, comparing: bool = False) -> PassResult:
+    def _run_one(self, state: CompileState, student: Student, method: Any, comparing: bool = False,
+                 allocation: str | None = None) -> PassResult:  # fmt: skip
         o: WidthOptions = self.options
+        allocation = allocation or o.allocation
         analysis = state.analysis(student)
         groups = select_groups(analysis, o)
         if not groups:
@@ -157,6 +166,10 @@ class WidthPrunePass(Pass):
             searched = None if comparing and o.allocation == "auto" else \
                 self._latency_search(state, student, groups, scores, method.comparable, table, multiple)
 
+        refit = o.refit or ("full" if exps else "scale")
+        sensed = self._sensitivity(state, student, analysis, groups, scores, budget, multiple, refit) \
+            if allocation == "sensitivity" and plan is None and searched is None and budget is not None else None
+
         def allocate_with(multiple: int) -> tuple[dict[int, int], dict[int, str]]:
             if o.per_kind:
                 per_kind = parse_per_kind(o.per_kind)
@@ -164,10 +177,12 @@ class WidthPrunePass(Pass):
             assert budget is not None
             if searched is not None:  # Kwon et al.'s search on this host's measured sublayer latencies
                 return searched.result.keep, dict.fromkeys(searched.result.keep, "latency-search")
-            if o.allocation == "local":
+            if allocation == "local":
                 return _local_budget(groups, budget, multiple, table, layers, uniform)
             if plan is not None:  # inverted-residual expansions: widths from measured per-block sensitivity
                 return dict(plan.keep), dict.fromkeys(plan.keep, "sensitivity")
+            if sensed is not None:  # widths from each group's measured held-out loss curve
+                return dict(sensed.keep), dict.fromkeys(sensed.keep, "sensitivity")
             try:
                 # --ratio asks "about R of the MACs": where the pinned part (embeddings, the
                 # output layer) makes R unreachable, prune as far as the floors allow and say so;
@@ -196,7 +211,6 @@ class WidthPrunePass(Pass):
         # auto: refit when there is calibration data, and keep the refit only if it is better on
         # held-out data (``choose_refit``)
         use_recon = o.reconstruct is True or (o.reconstruct is None and state.calib_data is not None)
-        refit = o.refit or ("full" if exps else "scale")
         keep_sets = self._prune(state, student, groups, final, labels, method, scores, o, use_recon, refit)
         widths = {
             labels[g.id]: {"kind": g.kind, "units": final[g.id], "of": g.n_units,
@@ -207,7 +221,7 @@ class WidthPrunePass(Pass):
         macs_after = float(student.metrics["arch"]["macs"])
         record: dict[str, Any] = {
             "importance": method.name, "allocation": "per_kind" if o.per_kind else "latency" if searched else
-            "global" if o.allocation == "auto" else o.allocation,
+            "global" if allocation == "auto" else allocation,
             "reconstructed": student.metrics.get("reconstructed", []) if use_recon else [],
             "rearranged": keep_sets, "macs_before": int(analysis.cost.macs), "macs_after": int(macs_after),
             "candidates": student.metrics.pop("prune_candidates", []),
@@ -216,6 +230,9 @@ class WidthPrunePass(Pass):
         if plan is not None:
             record["allocation"] = "sensitivity"
             record["blocks"] = plan.blocks
+        if sensed is not None:
+            record["allocation"] = "sensitivity"
+            record["sensitivity"] = sensed.record(labels)
         if searched is not None:
             record["budget"] = searched.record()
         elif budget is not None:
@@ -237,6 +254,25 @@ class WidthPrunePass(Pass):
         state.facts.discard("importance")
         state.facts.add("pruned")
         return PassResult(state, True)
+
+    def _sensitivity(self, state: CompileState, student: Student, analysis: Analysis,
+                     groups: list[CoupledGroup], scores: dict[int, np.ndarray], budget: Budget,
+                     multiple: int, refit: str) -> SensitivityPlan | None:  # fmt: skip
+        """Widths from measured per-group held-out loss curves (``sensitivity.py``)."""
+        o: WidthOptions = self.options
+        _, heldout = fit_and_heldout(state, o.batches)
+        if not heldout:
+            raise InputError("prune.width: allocation=sensitivity measures each width on held-out batches; "
+                             "give calibration data (--calib, --data or calib_data()) or use allocation=global")
+        fit_refit, _ = fit_and_heldout(state, o.refit_batches or ALL_BATCHES)
+        use_recon = o.reconstruct is not False and state.calib_data is not None
+
+        def repair(source: nn.Module, pruned: nn.Module, keep: dict[int, list[int]]) -> None:
+            if use_recon:
+                reconstruct(source, pruned, analysis, keep, fit_refit, o.ridge, mode=refit)
+
+        return plan_sensitivity(student.module, analysis, groups, scores, fit_refit if use_recon else [], heldout,
+                                budget.measure, budget.limit, multiple, o.floor, repair)
 
     def _latency_search(self, state: CompileState, student: Student, groups: list[CoupledGroup],
                         scores: dict[int, np.ndarray], comparable: bool, table: Any,
@@ -350,14 +386,19 @@ AUTO_CANDIDATES = ("fisher", "activation", "magnitude")
 CHEAP_MACS = 1e8
 
 
-def auto_candidates(state: CompileState, student: Student, o: WidthOptions) -> tuple[str, ...]:
-    """The estimators ``importance=auto`` compares on held-out data, or () to use the default alone
-    (an importance pass ran, an estimator was named, no data, nothing held out, or too costly)."""
+def auto_candidates(state: CompileState, student: Student, o: WidthOptions) -> tuple[tuple[str, str], ...]:
+    """The (estimator, allocation) pairs ``importance=auto`` compares on held-out data, or () to use
+    the default alone (an importance pass ran, an estimator was named, no data, nothing held out, or
+    too costly): each estimator with the global allocation, and, where ``allocation=auto`` and a
+    budget is given, the default estimator with widths from measured sensitivity."""
     if o.importance not in (None, "auto") or "importance" in state.facts or state.calib_data is None:
         return ()
     if state.analysis(student).cost.macs > CHEAP_MACS or not fit_and_heldout(state, o.batches)[1]:
         return ()
-    return AUTO_CANDIDATES
+    pairs = tuple((name, o.allocation) for name in AUTO_CANDIDATES)
+    if o.allocation == "auto" and not o.per_kind:
+        pairs += ((default_estimator(state, state.analysis(student)), "sensitivity"),)
+    return pairs
 
 
 def default_estimator(state: CompileState, analysis: Analysis) -> str:

@@ -34,7 +34,7 @@ ALL_BATCHES = 1 << 30
 
 #: options that say how much to prune; exactly one of them is required
 AMOUNT_OPTIONS = ("ratio", "per_kind", "macs_budget", "params_budget", "latency_budget_ms")
-ALLOCATIONS = ("auto", "latency", "global", "local")
+ALLOCATIONS = ("auto", "latency", "global", "local", "sensitivity")
 REFITS = ("scale", "full")
 SCOPES = ("auto", "all", "expansion")
 RATIO_OF = ("total", "prunable")

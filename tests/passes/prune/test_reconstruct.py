@@ -107,7 +107,7 @@ def test_pass_reduces_error_on_linear_and_pointwise_consumers():
         errors = []
         for recon in ("false", "true"):
             state = CompileState(model, (x,), calib_data=lambda shape=shape: [torch.randn(*shape) for _ in range(4)])
-            PassManager(build_pipeline(f"prune.width{{ratio=0.5,align=1,reconstruct={recon}}}")).run(state)
+            PassManager(build_pipeline(f"prune.width{{ratio=0.5,align=1,allocation=global,reconstruct={recon}}}")).run(state)
             with torch.no_grad():
                 errors.append(float((state.working().module(x) - model(x)).pow(2).mean()))
             if recon == "true":

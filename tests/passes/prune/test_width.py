@@ -211,3 +211,56 @@ def test_latency_budget_from_the_profile():
     cm2 = CostModel.build(s.module, b, (X,), with_layers=True)
     assert cm2.latency_ms({g.id: g.n_units for g in b.prunable()}, profile) <= budget * 1.01
     assert s.metrics["arch"]["macs"] < a.cost.macs
+
+
+def _sensitivity_state(net: nn.Module) -> tuple[CompileState, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    calib = [torch.randn(8, 3, 12, 12, generator=g) for _ in range(6)]
+    held = [torch.randn(8, 3, 12, 12, generator=g) for _ in range(2)]
+    state = CompileState.from_teacher(net, (X[:1],), calib_data=lambda: iter(calib), heldout_data=lambda: iter(held))
+    state.new_student("s")
+    return state, held
+
+
+def test_sensitivity_allocation_prunes_the_group_the_output_does_not_need():
+    """The second block's branch is scaled by 1e-3, so its hidden channels barely reach the output.
+    Magnitude scores, normalised per group, cannot see that; measured sensitivity can: it narrows
+    that group further, meets the same MACs budget by measurement, and lands closer to the teacher."""
+    from potstill.passes.prune.heldout import HeldoutReference, as_batches
+
+    net = make_net()
+    with torch.no_grad():
+        net.layers[1].b2.weight.mul_(1e-3)
+        net.layers[1].b2.bias.zero_()
+    found = {}
+    for allocation in ("global", "sensitivity"):
+        state, held = _sensitivity_state(net)
+        spec = f"prune.width{{ratio=0.3,importance=magnitude,allocation={allocation},align=4}}"
+        PassManager(build_pipeline(spec)).run(state)
+        student = state.students[0]
+        rec = student.metrics["prune"]
+        assert rec["allocation"] == allocation and rec["budget"]["met"], rec["budget"]
+        found[allocation] = (student.module.layers[1].c1.out_channels,
+                             HeldoutReference.of(net, as_batches(held)).loss(student.module))
+    assert found["sensitivity"][0] < found["global"][0], found
+    assert found["sensitivity"][1] < found["global"][1], found
+    curves = {c["group"]: c["loss"] for c in rec["sensitivity"]}
+    quiet = next(v for k, v in curves.items() if k.startswith("layers.1.c1"))
+    loud = next(v for k, v in curves.items() if k.startswith("layers.0.c1"))
+    assert quiet[min(quiet)] < loud[min(loud)]  # the measured curve is what tells them apart
+
+
+def test_auto_compares_sensitivity_with_the_estimators_and_keeps_the_closest():
+    state, _ = _sensitivity_state(make_net())
+    PassManager(build_pipeline("prune.width{ratio=0.3,align=4}")).run(state)
+    trials = state.students[0].metrics["prune"]["estimators"]
+    assert ("fisher", "sensitivity") in {(t["importance"], t["allocation"]) for t in trials}
+    chosen = [t for t in trials if t["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["heldout_error"] == min(t["heldout_error"] for t in trials)
+    assert state.students[0].metrics["prune"]["allocation"] == chosen[0]["allocation"].replace("auto", "global")
+
+
+def test_sensitivity_allocation_needs_held_out_batches():
+    state = CompileState(make_net(), (X,))  # no calibration data: nothing to hold out
+    with pytest.raises((InputError, PassError), match="allocation=sensitivity measures each width on held-out"):
+        PassManager(build_pipeline("prune.width{ratio=0.3,allocation=sensitivity}")).run(state)
