@@ -24,10 +24,14 @@ def build() -> tuple[nn.Module, nn.Module, TensorBatches]:
     return teacher, student, TensorBatches(x, y, batch_size=24, seed=3)
 
 
-def train(checkpoint_dir: Path | None = None, max_steps: int | None = None, resume: bool = False) -> nn.Module:
+def train(checkpoint_dir: Path | None = None, max_steps: int | None = None, resume: bool = False,
+          rows: list[int] | None = None) -> nn.Module:
+    """Train the supernet; ``rows`` collects the batch size of every forward pass of the student."""
     torch.set_num_threads(1)
     teacher, student, data = build()
     net = make_supernet(student, (torch.zeros(2, 6),))
+    if rows is not None:
+        student.register_forward_pre_hook(lambda _m, args: rows.append(int(args[0].shape[0])))
     cfg = TrainConfig(epochs=3, max_steps=max_steps, lr=1e-2, progress=False, checkpoint_dir=checkpoint_dir,
                       checkpoint_every=2 if checkpoint_dir else 0, resume=resume)
     train_supernet(net, teacher, data, cfg, random_subnets=1, temperature=2.0)
@@ -38,6 +42,8 @@ if __name__ == "__main__":
     import torch.distributed as dist
 
     out = Path(sys.argv[1])
-    student = train(out / "ck")
-    torch.save({"world": dist.get_world_size(), "state": student.state_dict()}, out / f"rank{dist.get_rank()}.pt")
+    rows: list[int] = []
+    student = train(out / "ck", rows=rows)
+    torch.save({"world": dist.get_world_size(), "state": student.state_dict(), "rows": sum(rows)},
+               out / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()

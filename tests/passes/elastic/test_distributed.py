@@ -28,10 +28,14 @@ def test_two_gloo_ranks_train_the_same_supernet(tmp_path: Path) -> None:
     assert not torch.allclose(ranks[0]["state"]["0.weight"], initial.state_dict()["0.weight"])
     assert (tmp_path / "ck").is_dir()
     # and the two ranks trained one supernet together: the same as one process on the whole batches
-    # (two ranks each training alone on all the data would agree with each other, not with this)
-    single = ddp_worker.train().state_dict()
+    # (two ranks each training alone on their halves would disagree with each other and with this)
+    rows: list[int] = []
+    single = ddp_worker.train(rows=rows).state_dict()
     for key, value in single.items():
         torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-5, atol=1e-6)
+    # with the work split: each rank's student saw half the rows one process sees (two ranks each
+    # training alone on all the data would reach the same weights, at twice the work)
+    assert ranks[0]["rows"] == ranks[1]["rows"] == sum(rows) // 2 > 0
 
 
 class _Crash(RuntimeError):
