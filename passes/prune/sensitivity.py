@@ -15,8 +15,9 @@ Losses measured one group at a time do not add exactly when every group is prune
 pass compares this allocation with the score-based global one on the same held-out batches and keeps
 the closer student (``width.py``, ``metrics["prune"]["allocations"]``).
 
-Cost: ``groups x widths`` prunings, refits and held-out passes, so ``allocation=auto`` uses it only
-below ``width.CHEAP_MACS`` per forward pass; ``allocation=sensitivity`` asks for it on any model.
+Cost: ``groups x widths`` prunings, refits and held-out passes (at most ``MAX_TRIALS``: a model with
+many groups measures fewer widths each), so ``allocation=auto`` uses it only below
+``width.CHEAP_MACS`` per forward pass; ``allocation=sensitivity`` asks for it on any model.
 """
 
 from __future__ import annotations
@@ -37,13 +38,24 @@ if TYPE_CHECKING:
     from potstill.ir.capture import Analysis, CoupledGroup
 
 #: candidate widths measured per group (the full width aside): enough for a convex hull with a few
-#: corners, few enough that a ten-group CNN costs about a hundred small prunings
+#: corners, few enough that a ten-group CNN costs about eighty small prunings
 WIDTHS_PER_GROUP = 8
+#: prunings measured in all: a model with many groups measures fewer widths per group (at least 2)
+MAX_TRIALS = 96
 
 
-def candidate_widths(n: int, step: int, floor: float) -> list[int]:
-    """Aligned widths below ``n`` down to ``floor * n`` (at least one step), at most
-    ``WIDTHS_PER_GROUP`` of them, evenly spread; descending.
+def widths_per_group(n_groups: int) -> int:
+    """How many widths each of ``n_groups`` groups measures within ``MAX_TRIALS``.
+
+    >>> widths_per_group(10), widths_per_group(24), widths_per_group(100)
+    (8, 4, 2)
+    """
+    return max(2, min(WIDTHS_PER_GROUP, MAX_TRIALS // max(n_groups, 1)))
+
+
+def candidate_widths(n: int, step: int, floor: float, most: int = WIDTHS_PER_GROUP) -> list[int]:
+    """Aligned widths below ``n`` down to ``floor * n`` (at least one step), at most ``most`` of
+    them, evenly spread and always including the narrowest; descending.
 
     >>> candidate_widths(64, 8, 0.1)
     [56, 48, 40, 32, 24, 16, 8]
@@ -52,10 +64,11 @@ def candidate_widths(n: int, step: int, floor: float) -> list[int]:
     """
     low = max(step, int(np.ceil(floor * n / step)) * step)
     widths = list(range(low, n, step))
-    if len(widths) > WIDTHS_PER_GROUP:
-        stride = int(np.ceil(len(widths) / WIDTHS_PER_GROUP))
-        widths = widths[::-1][stride - 1::stride][::-1] if stride > 1 else widths
-        widths = sorted({*widths, low})
+    if len(widths) > most:
+        stride = int(np.ceil(len(widths) / most))
+        widths = sorted({*widths[::-1][stride - 1::stride], low})
+        if len(widths) > most:  # the narrowest stays: drop the one above it
+            widths = [widths[0], *widths[2:]]
     return sorted(widths, reverse=True)
 
 
@@ -83,10 +96,11 @@ def plan_sensitivity(model: nn.Module, analysis: Analysis, groups: Sequence[Coup
     full = {g.id: g.n_units for g in groups}
     base = measure(full)
     curves: dict[int, list[tuple[int, float, float]]] = {}
+    most = widths_per_group(len(groups))
     for g in groups:
         step = unit_step(g.unit_channels, multiple)
         curve = [(g.n_units, 0.0, 0.0)]
-        for k in candidate_widths(g.n_units, step, floor):
+        for k in candidate_widths(g.n_units, step, floor, most):
             keep = {g.id: keep_top(g, scores[g.id], k)}
             pruned = prune_width(model, analysis, keep)
             if fit:

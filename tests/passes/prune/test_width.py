@@ -264,3 +264,22 @@ def test_sensitivity_allocation_needs_held_out_batches():
     state = CompileState(make_net(), (X,))  # no calibration data: nothing to hold out
     with pytest.raises((InputError, PassError), match="allocation=sensitivity measures each width on held-out"):
         PassManager(build_pipeline("prune.width{ratio=0.3,allocation=sensitivity}")).run(state)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 512), step=st.sampled_from([1, 2, 4, 8, 16]), floor=st.floats(0.0, 0.9),
+       groups=st.integers(1, 200))
+def test_sensitivity_widths_are_aligned_bounded_and_keep_the_narrowest(n, step, floor, groups):
+    from potstill.passes.prune.sensitivity import MAX_TRIALS, candidate_widths, widths_per_group
+
+    most = widths_per_group(groups)
+    assert most >= 2 and (groups * most <= MAX_TRIALS or most == 2)
+    widths = candidate_widths(n, step, floor, most)
+    assert widths == sorted(set(widths), reverse=True) and len(widths) <= most
+    assert all(0 < k < n and k % step == 0 for k in widths)
+    # allowed: multiples of the step at or above the floor (a width on the floor itself is left
+    # to rounding, either way)
+    every = [k for k in range(step, n, step) if k >= floor * n]
+    on_floor = any(abs(k - floor * n) < 1e-6 for k in range(step, n, step))
+    if every and not on_floor:
+        assert widths and widths[-1] == min(every)  # the narrowest allowed width is always measured
