@@ -191,10 +191,10 @@ def apply_refit(model: nn.Module, exp: Expansion, w: torch.Tensor, b: torch.Tens
 
 
 def candidate_widths(n: int, step: int, smallest: float = 0.25) -> list[int]:
-    """Aligned widths from ``n`` down to ``smallest * n`` (at least one step)."""
-    low = max(step, int(np.ceil(smallest * n / step)) * step)
-    widths = {n, *range(low, n, step)}
-    return sorted(widths, reverse=True)
+    """Aligned widths from ``n`` down to ``smallest * n`` (at least one step), every one of them."""
+    from .sensitivity import candidate_widths as below
+
+    return [n, *below(n, step, smallest, most=n)]
 
 
 @dataclass

@@ -13,7 +13,7 @@ ECCV 2018), solved as a multiple-choice knapsack instead of by one greedy step p
 
 Losses measured one group at a time do not add exactly when every group is pruned at once, so the
 pass compares this allocation with the score-based global one on the same held-out batches and keeps
-the closer student (``width.py``, ``metrics["prune"]["allocations"]``).
+the closer student (``width.py``, ``metrics["prune"]["estimators"]``).
 
 Cost: ``groups x widths`` prunings, refits and held-out passes (at most ``MAX_TRIALS``: a model with
 many groups measures fewer widths each), so ``allocation=auto`` uses it only below
@@ -85,7 +85,7 @@ class SensitivityPlan:
 
 
 def plan_sensitivity(model: nn.Module, analysis: Analysis, groups: Sequence[CoupledGroup],
-                     scores: Mapping[int, np.ndarray], fit: Sequence[Batch], heldout: Sequence[Batch],
+                     scores: Mapping[int, np.ndarray], heldout: Sequence[Batch],
                      measure: Callable[[Mapping[int, int]], float], limit: float, multiple: int,
                      floor: float, refit: Callable[[nn.Module, nn.Module, dict[int, list[int]]], None]) -> SensitivityPlan:  # fmt: skip
     """Measure each group's curve and allocate widths under ``measure(keep) <= limit`` (module
@@ -103,8 +103,7 @@ def plan_sensitivity(model: nn.Module, analysis: Analysis, groups: Sequence[Coup
         for k in candidate_widths(g.n_units, step, floor, most):
             keep = {g.id: keep_top(g, scores[g.id], k)}
             pruned = prune_width(model, analysis, keep)
-            if fit:
-                refit(model, pruned, keep)
+            refit(model, pruned, keep)
             loss = ref.loss(pruned)
             if np.isfinite(loss):  # a width that breaks the model is not an option
                 curve.append((k, loss, base - measure({**full, g.id: k})))

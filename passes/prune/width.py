@@ -271,8 +271,8 @@ class WidthPrunePass(Pass):
             if use_recon:
                 reconstruct(source, pruned, analysis, keep, fit_refit, o.ridge, mode=refit)
 
-        return plan_sensitivity(student.module, analysis, groups, scores, fit_refit if use_recon else [], heldout,
-                                budget.measure, budget.limit, multiple, o.floor, repair)
+        return plan_sensitivity(student.module, analysis, groups, scores, heldout, budget.measure, budget.limit,
+                                multiple, o.floor, repair)
 
     def _latency_search(self, state: CompileState, student: Student, groups: list[CoupledGroup],
                         scores: dict[int, np.ndarray], comparable: bool, table: Any,
