@@ -167,8 +167,7 @@ class WidthPrunePass(Pass):
                 self._latency_search(state, student, groups, scores, method.comparable, table, multiple)
 
         refit = o.refit or ("full" if exps else "scale")
-        sensed = self._sensitivity(state, student, analysis, groups, scores, budget, multiple, refit) \
-            if allocation == "sensitivity" and plan is None and searched is None and budget is not None else None
+        sensed: SensitivityPlan | None = None
 
         def allocate_with(multiple: int) -> tuple[dict[int, int], dict[int, str]]:
             if o.per_kind:
@@ -181,8 +180,10 @@ class WidthPrunePass(Pass):
                 return _local_budget(groups, budget, multiple, table, layers, uniform)
             if plan is not None:  # inverted-residual expansions: widths from measured per-block sensitivity
                 return dict(plan.keep), dict.fromkeys(plan.keep, "sensitivity")
-            if sensed is not None:  # widths from each group's measured held-out loss curve
-                return dict(sensed.keep), dict.fromkeys(sensed.keep, "sensitivity")
+            if allocation == "sensitivity":  # widths from each group's measured held-out loss curve
+                nonlocal sensed  # measured at this multiple (a fallback to 1 measures again)
+                sensed = measured = self._sensitivity(state, student, analysis, groups, scores, budget, multiple, refit)
+                return dict(measured.keep), dict.fromkeys(measured.keep, "sensitivity")
             try:
                 # --ratio asks "about R of the MACs": where the pinned part (embeddings, the
                 # output layer) makes R unreachable, prune as far as the floors allow and say so;
@@ -257,7 +258,7 @@ class WidthPrunePass(Pass):
 
     def _sensitivity(self, state: CompileState, student: Student, analysis: Analysis,
                      groups: list[CoupledGroup], scores: dict[int, np.ndarray], budget: Budget,
-                     multiple: int, refit: str) -> SensitivityPlan | None:  # fmt: skip
+                     multiple: int, refit: str) -> SensitivityPlan:  # fmt: skip
         """Widths from measured per-group held-out loss curves (``sensitivity.py``)."""
         o: WidthOptions = self.options
         _, heldout = fit_and_heldout(state, o.batches)
