@@ -102,6 +102,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "importance.blocks": "potstill.passes.importance.blocks",
     "prune.width": "potstill.passes.prune.width",
     "prune.depth": "potstill.passes.prune.depth",
+    "prune.experts": "potstill.passes.prune.experts",
     "bn.recalibrate": "potstill.passes.prune.bn_recalibrate",
     "fidelity": "potstill.fidelity",
     "distill": "potstill.passes.distill.pass_",

@@ -11,7 +11,9 @@ Two spellings:
   model) and the task's standard inputs are built (``potstill.inputs.hf_examples``).
 
 ``normalise_teacher`` then converts a teacher whose weights are neither float32 nor float16 to
-float32 and refuses oversized example inputs; ``run_teacher_once`` checks it runs on its example.
+float32, gives its sparse mixture-of-experts blocks a dispatch ``torch.export`` can capture
+(``potstill.inputs.moe``) and refuses oversized example inputs; ``run_teacher_once`` checks it runs
+on its example.
 Calibration and training batches are read by ``potstill.inputs.calibration``.
 """
 
@@ -348,11 +350,24 @@ def normalise_teacher(teacher: Teacher, note: Callable[[str], None]) -> bool:
         note("note: the teacher's config has use_cache=True; potstill compiles the forward without a key/value "
              "cache (a cache object is no tensor a captured graph can return) and set it to False")  # fmt: skip
         config.use_cache = False
+    _dense_moe(teacher.module, note)
     for i, a in enumerate(teacher.example_inputs):
         if isinstance(a, torch.Tensor) and a.numel() > MAX_INPUT_ELEMENTS:
             raise InputError(f"example input {i} has shape {tuple(a.shape)} ({a.numel():,} elements, more than "
                              f"{MAX_INPUT_ELEMENTS:,}); give a realistic --input-shape such as 1x3x224x224")  # fmt: skip
     return bool(odd)
+
+
+def _dense_moe(module: nn.Module, note: Callable[[str], None]) -> None:
+    """Sparse MoE blocks get the dense expert dispatch (``potstill.inputs.moe``), said once."""
+    from potstill.inputs.moe import export_friendly_moe
+
+    done = export_friendly_moe(module)
+    if done:
+        kinds = sorted({type(module.get_submodule(name)).__name__ for name in done})
+        note(f"note: {len(done)} mixture-of-experts blocks ({', '.join(kinds)}) run every expert on every token "
+             "and weight it by the router (zero where the token does not go): the same outputs, in a graph "
+             "torch.export can capture (the sparse dispatch's shapes depend on the data)")  # fmt: skip
 
 
 def check_input_shapes(shapes: Sequence[str]) -> None:

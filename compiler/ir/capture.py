@@ -87,7 +87,14 @@ def export(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: di
 
 
 def analyze(model: nn.Module, example_inputs: tuple[Any, ...], example_kwargs: dict[str, Any] | None = None) -> Analysis:
-    """Export ``model`` and compute coupled groups, blocks and costs."""
+    """Export ``model`` and compute coupled groups, blocks and costs.
+
+    Sparse mixture-of-experts blocks not yet given the dense dispatch (``potstill.inputs.moe``; a
+    compile's teacher has it from ``normalise_teacher``) get it here, in place: their outputs stay
+    the same and ``torch.export`` can capture them."""
+    from potstill.inputs.moe import export_friendly_moe
+
+    export_friendly_moe(model)
     was_training = model.training
     model.eval()
     try:

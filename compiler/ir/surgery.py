@@ -351,9 +351,10 @@ def remove_blocks(model: nn.Module, analysis: Analysis, names: Sequence[str]) ->
     return drop_children(new, by_container)
 
 
-def drop_children(new: nn.Module, by_container: Mapping[str, set[int]]) -> nn.Module:
+def drop_children(new: nn.Module, by_container: Mapping[str, set[int]], *, layers: bool = True) -> nn.Module:
     """Remove, in place, the children at the given indices of each container; renumber ``layer_idx``
-    and the config's layer count; remember each kept child's teacher index (``students_io``)."""
+    and the config's layer count (``layers``: the containers hold layers, not e.g. a mixture's
+    experts); remember each kept child's teacher index (``students_io``)."""
     origin: dict[str, list[int]] = dict(getattr(new, BLOCK_ORIGIN_ATTR, {}) or {})
     for cname, drop in by_container.items():
         container = new.get_submodule(cname)
@@ -368,13 +369,13 @@ def drop_children(new: nn.Module, by_container: Mapping[str, set[int]]) -> nn.Mo
         parent_name, _, attr = cname.rpartition(".")
         parent = new.get_submodule(parent_name) if parent_name else new
         setattr(parent, attr, replacement)
-        if isinstance(replacement, nn.ModuleList):
+        if layers and isinstance(replacement, nn.ModuleList):
             for i, layer in enumerate(replacement):
                 for sub in layer.modules():
                     if isinstance(getattr(sub, "layer_idx", None), int):
                         sub.layer_idx = i  # type: ignore[assignment]
     config = getattr(new, "config", None)
-    if config is not None and hasattr(config, "num_hidden_layers") and len(by_container) == 1:
+    if layers and config is not None and hasattr(config, "num_hidden_layers") and len(by_container) == 1:
         cname, drop = next(iter(by_container.items()))
         container = new.get_submodule(cname)
         if isinstance(container, nn.ModuleList) and config.num_hidden_layers == len(container) + len(drop):

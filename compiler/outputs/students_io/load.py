@@ -3,7 +3,8 @@
 The record is read and checked first (format, version, fields), then the weights' safetensors
 header against the record's shapes and dtypes, before any module is built; the teacher is built
 again (``teacher.build_teacher``), the recorded blocks dropped, the recorded attributes set, and
-every tensor given its saved shape and values.
+every tensor given its saved shape and values. Sparse mixture-of-experts blocks get the dense
+dispatch the compile gave them (``potstill.inputs.moe``: same outputs, capturable by ``torch.export``).
 """
 
 from __future__ import annotations
@@ -111,6 +112,22 @@ def _set_recorded_attrs(mod: nn.Module, name: str, attrs: Any, record_path: Path
         setattr(mod, key, value)
 
 
+def _check_experts(model: nn.Module, recorded: Any, record_path: Path) -> None:
+    """Each mixture-of-experts block of the rebuilt model holds the experts the record counts
+    (``experts``: block -> count; the kept ones are named in ``removed_blocks``)."""
+    from potstill.inputs.moe import expert_counts
+
+    if not recorded:
+        return
+    if not isinstance(recorded, Mapping):
+        raise InputError(f"{record_path}: 'experts' must be an object of block -> expert count")
+    counts = expert_counts(model)
+    for name, n in recorded.items():
+        if counts.get(str(name)) != n:
+            raise InputError(f"{record_path}: block '{name}' should hold {n} experts, the rebuilt model has "
+                             f"{counts.get(str(name))}; the folder was altered after potstill wrote it")
+
+
 def _add_linear_biases(model: nn.Module, extra: Mapping[str, torch.Tensor]) -> None:
     """Give a Linear the bias a pass added to it (FLAP's bias compensation on Llama's bias-free
     projections): ``NAME.bias`` saved, ``NAME`` an ``nn.Linear`` without one, shape ``[out_features]``."""
@@ -191,4 +208,8 @@ def load_student(
                     setattr(config, key, value)
                 except (AttributeError, TypeError, ValueError):
                     continue  # derived properties (e.g. use_return_dict) follow their sources
+    from potstill.inputs.moe import export_friendly_moe
+
+    _check_experts(model, record.get("experts"), record_path)
+    export_friendly_moe(model)  # as the compile ran it: a reloaded MoE student exports again
     return model.eval()

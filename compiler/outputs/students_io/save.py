@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from potstill.errors import InputError
+from potstill.inputs.moe import expert_counts
 from potstill.ir.surgery import BLOCK_ORIGIN_ATTR, attention_counts
 from torch import nn
 
@@ -87,6 +88,7 @@ def save_student(
         "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for n, t in tensors.items()},
         "tied": aliases,
         "heads": head_counts(module),
+        "experts": expert_counts(module),
         "student_config": config.to_dict() if config is not None and hasattr(config, "to_dict") else None,
         "weights": WEIGHTS_FILE,
         "loaders": [LOADER_POTSTILL],
