@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -418,17 +418,19 @@ def _score(task: str, measures: Mapping[str, float]) -> float:
 
 @torch.no_grad()
 def measure_fidelity(
-    teacher: nn.Module,
+    teacher: nn.Module | Sequence[Any],
     student: nn.Module,
     batches: Callable[[], Iterable[Any]] | Iterable[Any],
     task: str | None = None,
 ) -> Fidelity:
     """Measure ``student`` against ``teacher`` on ``batches`` (a data function or an iterable).
 
-    ``task`` defaults to :func:`infer_task` on the teacher's output for the first batch. Both
-    models run in eval mode without gradients (their modes are restored after); the result is
-    deterministic for deterministic models. Raises ``ValueError`` when the outputs' shapes differ
-    and ``InputError`` when there are no batches.
+    ``teacher`` is a module, or its outputs on ``batches`` in order (when the teacher is the
+    student itself under hooks, or its outputs are cached). ``task`` defaults to
+    :func:`infer_task` on the teacher's output for the first batch. Both models run in eval mode
+    without gradients (their modes are restored after); the result is deterministic for
+    deterministic models. Raises ``ValueError`` when the outputs' shapes differ and ``InputError``
+    when there are no batches.
 
     >>> net = nn.Linear(4, 3)
     >>> measure_fidelity(net, net, [torch.randn(5, 4)]).score
@@ -436,15 +438,18 @@ def measure_fidelity(
     """
     if task is not None and task not in TASKS:
         raise InputError(f"fidelity task '{task}': expected one of {', '.join(TASKS)}")
-    modes = [(m, m.training) for m in (teacher, student)]
-    teacher.eval()
-    student.eval()
+    module = teacher if isinstance(teacher, nn.Module) else None
+    cached = iter(()) if module is not None else iter(cast(Sequence[Any], teacher))
+    modes = [(m, m.training) for m in (module, student) if m is not None]
+    for m, _ in modes:
+        m.eval()
     acc: _Measure | None = None
     try:
         for batch in iter_batches(batches):
-            t_out, s_out = batch.run(teacher), batch.run(student)
+            t_out = batch.run(module) if module is not None else next(cached)
+            s_out = batch.run(student)
             if acc is None:
-                task = task or infer_task(teacher, None, t_out)
+                task = task or infer_task(module if module is not None else student, None, t_out)
                 acc = _MEASURES[task]()
             acc.add(t_out, s_out, batch)
     finally:

@@ -10,13 +10,19 @@ arXiv 1908.09791 §3.2; Minitron/Nemotron Elastic's nested sub-networks, arXiv 2
 LayerNorm/RMSNorm over a permuted hidden dim are invariant too: the mean and variance do not
 depend on the order. Pinned groups are left alone.
 
-Depth is nested by ranking each stage's blocks by Minitron's Block Importance
-``1 − mean cos(h_in, h_out)`` (``passes/importance/blocks.py``): depth ``d`` keeps the ``d`` most
-important blocks of the stage.
+Depth is nested by ranking each stage's blocks so that depth ``d`` keeps the ``d`` blocks whose
+removal the output minds least, greedily: drop the block whose removal (with those dropped before)
+keeps the highest fidelity to the full network on the calibration batches, re-score, repeat
+(the iterative, output-measured ranking of ShortGPT-style depth pruning, on the search's own
+objective). A stage of more than ``GREEDY_MAX_BLOCKS`` blocks (``n(n-1)/2`` evaluations) is ranked
+by Minitron's Block Importance ``1 − mean cos(h_in, h_out)`` instead (``passes/importance/blocks.py``).
+Measured on all-MiniLM-L6-v2 before any training, held-out cosine of the full-width subnet at
+depth 3 / 4 / 5: 0.736 / 0.853 / 0.940 greedy, 0.621 / 0.843 / 0.940 by Block Importance.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -81,8 +87,14 @@ def nest_widths(
     return orders
 
 
+#: the largest stage ranked by greedy, measured removal; larger ones use Block Importance
+GREEDY_MAX_BLOCKS = 12
+#: calibration batches the greedy ranking measures on
+RANK_BATCHES = 8
+
+
 def rank_blocks(model: nn.Module, analysis: Analysis, batches: Sequence[Batch]) -> dict[str, list[str]]:
-    """Each block container's blocks, most important first (Block Importance on ``batches``)."""
+    """Each block container's blocks, most important first (see the module docstring)."""
     from potstill.passes.importance.blocks import block_influence
 
     by_container: dict[str, list[str]] = {}
@@ -91,12 +103,41 @@ def rank_blocks(model: nn.Module, analysis: Analysis, batches: Sequence[Batch]) 
     by_container = {c: names for c, names in by_container.items() if len(names) > 1}
     if not by_container:
         return {}
-    names = [n for ns in by_container.values() for n in ns]
     was = model.training
     model.eval()
     try:
-        scores = block_influence(model, names, list(batches))
+        large = [n for ns in by_container.values() if len(ns) > GREEDY_MAX_BLOCKS for n in ns]
+        scores = block_influence(model, large, list(batches)) if large else {}
+        out = {}
+        for c, ns in by_container.items():
+            if len(ns) > GREEDY_MAX_BLOCKS:
+                # ties (e.g. identical blocks) keep the later block last, as OFA drops the last blocks first
+                out[c] = sorted(ns, key=lambda n: (-scores[n], ns.index(n)))
+            else:
+                out[c] = greedy_block_order(model, ns, list(batches)[:RANK_BATCHES])
     finally:
         model.train(was)
-    # ties (e.g. identical blocks) keep the later block last, as OFA drops the last blocks first
-    return {c: sorted(ns, key=lambda n: (-scores[n], ns.index(n))) for c, ns in by_container.items()}
+    return out
+
+
+def greedy_block_order(model: nn.Module, names: Sequence[str], batches: Sequence[Batch]) -> list[str]:
+    """``names`` most important first: repeatedly drop the block whose removal keeps the highest
+    fidelity to ``model``'s own outputs (ties: the later block goes first)."""
+    from potstill.fidelity import measure_fidelity
+    from potstill.inputs.data import as_batch
+    from potstill.passes.importance.blocks import skipped
+
+    batches = [as_batch(b) for b in batches]
+    with torch.no_grad():
+        reference = [b.run(model) for b in batches]
+    left, dropped = list(names), list[str]()
+    while len(left) > 1:
+        def kept(name: str) -> tuple[float, int]:
+            with skipped(model, [*dropped, name]):
+                score = measure_fidelity(reference, model, batches).score
+            return (score if math.isfinite(score) else -1.0, names.index(name))  # NaN ranks last
+
+        best = max(left, key=kept)
+        dropped.append(best)
+        left.remove(best)
+    return [*left, *reversed(dropped)]

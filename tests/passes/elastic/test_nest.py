@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from potstill.inputs.data import primary_output
+from potstill.inputs.data import as_batch, primary_output
 from potstill.ir.capture import analyze
 from potstill.passes.elastic import extract, make_supernet, permute_group
 from potstill.passes.elastic.space import SubnetConfig
@@ -124,3 +124,72 @@ def test_an_extracted_subnet_owns_its_batchnorm_statistics(cnn) -> None:
     before = _out(student, (X,), {})
     recalibrate_bn(net, space.largest(), [X * 3 + 1])  # other statistics
     torch.testing.assert_close(_out(student, (X,), {}), before)
+
+
+class _Scaled(torch.nn.Module):
+    """``x + a · tanh(W x) ⊙ m``: a residual block whose branch weighs ``a`` and writes the channels
+    ``m`` selects; every block and the head read channels 0..7 only."""
+
+    def __init__(self, a: float, seed: int, write_hidden: bool = False) -> None:
+        super().__init__()
+        self.a = a
+        self.lin = torch.nn.Linear(16, 16)
+        torch.nn.init.normal_(self.lin.weight, std=1.0, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            self.lin.weight[:, 8:] = 0
+        mask = torch.zeros(16)
+        mask[8:] = 1.0
+        self.register_buffer("m", mask if write_hidden else 1 - mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.a * torch.tanh(self.lin(x)) * self.m
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self, weights: list[float], hidden_writer: int | None = None) -> None:
+        super().__init__()
+        self.blocks = torch.nn.Sequential(*(_Scaled(a, i, i == hidden_writer) for i, a in enumerate(weights)))
+        self.head = torch.nn.Linear(16, 10)
+        with torch.no_grad():
+            self.head.weight[:, 8:] = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+
+def test_depth_keeps_the_blocks_whose_removal_costs_the_most_fidelity() -> None:
+    """Branches weighing 3, 0.1, 1 and 0.5, where the first writes channels nothing reads: it moves
+    the hidden state most (Block Importance would keep it first) and the output not at all, so it
+    is the first dropped; the rest rank by weight."""
+    from potstill.passes.elastic.nest import greedy_block_order
+    from potstill.passes.importance.blocks import block_influence
+
+    torch.manual_seed(0)
+    model = _Stack([3.0, 0.1, 1.0, 0.5], hidden_writer=0).eval()
+    names = [f"blocks.{i}" for i in range(4)]
+    batches = [torch.randn(32, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with torch.no_grad():
+        reference = model(batches[0])
+    bi = block_influence(model, names, [as_batch(b) for b in batches])
+    assert max(bi, key=bi.__getitem__) == "blocks.0"  # the case Block Importance gets wrong
+    order = greedy_block_order(model, names, batches)
+    assert order == ["blocks.2", "blocks.3", "blocks.1", "blocks.0"]
+    # through make_supernet: depth d keeps the first d of that order
+    net = make_supernet(model, (batches[0],), {}, batches=batches)
+    (depth,) = net.space.depth_dims
+    assert list(depth.order) == order
+    # ranking runs the model with blocks skipped: afterwards it computes what it did
+    torch.testing.assert_close(model(batches[0]), reference)
+
+
+def test_fidelity_to_cached_outputs_equals_fidelity_to_the_module() -> None:
+    from potstill.fidelity import measure_fidelity
+
+    torch.manual_seed(0)
+    teacher, student = _Stack([1.0, 1.0]).eval(), _Stack([1.0, 0.5]).eval()
+    batches = [torch.randn(16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.no_grad():
+        cached = [teacher(b) for b in batches]
+    live = measure_fidelity(teacher, student, batches)
+    assert 0 < live.score < 1
+    assert measure_fidelity(cached, student, batches).score == pytest.approx(live.score)

@@ -96,3 +96,26 @@ def test_an_impossible_latency_budget_binds() -> None:
     with pytest.raises(Exception, match="no subnet fits the budgets"):
         PassManager(build_pipeline(spec)).run(state)
     assert not [s for s in state.students if "elastic" in s.metrics]
+
+
+@pytest.mark.parametrize(("kind", "lr", "loss"), [("cnn", 1e-3, "kd"), ("llama", 3e-5, "kd")])
+def test_the_sandwich_lr_follows_the_teacher(kind: str, lr: float, loss: str) -> None:
+    """A language model (a pretrained transformer) trains at the low lr, a CNN at 1e-3; a given lr wins."""
+    from .conftest import tiny_llama
+
+    if kind == "cnn":
+        state = _state()
+    else:
+        model, kwargs = tiny_llama()
+        model.config.architectures = ["LlamaForCausalLM"]  # as a saved checkpoint's config says
+        from potstill.inputs.data import Batch
+
+        batches = [Batch((), {"input_ids": kwargs["input_ids"]})] * 2
+        state = CompileState(model, (), example_kwargs=kwargs, profile=load_profile("cpu"),
+                             calib_data=lambda: batches, train_data=lambda: batches)
+    PassManager(build_pipeline("elastic.nest{depth=false},elastic.train{max_steps=1,random_subnets=0}")).run(state)
+    training = state.records["elastic"]["training"]
+    assert (training["lr"], training["loss"]) == (lr, loss)
+    state = _state()
+    PassManager(build_pipeline("elastic.nest{depth=false},elastic.train{max_steps=1,random_subnets=0,lr=0.01}")).run(state)
+    assert state.records["elastic"]["training"]["lr"] == 0.01
