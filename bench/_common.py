@@ -10,6 +10,7 @@ import os
 import random
 import re
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -91,6 +92,36 @@ def interleaved_latency(models: dict[str, OrtModel], rounds: int = 12, per_round
                 m.run()
                 times[name].append((time.perf_counter() - t0) * 1e3)
     return {k: {"median": statistics.median(v), "p90": float(np.percentile(v, 90))} for k, v in times.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def cli_compile(spec: Sequence[str], out: Path, *flags: str, timeout: float | None = None
+                ) -> tuple[subprocess.CompletedProcess[str], float, dict[str, Any] | None]:
+    """``potstill compile SPEC... FLAGS... -o OUT`` in a child process (offline), as a user runs it.
+
+    Returns the finished process, its wall time (s) and ``OUT/manifest.json`` (None on failure).
+    """
+    # COLUMNS: rich wraps what the CLI prints at 80 columns off a terminal; one message, one line
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "1000"}
+    cmd = [sys.executable, "-m", "potstill.cli", "compile", *spec, *flags, "-o", str(out)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=timeout)
+    wall = time.time() - t0
+    manifest = out / "manifest.json"
+    man = json.loads(manifest.read_text()) if proc.returncode == 0 and manifest.is_file() else None
+    return proc, wall, man
+
+
+def first_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The first line of a failed CLI's error (its ``error:`` line when it printed one)."""
+    lines = [ln.strip() for ln in (proc.stderr + "\n" + proc.stdout).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.lower().startswith("error"):
+            return ln
+    return lines[-1] if lines else f"exit {proc.returncode}, no output"
 
 
 # ---------------------------------------------------------------------------------------------

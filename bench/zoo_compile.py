@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from rich.console import Console
@@ -22,10 +19,12 @@ from rich.table import Table
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from _common import cli_compile  # noqa: E402
 
 
 def teachers(tmp: Path) -> dict[str, list[str]]:
-    sys.path.insert(0, str(HERE))
     from zoo_models import save_small_hf
 
     hf = save_small_hf(tmp)
@@ -49,24 +48,19 @@ def main() -> None:
     args = ap.parse_args()
     console = Console(width=160)
     rows = []
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for name, spec in teachers(tmp).items():
             if args.only and name not in args.only:
                 continue
             out = tmp / f"out-{name}"
-            cmd = [sys.executable, "-m", "potstill.cli", "compile", *spec, "--profile", args.profile,
-                   "--ratio", args.ratio, "-o", str(out)]
-            console.print(f"[bold]{name}[/]: {' '.join(cmd[2:])}")
-            t0 = time.time()
-            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
-            wall = time.time() - t0
-            if proc.returncode != 0:
+            flags = ["--profile", args.profile, "--ratio", args.ratio]
+            console.print(f"[bold]{name}[/]: potstill compile {' '.join([*spec, *flags])} -o {out}")
+            proc, wall, man = cli_compile(spec, out, *flags)
+            if man is None:
                 console.print(f"[red]{name} failed[/] ({proc.returncode}):\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
                 rows.append({"model": name, "ok": False, "error": (proc.stderr or proc.stdout)[-400:]})
                 continue
-            man = json.loads((out / "manifest.json").read_text())
             t = man["teacher"]
             for s in man["students"]:
                 rows.append({
