@@ -226,7 +226,6 @@ class CouplingAnalysis:
             piece = table.root(first)
             piece.n_units = math.gcd(piece.n_units, k)
             piece.pinned, piece.inexact = list(root.pinned), list(root.inexact)
-            piece.sized_by = list(root.sized_by)
             piece.kind, piece.producer = root.kind, root.producer
         for maps in self.param_dims.values():
             for d, dm in enumerate(maps):

@@ -63,9 +63,6 @@ class SpaceInfo:
     pinned: list[str] = field(default_factory=list)
     inexact: list[str] = field(default_factory=list)
     param_dim: tuple[str, int] | None = None  # the parameter dim this space was made for, if any
-    #: factory ops (``zeros``, ``full``, ...) that made a tensor this wide: its size is a constant of
-    #: the graph, so a narrowed forward must be run to see that the module sizes it by the pruned width
-    sized_by: list[str] = field(default_factory=list)
 
 
 _KIND_RANK = {"channels": 0, "neurons": 1, "conv_groups": 2, "hidden": 3, "vocab": 4}
@@ -113,7 +110,6 @@ class SpaceTable:
             self.parent[rb] = ra
             ia.pinned += [p for p in ib.pinned if p not in ia.pinned]
             ia.inexact += [p for p in ib.inexact if p not in ia.inexact]
-            ia.sized_by += [p for p in ib.sized_by if p not in ia.sized_by]
             if ia.producer is None:
                 ia.producer = ib.producer
             if _KIND_RANK.get(ib.kind, 0) > _KIND_RANK.get(ia.kind, 0):
@@ -176,7 +172,8 @@ RULES: dict[str, Rule] = {}
 NO_OP = {
     "_assert_tensor_metadata", "_assert_scalar", "sym_size", "sym_numel", "sym_stride",
     "sym_constrain_range_for_size", "sym_constrain_range", "_assert_async", "scalar_tensor",
-    "arange", "lift_fresh_copy", "detach_", "_check_is_size", "eye", "randn", "rand", "tensor",
+    "arange", "ones", "zeros", "full", "empty", "lift_fresh_copy", "detach_", "_check_is_size",
+    "eye", "randn", "rand", "new_ones", "new_zeros", "new_full", "new_empty", "tensor",
     # vmap bookkeeping around transformers' mask functions: nesting levels, no tensor
     "lazy_load_decompositions", "_vmap_increment_nesting", "_vmap_decrement_nesting",
 }
@@ -240,9 +237,6 @@ class CoupledGroup:
     pinned: str | None = None
     exact: bool = True
     inexact_reason: str | None = None
-    #: the factory ops that made a tensor as wide as these channels (``potstill.ir.surgery_probe``
-    #: checks that the module's forward follows a narrowing), else ``None``
-    sized_by: str | None = None
     unit_channels: int = 1
     producer: str | None = None
     macs_per_unit: float = 0.0
