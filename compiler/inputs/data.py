@@ -55,6 +55,30 @@ class Batch:
         return model(*self.args, **self.kwargs)
 
 
+def token_mask(batch: Batch) -> torch.Tensor | None:
+    """The batch's 2-D ``attention_mask`` (0 marks padding), else None."""
+    mask = batch.kwargs.get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def run_with_masks(model: Callable[..., Any], batches: Iterable[Any], on_mask: Callable[[torch.Tensor | None], None]) -> None:
+    """Run ``model`` over ``batches`` in eval mode without gradients (its mode restored after),
+    handing each batch's ``token_mask`` to ``on_mask`` first: hooks that gather statistics read it
+    to leave padding tokens out."""
+    training = getattr(model, "training", None)
+    if training is not None:
+        model.eval()  # type: ignore[attr-defined]
+    try:
+        with torch.no_grad():
+            for raw in batches:
+                batch = as_batch(raw)
+                on_mask(token_mask(batch))
+                batch.run(model)
+    finally:
+        if training is not None:
+            model.train(training)  # type: ignore[attr-defined]
+
+
 def as_batch(obj: Any) -> Batch:
     if isinstance(obj, Batch):
         return obj

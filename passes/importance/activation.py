@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-from potstill.inputs.data import Batch
+from potstill.inputs.data import Batch, run_with_masks
 from potstill.state import CompileState
 from torch import nn
 
@@ -109,11 +109,6 @@ class _SiteStat:
         return self.total.sqrt().cpu().numpy()
 
 
-def _attention_mask(batch: Batch) -> torch.Tensor | None:
-    mask = batch.kwargs.get("attention_mask")
-    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-
-
 def collect_site_stats(
     model: nn.Module, sites: Iterable[tuple[str, str]], batches: Iterable[Batch]
 ) -> dict[tuple[str, str], np.ndarray]:
@@ -141,19 +136,15 @@ def collect_site_stats(
                     stat.add(out)
 
             handles.append(mod.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
+    def set_mask(mask: torch.Tensor | None) -> None:
+        for s in stats.values():
+            s.mask = mask
+
     try:
-        with torch.no_grad():
-            for batch in batches:
-                mask = _attention_mask(batch)
-                for s in stats.values():
-                    s.mask = mask
-                batch.run(model)
+        run_with_masks(model, batches, set_mask)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return {k: s.imp() for k, s in stats.items() if s.total is not None}
 
 

@@ -81,7 +81,7 @@ class ExpertOptions:
 def expert_statistics(model: nn.Module, batches: Sequence[Any]) -> dict[str, dict[str, torch.Tensor]]:
     """Per MoE block of ``model``: ``{"frequency": [E], "weight": [E], "tokens": []}``, the router's
     choices on ``batches`` (padding tokens, where a 2-D ``attention_mask`` marks them, left out)."""
-    from potstill.inputs.data import as_batch
+    from potstill.inputs.data import run_with_masks
 
     blocks = moe_blocks(model)
     stats = {name: {"frequency": torch.zeros(len(b.experts), dtype=torch.float64),  # type: ignore[arg-type]
@@ -108,19 +108,11 @@ def expert_statistics(model: nn.Module, batches: Sequence[Any]) -> dict[str, dic
         return pre
 
     handles = [b.register_forward_pre_hook(hook(n, b), with_kwargs=True) for n, b in blocks.items()]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            for raw in batches:
-                batch = as_batch(raw)
-                mask = batch.kwargs.get("attention_mask")
-                current["mask"] = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-                batch.run(model)
+        run_with_masks(model, batches, lambda mask: current.__setitem__("mask", mask))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return stats
 
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from potstill.inputs.data import Batch
+from potstill.inputs.data import Batch, run_with_masks
 from torch import nn
 
 if TYPE_CHECKING:
@@ -103,11 +103,7 @@ def input_stats(model: nn.Module, names: Sequence[str], batches: Sequence[Batch]
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     try:
-        with torch.no_grad():
-            for b in batches:
-                mask = b.kwargs.get("attention_mask")
-                current["mask"] = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-                b.run(model)
+        run_with_masks(model, batches, lambda mask: current.__setitem__("mask", mask))
     finally:
         for h in handles:
             h.remove()

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from potstill.inputs.data import Batch
+from potstill.inputs.data import Batch, run_with_masks, token_mask
 from potstill.ir.cow import unshare
 from potstill.ir.layerwise import (
     BlockInput,
@@ -112,18 +112,11 @@ def collect_grams(model: nn.Module, names: Iterable[str], batches: Sequence[Batc
             grams[name] = grams[name] + g if name in grams else g
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            for b in batches:
-                m = b.kwargs.get("attention_mask")
-                mask_box[0] = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
-                b.run(model)
+        run_with_masks(model, batches, lambda mask: mask_box.__setitem__(0, mask))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return grams
 
 
@@ -200,17 +193,12 @@ Inputs = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | N
 Captures = Callable[[str | None], Iterator[Inputs]]
 
 
-def _mask(batch: Batch) -> torch.Tensor | None:
-    m = batch.kwargs.get("attention_mask")
-    return m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
-
-
 def _whole_model_captures(source: nn.Module, student: nn.Module, name: str, batches: Sequence[Batch],
                           norm: str | None) -> Iterator[Inputs]:  # fmt: skip
     """Per batch, a forward pass of each model stopped at layer ``name``."""
     for b in batches:
-        xs, zs = _capture(student, name, b, _mask(b), norm)
-        xt, zt = _capture(source, name, b, _mask(b), norm)
+        xs, zs = _capture(student, name, b, token_mask(b), norm)
+        xt, zt = _capture(source, name, b, token_mask(b), norm)
         yield xs, zs, xt, zt
 
 
@@ -252,7 +240,7 @@ def _reconstruct_layerwise(source: nn.Module, student: nn.Module, container: str
     src_blocks, dst_blocks = list(source.get_submodule(container).children()), list(student.get_submodule(container).children())
     xt = first_block_inputs(source, src_blocks[0], batches)
     xs = first_block_inputs(student, dst_blocks[0], batches)
-    masks = [_mask(b) for b in batches]
+    masks = [token_mask(b) for b in batches]
     prefix = f"{container}." if container else ""
     for i, (src, dst) in enumerate(zip(src_blocks, dst_blocks)):
         head = f"{prefix}{i}."
