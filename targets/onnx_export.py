@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from potstill.errors import PotstillError
 from potstill.inputs.data import primary_output
+from potstill.inputs.ssm import scan_friendly_ssm
 from torch import nn
 
 from .large_onnx import check_onnx, needs_external_data, onnx_destination
@@ -198,15 +199,19 @@ def export_onnx(
     with onnx_destination(path) as tmp:
         errors: list[str] = []
         axes: dict[str, dict[int, str]] = {}
-        for batch, seq_names in attempts:
-            axes = _axes(spec.names, flat, batch, seq_names)
-            try:
-                _export(wrapper, flat, tmp, spec.names, out_names, axes, max_sequence(module), dynamo=True,
-                        external_data=external)
-                exporter = "torch.onnx dynamo"
-                break
-            except Exception as e:  # the dynamo exporter fails on some graphs: try less, then fall back
-                errors.append(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+        # state-space mixers run their recurrence as one scan, not a loop unrolled over the tokens
+        with scan_friendly_ssm(module) as scans:
+            for batch, seq_names in attempts:
+                axes = _axes(spec.names, flat, batch, seq_names)
+                try:
+                    _export(wrapper, flat, tmp, spec.names, out_names, axes, max_sequence(module), dynamo=True,
+                            external_data=external, export_first=scans > 0)
+                    exporter = "torch.onnx dynamo"
+                    break
+                except Exception as e:  # the dynamo exporter fails on some graphs: try less, then fall back
+                    errors.append(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+        if scans and exporter:
+            notes.append(f"{scans} state-space mixer(s) exported with their recurrence as an ONNX Scan over time")
         if not exporter:
             axes = _axes(spec.names, flat, dynamic_batch, [])
             notes.append(f"dynamo ONNX export failed ({errors[-1]}); used the TorchScript exporter")
@@ -248,7 +253,10 @@ def _export(
     *,
     dynamo: bool,
     external_data: bool = False,
+    export_first: bool = False,
 ) -> None:
+    """``export_first``: capture with ``torch.export.export`` and hand the program to the exporter
+    (the exporter's own capture of a graph with a ``scan`` fails in its decomposition)."""
     sink = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink), _quiet("torch.onnx"):
         warnings.simplefilter("ignore")
@@ -260,12 +268,18 @@ def _export(
                     # a tenth of a second at 16 kHz: convolutional feature encoders need a receptive field
                     "samples": torch.export.Dim("samples", min=1600, max=1 << 24)}
             shapes = (tuple({d: dims[a] for d, a in axes[n].items()} if n in axes else None for n in names),)
+            source: Any = wrapper
+            if export_first:
+                source = torch.export.export(wrapper, flat, dynamic_shapes=shapes if axes else None, strict=False)
             program = torch.onnx.export(
-                wrapper, flat, dynamo=True, optimize=False, input_names=names,
-                output_names=out_names, dynamic_shapes=shapes if axes else None, verbose=False,
+                source, flat, dynamo=True, optimize=False, input_names=names,
+                output_names=out_names, dynamic_shapes=None if export_first or not axes else shapes, verbose=False,
             )
             if program is None:  # dynamo=True without a file returns the ONNXProgram
                 raise PotstillError("torch.onnx.export returned no ONNX program")
+            if export_first and axes:  # a captured program names its axes by symbol (s0, s1): name them
+                with contextlib.suppress(Exception):
+                    program._rename_dynamic_axes(shapes)
             fold_and_clean(program.model)
             program.save(str(path), external_data=external_data)
         else:

@@ -217,6 +217,7 @@ def _build_groups(ca: CouplingAnalysis, param_modules: dict[str, str], norm_modu
                 kind=kind, pinned=pinned, exact=not info.inexact,
                 inexact_reason="; ".join(info.inexact[:2]) if info.inexact else None,
                 unit_channels=unit_channels, producer=info.producer,
+                sized_by=", ".join(info.sized_by[:3]) if info.sized_by else None,
             )
         )
     _label_attention(groups)

@@ -74,6 +74,7 @@ class CouplingAnalysis:
         self.dims: dict[fx.Node, Any] = {}
         self.unknown_ops: dict[str, list[str]] = {}
         self.renamed: dict[int, tuple[int, ...]] = {}  # refined space -> its pieces
+        self.voided = False  # whether some class of filled spaces became void (``resolve`` reads it)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -146,9 +147,17 @@ class CouplingAnalysis:
         if a is None and b is None:
             return None
         if a is None or b is None:
-            # A non-channel dim of the same length joined with channels: those channels are fixed.
-            self.pin_map(a if b is None else b, f"{why}: joined with a non-channel dim")
-            return a if b is None else b
+            # A non-channel dim of the same length joined with channels: those channels are fixed. A
+            # filled tensor's dim (a causal mask ``full((T, T))`` added to the scores) is no channel
+            # then: left a space, it would carry on along the sequence and pin every head it meets.
+            other = a if b is None else b
+            for seg in other:
+                if isinstance(seg, Seg) and self.table.is_filled(seg.space):
+                    self.table.root(seg.space).void = True
+                    self.voided = True
+                elif isinstance(seg, Seg):
+                    self.table.pin(seg.space, f"{why}: joined with a non-channel dim")
+            return self.resolve(other)
         if len(a) == 1 and len(b) == 1 and isinstance(a[0], Seg) and isinstance(b[0], Seg):
             sa, sb = a[0], b[0]
             self.table.union(sa.space, sb.space, length // math.lcm(sa.r, sb.r))
@@ -179,19 +188,24 @@ class CouplingAnalysis:
     # -- index maps: refining a class of spaces --------------------------------------------
 
     def resolve(self, dm: DimMap) -> DimMap:
-        """``dm`` with every refined space replaced by its pieces (in order)."""
-        if dm is None or dm is UNSET or not self.renamed:
+        """``dm`` with every refined space replaced by its pieces (in order) and every void space
+        (``SpaceInfo.void``) by fixed positions; ``None`` where no space is left."""
+        if dm is None or dm is UNSET:
             return dm
-        if not any(isinstance(s, Seg) and s.space in self.renamed for s in dm):
-            return dm
-        out: list[Segment] = []
-        for s in dm:
-            if isinstance(s, Seg) and s.space in self.renamed:
-                pieces = self.resolve(tuple(Seg(p, s.c, s.r) for p in self.renamed[s.space]))
-                out.extend(pieces or ())
-            else:
-                out.append(s)
-        return tuple(out)
+        if self.renamed and any(isinstance(s, Seg) and s.space in self.renamed for s in dm):
+            out: list[Segment] = []
+            for s in dm:
+                if isinstance(s, Seg) and s.space in self.renamed:
+                    pieces = self.resolve(tuple(Seg(p, s.c, s.r) for p in self.renamed[s.space]))
+                    out.extend(pieces or (Fixed(seg_length(self.table, s)),))
+                else:
+                    out.append(s)
+            dm = tuple(out)
+        if self.voided and any(isinstance(s, Seg) and self.table.root(s.space).void for s in dm):
+            dm = tuple(Fixed(seg_length(self.table, s)) if isinstance(s, Seg) and self.table.root(s.space).void
+                       else s for s in dm)
+            return dm if any(isinstance(s, Seg) for s in dm) else None
+        return dm
 
     def refine(self, space: int, cuts: Sequence[int], why: str) -> None:
         """Cut the class of ``space`` at channel offsets ``cuts`` of ``space`` into pieces.
@@ -226,6 +240,7 @@ class CouplingAnalysis:
             piece = table.root(first)
             piece.n_units = math.gcd(piece.n_units, k)
             piece.pinned, piece.inexact = list(root.pinned), list(root.inexact)
+            piece.sized_by = list(root.sized_by)
             piece.kind, piece.producer = root.kind, root.producer
         for maps in self.param_dims.values():
             for d, dm in enumerate(maps):

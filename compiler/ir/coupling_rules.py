@@ -523,3 +523,27 @@ def _einsum(a: ChannelAnalysis, node: fx.Node) -> Any:
             if p and c not in out:
                 a.mark_role(m[d], "in")
     return [a.resolve(letter.get(c)) for c in out]
+
+
+@rule("zeros", "ones", "full", "empty", "new_zeros", "new_ones", "new_full", "new_empty")
+def _factory(a: ChannelAnalysis, node: fx.Node) -> Any:
+    """A tensor made filled with one value (Mamba's ``torch.zeros(b, intermediate_size, state)``
+    scan state): it holds the same value at every position, so each of its dims may take whatever
+    channels it is joined with. Every dim wider than 1 starts a space of no parameter; a join with
+    channels carries them. A join with a non-channel dim (a causal mask ``full((T, T))`` added to
+    the scores along the sequence) makes the whole class void, no channel at all
+    (``CouplingAnalysis.join``): a space sized by a constant never reaches the heads. Its size is a
+    constant of the graph: the space remembers the node, and ``potstill.ir.surgery_probe`` runs a
+    narrowed forward to check that the module sizes the tensor by the pruned width."""
+    out_shape = a.shape(node)
+    if out_shape is None:
+        return None
+    out: list[DimMap] = []
+    for n in out_shape:
+        if n > 1:
+            sid = a.table.new(n)
+            a.table.info[sid].sized_by.append(node.name)
+            out.append((Seg(sid),))
+        else:
+            out.append(None)
+    return out

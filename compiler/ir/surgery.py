@@ -167,6 +167,7 @@ def _update_attributes(model: nn.Module, analysis: Analysis, kept: dict[str, flo
             mod.num_embeddings, mod.embedding_dim = mod.weight.shape
         _update_module_kinds(mod)
         _update_attention(mod)
+        _update_own_widths(mod, prefix, analysis.param_shapes)
 
 
 def _update_module_kinds(mod: nn.Module) -> None:
@@ -186,6 +187,40 @@ def _update_module_kinds(mod: nn.Module) -> None:
         width = fused.weight.shape[1] // parts  # type: ignore[union-attr]
         mod.split_size = width  # type: ignore[assignment]
         mod.num_heads = width // head_dim  # type: ignore[assignment]
+
+
+#: names of the size attributes ``_update_own_widths`` may update (``intermediate_size``, ``d_inner``, ...)
+_WIDTH_ATTR_SUFFIXES = ("_size", "_dim")
+_WIDTH_ATTR_NAMES = ("d_inner", "d_state", "inner_dim")
+
+
+def _update_own_widths(mod: nn.Module, prefix: str, teacher_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Size attributes of a module that holds parameters of its own along a pruned width.
+
+    A mixer that sizes a tensor it makes by an attribute (Mamba's scan state,
+    ``torch.zeros(b, self.intermediate_size, self.ssm_state_size)``) must follow its own
+    parameters (``A_log``, ``D``): every width attribute whose value is the unpruned size of one of
+    their dims takes that dim's new size. A size that two of its dims share and that only one of
+    them changes (or changes differently) is ambiguous and left alone; the trial surgery of
+    ``potstill.ir.surgery_probe`` pins the groups whose narrowed forward still fails. PyTorch's own
+    modules (``nn.Linear``, convolutions, norms) are updated by ``_update_attributes``."""
+    if type(mod).__module__.startswith("torch.") or _is_hf_conv1d(mod):
+        return
+    resized: dict[int, set[int]] = {}
+    for pname, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+        before = teacher_shapes.get(prefix + pname)
+        if t is None or before is None or len(before) != t.dim():
+            continue
+        for old, new in zip(before, t.shape):
+            resized.setdefault(int(old), set()).add(int(new))
+    changes = {old: next(iter(new)) for old, new in resized.items() if len(new) == 1 and old not in new}
+    if not changes:
+        return
+    for attr, value in list(vars(mod).items()):
+        if attr.startswith("_") or not isinstance(value, int) or isinstance(value, bool) or value not in changes:
+            continue
+        if attr.endswith(_WIDTH_ATTR_SUFFIXES) or attr in _WIDTH_ATTR_NAMES:
+            setattr(mod, attr, changes[value])
 
 
 def _is_hf_conv1d(mod: nn.Module) -> bool:
@@ -309,6 +344,9 @@ def _update_hf_config(model: nn.Module, heads: bool = True) -> None:
                 kv_heads.append(counts["kv_heads"])
         if name.endswith(HF_FFN_MODULES) and isinstance(mod, nn.Linear):
             ffn.append(mod.weight.shape[0])
+        elif (isinstance(inner := getattr(mod, "intermediate_size", None), int) and not isinstance(inner, bool)
+              and any(True for _ in mod.parameters(recurse=False))):
+            ffn.append(inner)  # a mixer with parameters of its own at that width (Mamba's A_log, D)
     nonuniform = []
     fields = [("num_attention_heads", head_counts), ("num_key_value_heads", kv_heads)] if heads else []
     for field_name, values in (*fields, ("intermediate_size", ffn)):

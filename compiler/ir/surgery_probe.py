@@ -18,6 +18,7 @@ with the error, so that allocation never picks them and ``potstill inspect`` say
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -56,23 +57,49 @@ def _forward_error(model: nn.Module, analysis: Analysis, groups: Iterable[Couple
     return None
 
 
+def _owner(group: CoupledGroup) -> str:
+    owner = next((m.module for m in group.members if m.role == "out"), group.members[0].module)
+    return owner.rsplit(".", 1)[0] if "." in owner else ""
+
+
+def _signature(group: CoupledGroup) -> tuple[tuple[str, int], ...]:
+    """The group's members with layer indices left out: the groups of one signature in modules of
+    one class run the same code at each layer."""
+    return tuple(sorted({(re.sub(r"\.\d+\.", ".#.", m.param), m.dim) for m in group.members}))
+
+
+def _candidates(analysis: Analysis) -> list[CoupledGroup]:
+    """Head groups, groups as wide as a tensor a factory op made (``zeros(b, inner, state)``), and the
+    other groups those modules produce (a width the module splits by an attribute, Mamba's
+    ``time_step_rank``)."""
+    free = [g for g in analysis.groups if g.pinned is None and g.n_units > 1]
+    owners = {_owner(g) for g in free if g.sized_by}
+    return [g for g in free if g.kind in HEAD_KINDS or g.sized_by or (g.kind != "hidden" and _owner(g) in owners)]
+
+
 def pin_unfollowable_heads(model: nn.Module, analysis: Analysis, example_inputs: tuple[Any, ...],
                            example_kwargs: dict[str, Any] | None = None) -> list[CoupledGroup]:
-    """Pin (in place) the head groups whose one-head removal breaks the forward; returns them."""
+    """Pin (in place) the head groups, and the groups sized by a factory op, whose one-unit removal
+    breaks the forward; returns them."""
     kwargs = example_kwargs or {}
-    candidates = [g for g in analysis.groups if g.kind in HEAD_KINDS and g.pinned is None and g.n_units > 1]
+    candidates = _candidates(analysis)
     if not candidates or _forward_error(model, analysis, candidates, example_inputs, kwargs) is None:
         return []
-    by_class: dict[str, list[CoupledGroup]] = {}
+    by_class: dict[tuple[str, tuple[tuple[str, int], ...]], list[CoupledGroup]] = {}
     for g in candidates:
-        by_class.setdefault(_attention_class(model, g), []).append(g)
+        sig = () if g.kind in HEAD_KINDS else _signature(g)
+        by_class.setdefault((_attention_class(model, g), sig), []).append(g)
     pinned: list[CoupledGroup] = []
-    for cls, groups in by_class.items():
+    for (cls, _), groups in by_class.items():
         err = _forward_error(model, analysis, groups, example_inputs, kwargs)
         if err is None:
             continue
         for g in groups:
-            g.pinned = (f"{cls}'s forward fails once a head is removed ({err}): it sizes a reshape by "
-                        "the unpruned width")
+            if g.kind in HEAD_KINDS:
+                g.pinned = (f"{cls}'s forward fails once a head is removed ({err}): it sizes a reshape by "
+                            "the unpruned width")
+            else:
+                g.pinned = (f"{cls}'s forward fails once a unit is removed ({err}): it sizes a tensor or a "
+                            "split by the unpruned width")
         pinned += groups
     return pinned

@@ -63,6 +63,12 @@ class SpaceInfo:
     pinned: list[str] = field(default_factory=list)
     inexact: list[str] = field(default_factory=list)
     param_dim: tuple[str, int] | None = None  # the parameter dim this space was made for, if any
+    #: factory ops (``zeros``, ``full``, ...) that made a tensor this wide: its size is a constant of
+    #: the graph, so a narrowed forward must be run to see that the module sizes it by the pruned width
+    sized_by: list[str] = field(default_factory=list)
+    #: a class of filled spaces only, joined with a non-channel dim (a mask added along the sequence):
+    #: it is no channel at all, and every dim map that names it reads as ``None``
+    void: bool = False
 
 
 _KIND_RANK = {"channels": 0, "neurons": 1, "conv_groups": 2, "hidden": 3, "vocab": 4}
@@ -110,11 +116,17 @@ class SpaceTable:
             self.parent[rb] = ra
             ia.pinned += [p for p in ib.pinned if p not in ia.pinned]
             ia.inexact += [p for p in ib.inexact if p not in ia.inexact]
+            ia.sized_by += [p for p in ib.sized_by if p not in ia.sized_by]
             if ia.producer is None:
                 ia.producer = ib.producer
             if _KIND_RANK.get(ib.kind, 0) > _KIND_RANK.get(ia.kind, 0):
                 ia.kind = ib.kind
         ia.n_units = units
+
+    def is_filled(self, s: int) -> bool:
+        """Whether the class of ``s`` holds only spaces a factory op made (no parameter dim)."""
+        r = self.root(s)
+        return r.producer is None and bool(r.sized_by)
 
     def pin(self, s: int, reason: str) -> None:
         r = self.root(s)
@@ -172,8 +184,7 @@ RULES: dict[str, Rule] = {}
 NO_OP = {
     "_assert_tensor_metadata", "_assert_scalar", "sym_size", "sym_numel", "sym_stride",
     "sym_constrain_range_for_size", "sym_constrain_range", "_assert_async", "scalar_tensor",
-    "arange", "ones", "zeros", "full", "empty", "lift_fresh_copy", "detach_", "_check_is_size",
-    "eye", "randn", "rand", "new_ones", "new_zeros", "new_full", "new_empty", "tensor",
+    "arange", "lift_fresh_copy", "detach_", "_check_is_size", "eye", "randn", "rand", "tensor",
     # vmap bookkeeping around transformers' mask functions: nesting levels, no tensor
     "lazy_load_decompositions", "_vmap_increment_nesting", "_vmap_decrement_nesting",
 }
@@ -237,6 +248,9 @@ class CoupledGroup:
     pinned: str | None = None
     exact: bool = True
     inexact_reason: str | None = None
+    #: the factory ops that made a tensor as wide as these channels (``potstill.ir.surgery_probe``
+    #: checks that the module's forward follows a narrowing), else ``None``
+    sized_by: str | None = None
     unit_channels: int = 1
     producer: str | None = None
     macs_per_unit: float = 0.0

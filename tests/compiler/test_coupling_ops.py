@@ -207,3 +207,36 @@ def test_split_with_sizes_or_slices_of_a_grouped_query_projection_prune_kv_group
     assert _spans(g, "qkv.weight") == [(0, 0, 4), (0, 8, 2), (0, 12, 2)]
     student = _exact(m, a, {g.id: [1]}, x)
     assert student.qkv.out_features == 8
+
+
+class CausalMaskAttention(nn.Module):
+    """Self-attention with a causal mask made by ``full((T, T))`` as BART/MVP build it: the mask is
+    sized by the sequence length, a constant of the graph, and must not become a channel space."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, width // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        mask = torch.full((t, t), torch.finfo(x.dtype).min)
+        cond = torch.arange(t)
+        mask = mask.masked_fill(cond < (cond + 1).view(t, 1), 0.0)
+        q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5 + mask[None, None]
+        return self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+def test_a_mask_made_by_full_joins_the_sequence_and_leaves_the_heads_prunable():
+    # The mask's dims join the scores' sequence dims: they are no channels. Left as spaces of their
+    # own, they would run on into the softmax over the keys, which would then pin the heads.
+    torch.manual_seed(0)
+    m = CausalMaskAttention(8, heads=4).eval()
+    x = torch.randn(2, 6, 8)
+    a = analyze(m, (x,))
+    (g,) = [g for g in _groups_with(a, "q.weight", 0) if g.kind == "heads"]
+    assert g.pinned is None and g.n_units == 4 and g.sized_by is None
+    assert ("v.weight", 0) in {(mm.param, mm.dim) for mm in g.members}
+    student = _exact(m, a, {g.id: [0, 3]}, x)
+    assert student.q.out_features == student.o.in_features == 4
