@@ -115,6 +115,11 @@ def cli_compile(spec: Sequence[str], out: Path, *flags: str, timeout: float | No
     return proc, wall, man
 
 
+def student_engine(out: Path, student: dict[str, Any]) -> Path:
+    """The engine a student ships (its manifest's ``files.onnx``: ``model.int8.onnx`` where INT8 was kept)."""
+    return Path(out) / student["dir"] / (student.get("files") or {}).get("onnx", "model.onnx")
+
+
 def first_error_line(proc: subprocess.CompletedProcess[str]) -> str:
     """The first line of a failed CLI's error (its ``error:`` line when it printed one)."""
     lines = [ln.strip() for ln in (proc.stderr + "\n" + proc.stdout).splitlines() if ln.strip()]

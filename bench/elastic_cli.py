@@ -110,7 +110,7 @@ def main() -> None:
         manifest = json.loads((out / "manifest.json").read_text())
         rows = []
         for s in manifest["students"]:
-            onnx = out / s["dir"] / "model.onnx"
+            onnx = C.student_engine(out, s)
             fid = evaluate_minilm(onnx, seen) if args.case == "minilm" else P.evaluate(args.case, onnx)
             e = s.get("metrics", {}).get("elastic", {})
             rows.append({"student": s["name"], "config": e.get("config"), "search_fidelity": e.get("accuracy"),

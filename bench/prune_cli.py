@@ -210,11 +210,11 @@ def evaluate_smollm2(onnx: Path) -> dict[str, float]:
     engine = onnx.parent.parent.parent / f".{onnx.parent.parent.parent.name}.work" / "teacher-engine" / "model.onnx"
     res: dict[str, float] = {"teacher_ppl": t_ppl, "student_ppl": s_ppl, "ppl_ratio": s_ppl / t_ppl,
                              "next_token_agreement": agree / n, "positions": n, "sentences": 8 * len(batches)}
-    if engine.is_file():
-        feeds = [batches[0]["input_ids"], batches[0]["attention_mask"]]
-        lat = C.interleaved_latency({"teacher": C.OrtModel(engine, feeds), "student": C.OrtModel(onnx, feeds)})
-        res.update({"teacher_ms": lat["teacher"]["median"], "student_ms": lat["student"]["median"],
-                    "speedup_interleaved": lat["teacher"]["median"] / lat["student"]["median"]})
+    engine = engine if engine.is_file() else teacher_engine("smollm2")  # an engine outside an OUT
+    feeds = [batches[0]["input_ids"], batches[0]["attention_mask"]]
+    lat = C.interleaved_latency({"teacher": C.OrtModel(engine, feeds), "student": C.OrtModel(onnx, feeds)})
+    res.update({"teacher_ms": lat["teacher"]["median"], "student_ms": lat["student"]["median"],
+                "speedup_interleaved": lat["teacher"]["median"] / lat["student"]["median"]})
     return res
 
 
@@ -253,7 +253,7 @@ def main() -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     rows = []
     for s in manifest["students"]:
-        fid = evaluate(args.case, out / s["dir"] / "model.onnx")
+        fid = evaluate(args.case, C.student_engine(out, s))
         prune = s.get("metrics", {}).get("prune", {})
         rows.append({"student": s["name"], "pipeline": s["pipeline"], "speedup": s.get("speedup"),
                      "macs_reduction": s.get("macs_reduction"), "latency_ms": s.get("latency_ms"),

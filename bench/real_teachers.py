@@ -175,7 +175,7 @@ def run_case(name: str, case: Case, ratios: tuple[float, ...], minutes: float, m
                                      work / f"{mode}.log")  # fmt: skip
         manifest = json.loads((out / "manifest.json").read_text())
         for s in manifest["students"]:
-            fid = case.evaluate(out / s["dir"] / "model.onnx")
+            fid = case.evaluate(C.student_engine(out, s))
             d = (s.get("metrics") or {}).get("distill") or {}
             rows.append({
                 "teacher": name, "mode": mode, "student": s["name"],

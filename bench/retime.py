@@ -61,7 +61,7 @@ def main() -> None:
     for out in map(Path, args.outs):
         manifest = json.loads((out / "manifest.json").read_text())
         for s in manifest["students"]:
-            onnx = out / s["dir"] / "model.onnx"
+            onnx = C.student_engine(out, s)
             rows.append({"out": str(out), "student": s["name"], "manifest_speedup": s.get("speedup"),
                          "macs_reduction": s.get("macs_reduction"), **P.interleaved_speedup(args.case, onnx, feeds)})
     table = Table(title=f"{args.case}: students re-timed against the teacher's engine (interleaved)")

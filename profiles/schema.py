@@ -105,6 +105,17 @@ class Int8Options(_Strict):
     #: keep INT8 only when it is faster than FP32 by at least ``min_speedup``
     require_speedup: bool = True
     min_speedup: float = Field(default=1.0, gt=0)
+    #: how activations are quantised: ``static`` (NNCF, calibrated scales, Q/DQ around every op),
+    #: ``dynamic`` (ONNX Runtime: per-channel INT8 weights, activation scales computed per batch at
+    #: run time, for MatMul/Gemm), or ``auto``: dynamic for graphs of matrix products (transformers),
+    #: static for convolutional ones
+    mode: Literal["auto", "static", "dynamic"] = "auto"
+    #: on a profile of another precision (``fp32``), try INT8 for every student as well and keep it
+    #: where it pays, by the same checks (the teacher's reference engine stays unquantised)
+    on_fp32: bool = False
+    #: INT8 is tried only for models of at least this many multiply-accumulates on the example
+    #: input: below it, quantise/dequantise overhead outweighs the integer products (0: always try)
+    min_macs: float = Field(default=0, ge=0)
 
 
 class DeviceProfile(_Strict):

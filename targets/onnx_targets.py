@@ -1,4 +1,4 @@
-"""The ONNX targets: ``onnx`` and ``onnxruntime`` (FP32, or INT8 through NNCF when the profile asks).
+"""The ONNX targets: ``onnx`` and ``onnxruntime`` (FP32, or INT8 when the profile asks or tries it).
 
 Both export one checked ``model.onnx`` and measure parity and latency with ONNX Runtime; they
 differ in the name recorded and in that ``onnxruntime`` is the profile-tuned engine. INT8 is
@@ -31,7 +31,7 @@ def _lower_ort(
     calib: Any,
     hf: dict[str, Any] | None,
 ) -> Artifact:
-    if profile.precision == "int8":
+    if profile.precision == "int8" or (profile.int8.on_fp32 and profile.precision == "fp32"):
         return lower_int8(module, args, profile, out_dir, kwargs=kwargs, dynamic_batch=dynamic_batch, calib=calib, hf=hf)
     return lower_onnxruntime(module, args, profile, out_dir, kwargs=kwargs, dynamic_batch=dynamic_batch, hf=hf,
                              target=target_name)  # fmt: skip
@@ -65,5 +65,5 @@ def lower_ort(
     calib: Any = None,
     hf: dict[str, Any] | None = None,
 ) -> Artifact:
-    """The same with the profile's ORT settings; INT8 via NNCF when precision is int8."""
+    """The same with the profile's ORT settings; INT8 when precision is int8 or ``int8.on_fp32``."""
     return _lower_ort("onnxruntime", module, args, profile, out_dir, kwargs, dynamic_batch, calib, hf)

@@ -93,6 +93,25 @@ class OrtRunner:
         return np.asarray(out, dtype=np.float32)
 
 
+class EngineModule(nn.Module):
+    """An ONNX Runtime engine called as the module it was lowered from: ``forward(*args, **kwargs)``
+    returns the engine's first output as a tensor (what fidelity measures on an INT8 engine)."""
+
+    def __init__(self, runner: OrtRunner) -> None:
+        super().__init__()
+        self.runner = runner
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.from_numpy(self.runner((args, kwargs)))
+
+
+def engine_module(module: nn.Module, onnx_path: str | Path, example: Inputs, profile: DeviceProfile) -> EngineModule:
+    """The engine at ``onnx_path`` (lowered from ``module`` on ``example``) as a module."""
+    session, _ = make_session(onnx_path, profile)
+    spec = flat_spec(module, *example)
+    return EngineModule(OrtRunner(session, OnnxExport(Path(onnx_path), spec, "", output_name=session.get_outputs()[0].name)))
+
+
 def fixed_batch(args: Sequence[Any], kwargs: dict[str, Any], batch: int | None) -> Inputs:
     """The example resized to the profile's fixed batch (repeated or cut), unchanged if None."""
     if batch is None:

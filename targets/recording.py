@@ -142,6 +142,10 @@ class RecordPass(Pass):
             if state.metric is not None:
                 student.metrics["metric"] = run_metric(state.metric, student.module, f"student '{student.name}'")
             fid = student_fidelity(state, student)  # into student.metrics["fidelity"]
+            if fid is not None and getattr(art, "precision", None) == "int8" and "onnx" in getattr(art, "files", {}):
+                fid = _engine_fidelity(state, student, art, profile)
+                notes.append(f"fidelity is the INT8 engine's ({fid.summary()}); the FP32 student's: "
+                             f"{student.metrics['fidelity_fp32']['score']:.3f}")  # fmt: skip
             floor = fidelity_floor(profile)
             if fid is not None and not fid.ok(floor):
                 what = "NaN: outputs not finite" if not fid.finite else f"{fid.score:.3f} below the floor {floor:g}"
@@ -171,6 +175,21 @@ class RecordPass(Pass):
             }  # fmt: skip
         state.facts.add("recorded")
         return PassResult(state, False)
+
+
+def _engine_fidelity(state: CompileState, student: Student, art: Any, profile: DeviceProfile) -> Any:
+    """Fidelity measured on the INT8 engine itself (what ships), the FP32 student's kept as
+    ``fidelity_fp32``: quantisation error is part of what the student lost."""
+    from potstill.fidelity import measure_fidelity
+
+    from .onnxruntime import engine_module, fixed_batch
+
+    example = fixed_batch(state.example_inputs, state.example_kwargs, profile.batch)
+    engine = engine_module(student.module, art.files["onnx"], example, profile)
+    fid = measure_fidelity(state.teacher, engine, state.heldout_data, state.records.get("_fidelity_task"))
+    student.metrics["fidelity_fp32"] = student.metrics["fidelity"]
+    student.metrics["fidelity"] = fid.to_dict()
+    return fid
 
 
 def _save_reload_record(state: CompileState, module: nn.Module, folder: Path, files: dict[str, str]) -> tuple[list[str], list[str]]:
@@ -227,7 +246,12 @@ class TeacherRecordPass(Pass):
             shutil.rmtree(scratch)
         art = None
         if self.options.timing:
-            art = lower_module(state, state.teacher, scratch, self.options.target, state_profile(state), name="teacher")
+            # the reference is the teacher as the user has it: an INT8 profile's students are timed
+            # against the FP32 teacher engine, so their speed-ups include what INT8 buys
+            profile = state_profile(state, {"int8": {"on_fp32": False}})
+            profile = state_profile(state, {"precision": "fp32", "int8": {"on_fp32": False}}) \
+                if profile.precision == "int8" else profile
+            art = lower_module(state, state.teacher, scratch, self.options.target, profile, name="teacher")
         state.shared.engine = art  # the students' engines are timed interleaved with it (record)
         if state.metric is not None and state.shared.metric is None:
             state.shared.metric = run_metric(state.metric, state.teacher, "teacher")

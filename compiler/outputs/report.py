@@ -208,7 +208,8 @@ def _distilled(entry: Row) -> bool:
 
 
 def table_rows(manifest: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows shared by the console table and report.md (teacher first).
+    """Header and rows shared by the console table and report.md (teacher first; a student whose
+    engine is INT8 is named with `` int8``).
 
     ``asked`` is what ``--ratio`` asked to remove (``-50% MACs``, or ``-50% lat.`` where the
     profile's latency table made it a fraction of the predicted latency; see ``ratio_lines``).
@@ -233,8 +234,9 @@ def table_rows(manifest: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
     ]]  # fmt: skip
     for s in students:
         fid = fidelity_of(s)
+        name = s["name"] + (" int8" if s.get("precision") == "int8" else "")
         rows.append([
-            s["name"], _asked_cell(s), human(s.get("macs")), human(s.get("params")), _latency(s, "median"), _latency(s, "p90"),
+            name, _asked_cell(s), human(s.get("macs")), human(s.get("params")), _latency(s, "median"), _latency(s, "p90"),
             _num(s.get("speedup"), "{:.2f}×"), _num(s.get("macs_reduction"), "{:.2f}×"), _parity(s),
             _fid_cell(fid, floor), *([_fid_cell(fidelity_of(s, "fidelity_before_distill")), _train_minutes(s)] if before else []),
             measures_text(fid, secondary=True), _num(s.get("metric"), "{:.3f}"),

@@ -317,6 +317,9 @@ def measure_latency(module: nn.Module, example_inputs: tuple[Any, ...], example_
     """Median latency (ms) of ``module`` on the profile's engine, and the artifact."""
     from potstill.targets import lower
 
+    if profile.target in ("onnx", "onnxruntime") and (profile.precision == "int8" or profile.int8.on_fp32):
+        # INT8 is tried per student when it is lowered; the search compares FP32 engines
+        profile = profile.model_copy(update={"precision": "fp32", "int8": profile.int8.model_copy(update={"on_fp32": False})})
     art = lower(module, example_inputs, profile, out_dir, example_kwargs=example_kwargs)
     median = art.latency_ms.get("median")
     if median is None or not math.isfinite(float(median)):
