@@ -57,7 +57,7 @@ def main() -> None:
                 s = student(ratio, imp, bn, calib)
                 fid = measure_fidelity(teacher, s, heldout)
                 rows.append({
-                    "student": f"w{round(ratio * 100)} {imp}" + (" + bn.recalibrate" if bn else ""),
+                    "student": f"macs{round(ratio * 100)} {imp}" + (" + bn.recalibrate" if bn else ""),
                     "ratio": ratio, "importance": imp, "bn_recalibrate": bn, "accuracy": D.metric(s),
                     "fidelity": fid.to_dict(), "seconds": round(time.perf_counter() - t0, 2),
                 })  # fmt: skip

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(with --elastic: repeat it for students on several devices from one supernet)")
     c.add_argument("--ratio", type=float, action="append", metavar="R",
                    help="fraction of the MACs to remove (of the latency when the profile has a latency "
-                        "table), allocated across layers by importance; repeat for several students (default 0.5)")  # fmt: skip
+                        "table), allocated across layers by importance; repeat for several students (default 0.5); "
+                        "the student is named for it: macs50, latency50 (macs50p with --ratio-of prunable)")  # fmt: skip
     c.add_argument("--ratio-of", choices=("total", "prunable"), default=None,
                    help="what --ratio is a fraction of: 'total' (default: the model's MACs) or 'prunable' (the MACs "
                         "outside pinned parts, such as a decoder's embeddings and LM head, which no pruning removes); "

@@ -187,7 +187,7 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     _seed_everything(seed)
     profile = load_profile(opts.profile)
     target = opts.target or profile.target
-    planner.draft(target)  # fails fast on a bad pipeline, before loading anything big
+    planner.draft(target, profile)  # fails fast on a bad pipeline, before loading anything big
 
     check_input_shapes(opts.input_shapes)
     # one student is alive at a time (each is recorded and dropped before the next)

@@ -1,6 +1,7 @@
 """What to build: compile options, a recipe applied to them, and one plan (name + passes) per student.
 
-With no ``--pipeline`` each ``--ratio R`` gives a student ``w{100R}`` built by
+With no ``--pipeline`` each ``--ratio R`` gives a student named for what R is a fraction of
+(``Ratio.tag``: ``macs50``, ``latency50``, ``macs50p`` for ``--ratio-of prunable``) built by
 ``[importance.<estimator>,]prune.width{ratio=R},bn.recalibrate[,fidelity{stage=before_distill},distill{epochs=N}]``
 (the importance pass only with ``--importance``; otherwise ``prune.width`` picks its estimator);
 ``--drop-layers N`` /
@@ -16,9 +17,10 @@ recipe key the schema does not know (the message names the closest valid key). A
 ``distill.progressive``; with no pass to feed they are errors, never ignored.
 
 Each ``--ratio`` becomes a ``Ratio`` once (the fraction of the teacher's MACs to remove, or of its
-latency where the profile has a measured table), checked once, and reaches ``prune.width`` as a
-typed option. ``StudentPlanner`` plans each student once, in the steps the driver interleaves with
-loading the teacher (see its docstring); ``plan_students`` runs them at once.
+latency where the profile has a measured table: ``prune.width``'s own rule, ``ratio_basis``, which
+also names the student), checked once, and reaches ``prune.width`` as a typed option.
+``StudentPlanner`` plans each student once, in the steps the driver interleaves with loading the
+teacher (see its docstring); ``plan_students`` runs them at once.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from potstill import recipe as recipe_schema
 from potstill.errors import InputError
@@ -34,6 +36,9 @@ from potstill.pipeline import Fact, Pass, build_pipeline, get_pass, needs_fact, 
 from potstill.recipe import SEED_MAX, Recipe, parse_recipe, read_recipe_file
 from potstill.recipe import DataSpec as RecipeData
 from potstill.targets.registry import check_target
+
+if TYPE_CHECKING:
+    from potstill.profiles.schema import DeviceProfile
 
 RATIO_PLACEHOLDER = "$ratio"
 #: the recipe schema (one for compiling and distilling: ``potstill.recipe``), under its names here
@@ -215,15 +220,15 @@ class Ratio:
     and LM head left out). Checked once, when the planner is built; the width pass receives it as
     typed options, never as text.
 
-    >>> Ratio(0.3).tag
-    'w30'
+    >>> Ratio(0.3).tag(None), Ratio(0.3, "prunable").tag(None)
+    ('macs30', 'macs30p')
     """
 
     value: float
     of: str = "total"
 
     def __post_init__(self) -> None:
-        # below 1 % no aligned unit goes and the student name would read w0; above 95 % no student
+        # below 1 % no aligned unit goes and the student would be named macs0; above 95 % no student
         # keeps the teacher's job
         if not MIN_RATIO <= self.value <= MAX_RATIO:
             raise InputError(f"--ratio {self.value}: expected the fraction of the MACs (or latency) to remove, "
@@ -231,10 +236,14 @@ class Ratio:
         if self.of not in RATIO_OF:
             raise InputError(f"--ratio-of {self.of!r}: expected 'total' or 'prunable'")
 
-    @property
-    def tag(self) -> str:
-        """The student's name: ``w`` and the percentage removed."""
-        return f"w{round(self.value * 100):d}"
+    def tag(self, profile: DeviceProfile | None) -> str:
+        """The student's name on ``profile``: what the ratio is a fraction of (``macs`` or ``latency``,
+        by ``prune.width``'s own rule, ``ratio_basis``), the percentage removed, and ``p`` when it
+        counts the prunable part only: ``macs50``, ``latency30``, ``macs30p``. (Students were named
+        ``w50`` before, which said neither.)"""
+        from potstill.passes.prune.width_options import ratio_basis
+
+        return f"{ratio_basis(profile)}{round(self.value * 100):d}{'p' if self.of == 'prunable' else ''}"
 
     def width_pass(self) -> Pass:
         """``prune.width`` with this ratio."""
@@ -366,8 +375,9 @@ class StudentPlanner:
 
     1. ``StudentPlanner(opts)`` checks the flags (``check_flags``) and reads each ``--ratio`` into a
        ``Ratio`` — before anything is loaded;
-    2. ``draft(target)`` builds every pass that does not depend on the teacher, so a bad pipeline,
-       option or target fails before a large teacher loads;
+    2. ``draft(target, profile)`` builds every pass that does not depend on the teacher, so a bad
+       pipeline, option or target fails before a large teacher loads, and names the students (the
+       profile says what a ratio is a fraction of: ``Ratio.tag``);
     3. ``plans(distill_epochs=, distill=)`` adds what the teacher decides: the default pipeline's
        distillation (the step the driver chose for the teacher's task) with the recipe's ``train:``
        and ``stages:``, ``elastic.train`` for a supernet, and every plan's lowering and ``record``.
@@ -383,11 +393,16 @@ class StudentPlanner:
         self.source = f"--recipe '{opts.recipe}'" if opts.recipe else "recipe"
         self._drafts: list[_Draft] | None = None
         self._target = ""
+        self._profile: DeviceProfile | None = None
 
-    def draft(self, target: str) -> None:
-        """Step 2: build the passes that do not depend on the teacher (see the class docstring)."""
+    def draft(self, target: str, profile: DeviceProfile | None = None) -> None:
+        """Step 2: build the passes that do not depend on the teacher (see the class docstring).
+        ``profile`` is the compilation's (None: ``--profile``, else the default, loaded here)."""
+        from potstill.profiles import DEFAULT_PROFILE, load_profile
+
         check_target(target, "--target")
         opts = self.opts
+        self._profile = profile if profile is not None else load_profile(opts.profile or DEFAULT_PROFILE)
         if opts.elastic:
             drafts = self._elastic_drafts(target)
         elif opts.pipeline:
@@ -433,11 +448,24 @@ class StudentPlanner:
         if text is not None and RATIO_PLACEHOLDER in text:
             if not self.ratios:
                 raise InputError(f"the pipeline uses '{RATIO_PLACEHOLDER}': give --ratio")
-            return [(r.tag, build_pipeline(text.replace(RATIO_PLACEHOLDER, f"{r.value:g}"))) for r in self.ratios]
+            students = []
+            for r in self.ratios:
+                passes = build_pipeline(text.replace(RATIO_PLACEHOLDER, f"{r.value:g}"))
+                students.append((self._pipeline_tag(r, passes), passes))
+            return students
         passes = build_pipeline(_pipeline_items(pipeline))
         if not passes:
             raise InputError("--pipeline is empty: name at least one pass (see 'potstill passes')")
         return [(self.opts.name or "student", passes)]
+
+    def _pipeline_tag(self, r: Ratio, passes: list[Pass]) -> str:
+        """A ``$ratio`` student's name: the ratio's tag when ``prune.width{ratio=$ratio}`` reads it
+        (with that pass's ``ratio_of``), else ``ratio50``: the pipeline alone says what it is of."""
+        for p in passes:
+            ratio, of = (getattr(p.options, k, None) for k in ("ratio", "ratio_of"))
+            if p.name == "prune.width" and ratio is not None and math.isclose(ratio, r.value, rel_tol=1e-5):
+                return Ratio(r.value, of or "total").tag(self._profile)
+        return f"ratio{round(r.value * 100):d}"
 
     def _default_drafts(self) -> list[_Draft]:
         """``[prune.depth,][importance.E,]prune.width{ratio=R},bn.recalibrate`` per ratio."""
@@ -454,7 +482,7 @@ class StudentPlanner:
             tags = [depth_tag] if depth_tag else []
             if r is not None:
                 passes += [*(build_pipeline(importance) if importance else []), r.width_pass()]
-                tags.insert(0, r.tag)
+                tags.insert(0, r.tag(self._profile))
             passes.append(get_pass("bn.recalibrate")())  # BN statistics of the pruned widths (a no-op without BN)
             drafts.append(_Draft("-".join(tags), passes, "default"))
         return drafts
@@ -491,15 +519,16 @@ class StudentPlanner:
 
 
 def plan_students(opts: CompileOptions, target: str, distill_epochs: int | None = None,
-                  distill: str | None = None) -> list[Plan]:  # fmt: skip
+                  distill: str | None = None, profile: DeviceProfile | None = None) -> list[Plan]:  # fmt: skip
     """One plan per student in one call (``StudentPlanner``'s three steps): the user's pipeline, or
     the default prune pipeline per ratio, each ending in lowering and ``record``.
 
     With ``distill`` (a ``distill{...}`` step) or ``distill_epochs`` (then ``distill{epochs=N}``) the
-    default pipeline distils each pruned student from the teacher before lowering.
+    default pipeline distils each pruned student from the teacher before lowering. ``profile`` names
+    the students (None: ``opts.profile``, else the default profile).
     """
     planner = StudentPlanner(opts)
-    planner.draft(target)
+    planner.draft(target, profile)
     return planner.plans(distill_epochs=distill_epochs, distill=distill)
 
 

@@ -9,7 +9,7 @@ not reach into each other. ``facts`` is the set of things established so far (``
 Build one from a module with ``CompileState.from_teacher``::
 
     state = CompileState.from_teacher(model, (torch.randn(1, 3, 32, 32),), profile="cpu")
-    state.students.append(state.new_student("w50"))
+    state.students.append(state.new_student("macs50"))
 
 Several states (one per planned student) ``fork`` one ``TeacherCache``: the teacher's analysis,
 its metric and its requires-grad flags are computed once, and every student is a fresh copy of

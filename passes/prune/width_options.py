@@ -228,10 +228,22 @@ class Budget:
     asked: str
 
 
+def ratio_basis(profile: Any) -> Literal["macs", "latency"]:
+    """What ``ratio=R`` is a fraction of on ``profile``: its predicted latency where the profile has
+    a measured latency table, else the MACs. ``_budget`` turns a ratio into that budget and the
+    planner names students by it (``macs50``, ``latency50``), so the two cannot disagree. (Heads and
+    neurons on a cpu ONNX Runtime profile without a table may instead be allocated by the host-timed
+    latency search, ``latency_search.applies``, which the profile alone does not decide.)
+
+    >>> ratio_basis(None)
+    'macs'
+    """
+    return "macs" if getattr(profile, "latency_table", None) is None else "latency"
+
+
 def _budget(state: CompileState, o: WidthOptions, cost: CostModel, groups: list[CoupledGroup]) -> Budget:
     full_keep = {g.id: g.n_units for g in groups}
-    table = getattr(state.profile, "latency_table", None)
-    if o.macs_budget is not None or (o.ratio is not None and table is None):
+    if o.macs_budget is not None or (o.ratio is not None and ratio_basis(state.profile) == "macs"):
         full = cost.macs(full_keep)
         if o.ratio is not None:
             return Budget(cost.macs, (1 - o.ratio) * full, full, "MACs", f"ratio {o.ratio:g} of the MACs")

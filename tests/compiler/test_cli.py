@@ -45,15 +45,15 @@ def specs(plans: list[Any]) -> dict[str, str]:
 
 def test_default_plan_is_one_student_at_half_width() -> None:
     assert specs(plan_students(CompileOptions(), "onnxruntime")) == {
-        "w50": "prune.width{ratio=0.5},bn.recalibrate,lower.onnxruntime,record"
+        "macs50": "prune.width{ratio=0.5},bn.recalibrate,lower.onnxruntime,record"
     }
 
 
 def test_one_student_per_ratio_with_the_chosen_importance_and_target() -> None:
     plans = plan_students(CompileOptions(ratios=(0.3, 0.7), importance="taylor"), "aoti")
     assert specs(plans) == {
-        "w30": "importance.taylor,prune.width{ratio=0.3},bn.recalibrate,lower.aoti,record",
-        "w70": "importance.taylor,prune.width{ratio=0.7},bn.recalibrate,lower.aoti,record",
+        "macs30": "importance.taylor,prune.width{ratio=0.3},bn.recalibrate,lower.aoti,record",
+        "macs70": "importance.taylor,prune.width{ratio=0.7},bn.recalibrate,lower.aoti,record",
     }
 
 
@@ -61,7 +61,7 @@ def test_depth_options_add_depth_pruning() -> None:
     plans = plan_students(CompileOptions(ratios=(0.5,), drop_layers=2), "onnxruntime")
     # the real prune.depth scores the blocks itself (it requires no block_importance), so no importance.blocks
     assert specs(plans) == {
-        "w50-d2": "prune.depth{drop=2},prune.width{ratio=0.5},bn.recalibrate,lower.onnxruntime,record"
+        "macs50-d2": "prune.depth{drop=2},prune.width{ratio=0.5},bn.recalibrate,lower.onnxruntime,record"
     }
     plans = plan_students(CompileOptions(keep_layers=3), "onnxruntime")
     assert specs(plans) == {"k3": "prune.depth{keep=3},bn.recalibrate,lower.onnxruntime,record"}
@@ -71,7 +71,7 @@ def test_user_pipeline_and_ratio_placeholder() -> None:
     plans = plan_students(CompileOptions(pipeline="importance.magnitude,prune.width{ratio=0.25}"), "onnxruntime")
     assert specs(plans) == {"student": "importance.magnitude,prune.width{ratio=0.25},lower.onnxruntime,record"}
     plans = plan_students(CompileOptions(pipeline="prune.width{ratio=$ratio},lower.aoti", ratios=(0.2, 0.4)), "onnxruntime")
-    assert specs(plans) == {"w20": "prune.width{ratio=0.2},lower.aoti,record", "w40": "prune.width{ratio=0.4},lower.aoti,record"}
+    assert specs(plans) == {"macs20": "prune.width{ratio=0.2},lower.aoti,record", "macs40": "prune.width{ratio=0.4},lower.aoti,record"}
 
 
 @pytest.mark.parametrize(
@@ -185,7 +185,7 @@ def _recipe_opts(tmp_path: Path, text: str, **kw: Any) -> CompileOptions:
 
 def test_recipe_train_feeds_the_distill_pass_or_is_an_error(tmp_path: Path) -> None:
     opts = _recipe_opts(tmp_path, "train: {lr: 0.01}\n")
-    assert specs(plan_students(opts, "onnxruntime", distill_epochs=2))["w50"].startswith(
+    assert specs(plan_students(opts, "onnxruntime", distill_epochs=2))["macs50"].startswith(
         "prune.width{ratio=0.5},bn.recalibrate,fidelity{stage=before_distill},distill{epochs=2,lr=0.01}")
     with pytest.raises(InputError, match="train: no distillation pass"):
         plan_students(opts, "onnxruntime")  # no training data: nothing would read train:
@@ -308,7 +308,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Completed
 def test_e2e_compile_succeeds_and_prints_the_table(demo: tuple[subprocess.CompletedProcess[str], Path]) -> None:
     proc, _ = demo
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "teacher" in proc.stdout and "w50" in proc.stdout and "speed-up" in proc.stdout
+    assert "teacher" in proc.stdout and "macs50" in proc.stdout and "speed-up" in proc.stdout
 
 
 def test_e2e_manifest(demo: tuple[subprocess.CompletedProcess[str], Path]) -> None:
@@ -319,7 +319,7 @@ def test_e2e_manifest(demo: tuple[subprocess.CompletedProcess[str], Path]) -> No
     assert t["macs"] > 0 and t["params"] > 0 and t["latency_ms"]["median"] > 0
     assert t["metric"] > 0.95
     (s,) = m["students"]
-    assert s["name"] == "w50" and s["dir"] == "students/w50"
+    assert s["name"] == "macs50" and s["dir"] == "students/macs50"
     assert 0 < s["macs"] < t["macs"] / 2  # ratio 0.5: at most half of the MACs
     assert 0 < s["params"] < t["params"]
     assert s["latency_ms"]["median"] > 0 and s["latency_ms"]["p90"] >= s["latency_ms"]["median"]
@@ -333,7 +333,7 @@ def test_e2e_manifest(demo: tuple[subprocess.CompletedProcess[str], Path]) -> No
     assert [h for h in s["history"] if h in s["pipeline"]] == s["pipeline"]  # written by the PassManager
     assert s["fidelity"]["task"] == "classification" and 0.9 < s["fidelity"]["score"] <= 1.0
     assert m["host"]["cpu"] and m["host"]["torch_threads"] >= 1
-    assert set(m["timings"]["passes"]) == {"w50", "teacher"}
+    assert set(m["timings"]["passes"]) == {"macs50", "teacher"}
     assert s["metric"] > 0.9  # accuracy on held-out digits after distillation (0.1 without it)
     assert s["history"] and s["speedup"] > 0 and s["macs_reduction"] >= 2
     inputs = m["inputs"]
@@ -346,7 +346,7 @@ def test_e2e_files_run_on_other_batch_sizes(demo: tuple[subprocess.CompletedProc
 
     proc, out = demo
     assert proc.returncode == 0, proc.stderr[-4000:]
-    student = out / "students" / "w50"
+    student = out / "students" / "macs50"
     x = torch.randn(3, 1, 16, 16)
     program = torch.export.load(str(student / "student.pt2"))
     y_pt2 = program.module()(x)
@@ -360,9 +360,9 @@ def test_e2e_report_plot_and_debug_dumps(demo: tuple[subprocess.CompletedProcess
     proc, out = demo
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = (out / "report.md").read_text()
-    assert "| w50 |" in report and "pareto.png" in report
+    assert "| macs50 |" in report and "pareto.png" in report
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    dumps = sorted(p.name for p in (out / "debug" / "ir" / "w50").iterdir())
+    dumps = sorted(p.name for p in (out / "debug" / "ir" / "macs50").iterdir())
     assert any("after-prune.width" in d for d in dumps)
     # no temporary sibling, work area or lock file left (the lock is removed when it is released)
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".demo")] == []
@@ -379,10 +379,10 @@ def test_e2e_rerun_reuses_unchanged_students(
     shutil.copytree(out, again)
     before = json.loads((again / "manifest.json").read_text())
     assert main(["compile", EXAMPLE, "--profile", "cpu", "--ratio", "0.5", "-o", str(again)]) == 0
-    assert "w50: unchanged since the last run" in capsys.readouterr().err
+    assert "macs50: unchanged since the last run" in capsys.readouterr().err
     after = json.loads((again / "manifest.json").read_text())
     assert after["students"][0]["latency_ms"] == before["students"][0]["latency_ms"]  # reused, not re-measured
-    assert (again / "students" / "w50" / "model.onnx").is_file() and not (again / "debug").exists()
+    assert (again / "students" / "macs50" / "model.onnx").is_file() and not (again / "debug").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,15 +415,15 @@ def test_hf_e2e_compiles_with_hf_folder_and_dynamic_program(hf_demo: tuple[subpr
     assert m["teacher"]["hf"]["task"] == "text-classification"
     (s,) = m["students"]
     assert s["parity"]["ok"] and s["macs"] < m["teacher"]["macs"]
-    hf_dir = out / "students" / "w50" / "hf"
+    hf_dir = out / "students" / "macs50" / "hf"
     # potstill's own reload record always works; hf/ only where the config can state the widths
     assert s["loaders"][0] == "potstill.load_student"
-    assert (out / "students" / "w50" / "architecture.json").is_file()
+    assert (out / "students" / "macs50" / "architecture.json").is_file()
     assert hf_dir.is_dir() == (len(s["loaders"]) > 1)
     if hf_dir.is_dir():
         assert (hf_dir / "config.json").is_file()
     assert {"config.json", "model.safetensors"} <= set(m["inputs"]["teacher"]["sha256"])
-    program = torch.export.load(str(out / "students" / "w50" / "student.pt2"))
+    program = torch.export.load(str(out / "students" / "macs50" / "student.pt2"))
     ids = torch.randint(5, 17, (3, 32))
     y = program.module()(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids))
     assert y["logits"].shape == (3, 3)
@@ -441,7 +441,7 @@ def test_hf_e2e_student_reloads_with_from_pretrained(hf_demo: tuple[subprocess.C
     ids = torch.randint(5, 17, (2, 12))
     kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
     (nonuniform,) = json.loads((out / "manifest.json").read_text())["students"]
-    if not (out / "students" / "w50" / "hf").is_dir():
+    if not (out / "students" / "macs50" / "hf").is_dir():
         assert any("hf/ not written" in n and "load_student" in n for n in nonuniform["notes"]), nonuniform["notes"]
     teacher_dir = out.parent / "tiny-bert"
     depth_out = out.parent / "depth"

@@ -142,7 +142,7 @@ def test_metric_that_fails_exits_2_before_heavy_work(
 ) -> None:
     code, _, err = run_cli(["compile", tiny(tmp_path, metric), "--no-distill", "-o", str(tmp_path / "out")], capsys)
     assert code == 2 and fragment in err and "Traceback" not in err
-    assert "student w50" not in err  # no student was started
+    assert "student macs50" not in err  # no student was started
 
 
 def test_input_of_the_wrong_rank_is_blamed_on_the_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -215,10 +215,10 @@ def test_corrupt_cached_engine_is_rebuilt(good_out: tuple[Path, str], tmp_path: 
     src, teacher = good_out
     out = tmp_path / "out"
     shutil.copytree(src, out)
-    onnx = out / "students" / "w50" / "model.onnx"
+    onnx = out / "students" / "macs50" / "model.onnx"
     onnx.write_bytes(onnx.read_bytes()[:100])  # truncated
     code, _, err = run_cli(["compile", teacher, "--no-distill", "--ratio", "0.5", "-o", str(out)], capsys)
-    assert code == 0 and "cached files changed" in err and "student w50: unchanged" not in err
+    assert code == 0 and "cached files changed" in err and "student macs50: unchanged" not in err
     m = json.loads((out / "manifest.json").read_text())
     assert onnx.stat().st_size > 1000 and m["students"][0]["sha256"]["model.onnx"]
     code, _, err = run_cli(["compile", teacher, "--no-distill", "--ratio", "0.5", "-o", str(out)], capsys)
@@ -244,7 +244,7 @@ def test_latency_budget_miss_is_marked(tmp_path: Path, capsys: pytest.CaptureFix
                        .replace("memory_budget_mb: null", "memory_budget_mb: 0.0001").replace("name: cpu", "name: tight"))
     code, _, err = run_cli(["compile", tiny(tmp_path), "--no-distill", "--profile", str(profile), "-o",
                             str(tmp_path / "out")], capsys)  # fmt: skip
-    assert code == 0 and "warning: student w50: OVER BUDGET: latency" in err and "OVER BUDGET: memory" in err
+    assert code == 0 and "warning: student macs50: OVER BUDGET: latency" in err and "OVER BUDGET: memory" in err
     (s,) = json.loads((tmp_path / "out" / "manifest.json").read_text())["students"]
     assert s["budgets"]["latency_ms"]["ok"] is False and s["budgets"]["memory_mb"]["ok"] is False
     assert "OVER BUDGET" in (tmp_path / "out" / "report.md").read_text()
@@ -299,7 +299,7 @@ def test_family_students_come_from_an_unchanged_teacher() -> None:
     teacher[0].weight.requires_grad_(False)  # the user froze a part on purpose
     state = CompileState.from_teacher(teacher, (torch.randn(2, 4),))
     state.teacher.requires_grad_(False)  # what a trainer does to the teacher it reads
-    student = state.new_student("w50")
+    student = state.new_student("macs50")
     assert [p.requires_grad for p in student.module.parameters()] == [False, True, True, True]
     state.restore_teacher()
     assert [p.requires_grad for p in teacher.parameters()] == [False, True, True, True]
@@ -334,7 +334,7 @@ def test_kill_at_every_stage_keeps_or_recovers_out(
         assert (out / "manifest.json").read_text() == before  # the old OUT is untouched
     code, _, err = run_cli(["compile", teacher, "--no-distill", "--ratio", "0.4", "-o", str(out)], capsys)
     assert code == 0, err
-    assert json.loads((out / "manifest.json").read_text())["students"][0]["name"] == "w40"
+    assert json.loads((out / "manifest.json").read_text())["students"][0]["name"] == "macs40"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name.endswith((".tmp", ".old"))] == []
 
 
@@ -444,11 +444,11 @@ def test_json_output_and_quiet(tmp_path: Path, capsys: pytest.CaptureFixture[str
     code, out, err = run_cli(["compile", tiny(tmp_path), "--no-distill", "--json", "-o", str(tmp_path / "out")], capsys)
     assert code == 0
     m = json.loads(out)  # stdout is only the manifest
-    assert m["students"][0]["name"] == "w50" and m["host"]["cpu"]
+    assert m["students"][0]["name"] == "macs50" and m["host"]["cpu"]
     assert m["students"][0]["latency_ms"]["source"] == "engine"
     code, out, err = run_cli(["compile", tiny(tmp_path), "--no-distill", "--quiet", "-o", str(tmp_path / "out")], capsys)
     # quiet: the table, and only the loud lines (here: not distilled) on stderr
-    assert code == 0 and "w50" in out and "wrote" not in out
+    assert code == 0 and "macs50" in out and "wrote" not in out
     assert all(line.startswith("warning:") for line in err.splitlines() if line.strip()), err
     code, out, _ = run_cli(["compile", DIGITS, "--pipeline", ",,", "--json", "-o", str(tmp_path / "o2")], capsys)
     assert code == 2 and "empty item" in json.loads(out)["error"]
@@ -470,7 +470,7 @@ def test_a_family_with_distillation_trains_every_student(tmp_path: Path, capsys:
                             "-o", str(out)], capsys)  # fmt: skip
     assert code == 0, err
     students = json.loads((out / "manifest.json").read_text())["students"]
-    assert [s["name"] for s in students] == ["w30", "w50"]
+    assert [s["name"] for s in students] == ["macs30", "macs50"]
     assert all(s["metrics"]["distill"]["steps"] == 4 for s in students)  # the second student trained too
 
 

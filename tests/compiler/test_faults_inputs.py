@@ -245,8 +245,8 @@ def test_ratio_line_shows_what_was_asked_and_what_was_achieved(tmp_path: Path, c
     (s,) = m["students"]
     macs_cut = 1 - s["macs"] / m["teacher"]["macs"]
     flat = " ".join(printed.split())
-    assert (f"w50: --ratio 0.5 asked to remove 50% of the MACs; achieved {macs_cut:.0%} less MACs "
+    assert (f"macs50: --ratio 0.5 asked to remove 50% of the MACs; achieved {macs_cut:.0%} less MACs "
             f"({s['macs_reduction']:.2f}×) and") in flat  # fmt: skip
     assert "measured latency" in flat and "latency table" not in flat
     assert "-50% MACs" in printed  # the table's asked column
-    assert "w50: --ratio 0.5 asked to remove 50% of the MACs" in (out / "report.md").read_text()
+    assert "macs50: --ratio 0.5 asked to remove 50% of the MACs" in (out / "report.md").read_text()

@@ -33,7 +33,7 @@ def test_estimates_scale_with_parameters_and_have_a_floor() -> None:
 
 
 def test_bar_reaches_its_total_and_names_the_pass() -> None:
-    plans = [("w50", [ImportanceNoop(), LowerNoop()]), ("w25", [ImportanceNoop(), LowerNoop()])]
+    plans = [("macs50", [ImportanceNoop(), LowerNoop()]), ("macs25", [ImportanceNoop(), LowerNoop()])]
     sink = io.StringIO()
     progress = PassProgress(plans, params=50_000_000, extra_steps=["lower"],
                             console=Console(file=sink, force_terminal=True, width=120))

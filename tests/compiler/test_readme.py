@@ -49,7 +49,7 @@ def test_the_readme_has_python_snippets() -> None:
 
 
 def _fields(line: str) -> tuple[str, list[str], int, int, float]:
-    """``w50 ['a', 'b'] 10012128 97946 1.0`` -> its five fields."""
+    """``macs50 ['a', 'b'] 10012128 97946 1.0`` -> its five fields."""
     m = re.fullmatch(r"(\S+) (\[.*\]) (\d+) (\d+) ([0-9.]+)", line.strip())
     assert m, f"not a student line: {line!r}"
     return m.group(1), ast.literal_eval(m.group(2)), int(m.group(3)), int(m.group(4)), float(m.group(5))
@@ -66,7 +66,7 @@ def test_compile_snippet_prints_the_run_and_the_prose_states_what_the_numbers_ar
     manifest: dict[str, Any] = json.loads((tmp_path / "out" / "readme" / "manifest.json").read_text())
     (s,) = manifest["students"]
     assert (name, pipeline, macs, params) == (s["name"], s["pipeline"], s["macs"], s["params"])
-    assert name == "w50" and pipeline[0] == "prune.width{ratio=0.5}"  # --ratio 0.5, --no-distill
+    assert name == "macs50" and pipeline[0] == "prune.width{ratio=0.5}"  # --ratio 0.5, --no-distill
     assert "distill" not in " ".join(pipeline)
     assert 0.45 <= macs / manifest["teacher"]["macs"] <= 0.55  # "half the MACs"
     student = load_student(tmp_path / "out" / "readme" / s["dir"],

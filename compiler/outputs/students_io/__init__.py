@@ -30,7 +30,7 @@ is a checked promise, not a hope.
     >>> record["loaders"]
     ['potstill.load_student', 'transformers.AutoModel']
     >>> model = load_student("out/students/r0.5")
-    >>> cnn = load_student("out/students/w50", factory=my_module.teacher)  # a file.py:FACTORY teacher
+    >>> cnn = load_student("out/students/macs50", factory=my_module.teacher)  # a file.py:FACTORY teacher
 
 The package: ``codec`` (the record's format), ``teacher`` (the teacher part and its allow-list),
 ``save`` (``save_student``, ``hf/``), ``load`` (``load_student``) and ``program``

@@ -157,7 +157,7 @@ def load_student(
     checked against the record before any module is built.
 
     >>> model = load_student("out/students/r0.5")
-    >>> cnn = load_student("out/students/w50", factory=my_module.teacher)  # a file.py:FACTORY teacher
+    >>> cnn = load_student("out/students/macs50", factory=my_module.teacher)  # a file.py:FACTORY teacher
     """
     from safetensors.torch import load_file
 

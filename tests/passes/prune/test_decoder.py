@@ -159,7 +159,7 @@ def test_ratio_of_flag_reaches_the_width_pass_and_is_strict():
     from potstill.plan import CompileOptions, plan_students
 
     plans = plan_students(CompileOptions(ratios=(0.3,), ratio_of="prunable", distill=False), "onnxruntime")
-    assert plans[0].passes[0].spec() == "prune.width{ratio=0.3,ratio_of=prunable}"
+    assert plans[0].passes[0].spec() == "prune.width{ratio=0.3,ratio_of=prunable}" and plans[0].name == "macs30p"
     with pytest.raises(InputError, match="give --ratio too"):
         plan_students(CompileOptions(ratio_of="prunable"), "onnxruntime")
     with pytest.raises(InputError, match="--ratio-of"):
