@@ -186,6 +186,14 @@ class DeviceProfile(_Strict):
             raise ValueError("a DLA core runs fp16 or int8 only; set precision to fp16 or int8")
         return self
 
+    def unquantised(self) -> DeviceProfile:
+        """This profile without INT8 (``precision: int8`` read as fp32, ``int8.on_fp32`` off): what
+        the teacher's reference engine is lowered with, so students' speed-ups include what INT8 buys."""
+        if self.precision != "int8" and not self.int8.on_fp32:
+            return self
+        return self.model_copy(update={"precision": "fp32" if self.precision == "int8" else self.precision,
+                                       "int8": self.int8.model_copy(update={"on_fp32": False})})
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML/JSON ready); ``DeviceProfile.model_validate`` reads it back."""
         return self.model_dump(mode="json", exclude_none=True)

@@ -248,10 +248,8 @@ class TeacherRecordPass(Pass):
         if self.options.timing:
             # the reference is the teacher as the user has it: an INT8 profile's students are timed
             # against the FP32 teacher engine, so their speed-ups include what INT8 buys
-            profile = state_profile(state, {"int8": {"on_fp32": False}})
-            profile = state_profile(state, {"precision": "fp32", "int8": {"on_fp32": False}}) \
-                if profile.precision == "int8" else profile
-            art = lower_module(state, state.teacher, scratch, self.options.target, profile, name="teacher")
+            art = lower_module(state, state.teacher, scratch, self.options.target, state_profile(state).unquantised(),
+                               name="teacher")  # fmt: skip
         state.shared.engine = art  # the students' engines are timed interleaved with it (record)
         if state.metric is not None and state.shared.metric is None:
             state.shared.metric = run_metric(state.metric, state.teacher, "teacher")

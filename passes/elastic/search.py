@@ -317,9 +317,6 @@ def measure_latency(module: nn.Module, example_inputs: tuple[Any, ...], example_
     """Median latency (ms) of ``module`` on the profile's engine, and the artifact."""
     from potstill.targets import lower
 
-    if profile.target in ("onnx", "onnxruntime") and (profile.precision == "int8" or profile.int8.on_fp32):
-        # INT8 is tried per student when it is lowered; the search compares FP32 engines
-        profile = profile.model_copy(update={"precision": "fp32", "int8": profile.int8.model_copy(update={"on_fp32": False})})
     art = lower(module, example_inputs, profile, out_dir, example_kwargs=example_kwargs)
     median = art.latency_ms.get("median")
     if median is None or not math.isfinite(float(median)):
@@ -400,7 +397,8 @@ def _search(net: Supernet, teacher: nn.Module, profile: Any, example_inputs: tup
                          f"{profile.precision}); relax --memory-mb or widen the space")
     clock: TeacherClock | None = None
     if speedups:
-        _, teacher_art = measure_latency(teacher, tuple(example_inputs), kwargs, profile, tmp / "teacher")
+        # the teacher as the user has it (FP32); subnets are timed as they would ship (INT8 where it pays)
+        _, teacher_art = measure_latency(teacher, tuple(example_inputs), kwargs, profile.unquantised(), tmp / "teacher")
         clock = TeacherClock(engine_callable(teacher_art, teacher, tuple(example_inputs), kwargs, profile),
                              min_rounds=settings.timing_rounds, max_rounds=settings.max_timing_rounds)
     reference: list[float] = []  # the teacher's ms in the first reading: the scale of relative times

@@ -185,3 +185,32 @@ def test_a_speedup_budget_the_predictor_misjudges_still_binds_by_measurement(tmp
     assert [SubnetConfig.from_dict(r["config"]) for r in result.rejected] == [large]
     why = result.rejected[0]
     assert "speed-up" in why["why"] and why["timing"]["speedup"] < why["timing"]["threshold"]
+
+
+def test_subnets_are_timed_as_they_ship_and_the_teacher_as_the_user_has_it(tmp_path, monkeypatch) -> None:
+    """On a profile that tries INT8 (``int8.on_fp32``, the ``cpu`` default from 50M MACs) the search
+    times each subnet's engine as it would ship, INT8 where kept, against the teacher's FP32 engine:
+    a budget of 1.3x can then be met by a near-full subnet in INT8 rather than only by a much smaller
+    FP32 one."""
+    import potstill.passes.elastic.search as search_mod
+
+    cpu = load_profile("cpu")
+    profile = cpu.model_copy(update={"int8": cpu.int8.model_copy(update={
+        "min_macs": 0.0, "require_speedup": False, "max_rel_error": 1.0, "max_accuracy_drop": 1.0})})
+    timed: list[tuple[bool, str, bool]] = []
+    real = search_mod.measure_latency
+
+    def spy(module, example_inputs, example_kwargs, prof, out_dir):  # records, then times for real
+        ms, art = real(module, example_inputs, example_kwargs, prof, out_dir)
+        timed.append((module is teacher, art.precision, prof.int8.on_fp32))
+        return ms, art
+
+    monkeypatch.setattr(search_mod, "measure_latency", spy)
+    teacher, net = _two_subnets()
+    result = search(net, teacher, profile, (TWO[:1],), {}, [TWO[32:]], [TWO[:32]],
+                    SearchSettings(students=1, speedup=(1.01,), population=4, generations=1, timing_rounds=3,
+                                   max_timing_rounds=6, extra_tries=1, speedup_tolerance=0.99),
+                    work_dir=tmp_path / "search")  # fmt: skip
+    assert timed[0] == (True, "fp32", False), timed  # the teacher: unquantised
+    assert {precision for is_teacher, precision, _ in timed if not is_teacher} == {"int8"}, timed
+    assert result.finalists and all(f.artifact.precision == "int8" for f in result.finalists)
