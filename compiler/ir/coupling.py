@@ -141,6 +141,18 @@ class CouplingAnalysis:
             if isinstance(seg, Seg):
                 self.table.pin(seg.space, reason)
 
+    def fix_positions(self, dm: DimMap, reason: str) -> DimMap:
+        """A dim whose positions now matter one by one (joined with a non-channel dim, cut into a
+        triangle): its channels are pinned, and a class of filled spaces is void, no channel at all
+        (``SpaceInfo.void``); returns ``dm`` resolved."""
+        for seg in self.resolve(dm) or ():
+            if isinstance(seg, Seg) and self.table.is_filled(seg.space):
+                self.table.root(seg.space).void = True
+                self.voided = True
+            elif isinstance(seg, Seg):
+                self.table.pin(seg.space, reason)
+        return self.resolve(dm)
+
     def join(self, a: DimMap, b: DimMap, length: int, why: str) -> DimMap:
         """Two dims that must carry the same channels position by position."""
         a, b = self.resolve(a), self.resolve(b)
@@ -150,14 +162,7 @@ class CouplingAnalysis:
             # A non-channel dim of the same length joined with channels: those channels are fixed. A
             # filled tensor's dim (a causal mask ``full((T, T))`` added to the scores) is no channel
             # then: left a space, it would carry on along the sequence and pin every head it meets.
-            other = a if b is None else b
-            for seg in other:
-                if isinstance(seg, Seg) and self.table.is_filled(seg.space):
-                    self.table.root(seg.space).void = True
-                    self.voided = True
-                elif isinstance(seg, Seg):
-                    self.table.pin(seg.space, f"{why}: joined with a non-channel dim")
-            return self.resolve(other)
+            return self.fix_positions(a if b is None else b, f"{why}: joined with a non-channel dim")
         if len(a) == 1 and len(b) == 1 and isinstance(a[0], Seg) and isinstance(b[0], Seg):
             sa, sb = a[0], b[0]
             self.table.union(sa.space, sb.space, length // math.lcm(sa.r, sb.r))

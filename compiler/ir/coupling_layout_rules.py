@@ -84,6 +84,35 @@ def _repeat(a: ChannelAnalysis, node: fx.Node) -> Any:
     return out
 
 
+@rule("repeat_interleave")
+def _repeat_interleave(a: ChannelAnalysis, node: fx.Node) -> Any:
+    """``x.repeat_interleave(r, dim)``: each position of ``dim`` becomes ``r`` consecutive ones, so
+    a block of ``q`` positions standing for ``c`` channels becomes a block of ``q*r`` (Mamba2's B
+    and C, one per group of heads, repeated to the heads: ``[G*N] -> [G, N] -> [H, N]`` carries
+    ``Seg(s, N, H/G)`` and couples each group with its heads, as ``repeat_kv`` does). A size-1 dim
+    copied out holds one value along it, like a factory op's tensor: it starts a filled space
+    (``SpaceTable.new_filled``) that takes the channels it is joined with."""
+    args = node_args(node)
+    x, reps = args[0], args[1] if len(args) > 1 else node_kwargs(node).get("repeats")
+    dim = args[2] if len(args) > 2 else node_kwargs(node).get("dim")
+    xs, out_shape = a.shape(x), a.shape(node)
+    if xs is None or out_shape is None:
+        raise Unsupported("repeat_interleave of repeat counts (a tensor of repeats)")
+    xm = a.arg_maps(x, node.name)
+    if not isinstance(reps, int) or not isinstance(dim, int):
+        if any(dm is not None for dm in xm):
+            raise Unsupported("repeats given by a tensor, or over the flattened input")
+        return [None] * len(out_shape)
+    d = dim_index(dim, len(xm))
+    out = list(xm)
+    dm = xm[d]
+    if dm is None:
+        out[d] = (Seg(a.table.new_filled(out_shape[d], node.name)),) if xs[d] == 1 and out_shape[d] > 1 else None
+    else:
+        out[d] = tuple(Seg(s.space, s.c, s.r * reps) if isinstance(s, Seg) else Fixed(s.length * reps) for s in dm)
+    return out
+
+
 @rule("cat", "concat", "concatenate")
 def _cat(a: ChannelAnalysis, node: fx.Node) -> Any:
     tensors = [t for t in node_args(node)[0] if isinstance(t, fx.Node)]

@@ -384,6 +384,14 @@ def _along_dim(a: ChannelAnalysis, node: fx.Node) -> Any:
     return xm
 
 
+@rule("tril", "triu")
+def _triangle(a: ChannelAnalysis, node: fx.Node) -> Any:
+    """``tril``/``triu`` zero by position in the last two dims (a causal mask ``tril(ones(T, T))``,
+    Mamba2's segment sums): a channel there is pinned, a filled tensor's dim is no channel."""
+    xm = a.arg_maps(node_args(node)[0], node.name)
+    return [*xm[:-2], *(a.fix_positions(dm, f"{node.name}: keeps a triangle by position") for dm in xm[-2:])]
+
+
 @rule("mean", "sum", "amax", "amin", "var", "std", "max", "min", "prod", "norm", "linalg_vector_norm", "any", "all",
       "logsumexp", "argmax", "argmin")
 def _reduce(a: ChannelAnalysis, node: fx.Node) -> Any:
@@ -409,8 +417,8 @@ def _reduce(a: ChannelAnalysis, node: fx.Node) -> Any:
                     for seg in dm:
                         if isinstance(seg, Seg):
                             a.table.mark_inexact(seg.space, f"{node.name}: a statistic over these channels")
-                else:
-                    raise Unsupported("reduces a channel dim")
+                else:  # the other dims keep their channels (Mamba2 sums B·C over the state, per head)
+                    a.pin_map(dm, f"{node.name} ({name}): reduces a channel dim")
             if keepdim:
                 out.append(None)
         else:
@@ -541,9 +549,7 @@ def _factory(a: ChannelAnalysis, node: fx.Node) -> Any:
     out: list[DimMap] = []
     for n in out_shape:
         if n > 1:
-            sid = a.table.new(n)
-            a.table.info[sid].sized_by.append(node.name)
-            out.append((Seg(sid),))
+            out.append((Seg(a.table.new_filled(n, node.name)),))
         else:
             out.append(None)
     return out

@@ -167,7 +167,8 @@ def _update_attributes(model: nn.Module, analysis: Analysis, kept: dict[str, flo
             mod.num_embeddings, mod.embedding_dim = mod.weight.shape
         _update_module_kinds(mod)
         _update_attention(mod)
-        _update_own_widths(mod, prefix, analysis.param_shapes)
+        if not _update_ssm_heads(mod):
+            _update_own_widths(mod, prefix, analysis.param_shapes)
 
 
 def _update_module_kinds(mod: nn.Module) -> None:
@@ -221,6 +222,32 @@ def _update_own_widths(mod: nn.Module, prefix: str, teacher_shapes: Mapping[str,
             continue
         if attr.endswith(_WIDTH_ATTR_SUFFIXES) or attr in _WIDTH_ATTR_NAMES:
             setattr(mod, attr, changes[value])
+
+
+_SSM_HEAD_ATTRS = ("num_heads", "head_dim", "n_groups", "ssm_state_size", "intermediate_size", "conv_dim")
+
+
+def _update_ssm_heads(mod: nn.Module) -> bool:
+    """Mamba2's mixer: heads of ``head_dim`` channels in groups that share a B and a C of
+    ``ssm_state_size`` each. Its widths follow its parameters, not one another's old values: the
+    heads count ``A_log``'s entries, the convolution runs over the inner width and both B and C,
+    ``conv_dim = intermediate_size + 2 * n_groups * ssm_state_size``. (Matching old values, as
+    ``_update_own_widths`` does, would also rewrite ``conv_kernel_size`` where it equals the head
+    count.) Returns whether ``mod`` is such a mixer."""
+    a_log, conv = getattr(mod, "A_log", None), getattr(mod, "conv1d", None)
+    if (not isinstance(a_log, torch.Tensor) or a_log.dim() != 1 or not isinstance(conv, nn.Conv1d)
+            or any(not isinstance(getattr(mod, n, None), int) for n in _SSM_HEAD_ATTRS)):
+        return False
+    widths: dict[str, int] = {n: getattr(mod, n) for n in _SSM_HEAD_ATTRS}
+    heads = int(a_log.shape[0])
+    inner = heads * widths["head_dim"]
+    conv_dim = int(conv.weight.shape[0])
+    per_group = 2 * widths["ssm_state_size"]
+    if (conv_dim - inner) % per_group or conv_dim <= inner:
+        return False
+    mod.num_heads, mod.intermediate_size, mod.conv_dim = heads, inner, conv_dim  # type: ignore[assignment]
+    mod.n_groups = (conv_dim - inner) // per_group  # type: ignore[assignment]
+    return True
 
 
 def _is_hf_conv1d(mod: nn.Module) -> bool:
@@ -365,8 +392,26 @@ def _update_hf_config(model: nn.Module, heads: bool = True) -> None:
         emb = None
     if isinstance(emb, nn.Embedding) and hasattr(config, "hidden_size"):
         config.hidden_size = emb.embedding_dim
+    _update_ssm_config(model, config, nonuniform)
     if nonuniform:
         config.potstill_nonuniform = nonuniform
+
+
+def _update_ssm_config(model: nn.Module, config: Any, nonuniform: list[str]) -> None:
+    """A Mamba2 config states its mixers' heads, groups and inner width (``expand * hidden_size``);
+    hybrids name theirs otherwise (``mamba_n_heads``) and are left alone."""
+    if not all(isinstance(getattr(config, f, None), (int, float)) for f in ("num_heads", "n_groups", "expand",
+                                                                             "head_dim", "hidden_size")):
+        return
+    mixers = [m for m in model.modules() if _update_ssm_heads(m)]
+    if not mixers:
+        return
+    for field_name in ("num_heads", "n_groups"):
+        first, uniform = _first_uniform([int(vars(m)[field_name]) for m in mixers])
+        setattr(config, field_name, first)
+        if not uniform:
+            nonuniform.append(field_name)
+    config.expand = config.num_heads * config.head_dim / config.hidden_size
 
 
 # ---------------------------------------------------------------------------------------------

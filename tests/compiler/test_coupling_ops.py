@@ -169,7 +169,7 @@ def test_gather_of_relative_positions_keeps_heads_prunable():
 
 def test_rules_exist_for_the_odd_ops():
     for op in ("split", "split_with_sizes", "chunk", "unbind", "prelu", "einsum", "conv_transpose1d",
-               "conv_transpose2d", "index", "gather", "slice"):
+               "conv_transpose2d", "index", "gather", "slice", "repeat_interleave", "tril", "triu"):
         assert op in RULES
 
 
@@ -213,28 +213,33 @@ class CausalMaskAttention(nn.Module):
     """Self-attention with a causal mask made by ``full((T, T))`` as BART/MVP build it: the mask is
     sized by the sequence length, a constant of the graph, and must not become a channel space."""
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, tril: bool = False) -> None:
         super().__init__()
-        self.num_heads, self.head_dim = heads, width // heads
+        self.num_heads, self.head_dim, self.tril = heads, width // heads, tril
         self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
 
     def forward(self, x):
         b, t, _ = x.shape
-        mask = torch.full((t, t), torch.finfo(x.dtype).min)
-        cond = torch.arange(t)
-        mask = mask.masked_fill(cond < (cond + 1).view(t, 1), 0.0)
+        if self.tril:  # GPT-2's buffer, made in the forward: tril(ones(T, T))
+            mask = torch.zeros(t, t).masked_fill(torch.tril(torch.ones(t, t)) == 0, torch.finfo(x.dtype).min)
+        else:
+            mask = torch.full((t, t), torch.finfo(x.dtype).min)
+            cond = torch.arange(t)
+            mask = mask.masked_fill(cond < (cond + 1).view(t, 1), 0.0)
         q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
         scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5 + mask[None, None]
         return self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1))
 
 
-def test_a_mask_made_by_full_joins_the_sequence_and_leaves_the_heads_prunable():
+@pytest.mark.parametrize("tril", [False, True])
+def test_a_mask_made_by_full_joins_the_sequence_and_leaves_the_heads_prunable(tril):
     # The mask's dims join the scores' sequence dims: they are no channels. Left as spaces of their
     # own, they would run on into the softmax over the keys, which would then pin the heads.
     torch.manual_seed(0)
-    m = CausalMaskAttention(8, heads=4).eval()
+    m = CausalMaskAttention(8, heads=4, tril=tril).eval()
     x = torch.randn(2, 6, 8)
     a = analyze(m, (x,))
+    assert a.unknown_ops == {}
     (g,) = [g for g in _groups_with(a, "q.weight", 0) if g.kind == "heads"]
     assert g.pinned is None and g.n_units == 4 and g.sized_by is None
     assert ("v.weight", 0) in {(mm.param, mm.dim) for mm in g.members}

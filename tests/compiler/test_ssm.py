@@ -4,7 +4,8 @@ The scan state is a tensor the mixer makes (``torch.zeros(b, intermediate_size, 
 factory-op rule lets its dims take the channels they are joined with, surgery updates the
 mixer's own width attributes, and the trial surgery pins what the narrowed forward cannot follow
 (Mamba's ``time_step_rank`` split). The engine runs the recurrence as an ONNX ``Scan``
-(``potstill.inputs.ssm``), so it takes any sequence length.
+(``potstill.inputs.ssm``), so it takes any sequence length. Mamba2's heads prune with the B and C
+of their group (``repeat_interleave`` carries a group to its heads).
 """
 
 from __future__ import annotations
@@ -56,6 +57,49 @@ def test_the_inner_width_is_one_prunable_group_per_layer() -> None:
     assert [m.intermediate_size for n, m in student.named_modules() if n.endswith("mixer")] == [32, 32]
     with torch.no_grad():
         got, want = student(input_ids=ids).logits, reference(input_ids=ids).logits
+    assert float((got - want).abs().max()) < 1e-5
+
+
+def _mamba2(n_groups: int) -> nn.Module:
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Mamba2Config(vocab_size=128, hidden_size=32, state_size=6, num_hidden_layers=2, expand=2, head_dim=16,
+                          num_heads=4, n_groups=n_groups, conv_kernel=3, chunk_size=5, use_cache=False)
+    return Mamba2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(("n_groups", "units"), [(1, 4), (2, 2)])
+def test_mamba2_heads_prune_with_the_b_and_c_of_their_group(n_groups: int, units: int, monkeypatch) -> None:
+    """Mamba2 repeats each group's B and C to its heads (``repeat_interleave``): with one group the
+    copy takes any head, so every head is a unit; with two, a unit is a group with its B and C."""
+    from potstill.ir.capture import analyze
+    from potstill.ir.surgery import masked_reference, prune_width
+    from torch.nn import functional as F
+    from transformers.models.mamba2 import modeling_mamba2
+
+    # HF's gated norm takes its statistic over all heads (inexact); a per-channel gate makes the
+    # pruned student comparable with the masked teacher to float error
+    monkeypatch.setattr(modeling_mamba2.MambaRMSNormGated, "forward", lambda self, h, gate=None: self.weight * h * F.silu(gate))
+    model = _mamba2(n_groups)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+    analysis = analyze(model, (), {"input_ids": ids})
+    heads = [g for g in analysis.groups if any(m.param.endswith("mixer.A_log") for m in g.members)]
+    assert len(heads) == 2 and all(g.pinned is None and g.exact and g.n_units == units for g in heads), heads
+    offsets = {(m.param.split("mixer.")[1], m.offset) for m in heads[0].members if m.dim == 0}
+    # in_proj's rows: gate [0, 64), x [64, 128), B, C (6 per group), dt (one per head); conv1d's: x, B, C
+    b_and_c = {("in_proj.weight", 128), ("in_proj.weight", 128 + 6 * n_groups), ("conv1d.weight", 64),
+               ("conv1d.weight", 64 + 6 * n_groups)}
+    assert {("in_proj.weight", 0), ("in_proj.weight", 64), ("conv1d.weight", 0)} <= offsets
+    assert (b_and_c <= offsets) if n_groups > 1 else not (b_and_c & offsets), offsets
+    keep = {g.id: list(range(0, units, 2)) for g in heads}
+    student, reference = prune_width(model, analysis, keep).eval(), masked_reference(model, analysis, keep).eval()
+    mixer = student.backbone.layers[0].mixer
+    assert (mixer.num_heads, mixer.n_groups, mixer.intermediate_size, mixer.conv_kernel_size) == (
+        2, max(1, n_groups // 2), 32, 3)
+    x = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got, want = student(input_ids=x).logits, reference(input_ids=x).logits
     assert float((got - want).abs().max()) < 1e-5
 
 
