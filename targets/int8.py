@@ -109,13 +109,22 @@ def quantization_mode(onnx_path: Path, mode: str) -> str:
 
 
 def example_macs(module: nn.Module, example: Inputs) -> float:
-    """Multiply-accumulates of one forward on ``example`` (torch's FLOP counter, halved)."""
+    """Multiply-accumulates of one forward on ``example`` (torch's FLOP counter, halved). Parameters
+    are counted frozen: the counter's module tracker hooks every output that requires grad, and a
+    module that returns a parameter itself (DeBERTa's relative embeddings) has no gradient function."""
     from torch.utils.flop_counter import FlopCounterMode
 
     args, kwargs = example
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        module(*args, **kwargs)
+    frozen = [p for p in module.parameters() if p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        with torch.no_grad(), counter:
+            module(*args, **kwargs)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     return counter.get_total_flops() / 2
 
 

@@ -185,3 +185,22 @@ def test_a_language_models_int8_is_judged_by_its_next_token_predictions() -> Non
     assert top1_disagreement(Masked(), flipped((0, 0)), [item], tokens=True) == 0.0  # a padded position
     assert top1_disagreement(Masked(), flipped((1, 3)), [item], tokens=True) == 1 / 10
     assert top1_disagreement(Masked(), flipped((1, 3)), [item]) is None  # not a classifier's [batch, classes]
+
+
+def test_macs_are_counted_on_models_that_return_a_parameter() -> None:
+    """The gate's MACs count (torch's FLOP counter): a Linear of 16 -> 32 on 2 rows is 1,024 MACs,
+    also when the module returns one of its parameters (DeBERTa's relative embeddings did, and the
+    counter's grad hooks failed on it), and the parameters still require grad afterwards."""
+    from potstill.targets.int8 import example_macs
+
+    class WithTable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.table = nn.Linear(16, 32), nn.Parameter(torch.randn(4, 32))
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.lin(x), self.table
+
+    model = WithTable()
+    assert example_macs(model, ((torch.randn(2, 16),), {})) == 2 * 16 * 32
+    assert all(p.requires_grad for p in model.parameters())
