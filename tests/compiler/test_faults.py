@@ -50,6 +50,9 @@ import potstill.pipeline as pl
 
 stage, sig = sys.argv[1], getattr(signal, sys.argv[2])
 call = pl.Pass.__call__
+# Ctrl-C as a terminal delivers it: a parent that ignores SIGINT (SIG_IGN) passes that on through
+# exec, and Python then installs no KeyboardInterrupt (a full xdist run once ignored it here: exit 0)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def hooked(self, state):
     if self.name == stage:
