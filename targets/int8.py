@@ -89,10 +89,15 @@ def quantize_dynamic_onnx(fp32_path: Path, out_path: Path) -> Path:
     written atomically to ``out_path``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # its pre-processing advice
-    with atomic_path(out_path) as tmp:
-        quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-                         use_external_data_format=Path(fp32_path).stat().st_size > 1_800_000_000)
+    root = logging.getLogger()  # it logs pre-processing advice on the root logger: quiet it here only
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        with atomic_path(out_path) as tmp:
+            quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+                             use_external_data_format=Path(fp32_path).stat().st_size > 1_800_000_000)
+    finally:
+        root.setLevel(level)
     return out_path
 
 
