@@ -65,9 +65,10 @@ def run_with_masks(model: Callable[..., Any], batches: Iterable[Any], on_mask: C
     """Run ``model`` over ``batches`` in eval mode without gradients (its mode restored after),
     handing each batch's ``token_mask`` to ``on_mask`` first: hooks that gather statistics read it
     to leave padding tokens out."""
-    training = getattr(model, "training", None)
-    if training is not None:
-        model.eval()  # type: ignore[attr-defined]
+    module = model if isinstance(model, torch.nn.Module) else None
+    training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
     try:
         with torch.no_grad():
             for raw in batches:
@@ -75,8 +76,8 @@ def run_with_masks(model: Callable[..., Any], batches: Iterable[Any], on_mask: C
                 on_mask(token_mask(batch))
                 batch.run(model)
     finally:
-        if training is not None:
-            model.train(training)  # type: ignore[attr-defined]
+        if module is not None:
+            module.train(training)
 
 
 def as_batch(obj: Any) -> Batch:

@@ -245,8 +245,9 @@ def _update_ssm_heads(mod: nn.Module) -> bool:
     per_group = 2 * widths["ssm_state_size"]
     if (conv_dim - inner) % per_group or conv_dim <= inner:
         return False
-    mod.num_heads, mod.intermediate_size, mod.conv_dim = heads, inner, conv_dim  # type: ignore[assignment]
-    mod.n_groups = (conv_dim - inner) // per_group  # type: ignore[assignment]
+    for name, value in (("num_heads", heads), ("intermediate_size", inner), ("conv_dim", conv_dim),
+                        ("n_groups", (conv_dim - inner) // per_group)):
+        setattr(mod, name, value)
     return True
 
 
