@@ -269,7 +269,7 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     task = infer_task(teacher.module, teacher.hf, example_output)
     del example_output
     distill_epochs, distill = _default_distillation(opts, teacher, task, train is not None or calib_trains, note)
-    plans = planner.plans(distill_epochs=distill_epochs, distill=distill)
+    plans = planner.plans(distill_epochs=distill_epochs, distill=distill, state=state)
     sources = local_sources([*teacher.sources, *plugin_files, *_spec_files(opts)], extra=plugin_files)
     inputs = _inputs_record(opts, teacher, plans, sources)
     inputs["calib"]["batches_sha256"] = batches_sha256(calib_batches) if calib_batches else None

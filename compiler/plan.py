@@ -32,13 +32,16 @@ from typing import TYPE_CHECKING, Any
 
 from potstill import recipe as recipe_schema
 from potstill.errors import InputError
+from potstill.passes.prune.width_options import ratio_basis
 from potstill.pipeline import Fact, Pass, build_pipeline, get_pass, needs_fact, predicates
 from potstill.recipe import SEED_MAX, Recipe, parse_recipe, read_recipe_file
 from potstill.recipe import DataSpec as RecipeData
 from potstill.targets.registry import check_target
 
 if TYPE_CHECKING:
+    from potstill.passes.prune.width import WidthPrunePass
     from potstill.profiles.schema import DeviceProfile
+    from potstill.state import CompileState
 
 RATIO_PLACEHOLDER = "$ratio"
 #: the recipe schema (one for compiling and distilling: ``potstill.recipe``), under its names here
@@ -220,8 +223,8 @@ class Ratio:
     and LM head left out). Checked once, when the planner is built; the width pass receives it as
     typed options, never as text.
 
-    >>> Ratio(0.3).tag(None), Ratio(0.3, "prunable").tag(None)
-    ('macs30', 'macs30p')
+    >>> Ratio(0.3).tag(), Ratio(0.3, "prunable").tag("latency")
+    ('macs30', 'latency30p')
     """
 
     value: float
@@ -236,18 +239,18 @@ class Ratio:
         if self.of not in RATIO_OF:
             raise InputError(f"--ratio-of {self.of!r}: expected 'total' or 'prunable'")
 
-    def tag(self, profile: DeviceProfile | None) -> str:
-        """The student's name on ``profile``: what the ratio is a fraction of (``macs`` or ``latency``,
-        by ``prune.width``'s own rule, ``ratio_basis``), the percentage removed, and ``p`` when it
-        counts the prunable part only: ``macs50``, ``latency30``, ``macs30p``. (Students were named
-        ``w50`` before, which said neither.)"""
-        from potstill.passes.prune.width_options import ratio_basis
+    def tag(self, basis: str = "macs") -> str:
+        """The student's name: what the ratio is a fraction of (``basis``: ``macs`` or ``latency``, as
+        ``prune.width`` budgets it: ``WidthPrunePass.ratio_basis``), the percentage removed, and ``p``
+        when it counts the prunable part only: ``macs50``, ``latency30``, ``macs30p``. (Students were
+        named ``w50`` before, which said neither.)"""
+        return f"{basis}{round(self.value * 100):d}{'p' if self.of == 'prunable' else ''}"
 
-        return f"{ratio_basis(profile)}{round(self.value * 100):d}{'p' if self.of == 'prunable' else ''}"
-
-    def width_pass(self) -> Pass:
+    def width_pass(self) -> WidthPrunePass:
         """``prune.width`` with this ratio."""
-        return get_pass("prune.width")(ratio=self.value, ratio_of=self.of)
+        from potstill.passes.prune.width import WidthPrunePass
+
+        return WidthPrunePass(ratio=self.value, ratio_of=self.of)
 
 
 def check_flags(opts: CompileOptions) -> None:
@@ -368,6 +371,20 @@ class _Draft:
     #: "elastic" (complete but for elastic.train, added when training data is at hand)
     kind: str
     profile: str | None = None
+    #: the ``--ratio`` the name starts with, read by ``width`` (after ``importance.NAME`` when
+    #: ``importance`` names it); ``rest``: the name's other tags. Once the teacher is loaded, the
+    #: width pass says what the ratio is a fraction of for it, and the name follows
+    ratio: Ratio | None = None
+    width: WidthPrunePass | None = None
+    importance: str | None = None
+    rest: tuple[str, ...] = ()
+
+    def named_for(self, state: CompileState) -> str:
+        """The name once the teacher of ``state`` is known (``WidthPrunePass.ratio_basis``)."""
+        if self.ratio is None or self.width is None:
+            return self.name
+        basis = self.width.ratio_basis(state, self.importance)
+        return "-".join([self.ratio.tag(basis), *self.rest])
 
 
 class StudentPlanner:
@@ -406,8 +423,8 @@ class StudentPlanner:
         if opts.elastic:
             drafts = self._elastic_drafts(target)
         elif opts.pipeline:
-            drafts = [_Draft(name, _finish(_feed_training(passes, opts.recipe_data, self.source), target), "pipeline")
-                      for name, passes in self._pipeline_students(opts.pipeline)]  # fmt: skip
+            drafts = [replace(d, passes=_finish(_feed_training(d.passes, opts.recipe_data, self.source), target))
+                      for d in self._pipeline_students(opts.pipeline)]  # fmt: skip
         else:
             drafts = self._default_drafts()
         names = [d.name for d in drafts]
@@ -415,13 +432,19 @@ class StudentPlanner:
             raise InputError(f"two students would share a name ({names}); give distinct --ratio values")
         self._drafts, self._target = drafts, target
 
-    def plans(self, distill_epochs: int | None = None, distill: str | None = None) -> list[Plan]:
+    def plans(self, distill_epochs: int | None = None, distill: str | None = None,
+              state: CompileState | None = None) -> list[Plan]:  # fmt: skip
         """Step 3: every student's whole plan. ``distill`` is the ``distill{...}`` step the driver chose
         for the teacher's task (``potstill.passes.distill.defaults``), ``distill_epochs`` the epochs
-        (then ``distill{epochs=N}`` when ``distill`` is None); both None when no training runs."""
+        (then ``distill{epochs=N}`` when ``distill`` is None); both None when no training runs.
+        ``state`` holds the loaded teacher: a student named by its ratio is renamed by what its width
+        pass will budget on this teacher (``macs10`` becomes ``latency10`` where the host-timed
+        latency search allocates a transformer's heads and neurons)."""
         if self._drafts is None:
             raise RuntimeError("StudentPlanner.plans() runs once, after draft()")
         drafts, self._drafts = self._drafts, None
+        if state is not None:
+            drafts = [replace(d, name=d.named_for(state)) for d in drafts]
         plans = []
         for d in drafts:
             passes = d.passes
@@ -438,7 +461,7 @@ class StudentPlanner:
             plans.append(Plan(d.name, passes, d.profile))
         return plans
 
-    def _pipeline_students(self, pipeline: str | list[Any]) -> list[tuple[str, list[Pass]]]:
+    def _pipeline_students(self, pipeline: str | list[Any]) -> list[_Draft]:
         text = pipeline if isinstance(pipeline, str) else None
         if self.ratios and (text is None or RATIO_PLACEHOLDER not in text):
             raise InputError(
@@ -448,24 +471,27 @@ class StudentPlanner:
         if text is not None and RATIO_PLACEHOLDER in text:
             if not self.ratios:
                 raise InputError(f"the pipeline uses '{RATIO_PLACEHOLDER}': give --ratio")
-            students = []
-            for r in self.ratios:
-                passes = build_pipeline(text.replace(RATIO_PLACEHOLDER, f"{r.value:g}"))
-                students.append((self._pipeline_tag(r, passes), passes))
-            return students
+            return [self._pipeline_draft(r, build_pipeline(text.replace(RATIO_PLACEHOLDER, f"{r.value:g}")))
+                    for r in self.ratios]  # fmt: skip
         passes = build_pipeline(_pipeline_items(pipeline))
         if not passes:
             raise InputError("--pipeline is empty: name at least one pass (see 'potstill passes')")
-        return [(self.opts.name or "student", passes)]
+        return [_Draft(self.opts.name or "student", passes, "pipeline")]
 
-    def _pipeline_tag(self, r: Ratio, passes: list[Pass]) -> str:
-        """A ``$ratio`` student's name: the ratio's tag when ``prune.width{ratio=$ratio}`` reads it
-        (with that pass's ``ratio_of``), else ``ratio50``: the pipeline alone says what it is of."""
-        for p in passes:
+    def _pipeline_draft(self, r: Ratio, passes: list[Pass]) -> _Draft:
+        """A ``$ratio`` student: named by the ratio's tag when ``prune.width{ratio=$ratio}`` reads it
+        (with that pass's ``ratio_of``; renamed for the teacher when that pass runs first), else
+        ``ratio50``: the pipeline alone says what it is of."""
+        from potstill.passes.prune.width import WidthPrunePass
+
+        for i, p in enumerate(passes):
             ratio, of = (getattr(p.options, k, None) for k in ("ratio", "ratio_of"))
             if p.name == "prune.width" and ratio is not None and math.isclose(ratio, r.value, rel_tol=1e-5):
-                return Ratio(r.value, of or "total").tag(self._profile)
-        return f"ratio{round(r.value * 100):d}"
+                tagged = Ratio(r.value, of or "total")
+                first = isinstance(p, WidthPrunePass) and i == 0
+                return _Draft(tagged.tag(ratio_basis(self._profile)), passes, "pipeline", ratio=tagged,
+                              width=p if first else None)  # fmt: skip
+        return _Draft(f"ratio{round(r.value * 100):d}", passes, "pipeline")
 
     def _default_drafts(self) -> list[_Draft]:
         """``[prune.depth,][importance.E,]prune.width{ratio=R},bn.recalibrate`` per ratio."""
@@ -476,15 +502,19 @@ class StudentPlanner:
         importance = opts.importance
         if importance is not None and "." not in importance:
             importance = f"importance.{importance}"
+        estimator = importance.split("{")[0].removeprefix("importance.") if importance else None
         drafts = []
         for r in ratios:
             passes = list(depth)
-            tags = [depth_tag] if depth_tag else []
-            if r is not None:
-                passes += [*(build_pipeline(importance) if importance else []), r.width_pass()]
-                tags.insert(0, r.tag(self._profile))
+            rest = (depth_tag,) if depth_tag else ()
+            if r is None:
+                drafts.append(_Draft("-".join(rest), [*passes, get_pass("bn.recalibrate")()], "default"))
+                continue
+            width = r.width_pass()
+            passes += [*(build_pipeline(importance) if importance else []), width]
             passes.append(get_pass("bn.recalibrate")())  # BN statistics of the pruned widths (a no-op without BN)
-            drafts.append(_Draft("-".join(tags), passes, "default"))
+            name = "-".join([r.tag(ratio_basis(self._profile)), *rest])
+            drafts.append(_Draft(name, passes, "default", ratio=r, width=width, importance=estimator, rest=rest))
         return drafts
 
     def _distillation(self, distill_epochs: int | None, distill: str | None) -> list[Pass]:

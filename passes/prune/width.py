@@ -51,7 +51,8 @@ budget asked / predicted / measured, layers refitted).
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from potstill.errors import InputError
@@ -81,6 +82,7 @@ from .width_options import (
     heldout_error,
     local_counts,
     parse_per_kind,
+    ratio_basis,
     record_arch,
     select_groups,
 )
@@ -101,12 +103,11 @@ class WidthPrunePass(Pass):
     def run(self, state: CompileState) -> PassResult:
         from potstill.passes.importance import get_estimator
 
-        from .decoder import is_causal_lm, prune_decoder
+        from .decoder import prune_decoder
 
         o: WidthOptions = self.options
         student = state.working()
-        if is_causal_lm(student.module) and o.ratio is not None and o.importance in (None, "auto") \
-                and "importance" not in state.facts and state.calib_data is not None and not o.per_kind:
+        if _decoder_path(state, student, o):
             return prune_decoder(state, student, o)  # FLAP / angular depth, chosen by held-out perplexity
         if o.ratio_of != "total":
             raise InputError("prune.width: ratio_of=prunable is defined for decoders (*ForCausalLM) pruned "
@@ -275,13 +276,38 @@ class WidthPrunePass(Pass):
         return plan_sensitivity(student.module, analysis, groups, scores, heldout, budget.measure, budget.limit,
                                 multiple, o.floor, repair)
 
+    def ratio_basis(self, state: CompileState, importance: str | None = None) -> Literal["macs", "latency"]:
+        """What ``ratio`` is a fraction of when this pass prunes the teacher of ``state`` (after an
+        ``importance.NAME`` pass when ``importance`` names one): the latency where the profile has a
+        table (``width_options.ratio_basis``) or where the host-timed latency search allocates the
+        heads and neurons (the latency of the sublayers, measured on this host), else the MACs. The
+        planner names the students by it once the teacher is loaded (``macs10``, ``latency10``)."""
+        from potstill.passes.importance import get_estimator
+
+        o: WidthOptions = self.options
+        basis = ratio_basis(state.profile)
+        if basis == "latency" or o.ratio is None or o.per_kind or o.allocation not in ("auto", "latency"):
+            return basis
+        student = state.new_student("basis", share=True)
+        if importance is None and (_decoder_path(state, student, o)
+                                   or (o.allocation == "auto" and auto_candidates(state, student, o))):
+            return basis  # the decoder's budget, or the estimators compared at one MACs budget
+        analysis = state.analysis(student)
+        groups = select_groups(analysis, o)
+        if not groups or _expansion_scope(student.module, analysis, groups, o):
+            return basis
+        name = importance or o.importance or "auto"
+        name = default_estimator(state, analysis) if name == "auto" else name
+        comparable = get_estimator(name, batches=o.batches).comparable
+        return "latency" if _searches_latency(state, o, groups, comparable, None) else basis
+
     def _latency_search(self, state: CompileState, student: Student, groups: list[CoupledGroup],
                         scores: dict[int, np.ndarray], comparable: bool, table: Any,
                         multiple: int) -> LatencyAllocation | None:  # fmt: skip
         """Kwon's latency-constrained mask search (``latency_search.py``) when ``allocation`` asks
         for it or is ``auto`` and it applies; None otherwise."""
         o: WidthOptions = self.options
-        fits = o.ratio is not None and table is None and applies(state, groups, comparable)
+        fits = _searches_latency(state, o, groups, comparable, table)
         if o.allocation == "latency" and not fits:
             raise InputError("prune.width: allocation=latency needs Fisher scores, only heads / neurons groups, "
                              "ratio=R and a cpu ONNX Runtime profile without a latency table; use allocation=global")
@@ -358,6 +384,20 @@ class _Scores:
             have, self.existing = self.existing, None
             return have
         return run_estimator(state, self.estimator)
+
+
+def _decoder_path(state: CompileState, student: Student, o: WidthOptions) -> bool:
+    """Whether ``run`` hands a causal LM to ``prune_decoder`` (FLAP or depth, by held-out perplexity)."""
+    from .decoder import is_causal_lm
+
+    return (is_causal_lm(student.module) and o.ratio is not None and o.importance in (None, "auto")
+            and "importance" not in state.facts and state.calib_data is not None and not o.per_kind)
+
+
+def _searches_latency(state: CompileState, o: WidthOptions, groups: Sequence[CoupledGroup], comparable: bool,
+                      table: Any) -> bool:  # fmt: skip
+    """Whether Kwon's host-timed latency search can allocate ``groups`` under ``ratio``."""
+    return o.ratio is not None and table is None and applies(state, groups, comparable)
 
 
 def choose_estimator(state: CompileState, student: Student, o: WidthOptions) -> Any:

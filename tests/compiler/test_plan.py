@@ -16,7 +16,7 @@ from torch import nn
 
 
 def test_a_ratio_is_a_fraction_of_the_macs_checked_when_made() -> None:
-    assert Ratio(0.3).tag(load_profile("cpu")) == "macs30"
+    assert Ratio(0.3).tag() == "macs30"
     assert Ratio(0.3, "prunable").width_pass().spec() == "prune.width{ratio=0.3,ratio_of=prunable}"
     with pytest.raises(InputError, match=r"--ratio 0\.99: expected the fraction of the MACs \(or latency\) to remove"):
         Ratio(0.99)
@@ -83,8 +83,11 @@ def test_the_name_says_what_the_ratio_is_of_as_the_width_pass_budgets_it() -> No
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
                         nn.Conv2d(16, 8, 3, padding=1)).eval()  # fmt: skip
     for profile in (cpu, table):
-        (plan,) = plan_students(CompileOptions(ratios=(0.3,), distill=False), "onnxruntime", profile=profile)
+        # once the teacher is loaded the name holds: a CNN's channels are budgeted as the profile says
+        planner = StudentPlanner(CompileOptions(ratios=(0.3,), distill=False))
+        planner.draft("onnxruntime", profile)
         state = CompileState(net, (torch.randn(1, 3, 8, 8),), profile=profile)
+        (plan,) = planner.plans(state=state)
         PassManager([p for p in plan.passes if p.name == "prune.width"]).run(state)
         asked = state.working().metrics["prune"]["budget"]["asked"]
         assert asked == {"macs30": "ratio 0.3 of the MACs", "latency30": "ratio 0.3 of the latency (table)"}[plan.name]

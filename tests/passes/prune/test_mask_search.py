@@ -14,7 +14,8 @@ from potstill.passes.prune.sublayer_latency import (
     measure_sublayer,
     sample_counts,
 )
-from potstill.pipeline import PassManager, build_pipeline
+from potstill.pipeline import PassManager
+from potstill.plan import CompileOptions, StudentPlanner
 from potstill.state import CompileState
 
 transformers = pytest.importorskip("transformers")
@@ -103,10 +104,16 @@ def test_default_allocation_is_the_latency_search_on_a_transformer():
                  "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(3)]
 
     state = CompileState(model, (), dict(kw), profile=load_profile("cpu"), calib_data=calib)
+    # the student is named by what its width pass budgets on this teacher: the sublayers' latency
+    # (a profile-only rule names it macs30, as it does a CNN on this profile: tests/compiler/test_plan.py)
+    planner = StudentPlanner(CompileOptions(ratios=(0.3,), distill=False))
+    planner.draft("onnxruntime", state.profile)
+    (plan,) = planner.plans(state=state)
+    assert plan.name == "latency30"
     # ratio 0.3: this BERT's sublayers take microseconds, and the fixed part of their latency (the
     # pools' wake-up) leaves about half of it for the search to remove; under a loaded test run 0.5
     # was beyond what the floors allow
-    PassManager(build_pipeline("prune.width{ratio=0.3,reconstruct=false}")).run(state)
+    PassManager([p for p in plan.passes if p.name == "prune.width"]).run(state)
     prune = state.working().metrics["prune"]
     assert prune["allocation"] == "latency" and prune["importance"] == "fisher"
     budget = prune["budget"]
