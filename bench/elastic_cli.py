@@ -116,7 +116,8 @@ def main() -> None:
             rows.append({"student": s["name"], "config": e.get("config"), "search_fidelity": e.get("accuracy"),
                          "measured_speedup": e.get("measured_speedup"), "speedup_timing": e.get("speedup_timing"),
                          "student_ms": e.get("measured_latency_ms"), "teacher_ms": e.get("teacher_ms"),
-                         "record_speedup": s.get("speedup"), "params": s.get("params"), "heldout": fid})
+                         "record_speedup": s.get("speedup"), "params": s.get("params"),
+                         "weights_check": e.get("weights_check"), "heldout": fid})
             print(json.dumps(rows[-1], default=str), flush=True)
         search = next((s.get("metrics", {}).get("elastic", {}).get("search_timing") for s in manifest["students"]), None)
     payload = {"command": " ".join(cmd), "busy": args.busy, "compile_wall_s": wall, "compile_cpu_s": cpu,

@@ -6,7 +6,10 @@
   ``state.train_data`` (checkpointed under ``state.work_dir`` when the state has one, so a re-run
   resumes);
 * ``elastic.search`` runs NSGA-II under the profile's (or the given) budgets and replaces the
-  supernet student with the measured finalists, each recording where it sits on the front.
+  supernet student with the measured finalists, each recording where it sits on the front; each
+  ships with the trained weights or those before training, whichever is more faithful on the
+  held-out batches (``keep``; its ``weights_check`` record says which, and the console says so when
+  training is rejected).
 
 Options are frozen and checked when built; an option that does not apply (``eps`` with a non-robust
 loss) is an error, not ignored.
@@ -242,6 +245,8 @@ class ElasticTrainPass(Pass):
         cfg = TrainConfig(epochs=epochs, max_steps=max_steps, lr=lr, seed=o.seed, progress=False,
                           checkpoint_dir=ckpt, resume=ckpt is not None, checkpoint_every=50 if ckpt else 0)
         loss = ("cosine" if task == "embedding" else "kd") if o.loss == "auto" else o.loss
+        if loss not in ROBUST_LOSSES:  # robust training trades clean fidelity by design: not checked
+            net.keep_untrained()
         result = train_supernet(net, state.teacher, state.train_data, cfg, loss=loss,
                                 random_subnets=o.random_subnets, progressive=o.progressive, balance=o.balance,
                                 **o.loss_options(loss))
@@ -365,7 +370,7 @@ class ElasticSearchPass(Pass):
     requires: ClassVar[frozenset[str]] = frozenset({"elastic"})
 
     def run(self, state: CompileState) -> PassResult:
-        from potstill.passes.importance.base import calibration_batches
+        from potstill.passes.importance.base import calibration_batches, warn
         from potstill.profiles import load_profile
 
         from .search import search
@@ -393,6 +398,12 @@ class ElasticSearchPass(Pass):
             history = supernet_student.history if supernet_student is not None else []
             s = Student(f"{profile.name}-elastic{i}", f.module, history=list(history))
             s.metrics["elastic"] = f.to_dict() | {"profile": profile.name, "front": front} | _robustness(state, f.module)
+            check = f.weights_check
+            if check is not None and check["kept"] == "untrained":
+                s.history.append("elastic.search: training rejected for this subnet on held-out data")
+                warn(f"elastic.search: {s.name}: the supernet's training lowered this subnet's held-out fidelity "
+                     f"({check['untrained']:.4g} before training, {check['trained']:.4g} after), so it ships with "
+                     "the weights before training (the nested teacher's)")
             if shortfall is not None:
                 s.metrics["elastic"]["shortfall"] = shortfall
             if result.timing:

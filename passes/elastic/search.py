@@ -24,7 +24,8 @@ student, the most accurate point under each budget — are extracted, timed on t
 (``potstill.targets.lower``) and measured for memory on their own graph; any over a budget by
 measurement is dropped and the next front point tried, at most ``students + extra_tries`` in all, so
 the time spent measuring is bounded however loaded the host is. Each finalist records where it sits
-on the front.
+on the front. A finalist of a trained supernet ships with the trained weights or the weights before
+training, whichever scores better on the held-out batches (``keep``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from torch import nn
 
 from .cost import CostModel, measured_memory_mb
 from .extract import extract
+from .keep import settle_weights
 from .space import SubnetConfig
 from .supernet import Supernet, recalibrate_bn
 
@@ -211,6 +213,22 @@ class Scorer:
             self._bn_batches.append(b)
             seen += b.size
 
+    def score_module(self, module: nn.Module) -> float:
+        """The same score for a standalone module (an extracted subnet)."""
+        if self.metric is not None:
+            return float(self.metric(module))
+        measure = _fidelity_fn()
+        if measure is not None:
+            return float(measure(self.teacher, module, self.heldout).score)
+        was = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                outs = [primary_output(b.run(module)).float() for b in self.heldout]
+        finally:
+            module.train(was)
+        return output_agreement(self._teacher_out, outs)
+
     def __call__(self, config: SubnetConfig) -> float:
         recalibrate_bn(self.net, config, self._bn_batches)
         if self.metric is not None:
@@ -245,6 +263,9 @@ class Finalist:
     artifact: Any = None
     #: the speed-up over the teacher, timed interleaved with it (``SpeedupReading.to_dict``; relative budgets)
     timing: dict[str, Any] | None = None
+    #: held-out scores with the trained and the untrained weights and which it ships (``keep``); None
+    #: when the supernet was not trained (or trained with a robust loss)
+    weights_check: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"config": self.config.to_dict(), "accuracy": self.accuracy,
@@ -254,6 +275,8 @@ class Finalist:
         if self.timing is not None:
             out |= {"measured_speedup": self.timing["speedup"], "teacher_ms": self.timing["teacher_ms"],
                     "speedup_timing": self.timing}
+        if self.weights_check is not None:
+            out["weights_check"] = self.weights_check
         return out
 
 
@@ -481,6 +504,7 @@ def _search(net: Supernet, teacher: nn.Module, profile: Any, example_inputs: tup
     finalists, rejected, tries = _finalists(
         net, costs, front, slots, n + settings.extra_tries, latency_budget, memory_budget,
         timed, example_inputs, kwargs, profile, example_batch, artifacts)
+    settle_weights(net, finalists, scorer.score_module, scorer.calib)
     timing: dict[str, Any] = {"mode": "speedup" if speedups else "absolute" if latency_budget is not None else "none",
                               "front_points_timed": tries, "max_front_points_timed": n + settings.extra_tries}
     if clock is not None:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from potstill.errors import InputError
 from potstill.inputs.data import Batch, as_batch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -61,6 +62,9 @@ class Supernet:
         self.record = NestRecord()
         #: training records by the elastic.train spec that produced them
         self.trained: dict[str, dict[str, Any]] = {}
+        #: the weights before the first training (the nested teacher's), on the CPU: a subnet ships
+        #: with them where training lowered its held-out fidelity (``keep``); None until trained
+        self.untrained: dict[str, torch.Tensor] | None = None
         self._plans: dict[SubnetConfig, _Plan] = {}
         self._handles: list[RemovableHandle] = []
 
@@ -214,6 +218,33 @@ class Supernet:
             finally:
                 self.active = previous
 
+    # -- weights before training ---------------------------------------------------------------
+
+    def keep_untrained(self) -> None:
+        """Copy the weights (parameters and buffers) as they are now, unless a copy is kept already:
+        call it before the first training."""
+        if self.untrained is None:
+            self.untrained = {k: t.detach().to("cpu", copy=True) for k, t in _tensors(self.model)}
+
+    @contextlib.contextmanager
+    def untrained_weights(self) -> Iterator[nn.Module]:
+        """The model with the weights ``keep_untrained`` copied, inside the block (a fresh copy of
+        them: BatchNorm re-estimation inside does not touch the kept ones); the trained weights after."""
+        if self.untrained is None:
+            raise InputError("this supernet keeps no weights from before training")
+        kept = self.untrained
+        saved = []
+        with torch.no_grad():
+            for name, t in _tensors(self.model):
+                saved.append((t, t.data))
+                t.data = kept[name].to(t.device, t.dtype, copy=True)
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for t, data in saved:
+                    t.data = data
+
     # -- a student for DistillTrainer -----------------------------------------------------------
 
     def forward(self, module: nn.Module, batch: Batch, config: Any) -> Any:
@@ -223,6 +254,12 @@ class Supernet:
         again (PGD attacks) see the same subnet."""
         self.use(config)
         return batch.run(module)
+
+
+def _tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer once (a tied weight under its first name)."""
+    yield from model.named_parameters()
+    yield from model.named_buffers()
 
 
 def recalibrate_bn(net: Supernet, config: SubnetConfig | None, batches: Iterable[Any], limit: int = 16) -> int:
