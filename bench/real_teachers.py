@@ -186,7 +186,7 @@ def run_case(name: str, case: Case, ratios: tuple[float, ...], minutes: float, m
                 # the compile's own held-out measure (its calibration's held-out quarter), before and after training
                 "compile_fidelity": (s.get("fidelity") or {}).get("score"),
                 "compile_fidelity_before_distill": ((s.get("metrics") or {}).get("fidelity_before_distill") or {}).get("score"),
-                "distill": {k: d.get(k) for k in ("method", "steps", "minutes_used", "budget_minutes",
+                "distill": {k: d.get(k) for k in ("method", "lr", "lr_probe", "steps", "minutes_used", "budget_minutes",
                                                   "stopped_by_budget", "augment", "heldout")} if d else None,
                 "command": " ".join(cmd), "compile_wall_s": wall, "compile_cpu_s": cpu,
             })  # fmt: skip

@@ -59,9 +59,12 @@ def typed_fields(obj: Any, where: str) -> None:
 
 def _coerce(value: Any, kinds: tuple[Any, ...], name: str, where: str) -> Any:
     for kind in kinds:
-        is_names = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-        if typing.get_origin(kind) is tuple and is_names:
-            return tuple(value)
+        if typing.get_origin(kind) is tuple and isinstance(value, (list, tuple)):
+            inner = typing.get_args(kind)[0]
+            if inner is str and all(isinstance(v, str) for v in value):
+                return tuple(value)
+            if inner is float and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                return tuple(_coerce(v, (float,), name, where) for v in value)
         if kind is bool and isinstance(value, bool):
             return value
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
@@ -74,9 +77,13 @@ def _coerce(value: Any, kinds: tuple[Any, ...], name: str, where: str) -> Any:
             return float(value)
         if kind is str and isinstance(value, str):
             return value
-    names = " or ".join("null" if k is type(None) else "a list of names" if typing.get_origin(k) is tuple
+    names = " or ".join("null" if k is type(None) else _list_name(k) if typing.get_origin(k) is tuple
                         else k.__name__ for k in kinds)  # fmt: skip
     raise InputError(f"{where}: option '{name}' must be {names}, got {value!r}")
+
+
+def _list_name(kind: Any) -> str:
+    return "a list of numbers" if typing.get_args(kind)[0] is float else "a list of names"
 
 
 def require(ok: bool, where: str, message: str) -> None:

@@ -6,9 +6,17 @@ the objective and regime (``kd``, ``hidden``, ``attention``, ``cosine`` or a sum
 options: see ``methods`` for the table. An option of another method is an error listing this
 method's options; ``loss=`` is an error that says which ``method=`` to write.
 
-Training options (every method): epochs, minutes, max_steps, lr, batch_size, optimizer, weight_decay,
-warmup_steps, grad_clip, precision, checkpoint_every, resume, eval_limit, progress,
+Training options (every method): epochs, minutes, max_steps, lr, lr_probe, probe_steps, batch_size,
+optimizer, weight_decay, warmup_steps, grad_clip, precision, checkpoint_every, resume, eval_limit, progress,
 divergence_factor, parallel, augment, check. ``None`` means "not set" (no step limit, the data's own batches, no clipping).
+
+``lr_probe=[a,b,...]`` (instead of ``lr``; see ``lr_probe``): each candidate trains a few steps
+(at most ``probe_steps``) from the same start, the held-out batches pick the one with the lowest loss,
+and training goes on from its weights and optimizer state at its lr; the probe counts against
+``minutes`` and the planned steps. The metrics record ``lr`` and ``lr_probe`` (the candidates'
+held-out losses), and the console says which lr won. Without held-out batches, or with too few
+planned steps, there is no probe: the first candidate trains, and the record says why. The default
+pipeline probes a pretrained teacher's lr (``defaults``); ``lr`` alone trains at it, with no probe.
 
 ``check``: training is kept only when it lowers the student's loss on the held-out batches
 (``state.heldout_data``, never trained on; KL to the teacher's logits, else relative error: see
@@ -78,6 +86,7 @@ from .capture import Want
 from .config import PARALLEL, StudentSpec, TrainConfig, not_launched, step_batches
 from .distributed import launched_distributed
 from .losses import DistillLoss, make_loss
+from .lr_probe import PROBE_STEPS, ProbeResult, probe_lr, probe_steps
 from .methods import require, typed_fields
 from .teacher_cache import TeacherCache, remove_teacher_caches
 from .trainer import DistillTrainer
@@ -98,7 +107,12 @@ class DistillOptions:
     #: wall-clock budget of the training, in minutes (None: no budget)
     minutes: float | None = None
     max_steps: int | None = None
-    lr: float = 1e-3
+    #: the learning rate (None: 1e-3, or the one lr_probe chooses)
+    lr: float | None = None
+    #: candidate learning rates tried on the held-out batches before training (None: train at lr)
+    lr_probe: tuple[float, ...] | None = None
+    #: steps each candidate of lr_probe trains at most (None: lr_probe.PROBE_STEPS)
+    probe_steps: int | None = None
     batch_size: int | None = None
     optimizer: str = "adamw"
     weight_decay: float = 0.0
@@ -145,7 +159,7 @@ class DistillOptions:
             (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1 (or null: 1, or until minutes are spent), got {self.epochs}"),
             (self.minutes is None or self.minutes > 0, f"minutes must be > 0 (or null: no time budget), got {self.minutes}"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1 (or null: no limit), got {self.max_steps}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.batch_size is None or self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.optimizer in ("adamw", "sgd"), f"optimizer must be adamw or sgd, got {self.optimizer!r}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
@@ -162,8 +176,28 @@ class DistillOptions:
         for ok, message in checks:
             require(ok, "distill", message)
         require(self.parallel == "auto" or launched_distributed(), "distill", not_launched(self.parallel))
+        self._check_lr_probe()
         self._check_teacher_outputs()
         self.method_options()  # checks the method and its options now, not when training starts
+
+    def _check_lr_probe(self) -> None:
+        if self.lr_probe is None:
+            require(self.probe_steps is None, "distill",
+                    f"probe_steps={self.probe_steps} applies to lr_probe only; add lr_probe=[...] or drop probe_steps")  # fmt: skip
+            return
+        require(self.lr is None, "distill",
+                f"lr={self.lr} and lr_probe={list(self.lr_probe)} both given: lr_probe chooses the lr; keep one")  # fmt: skip
+        require(len(self.lr_probe) >= 2 and all(lr > 0 for lr in self.lr_probe), "distill",
+                f"lr_probe must list two or more learning rates > 0, got {list(self.lr_probe)}")  # fmt: skip
+        require(len(set(self.lr_probe)) == len(self.lr_probe), "distill",
+                f"lr_probe lists a learning rate twice: {list(self.lr_probe)}")  # fmt: skip
+        require(self.probe_steps is None or self.probe_steps >= 1, "distill",
+                f"probe_steps must be >= 1 (or null: {PROBE_STEPS}), got {self.probe_steps}")  # fmt: skip
+
+    @property
+    def run_lr(self) -> float:
+        """The learning rate when no probe chooses it: as given, else the pass's default."""
+        return DEFAULT_LR if self.lr is None else self.lr
 
     def _check_teacher_outputs(self) -> None:
         require(self.teacher_outputs in TEACHER_OUTPUTS, "distill",
@@ -200,6 +234,8 @@ class DistillOptions:
         return UNTIL_BUDGET if self.minutes is not None else 1
 
 
+#: the learning rate without lr or lr_probe (suits small networks trained from scratch or pruned)
+DEFAULT_LR = 1e-3
 #: the epochs bound of a run that trains until its time budget is spent
 UNTIL_BUDGET = 1_000_000
 #: augment=None augments image data of fewer images than this (a few photos)
@@ -245,7 +281,7 @@ class DistillPass(Pass):
         o = self.options
         ckpt_dir = self._checkpoint_dir(state, name)
         return TrainConfig(
-            epochs=o.run_epochs, max_steps=o.max_steps, time_budget_s=o.minutes * 60 if o.minutes else None, lr=o.lr, weight_decay=o.weight_decay,
+            epochs=o.run_epochs, max_steps=o.max_steps, time_budget_s=o.minutes * 60 if o.minutes else None, lr=o.run_lr, weight_decay=o.weight_decay,
             optimizer=o.optimizer, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip,
             precision=o.precision, seed=state.seed, checkpoint_dir=ckpt_dir,
             checkpoint_every=o.checkpoint_every or 0, resume=ckpt_dir is not None and o.resume is not False,
@@ -294,35 +330,52 @@ class DistillPass(Pass):
         if augment:
             data = AugmentedImages(data, state.seed)
         student = state.working()
-        guard = self._guard(state, student.module)
+        reference = self._reference(state)
+        guard = self._guard(reference, student.module)
         config = self._config(state, student.name)
+        probed: ProbeResult | None = None
         with self._teacher_cache(state, student.name, data, config, built) as (cache, cached):
             loss = self._loss(state, student.module, data, config, built, cache)
-            trainer = DistillTrainer(StudentSpec(student.module, name=student.name), state.teacher, loss, config,
-                                     teacher_outputs=cache.outputs if cache is not None else None)  # fmt: skip
-            trainer.loss_name = o.method
+
+            def make_trainer(loss: DistillLoss, config: TrainConfig) -> DistillTrainer:
+                trainer = DistillTrainer(StudentSpec(student.module, name=student.name), state.teacher, loss, config,
+                                         teacher_outputs=cache.outputs if cache is not None else None)  # fmt: skip
+                trainer.loss_name = o.method
+                return trainer
+
+            probe: dict[str, Any] | None = None
+            if o.lr_probe is not None:
+                probed, probe, config = self._probe(student, data, config, loss, reference, guard, make_trainer)
+                loss = probed.loss if probed is not None else loss
+            trainer = make_trainer(loss, config)
+            trainer.start_optimizer_state = probed.optimizer_state if probed is not None else None
             result = trainer.fit(data, state.eval_data)
+        steps = result.steps + (probed.steps if probed is not None else 0)
+        seconds = result.seconds + (probed.seconds if probed is not None else 0.0)
         metrics: dict[str, Any] = {
             "method": o.method,
             "options": methods.resolved(built),
-            "steps": result.steps,
+            "lr": config.lr,
+            "steps": steps,
             "loss": result.loss,
-            "seconds": result.seconds,
+            "seconds": seconds,
             "samples_per_s": result.samples_per_s,
             "resumed_from": result.resumed_from,
             "checkpoints": str(config.checkpoint_dir) if config.checkpoint_dir is not None else None,
             "teacher_outputs": cached or "live",
             "augment": augment,
-            "minutes_used": result.seconds / 60,
+            "minutes_used": seconds / 60,
             "budget_minutes": o.minutes,
             "stopped_by_budget": result.stopped_by_budget,
-            "planned_steps": None if o.epochs is None and o.minutes is not None else result.planned_steps,
+            "planned_steps": None if o.epochs is None and o.minutes is not None else result.planned_steps + steps - result.steps,
         }
+        if probe is not None:
+            metrics["lr_probe"] = probe
         if cache is not None and cached is not None:
             cached.update(computed_in_training=cache.filled, read_back=cache.hits)
         if result.stopped_by_budget:
-            note(f"distill: {student.name}: the {o.minutes:g}-minute budget stopped training after {result.steps} steps"
-                 f" ({result.seconds / 60:.1f} min)")  # fmt: skip
+            note(f"distill: {student.name}: the {o.minutes:g}-minute budget stopped training after {steps} steps"
+                 f" ({seconds / 60:.1f} min)")  # fmt: skip
         if trainer.discarded:
             metrics["checkpoint_discarded"] = trainer.discarded
         if result.metrics:
@@ -338,19 +391,52 @@ class DistillPass(Pass):
         state.facts.add("distilled")
         return PassResult(state, True)
 
-    def _guard(self, state: CompileState, module: Any) -> HeldoutGuard | None:
-        """The held-out check of ``check`` (see the module docstring), armed before training."""
+    def _reference(self, state: CompileState) -> Any:
+        """The teacher's outputs on the held-out batches (a ``HeldoutReference``), where ``check`` or
+        ``lr_probe`` compares on them and there are any; else None."""
         check = self.options.check
-        if check is False or (check is None and self.options.method in ROBUST):
-            return None
-        if state.heldout_data is None:
-            if check:
-                raise InputError("distill{check=true}: there are no held-out batches to check the training on; "
-                                 "give --calib, or drop check")  # fmt: skip
+        if check and state.heldout_data is None:
+            raise InputError("distill{check=true}: there are no held-out batches to check the training on; "
+                             "give --calib, or drop check")  # fmt: skip
+        checks = check is True or (check is None and self.options.method not in ROBUST)
+        if state.heldout_data is None or not (checks or self.options.lr_probe is not None):
             return None
         from potstill.passes.prune.heldout import HeldoutReference, as_batches
 
-        return HeldoutGuard.arm(HeldoutReference.of(state.teacher, as_batches(state.heldout_data())), module)
+        return HeldoutReference.of(state.teacher, as_batches(state.heldout_data()))
+
+    def _guard(self, reference: Any, module: Any) -> HeldoutGuard | None:
+        """The held-out check of ``check`` (see the module docstring), armed before training."""
+        check = self.options.check
+        if reference is None or check is False or (check is None and self.options.method in ROBUST):
+            return None
+        return HeldoutGuard.arm(reference, module)
+
+    def _probe(self, student: Any, data: Any, config: TrainConfig, loss: DistillLoss, reference: Any,
+               guard: HeldoutGuard | None, make_trainer: Any) -> tuple[ProbeResult | None, dict[str, Any], TrainConfig]:  # fmt: skip
+        """``lr_probe`` (see ``lr_probe``): the probe's result, its record, and the settings the run goes
+        on with (the winner's lr, what is left of the budget and of the planned steps). Without held-out
+        batches or with too few planned steps there is no probe: the run trains at the first candidate."""
+        from .config import total_steps
+        from .distributed import init_distributed
+
+        o = self.options
+        candidates: tuple[float, ...] = o.lr_probe or ()
+        planned = total_steps(data, config, init_distributed(None))
+        n = probe_steps(len(candidates), planned, o.probe_steps or PROBE_STEPS)
+        why = ("there are no held-out batches to compare the candidates on" if reference is None
+               else f"{planned} planned steps are too few to probe {len(candidates)} candidates" if n < 1 else None)  # fmt: skip
+        if why is not None:
+            note(f"distill: {student.name}: no lr probe ({why}); training at lr {candidates[0]:g}")
+            return None, {"chosen": candidates[0], "skipped": why}, dataclasses.replace(config, lr=candidates[0])
+        probed = probe_lr(student.module, loss, data, config, candidates, reference.loss, make_trainer, steps=n,
+                          loss_before=guard.before if guard is not None else None)  # fmt: skip
+        losses = ", ".join(f"{lr:g} -> {v:.4g}" for lr, v in probed.losses.items())
+        note(f"distill: {student.name}: lr probe, held-out loss after {probed.steps} steps from the same start: {losses} "
+             f"(before {probed.loss_before:.4g}; {probed.seconds:.0f} s); training on from lr {probed.lr:g}'s state")  # fmt: skip
+        left = None if config.time_budget_s is None else max(config.time_budget_s - probed.seconds, 1.0)
+        rest = dataclasses.replace(config, lr=probed.lr, time_budget_s=left, max_steps=max(planned - probed.steps, 1))
+        return probed, probed.record(), rest
 
     def _augment(self, data: Any) -> bool:
         """Whether image augmentation runs: as asked, or (None) when the training batches are images,

@@ -133,6 +133,9 @@ class DistillTrainer(CheckpointingMixin):
         self.fingerprint: str | None = None
         self.monitor: health.DivergenceMonitor | None = None
         self.last_loss = float("nan")
+        #: the optimizer's state to start from (``optimizer.state_dict()`` of an earlier run of these
+        #: students and loss, as the lr probe leaves it): AdamW's moments carry on instead of restarting
+        self.start_optimizer_state: dict[str, Any] | None = None
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -202,6 +205,9 @@ class DistillTrainer(CheckpointingMixin):
         params.update({id(p): p for p in self.loss.parameters() if p.requires_grad})
         c = self.config
         self.optimizer = make_optimizer(params.values(), c.optimizer, c.lr, c.weight_decay, c.momentum)
+        if self.start_optimizer_state is not None:  # its state only: lr and the other settings are this run's
+            groups = self.optimizer.state_dict()["param_groups"]
+            self.optimizer.load_state_dict({"state": self.start_optimizer_state["state"], "param_groups": groups})
         self.scaler = torch.amp.GradScaler("cuda", enabled=c.precision == "fp16" and self.device.type == "cuda")
 
     def _wrap_ddp(self) -> None:

@@ -85,8 +85,10 @@ def test_label_free_kd_raises_fidelity_on_held_out_inputs(teacher_data) -> None:
 @pytest.mark.parametrize(("task", "images", "expected"), [
     ("classification", False, "distill{method=kd,teacher_outputs=cached,epochs=3}"),
     ("classification", True, "distill{method=kd,epochs=3}"),  # augmented views: the teacher runs live
-    ("embedding", False, "distill{method=cosine+hidden,lr=0.0002,epochs=3}"),
-    ("causal_lm", False, "distill{method=kd,lr=0.0001,teacher_outputs=cached,teacher_top_k=64,epochs=3}"),
+    # a pretrained teacher's lr is probed among its task's lr, a quarter and a sixteenth of it
+    ("embedding", False, "distill{method=cosine+hidden,lr_probe=[0.0002,5.0e-05,1.25e-05],epochs=3}"),
+    ("causal_lm", False,
+     "distill{method=kd,lr_probe=[0.0001,2.5e-05,6.25e-06],teacher_outputs=cached,teacher_top_k=64,epochs=3}"),
 ])  # fmt: skip
 def test_the_default_objective_follows_the_task(task: str, images: bool, expected: str) -> None:
     assert distill_spec(default_distill_options(task, epochs=3, minutes=None, images=images)) == expected
