@@ -118,3 +118,31 @@ class AugmentedImages:
                 yield Batch((view,), {}, batch.target)
             else:
                 yield Batch(batch.args, {**batch.kwargs, str(key): view}, batch.target)
+
+
+#: augment=None augments image data of fewer images than this (a few photos; a large set is its own variety)
+AUGMENT_BELOW = 1000
+
+
+def wants_augment(data: Any, asked: bool | None, where: str) -> bool:
+    """Whether image augmentation runs on the training ``data``: as ``asked``, or (None) when its
+    batches are images, fewer than ``AUGMENT_BELOW`` of them. ``asked=True`` on data without images
+    is an error that names the pass ``where``."""
+    from .batches import epoch_batches
+    from .methods import require
+
+    if asked is False:
+        return False
+    n, images = 0, False
+    for raw in epoch_batches(data, 0, 0):
+        found = image_tensor(as_batch(raw))
+        if found is None:
+            break
+        images, n = True, n + int(found[1].shape[0])
+        if n >= AUGMENT_BELOW:
+            break
+    require(images or asked is None, where,
+            "augment=true, but the training batches hold no images ([N, C, H, W] floats, positional or "
+            "pixel_values); drop augment")  # fmt: skip
+    return images and n < AUGMENT_BELOW if asked is None else True
+

@@ -74,13 +74,12 @@ from pathlib import Path
 from typing import Any
 
 from potstill.errors import InputError
-from potstill.inputs.data import as_batch
 from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.state import CompileState
 
 from . import checkpoint as ckpt
 from . import methods
-from .augment import AugmentedImages, image_tensor
+from .augment import AugmentedImages, wants_augment
 from .batches import Rebatched
 from .capture import Want
 from .config import PARALLEL, StudentSpec, TrainConfig, not_launched, step_batches
@@ -238,9 +237,6 @@ class DistillOptions:
 DEFAULT_LR = 1e-3
 #: the epochs bound of a run that trains until its time budget is spent
 UNTIL_BUDGET = 1_000_000
-#: augment=None augments image data of fewer images than this (a few photos)
-AUGMENT_BELOW = 1000
-
 NO_DATA = (
     "distill needs training data: pass --data FILE.py:FN (a function returning an iterable of "
     "batches: tensors, (inputs, labels) pairs or dicts of model inputs)"
@@ -326,7 +322,8 @@ class DistillPass(Pass):
                 "give it or drop the option(s)")  # fmt: skip
         built = o.method_options()
         data: Any = Rebatched(source, o.batch_size) if o.batch_size else source
-        augment = self._augment(data)
+        # a cached teacher saw the stored pixels only: views need the live teacher
+        augment = wants_augment(data, o.augment, "distill") and (o.augment is True or o.teacher_outputs == "live")
         if augment:
             data = AugmentedImages(data, state.seed)
         student = state.working()
@@ -437,29 +434,6 @@ class DistillPass(Pass):
         left = None if config.time_budget_s is None else max(config.time_budget_s - probed.seconds, 1.0)
         rest = dataclasses.replace(config, lr=probed.lr, time_budget_s=left, max_steps=max(planned - probed.steps, 1))
         return probed, probed.record(), rest
-
-    def _augment(self, data: Any) -> bool:
-        """Whether image augmentation runs: as asked, or (None) when the training batches are images,
-        fewer than ``AUGMENT_BELOW`` of them (a few photos; a large set is its own variety)."""
-        from .batches import epoch_batches
-
-        o = self.options
-        if o.augment is False:
-            return False
-        n, images = 0, False
-        for raw in epoch_batches(data, 0, 0):
-            found = image_tensor(as_batch(raw))
-            if found is None:
-                break
-            images, n = True, n + int(found[1].shape[0])
-            if n >= AUGMENT_BELOW:
-                break
-        require(images or o.augment is None, "distill",
-                "augment=true, but the training batches hold no images ([N, C, H, W] floats, positional or "
-                "pixel_values); drop augment")  # fmt: skip
-        if o.augment is None:
-            return images and n < AUGMENT_BELOW and o.teacher_outputs == "live"
-        return True
 
     @contextlib.contextmanager
     def _teacher_cache(self, state: CompileState, name: str, data: Any, config: TrainConfig,

@@ -163,9 +163,15 @@ class TrainOptions:
     #: PGD radius and steps (robust losses only)
     eps: float | None = None
     pgd_steps: int | None = None
+    #: new random crops, flips and colour jitter of the training images each step, seen alike by the
+    #: teacher (label-free; ``potstill.passes.distill.augment``). None: when the training batches are
+    #: fewer than 1,000 images (a few photos), as ``distill`` does
+    augment: bool | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.augment is not None and not isinstance(self.augment, bool):
+            raise ValueError(f"augment must be true or false, got {self.augment!r}")
         _positive("epochs", self.epochs, allow_none=True)
         _positive("max_steps", self.max_steps, allow_none=True)
         _positive("lr", self.lr, float, allow_none=True)
@@ -215,6 +221,8 @@ class ElasticTrainPass(Pass):
 
     def run(self, state: CompileState) -> PassResult:
         from potstill.passes.distill import TrainConfig
+        from potstill.passes.distill.augment import AugmentedImages, wants_augment
+        from potstill.passes.distill.pass_ import note
 
         from .train import train_supernet
 
@@ -247,15 +255,32 @@ class ElasticTrainPass(Pass):
         loss = ("cosine" if task == "embedding" else "kd") if o.loss == "auto" else o.loss
         if loss not in ROBUST_LOSSES:  # robust training trades clean fidelity by design: not checked
             net.keep_untrained()
-        result = train_supernet(net, state.teacher, state.train_data, cfg, loss=loss,
+        data: Any = state.train_data
+        augmented = wants_augment(data, o.augment, "elastic.train")
+        if augmented:
+            data = AugmentedImages(data, o.seed)
+            note(f"elastic.train: the {_images(state.train_data)} training images are augmented (new random crops, "
+                 "flips and colour jitter every step, the teacher seeing the same view); augment=false or "
+                 "--no-augment trains on them as given")
+        result = train_supernet(net, state.teacher, data, cfg, loss=loss,
                                 random_subnets=o.random_subnets, progressive=o.progressive, balance=o.balance,
                                 **o.loss_options(loss))
-        training = {"loss": loss, "lr": lr, "steps": result.steps, "final_loss": result.loss, "seconds": result.seconds,
+        training = {"loss": loss, "lr": lr, "augmented": augmented, "steps": result.steps, "final_loss": result.loss, "seconds": result.seconds,
                     "resumed_from": result.resumed_from, **({"pgd": o.loss_options()} if o.loss in ROBUST_LOSSES else {})}
         net.trained[self.spec()] = training
         state.records.setdefault("elastic", {})["training"] = training
         state.facts.add("distilled")
         return PassResult(state, True)
+
+
+def _images(data: Any) -> int:
+    """How many images one pass over ``data`` holds (its batches' first dimensions)."""
+    from potstill.inputs.data import as_batch
+    from potstill.passes.distill.augment import image_tensor
+    from potstill.passes.distill.batches import epoch_batches
+
+    return sum(int(found[1].shape[0]) for raw in epoch_batches(data, 0, 0)
+               if (found := image_tensor(as_batch(raw))) is not None)
 
 
 #: sandwich lr for a pretrained transformer: measured on all-MiniLM-L6-v2 (120 steps, held-out cosine of

@@ -81,9 +81,10 @@ def shared_channel_multiple(profiles: Sequence[str]) -> int | None:
     return math.lcm(*multiples) if len(multiples) > 1 else None
 
 
-def train_pass(epochs: int) -> Pass:
-    """``elastic.train`` for ``epochs`` epochs; 0: its own step budget."""
-    return get_pass("elastic.train")(**({"epochs": epochs} if epochs else {}))
+def train_pass(epochs: int, augment: bool = True) -> Pass:
+    """``elastic.train`` for ``epochs`` epochs (0: its own step budget); ``augment=False`` (``--no-augment``)
+    trains on the images as given."""
+    return get_pass("elastic.train")(**({"epochs": epochs} if epochs else {}), **({} if augment else {"augment": False}))
 
 
 def elastic_pipelines(

@@ -44,6 +44,20 @@ def test_elastic_training_defaults_to_its_step_budget() -> None:
     assert not [p for p in plan_students(BASE, "onnxruntime")[0].passes if p.name == "elastic.train"]
 
 
+def test_no_augment_reaches_the_supernet_training() -> None:
+    from potstill.plan import check_flags
+
+    opts = replace(BASE, augment=False)
+    check_flags(opts)  # --no-augment shapes elastic.train; --train-minutes has nothing to shape
+    (plan,) = plan_students(opts, "onnxruntime", distill_epochs=3)
+    assert next(p for p in plan.passes if p.name == "elastic.train").options.augment is False
+    assert "elastic.train{augment=False}" in plan.spec
+    (plain,) = plan_students(BASE, "onnxruntime", distill_epochs=3)
+    assert next(p for p in plain.passes if p.name == "elastic.train").options.augment is None
+    with pytest.raises(InputError, match="--train-minutes: no default distillation would use it"):
+        check_flags(replace(BASE, train_minutes=5.0))
+
+
 def test_several_speedups_make_one_student_each() -> None:
     (plan,) = plan_students(replace(BASE, speedups=(1.5, 3.0)), "onnxruntime")
     search = next(p for p in plan.passes if p.name == "elastic.search")

@@ -119,3 +119,33 @@ def test_the_sandwich_lr_follows_the_teacher(kind: str, lr: float, loss: str) ->
     state = _state()
     PassManager(build_pipeline("elastic.nest{depth=false},elastic.train{max_steps=1,random_subnets=0,lr=0.01}")).run(state)
     assert state.records["elastic"]["training"]["lr"] == 0.01
+
+
+@pytest.mark.parametrize("augment", [None, False])
+def test_a_few_photos_train_as_new_views_unless_told_not_to(augment: bool | None) -> None:
+    """96 images (a few photos): the supernet and its teacher see fresh crops, flips and jitter each
+    step, not the pixels given; augment=false (--no-augment) trains on the pixels as given."""
+    state = _state()
+    seen: list[torch.Tensor] = []
+    state.teacher.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    option = "" if augment is None else ",augment=false"
+    PassManager(build_pipeline(f"elastic.nest{{depth=false}},elastic.train{{max_steps=3,random_subnets=0{option}}}")).run(state)
+    assert state.records["elastic"]["training"]["augmented"] is (augment is None)
+    given = [X[i:i + 16] for i in range(0, 96, 16)]
+    as_given = [any(x.shape == g.shape and torch.equal(x, g) for g in given) for x in seen if x.shape[0] == 16]
+    assert as_given and (all(as_given) if augment is False else not any(as_given))
+
+
+def test_augment_on_token_data_is_an_error() -> None:
+    from .conftest import tiny_llama
+
+    model, kwargs = tiny_llama()
+    from potstill.inputs.data import Batch
+
+    batches = [Batch((), {"input_ids": kwargs["input_ids"]})] * 2
+    state = CompileState(model, (), example_kwargs=kwargs, profile=load_profile("cpu"),
+                         calib_data=lambda: batches, train_data=lambda: batches)
+    from potstill.errors import PassError
+
+    with pytest.raises(PassError, match="elastic.train: augment=true, but the training batches hold no images"):
+        PassManager(build_pipeline("elastic.nest{depth=false},elastic.train{max_steps=1,augment=true}")).run(state)
