@@ -9,8 +9,9 @@ it against the teacher on data the compile never saw:
 * ``minilm``: all-MiniLM-L6-v2 (heads, FFN width and depth elastic), ``--data corpus.txt`` of
   docstring sentences; mean cosine / neighbour agreement of mean-pooled embeddings on 512 sentences
   disjoint from the corpus and from the built-in calibration text.
-* ``effnet``: EfficientNet-Lite0, ``--data bench/elastic_effnet.py:train_data`` (augmented crops of
-  the dozen bundled photos, label-free); top-1 agreement on 96 held-out crops.
+* ``effnet``: EfficientNet-Lite0 (``bench/real_teachers_effnet.py``, which has ``preprocess``),
+  ``--data PHOTOS/``: a folder of 20 photo crops, as ``bench/real_teachers.py`` distils on; the
+  supernet's training augments them (label-free); top-1 agreement on 96 held-out crops.
 
 Reported per student: the speed-up measured by the search interleaved with the teacher's engine
 (with its spread and whether the host was quiet enough to decide), the absolute times, and the
@@ -55,7 +56,10 @@ def case_args(case: str, work: Path) -> tuple[str, list[str], set[str]]:
         path = work / "corpus.txt"
         path.write_text("\n".join(corpus) + "\n")
         return P.teacher_spec("minilm"), ["--data", str(path)], set(corpus)
-    return P.teacher_spec("effnet"), ["--data", str(ROOT / "bench" / "elastic_effnet.py") + ":train_data"], set()
+    import real_teachers_effnet as R
+
+    photos = R.save_photos(work / "photos", n=20, seed=4)  # the photos bench/real_teachers.py distils on
+    return f"{ROOT / 'bench' / 'real_teachers_effnet.py'}:teacher", ["--data", str(photos)], set()
 
 
 def evaluate_minilm(onnx: Path, seen: set[str]) -> dict[str, float]:
