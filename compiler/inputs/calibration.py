@@ -9,6 +9,7 @@ text models a tokenizer over a text file or, by default, the docstrings of insta
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from potstill.errors import InputError
 from potstill.inputs.corpus import docstring_corpus, is_text_file, read_texts
 from potstill.inputs.data import image_files, load_callable, load_image
-from potstill.inputs.hf_examples import load_tokenizer, tokenize
+from potstill.inputs.hf_examples import load_tokenizer, packed_windows, tokenize
 from potstill.inputs.hf_files import max_positions
 from potstill.inputs.teacher import Teacher
 
@@ -236,6 +237,12 @@ def _text_batches(
     module = teacher.module
     bound = max_positions(getattr(module, "config", None))
     seq_len = min(seq_len, bound[1]) if bound else seq_len  # a longer batch would overrun the position embedding
+
+    if teacher.hf.get("task") == "text-generation":  # a causal LM reads prose in windows, not padded lines
+        def windows() -> Iterator[dict[str, Any]]:
+            return islice(packed_windows(tokenizer, texts, module, seq_len, batch_size), num_batches)
+
+        return windows
 
     def batches() -> Iterator[dict[str, Any]]:
         for i in range(num_batches):

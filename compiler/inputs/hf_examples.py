@@ -9,6 +9,7 @@ real photograph resized to the config's ``image_size``; audio models a waveform 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,42 @@ def tokenize(tokenizer: Any, texts: list[str], model: nn.Module, seq_len: int) -
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
     keep = ("input_ids", "attention_mask", "token_type_ids")
     return with_decoder_inputs(model, {k: enc[k] for k in keep if k in enc and (k == "input_ids" or _accepts(model, k))})
+
+
+def packed_windows(tokenizer: Any, texts: Iterable[str], model: nn.Module, seq_len: int,
+                   batch_size: int) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """Batches of ``batch_size`` windows of ``seq_len`` tokens cut from the texts read as one stream
+    (lines joined by newlines, tokenized a few hundred at a time): every position a real token, each
+    window starting mid-text, as a causal LM reads prose (FLAP, SliceGPT and ShortGPT calibrate on
+    such windows). A last partial batch is kept; a last partial window is dropped."""
+    buffer: list[int] = []
+    windows: list[list[int]] = []
+    chunk: list[str] = []
+
+    def batch() -> dict[str, Any]:
+        ids = torch.tensor(windows, dtype=torch.long)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return with_decoder_inputs(model, {k: v for k, v in inputs.items() if k == "input_ids" or _accepts(model, k)})
+
+    def flush() -> Iterator[dict[str, Any]]:
+        nonlocal buffer, windows
+        buffer += tokenizer("\n".join(chunk) + "\n", add_special_tokens=False)["input_ids"]
+        while len(buffer) >= seq_len:
+            windows.append(buffer[:seq_len])
+            buffer = buffer[seq_len:]
+            if len(windows) == batch_size:
+                yield batch()
+                windows = []
+
+    for text in texts:
+        chunk.append(text)
+        if len(chunk) == 256:
+            yield from flush()
+            chunk = []
+    if chunk:
+        yield from flush()
+    if windows:
+        yield batch()
 
 
 def example_pixels(config: Any) -> torch.Tensor:

@@ -310,6 +310,32 @@ def test_hf_text_calibration_default_corpus_and_text_file(tmp_path: Path) -> Non
         load_calibration(str(tmp_path / "missing.txt"), t)
 
 
+def test_a_causal_lm_calibrates_on_windows_of_running_text(tmp_path: Path) -> None:
+    """Lines are read as one stream and cut into full windows (no padding, windows start mid-text),
+    as a causal LM reads prose; an encoder keeps one padded sentence a row (above)."""
+    transformers = pytest.importorskip("transformers")
+    bert = _bert_dir(tmp_path, with_tokenizer=True)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
+    path = tmp_path / "llama"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bert)
+    tokenizer.save_pretrained(path)
+    t = load_teacher(f"hf:{path}")
+    lines = ["the quick brown fox jumps", "over the lazy dog", "a small model that runs fast on device",
+             "the fox is small", "the dog runs"] * 3
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    calib = load_calibration(str(corpus), t, batch_size=2, num_batches=50, seq_len=8)
+    assert calib is not None
+    batches = list(calib())
+    ids = torch.cat([b["input_ids"] for b in batches])
+    assert all(b["input_ids"].shape[1] == 8 and bool(b["attention_mask"].all()) for b in batches)
+    stream = tokenizer("\n".join(lines) + "\n", add_special_tokens=False)["input_ids"]
+    assert ids.flatten().tolist() == stream[: ids.numel()] and len(stream) - ids.numel() < 8  # no token lost
+    assert len(batches) == -(-(len(stream) // 8) // 2) and len(batches) < len(lines)  # fewer rows than lines
+
+
 def test_text_calibration_needs_a_text_model(tmp_path: Path) -> None:
     path = write(tmp_path, "cnn.py", TINY_CNN)
     t = load_teacher(f"{path}:factory", ["1x3x8x8"])
