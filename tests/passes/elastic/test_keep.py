@@ -133,3 +133,27 @@ def test_the_passes_reject_a_damaging_training_and_say_so(capsys, monkeypatch) -
     console = " ".join(capsys.readouterr().err.split())  # rich wraps the line
     assert f"{state.students[0].name}: the supernet's training lowered" in console
     assert "ships with the weights before training" in console
+
+
+@pytest.mark.parametrize("damaged", ["trained", "untrained", "neither"])
+def test_the_search_scores_each_subnet_with_the_weights_that_serve_it(damaged: str) -> None:
+    """A training that damaged every subnet is not what the search ranks by: it scores with the
+    weights before training (on a pretrained teacher the front had collapsed to the smallest subnet);
+    where the weights before training are the damaged ones, or nothing was kept, the trained weights."""
+    teacher = _teacher()
+    net = _supernet(teacher)
+    if damaged != "neither":
+        net.keep_untrained()
+        assert net.untrained is not None
+        _damage(net.model.parameters() if damaged == "trained" else net.untrained.values(), seed=1)
+    scorer = Scorer(net, teacher, [as_batch(X[64:])], [as_batch(X[:64])])
+    largest = net.space.largest()
+    with_trained = scorer._score(largest)
+    score = scorer(largest)
+    if damaged == "neither":
+        assert scorer.weights is None and score == with_trained
+        return
+    with net.untrained_weights():
+        with_untrained = scorer._score(largest)
+    assert scorer.weights == ("untrained" if damaged == "trained" else "trained")
+    assert score == max(with_trained, with_untrained) and with_trained != with_untrained
