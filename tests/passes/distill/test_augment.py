@@ -79,18 +79,3 @@ def test_augment_true_where_it_cannot_apply_is_an_error() -> None:
     state.students.append(Student("s", nn.Linear(8, 2)))
     with pytest.raises(PotstillError, match="hold no images"):
         PassManager(build_pipeline("distill{augment=true,progress=false}")).run(state)
-
-
-def test_calibration_views_stop_at_the_byte_cap_and_leave_text_alone() -> None:
-    from potstill.inputs.data import as_batch
-    from potstill.passes.distill.augment import VIEW_BYTES, calibration_views, view_target
-
-    small = [torch.rand(4, 3, 16, 16) for _ in range(2)]
-    out, rounds = calibration_views(small, 64, seed=1)
-    assert rounds == 7 and sum(as_batch(b).size for b in out) == 64 and out[:2] == small
-    assert torch.equal(calibration_views(small, 64, seed=1)[0][5].args[0], out[5].args[0])  # seeded
-    big = [torch.rand(2, 3, 512, 512)]
-    per_image = 3 * 512 * 512 * 4
-    assert view_target(big, 512) == VIEW_BYTES // per_image < 512  # ~85 images of 3 MB, not 512
-    assert calibration_views([{"input_ids": torch.ones(2, 8, dtype=torch.long)}], 512)[1] == 0
-    assert calibration_views([torch.rand(600, 3, 8, 8)], 512)[1] == 0  # enough images already
