@@ -128,9 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wall-clock budget of each student's default distillation, in minutes (training stops "
                         "when it is spent; the manifest says whether it did)")  # fmt: skip
     c.add_argument("--no-augment", action="store_true",
-                   help="do not augment images (random crops, flips, colour jitter): neither a few calibration photos "
-                        "nor the training images of the default distillation or the elastic supernet's training "
-                        "(a --pipeline's distill takes distill{augment=false})")  # fmt: skip
+                   help="do not augment image training data (random crops, flips, colour jitter) in the default "
+                        "distillation or the elastic supernet's training")  # fmt: skip
     c.add_argument("--no-cache", action="store_true",
                    help="rebuild every student and clear the teacher-output cache in .OUT.work (by default students of an earlier run into OUT with unchanged inputs are reused)")  # fmt: skip
     c.add_argument("--plugin", action="append", default=[], metavar="MODULE|FILE.py",

@@ -242,17 +242,10 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
         from potstill.passes.distill.batches import Without
 
         train = Without(train, heldout)
-    given_calib = calib
-    calib, views = _calibration_views(opts, calib, heldout, seed, trains=train is not None or calib_trains)
     if calib_batches:
-        note(f"calibrating on {calib_label}: {len(given_calib)} batches, {len(heldout)} held out for fidelity")
-        samples = sum(as_batch(b).size for b in given_calib)
-        if views:
-            note(f"note: {samples} calibration images after the held-out split; importance, the least-squares refit "
-                 f"and BN statistics also see {views} rounds of augmented views of them (resized crops, flips, colour "
-                 f"jitter), {sum(as_batch(b).size for b in calib)} images in all; --no-augment calibrates on the "
-                 "images as given")  # fmt: skip
-        elif samples < FEW_CALIB_SAMPLES:
+        note(f"calibrating on {calib_label}: {len(calib)} batches, {len(heldout)} held out for fidelity")
+        samples = sum(as_batch(b).size for b in calib)
+        if samples < FEW_CALIB_SAMPLES:
             note(f"note: {samples} calibration samples after the held-out split; importance scores and the "
                  f"least-squares refit are noisy below {FEW_CALIB_SAMPLES} (give more with --calib)")  # fmt: skip
     evaluation = load_callable(opts.eval_data) if opts.eval_data else teacher.hooks.get("eval_data")
@@ -263,8 +256,6 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
         train_data=train, eval_data=evaluation, metric=metric, hf=teacher.hf, seed=seed, work_dir=folder.work_dir,
         teacher_spec=teacher.spec,
     )  # fmt: skip
-    if calib_trains and views:  # distillation augments the photos itself: it trains on them as given
-        state.train_data = lambda: iter(given_calib)
     if not heldout:  # fidelity is measured for every student, on random inputs when nothing else exists
         from potstill.passes.importance.base import random_batches
 
@@ -282,29 +273,13 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     sources = local_sources([*teacher.sources, *plugin_files, *_spec_files(opts)], extra=plugin_files)
     inputs = _inputs_record(opts, teacher, plans, sources)
     inputs["calib"]["batches_sha256"] = batches_sha256(calib_batches) if calib_batches else None
-    inputs["calib"].update(random=not calib_batches, batches=len(given_calib), heldout_batches=len(heldout), augmented_views=views,
+    inputs["calib"].update(random=not calib_batches, batches=len(calib), heldout_batches=len(heldout),
                            source="data" if calib_from_data else "calib" if calib_batches else "random")
     if train is not None:
         inputs["data"] = {**(inputs["data"] or {}), "batches_sha256": batches_sha256(_materialise(train, "training data"))}
     base_key = cache_key(inputs, profile, target)
     inputs["cache_key"] = base_key
     return Prepared(opts, teacher, state, plans, target, inputs, base_key, folder, ranks)
-
-
-def _calibration_views(opts: CompileOptions, calib: list[Any], heldout: list[Any], seed: int,
-                       trains: bool) -> tuple[list[Any], int]:  # fmt: skip
-    """A few calibration photos plus augmented views of them (``calibration_views``), unless
-    ``--no-augment``; the held-out batches stay as given. ``--no-augment`` with nothing to augment
-    (enough calibration images and no training data) is an error, not a flag ignored."""
-    from potstill.passes.distill.augment import calibration_views, view_target
-
-    few = heldout is not calib and bool(view_target(calib, FEW_CALIB_SAMPLES))
-    if not opts.augment:
-        if not few and not trains and calib:
-            raise InputError(f"--no-augment: nothing would be augmented: the {sum(as_batch(b).size for b in calib)} "
-                             "calibration samples are not a few images and there is no training data; drop the flag")
-        return calib, 0
-    return calibration_views(calib, FEW_CALIB_SAMPLES, seed) if few else (calib, 0)
 
 
 def _default_distillation(opts: CompileOptions, teacher: Teacher, task: str, has_data: bool,
@@ -314,7 +289,7 @@ def _default_distillation(opts: CompileOptions, teacher: Teacher, task: str, has
     from potstill.passes.distill.defaults import default_distill_options, distill_spec
 
     flags = [f for f, on in (("--distill-epochs", opts.distill_epochs is not None),
-                             ("--train-minutes", opts.train_minutes is not None)) if on]  # --no-augment: calibration too
+                             ("--train-minutes", opts.train_minutes is not None), ("--no-augment", not opts.augment)) if on]
     images = image_input(teacher) is not None
     if not opts.augment and not images:
         raise InputError(f"--no-augment: {teacher.label} takes no images ([N, C, H, W]); there is nothing to augment; drop the flag")

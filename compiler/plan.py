@@ -285,14 +285,15 @@ def check_flags(opts: CompileOptions) -> None:
 
 
 def _check_training_flags(opts: CompileOptions) -> None:
-    """``--train-minutes`` shapes the default distillation: without one it is an error."""
+    """``--train-minutes`` and ``--no-augment`` shape the default distillation: without one they are errors."""
     m = opts.train_minutes
     if m is not None and not (math.isfinite(float(m)) and float(m) > 0):
         raise InputError(f"--train-minutes {m}: must be a positive number of minutes (e.g. 10)")
-    # --no-augment also keeps a few calibration photos as given (potstill.driver._calibration_views)
-    given = ["--train-minutes"] if m is not None else []
+    given = [f for f, on in (("--train-minutes", m is not None), ("--no-augment", not opts.augment)) if on]
+    if opts.elastic and opts.distill and not opts.pipeline:  # the supernet augments, but counts steps
+        given = [f for f in given if f != "--no-augment"]
     why = ("--no-distill turns distillation off" if not opts.distill else
-           "the pipeline says what runs: write distill{minutes=M} there" if opts.pipeline else
+           "the pipeline says what runs: write distill{minutes=M} or distill{augment=false} there" if opts.pipeline else
            "elastic supernet training takes --distill-epochs" if opts.elastic else
            "the recipe's stages: run distill.progressive, which takes epochs per stage"
            if getattr(opts.recipe_data, "stages", None) else "")  # fmt: skip
