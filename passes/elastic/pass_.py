@@ -414,6 +414,13 @@ class ElasticSearchPass(Pass):
                 f"elastic.search: every front point was over budget when measured on {profile.name} "
                 f"({'; '.join(r['why'] for r in result.rejected[:3])}); relax the budgets"
             )
+        scored_with = result.timing.get("scored_with")
+        if scored_with == "untrained":
+            warn(f"elastic.search on {profile.name}: the supernet's training lowered the held-out fidelity of both "
+                 "the largest and the smallest subnet, so subnets were ranked with the weights before training")
+        elif scored_with == "both":
+            warn(f"elastic.search on {profile.name}: the supernet's training helped some subnets and hurt others "
+                 "on held-out data; each subnet was ranked with the better of its trained and untrained weights")
         # the supernet is not a deliverable: the first search replaces it, later ones (other devices) add
         supernet_student = next((s for s in state.students if "elastic" not in s.metrics), None)
         front = [{"accuracy": c.accuracy, "latency_ms": c.latency_ms, "memory_mb": c.memory_mb} for c in result.front]
