@@ -416,8 +416,8 @@ class ElasticSearchPass(Pass):
             )
         scored_with = result.timing.get("scored_with")
         if scored_with == "untrained":
-            warn(f"elastic.search on {profile.name}: the supernet's training lowered the held-out fidelity of both "
-                 "the largest and the smallest subnet, so subnets were ranked with the weights before training")
+            warn(f"elastic.search on {profile.name}: the supernet's training lowered the held-out fidelity of the "
+                 "largest, the middle and the smallest subnet, so subnets were ranked with the weights before training")
         elif scored_with == "both":
             warn(f"elastic.search on {profile.name}: the supernet's training helped some subnets and hurt others "
                  "on held-out data; each subnet was ranked with the better of its trained and untrained weights")
