@@ -147,5 +147,5 @@ def test_augment_on_token_data_is_an_error() -> None:
                          calib_data=lambda: batches, train_data=lambda: batches)
     from potstill.errors import PassError
 
-    with pytest.raises(PassError, match="elastic.train: augment=true, but the training batches hold no images"):
+    with pytest.raises(PassError, match=r"elastic\.train: augment=true, but the training batches hold no images"):
         PassManager(build_pipeline("elastic.nest{depth=false},elastic.train{max_steps=1,augment=true}")).run(state)
