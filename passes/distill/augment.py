@@ -128,21 +128,29 @@ def wants_augment(data: Any, asked: bool | None, where: str) -> bool:
     """Whether image augmentation runs on the training ``data``: as ``asked``, or (None) when its
     batches are images, fewer than ``AUGMENT_BELOW`` of them. ``asked=True`` on data without images
     is an error that names the pass ``where``."""
-    from .batches import epoch_batches
     from .methods import require
 
     if asked is False:
         return False
-    n, images = 0, False
-    for raw in epoch_batches(data, 0, 0):
-        found = image_tensor(as_batch(raw))
-        if found is None:
-            break
-        images, n = True, n + int(found[1].shape[0])
-        if n >= AUGMENT_BELOW:
-            break
+    n = image_count(data, AUGMENT_BELOW)
+    images = n > 0
     require(images or asked is None, where,
             "augment=true, but the training batches hold no images ([N, C, H, W] floats, positional or "
             "pixel_values); drop augment")  # fmt: skip
     return images and n < AUGMENT_BELOW if asked is None else True
 
+
+def image_count(data: Any, stop_at: int | None = None) -> int:
+    """Images in one pass over ``data`` (0 when its first batch holds none), counted up to the first
+    batch that is not images, or until ``stop_at`` is reached."""
+    from .batches import epoch_batches
+
+    n = 0
+    for raw in epoch_batches(data, 0, 0):
+        found = image_tensor(as_batch(raw))
+        if found is None:
+            break
+        n += int(found[1].shape[0])
+        if stop_at is not None and n >= stop_at:
+            break
+    return n

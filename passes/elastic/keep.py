@@ -28,6 +28,12 @@ from .extract import extract
 from .supernet import Supernet, recalibrate_bn
 
 
+def trained_wins(trained: float, untrained: float) -> bool:
+    """Whether the trained weights' score wins: ties go to them, and a non-finite score loses to a
+    finite one."""
+    return not math.isfinite(untrained) or (math.isfinite(trained) and trained >= untrained)
+
+
 def settle_weights(net: Supernet, finalists: Sequence[Any], score: Callable[[nn.Module], float],
                    calib: Sequence[Any]) -> None:
     """Give each finalist (``search.Finalist``, its ``module`` extracted from the trained weights) the
@@ -45,8 +51,7 @@ def settle_weights(net: Supernet, finalists: Sequence[Any], score: Callable[[nn.
             module = extract(net, f.config).module
             untrained.append((float(score(module)), module))
     for f, a_trained, (a_untrained, module) in zip(finalists, trained, untrained):
-        # ties go to the trained weights; a non-finite score loses to a finite one
-        keep_trained = not math.isfinite(a_untrained) or (math.isfinite(a_trained) and a_trained >= a_untrained)
+        keep_trained = trained_wins(a_trained, a_untrained)
         f.weights_check = {"trained": a_trained, "untrained": a_untrained,
                            "kept": "trained" if keep_trained else "untrained"}
         if keep_trained:

@@ -221,7 +221,7 @@ class ElasticTrainPass(Pass):
 
     def run(self, state: CompileState) -> PassResult:
         from potstill.passes.distill import TrainConfig
-        from potstill.passes.distill.augment import AugmentedImages, wants_augment
+        from potstill.passes.distill.augment import AugmentedImages, image_count, wants_augment
         from potstill.passes.distill.pass_ import note
 
         from .train import train_supernet
@@ -259,7 +259,7 @@ class ElasticTrainPass(Pass):
         augmented = wants_augment(data, o.augment, "elastic.train")
         if augmented:
             data = AugmentedImages(data, o.seed)
-            note(f"elastic.train: the {_images(state.train_data)} training images are augmented (new random crops, "
+            note(f"elastic.train: the {image_count(state.train_data)} training images are augmented (new random crops, "
                  "flips and colour jitter every step, the teacher seeing the same view); augment=false or "
                  "--no-augment trains on them as given")
         result = train_supernet(net, state.teacher, data, cfg, loss=loss,
@@ -271,16 +271,6 @@ class ElasticTrainPass(Pass):
         state.records.setdefault("elastic", {})["training"] = training
         state.facts.add("distilled")
         return PassResult(state, True)
-
-
-def _images(data: Any) -> int:
-    """How many images one pass over ``data`` holds (its batches' first dimensions)."""
-    from potstill.inputs.data import as_batch
-    from potstill.passes.distill.augment import image_tensor
-    from potstill.passes.distill.batches import epoch_batches
-
-    return sum(int(found[1].shape[0]) for raw in epoch_batches(data, 0, 0)
-               if (found := image_tensor(as_batch(raw))) is not None)
 
 
 #: sandwich lr for a pretrained transformer: measured on all-MiniLM-L6-v2 (120 steps, held-out cosine of

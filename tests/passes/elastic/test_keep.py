@@ -11,7 +11,8 @@ import torch
 from potstill.inputs.data import as_batch
 from potstill.passes.elastic import extract, make_supernet, recalibrate_bn
 from potstill.passes.elastic.keep import settle_weights
-from potstill.passes.elastic.search import Finalist, Scorer
+from potstill.passes.elastic.score import Scorer
+from potstill.passes.elastic.search import Finalist
 from potstill.pipeline import PassManager, build_pipeline
 from potstill.profiles import load_profile
 from potstill.state import CompileState
