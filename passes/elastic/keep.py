@@ -1,16 +1,18 @@
-"""Training is kept per subnet only where it raises held-out fidelity.
+"""Training, and BatchNorm re-estimation, are kept per subnet only where they raise held-out fidelity.
 
 The sandwich rule trains every subnet on the same shared weights, so it can lower the fidelity of
 some subnets while it raises that of others; the largest starts *as* the teacher (the supernet is
 the nested teacher) and can only lose. For each finalist configuration ``c`` the search extracts
-two students, one from the trained weights ``θ`` and one from the weights before training ``θ₀``
-(each after BatchNorm re-estimation for ``c``), scores both on the held-out batches
+one student per source ``s`` the supernet offers (``score.Source``: the trained weights ``θ`` or
+those before training ``θ₀``, each with BatchNorm statistics re-estimated for ``c`` or as stored),
+scores each on the held-out batches
 
-    A_θ(c) = score(extract(θ, c)),        A_θ₀(c) = score(extract(θ₀, c))
+    A_s(c) = score(extract(s, c))
 
-and ships the better one (ties go to the trained weights). The choice is per extracted subnet,
-because the subnets share weights: a training that helps the small subnets and costs the large ones
-keeps both gains. ``potstill.passes.distill`` applies the same rule to a plain student.
+and ships the best one (ties go to the trained weights, then to re-estimated statistics). The
+choice is per extracted subnet, because the subnets share weights: a training that helps the small
+subnets and costs the large ones keeps both gains. ``potstill.passes.distill`` applies the same
+rule to a plain student, and ``bn.recalibrate`` the same check to its statistics.
 
 Measured on all-MiniLM-L6-v2 (sandwich training at lr 3e-5): the full-size subnet fell from a
 held-out cosine of 1.0 to ~0.97 in FP32, so the trained weights were the worse ones there.
@@ -18,44 +20,39 @@ held-out cosine of 1.0 to ~0.97 in FP32, so the trained weights were the worse o
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from .extract import extract
-from .supernet import Supernet, recalibrate_bn
+from .score import Scorer, Source, best_of
 
 
-def trained_wins(trained: float, untrained: float) -> bool:
-    """Whether the trained weights' score wins: ties go to them, and a non-finite score loses to a
-    finite one."""
-    return not math.isfinite(untrained) or (math.isfinite(trained) and trained >= untrained)
+def settle_weights(finalists: Sequence[Any], scorer: Scorer, calib: Sequence[Any]) -> None:
+    """Give each finalist (``search.Finalist``, its ``module`` extracted from the trained weights with
+    statistics re-estimated on ``calib``) the best of the subnets its sources give, in place; records
+    every score in ``weights_check``.
 
-
-def settle_weights(net: Supernet, finalists: Sequence[Any], score: Callable[[nn.Module], float],
-                   calib: Sequence[Any]) -> None:
-    """Give each finalist (``search.Finalist``, its ``module`` extracted from the trained weights) the
-    better of its trained and untrained subnet, in place; records both scores in ``weights_check``.
-
-    Nothing changes where ``net`` keeps no weights from before training (it was never trained, or
-    trained with a robust loss, which trades clean fidelity for robustness by design)."""
-    if net.untrained is None or not finalists:
+    Nothing changes where the supernet offers one source: it was never trained (or trained with a
+    robust loss, which trades clean fidelity for robustness by design) and has no BatchNorm."""
+    offered = scorer.candidates()
+    if len(offered) == 1 or not finalists:
         return
-    trained = [float(score(f.module)) for f in finalists]
-    untrained: list[tuple[float, nn.Module]] = []
-    with net.untrained_weights():
-        for f in finalists:
-            recalibrate_bn(net, f.config, calib)
-            module = extract(net, f.config).module
-            untrained.append((float(score(module)), module))
-    for f, a_trained, (a_untrained, module) in zip(finalists, trained, untrained):
-        keep_trained = trained_wins(a_trained, a_untrained)
-        f.weights_check = {"trained": a_trained, "untrained": a_untrained,
-                           "kept": "trained" if keep_trained else "untrained"}
-        if keep_trained:
-            f.accuracy = a_trained
-            continue
-        f.module, f.accuracy = module, a_untrained
-        f.artifact = None  # built from the trained weights; the lowering pass builds the shipped one
+    for f in finalists:
+        scored: list[tuple[Source, float]] = []
+        modules: dict[Source, nn.Module] = {offered[0]: f.module}
+        for source in offered:
+            if source not in modules:
+                with scorer.prepared(f.config, source, calib):
+                    modules[source] = extract(scorer.net, f.config).module
+            scored.append((source, float(scorer.score_module(modules[source]))))
+        kept, accuracy = best_of(scored)
+        by_weights = {w: max((a for s, a in scored if s.weights == w), default=None) for w in ("trained", "untrained")}
+        f.weights_check = {**{w: a for w, a in by_weights.items() if a is not None},
+                           "kept": kept.weights, "statistics": kept.stats,
+                           "scores": {s.label(): a for s, a in scored}}
+        f.accuracy = accuracy
+        if kept != offered[0]:
+            f.module = modules[kept]
+            f.artifact = None  # built from other weights; the lowering pass builds the shipped one

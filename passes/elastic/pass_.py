@@ -388,6 +388,7 @@ class ElasticSearchPass(Pass):
         from potstill.passes.importance.base import calibration_batches, warn
         from potstill.profiles import load_profile
 
+        from .score import SOURCE_ORDER
         from .search import search
 
         o: SearchOptions = self.options
@@ -404,13 +405,12 @@ class ElasticSearchPass(Pass):
                 f"elastic.search: every front point was over budget when measured on {profile.name} "
                 f"({'; '.join(r['why'] for r in result.rejected[:3])}); relax the budgets"
             )
-        scored_with = result.timing.get("scored_with")
-        if scored_with == "untrained":
-            warn(f"elastic.search on {profile.name}: the supernet's training lowered the held-out fidelity of the "
-                 "largest, the middle and the smallest subnet, so subnets were ranked with the weights before training")
-        elif scored_with == "both":
-            warn(f"elastic.search on {profile.name}: the supernet's training helped some subnets and hurt others "
-                 "on held-out data; each subnet was ranked with the better of its trained and untrained weights")
+        scored_with = result.timing.get("scored_with") or []
+        if scored_with and scored_with != [SOURCE_ORDER[0].label()]:
+            warn(f"elastic.search on {profile.name}: the largest, the middle and the smallest subnet were most "
+                 f"faithful on held-out data with {' or '.join(scored_with)}, so subnets were ranked with "
+                 f"{'those' if len(scored_with) == 1 else 'the best of them per subnet'} (not with the trained "
+                 "weights and statistics re-estimated per subnet)")
         # the supernet is not a deliverable: the first search replaces it, later ones (other devices) add
         supernet_student = next((s for s in state.students if "elastic" not in s.metrics), None)
         front = [{"accuracy": c.accuracy, "latency_ms": c.latency_ms, "memory_mb": c.memory_mb} for c in result.front]
@@ -426,6 +426,9 @@ class ElasticSearchPass(Pass):
                 warn(f"elastic.search: {s.name}: the supernet's training lowered this subnet's held-out fidelity "
                      f"({check['untrained']:.4g} before training, {check['trained']:.4g} after), so it ships with "
                      "the weights before training (the nested teacher's)")
+            if check is not None and check["statistics"] == "stored":
+                s.history.append("elastic.search: BatchNorm statistics kept as stored (re-estimation rejected on "
+                                 "held-out data)")
             if shortfall is not None:
                 s.metrics["elastic"]["shortfall"] = shortfall
             if result.timing:

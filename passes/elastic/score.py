@@ -1,10 +1,20 @@
 """How the elastic search scores a subnet: fidelity to the teacher (or the user's metric) on the
-held-out batches, run in the supernet after BatchNorm re-estimation, with the weights that serve the
-search (``Scorer.weights``: trained, before training, or the better of both, as ``keep`` ships them)."""
+held-out batches, run in the supernet, with the weights and BatchNorm statistics that serve it.
+
+A subnet's *source* is which weights it runs (trained, or those before training) and which
+BatchNorm statistics: re-estimated for the subnet on the calibration batches (OFA, EagleEye), or
+the stored ones the weights carry, sliced to the kept channels. Re-estimation is what a subnet of a
+supernet trained from scratch needs; on a pretrained teacher and a few photos it is what breaks it:
+re-estimated on the dozen calibration crops of 20 photos, the unpruned EfficientNet-Lite0 agreed
+with itself on 0 of 16 held-out crops, so every subnet scored near zero and the front collapsed to
+one point. ``Scorer.sources`` are read off three probe subnets (``_which_sources``) and ``keep``
+ships each finalist from the source that scores best for it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,9 +24,31 @@ from potstill.inputs.data import Batch, primary_output
 from torch import nn
 
 from .extract import extract
-from .keep import trained_wins
 from .space import SubnetConfig
-from .supernet import Supernet, recalibrate_bn
+from .supernet import Supernet, batchnorm_stats, recalibrate_bn, restore_stats
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a scored subnet's weights (``trained`` | ``untrained``) and BatchNorm statistics
+    (``recalibrated`` | ``stored``) come from."""
+
+    weights: str = "trained"
+    stats: str = "recalibrated"
+
+    def label(self) -> str:
+        return f"{self.weights} weights, {self.stats} BN statistics"
+
+
+#: ties go to the earlier source: trained weights before untrained ones, re-estimated
+#: statistics before stored ones (the rule a supernet trained from scratch needs)
+SOURCE_ORDER = (Source("trained", "recalibrated"), Source("trained", "stored"),
+                Source("untrained", "recalibrated"), Source("untrained", "stored"))
+
+
+def better(a: float, b: float) -> bool:
+    """Whether score ``a`` beats ``b`` strictly (a non-finite score loses to a finite one)."""
+    return math.isfinite(a) and (not math.isfinite(b) or a > b)
 
 
 def output_agreement(teacher_outputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> float:
@@ -55,7 +87,7 @@ def _fidelity_fn() -> Callable[..., Any] | None:
 class Scorer:
     """Accuracy of a configuration: ``metric(extracted)`` if given, else fidelity to the teacher on the
     held-out batches (``potstill.fidelity.measure_fidelity``; top-1 agreement / relative error where
-    that module is absent)."""
+    that module is absent), from the sources that serve the search (``sources``)."""
 
     net: Supernet
     teacher: nn.Module
@@ -65,11 +97,13 @@ class Scorer:
     #: samples that re-estimate BatchNorm for each scored candidate (the finalists use every
     #: calibration batch); a few hundred estimate the statistics well (OFA uses 2,000 ImageNet images)
     bn_samples: int = 256
-    #: the weights the search scores with (``_which_weights``): None until the first score, then
-    #: ``trained``, ``untrained`` or ``both`` (the better of the two per configuration)
-    weights: str | None = None
+    #: the sources the search scores with (``_which_sources``), best of them per configuration: None
+    #: until the first score
+    sources: tuple[Source, ...] | None = None
     _teacher_out: list[torch.Tensor] = field(default_factory=list)
     _bn_batches: list[Batch] = field(default_factory=list)
+    #: the trained weights' BatchNorm statistics as the search found them (re-estimation overwrites them)
+    _stored: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.heldout:
@@ -82,6 +116,25 @@ class Scorer:
                 break
             self._bn_batches.append(b)
             seen += b.size
+        self._stored = batchnorm_stats(self.net.model)
+
+    def candidates(self) -> tuple[Source, ...]:
+        """Every source this supernet offers: the weights before training where it keeps them, stored
+        statistics where it has BatchNorm, in ``SOURCE_ORDER``."""
+        return tuple(s for s in SOURCE_ORDER if (s.weights == "trained" or self.net.untrained is not None)
+                     and (s.stats == "recalibrated" or self._stored))
+
+    @contextlib.contextmanager
+    def prepared(self, config: SubnetConfig, source: Source, batches: Sequence[Any] | None = None) -> Iterator[None]:
+        """The supernet with ``source``'s weights and statistics for ``config`` inside the block (the
+        trained weights after; their statistics are whatever the last re-estimation left)."""
+        weights = self.net.untrained_weights() if source.weights == "untrained" else contextlib.nullcontext()
+        with weights:
+            if source.stats == "recalibrated":
+                recalibrate_bn(self.net, config, self._bn_batches if batches is None else batches)
+            elif source.weights == "trained":  # the untrained copy brings its own statistics
+                restore_stats(self.net.model, self._stored)
+            yield
 
     def score_module(self, module: nn.Module) -> float:
         """The same score for a standalone module (an extracted subnet)."""
@@ -100,53 +153,46 @@ class Scorer:
         return output_agreement(self._teacher_out, outs)
 
     def __call__(self, config: SubnetConfig) -> float:
-        """The configuration's score with the weights that serve it best (``weights``): the trained
-        ones, those before training, or the better of both, as ``settle_weights`` ships them."""
-        if self.net.untrained is None or self.weights == "trained":
-            return self._score(config)
-        if self.weights is None:
-            self.weights = self._which_weights()
-        if self.weights == "untrained":
-            with self.net.untrained_weights():
-                return self._score(config)
-        trained = self._score(config)
-        with self.net.untrained_weights():
-            untrained = self._score(config)
-        return trained if trained_wins(trained, untrained) else untrained
+        """The configuration's score from the sources that serve the search, the best of them."""
+        if self.sources is None:
+            offered = self.candidates()
+            self.sources = offered if len(offered) == 1 else self._which_sources(offered)
+        return best_of([(s, self._score(config, s)) for s in self.sources])[1]
 
-    def _which_weights(self) -> str:
-        """Which weights the search scores with, read off the largest, the middle (every choice at its
-        median) and the smallest subnet: where one set wins at all three it serves the search;
-        otherwise each subnet is scored with both.
+    def _which_sources(self, offered: tuple[Source, ...]) -> tuple[Source, ...]:
+        """The sources the search scores with, read off the largest, the middle (every choice at its
+        median) and the smallest subnet: each source that is best at one of them at least.
 
         The sandwich rule trains the largest and the smallest subnet every step and the others now
-        and then: on a pretrained teacher it can cost the subnets between what it gives the ends
-        (EfficientNet-Lite0 at lr 1e-3 on 20 photos: the front within a 1.3x budget collapsed to the
-        smallest subnet, though the trained weights won at both ends)."""
+        and then: on a pretrained teacher it can cost the subnets between what it gives the ends, so
+        the middle is probed too; and re-estimated statistics can ruin a pretrained teacher's
+        subnets where the calibration data is a few photos (the module docstring)."""
         space = self.net.space
-        ends = [space.largest(), space.config([len(d.choices) // 2 for d in space.dims()]), space.smallest()]
-        trained = [self._score(c) for c in ends]
-        with self.net.untrained_weights():
-            untrained = [self._score(c) for c in ends]
-        wins = [trained_wins(t, u) for t, u in zip(trained, untrained, strict=True)]
-        return "trained" if all(wins) else "untrained" if not any(wins) else "both"
+        probes = [space.largest(), space.config([len(d.choices) // 2 for d in space.dims()]), space.smallest()]
+        winners = {best_of([(s, self._score(c, s)) for s in offered])[0] for c in probes}
+        return tuple(s for s in offered if s in winners)
 
-    def _score(self, config: SubnetConfig) -> float:
-        recalibrate_bn(self.net, config, self._bn_batches)
-        if self.metric is not None:
-            return float(self.metric(extract(self.net, config).module))
-        was = self.net.model.training
-        self.net.model.eval()
-        try:
-            measure = _fidelity_fn()
-            if measure is not None:
-                return float(measure(self.teacher, ConfiguredView(self.net, config), self.heldout).score)
-            with torch.no_grad(), self.net.configured(config):
-                outs = [primary_output(b.run(self.net.model)).float() for b in self.heldout]
-        finally:
-            self.net.model.train(was)
-        return output_agreement(self._teacher_out, outs)
+    def _score(self, config: SubnetConfig, source: Source = SOURCE_ORDER[0]) -> float:
+        with self.prepared(config, source):
+            if self.metric is not None:
+                return float(self.metric(extract(self.net, config).module))
+            was = self.net.model.training
+            self.net.model.eval()
+            try:
+                measure = _fidelity_fn()
+                if measure is not None:
+                    return float(measure(self.teacher, ConfiguredView(self.net, config), self.heldout).score)
+                with torch.no_grad(), self.net.configured(config):
+                    outs = [primary_output(b.run(self.net.model)).float() for b in self.heldout]
+            finally:
+                self.net.model.train(was)
+            return output_agreement(self._teacher_out, outs)
 
 
-# ---------------------------------------------------------------------------------------------
-# Search
+def best_of(scored: Sequence[tuple[Source, float]]) -> tuple[Source, float]:
+    """The best-scoring ``(source, score)``; ties go to the earlier one."""
+    best = scored[0]
+    for item in scored[1:]:
+        if better(item[1], best[1]):
+            best = item
+    return best

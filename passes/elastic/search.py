@@ -1,8 +1,8 @@
 """Device-constrained search over a trained supernet: NSGA-II → Pareto front → measured finalists.
 
 Objectives, per configuration ``c``: maximise accuracy ``A(c)`` (the user's metric on the extracted
-subnet, else fidelity to the teacher on held-out batches, run in the supernet after BatchNorm
-recalibration), minimise latency ``T(c)`` and memory ``M(c)`` (``cost.CostModel``), subject to
+subnet, else fidelity to the teacher on held-out batches, run in the supernet with the weights and
+BatchNorm statistics that serve it, ``score.Scorer``), minimise latency ``T(c)`` and memory ``M(c)`` (``cost.CostModel``), subject to
 ``T ≤ T_max`` and ``M ≤ M_max``.
 
 NSGA-II (Deb et al. 2002, doi:10.1109/4235.996017) with Deb's constraint domination: a feasible
@@ -24,8 +24,9 @@ student, the most accurate point under each budget — are extracted, timed on t
 (``potstill.targets.lower``) and measured for memory on their own graph; any over a budget by
 measurement is dropped and the next front point tried, at most ``students + extra_tries`` in all, so
 the time spent measuring is bounded however loaded the host is. Each finalist records where it sits
-on the front. A finalist of a trained supernet ships with the trained weights or the weights before
-training, whichever scores better on the held-out batches (``keep``).
+on the front. A finalist ships with the trained weights or the weights before training, with
+BatchNorm statistics re-estimated for it or as stored, whichever scores best on the held-out
+batches (``keep``; the search ranks with the sources that win at three probe subnets, ``score``).
 """
 
 from __future__ import annotations
@@ -402,10 +403,10 @@ def _search(net: Supernet, teacher: nn.Module, profile: Any, example_inputs: tup
     finalists, rejected, tries = _finalists(
         net, costs, front, slots, n + settings.extra_tries, latency_budget, memory_budget,
         timed, example_inputs, kwargs, profile, example_batch, artifacts)
-    settle_weights(net, finalists, scorer.score_module, scorer.calib)
+    settle_weights(finalists, scorer, scorer.calib)
     timing: dict[str, Any] = {"mode": "speedup" if speedups else "absolute" if latency_budget is not None else "none",
                               "front_points_timed": tries, "max_front_points_timed": n + settings.extra_tries,
-                              "scored_with": scorer.weights or "trained"}
+                              "scored_with": [s.label() for s in scorer.sources or scorer.candidates()[:1]]}
     if clock is not None:
         timing |= {"speedup": list(speedups), "tolerance": settings.speedup_tolerance, **clock.summary()}
     return SearchResult(front, sorted(finalists, key=lambda f: f.predicted_latency_ms), rejected, len(cache), seconds,

@@ -262,6 +262,21 @@ def _tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from model.named_buffers()
 
 
+def batchnorm_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every BatchNorm running statistic of ``model`` (empty without BatchNorm)."""
+    return {f"{n}.{k}": getattr(m, k).detach().clone() for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            for k in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def restore_stats(model: nn.Module, stats: dict[str, torch.Tensor]) -> None:
+    """Write ``batchnorm_stats`` back into ``model`` in place."""
+    with torch.no_grad():
+        for name, value in stats.items():
+            module, _, buffer = name.rpartition(".")
+            getattr(model.get_submodule(module), buffer).copy_(value)
+
+
 def recalibrate_bn(net: Supernet, config: SubnetConfig | None, batches: Iterable[Any], limit: int = 16) -> int:
     """Re-estimate every BatchNorm's running statistics for ``config`` (cumulative average over the
     batches, train-mode forward, no gradients); returns the batches used. Label-free."""

@@ -11,7 +11,7 @@ import torch
 from potstill.inputs.data import as_batch
 from potstill.passes.elastic import extract, make_supernet, recalibrate_bn
 from potstill.passes.elastic.keep import settle_weights
-from potstill.passes.elastic.score import Scorer
+from potstill.passes.elastic.score import Scorer, Source
 from potstill.passes.elastic.search import Finalist
 from potstill.pipeline import PassManager, build_pipeline
 from potstill.profiles import load_profile
@@ -60,7 +60,7 @@ def test_the_more_faithful_weights_ship_per_subnet(damaged: str) -> None:
     scorer = Scorer(net, teacher, [as_batch(X[64:])], [as_batch(X[:64])])
     finalists = _finalists(net, scorer)
     trained_modules = [f.module for f in finalists]
-    settle_weights(net, finalists, scorer.score_module, scorer.calib)
+    settle_weights(finalists, scorer, scorer.calib)
     kept = "untrained" if damaged == "trained" else "trained"
     for f, trained_module in zip(finalists, trained_modules):
         check = f.weights_check
@@ -83,7 +83,7 @@ def test_an_untrained_supernet_is_not_checked() -> None:
     net = _supernet(teacher)
     scorer = Scorer(net, teacher, [as_batch(X[64:])], [as_batch(X[:64])])
     finalists = _finalists(net, scorer)
-    settle_weights(net, finalists, scorer.score_module, scorer.calib)
+    settle_weights(finalists, scorer, scorer.calib)
     assert all(f.weights_check is None and "weights_check" not in f.to_dict() for f in finalists)
 
 
@@ -152,9 +152,68 @@ def test_the_search_scores_each_subnet_with_the_weights_that_serve_it(damaged: s
     with_trained = scorer._score(largest)
     score = scorer(largest)
     if damaged == "neither":
-        assert scorer.weights is None and score == with_trained
+        assert scorer.sources == (Source(),) and score == with_trained
         return
     with net.untrained_weights():
         with_untrained = scorer._score(largest)
-    assert scorer.weights == ("untrained" if damaged == "trained" else "trained")
+    assert scorer.sources == (Source("untrained" if damaged == "trained" else "trained"),)
     assert score == max(with_trained, with_untrained) and with_trained != with_untrained
+
+
+def _bn_teacher() -> tuple[nn.Module, torch.Tensor]:
+    """A small CNN whose BatchNorm statistics were estimated on the distribution it is scored on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    images = torch.randn(64, 3, 2, 2, generator=torch.Generator().manual_seed(5))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        model.train()(images)
+        head = model[-1]  # logits that vary with the image: a top-1 that the statistics can change
+        head.bias.zero_()
+        head.weight.mul_(10)
+    return model.eval(), images
+
+
+@pytest.mark.parametrize("stored", ["right", "wrong"])
+def test_batchnorm_statistics_are_re_estimated_only_where_that_is_more_faithful(stored: str) -> None:
+    """A pretrained teacher's statistics beat ones re-estimated on a few unrepresentative samples (the
+    EfficientNet-Lite0 front had collapsed for this); statistics that no longer fit the weights (a
+    supernet trained from scratch) are re-estimated."""
+    teacher, images = _bn_teacher()
+    net = make_supernet(copy.deepcopy(teacher), (images[:1],), width_ratios=[0.5, 1.0], expansion_ratios=[0.5, 1.0],
+                        depth=False)
+    heldout = [as_batch(images[32:])]
+    if stored == "right":
+        # two samples, each channel scaled and shifted: their statistics misdescribe the data
+        calib = [as_batch(images[:2] * torch.tensor([5.0, 0.1, 1.0]).view(1, 3, 1, 1)
+                          + torch.tensor([3.0, -2.0, 0.0]).view(1, 3, 1, 1))]
+    else:
+        calib = [as_batch(images[:16]), as_batch(images[16:32])]
+        with torch.no_grad():  # statistics that no longer describe what reaches the layers
+            for m in net.model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.add_(3.0)
+                    m.running_var.mul_(50.0)
+    scorer = Scorer(net, teacher, heldout, calib)
+    largest = net.space.largest()
+    score = scorer(largest)
+    want = Source("trained", "stored" if stored == "right" else "recalibrated")
+    other = Source("trained", "recalibrated" if stored == "right" else "stored")
+    assert want in (scorer.sources or ()), scorer.sources
+    if stored == "wrong":
+        assert scorer.sources == (want,)
+    assert score == max(scorer._score(largest, s) for s in scorer.candidates())
+    finalists = [Finalist(largest, extract(net, largest).module, scorer(largest), 1.0, 1.0, 1.0, 1.0, 0)]
+    recalibrate_bn(net, largest, calib)  # as the search's timing leaves the supernet
+    finalists[0].module = extract(net, largest).module
+    settle_weights(finalists, scorer, calib)
+    check = finalists[0].weights_check
+    assert check is not None and check["statistics"] == want.stats, check
+    assert check["scores"][want.label()] > check["scores"][other.label()]
+    if stored == "right":  # the largest subnet with the stored statistics is the teacher
+        with torch.no_grad():
+            torch.testing.assert_close(finalists[0].module(images[32:]), teacher(images[32:]), rtol=1e-5, atol=1e-5)
