@@ -78,6 +78,11 @@ class TrainConfig:
     #: stop training once this many seconds of wall clock are spent (None: no budget); the learning
     #: rate schedule then runs on the fraction of the budget spent when that is ahead of the steps
     time_budget_s: float | None = None
+    #: the students' dropout while they train (False: dropout and every other train-only behaviour off)
+    dropout: bool = True
+    #: the students' BatchNorm while they train: "train" (batch statistics; the running ones follow the
+    #: data) or "frozen" (the running statistics normalise and stay as they are)
+    batchnorm: str = "train"
 
 
 PARALLEL = ("auto", "ddp", "fsdp")

@@ -24,6 +24,7 @@ from potstill.inputs.data import Batch, iter_batches, primary_output
 from potstill.outputs.atomic import atomic_write_text
 from torch import nn
 
+from .frozen import evaluating
 from .losses import mean_pool
 
 Evaluator = Callable[[nn.Module, "nn.Module | None", Any], dict[str, float]]
@@ -44,8 +45,11 @@ def evaluate(
     student: nn.Module, teacher: nn.Module | None, data: Any, limit: int | None = None
 ) -> dict[str, float]:
     """Accuracy (when batches carry labels) and fidelity to the teacher (when one is given)."""
-    was_training = student.training
-    student.eval()
+    with evaluating(student):
+        return _evaluate(student, teacher, data, limit)
+
+
+def _evaluate(student: nn.Module, teacher: nn.Module | None, data: Any, limit: int | None) -> dict[str, float]:
     dev = _device(student)
     correct = labelled = agree = positions = 0
     cos_sum, n_cos = 0.0, 0
@@ -75,7 +79,6 @@ def evaluate(
                 count = same.numel()
             agree += int(same.sum())
             positions += count
-    student.train(was_training)
     out: dict[str, float] = {}
     if labelled:
         out["accuracy"] = correct / labelled

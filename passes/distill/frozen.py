@@ -9,6 +9,8 @@ which would also reset the children).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -45,3 +47,16 @@ class FrozenTeacher:
         if home is not None and home != device:
             self.teacher.to(home)
         self._saved = None
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; each module's own flag put back after (a student that
+    trains without dropout keeps it off)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training

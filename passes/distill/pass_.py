@@ -8,7 +8,7 @@ method's options; ``loss=`` is an error that says which ``method=`` to write.
 
 Training options (every method): epochs, minutes, max_steps, lr, lr_probe, probe_steps, batch_size,
 optimizer, weight_decay, warmup_steps, grad_clip, precision, checkpoint_every, resume, eval_limit, progress,
-divergence_factor, parallel, augment, check. ``None`` means "not set" (no step limit, the data's own batches, no clipping).
+divergence_factor, parallel, augment, dropout, batchnorm, check. ``None`` means "not set" (no step limit, the data's own batches, no clipping).
 
 ``lr_probe=[a,b,...]`` (instead of ``lr``; see ``lr_probe``): each candidate trains a few steps
 (at most ``probe_steps``) from the same start, the held-out batches pick the one with the lowest loss,
@@ -79,7 +79,7 @@ from potstill.state import CompileState
 
 from . import checkpoint as ckpt
 from . import methods
-from .augment import AugmentedImages, wants_augment
+from .augment import AUGMENT_BELOW, AugmentedImages, image_count, wants_augment
 from .batches import Rebatched
 from .capture import Want
 from .config import PARALLEL, StudentSpec, TrainConfig, not_launched, step_batches
@@ -130,6 +130,13 @@ class DistillOptions:
     teacher_top_k: int | None = None
     #: random resized crops, flips and colour jitter of image batches (None: on for fewer than 1,000 images)
     augment: bool | None = None
+    #: the student's dropout while it trains (off by default: it learns to match a teacher that runs
+    #: without dropout; on, it also learns to be robust to it, at the cost of that match)
+    dropout: bool = False
+    #: the student's BatchNorm while it trains: train (batch statistics, running ones updated) or frozen
+    #: (the running statistics as they are; None: frozen on fewer than AUGMENT_BELOW training images,
+    #: whose statistics misdescribe what a pretrained teacher saw, else train)
+    batchnorm: str | None = None
     #: keep the training only when it lowers the held-out loss (None: where there are held-out batches, non-robust methods)
     check: bool | None = None
     # -- method options (see methods.py; each applies to the methods listed there) --
@@ -171,6 +178,8 @@ class DistillOptions:
             (self.divergence_factor is None or self.divergence_factor > 1,
              f"divergence_factor must be > 1 (or null: do not check), got {self.divergence_factor}"),
             (self.parallel in PARALLEL, f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}"),
+            (self.batchnorm in (None, "train", "frozen"),
+             f"batchnorm must be train or frozen (or null: frozen on a few images), got {self.batchnorm!r}"),
         ]  # fmt: skip
         for ok, message in checks:
             require(ok, "distill", message)
@@ -283,7 +292,7 @@ class DistillPass(Pass):
             checkpoint_every=o.checkpoint_every or 0, resume=ckpt_dir is not None and o.resume is not False,
             log_path=ckpt_dir / "metrics.jsonl" if ckpt_dir is not None else None,
             eval_limit=o.eval_limit, progress=o.progress, run_key=self._run_key(name),
-            divergence_factor=o.divergence_factor, parallel=o.parallel,
+            divergence_factor=o.divergence_factor, parallel=o.parallel, dropout=o.dropout,
         )  # fmt: skip
 
     def _run_key(self, name: str) -> str:
@@ -324,12 +333,14 @@ class DistillPass(Pass):
         data: Any = Rebatched(source, o.batch_size) if o.batch_size else source
         # a cached teacher saw the stored pixels only: views need the live teacher
         augment = wants_augment(data, o.augment, "distill") and (o.augment is True or o.teacher_outputs == "live")
+        # a few photos misdescribe the statistics a pretrained teacher's BatchNorm learnt: they stay
+        batchnorm = o.batchnorm or ("frozen" if 0 < image_count(data, AUGMENT_BELOW) < AUGMENT_BELOW else "train")
         if augment:
             data = AugmentedImages(data, state.seed)
         student = state.working()
         reference = self._reference(state)
         guard = self._guard(reference, student.module)
-        config = self._config(state, student.name)
+        config = dataclasses.replace(self._config(state, student.name), batchnorm=batchnorm)
         probed: ProbeResult | None = None
         with self._teacher_cache(state, student.name, data, config, built) as (cache, cached):
             loss = self._loss(state, student.module, data, config, built, cache)
@@ -361,6 +372,8 @@ class DistillPass(Pass):
             "checkpoints": str(config.checkpoint_dir) if config.checkpoint_dir is not None else None,
             "teacher_outputs": cached or "live",
             "augment": augment,
+            "dropout": o.dropout,
+            "batchnorm": batchnorm,
             "minutes_used": seconds / 60,
             "budget_minutes": o.minutes,
             "stopped_by_budget": result.stopped_by_budget,

@@ -26,6 +26,7 @@ from potstill.errors import InputError
 from potstill.inputs.data import Batch, iter_batches, primary_output
 from torch import nn
 
+from .frozen import evaluating
 from .losses import DistillLoss, LossInputs, kl_per_position, register_loss, weighted_mean
 
 
@@ -129,12 +130,8 @@ def attack(
 ) -> Batch:
     """The adversarial batch for ``model`` (run in eval mode during the attack)."""
     surface = attack_surface(model, batch, cfg)
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         x_adv = pgd(lambda x: primary_output(surface.rebuild(x).run(model)), surface.x, objective, cfg, surface.clamp)
-    finally:
-        model.train(was)
     return surface.rebuild(x_adv)
 
 
@@ -216,21 +213,19 @@ def robust_accuracy(
     """Clean and PGD accuracy (default PGD-20, ε = 8/255) of ``model`` on labelled ``data``."""
     cfg = replace(cfg or PGDConfig(steps=20), **overrides)
     dev = next(model.parameters()).device
-    was = model.training
-    model.eval()
     clean = robust = n = 0
-    for batch in iter_batches(data, limit):
-        batch = batch.to(dev)
-        if batch.target is None:
-            raise InputError("robust accuracy needs labelled batches")
-        y = batch.target
-        with torch.no_grad():
-            clean += int((primary_output(batch.run(model)).argmax(-1) == y).sum())
-        adv = attack(model, batch, _ce_objective(y), cfg)
-        with torch.no_grad():
-            robust += int((primary_output(adv.run(model)).argmax(-1) == y).sum())
-        n += int(y.numel())
-    model.train(was)
+    with evaluating(model):
+        for batch in iter_batches(data, limit):
+            batch = batch.to(dev)
+            if batch.target is None:
+                raise InputError("robust accuracy needs labelled batches")
+            y = batch.target
+            with torch.no_grad():
+                clean += int((primary_output(batch.run(model)).argmax(-1) == y).sum())
+            adv = attack(model, batch, _ce_objective(y), cfg)
+            with torch.no_grad():
+                robust += int((primary_output(adv.run(model)).argmax(-1) == y).sum())
+            n += int(y.numel())
     return {"clean_accuracy": clean / max(n, 1), "robust_accuracy": robust / max(n, 1)}
 
 

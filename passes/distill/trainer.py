@@ -189,6 +189,8 @@ class DistillTrainer(CheckpointingMixin):
                 self.wrapped[id(m)] = fsdp.sharded_replica(m, self.device).train()
             else:
                 m.to(self.device).train()
+            if not self.config.dropout or self.config.batchnorm != "train":
+                set_train_modes(self._trained(m), self.config.dropout, self.config.batchnorm == "train")
         # with cached outputs the teacher stays where it is, off the device
         self.frozen.freeze(self.device, move=self.teacher_outputs is None)
         self.loss.to(self.device)
@@ -457,3 +459,11 @@ class DistillTrainer(CheckpointingMixin):
                 metrics.update({f"{name}.{k}" if k != name else k: v for k, v in fn(module, self.teacher, data).items()})
             out[spec.name] = metrics
         return out
+
+
+def set_train_modes(model: nn.Module, dropout: bool, batchnorm: bool) -> None:
+    """``model`` (in train mode) with its BatchNorm layers training as ``batchnorm`` says and, without
+    ``dropout``, every other module in eval mode: ``nn.Dropout``, the attention dropout that Hugging
+    Face models gate on ``self.training``, and any other train-only behaviour off."""
+    for m in model.modules():
+        m.training = batchnorm if isinstance(m, nn.modules.batchnorm._BatchNorm) else dropout

@@ -17,7 +17,7 @@ loss) is an error, not ignored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from potstill.errors import InputError
@@ -221,7 +221,7 @@ class ElasticTrainPass(Pass):
 
     def run(self, state: CompileState) -> PassResult:
         from potstill.passes.distill import TrainConfig
-        from potstill.passes.distill.augment import AugmentedImages, image_count, wants_augment
+        from potstill.passes.distill.augment import AUGMENT_BELOW, AugmentedImages, image_count, wants_augment
         from potstill.passes.distill.pass_ import note
 
         from .train import train_supernet
@@ -257,6 +257,9 @@ class ElasticTrainPass(Pass):
             net.keep_untrained()
         data: Any = state.train_data
         augmented = wants_augment(data, o.augment, "elastic.train")
+        # as the default distillation: a few photos misdescribe the statistics the teacher's BatchNorm learnt
+        batchnorm = "frozen" if 0 < image_count(data, AUGMENT_BELOW) < AUGMENT_BELOW else "train"
+        cfg = replace(cfg, batchnorm=batchnorm)
         if augmented:
             data = AugmentedImages(data, o.seed)
             note(f"elastic.train: the {image_count(state.train_data)} training images are augmented (new random crops, "
@@ -265,7 +268,7 @@ class ElasticTrainPass(Pass):
         result = train_supernet(net, state.teacher, data, cfg, loss=loss,
                                 random_subnets=o.random_subnets, progressive=o.progressive, balance=o.balance,
                                 **o.loss_options(loss))
-        training = {"loss": loss, "lr": lr, "augmented": augmented, "steps": result.steps, "final_loss": result.loss, "seconds": result.seconds,
+        training = {"loss": loss, "lr": lr, "augmented": augmented, "batchnorm": batchnorm, "steps": result.steps, "final_loss": result.loss, "seconds": result.seconds,
                     "resumed_from": result.resumed_from, **({"pgd": o.loss_options()} if o.loss in ROBUST_LOSSES else {})}
         net.trained[self.spec()] = training
         state.records.setdefault("elastic", {})["training"] = training

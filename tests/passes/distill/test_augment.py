@@ -79,3 +79,15 @@ def test_augment_true_where_it_cannot_apply_is_an_error() -> None:
     state.students.append(Student("s", nn.Linear(8, 2)))
     with pytest.raises(PotstillError, match="hold no images"):
         PassManager(build_pipeline("distill{augment=true,progress=false}")).run(state)
+
+
+def test_few_photos_train_with_frozen_batchnorm_by_default() -> None:
+    """A few photos keep the student's BatchNorm statistics (the teacher's, in a pruned student) as they
+    are; batchnorm=train asks for batch statistics. Dropout is off unless asked for."""
+    x = _images()
+    default = _distill("", x)
+    assert default["batchnorm"] == "frozen" and default["dropout"] is False
+    asked = _distill(",batchnorm=train,dropout=true", x)
+    assert asked["batchnorm"] == "train" and asked["dropout"] is True
+    with pytest.raises(InputError, match="batchnorm must be train or frozen"):
+        build_pipeline("distill{batchnorm=eval}")

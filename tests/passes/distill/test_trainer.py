@@ -144,3 +144,33 @@ def test_hf_student_hidden_and_attention_losses() -> None:
     q_with = student.encoder.layer[0].attention.self.query.weight
     q_without = twin.encoder.layer[0].attention.self.query.weight
     assert not torch.allclose(q_with, q_without, atol=1e-6)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_students_train_with_dropout_only_when_asked(teacher_data, dropout: bool) -> None:
+    """Without dropout the student trains with every module in eval mode but BatchNorm (which keeps
+    learning its statistics); an evaluation between steps leaves that as it was."""
+    teacher, x, y = teacher_data
+    student = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 5))
+    seen: list[tuple[bool, bool]] = []
+    student[3].register_forward_hook(lambda m, i, o: seen.append((m.training, student[1].training)))
+    cfg = TrainConfig(epochs=2, lr=1e-2, progress=False, dropout=dropout, eval_every=2)
+    before = student[1].running_mean.clone()
+    DistillTrainer(student, teacher, "kd", cfg).fit(TensorBatches(x[:128], y[:128], batch_size=32),
+                                                    eval_data=TensorBatches(x[400:], y[400:], batch_size=64))
+    training = [s for s in seen if s[1]]  # forwards of training steps (BatchNorm in train mode)
+    assert len(training) == 2 * 4
+    assert all(drop == dropout for drop, _ in training)
+    assert not torch.equal(before, student[1].running_mean)  # BatchNorm learnt statistics either way
+    assert not student.training and not student[3].training  # handed back in eval mode
+
+
+def test_frozen_batchnorm_keeps_its_statistics_while_the_weights_train(teacher_data) -> None:
+    teacher, x, y = teacher_data
+    student = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5))
+    stats = (student[1].running_mean.clone(), student[1].running_var.clone())
+    weight = student[0].weight.detach().clone()
+    cfg = TrainConfig(epochs=1, lr=1e-2, progress=False, batchnorm="frozen")
+    DistillTrainer(student, teacher, "kd", cfg).fit(TensorBatches(x[:128], y[:128], batch_size=32))
+    assert torch.equal(stats[0], student[1].running_mean) and torch.equal(stats[1], student[1].running_var)
+    assert not torch.equal(weight, student[0].weight)

@@ -129,8 +129,14 @@ def test_a_few_photos_train_as_new_views_unless_told_not_to(augment: bool | None
     seen: list[torch.Tensor] = []
     state.teacher.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
     option = "" if augment is None else ",augment=false"
-    PassManager(build_pipeline(f"elastic.nest{{depth=false}},elastic.train{{max_steps=3,random_subnets=0{option}}}")).run(state)
+    PassManager(build_pipeline("elastic.nest{depth=false}")).run(state)
+    bns = [m for m in state.working().module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    nested = [m.running_mean.clone() for m in bns]
+    PassManager(build_pipeline(f"elastic.train{{max_steps=3,random_subnets=0{option}}}")).run(state)
     assert state.records["elastic"]["training"]["augmented"] is (augment is None)
+    # a few photos leave the nested teacher's BatchNorm statistics as they are (batch statistics would follow them)
+    assert state.records["elastic"]["training"]["batchnorm"] == "frozen"
+    assert bns and all(torch.equal(m.running_mean, before) for m, before in zip(bns, nested, strict=True))
     given = [X[i:i + 16] for i in range(0, 96, 16)]
     as_given = [any(x.shape == g.shape and torch.equal(x, g) for g in given) for x in seen if x.shape[0] == 16]
     assert as_given and (all(as_given) if augment is False else not any(as_given))
