@@ -155,3 +155,17 @@ def test_augment_on_token_data_is_an_error() -> None:
 
     with pytest.raises(PassError, match=r"elastic\.train: augment=true, but the training batches hold no images"):
         PassManager(build_pipeline("elastic.nest{depth=false},elastic.train{max_steps=1,augment=true}")).run(state)
+
+
+@pytest.mark.parametrize("given", [None, "width_ratios=[0.5,1.0]"])
+def test_a_few_photos_keep_the_widths_that_cross_blocks_full(given: str | None, capsys) -> None:
+    """96 training images: the stem and residual-stream widths stay full (expansion widths and depth are
+    elastic), and the console says so; width_ratios given makes them elastic."""
+    state = _state()
+    PassManager(build_pipeline(f"elastic.nest{{{given or ''}}}")).run(state)
+    space = state.records["_elastic"].space
+    crossing = [d for d in space.width_dims if d.kind == "width" and len(d.choices) > 1]
+    inside = [d for d in space.width_dims if d.kind == "expansion" and len(d.choices) > 1]
+    assert inside and bool(crossing) is (given is not None)
+    console = " ".join(capsys.readouterr().err.split())
+    assert ("96 training images: the widths that cross blocks" in console) is (given is None)
