@@ -51,3 +51,53 @@ def make_supernet(
     net = Supernet(model, a, space)
     net.record = record
     return net
+
+
+#: the estimators ``choose_scores`` compares for nesting (magnitude needs no data)
+NEST_ESTIMATORS = ("magnitude", "fisher", "activation")
+
+
+def choose_scores(
+    model: nn.Module,
+    teacher: nn.Module,
+    example_inputs: tuple[Any, ...],
+    example_kwargs: dict[str, Any] | None,
+    batches: Sequence[Any],
+    heldout: Sequence[Any],
+    *,
+    width_ratios: Sequence[float],
+    expansion_ratios: Sequence[float],
+    multiple: int,
+    analysis: Any,
+) -> tuple[Mapping[int, Any], dict[str, Any]]:
+    """The unit scores to nest ``model`` by, chosen by measurement: each of ``NEST_ESTIMATORS`` nests a
+    copy, and the one whose probe subnet (every width at its middle choice, BatchNorm statistics as
+    stored) is most faithful to ``teacher`` on the ``heldout`` batches wins (ties: the earlier one).
+    Returns the scores and a record of every estimator's probe fidelity.
+
+    Measured on EfficientNet-Lite0 (expansion widths at 0.5 / 0.75 of the teacher's, top-1 agreement on
+    16 held-out crops before any training): magnitude 0.06 / 0.25, mask Fisher 0.50 / 0.75,
+    activation 0.50 / 0.63."""
+    import copy
+    import math
+
+    from potstill.fidelity import measure_fidelity
+    from potstill.inputs.data import as_batch
+    from potstill.passes.importance import get_estimator
+
+    from .score import ConfiguredView
+
+    held = [as_batch(b) for b in heldout]
+    trials: dict[str, tuple[float, Mapping[int, Any]]] = {}
+    for name in NEST_ESTIMATORS:
+        est = get_estimator(name)
+        scores = est.scores(model, analysis, batches if est.data_driven else None)
+        net = make_supernet(copy.deepcopy(model), example_inputs, example_kwargs, scores=scores,
+                            width_ratios=width_ratios, expansion_ratios=expansion_ratios, depth=False,
+                            multiple=multiple, analysis=analysis)
+        probe = net.space.config([len(d.choices) // 2 for d in net.space.dims()])
+        net.model.eval()
+        fidelity = float(measure_fidelity(teacher, ConfiguredView(net, probe), held).score)
+        trials[name] = (fidelity if math.isfinite(fidelity) else -math.inf, scores)
+    best = max(NEST_ESTIMATORS, key=lambda n: (trials[n][0], -NEST_ESTIMATORS.index(n)))
+    return trials[best][1], {"chosen": best, "probe_fidelity": {n: t[0] for n, t in trials.items()}}

@@ -43,9 +43,13 @@ class NestRecord:
 
     orders: dict[int, list[int]] = field(default_factory=dict)
     block_order: dict[str, list[str]] = field(default_factory=dict)
+    #: which estimator's scores ordered the units, with every candidate's probe fidelity
+    #: (``build.choose_scores``); None when the scores were given or magnitude was the only choice
+    importance: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"groups_permuted": len(self.orders), "block_order": {k: list(v) for k, v in self.block_order.items()}}
+        out = {"groups_permuted": len(self.orders), "block_order": {k: list(v) for k, v in self.block_order.items()}}
+        return out | ({"importance": self.importance} if self.importance is not None else {})
 
 
 def permute_group(model: nn.Module, group: CoupledGroup, order: Sequence[int]) -> None:

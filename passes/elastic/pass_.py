@@ -24,7 +24,7 @@ from potstill.errors import InputError
 from potstill.pipeline import Pass, PassResult, register_pass
 from potstill.state import CompileState, Student
 
-from .build import DEFAULT_RATIOS, make_supernet
+from .build import DEFAULT_RATIOS, choose_scores, make_supernet
 from .search import SearchSettings
 from .supernet import Supernet
 
@@ -100,6 +100,7 @@ class ElasticNestPass(Pass):
     collective = True  # under torchrun every rank needs the supernet's structure to train it
 
     def run(self, state: CompileState) -> PassResult:
+        from potstill.passes.distill.pass_ import note
         from potstill.passes.importance.base import calibration_batches
         from potstill.passes.prune.align import channel_multiple
 
@@ -114,9 +115,18 @@ class ElasticNestPass(Pass):
             return PassResult(state, True)
         scores = student.importance if "importance" in state.facts and student.importance else None
         batches = calibration_batches(state) if o.depth else None
+        width_ratios = self._width_ratios(state)
+        chosen: dict[str, Any] | None = None
+        if scores is None and getattr(state, "calib_data", None) is not None and state.heldout_data is not None:
+            scores, chosen = choose_scores(
+                student.module, state.teacher, state.example_inputs, state.example_kwargs,
+                calibration_batches(state), _heldout(state), width_ratios=width_ratios,
+                expansion_ratios=o.expansion_ratios, multiple=multiple, analysis=state.analysis(student))
+            note(f"elastic.nest: channels nested by {chosen['chosen']} importance, the most faithful probe subnet on "
+                 "held-out data (" + ", ".join(f"{n} {f:.3g}" for n, f in chosen["probe_fidelity"].items()) + ")")
         net = make_supernet(
             student.module, state.example_inputs, state.example_kwargs, scores=scores, batches=batches,
-            width_ratios=self._width_ratios(state), expansion_ratios=o.expansion_ratios, depth=o.depth, min_depth=o.min_depth,
+            width_ratios=width_ratios, expansion_ratios=o.expansion_ratios, depth=o.depth, min_depth=o.min_depth,
             multiple=multiple, analysis=state.analysis(student),
         )
         if not net.space.dims():
@@ -124,6 +134,8 @@ class ElasticNestPass(Pass):
                 "elastic.nest: nothing in this model can be elastic; "
                 + "; ".join(f"g{g}: {why}" for g, why in list(net.space.fixed.items())[:5])
             )
+        if chosen is not None:
+            net.record.importance = chosen
         state.shared.passes.setdefault(_KEY, {})[key] = net
         self._keep(state, net)
         return PassResult(state, True)

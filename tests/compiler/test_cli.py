@@ -328,7 +328,8 @@ def test_e2e_manifest(demo: tuple[subprocess.CompletedProcess[str], Path]) -> No
     assert set(widths_s) <= set(widths_t) and any(widths_s[k] < widths_t[k] for k in widths_s)
     # the example file has training data, so the default pipeline distils the pruned student
     assert s["pipeline"] == ["prune.width{ratio=0.5}", "bn.recalibrate",
-                             "fidelity{stage=before_distill}", "distill{epochs=3}", "lower.onnxruntime", "record"]
+                             "fidelity{stage=before_distill}", "distill{epochs=3,lr_probe=[0.001,0.00025,6.25e-05]}",
+                             "lower.onnxruntime", "record"]
     assert s["metrics"]["fidelity_before_distill"]["score"] <= s["fidelity"]["score"]
     assert [h for h in s["history"] if h in s["pipeline"]] == s["pipeline"]  # written by the PassManager
     assert s["fidelity"]["task"] == "classification" and 0.9 < s["fidelity"]["score"] <= 1.0

@@ -53,7 +53,7 @@ def _prepare(tmp_path: Path, extra: str = TRAIN, **kw: Any) -> tuple[Prepared, l
 def test_train_minutes_puts_a_budget_on_the_default_distillation(tmp_path: Path) -> None:
     p, said = _prepare(tmp_path, train_minutes=2.5)
     (plan,) = p.plans
-    assert "fidelity{stage=before_distill},distill{minutes=2.5}" in plan.spec  # images: augmented, teacher live
+    assert "fidelity{stage=before_distill},distill{minutes=2.5,lr_probe=[0.001,0.00025,6.25e-05]}" in plan.spec  # images: augmented, teacher live
     assert any("without labels" in s and "at most 2.5 min" in s for s in said)
 
 
@@ -92,10 +92,10 @@ def test_a_calib_image_folder_is_distilled_on(tmp_path: Path) -> None:
         Image.fromarray(arr).save(folder / f"p{i}.png")
     p, said = _prepare(tmp_path, extra="", calib=str(folder))
     (plan,) = p.plans
-    assert "distill{epochs=3}" in plan.spec and p.state.train_data is None  # the pass reads calib_data
+    assert "distill{epochs=3,lr_probe=[0.001,0.00025,6.25e-05]}" in plan.spec and p.state.train_data is None  # the pass reads calib_data
     assert any(f"--calib {folder} (its calibration part)" in s for s in said)
     p, _ = _prepare(tmp_path, extra="", calib=str(folder), augment=False)
-    assert "distill{epochs=3,teacher_outputs=cached,augment=False}" in p.plans[0].spec
+    assert "distill{epochs=3,lr_probe=[0.001,0.00025,6.25e-05],teacher_outputs=cached,augment=False}" in p.plans[0].spec
 
 
 def test_the_manifest_says_the_budget_stopped_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

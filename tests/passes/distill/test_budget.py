@@ -74,7 +74,8 @@ def test_label_free_kd_raises_fidelity_on_held_out_inputs(teacher_data) -> None:
     state = _state(teacher, x)
     heldout = [x[384 + i : 384 + i + 32] for i in range(0, 128, 32)]  # never trained on
     before = measure_fidelity(teacher, state.working().module, heldout, "classification")
-    spec = distill_spec(default_distill_options("classification", epochs=4, minutes=None, images=False))
+    spec = distill_spec(default_distill_options("classification", epochs=4, minutes=None, images=False,
+                                                given={"lr"}))
     PassManager(build_pipeline(spec.replace("}", ",lr=0.01,progress=false}"))).run(state)
     after = measure_fidelity(teacher, state.working().module, heldout, "classification")
     assert state.working().metrics["distill"]["teacher_outputs"]["mode"] == "cached"  # the classifier default
@@ -83,8 +84,8 @@ def test_label_free_kd_raises_fidelity_on_held_out_inputs(teacher_data) -> None:
 
 
 @pytest.mark.parametrize(("task", "images", "expected"), [
-    ("classification", False, "distill{method=kd,teacher_outputs=cached,epochs=3}"),
-    ("classification", True, "distill{method=kd,epochs=3}"),  # augmented views: the teacher runs live
+    ("classification", False, "distill{method=kd,lr_probe=[0.001,0.00025,6.25e-05],teacher_outputs=cached,epochs=3}"),
+    ("classification", True, "distill{method=kd,lr_probe=[0.001,0.00025,6.25e-05],epochs=3}"),  # augmented: live
     # a pretrained teacher's lr is probed among its task's lr, a quarter and a sixteenth of it
     ("embedding", False, "distill{method=cosine+hidden,lr_probe=[0.0002,5.0e-05,1.25e-05],epochs=3}"),
     ("causal_lm", False,
@@ -99,4 +100,4 @@ def test_recipe_training_keys_override_the_defaults() -> None:
     opts = default_distill_options("causal_lm", epochs=None, minutes=10.0, images=False, given={"lr", "teacher_outputs"})
     assert opts == {"method": "kd", "minutes": 10.0}
     opts = default_distill_options("classification", epochs=None, minutes=None, images=True, augment=False)
-    assert opts == {"method": "kd", "teacher_outputs": "cached", "augment": False}
+    assert opts == {"method": "kd", "lr_probe": (1e-3, 2.5e-4, 6.25e-5), "teacher_outputs": "cached", "augment": False}

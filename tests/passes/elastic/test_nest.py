@@ -3,6 +3,7 @@ subnet extracted from it; extraction is fast and leaves the supernet untouched."
 
 from __future__ import annotations
 
+import copy
 import random
 
 import numpy as np
@@ -193,3 +194,28 @@ def test_fidelity_to_cached_outputs_equals_fidelity_to_the_module() -> None:
     live = measure_fidelity(teacher, student, batches)
     assert 0 < live.score < 1
     assert measure_fidelity(cached, student, batches).score == pytest.approx(live.score)
+
+
+def test_nesting_importance_is_chosen_on_held_out_data() -> None:
+    """Hidden units with the largest weights that the data never activates: magnitude nests them
+    first, and its half-width probe loses the teacher; a data-driven estimator nests the live units
+    first and is chosen, and the record holds every estimator's probe fidelity."""
+    from potstill.passes.elastic.build import choose_scores
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[:16].mul_(8)  # half the units: large weights, a bias that keeps them off on the data
+        model[0].bias[:16] = -1e3
+        model[0].bias[16:] = 0.0
+    teacher = copy.deepcopy(model)
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(2))
+    args = (x[:1],)
+    scores, record = choose_scores(model, teacher, args, None, [x[:128]], [as_batch(x[128:])],
+                                   width_ratios=(0.25, 0.5, 1.0), expansion_ratios=(0.25, 0.5, 1.0), multiple=1,
+                                   analysis=analyze(model, args, {}))
+    fid = record["probe_fidelity"]
+    assert record["chosen"] != "magnitude" and fid[record["chosen"]] > fid["magnitude"] + 0.1, record
+    assert set(fid) == {"magnitude", "fisher", "activation"}
+    (group,) = [g for g, s in scores.items() if len(s) == 32]
+    assert np.argsort(-np.asarray(scores[group]))[:16].min() >= 16  # the live units come first
