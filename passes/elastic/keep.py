@@ -51,7 +51,7 @@ def settle_weights(finalists: Sequence[Any], scorer: Scorer, calib: Sequence[Any
         by_weights = {w: max((a for s, a in scored if s.weights == w), default=None) for w in ("trained", "untrained")}
         f.weights_check = {**{w: a for w, a in by_weights.items() if a is not None},
                            "kept": kept.weights, "statistics": kept.stats,
-                           "scores": {s.label(): a for s, a in scored}}
+                           "scores": {scorer.label(s): a for s, a in scored}}
         f.accuracy = accuracy
         if kept != offered[0]:
             f.module = modules[kept]

@@ -442,11 +442,12 @@ class ElasticSearchPass(Pass):
                 f"({'; '.join(r['why'] for r in result.rejected[:3])}); relax the budgets"
             )
         scored_with = result.timing.get("scored_with") or []
-        if scored_with and scored_with != [SOURCE_ORDER[0].label()]:
+        default = (SOURCE_ORDER[0].label(), SOURCE_ORDER[0].label(batchnorm=False))  # with and without BatchNorm
+        if len(scored_with) > 1 or (scored_with and scored_with[0] not in default):
             warn(f"elastic.search on {profile.name}: the largest, the middle and the smallest subnet were most "
                  f"faithful on held-out data with {' or '.join(scored_with)}, so subnets were ranked with "
-                 f"{'those' if len(scored_with) == 1 else 'the best of them per subnet'} (not with the trained "
-                 "weights and statistics re-estimated per subnet)")
+                 f"{'those' if len(scored_with) == 1 else 'the best of them per subnet'} (by default the search "
+                 "ranks with the trained weights, any BatchNorm statistics re-estimated per subnet)")
         # the supernet is not a deliverable: the first search replaces it, later ones (other devices) add
         supernet_student = next((s for s in state.students if "elastic" not in s.metrics), None)
         front = [{"accuracy": c.accuracy, "latency_ms": c.latency_ms, "memory_mb": c.memory_mb} for c in result.front]

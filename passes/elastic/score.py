@@ -36,8 +36,9 @@ class Source:
     weights: str = "trained"
     stats: str = "recalibrated"
 
-    def label(self) -> str:
-        return f"{self.weights} weights, {self.stats} BN statistics"
+    def label(self, batchnorm: bool = True) -> str:
+        """How the record and the console name it (``batchnorm``: whether the model has BatchNorm)."""
+        return f"{self.weights} weights, {self.stats} BN statistics" if batchnorm else f"{self.weights} weights"
 
 
 #: ties go to the earlier source: trained weights before untrained ones, re-estimated
@@ -117,6 +118,9 @@ class Scorer:
             self._bn_batches.append(b)
             seen += b.size
         self._stored = batchnorm_stats(self.net.model)
+
+    def label(self, source: Source) -> str:
+        return source.label(bool(self._stored))
 
     def candidates(self) -> tuple[Source, ...]:
         """Every source this supernet offers: the weights before training where it keeps them, stored

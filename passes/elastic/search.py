@@ -406,7 +406,7 @@ def _search(net: Supernet, teacher: nn.Module, profile: Any, example_inputs: tup
     settle_weights(finalists, scorer, scorer.calib)
     timing: dict[str, Any] = {"mode": "speedup" if speedups else "absolute" if latency_budget is not None else "none",
                               "front_points_timed": tries, "max_front_points_timed": n + settings.extra_tries,
-                              "scored_with": [s.label() for s in scorer.sources or scorer.candidates()[:1]]}
+                              "scored_with": [scorer.label(s) for s in scorer.sources or scorer.candidates()[:1]]}
     if clock is not None:
         timing |= {"speedup": list(speedups), "tolerance": settings.speedup_tolerance, **clock.summary()}
     return SearchResult(front, sorted(finalists, key=lambda f: f.predicted_latency_ms), rejected, len(cache), seconds,
