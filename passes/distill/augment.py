@@ -140,6 +140,13 @@ def wants_augment(data: Any, asked: bool | None, where: str) -> bool:
     return images and n < AUGMENT_BELOW if asked is None else True
 
 
+def few_images(data: Any) -> int:
+    """How many images ``data`` holds when they are a few photos (fewer than ``AUGMENT_BELOW``), else 0:
+    the one rule behind augmentation, frozen BatchNorm in training, and elastic.nest's full widths."""
+    n = image_count(data, AUGMENT_BELOW) if data is not None else 0
+    return n if n < AUGMENT_BELOW else 0
+
+
 def image_count(data: Any, stop_at: int | None = None) -> int:
     """Images in one pass over ``data`` (0 when its first batch holds none), counted up to the first
     batch that is not images, or until ``stop_at`` is reached."""

@@ -79,7 +79,7 @@ from potstill.state import CompileState
 
 from . import checkpoint as ckpt
 from . import methods
-from .augment import AUGMENT_BELOW, AugmentedImages, image_count, wants_augment
+from .augment import AugmentedImages, few_images, wants_augment
 from .batches import Rebatched
 from .capture import Want
 from .config import PARALLEL, StudentSpec, TrainConfig, not_launched, step_batches
@@ -334,7 +334,7 @@ class DistillPass(Pass):
         # a cached teacher saw the stored pixels only: views need the live teacher
         augment = wants_augment(data, o.augment, "distill") and (o.augment is True or o.teacher_outputs == "live")
         # a few photos misdescribe the statistics a pretrained teacher's BatchNorm learnt: they stay
-        batchnorm = o.batchnorm or ("frozen" if 0 < image_count(data, AUGMENT_BELOW) < AUGMENT_BELOW else "train")
+        batchnorm = o.batchnorm or ("frozen" if few_images(data) else "train")
         if augment:
             data = AugmentedImages(data, state.seed)
         student = state.working()

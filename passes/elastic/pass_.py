@@ -114,13 +114,15 @@ class ElasticNestPass(Pass):
             self._keep(state, shared)
             return PassResult(state, True)
         scores = student.importance if "importance" in state.facts and student.importance else None
-        batches = calibration_batches(state) if o.depth else None
+        choose = scores is None and getattr(state, "calib_data", None) is not None and state.heldout_data is not None
+        calib = calibration_batches(state) if o.depth or choose else None
+        batches = calib if o.depth else None
         width_ratios = self._width_ratios(state)
         chosen: dict[str, Any] | None = None
-        if scores is None and getattr(state, "calib_data", None) is not None and state.heldout_data is not None:
+        if choose:
             scores, chosen = choose_scores(
                 student.module, state.teacher, state.example_inputs, state.example_kwargs,
-                calibration_batches(state), _heldout(state), width_ratios=width_ratios,
+                calib or [], _heldout(state), width_ratios=width_ratios,
                 expansion_ratios=o.expansion_ratios, multiple=multiple, analysis=state.analysis(student))
             note(f"elastic.nest: channels nested by {chosen['chosen']} importance, the most faithful probe subnet on "
                  "held-out data (" + ", ".join(f"{n} {f:.3g}" for n, f in chosen["probe_fidelity"].items()) + ")")
@@ -144,15 +146,15 @@ class ElasticNestPass(Pass):
         """As given; by default full where the supernet trains on a few photos: 250 sandwich steps on
         them cannot re-learn a pretrained network's narrower residual stream (EfficientNet-Lite0: with
         every width at its median the subnet agreed with the teacher on none of 32 held-out crops
-        before training, whichever BatchNorm statistics it ran with), so, as in Once-for-All's MobileNetV3 space, only expansion widths and
-        depth are elastic there."""
-        from potstill.passes.distill.augment import AUGMENT_BELOW, image_count
+        before training, whichever BatchNorm statistics it ran with), so, as in Once-for-All's
+        MobileNetV3 space, only expansion widths and depth are elastic there."""
+        from potstill.passes.distill.augment import few_images
         from potstill.passes.distill.pass_ import note
 
         if self.options.width_ratios is not None:
             return tuple(self.options.width_ratios)
-        images = image_count(state.train_data, AUGMENT_BELOW) if state.train_data is not None else 0
-        if not 0 < images < AUGMENT_BELOW:
+        images = few_images(state.train_data)
+        if not images:
             return DEFAULT_RATIOS
         note(f"elastic.nest: {images} training images: the widths that cross blocks (stem, residual stream, "
              "heads) stay full and expansion widths and depth are elastic, as a few photos cannot re-learn a "
@@ -254,7 +256,7 @@ class ElasticTrainPass(Pass):
 
     def run(self, state: CompileState) -> PassResult:
         from potstill.passes.distill import TrainConfig
-        from potstill.passes.distill.augment import AUGMENT_BELOW, AugmentedImages, image_count, wants_augment
+        from potstill.passes.distill.augment import AugmentedImages, few_images, image_count, wants_augment
         from potstill.passes.distill.pass_ import note
 
         from .train import train_supernet
@@ -291,7 +293,7 @@ class ElasticTrainPass(Pass):
         data: Any = state.train_data
         augmented = wants_augment(data, o.augment, "elastic.train")
         # as the default distillation: a few photos misdescribe the statistics the teacher's BatchNorm learnt
-        batchnorm = "frozen" if 0 < image_count(data, AUGMENT_BELOW) < AUGMENT_BELOW else "train"
+        batchnorm = "frozen" if few_images(data) else "train"
         cfg = replace(cfg, batchnorm=batchnorm)
         if augmented:
             data = AugmentedImages(data, o.seed)

@@ -7,8 +7,8 @@ the stored ones the weights carry, sliced to the kept channels. Re-estimation is
 supernet trained from scratch needs; on a pretrained teacher and a few photos it is what breaks it:
 re-estimated on 32 photo crops, the unpruned EfficientNet-Lite0 agreed with itself on 0.28 of 32
 held-out crops (1.0 with its stored statistics), every subnet scored near zero and the front
-collapsed to one point. ``Scorer.sources`` are read off three probe subnets (``_which_sources``) and ``keep``
-ships each finalist from the source that scores best for it."""
+collapsed to one point. ``Scorer.sources`` are read off three probe subnets (``_which_sources``),
+and ``keep`` ships each finalist from the source that scores best for it."""
 
 from __future__ import annotations
 
