@@ -381,6 +381,8 @@ class SearchOptions(SearchSettings):
         _positive("seed", self.seed, zero=True)
         if isinstance(self.mutation, bool) or not isinstance(self.mutation, (int, float)) or not 0 <= self.mutation <= 1:
             raise ValueError(f"mutation must lie in [0, 1], got {self.mutation!r}")
+        if not isinstance(self.refit, bool):
+            raise ValueError(f"refit must be true or false, got {self.refit!r}")
 
 
 def _robustness(state: CompileState, module: Any) -> dict[str, Any]:
@@ -465,6 +467,9 @@ class ElasticSearchPass(Pass):
                 warn(f"elastic.search: {s.name}: the supernet's training lowered this subnet's held-out fidelity "
                      f"({check['untrained']:.4g} before training, {check['trained']:.4g} after), so it ships with "
                      "the weights before training (the nested teacher's)")
+            if f.refit is not None and f.refit["kept"]:
+                s.history.append(f"elastic.search: {f.refit['layers']} layers refitted by least squares toward the "
+                                 f"teacher (held-out fidelity {f.refit['before']:.4g} -> {f.refit['after']:.4g})")
             if check is not None and check["statistics"] == "stored":
                 s.history.append("elastic.search: BatchNorm statistics kept as stored (re-estimation rejected on "
                                  "held-out data)")

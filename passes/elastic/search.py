@@ -50,6 +50,7 @@ from torch import nn
 from .cost import CostModel, measured_memory_mb
 from .extract import extract
 from .keep import settle_weights
+from .refit import refit_finalists
 from .score import Scorer
 from .space import SubnetConfig
 from .supernet import Supernet, recalibrate_bn
@@ -165,6 +166,8 @@ class Finalist:
     #: held-out scores with the trained and the untrained weights and which it ships (``keep``); None
     #: when the supernet was not trained (or trained with a robust loss)
     weights_check: dict[str, Any] | None = None
+    #: the least-squares refit's held-out scores and whether it was kept (``refit``); None: not tried
+    refit: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"config": self.config.to_dict(), "accuracy": self.accuracy,
@@ -176,6 +179,8 @@ class Finalist:
                     "speedup_timing": self.timing}
         if self.weights_check is not None:
             out["weights_check"] = self.weights_check
+        if self.refit is not None:
+            out["refit"] = self.refit
         return out
 
 
@@ -226,6 +231,9 @@ class SearchSettings:
     generations: int = 8
     mutation: float = 0.2
     seed: int = 0
+    #: refit each finalist's consumers of the elastic widths by least squares toward the nested
+    #: teacher, kept where the held-out score rises (``refit``)
+    refit: bool = True
 
     @property
     def wanted(self) -> int:
@@ -404,6 +412,8 @@ def _search(net: Supernet, teacher: nn.Module, profile: Any, example_inputs: tup
         net, costs, front, slots, n + settings.extra_tries, latency_budget, memory_budget,
         timed, example_inputs, kwargs, profile, example_batch, artifacts)
     settle_weights(finalists, scorer, scorer.calib)
+    if settings.refit:
+        refit_finalists(finalists, scorer, scorer.calib)
     timing: dict[str, Any] = {"mode": "speedup" if speedups else "absolute" if latency_budget is not None else "none",
                               "front_points_timed": tries, "max_front_points_timed": n + settings.extra_tries,
                               "scored_with": [scorer.label(s) for s in scorer.sources or scorer.candidates()[:1]]}

@@ -194,11 +194,11 @@ Captures = Callable[[str | None], Iterator[Inputs]]
 
 
 def _whole_model_captures(source: nn.Module, student: nn.Module, name: str, batches: Sequence[Batch],
-                          norm: str | None) -> Iterator[Inputs]:  # fmt: skip
-    """Per batch, a forward pass of each model stopped at layer ``name``."""
+                          norm: str | None, rename: Callable[[str], str] = str) -> Iterator[Inputs]:  # fmt: skip
+    """Per batch, a forward pass of each model stopped at layer ``name`` (``rename(name)`` in the source)."""
     for b in batches:
         xs, zs = _capture(student, name, b, token_mask(b), norm)
-        xt, zt = _capture(source, name, b, token_mask(b), norm)
+        xt, zt = _capture(source, rename(name), b, token_mask(b), None if norm is None else rename(norm))
         yield xs, zs, xt, zt
 
 
@@ -328,13 +328,14 @@ def _solve_scale(gram: torch.Tensor, cross_y: torch.Tensor, w0: torch.Tensor, co
 def refit_layer(source: nn.Module, student: nn.Module, name: str, batches: Sequence[Batch],
                 ridge: float = 1e-3, bias_sink: nn.Module | None = None, rows: Sequence[int] | None = None,
                 col_unit: torch.Tensor | None = None, residual: bool = True,
-                captured: Captures | None = None) -> None:  # fmt: skip
+                captured: Captures | None = None, rename: Callable[[str], str] = str) -> None:  # fmt: skip
     """Refit ``student``'s layer ``name`` to reproduce ``source``'s output of it (module docstring);
     ``rows``: the source's output channels the student kept; ``col_unit``: the unit of each of the
     student's input columns, for the one-scale-per-unit fit (None: refit every weight);
     ``captured(norm)``: the layer's inputs per batch, ``(x_s, z_s, x_t, z_t)`` (default: a forward
-    pass of each whole model per batch, stopped at the layer)."""
-    src, dst = source.get_submodule(name), student.get_submodule(name)
+    pass of each whole model per batch, stopped at the layer); ``rename``: a student module's name
+    in the source, where the student lost blocks (default: the same name)."""
+    src, dst = source.get_submodule(rename(name)), student.get_submodule(name)
     w_src: torch.Tensor = src.weight  # type: ignore[assignment]
     b_src: torch.Tensor | None = src.bias  # type: ignore[assignment]
     w_dst: torch.Tensor = dst.weight  # type: ignore[assignment]
@@ -351,7 +352,7 @@ def refit_layer(source: nn.Module, student: nn.Module, name: str, batches: Seque
     gram: torch.Tensor | None = None
     cross_y: torch.Tensor | None = None
     seen = 0
-    pairs = captured(norm) if captured is not None else _whole_model_captures(source, student, name, batches, norm)
+    pairs = captured(norm) if captured is not None else _whole_model_captures(source, student, name, batches, norm, rename)
     for xs, zs, xt, zt in pairs:
         y = _with_ones(xt) @ wb.T  # the source layer's output
         if zs is not None and zt is not None and zs.shape == zt.shape == y.shape:
