@@ -53,8 +53,9 @@ def make_supernet(
     return net
 
 
-#: the estimators ``choose_scores`` compares for nesting (magnitude needs no data)
-NEST_ESTIMATORS = ("magnitude", "fisher", "activation")
+#: the estimators ``choose_scores`` compares for nesting (magnitude needs no data; OBS ranks units by
+#: the error left once the layer that reads them is refitted, as every shipped subnet is)
+NEST_ESTIMATORS = ("magnitude", "fisher", "activation", "obs")
 
 
 def choose_scores(
@@ -72,8 +73,9 @@ def choose_scores(
 ) -> tuple[Mapping[int, Any], dict[str, Any]]:
     """The unit scores to nest ``model`` by, chosen by measurement: each of ``NEST_ESTIMATORS`` nests a
     copy, and the one whose probe subnet (every width at its middle choice, BatchNorm statistics as
-    stored) is most faithful to ``teacher`` on the ``heldout`` batches wins (ties: the earlier one).
-    Returns the scores and a record of every estimator's probe fidelity.
+    stored, its consumers of the elastic widths refitted on ``batches`` as ``elastic.search`` refits
+    what it ships) is most faithful to ``teacher`` on the ``heldout`` batches wins (ties: the earlier
+    one). Returns the scores and a record of every estimator's probe fidelity.
 
     Measured on EfficientNet-Lite0 (expansion widths at 0.5 / 0.75 of the teacher's, top-1 agreement on
     16 held-out crops before any training): magnitude 0.06 / 0.25, mask Fisher 0.50 / 0.75,
@@ -85,9 +87,11 @@ def choose_scores(
     from potstill.inputs.data import as_batch
     from potstill.passes.importance import get_estimator
 
-    from .score import ConfiguredView
+    from .extract import extract
+    from .refit import refit_subnet
 
     held = [as_batch(b) for b in heldout]
+    fit = [as_batch(b) for b in batches]
     trials: dict[str, tuple[float, Mapping[int, Any]]] = {}
     for name in NEST_ESTIMATORS:
         est = get_estimator(name)
@@ -97,7 +101,9 @@ def choose_scores(
                             multiple=multiple, analysis=analysis)
         probe = net.space.config([len(d.choices) // 2 for d in net.space.dims()])
         net.model.eval()
-        fidelity = float(measure_fidelity(teacher, ConfiguredView(net, probe), held).score)
+        subnet = extract(net, probe).module
+        refit_subnet(net, extract(net, net.space.largest()).module, subnet, probe, fit)
+        fidelity = float(measure_fidelity(teacher, subnet, held).score)
         trials[name] = (fidelity if math.isfinite(fidelity) else -math.inf, scores)
     best = max(NEST_ESTIMATORS, key=lambda n: (trials[n][0], -NEST_ESTIMATORS.index(n)))
     return trials[best][1], {"chosen": best, "probe_fidelity": {n: t[0] for n, t in trials.items()}}

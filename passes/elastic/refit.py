@@ -29,6 +29,7 @@ from potstill.passes.prune.reconstruct import (
     kept_rows,
     refit_layer,
 )
+from torch import nn
 
 from .extract import extract
 from .score import Scorer, Source, better
@@ -77,35 +78,50 @@ def block_renamer(net: Supernet, config: SubnetConfig) -> tuple[Callable[[str], 
     return to_source, to_student
 
 
+def nested_teacher(scorer: Scorer) -> nn.Module:
+    """The supernet's largest subnet with the weights before training (where kept) and the stored
+    BatchNorm statistics: the teacher, its channels in nested order."""
+    net, largest = scorer.net, scorer.net.space.largest()
+    offered = scorer.candidates()
+    source = next((s for s in (Source("untrained", "stored"), Source("trained", "stored")) if s in offered), offered[0])
+    with scorer.prepared(largest, source, scorer.calib):
+        return extract(net, largest).module
+
+
+def refit_subnet(net: Supernet, reference: nn.Module, module: nn.Module, config: SubnetConfig,
+                 calib: Sequence[Batch]) -> int:  # fmt: skip
+    """Refit, in place and in forward order, ``module`` (the subnet ``config`` extracted from ``net``)'s
+    consumers of the elastic widths toward ``reference`` (the nested teacher) on ``calib``; returns
+    how many layers were refitted."""
+    to_source, to_student = block_renamer(net, config)
+    targets = consumers(reference, net.analysis, [d.group for d in net.space.width_dims], spatial=True)
+    names = [n for n in (to_student(t) for t in targets) if n is not None]
+    if not names or not calib:
+        return 0
+    module.eval()
+    names = forward_order(module, names, calib[0])
+    no_bias = [n for n in names if getattr(module.get_submodule(n), "bias", None) is None]
+    sinks = following_batchnorms(module, no_bias, calib[0]) if no_bias else {}
+    keep = net.space.keep(config)
+    for name in names:
+        refit_layer(reference, module, name, calib, RIDGE, sinks.get(name),
+                    kept_rows(net.analysis, to_source(name), keep), rename=to_source)
+    return len(names)
+
+
 def refit_finalists(finalists: Sequence[Any], scorer: Scorer, calib: Sequence[Batch]) -> None:
     """Refit, on ``calib``, the consumers of the elastic widths in each finalist (``search.Finalist``)
     and keep the refit where the held-out score rises; records ``Finalist.refit`` in place."""
-    net = scorer.net
-    if not finalists or not calib or not net.space.width_dims:
+    if not finalists or not calib or not scorer.net.space.width_dims:
         return
-    largest = net.space.largest()
-    offered = scorer.candidates()
-    source = Source("untrained", "stored") if Source("untrained", "stored") in offered else \
-        Source("trained", "stored") if Source("trained", "stored") in offered else offered[0]
-    with scorer.prepared(largest, source, calib):
-        reference = extract(net, largest).module  # the nested teacher
-    targets = consumers(reference, net.analysis, [d.group for d in net.space.width_dims], spatial=True)
+    reference = nested_teacher(scorer)
     for f in finalists:
-        to_source, to_student = block_renamer(net, f.config)
-        names = [n for n in (to_student(t) for t in targets) if n is not None]
-        if not names:
-            continue
         student = copy.deepcopy(f.module)
-        student.eval()
-        names = forward_order(student, names, calib[0])
-        no_bias = [n for n in names if getattr(student.get_submodule(n), "bias", None) is None]
-        sinks = following_batchnorms(student, no_bias, calib[0]) if no_bias else {}
-        keep = net.space.keep(f.config)
-        for name in names:
-            refit_layer(reference, student, name, calib, RIDGE, sinks.get(name),
-                        kept_rows(net.analysis, to_source(name), keep), rename=to_source)
+        layers = refit_subnet(scorer.net, reference, student, f.config, calib)
+        if not layers:
+            continue
         after = float(scorer.score_module(student))
         kept = better(after, f.accuracy)
-        f.refit = {"before": f.accuracy, "after": after, "kept": kept, "layers": len(names)}
+        f.refit = {"before": f.accuracy, "after": after, "kept": kept, "layers": layers}
         if kept:
             f.module, f.accuracy, f.artifact = student, after, None  # the lowering pass builds the shipped engine
