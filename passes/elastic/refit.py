@@ -21,6 +21,7 @@ import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from potstill.inputs.data import Batch
 from potstill.passes.prune.reconstruct import (
     consumers,
@@ -100,12 +101,21 @@ def refit_subnet(net: Supernet, reference: nn.Module, module: nn.Module, config:
         return 0
     module.eval()
     names = forward_order(module, names, calib[0])
-    no_bias = [n for n in names if getattr(module.get_submodule(n), "bias", None) is None]
-    sinks = following_batchnorms(module, no_bias, calib[0]) if no_bias else {}
     keep = net.space.keep(config)
+    rows = {n: kept_rows(net.analysis, to_source(n), keep) for n in names}
+    norms = following_batchnorms(module, names, calib[0])
+    called = {id(m): n for n, m in module.named_modules()}
+    with torch.no_grad():
+        for name, bn in norms.items():
+            # the layer is fitted to the teacher's output before this norm, so the norm normalises it
+            # with the teacher's statistics (a subnet scored with re-estimated ones has other statistics here)
+            source = reference.get_submodule(to_source(called[id(bn)]))
+            index = torch.tensor(rows[name]) if rows[name] is not None else slice(None)
+            for stat in ("running_mean", "running_var"):
+                getattr(bn, stat).copy_(getattr(source, stat)[index])
     for name in names:
-        refit_layer(reference, module, name, calib, RIDGE, sinks.get(name),
-                    kept_rows(net.analysis, to_source(name), keep), rename=to_source)
+        sink = norms.get(name) if getattr(module.get_submodule(name), "bias", None) is None else None
+        refit_layer(reference, module, name, calib, RIDGE, sink, rows[name], rename=to_source)
     return len(names)
 
 

@@ -229,13 +229,19 @@ def build_space(
     important first (None or empty: no elastic depth)."""
     space = ElasticSpace()
     block_names = [b.name for b in analysis.blocks]
+    # every item of a container that holds removable blocks, the first block of each stage (which
+    # changes the width or the resolution, so it cannot be dropped) included: a group inside one
+    # is that block's own expansion, as in Once-for-All's space, where every block's is elastic
+    stage_items = [f"{c}.{name}" if c else name for c in dict.fromkeys(b.container for b in analysis.blocks)
+                   for name, _ in model.get_submodule(c).named_children()]
     for g in analysis.groups:
         why = elastic_reason(model, g)
         if why is not None:
             space.fixed[g.id] = why
             continue
         block = _enclosing_block(g, block_names)
-        kind = "expansion" if g.kind in ("neurons", "channels") and block is not None else "width"
+        inside = block is not None or _enclosing_block(g, stage_items) is not None
+        kind = "expansion" if g.kind in ("neurons", "channels") and inside else "width"
         ratios = expansion_ratios if kind == "expansion" else width_ratios
         choices = _ratio_choices(g.n_units, g.unit_channels, ratios, multiple)
         if len(choices) < 2:
