@@ -8,7 +8,9 @@ such a layer sees. The retraining-free prune path repairs exactly these layers b
 applied here to the extracted finalist, with the *nested teacher* (the supernet's weights before
 training, stored statistics, every width and block) as the source: each consumer, in forward order,
 is refitted so that, on the calibration batches, it reproduces the teacher's output of that layer
-from the student's own input, which also absorbs the drift removed blocks leave upstream.
+from the student's own input, which also absorbs the drift removed blocks leave upstream. A norm
+that reads a refitted layer's output gets the teacher's statistics back (the layer now produces the
+teacher's output there); every other norm keeps the statistics the finalist was scored with.
 
 A finalist keeps the refit only when its score on the held-out batches rises (ties keep it as it
 was), the rule every other repair follows (``keep``, ``bn.recalibrate``, the distillation check);

@@ -103,3 +103,26 @@ def test_a_refit_that_lowers_held_out_fidelity_does_not_ship() -> None:
     assert f.refit == {"before": 1.0, "after": 0.5, "kept": False, "layers": f.refit["layers"]}
     assert f.module is shipped[0] and f.artifact == "engine" and f.accuracy == 1.0
     assert all(torch.equal(v, f.module.state_dict()[k]) for k, v in weights.items())  # the refit worked on a copy
+
+
+def test_the_norm_after_a_refitted_layer_normalises_with_the_teachers_statistics() -> None:
+    """A finalist scored with re-estimated statistics: the layer is fitted to the teacher's output
+    before its norm, so that norm gets the teacher's statistics back and the block computes what
+    the teacher's does."""
+    teacher = _teacher_with_copies()
+    net, scorer = _setup(teacher)
+    f = _finalist(net, scorer, _half_hidden(net, depth=3))
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for b in f.module.stage:  # statistics as a few misleading samples would re-estimate them
+            b.bn2.running_mean.add_(torch.randn(b.bn2.num_features, generator=g))
+            b.bn2.running_var.mul_(3.0)
+    f.accuracy = scorer.score_module(f.module)
+    refit_finalists([f], scorer, scorer.calib)
+    assert f.refit is not None and f.refit["kept"], f.refit
+    with torch.no_grad():
+        err = float((f.module(X[256:]) - teacher(X[256:])).abs().max())
+        scale = float(teacher(X[256:]).abs().max())
+        for b, t in zip(f.module.stage, teacher.stage):  # the channels in nested order
+            assert torch.allclose(b.bn2.running_var.sort().values, t.bn2.running_var.sort().values)
+    assert err < 0.02 * scale, (err, scale)
