@@ -106,8 +106,10 @@ def test_students_spread_over_the_points_near_the_best_fidelity() -> None:
     feasible = _cands([(a, t, 1.0, 0.0) for a, t in points])
     first = [c.accuracy for c in _spread_order(feasible, 3, floor=0.8, band=0.02)[:3]]
     assert first == [0.985, 0.99, 1.0]
-    # too few within the band: widen to the floor (0.5 stays out), then to everything
+    # too few within the band: widen to the floor (0.5 stays out), then to the most faithful
     assert [c.accuracy for c in _spread_order(feasible, 4, floor=0.8, band=0.02)[:4]] == [0.85, 0.9, 0.99, 1.0]
+    assert [c.accuracy for c in _spread_order(feasible, 4, floor=0.95, band=0.02)[:4]] == [0.9, 0.985, 0.99, 1.0]
+    assert [c.accuracy for c in _spread_order(feasible, 2, floor=1.1, band=0.02)[:2]] == [0.99, 1.0]
     assert len(_spread_order(feasible, 6, floor=0.8, band=0.02)) == 6
 
 
