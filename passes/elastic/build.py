@@ -73,9 +73,10 @@ def choose_scores(
 ) -> tuple[Mapping[int, Any], dict[str, Any]]:
     """The unit scores to nest ``model`` by, chosen by measurement: each of ``NEST_ESTIMATORS`` nests a
     copy, and the one whose probe subnet (every width at its middle choice, BatchNorm statistics as
-    stored, its consumers of the elastic widths refitted on ``batches`` as ``elastic.search`` refits
-    what it ships) is most faithful to ``teacher`` on the ``heldout`` batches wins (ties: the earlier
-    one). Returns the scores and a record of every estimator's probe fidelity.
+    stored, and the better of it as nested and with its consumers of the elastic widths refitted on
+    ``batches``, as ``elastic.search`` ships a refit only where it helps) is most faithful to
+    ``teacher`` on the ``heldout`` batches wins (ties: the earlier one). Returns the scores and a
+    record of every estimator's probe fidelity.
 
     Measured on EfficientNet-Lite0 (expansion widths at 0.5 / 0.75 of the teacher's, top-1 agreement on
     16 held-out crops before any training): magnitude 0.06 / 0.25, mask Fisher 0.50 / 0.75,
@@ -89,6 +90,7 @@ def choose_scores(
 
     from .extract import extract
     from .refit import refit_subnet
+    from .score import better
 
     held = [as_batch(b) for b in heldout]
     fit = [as_batch(b) for b in batches]
@@ -102,8 +104,10 @@ def choose_scores(
         probe = net.space.config([len(d.choices) // 2 for d in net.space.dims()])
         net.model.eval()
         subnet = extract(net, probe).module
-        refit_subnet(net, extract(net, net.space.largest()).module, subnet, probe, fit)
         fidelity = float(measure_fidelity(teacher, subnet, held).score)
+        if refit_subnet(net, extract(net, net.space.largest()).module, subnet, probe, fit):
+            refitted = float(measure_fidelity(teacher, subnet, held).score)
+            fidelity = refitted if better(refitted, fidelity) else fidelity
         trials[name] = (fidelity if math.isfinite(fidelity) else -math.inf, scores)
     best = max(NEST_ESTIMATORS, key=lambda n: (trials[n][0], -NEST_ESTIMATORS.index(n)))
     return trials[best][1], {"chosen": best, "probe_fidelity": {n: t[0] for n, t in trials.items()}}
