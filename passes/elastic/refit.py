@@ -26,10 +26,12 @@ from typing import Any
 import torch
 from potstill.inputs.data import Batch
 from potstill.passes.prune.reconstruct import (
+    Captures,
     consumers,
     following_batchnorms,
     forward_order,
     kept_rows,
+    refit_in_order,
     refit_layer,
 )
 from torch import nn
@@ -43,10 +45,9 @@ from .supernet import Supernet
 RIDGE = 1e-3
 
 
-def block_renamer(net: Supernet, config: SubnetConfig) -> tuple[Callable[[str], str], Callable[[str], str | None]]:
-    """Name maps between the subnet ``config`` extracted from ``net`` (its dropped blocks removed and
-    the rest renumbered) and the supernet: student name -> supernet name, and supernet name ->
-    student name (None: inside a dropped block)."""
+def kept_blocks(net: Supernet, config: SubnetConfig) -> dict[str, list[int]]:
+    """For each container that the subnet ``config`` drops blocks of, the supernet's index of each
+    block it keeps, in order (the extracted student's block ``j`` is the supernet's ``kept[j]``)."""
     blocks = {b.name: b for b in net.analysis.blocks}
     kept: dict[str, list[int]] = {}
     for name in net.space.removed_blocks(config):
@@ -54,6 +55,14 @@ def block_renamer(net: Supernet, config: SubnetConfig) -> tuple[Callable[[str], 
         if b.container not in kept:
             kept[b.container] = list(range(len(list(net.model.get_submodule(b.container).children()))))
         kept[b.container].remove(b.index)
+    return kept
+
+
+def block_renamer(net: Supernet, config: SubnetConfig) -> tuple[Callable[[str], str], Callable[[str], str | None]]:
+    """Name maps between the subnet ``config`` extracted from ``net`` (its dropped blocks removed and
+    the rest renumbered) and the supernet: student name -> supernet name, and supernet name ->
+    student name (None: inside a dropped block)."""
+    kept = kept_blocks(net, config)
 
     def split(name: str) -> tuple[str, int, str] | None:
         """``(container, index, rest)`` for a name inside a block of a container that lost blocks."""
@@ -115,9 +124,12 @@ def refit_subnet(net: Supernet, reference: nn.Module, module: nn.Module, config:
             index = torch.tensor(rows[name]) if rows[name] is not None else slice(None)
             for stat in ("running_mean", "running_var"):
                 getattr(bn, stat).copy_(getattr(source, stat)[index])
-    for name in names:
+    def refit(name: str, captured: Captures | None = None) -> None:
         sink = norms.get(name) if getattr(module.get_submodule(name), "bias", None) is None else None
-        refit_layer(reference, module, name, calib, RIDGE, sink, rows[name], rename=to_source)
+        refit_layer(reference, module, name, calib, RIDGE, sink, rows[name], captured=captured, rename=to_source)
+
+    # a layer stack one block at a time (a whole-model forward per layer costs O(layers²) block forwards)
+    refit_in_order(reference, module, names, calib, refit, kept_blocks(net, config))
     return len(names)
 
 

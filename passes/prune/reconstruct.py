@@ -230,25 +230,60 @@ def _block_captures(src: nn.Module, dst: nn.Module, layer: str, head: str, xs: S
     return captured
 
 
-def _reconstruct_layerwise(source: nn.Module, student: nn.Module, container: str, names: Sequence[str],
-                           batches: Sequence[Batch], refit: Callable[[str, Captures], None]) -> None:  # fmt: skip
+def reconstruct_layerwise(source: nn.Module, student: nn.Module, container: str, names: Sequence[str],
+                          batches: Sequence[Batch], refit: Callable[[str, Captures], None],
+                          kept: Sequence[int] | None = None) -> None:  # fmt: skip
     """Refit ``names`` (all inside the items of ``container``) one block at a time: each model's
     block inputs are captured once (``potstill.ir.layerwise``), and block ``i`` then runs on them alone
     (SparseGPT's and FLAP's order), so a refit costs one block's forward, not a whole-model forward
     stopped at the layer. Refits run in forward order and the student's next block inputs come from
-    its refitted block, so the fit sees exactly the inputs the whole-model capture would."""
+    its refitted block, so the fit sees exactly the inputs the whole-model capture would.
+
+    ``kept``: the source block each student block is (the student lost the others; default: the
+    same blocks). The source runs every block, so a student block is fitted to what the source
+    computes at that depth."""
     src_blocks, dst_blocks = list(source.get_submodule(container).children()), list(student.get_submodule(container).children())
     xt = first_block_inputs(source, src_blocks[0], batches)
     xs = first_block_inputs(student, dst_blocks[0], batches)
     masks = [token_mask(b) for b in batches]
     prefix = f"{container}." if container else ""
-    for i, (src, dst) in enumerate(zip(src_blocks, dst_blocks)):
-        head = f"{prefix}{i}."
-        for name in [n for n in names if n.startswith(head)]:
-            refit(name, _block_captures(src, dst, name[len(head):], head, xs, xt, masks))
+    student_of = {i: j for j, i in enumerate(kept if kept is not None else range(len(dst_blocks)))}
+    for i, src in enumerate(src_blocks):
+        j = student_of.get(i)
+        if j is not None:
+            dst, head = dst_blocks[j], f"{prefix}{j}."
+            for name in [n for n in names if n.startswith(head)]:
+                refit(name, _block_captures(src, dst, name[len(head):], head, xs, xt, masks))
+            with torch.no_grad():
+                xs = [with_hidden(inp, block_output(dst(*inp[0], **inp[1]))) for inp in xs]
         with torch.no_grad():
             xt = [with_hidden(inp, block_output(src(*inp[0], **inp[1]))) for inp in xt]
-            xs = [with_hidden(inp, block_output(dst(*inp[0], **inp[1]))) for inp in xs]
+
+
+def refit_in_order(source: nn.Module, student: nn.Module, names: Sequence[str], batches: Sequence[Batch],
+                   refit: Callable[..., None], kept: Mapping[str, Sequence[int]] | None = None,
+                   *, layerwise: bool = True) -> None:  # fmt: skip
+    """Call ``refit(name[, captured])`` for ``names`` (in forward order): those inside the student's
+    layer stack one block at a time (``reconstruct_layerwise``; ``kept``: per container, the source
+    block each student block is), the others (an embedding projection before it, a classifier
+    after it) with whole-model captures, before or after the stack as the forward pass reaches them.
+    Where the stack's blocks get their own arguments (per-layer masks or rotary tables, sliding
+    windows), or ``layerwise`` is false, every layer uses whole-model captures."""
+    stack = layer_stack(student) if layerwise else None
+    container = stack[0] if stack is not None else None
+    inside = [n for n in names if container is not None and stack_holding(student, [n]) == container]
+    if container is None or not inside or not all(
+            blocks_share_inputs(m, list(m.get_submodule(container).children()), batches[0]) for m in (source, student)):
+        for name in names:
+            refit(name)
+        return
+    first = names.index(inside[0])
+    for name in names[:first]:
+        refit(name)
+    reconstruct_layerwise(source, student, container, inside, batches, refit, (kept or {}).get(container))
+    for name in names[first:]:
+        if name not in inside:
+            refit(name)
 
 
 def residual_norm(model: nn.Module, name: str) -> str | None:
@@ -405,7 +440,7 @@ def reconstruct(source: nn.Module, student: nn.Module, analysis: Analysis, keep:
     the tensors it did not slice: the student gets its own copies first); returns their names.
 
     When every consumer lies in the items of one layer stack (a transformer's ``layers``), the
-    layers' inputs are captured one block at a time (``_reconstruct_layerwise``; ``layerwise=False``
+    layers' inputs are captured one block at a time (``reconstruct_layerwise``; ``layerwise=False``
     forces a whole-model forward per layer and batch, which costs O(layers²) block evaluations)."""
     pruned = [gid for gid, k in keep.items() if len(k) < analysis.groups[gid].n_units]
     targets = consumers(source, analysis, pruned, spatial=True)
@@ -427,15 +462,8 @@ def reconstruct(source: nn.Module, student: nn.Module, analysis: Analysis, keep:
         refit_layer(source, student, name, batches, ridge, sinks.get(name), kept_rows(analysis, name, keep),
                     col_unit, captured=captured)
 
-    container = stack_holding(student, names) if layerwise else None
-    if container is not None and not blocks_share_inputs(student, list(student.get_submodule(container).children()), batches[0]):
-        container = None  # per-layer masks or rotary tables (sliding windows): whole-model captures
     try:
-        if container is not None:
-            _reconstruct_layerwise(source, student, container, names, batches, refit)
-        else:
-            for name in names:
-                refit(name)
+        refit_in_order(source, student, names, batches, refit, layerwise=layerwise)
     finally:
         source.train(was[0])
         student.train(was[1])

@@ -126,3 +126,39 @@ def test_the_norm_after_a_refitted_layer_normalises_with_the_teachers_statistics
         for b, t in zip(f.module.stage, teacher.stage):  # the channels in nested order
             assert torch.allclose(b.bn2.running_var.sort().values, t.bn2.running_var.sort().values)
     assert err < 0.02 * scale, (err, scale)
+
+
+def test_a_transformer_is_refitted_one_block_at_a_time_across_a_dropped_layer(monkeypatch) -> None:
+    """On a layer stack the refit captures block inputs once and runs the teacher's dropped layer
+    beside the student's kept ones: the same weights as whole-model captures per layer."""
+    import potstill.passes.prune.reconstruct as reconstruct_module
+    from potstill.passes.elastic.refit import nested_teacher, refit_subnet
+
+    from .conftest import tiny_bert
+
+    teacher, kwargs = tiny_bert()
+    ids = torch.randint(0, 100, (48, 8), generator=torch.Generator().manual_seed(1))
+    batches = [as_batch({"input_ids": ids[i:i + 8], "attention_mask": torch.ones(8, 8, dtype=torch.long)})
+               for i in range(0, 48, 8)]
+    net = make_supernet(copy.deepcopy(teacher), (), kwargs, batches=batches[:2])
+    scorer = Scorer(net, teacher, batches[4:], batches[:4])
+    widths = tuple((d.group, d.choices[len(d.choices) // 2]) for d in net.space.width_dims)
+    config = SubnetConfig(widths, tuple((d.container, d.choices[-1] - 1) for d in net.space.depth_dims))
+    assert len(net.space.removed_blocks(config)) == 1
+    reference = nested_teacher(scorer)
+    layerwise, whole = extract(net, config).module, extract(net, config).module
+    calls: list[str] = []
+    real = reconstruct_module.reconstruct_layerwise
+    monkeypatch.setattr(reconstruct_module, "reconstruct_layerwise",
+                        lambda *a, **k: calls.append("layerwise") or real(*a, **k))
+    assert refit_subnet(net, reference, layerwise, config, scorer.calib) > 0
+    assert calls == ["layerwise"]
+    monkeypatch.setattr(reconstruct_module, "layer_stack", lambda *a: None)  # forces whole-model captures
+    refit_subnet(net, reference, whole, config, scorer.calib)
+    assert calls == ["layerwise"]
+    before = extract(net, config).module.state_dict()
+    changed = 0
+    for k, v in layerwise.state_dict().items():
+        assert torch.allclose(v, whole.state_dict()[k], atol=1e-5), k
+        changed += int(not torch.equal(v, before[k]))
+    assert changed > 0
