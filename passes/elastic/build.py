@@ -107,7 +107,7 @@ def choose_scores(
         net.model.eval()
         subnet = extract(net, probe).module
         fidelity = float(measure_fidelity(teacher, subnet, held).score)
-        if refit_subnet(net, extract(net, net.space.largest()).module, subnet, probe, fit):
+        if refit_subnet(net, net.model, subnet, probe, fit):  # freshly nested: net.model is the teacher
             refitted = float(measure_fidelity(teacher, subnet, held).score)
             fidelity = refitted if better(refitted, fidelity) else fidelity
         trials[name] = (fidelity if math.isfinite(fidelity) else -math.inf, scores)

@@ -124,6 +124,7 @@ def refit_subnet(net: Supernet, reference: nn.Module, module: nn.Module, config:
             index = torch.tensor(rows[name]) if rows[name] is not None else slice(None)
             for stat in ("running_mean", "running_var"):
                 getattr(bn, stat).copy_(getattr(source, stat)[index])
+
     def refit(name: str, captured: Captures | None = None) -> None:
         sink = norms.get(name) if getattr(module.get_submodule(name), "bias", None) is None else None
         refit_layer(reference, module, name, calib, RIDGE, sink, rows[name], captured=captured, rename=to_source)
