@@ -58,11 +58,10 @@ def kept_blocks(net: Supernet, config: SubnetConfig) -> dict[str, list[int]]:
     return kept
 
 
-def block_renamer(net: Supernet, config: SubnetConfig) -> tuple[Callable[[str], str], Callable[[str], str | None]]:
-    """Name maps between the subnet ``config`` extracted from ``net`` (its dropped blocks removed and
-    the rest renumbered) and the supernet: student name -> supernet name, and supernet name ->
-    student name (None: inside a dropped block)."""
-    kept = kept_blocks(net, config)
+def block_renamer(kept: dict[str, list[int]]) -> tuple[Callable[[str], str], Callable[[str], str | None]]:
+    """Name maps between a subnet extracted from a supernet (its dropped blocks removed and the rest
+    renumbered; ``kept``: ``kept_blocks``) and the supernet: student name -> supernet name, and
+    supernet name -> student name (None: inside a dropped block)."""
 
     def split(name: str) -> tuple[str, int, str] | None:
         """``(container, index, rest)`` for a name inside a block of a container that lost blocks."""
@@ -105,7 +104,8 @@ def refit_subnet(net: Supernet, reference: nn.Module, module: nn.Module, config:
     """Refit, in place and in forward order, ``module`` (the subnet ``config`` extracted from ``net``)'s
     consumers of the elastic widths toward ``reference`` (the nested teacher) on ``calib``; returns
     how many layers were refitted."""
-    to_source, to_student = block_renamer(net, config)
+    kept = kept_blocks(net, config)
+    to_source, to_student = block_renamer(kept)
     targets = consumers(reference, net.analysis, [d.group for d in net.space.width_dims], spatial=True)
     names = [n for n in (to_student(t) for t in targets) if n is not None]
     if not names or not calib:
@@ -130,7 +130,7 @@ def refit_subnet(net: Supernet, reference: nn.Module, module: nn.Module, config:
         refit_layer(reference, module, name, calib, RIDGE, sink, rows[name], captured=captured, rename=to_source)
 
     # a layer stack one block at a time (a whole-model forward per layer costs O(layers²) block forwards)
-    refit_in_order(reference, module, names, calib, refit, kept_blocks(net, config))
+    refit_in_order(reference, module, names, calib, refit, kept)
     return len(names)
 
 

@@ -202,17 +202,11 @@ def _whole_model_captures(source: nn.Module, student: nn.Module, name: str, batc
         yield xs, zs, xt, zt
 
 
-def stack_holding(model: nn.Module, names: Iterable[str]) -> str | None:
-    """The qualified name of the model's layer stack (``potstill.ir.layerwise.layer_stack``) when every
-    named layer lies inside one of its items, else None."""
-    stack = layer_stack(model)
-    if stack is None:
-        return None
-    container = stack[0]
+def _in_stack(container: str, name: str) -> bool:
+    """Whether module ``name`` lies inside one of the items of ``container``."""
     prefix = f"{container}." if container else ""
-    inside = all(n.startswith(prefix) and n[len(prefix):].split(".", 1)[0].isdigit() and "." in n[len(prefix):]
-                 for n in names)  # fmt: skip
-    return container if inside else None
+    rest = name[len(prefix):]
+    return name.startswith(prefix) and rest.split(".", 1)[0].isdigit() and "." in rest
 
 
 def _block_captures(src: nn.Module, dst: nn.Module, layer: str, head: str, xs: Sequence[BlockInput],
@@ -271,7 +265,7 @@ def refit_in_order(source: nn.Module, student: nn.Module, names: Sequence[str], 
     windows), or ``layerwise`` is false, every layer uses whole-model captures."""
     stack = layer_stack(student) if layerwise else None
     container = stack[0] if stack is not None else None
-    inside = [n for n in names if container is not None and stack_holding(student, [n]) == container]
+    inside = [n for n in names if container is not None and _in_stack(container, n)]
     if container is None or not inside or not all(
             blocks_share_inputs(m, list(m.get_submodule(container).children()), batches[0]) for m in (source, student)):
         for name in names:
@@ -439,8 +433,8 @@ def reconstruct(source: nn.Module, student: nn.Module, analysis: Analysis, keep:
     (``student`` is ``source`` after ``surgery.prune_width(source, analysis, keep)``, which shares
     the tensors it did not slice: the student gets its own copies first); returns their names.
 
-    When every consumer lies in the items of one layer stack (a transformer's ``layers``), the
-    layers' inputs are captured one block at a time (``reconstruct_layerwise``; ``layerwise=False``
+    The consumers inside the items of the layer stack (a transformer's ``layers``) are refitted one
+    block at a time, the others by whole-model captures (``refit_in_order``; ``layerwise=False``
     forces a whole-model forward per layer and batch, which costs O(layers²) block evaluations)."""
     pruned = [gid for gid, k in keep.items() if len(k) < analysis.groups[gid].n_units]
     targets = consumers(source, analysis, pruned, spatial=True)

@@ -8,7 +8,7 @@ import copy
 import torch
 from potstill.inputs.data import as_batch
 from potstill.passes.elastic import extract, make_supernet
-from potstill.passes.elastic.refit import block_renamer, refit_finalists
+from potstill.passes.elastic.refit import block_renamer, kept_blocks, refit_finalists
 from potstill.passes.elastic.score import Scorer
 from potstill.passes.elastic.search import Finalist
 from potstill.passes.elastic.space import SubnetConfig
@@ -75,7 +75,7 @@ def test_the_refit_reaches_across_dropped_blocks() -> None:
     config = _half_hidden(net, depth=2)
     dropped = net.space.removed_blocks(config)
     assert len(dropped) == 1
-    to_source, to_student = block_renamer(net, config)
+    to_source, to_student = block_renamer(kept_blocks(net, config))
     index = int(dropped[0].rsplit(".", 1)[1])
     assert to_student(f"stage.{index}.conv2") is None
     for j, i in enumerate(k for k in range(3) if k != index):
