@@ -370,12 +370,12 @@ def _search(net: Supernet, teacher: nn.Module, profile: Any, example_inputs: tup
 
     rng = random.Random(settings.seed)
     dims = space.dims()
-    seeds = [space.genome(space.largest()), space.genome(space.smallest())]
-    pop = [evaluate(g) for g in seeds]
-    while len(pop) < min(settings.population, space.size()):
-        pop.append(evaluate([rng.randrange(len(d.choices)) for d in dims]))
+    pop = seed_points(space, evaluate, latency_budget, max_evaluations=2 * settings.population)
+    randoms = max(settings.population - len(pop), settings.population // 3)
+    for _ in range(randoms):
         if len(cache) >= space.size():
             break
+        pop.append(evaluate([rng.randrange(len(d.choices)) for d in dims]))
     pop = _select(list({id(c): c for c in pop}.values()), settings.population)
     for _ in range(settings.generations):
         children = []
@@ -421,6 +421,42 @@ def _search(net: Supernet, teacher: nn.Module, profile: Any, example_inputs: tup
         timing |= {"speedup": list(speedups), "tolerance": settings.speedup_tolerance, **clock.summary()}
     return SearchResult(front, sorted(finalists, key=lambda f: f.predicted_latency_ms), rejected, len(cache), seconds,
                         costs.source, timing)
+
+
+def seed_points(space: Any, evaluate: Callable[[Sequence[int]], Candidate], latency_budget: float | None,
+                max_evaluations: int) -> list[Candidate]:
+    """The search's first points besides random ones: the largest and the smallest subnet; every
+    subnet one choice below the largest in a single dim (the light cuts a loose budget ships, which
+    uniform random genomes almost never are: one cuts three in four of the dims); every dim at a
+    quarter, half and three quarters of its choices; and, while the point reached is over the
+    latency budget, a greedy descent from the largest that takes the one-choice cut losing the least
+    accuracy per millisecond saved (at most ``max_evaluations`` subnets scored on the way).
+
+    Measured on all-MiniLM-L6-v2 (12 elastic dims, magnitude nesting, before training): each single
+    cut keeps cosine 0.93-0.997, and a speed-up budget the full subnet already meets shipped
+    students whose quality depended on whether the random population happened to hold such a
+    point (0.896 with one nesting, 0.98 with another)."""
+    dims = space.dims()
+    full = [len(d.choices) - 1 for d in dims]
+
+    def below(genome: Sequence[int]) -> list[list[int]]:
+        return [[g - (j == i) for j, g in enumerate(genome)] for i, g in enumerate(genome) if g > 0]
+
+    points = [evaluate(full), evaluate([0] * len(dims))]
+    points += [evaluate(g) for g in below(full)]
+    points += [evaluate([round(q * f) for f in full]) for q in (0.25, 0.5, 0.75)]
+    current, spent = points[0], 0
+    while latency_budget is not None and current.latency_ms > latency_budget and spent < max_evaluations:
+        steps = [evaluate(g) for g in below(current.genome)]
+        spent += len(steps)
+        faster = [c for c in steps if c.latency_ms < current.latency_ms]
+        if not faster:
+            break
+        here = current  # a NaN accuracy counts as -1 (``objectives``); among free cuts the largest saving wins
+        current = min(faster, key=lambda c: ((c.objectives()[0] - here.objectives()[0]) / (here.latency_ms - c.latency_ms),
+                                             c.latency_ms))
+        points.append(current)
+    return list({c.genome: c for c in points}.values())
 
 
 def _spread(n: int, k: int) -> list[int]:

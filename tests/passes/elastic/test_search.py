@@ -113,6 +113,44 @@ def test_students_spread_over_the_points_near_the_best_fidelity() -> None:
     assert len(_spread_order(feasible, 6, floor=0.8, band=0.02)) == 6
 
 
+def test_the_search_starts_from_every_single_cut_and_descends_greedily_to_the_budget(cnn) -> None:
+    from potstill.passes.elastic.search import seed_points
+
+    space = make_supernet(cnn, (X[:1],), batches=[X]).space
+    dims = space.dims()
+    full = tuple(len(d.choices) - 1 for d in dims)
+    assert len(dims) >= 3 and sum(full) >= 6
+    # each choice cut from dim i costs (i + 1) ms and (len(dims) - i)**2 / 100 of accuracy: the last
+    # dim is the cheapest per millisecond, the first the dearest
+    calls: list[tuple[int, ...]] = []
+
+    def evaluate(genome) -> Candidate:
+        genome = tuple(genome)
+        calls.append(genome)
+        cuts = [f - g for f, g in zip(full, genome)]
+        latency = 100.0 - sum(c * (i + 1) for i, c in enumerate(cuts))
+        accuracy = 1.0 - sum(c * (len(dims) - i) ** 2 / 100 for i, c in enumerate(cuts))
+        return Candidate(genome, space.config(genome), accuracy, latency, 1.0)
+
+    last = len(dims) - 1
+    budget = 100.0 - (full[last] * (last + 1) + 0.5)  # every cut of the last dim, then one more
+    points = seed_points(space, evaluate, budget, max_evaluations=1000)
+    genomes = {c.genome for c in points}
+    assert full in genomes and tuple(0 for _ in full) in genomes
+    for i in range(len(dims)):  # every single one-choice cut of the largest
+        assert tuple(f - (j == i) for j, f in enumerate(full)) in genomes
+    # the descent takes the cheapest cuts first and stops at the first point under the budget
+    reached = (*full[:last - 1], full[last - 1] - 1, 0)
+    assert reached in genomes and evaluate(reached).latency_ms <= budget
+    path = [(*full[:last], k) for k in range(full[last])]
+    assert all(g in genomes for g in path)
+    assert (*full[:last - 1], full[last - 1] - 2, 0) not in genomes  # it stopped there
+    # no budget, no descent: only the fixed seeds are scored
+    calls.clear()
+    seed_points(space, evaluate, None, max_evaluations=1000)
+    assert len(calls) == 2 + len(dims) + 3
+
+
 # ---------------------------------------------------------------------------------------------
 # A budget that lies between two subnets: only the one on the right side of it is emitted.
 # The space has exactly two subnets (one hidden layer of 8192 or 512 neurons); the larger is the
