@@ -135,6 +135,7 @@ def test_the_search_starts_from_every_single_cut_and_descends_greedily_to_the_bu
     last = len(dims) - 1
     budget = 100.0 - (full[last] * (last + 1) + 0.5)  # every cut of the last dim, then one more
     points = seed_points(space, evaluate, budget, max_evaluations=1000)
+    scored = len(calls)
     genomes = {c.genome for c in points}
     assert full in genomes and tuple(0 for _ in full) in genomes
     for i in range(len(dims)):  # every single one-choice cut of the largest
@@ -145,6 +146,8 @@ def test_the_search_starts_from_every_single_cut_and_descends_greedily_to_the_bu
     path = [(*full[:last], k) for k in range(full[last])]
     assert all(g in genomes for g in path)
     assert (*full[:last - 1], full[last - 1] - 2, 0) not in genomes  # it stopped there
+    # lazily: one subnet scored per step where the ratios hold, not one per dim
+    assert scored == (2 + len(dims) + 3) + full[last] + 1
     # no budget, no descent: only the fixed seeds are scored
     calls.clear()
     seed_points(space, evaluate, None, max_evaluations=1000)
