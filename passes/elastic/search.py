@@ -9,8 +9,8 @@ NSGA-II (Deb et al. 2002, doi:10.1109/4235.996017) with Deb's constraint dominat
 point beats an infeasible one, two infeasible points compare by total violation, two feasible ones
 by Pareto dominance. The first population holds the light cuts a loose budget ships (each dim one
 choice below the largest subnet), uniform subnets, and a greedy descent from the largest subnet to
-the latency budget (``seed_points``), filled up with random genomes. Each generation: binary tournaments on (rank, −crowding), uniform crossover,
-per-gene mutation over the discrete choices, then the best ``P`` of parents ∪ children by
+the latency budget (``seed_points``), filled up with random genomes. Each generation: binary
+tournaments on (rank, −crowding), uniform crossover, per-gene mutation over the discrete choices, then the best ``P`` of parents ∪ children by
 non-dominated rank and crowding distance (the spread of a point's neighbours on each objective).
 The sort and crowding are a few dozen lines over a discrete genome, so they are written here
 rather than pulling in an optimisation framework.
@@ -54,7 +54,7 @@ from .extract import extract
 from .keep import settle_weights
 from .refit import refit_finalists
 from .score import Scorer
-from .space import SubnetConfig
+from .space import ElasticSpace, SubnetConfig
 from .supernet import Supernet, recalibrate_bn
 
 
@@ -425,7 +425,7 @@ def _search(net: Supernet, teacher: nn.Module, profile: Any, example_inputs: tup
                         costs.source, timing)
 
 
-def seed_points(space: Any, evaluate: Callable[[Sequence[int]], Candidate], latency_budget: float | None,
+def seed_points(space: ElasticSpace, evaluate: Callable[[Sequence[int]], Candidate], latency_budget: float | None,
                 max_evaluations: int) -> list[Candidate]:
     """The search's first points besides random ones: the largest and the smallest subnet; every
     subnet one choice below the largest in a single dim (the light cuts a loose budget ships, which
@@ -439,10 +439,10 @@ def seed_points(space: Any, evaluate: Callable[[Sequence[int]], Candidate], late
     from the current point; it is taken when it is still the best, so a step costs one or two
     subnets scored rather than one per dim.
 
-    Measured on all-MiniLM-L6-v2 (12 elastic dims, magnitude nesting, before training): each single
-    cut keeps cosine 0.93-0.997, and a speed-up budget the full subnet already meets shipped
-    students whose quality depended on whether the random population happened to hold such a
-    point (0.896 with one nesting, 0.98 with another)."""
+    Measured on all-MiniLM-L6-v2 (12 elastic dims, Fisher nesting, before training): each single
+    cut keeps cosine 0.96-0.998, yet with only the ends and random genomes to start from, the
+    students of ``--speedup 1.3`` (a budget the full subnet meets) came out at 0.81 / 0.90 / 0.99;
+    started from these points, 0.987 / 0.990 / 0.993 on held-out sentences."""
     import heapq
 
     dims = space.dims()
