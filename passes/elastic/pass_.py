@@ -468,8 +468,9 @@ class ElasticSearchPass(Pass):
                      f"({check['untrained']:.4g} before training, {check['trained']:.4g} after), so it ships with "
                      "the weights before training (the nested teacher's)")
             if f.refit is not None and f.refit["kept"]:
+                base = " from the weights before training" if f.refit["weights"] == "untrained" else ""
                 s.history.append(f"elastic.search: {f.refit['layers']} layers refitted by least squares toward the "
-                                 f"teacher (held-out fidelity {f.refit['before']:.4g} -> {f.refit['after']:.4g})")
+                                 f"teacher{base} (held-out fidelity {f.refit['before']:.4g} -> {f.refit['after']:.4g})")
             if check is not None and check["statistics"] == "stored":
                 s.history.append("elastic.search: BatchNorm statistics kept as stored (re-estimation rejected on "
                                  "held-out data)")

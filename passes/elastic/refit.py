@@ -136,17 +136,35 @@ def refit_subnet(net: Supernet, reference: nn.Module, module: nn.Module, config:
 
 def refit_finalists(finalists: Sequence[Any], scorer: Scorer, calib: Sequence[Batch]) -> None:
     """Refit, on ``calib``, the consumers of the elastic widths in each finalist (``search.Finalist``)
-    and keep the refit where the held-out score rises; records ``Finalist.refit`` in place."""
+    and keep the refit where the held-out score rises; records ``Finalist.refit`` in place.
+
+    Where the finalist ships the trained weights and the supernet kept those before training, both
+    are refitted and the better refit competes: on EfficientNet-Lite0 (20 photos) the subnets near
+    a 1.3x budget drop blocks, and refitted from the weights before training they agreed with the
+    teacher on 0.69 of 96 held-out crops, against 0.32 as trained and shipped."""
     if not finalists or not calib or not scorer.net.space.width_dims:
         return
     reference = nested_teacher(scorer)
+    untrained = next((s for s in reversed(scorer.candidates()) if s.weights == "untrained"), None)
     for f in finalists:
-        student = copy.deepcopy(f.module)
-        layers = refit_subnet(scorer.net, reference, student, f.config, calib)
-        if not layers:
+        shipped = (f.weights_check or {}).get("kept", "trained")
+        bases = [(shipped, copy.deepcopy(f.module))]
+        if untrained is not None and shipped != "untrained":
+            with scorer.prepared(f.config, untrained, calib):
+                bases.append(("untrained", extract(scorer.net, f.config).module))
+        tried = []
+        for weights, student in bases:
+            layers = refit_subnet(scorer.net, reference, student, f.config, calib)
+            if layers:
+                tried.append((float(scorer.score_module(student)), weights, student, layers))
+        if not tried:
             continue
-        after = float(scorer.score_module(student))
+        after, weights, student, layers = tried[0]
+        for t in tried[1:]:
+            if better(t[0], after):
+                after, weights, student, layers = t
         kept = better(after, f.accuracy)
-        f.refit = {"before": f.accuracy, "after": after, "kept": kept, "layers": layers}
+        f.refit = {"before": f.accuracy, "after": after, "kept": kept, "layers": layers, "weights": weights,
+                   "scores": {w: a for a, w, _, _ in tried}}
         if kept:
             f.module, f.accuracy, f.artifact = student, after, None  # the lowering pass builds the shipped engine

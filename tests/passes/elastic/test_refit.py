@@ -100,9 +100,31 @@ def test_a_refit_that_lowers_held_out_fidelity_does_not_ship() -> None:
     f = Finalist(config, shipped[0], scorer.score_module(shipped[0]), 1.0, 1.0, 1.0, 1.0, 0, artifact="engine")
     weights = {k: v.clone() for k, v in f.module.state_dict().items()}
     refit_finalists([f], scorer, scorer.calib)
-    assert f.refit == {"before": 1.0, "after": 0.5, "kept": False, "layers": f.refit["layers"]}
+    assert f.refit == {"before": 1.0, "after": 0.5, "kept": False, "layers": f.refit["layers"], "weights": "trained",
+                       "scores": {"trained": 0.5}}  # never trained: the weights it has are the only base
     assert f.module is shipped[0] and f.artifact == "engine" and f.accuracy == 1.0
     assert all(torch.equal(v, f.module.state_dict()[k]) for k, v in weights.items())  # the refit worked on a copy
+
+
+def test_a_finalist_trained_astray_ships_the_refit_of_the_weights_before_training() -> None:
+    """Training that wrecked a subnet where no refit reaches: its refit from the trained weights
+    cannot undo it, the refit from the weights before training recovers the teacher (the dropped
+    channels are copies)."""
+    teacher = _teacher_with_copies()
+    net, scorer = _setup(teacher)
+    net.keep_untrained()
+    with torch.no_grad():  # "training" that ruined the stem, which no refit touches
+        stem = net.model.stem[0].weight
+        stem.copy_(torch.randn(stem.shape, generator=torch.Generator().manual_seed(3)))
+    f = _finalist(net, scorer, _half_hidden(net, depth=3))
+    f.weights_check = {"kept": "trained"}
+    refit_finalists([f], scorer, scorer.calib)
+    assert f.refit is not None and f.refit["kept"] and f.refit["weights"] == "untrained", f.refit
+    assert f.refit["scores"]["untrained"] > f.refit["scores"]["trained"]
+    with torch.no_grad():
+        err = float((f.module(X[256:]) - teacher(X[256:])).abs().max())
+        scale = float(teacher(X[256:]).abs().max())
+    assert err < 0.02 * scale, (err, scale)
 
 
 def test_the_norm_after_a_refitted_layer_normalises_with_the_teachers_statistics() -> None:
