@@ -93,3 +93,24 @@ def test_the_winner_goes_on_from_its_weights_and_optimizer_state(teacher_data) -
     trainer.start_optimizer_state = moments
     trainer.fit(data)
     assert int(trainer.optimizer.state_dict()["state"][0]["step"]) == 5  # 3 probe steps + 2
+
+
+def test_when_every_rate_makes_it_worse_the_probe_goes_down_the_ladder(teacher_data) -> None:
+    """Both candidates blow AdamW up: the probe tries a quarter of the smaller, then a quarter of that,
+    and stops at the first rung that lowers the held-out loss; a candidate that already lowers it
+    gets no rung below it."""
+    teacher, x, _ = teacher_data
+    data = TensorBatches(x[:384], batch_size=32)
+    reference = HeldoutReference.of(teacher, as_batches([x[448:]]))
+    config = TrainConfig(epochs=1, lr=1e-3, progress=False, seed=0)
+
+    def probe(candidates: tuple[float, ...]):
+        student = mlp(8, 16, 5, seed=3)
+        return probe_lr(student, make_loss("kd"), data, config, candidates, reference.loss,
+                        lambda loss, cfg: DistillTrainer(student, teacher, loss, cfg), steps=3)
+
+    down = probe((16.0, 4.0))
+    assert list(down.losses) == [16.0, 4.0, 1.0, 0.25]
+    assert down.losses[4.0] == down.losses[1.0] == float("inf")  # the first rung down still diverges
+    assert down.lr == 0.25 and down.losses[0.25] < down.loss_before
+    assert list(probe((1.0, 0.25)).losses) == [1.0, 0.25]  # 0.25 lowers the loss: no rung below
