@@ -9,6 +9,9 @@ outside the pinned embeddings and LM head) it builds these candidates from the t
   fluctuation across all layers, removed mean contributions folded into the readers' biases;
 * ``width+refit``: the same, with those readers then refitted by least squares to the teacher's
   outputs of each layer, layer after layer (``reconstruct.py``; not with ``reconstruct=false``);
+* ``ffn+refit``: FLAP and the refit on the FFN neurons alone, every head kept (where the model has
+  both): a grouped-query model's KV group is a third or more of a layer's attention, a coarse unit
+  whose loss the fluctuation metric, ranked per unit of MACs, can underrate;
 * ``depth``: the run of ``n`` consecutive blocks with the smallest angular distance (Gromov et al.
   2024; ``importance.blocks``), ``n`` the fewest whose MACs meet the budget, and the same with the
   next block refitted by least squares (``heal.py``);
@@ -225,6 +228,11 @@ def prune_decoder(state: CompileState, student: Student, o: WidthOptions) -> Pas
     if flap.keep and o.reconstruct is not False:
         refitted, done = _refit(model, flap, analysis, fit)
         candidates.append(Candidate("width+refit", refitted, [], flap.widths, done, flap.compensated))
+        ffn = [g for g in groups if g.kind == "neurons"]
+        part = _flap(state, model, analysis, ffn, limit, budget.measure, o, fit) if 0 < len(ffn) < len(groups) else None
+        if part is not None and part.keep and budget.measure({**{g.id: g.n_units for g in groups}, **part.widths}) <= limit:
+            refitted, done = _refit(model, part, analysis, fit)
+            candidates.append(Candidate("ffn+refit", refitted, [], part.widths, done, part.compensated))
     n_depth = n_blocks(need)
     if n_depth >= 1 and names:
         dist = angular_distances(model, names, fit, n_depth)

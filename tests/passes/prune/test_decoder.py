@@ -36,6 +36,16 @@ def batches(n: int = 6, seed: int = 1) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+def _decoder_state() -> tuple[transformers.LlamaForCausalLM, list[dict[str, torch.Tensor]], CompileState]:
+    """A tiny Llama teacher with six calibration batches and two held out."""
+    model = tiny_llama(layers=4)
+    data = batches(8)
+    state = CompileState(model, (), {"input_ids": data[0]["input_ids"]}, calib_data=lambda: data[:6],
+                         hf={"path": "", "task": "text-generation", "auto_class": "AutoModelForCausalLM"})
+    state.heldout_data = lambda: data[6:]
+    return model, data, state
+
+
 def _neuron_group(model, analysis, layer: int):
     name = f"model.layers.{layer}.mlp.down_proj"
     return next(g for g in analysis.prunable()
@@ -120,11 +130,7 @@ def test_next_block_refit_lowers_the_next_block_error():
 def test_decoder_default_chooses_by_heldout_perplexity_and_reloads(tmp_path, ratio_of):
     from potstill.outputs.students_io import load_student, save_student
 
-    model = tiny_llama(layers=4)
-    data = batches(8)
-    state = CompileState(model, (), {"input_ids": data[0]["input_ids"]}, calib_data=lambda: data[:6],
-                         hf={"path": "", "task": "text-generation", "auto_class": "AutoModelForCausalLM"})
-    state.heldout_data = lambda: data[6:]
+    model, data, state = _decoder_state()
     PassManager(build_pipeline(f"prune.width{{ratio=0.3,ratio_of={ratio_of}}}")).run(state)
     student = state.working()
     record = student.metrics["prune"]
@@ -167,11 +173,20 @@ def test_ratio_of_flag_reaches_the_width_pass_and_is_strict():
 
 
 def test_reconstruct_false_drops_the_refit_candidate():
-    model = tiny_llama(layers=4)
-    data = batches(8)
-    state = CompileState(model, (), {"input_ids": data[0]["input_ids"]}, calib_data=lambda: data[:6],
-                         hf={"path": "", "task": "text-generation", "auto_class": "AutoModelForCausalLM"})
-    state.heldout_data = lambda: data[6:]
+    *_, state = _decoder_state()
     PassManager(build_pipeline("prune.width{ratio=0.3,reconstruct=false}")).run(state)
     rows = state.working().metrics["prune"]["decoder"]["candidates"]
     assert "width" in {r["structure"] for r in rows} and "width+refit" not in {r["structure"] for r in rows}
+
+
+def test_the_ffn_candidate_keeps_every_head_and_meets_the_budget():
+    """``ffn+refit`` prunes FFN neurons alone (every KV group stays) and refits only the down
+    projections, within the same MACs budget as the other candidates."""
+    *_, state = _decoder_state()
+    PassManager(build_pipeline("prune.width{ratio=0.3}")).run(state)
+    record = state.working().metrics["prune"]
+    ffn = next(r for r in record["decoder"]["candidates"] if r["structure"] == "ffn+refit")
+    assert ffn["healed"] and all(n.endswith("mlp.down_proj") for n in ffn["healed"])
+    assert ffn["macs"] <= record["budget"]["limit"]
+    width = next(r for r in record["decoder"]["candidates"] if r["structure"] == "width+refit")
+    assert any(n.endswith("o_proj") for n in width["healed"])  # the mixed ranking did cut heads here
