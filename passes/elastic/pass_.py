@@ -182,9 +182,8 @@ class TrainOptions:
     #: passes over the data (None: as many as ``DEFAULT_STEPS`` steps take, at least one)
     epochs: int | None = None
     max_steps: int | None = None
-    #: None: probed (``PROBE_STEPS`` sandwich steps each, the held-out loss decides) among the
-    #: default (``PRETRAINED_LR`` for a transformer teacher, else 1e-3: ``default_lr``), a quarter
-    #: and a sixteenth of it, going lower while every rate raises the loss (``distill.lr_probe``)
+    #: None: ``PRETRAINED_LR`` for a transformer teacher (its output an embedding or next-token
+    #: logits), else 1e-3 (see ``default_lr``)
     lr: float | None = None
     #: auto | kd (in-place KD on logits) | cosine (embeddings) | rslad | ard (robust supernet, ProARD)
     loss: str = "auto"
@@ -301,73 +300,16 @@ class ElasticTrainPass(Pass):
             note(f"elastic.train: the {image_count(state.train_data)} training images are augmented (new random crops, "
                  "flips and colour jitter every step, the teacher seeing the same view); augment=false or "
                  "--no-augment trains on them as given")
-        sandwich = {"random_subnets": o.random_subnets, "progressive": o.progressive, "balance": o.balance}
-        probe = self._probe(state, net, data, cfg, loss, task, sandwich, batchnorm) if o.lr is None else None
-        moments = None
-        if probe is not None and not isinstance(probe, str):  # the winner's steps count: the rest go on from it
-            lr, moments = probe.lr, probe.optimizer_state
-            cfg = replace(cfg, lr=lr, max_steps=max(_planned(data, cfg) - probe.steps, 1))
-        result = train_supernet(net, state.teacher, data, cfg, loss=loss, optimizer_state=moments,
-                                **sandwich, **o.loss_options(loss))
+        result = train_supernet(net, state.teacher, data, cfg, loss=loss,
+                                random_subnets=o.random_subnets, progressive=o.progressive, balance=o.balance,
+                                **o.loss_options(loss))
         training = {"loss": loss, "lr": lr, "augmented": augmented, "batchnorm": batchnorm, "steps": result.steps, "final_loss": result.loss, "seconds": result.seconds,
                     "resumed_from": result.resumed_from, **({"pgd": o.loss_options()} if o.loss in ROBUST_LOSSES else {})}
-        if probe is not None:
-            training["lr_probe"] = {"skipped": probe} if isinstance(probe, str) else probe.record()
         net.trained[self.spec()] = training
         state.records.setdefault("elastic", {})["training"] = training
         state.facts.add("distilled")
         return PassResult(state, True)
 
-
-    def _probe(self, state: CompileState, net: Supernet, data: Any, cfg: Any, loss: str, task: str,
-               sandwich: dict[str, Any], batchnorm: str) -> Any:  # fmt: skip
-        """With no lr given: the lr probe (``train.probe_supernet_lr``) among ``lr_candidates`` of the
-        task's default, ``PROBE_STEPS`` sandwich steps each; the result, or why there is none (a str).
-        Robust losses train at the default (their clean fidelity is traded by design)."""
-        import torch
-        from potstill.passes.distill.defaults import lr_candidates
-        from potstill.passes.distill.lr_probe import probe_steps
-        from potstill.passes.distill.pass_ import note
-
-        from .train import probe_supernet_lr
-
-        o: TrainOptions = self.options
-        candidates = lr_candidates(default_lr(task))
-        planned = _planned(data, cfg)
-        n = probe_steps(len(candidates), planned, PROBE_STEPS)
-        ckpt = cfg.checkpoint_dir
-        why = ("robust training" if loss in ROBUST_LOSSES
-               else "there are no held-out batches to compare the rates on" if state.heldout_data is None
-               else f"{planned} planned steps are too few" if n < 1
-               else "a checkpoint is resumed" if ckpt is not None and ckpt.is_dir() and any(ckpt.iterdir())
-               else "a distributed run" if torch.distributed.is_available() and torch.distributed.is_initialized()
-               else None)  # fmt: skip
-        if why is not None:
-            if loss not in ROBUST_LOSSES:
-                note(f"elastic.train: no lr probe ({why}); training at lr {default_lr(task):g}")
-            return why
-        calib = list(state.calib_data()) if batchnorm == "train" and state.calib_data is not None else None
-        probed = probe_supernet_lr(net, state.teacher, data, cfg, candidates, list(state.heldout_data()), loss=loss,
-                                   loss_options=o.loss_options(loss), steps=n, calib=calib, **sandwich)  # fmt: skip
-        losses = ", ".join(f"{lr:g} -> {v:.4g}" for lr, v in probed.losses.items())
-        note(f"elastic.train: lr probe, mean held-out loss of the largest and the smallest subnet after {probed.steps} "
-             f"sandwich steps from the same start: {losses} (before {probed.loss_before:.4g}; {probed.seconds:.0f} s); "
-             f"training on from lr {probed.lr:g}'s state")  # fmt: skip
-        return probed
-
-
-def _planned(data: Any, cfg: Any) -> int:
-    """The sandwich steps ``cfg``'s epochs and step limit allow on ``data``."""
-    from potstill.passes.distill.batches import count_batches
-
-    total = (cfg.steps_per_epoch or count_batches(data, cfg.seed)) * cfg.epochs
-    return min(cfg.max_steps or total, total)
-
-
-#: sandwich steps each candidate of ``elastic.train``'s lr probe trains (a sandwich step trains
-#: several subnets, and a harmful rate shows within a few: AdamW at 1e-3 raised EfficientNet-Lite0's
-#: held-out loss six-fold in 40 steps of plain distillation)
-PROBE_STEPS = 20
 
 #: sandwich lr for a pretrained transformer: measured on all-MiniLM-L6-v2 (120 steps, held-out cosine of
 #: the full subnet / depth 4 / depth 3 of 6): 1e-3 left the full subnet at 0.63 after 60 steps, 1e-4 at

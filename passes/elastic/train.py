@@ -35,11 +35,10 @@ from potstill.errors import InputError
 from potstill.inputs.data import iter_batches
 from potstill.passes.distill import DistillTrainer, StudentSpec, TrainConfig, TrainResult
 from potstill.passes.distill.batches import count_batches
-from potstill.passes.distill.lr_probe import ProbeResult
 from torch import nn
 
 from .space import PHASES, SubnetConfig
-from .supernet import Supernet, batchnorm_stats, recalibrate_bn, restore_stats
+from .supernet import Supernet, recalibrate_bn
 
 
 @dataclass(frozen=True)
@@ -71,24 +70,24 @@ class SandwichSampler:
                 for cfg, name in zip(self.configs(step), names)]
 
 
-def sandwich_trainer(
+def train_supernet(
     net: Supernet,
     teacher: nn.Module | None,
     data: Any,
     config: TrainConfig | None = None,
     *,
-    loss: Any = "kd",
+    loss: str = "kd",
     random_subnets: int = 2,
     progressive: bool = True,
     balance: bool | None = None,
     **loss_options: Any,
-) -> DistillTrainer:
-    """The ``DistillTrainer`` that trains every subnet of ``net`` at once (see the module docstring).
+) -> TrainResult:
+    """Train every subnet of ``net`` at once (see the module docstring); returns the trainer's result.
 
     ``config`` is the distillation ``TrainConfig`` (epochs, lr, checkpoints, DDP, ...); in-place
     distillation is switched on here, balancing as ``balance`` says (None: only without a teacher,
     see the module docstring), and unused parameters allowed for DDP (a skipped block's weights get
-    no gradient). ``loss``: a loss name or a ``DistillLoss``.
+    no gradient).
     """
     if random_subnets < 0:
         raise InputError(f"elastic training: random_subnets must be >= 0, got {random_subnets}")
@@ -100,53 +99,9 @@ def sandwich_trainer(
     if not any(p.requires_grad for p in net.model.parameters()):
         net.model.requires_grad_(True)  # a supernet nested from a frozen teacher copy trains all of it
     largest = StudentSpec(net.model, net.space.largest(), 1.0, net.forward, "largest")
-    return DistillTrainer(largest, teacher, loss, c, sample_students=sampler, **loss_options)
-
-
-def train_supernet(net: Supernet, teacher: nn.Module | None, data: Any, config: TrainConfig | None = None, *,
-                   optimizer_state: dict[str, Any] | None = None, **options: Any) -> TrainResult:  # fmt: skip
-    """Train every subnet of ``net`` at once (``sandwich_trainer``, whose keywords ``options`` are);
-    returns the trainer's result. ``optimizer_state``: AdamW's moments to start from (an lr probe's)."""
-    trainer = sandwich_trainer(net, teacher, data, config, **options)
-    trainer.start_optimizer_state = optimizer_state
+    trainer = DistillTrainer(largest, teacher, loss, c, sample_students=sampler, **loss_options)
     with net.attached():
         return trainer.fit(data)
-
-
-def probe_supernet_lr(net: Supernet, teacher: nn.Module, data: Any, config: TrainConfig, candidates: tuple[float, ...],
-                      heldout: Sequence[Any], *, loss: str, loss_options: dict[str, Any], steps: int,
-                      calib: Sequence[Any] | None = None, **options: Any) -> ProbeResult:  # fmt: skip
-    """The distillation's lr probe (``potstill.passes.distill.lr_probe``) for sandwich training: each
-    candidate trains ``steps`` sandwich steps from the same weights, and the mean held-out loss of
-    the largest and the smallest subnet against the teacher decides. With ``calib`` (BatchNorm trained
-    along: its running statistics then mix every subnet's), each subnet is scored with statistics
-    re-estimated for it on those batches, as the search scores it, and the run's are put back.
-    Leaves ``net`` at the winner's weights; its optimizer state is in the result."""
-    from potstill.passes.distill import make_loss
-    from potstill.passes.distill.lr_probe import probe_lr
-    from potstill.passes.prune.heldout import HeldoutReference, as_batches
-
-    reference = HeldoutReference.of(teacher, as_batches(heldout))
-
-    def heldout_loss(_module: nn.Module) -> float:
-        losses = []
-        stats = batchnorm_stats(net.model) if calib else {}
-        for cfg in (net.space.largest(), net.space.smallest()):
-            if calib:
-                recalibrate_bn(net, cfg, calib)
-            with net.configured(cfg) as model:
-                losses.append(reference.loss(model))
-        restore_stats(net.model, stats)
-        return sum(losses) / len(losses)
-
-    def make_trainer(own: Any, cfg: TrainConfig) -> DistillTrainer:
-        # every dim unlocked from the first step: progressive unlocking squeezed into a few steps
-        # would raise the loss as each phase opens, which the divergence check reads as a bad rate
-        return sandwich_trainer(net, teacher, data, cfg, loss=own, **{**options, "progressive": False})
-
-    with net.attached():
-        return probe_lr(net.model, make_loss(loss, **loss_options), data, config, candidates, heldout_loss,
-                        make_trainer, steps=steps)
 
 
 def evaluate_subnets(

@@ -169,30 +169,3 @@ def test_a_few_photos_keep_the_widths_that_cross_blocks_full(given: str | None, 
     assert inside and bool(crossing) is (given is not None)
     console = " ".join(capsys.readouterr().err.split())
     assert ("96 training images: the widths that cross blocks" in console) is (given is None)
-
-
-def test_with_heldout_batches_the_sandwich_lr_is_probed(monkeypatch) -> None:
-    """No lr given and held-out batches: each candidate trains a few sandwich steps from the same
-    weights, the lowest held-out loss wins (never the destructive rate), and the run goes on from
-    the winner for the rest of the planned steps."""
-    import potstill.passes.elastic.pass_ as elastic_pass
-
-    monkeypatch.setattr(elastic_pass, "default_lr", lambda task: 0.4)  # candidates 0.4, 0.1, 0.025
-    state = _state()
-    state.heldout_data = lambda: [X[64:]]
-    PassManager(build_pipeline("elastic.nest{depth=false},elastic.train{max_steps=12,random_subnets=0}")).run(state)
-    training = state.records["elastic"]["training"]
-    probe = training["lr_probe"]
-    losses = {float(k): v for k, v in probe["heldout_losses"].items()}
-    assert {0.4, 0.1, 0.025} <= set(losses) and probe["steps"] == 2  # 12 planned // (2 x 3 candidates)
-    assert training["lr"] == probe["chosen"] == min(losses, key=losses.__getitem__) != 0.4
-    assert losses[0.4] > probe["loss_before"]
-    assert training["steps"] == 12 - 2
-
-
-def test_a_given_sandwich_lr_is_not_probed() -> None:
-    state = _state()
-    state.heldout_data = lambda: [X[64:]]
-    PassManager(build_pipeline("elastic.nest{depth=false},elastic.train{max_steps=12,random_subnets=0,lr=0.01}")).run(state)
-    training = state.records["elastic"]["training"]
-    assert training["lr"] == 0.01 and "lr_probe" not in training
