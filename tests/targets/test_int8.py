@@ -4,9 +4,11 @@ budget — enforced both ways; tried on the ``cpu`` profile by default, measured
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from potstill.profiles import DeviceProfile, load_profile
 from potstill.targets import lower
@@ -100,14 +102,14 @@ def test_int8_transformer_like_runs(encoder: nn.Module, token_inputs: dict, tmp_
 
 
 def test_quantization_mode_reads_the_graph(tmp_path: Path) -> None:
-    from potstill.targets.int8 import quantization_mode
+    from potstill.targets.int8 import quantization_modes
 
     conv = lower(_conv_net(), (torch.randn(1, 3, 32, 32),), load_profile("cpu"), tmp_path / "conv")
     mlp = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
     dense = lower(mlp, (torch.randn(2, 16),), load_profile("cpu"), tmp_path / "mlp")
-    assert quantization_mode(conv.files["onnx"], "auto") == "static"
-    assert quantization_mode(dense.files["onnx"], "auto") == "dynamic"
-    assert quantization_mode(dense.files["onnx"], "static") == "static"
+    assert quantization_modes(conv.files["onnx"], "auto") == ["static"]
+    assert quantization_modes(dense.files["onnx"], "auto") == ["dynamic", "weight-only"]
+    assert quantization_modes(dense.files["onnx"], "static") == ["static"]
 
 
 def test_models_under_min_macs_are_not_quantised(tmp_path: Path) -> None:
@@ -204,3 +206,133 @@ def test_macs_are_counted_on_models_that_return_a_parameter() -> None:
     model = WithTable()
     assert example_macs(model, ((torch.randn(2, 16),), {})) == 2 * 16 * 32
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_language_model_on_real_text_is_judged_by_perplexity() -> None:
+    """With a perplexity ratio, logits' rel and next-token disagreement no longer decide; NaN fails it."""
+    profile = _int8_profile(max_rel_error=0.1, max_accuracy_drop=0.05, max_perplexity_ratio=1.05, min_speedup=1.1)
+    kept = decide(profile, fp32_ms=3.0, int8_ms=2.0, rel=0.3, disagreement=0.2, ppl_ratio=1.03)
+    assert kept.keep, kept.reasons
+    worse = decide(profile, fp32_ms=3.0, int8_ms=2.0, rel=0.01, disagreement=0.0, ppl_ratio=1.2)
+    assert not worse.keep and worse.reasons == [worse.reasons[0]] and "int8.max_perplexity_ratio" in worse.reasons[0]
+    assert not decide(profile, 3.0, 2.0, 0.01, 0.0, ppl_ratio=float("nan")).keep
+    assert not decide(profile, 3.0, 2.0, float("nan"), None).keep  # NaN parity fails too
+    slow = decide(profile, fp32_ms=3.0, int8_ms=2.9, rel=0.01, disagreement=0.0, ppl_ratio=1.0)
+    assert not slow.keep and slow.reasons[0].startswith("not faster enough")
+
+
+class _TokenLM(nn.Module):
+    """``[batch, sequence, vocab]`` logits from ``input_ids`` alone: a next-token model with a known answer."""
+
+    def __init__(self, vocab: int = 11) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, vocab)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+
+def test_perplexity_ratio_has_the_known_answer_and_reads_only_kept_positions() -> None:
+    from potstill.targets.int8 import perplexity_ratio
+
+    model = _TokenLM().eval()
+    ids = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding: pairs touching it do not count
+    item = ((), {"input_ids": ids, "attention_mask": mask})
+    with torch.no_grad():
+        ref = model(ids, mask)
+    assert perplexity_ratio(model, lambda _: ref.numpy(), [item]) == pytest.approx(1.0)
+    uniform = np.zeros(tuple(ref.shape), np.float32)  # perplexity of uniform logits is the vocabulary's size
+    pair = (mask[:, :-1] & mask[:, 1:]).bool()
+    nll = -torch.log_softmax(ref[:, :-1].double(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)[pair]
+    expected = 11 / float(nll.mean().exp())
+    assert perplexity_ratio(model, lambda _: uniform, [item]) == pytest.approx(expected, rel=1e-6)
+    junk = ref.numpy().copy()
+    junk[0, :2] = 1e4  # the padded positions' logits are undefined: they must not move the answer
+    assert perplexity_ratio(model, lambda _: junk, [item]) == pytest.approx(1.0)
+    images = ((torch.randn(2, 3),), {})  # not token ids: no perplexity
+    assert perplexity_ratio(nn.Linear(3, 4), lambda _: np.zeros((2, 4)), [images]) is None
+
+
+def test_a_tied_head_is_folded_into_a_constant_the_quantiser_converts(tmp_path: Path) -> None:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from potstill.targets.int8 import fold_weight_transposes, quantize_weight_only_onnx
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((64, 128)).astype(np.float32)  # [vocab, hidden], read transposed by the head
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["emb"], ["emb_t"], perm=[1, 0]), helper.make_node("MatMul", ["x", "emb_t"], ["y"])],
+        "tied", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])], [numpy_helper.from_array(emb, "emb")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "tied.onnx"))
+    x = rng.standard_normal((4, 128)).astype(np.float32)
+    folded = onnx.load(str(tmp_path / "tied.onnx"))
+    assert fold_weight_transposes(folded) == 1 and not any(n.op_type == "Transpose" for n in folded.graph.node)
+    got = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ emb.T, rtol=1e-5, atol=1e-4)
+    quantize_weight_only_onnx(tmp_path / "tied.onnx", tmp_path / "tied.int8.onnx")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "tied.int8.onnx")).graph.node}
+    assert "MatMulNBits" in ops and "MatMul" not in ops, ops
+    q = ort.InferenceSession(str(tmp_path / "tied.int8.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(q - x @ emb.T).max() / np.abs(x @ emb.T).max() < 0.05  # 8-bit weights: close, not equal
+
+
+@pytest.fixture
+def tiny_lm(tmp_path: Path) -> tuple[nn.Module, dict[str, Any], list[dict[str, torch.Tensor]]]:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=256, vocab_size=256, max_position_embeddings=64,
+                                   tie_word_embeddings=True)  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(10.0)  # confident logits (the head is tied): text it predicts well
+    model.save_pretrained(tmp_path / "hf")
+    gen = torch.Generator().manual_seed(5)
+    calib = []
+    for _ in range(3):  # the model's own greedy text: any quantisation error raises its perplexity
+        prompt = torch.randint(0, 256, (2, 4), generator=gen)
+        ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                             pad_token_id=0)  # fmt: skip
+        calib.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return model, {"path": str(tmp_path / "hf"), "task": "text-generation"}, calib
+
+
+def test_weight_only_int8_of_a_decoder_is_judged_by_perplexity(
+    tiny_lm: tuple[nn.Module, dict[str, Any], list[dict[str, torch.Tensor]]], tmp_path: Path
+) -> None:
+    model, hf, calib = tiny_lm
+    profile = _int8_profile(mode="weight-only", require_speedup=False, max_perplexity_ratio=1.05)
+    art = lower(model, (), profile, tmp_path / "wo", example_kwargs=calib[0], calib=calib, hf=hf)
+    assert art.precision == "int8", art.notes
+    ops = {n.op_type for n in onnx.load(str(art.files["onnx"])).graph.node}
+    assert "MatMulNBits" in ops and "DynamicQuantizeLinear" not in ops, ops
+    assert 0.95 < art.parity["ppl_ratio"] <= 1.05 and art.parity["ok"]
+    assert any("INT8 (weight-only, ONNX Runtime)" in n and "perplexity" in n for n in art.notes), art.notes
+
+
+def test_auto_tries_weight_only_where_dynamic_is_rejected(
+    tiny_lm: tuple[nn.Module, dict[str, Any], list[dict[str, torch.Tensor]]], tmp_path: Path
+) -> None:
+    model, hf, calib = tiny_lm
+    exact = _int8_profile(require_speedup=False, max_perplexity_ratio=1.0 + 1e-9)  # no quantiser is this exact
+    art = lower(model, (), exact, tmp_path / "exact", example_kwargs=calib[0], calib=calib, hf=hf)
+    assert art.precision == "fp32"
+    tried = [n for n in art.notes if "INT8 rejected" in n]
+    assert len(tried) == 2 and "(dynamic" in tried[0] and "(weight-only" in tried[1], art.notes
+    assert tried[-1].startswith("kept FP32") and all("int8.max_perplexity_ratio" in n for n in tried)
+    # too slow is a reason to try the next mode too: weight-only can pay at a batch where dynamic does not
+    unreachable = _int8_profile(min_speedup=100.0, max_perplexity_ratio=10.0)
+    art = lower(model, (), unreachable, tmp_path / "slow", example_kwargs=calib[0], calib=calib, hf=hf)
+    tried = [n for n in art.notes if "INT8 rejected" in n]
+    assert art.precision == "fp32" and len(tried) == 2 and all("not faster enough" in n for n in tried), art.notes
+    assert "(dynamic" in tried[0] and "(weight-only" in tried[1]
+    loose = _int8_profile(require_speedup=False, max_perplexity_ratio=10.0)  # dynamic passes: no second mode
+    art = lower(model, (), loose, tmp_path / "loose", example_kwargs=calib[0], calib=calib, hf=hf)
+    assert art.precision == "int8" and not any("INT8 rejected" in n for n in art.notes), art.notes
+    assert any("INT8 (dynamic, ONNX Runtime)" in n for n in art.notes)
+
