@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from potstill.errors import InputError
 from potstill.inputs.data import iter_batches
 from potstill.outputs.atomic import atomic_path
 from potstill.profiles import DeviceProfile, Tolerance
@@ -168,18 +169,34 @@ def quantize_weight_only_onnx(fp32_path: Path, out_path: Path) -> Path:
     return out_path
 
 
+def weight_only_available() -> bool:
+    """Whether this ONNX Runtime writes 8-bit MatMulNBits (its quantiser takes ``bits``)."""
+    import inspect
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
+
+    return "bits" in inspect.signature(DefaultWeightOnlyQuantConfig).parameters
+
+
 def quantization_modes(onnx_path: Path, mode: str) -> list[str]:
     """The INT8 modes to try, in order, each only where the one before was rejected (too slow or
     unfaithful: at a small batch weight-only can pay where dynamic does not, as on SmolLM2-135M):
     the profile's ``int8.mode``, where ``auto`` reads the graph (dynamic, then weight-only, where
     matrix products outnumber convolutions: transformers; static for conv nets)."""
+    if mode == "weight-only" and not weight_only_available():
+        import onnxruntime
+
+        raise InputError(f"int8.mode weight-only needs 8-bit MatMulNBits, which onnxruntime {onnxruntime.__version__} "
+                         "cannot write: upgrade onnxruntime, or set int8.mode to auto, dynamic or static")
     if mode != "auto":
         return [mode]
     import onnx
 
     ops = [n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node]
     products, convs = sum(op in ("MatMul", "Gemm") for op in ops), ops.count("Conv")
-    return ["dynamic", "weight-only"] if products > convs else ["static"]
+    if products <= convs:
+        return ["static"]
+    return ["dynamic", "weight-only"] if weight_only_available() else ["dynamic"]
 
 
 def perplexity_ratio(module: nn.Module, runner: Callable[[Inputs], np.ndarray], inputs: Sequence[Inputs]) -> float | None:
@@ -312,7 +329,13 @@ def lower_int8(
     held_out = [example, *calib_inputs[:8]] if calib is not None else held_out_inputs(*example, n_random=6, seed=7)
     lm = (hf or {}).get("task") == "text-generation"
     rejected: list[str] = []
-    for mode in quantization_modes(fp32.files["onnx"], profile.int8.mode):
+    modes = quantization_modes(fp32.files["onnx"], profile.int8.mode)
+    if modes == ["dynamic"] and profile.int8.mode == "auto":
+        import onnxruntime
+
+        fp32.notes.append(f"weight-only INT8 not tried: onnxruntime {onnxruntime.__version__} cannot write 8-bit "
+                          "MatMulNBits")  # fmt: skip
+    for mode in modes:
         int8_path = out_dir / "model.int8.onnx"
         judge = calib_note.replace(" from the calibration data", "") + " judge it"
         if mode == "dynamic":

@@ -101,7 +101,9 @@ def test_int8_transformer_like_runs(encoder: nn.Module, token_inputs: dict, tmp_
     assert any("INT8 (dynamic, ONNX Runtime)" in n for n in art.notes), art.notes
 
 
-def test_quantization_mode_reads_the_graph(tmp_path: Path) -> None:
+def test_quantization_mode_reads_the_graph(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from potstill.errors import InputError
+    from potstill.targets import int8
     from potstill.targets.int8 import quantization_modes
 
     conv = lower(_conv_net(), (torch.randn(1, 3, 32, 32),), load_profile("cpu"), tmp_path / "conv")
@@ -110,6 +112,13 @@ def test_quantization_mode_reads_the_graph(tmp_path: Path) -> None:
     assert quantization_modes(conv.files["onnx"], "auto") == ["static"]
     assert quantization_modes(dense.files["onnx"], "auto") == ["dynamic", "weight-only"]
     assert quantization_modes(dense.files["onnx"], "static") == ["static"]
+    # an onnxruntime that cannot write 8-bit MatMulNBits: auto leaves weight-only out, and asking for it is an error
+    monkeypatch.setattr(int8, "weight_only_available", lambda: False)
+    assert quantization_modes(dense.files["onnx"], "auto") == ["dynamic"]
+    told = lower(mlp, (torch.randn(2, 16),), _int8_profile("fp32", on_fp32=True), tmp_path / "old-ort")
+    assert any(n.startswith("weight-only INT8 not tried: onnxruntime") for n in told.notes), told.notes
+    with pytest.raises(InputError, match=r"int8\.mode weight-only needs 8-bit MatMulNBits"):
+        quantization_modes(dense.files["onnx"], "weight-only")
 
 
 def test_models_under_min_macs_are_not_quantised(tmp_path: Path) -> None:
@@ -335,4 +344,5 @@ def test_auto_tries_weight_only_where_dynamic_is_rejected(
     art = lower(model, (), loose, tmp_path / "loose", example_kwargs=calib[0], calib=calib, hf=hf)
     assert art.precision == "int8" and not any("INT8 rejected" in n for n in art.notes), art.notes
     assert any("INT8 (dynamic, ONNX Runtime)" in n for n in art.notes)
+    assert not any("weight-only INT8 not tried" in n for n in art.notes)
 
