@@ -362,6 +362,18 @@ class _CausalLM(_Measure):
         return r
 
 
+def perplexity_ratio(outputs: Iterable[tuple[Any, Any, Batch]]) -> float:
+    """``ppl_s / ppl_t`` over ``(teacher output, student output, batch)`` triples of a causal LM,
+    as the fidelity table measures it (``_CausalLM``); NaN where an output is non-finite or no
+    next-token pair was compared."""
+    measure = _CausalLM()
+    for t_out, s_out, batch in outputs:
+        measure.add(t_out, s_out, batch)
+    if measure.nonfinite or not measure.n_next:
+        return math.nan
+    return measure.result()["ppl_ratio"]
+
+
 class _Output(_Measure):
     def __init__(self) -> None:
         super().__init__()

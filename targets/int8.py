@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -201,24 +200,22 @@ def quantization_modes(onnx_path: Path, mode: str) -> list[str]:
 
 def perplexity_ratio(module: nn.Module, runner: Callable[[Inputs], np.ndarray], inputs: Sequence[Inputs]) -> float | None:
     """The engine's perplexity over PyTorch's, of each input's own next tokens at the positions its
-    attention mask keeps (both sides of each pair); None where the inputs are not token ids giving
-    ``[batch, sequence, vocab]`` logits."""
-    gap, count = 0.0, 0
-    for item in inputs:
-        ids = item[1].get("input_ids")
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+    attention mask keeps, as the fidelity table measures it (NaN where the engine's output is not
+    finite); None where the inputs are not token ids giving ``[batch, sequence, vocab]`` logits."""
+    from potstill.fidelity import perplexity_ratio as ratio
+    from potstill.inputs.data import Batch
+
+    outputs = []
+    for args, kwargs in inputs:
+        ids = kwargs.get("input_ids")
+        if not isinstance(ids, torch.Tensor):
             return None
-        ref = torch_reference(module, item)
+        ref = torch_reference(module, (args, kwargs))
         if ref.ndim != 3 or ref.shape[:2] != tuple(ids.shape):
             return None
-        keep = kept_positions(item, ref.shape)
-        keep = np.ones(ref.shape[:2], bool) if keep is None else keep
-        pair = torch.from_numpy(keep[:, :-1] & keep[:, 1:])
-        for sign, logits in ((1.0, runner(item)), (-1.0, ref)):
-            logp = torch.log_softmax(torch.from_numpy(np.asarray(logits, np.float64))[:, :-1], dim=-1)
-            gap -= sign * float(logp.gather(-1, ids[:, 1:, None]).squeeze(-1)[pair].sum())
-        count += int(pair.sum())
-    return math.exp(gap / count) if count else None
+        engine = torch.from_numpy(np.asarray(runner((args, kwargs)), np.float64))
+        outputs.append((torch.from_numpy(ref), engine, Batch(tuple(args), dict(kwargs))))
+    return ratio(outputs) if outputs else None
 
 
 def example_macs(module: nn.Module, example: Inputs) -> float:
@@ -335,9 +332,12 @@ def lower_int8(
 
         fp32.notes.append(f"weight-only INT8 not tried: onnxruntime {onnxruntime.__version__} cannot write 8-bit "
                           "MatMulNBits")  # fmt: skip
+    int8_path = out_dir / "model.int8.onnx"
+    judge = calib_note.replace(" from the calibration data", "") + " judge it"
+    # INT8 is judged on rel alone: the largest finite bound stands for "no bound on max_abs"
+    budget = Tolerance(max_abs=sys.float_info.max, rel=profile.int8.max_rel_error)
+    run_fp32 = partial(session.run, [exported.output_name], fp32_runner.feeds(example))
     for mode in modes:
-        int8_path = out_dir / "model.int8.onnx"
-        judge = calib_note.replace(" from the calibration data", "") + " judge it"
         if mode == "dynamic":
             quantize_dynamic_onnx(fp32.files["onnx"], int8_path)
             note = f"dynamic activation scales ({judge})"
@@ -352,8 +352,6 @@ def lower_int8(
         int8_session, _ = make_session(int8_path, profile)
         runner = OrtRunner(int8_session, OnnxExport(int8_path, exported.spec, MODE_TOOLS[mode][0],
                                                     output_name=exported.output_name))
-        # INT8 is judged on rel alone: the largest finite bound stands for "no bound on max_abs"
-        budget = Tolerance(max_abs=sys.float_info.max, rel=profile.int8.max_rel_error)
         parity = check_parity(module, runner, held_out, budget)
         disagreement = top1_disagreement(module, runner, held_out, tokens=lm)
         # a language model on real text: perplexity of that text judges it (None on random tokens)
@@ -366,8 +364,7 @@ def lower_int8(
         # the decision reads FP32 and INT8 timed in alternating rounds, so load that comes and goes
         # between two separate timings cannot decide it (a busy host once measured the same INT8 MiniLM
         # 0.78x one time and 2.76x the next)
-        reading = TeacherClock(partial(session.run, [exported.output_name], fp32_runner.feeds(example))).read(
-            run_int8, threshold=profile.int8.min_speedup)
+        reading = TeacherClock(run_fp32).read(run_int8, threshold=profile.int8.min_speedup)
         d = decide(profile, reading.teacher_ms, reading.teacher_ms / reading.speedup, parity["rel"], disagreement, ppl)
         summary = (f"INT8 ({MODE_TOOLS[mode][1]}) {d.int8_ms:.3f} ms vs FP32 {d.fp32_ms:.3f} ms "
                    f"(speed-up {d.fp32_ms / d.int8_ms:.2f}x), rel {d.rel:.3g}"

@@ -261,6 +261,9 @@ def test_perplexity_ratio_has_the_known_answer_and_reads_only_kept_positions() -
     junk = ref.numpy().copy()
     junk[0, :2] = 1e4  # the padded positions' logits are undefined: they must not move the answer
     assert perplexity_ratio(model, lambda _: junk, [item]) == pytest.approx(1.0)
+    broken = ref.numpy().copy()
+    broken[1, 3, 0] = np.nan  # a kept position: no number stands for it
+    assert np.isnan(perplexity_ratio(model, lambda _: broken, [item]))
     images = ((torch.randn(2, 3),), {})  # not token ids: no perplexity
     assert perplexity_ratio(nn.Linear(3, 4), lambda _: np.zeros((2, 4)), [images]) is None
 
