@@ -188,6 +188,10 @@ def prepare(opts: CompileOptions, note: Note = print) -> Prepared:
     profile = load_profile(opts.profile)
     target = opts.target or profile.target
     planner.draft(target, profile)  # fails fast on a bad pipeline, before loading anything big
+    if target in ("onnx", "onnxruntime") and profile.tries_int8():
+        from potstill.targets.int8 import require_int8_mode
+
+        require_int8_mode(profile.int8.mode)
 
     check_input_shapes(opts.input_shapes)
     # one student is alive at a time (each is recorded and dropped before the next)

@@ -193,6 +193,10 @@ class DeviceProfile(_Strict):
             raise ValueError("a DLA core runs fp16 or int8 only; set precision to fp16 or int8")
         return self
 
+    def tries_int8(self) -> bool:
+        """Whether students are quantised: precision int8, or fp32 with ``int8.on_fp32``."""
+        return self.precision == "int8" or (self.int8.on_fp32 and self.precision == "fp32")
+
     def unquantised(self) -> DeviceProfile:
         """This profile without INT8 (``precision: int8`` read as fp32, ``int8.on_fp32`` off): what
         the teacher's reference engine is lowered with, so students' speed-ups include what INT8 buys."""

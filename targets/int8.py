@@ -177,16 +177,22 @@ def weight_only_available() -> bool:
     return "bits" in inspect.signature(DefaultWeightOnlyQuantConfig).parameters
 
 
-def quantization_modes(onnx_path: Path, mode: str) -> list[str]:
-    """The INT8 modes to try, in order, each only where the one before was rejected (too slow or
-    unfaithful: at a small batch weight-only can pay where dynamic does not, as on SmolLM2-135M):
-    the profile's ``int8.mode``, where ``auto`` reads the graph (dynamic, then weight-only, where
-    matrix products outnumber convolutions: transformers; static for conv nets)."""
+def require_int8_mode(mode: str) -> None:
+    """InputError naming ``int8.mode`` when this host cannot write the mode's engines (the compile
+    checks it before loading the teacher, and again where it quantises)."""
     if mode == "weight-only" and not weight_only_available():
         import onnxruntime
 
         raise InputError(f"int8.mode weight-only needs 8-bit MatMulNBits, which onnxruntime {onnxruntime.__version__} "
                          "cannot write: upgrade onnxruntime, or set int8.mode to auto, dynamic or static")
+
+
+def quantization_modes(onnx_path: Path, mode: str) -> list[str]:
+    """The INT8 modes to try, in order, each only where the one before was rejected (too slow or
+    unfaithful: at a small batch weight-only can pay where dynamic does not, as on SmolLM2-135M):
+    the profile's ``int8.mode``, where ``auto`` reads the graph (dynamic, then weight-only, where
+    matrix products outnumber convolutions: transformers; static for conv nets)."""
+    require_int8_mode(mode)
     if mode != "auto":
         return [mode]
     import onnx

@@ -31,7 +31,7 @@ def _lower_ort(
     calib: Any,
     hf: dict[str, Any] | None,
 ) -> Artifact:
-    if profile.precision == "int8" or (profile.int8.on_fp32 and profile.precision == "fp32"):
+    if profile.tries_int8():
         return lower_int8(module, args, profile, out_dir, kwargs=kwargs, dynamic_batch=dynamic_batch, calib=calib, hf=hf)
     return lower_onnxruntime(module, args, profile, out_dir, kwargs=kwargs, dynamic_batch=dynamic_batch, hf=hf,
                              target=target_name)  # fmt: skip

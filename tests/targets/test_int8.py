@@ -101,7 +101,8 @@ def test_int8_transformer_like_runs(encoder: nn.Module, token_inputs: dict, tmp_
     assert any("INT8 (dynamic, ONNX Runtime)" in n for n in art.notes), art.notes
 
 
-def test_quantization_mode_reads_the_graph(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quantization_mode_reads_the_graph(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     from potstill.errors import InputError
     from potstill.targets import int8
     from potstill.targets.int8 import quantization_modes
@@ -119,6 +120,18 @@ def test_quantization_mode_reads_the_graph(tmp_path: Path, monkeypatch: pytest.M
     assert any(n.startswith("weight-only INT8 not tried: onnxruntime") for n in told.notes), told.notes
     with pytest.raises(InputError, match=r"int8\.mode weight-only needs 8-bit MatMulNBits"):
         quantization_modes(dense.files["onnx"], "weight-only")
+    # the compile says so before loading the teacher, with exit code 2 (not after pruning, at the lowering)
+    import yaml
+    from potstill.cli import main
+
+    profile = _int8_profile("fp32", on_fp32=True, mode="weight-only").to_dict() | {"name": "old-ort"}
+    (tmp_path / "old-ort.yaml").write_text(yaml.safe_dump(profile))
+    teacher = Path(__file__).resolve().parents[2] / "examples" / "digits_cnn.py"
+    code = main(["compile", f"{teacher}:teacher", "--profile", str(tmp_path / "old-ort.yaml"),
+                 "-o", str(tmp_path / "out")])
+    said = capsys.readouterr()
+    assert code == 2 and "int8.mode weight-only needs 8-bit MatMulNBits" in said.err + said.out, said
+    assert "loading teacher" not in said.err + said.out and not (tmp_path / "out").exists()
 
 
 def test_models_under_min_macs_are_not_quantised(tmp_path: Path) -> None:

@@ -258,3 +258,27 @@ def test_subnets_are_timed_as_they_ship_and_the_teacher_as_the_user_has_it(tmp_p
     assert timed[0] == (True, "fp32", False), timed  # the teacher: unquantised
     assert {precision for is_teacher, precision, _ in timed if not is_teacher} == {"int8"}, timed
     assert result.finalists and all(f.artifact.precision == "int8" for f in result.finalists)
+
+
+def test_anchors_of_two_precisions_put_the_predictor_on_the_int8_line() -> None:
+    """The largest anchor shipped FP32 because its INT8 engine missed fidelity (INT8 was 2x faster),
+    the smallest shipped INT8: the predictor reads the largest at its INT8 time, so near-full
+    subnets are not judged by an FP32 time they would not ship with. An FP32 anchor whose INT8
+    engine was slower keeps its FP32 time (that is what would ship), and anchors of one precision are
+    left as timed."""
+    from potstill.passes.elastic.search import one_precision
+    from potstill.targets.artifact import Artifact
+
+    large, small = SubnetConfig(((0, 4),)), SubnetConfig(((0, 1),))
+    fp32_fast_int8 = Artifact("onnxruntime", "fp32", latency_ms={"median": 4.0, "int8_median": 2.0})
+    fp32_slow_int8 = Artifact("onnxruntime", "fp32", latency_ms={"median": 4.0, "int8_median": 5.0})
+    int8 = Artifact("onnxruntime", "int8", latency_ms={"median": 1.0})
+    anchors = [(large, 6.0), (small, 1.5)]
+    names = ("largest", "smallest")
+
+    line, record = one_precision(anchors, [fp32_fast_int8, int8], names)
+    assert line == [(large, pytest.approx(3.0)), (small, 1.5)]
+    assert record["largest"] == {"precision": "fp32", "ms": 6.0, "predictor_ms": pytest.approx(3.0)}
+    assert record["smallest"]["predictor_ms"] == 1.5
+    assert one_precision(anchors, [fp32_slow_int8, int8], names)[0] == anchors
+    assert one_precision(anchors, [fp32_fast_int8, fp32_fast_int8], names)[0] == anchors
