@@ -362,3 +362,35 @@ def test_auto_tries_weight_only_where_dynamic_is_rejected(
     assert any("INT8 (dynamic, ONNX Runtime)" in n for n in art.notes)
     assert not any("weight-only INT8 not tried" in n for n in art.notes)
 
+
+
+@pytest.mark.parametrize("saturate", [True, False])
+def test_weights_take_seven_bits_where_the_cpu_products_saturate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                saturate: bool) -> None:
+    """Without VNNI an x86 CPU's u8 x s8 products saturate for large weights (on an AVX2 host, dynamic
+    INT8 of SmolLM2-135M got no next token right): dynamic INT8 then writes weights in [-64, 63]
+    (``reduce_range``), and NNCF's static quantiser every conv and product weight the same
+    range (its overflow fix, by default on the first convolution only); elsewhere 8 bits are kept."""
+    from onnx import numpy_helper
+    from potstill.targets import int8
+
+    monkeypatch.setattr(int8, "products_saturate", lambda: saturate)
+    fp32 = load_profile("cpu").unquantised()
+
+    def peak(model: onnx.ModelProto, ndim: int, count: int) -> int:
+        """The largest quantised weight's magnitude (the int8 initializers of that rank: not zero points)."""
+        weights = [w for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8
+                   and (w := numpy_helper.to_array(i)).ndim == ndim]
+        assert len(weights) == count, [w.shape for w in weights]
+        return max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+
+    mlp = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    dense = lower(mlp, (torch.randn(2, 16),), fp32, tmp_path / "mlp").files["onnx"]
+    dynamic = peak(onnx.load(str(int8.quantize_dynamic_onnx(dense, tmp_path / "dynamic.onnx"))), 2, 2)
+    assert (dynamic <= 64) == saturate and dynamic >= 63, dynamic
+
+    conv = lower(_conv_net(), (torch.randn(1, 3, 32, 32),), fp32, tmp_path / "conv").files["onnx"]
+    name = onnx.load(str(conv), load_external_data=False).graph.input[0].name
+    feeds = [{name: x.numpy()} for x in _calib()]
+    static = peak(onnx.load(str(int8.quantize_onnx(conv, tmp_path / "static.onnx", feeds, 16))), 4, 4)
+    assert (static <= 64) == saturate and static >= 63, static
