@@ -170,20 +170,34 @@ def fold_weight_transposes(model: Any) -> int:
     return folded
 
 
+def nbits_quantizer() -> Any:
+    """onnxruntime's MatMulNBits quantiser module, imported without its side effect: at import it
+    calls ``logging.basicConfig(level=INFO)``, which gave the root logger a handler, and every INFO
+    line of every library (onnxscript's constant folding, onnx_ir's passes, matplotlib) reached the
+    user's console for the rest of the compile. Handlers it adds are removed and the level restored."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        from onnxruntime.quantization import matmul_nbits_quantizer
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+    return matmul_nbits_quantizer
+
+
 def quantize_weight_only_onnx(fp32_path: Path, out_path: Path) -> Path:
     """ONNX Runtime weight-only INT8 of the model at ``fp32_path``: every MatMul with a constant
     weight becomes MatMulNBits (8-bit symmetric weights in blocks of ``WEIGHT_ONLY_BLOCK`` inputs,
     accuracy level 4: activations quantised per block at run time); written atomically."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
 
+    nbits = nbits_quantizer()
     model = onnx.load(str(fp32_path))
     fold_weight_transposes(model)
-    config = DefaultWeightOnlyQuantConfig(block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True, accuracy_level=4, bits=8)
-    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    config = nbits.DefaultWeightOnlyQuantConfig(block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True, accuracy_level=4,
+                                                bits=8)
+    quantizer = nbits.MatMulNBitsQuantizer(model, algo_config=config)
     quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")  # a line per node
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -200,9 +214,7 @@ def weight_only_available() -> bool:
     """Whether this ONNX Runtime writes 8-bit MatMulNBits (its quantiser takes ``bits``)."""
     import inspect
 
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
-
-    return "bits" in inspect.signature(DefaultWeightOnlyQuantConfig).parameters
+    return "bits" in inspect.signature(nbits_quantizer().DefaultWeightOnlyQuantConfig).parameters
 
 
 def require_int8_mode(mode: str) -> None:

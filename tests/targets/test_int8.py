@@ -394,3 +394,18 @@ def test_weights_take_seven_bits_where_the_cpu_products_saturate(tmp_path: Path,
     feeds = [{name: x.numpy()} for x in _calib()]
     static = peak(onnx.load(str(int8.quantize_onnx(conv, tmp_path / "static.onnx", feeds, 16))), 4, 4)
     assert (static <= 64) == saturate and static >= 63, static
+
+
+def test_probing_for_weight_only_leaves_the_root_logger_as_it_was() -> None:
+    """onnxruntime's MatMulNBits quantiser calls ``logging.basicConfig(level=INFO)`` when imported;
+    every transformer compile probes for it, and before this check every library's INFO lines
+    (onnxscript, onnx_ir, matplotlib) then reached the console. A fresh interpreter: the import
+    happens once per process."""
+    import logging
+    import subprocess
+    import sys
+
+    code = ("import logging; from potstill.targets.int8 import quantize_weight_only_onnx, weight_only_available; "
+            "weight_only_available(); root = logging.getLogger(); print(len(root.handlers), root.level)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0", str(logging.WARNING)], out
