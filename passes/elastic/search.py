@@ -434,8 +434,8 @@ def one_precision(anchors: list[tuple[SubnetConfig, float]], artifacts: Sequence
 
     Anchors are timed as they ship, INT8 where it pays. Where one ships INT8 and another FP32 only
     because its INT8 engine missed the fidelity bounds (the INT8 engine was faster), the line through
-    them mixes two precisions: on MiniLM with trained weights it predicted 4.25 ms for finalists that
-    measured 2.26 ms, and near-full subnets were judged infeasible. Such an FP32 anchor's time is
+    them mixes two precisions, the likely reason a MiniLM search once predicted 4.25 ms for
+    finalists that measured 2.26 ms and judged near-full subnets infeasible. Such an FP32 anchor's time is
     scaled by its own INT8/FP32 medians (both timed in its lowering), so the line is INT8's; an
     anchor whose INT8 engine was not faster keeps its FP32 time, which is what would ship."""
     record: dict[str, Any] = {}
