@@ -29,7 +29,7 @@ import contextlib
 import io
 import logging
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -70,6 +70,17 @@ def calibration_inputs(
     n = max(1, min(samples, 32))
     randoms = held_out_inputs(*example, n_random=n, seed=1234)[1:]
     return randoms, f"no calibration data: {n} random inputs in the example's value range"
+
+
+@contextlib.contextmanager
+def quiet_logger(logger: logging.Logger) -> Iterator[None]:
+    """``logger`` shows errors only inside the block, its own level restored after."""
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def products_saturate() -> bool:
@@ -124,16 +135,11 @@ def quantize_dynamic_onnx(fp32_path: Path, out_path: Path) -> Path:
     time, so nothing is calibrated); written atomically to ``out_path``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    root = logging.getLogger()  # it logs pre-processing advice on the root logger: quiet it here only
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
-    try:
-        with atomic_path(out_path) as tmp:
-            quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-                             reduce_range=products_saturate(),
-                             use_external_data_format=Path(fp32_path).stat().st_size > 1_800_000_000)
-    finally:
-        root.setLevel(level)
+    # it logs pre-processing advice on the root logger: quiet it here only
+    with quiet_logger(logging.getLogger()), atomic_path(out_path) as tmp:
+        quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+                         reduce_range=products_saturate(),
+                         use_external_data_format=Path(fp32_path).stat().st_size > 1_800_000_000)
     return out_path
 
 
@@ -198,13 +204,8 @@ def quantize_weight_only_onnx(fp32_path: Path, out_path: Path) -> Path:
     config = nbits.DefaultWeightOnlyQuantConfig(block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True, accuracy_level=4,
                                                 bits=8)
     quantizer = nbits.MatMulNBitsQuantizer(model, algo_config=config)
-    quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")  # a line per node
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
+    with quiet_logger(logging.getLogger(nbits.__name__)):  # a line per node
         quantizer.process()
-    finally:
-        quiet.setLevel(level)
     with atomic_path(out_path) as tmp:
         quantizer.model.save_model_to_file(str(tmp), use_external_data_format=Path(fp32_path).stat().st_size > 1_800_000_000)
     return out_path
