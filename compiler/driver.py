@@ -308,7 +308,9 @@ def _default_distillation(opts: CompileOptions, teacher: Teacher, task: str, has
     minutes = opts.train_minutes
     epochs = opts.distill_epochs or (None if minutes is not None else DEFAULT_DISTILL_EPOCHS)
     if opts.elastic:
-        how = "elastic.train's step budget" if opts.distill_epochs is None else f"{opts.distill_epochs} epochs"
+        how = " and ".join(x for x in (f"{opts.distill_epochs} epochs" if opts.distill_epochs else "",
+                                       f"at most {minutes:g} min" if minutes else "") if x)
+        how = how or "elastic.train's step budget"
         note(f"training data found: the supernet trains from the teacher ({how}; --no-distill skips)")
         return opts.distill_epochs or DEFAULT_DISTILL_EPOCHS, None
     given = (getattr(opts.recipe_data, "train", None) or {}).keys()

@@ -201,6 +201,17 @@ def infer_task(teacher: nn.Module, hf: Mapping[str, Any] | None, example_output:
     return "output"
 
 
+def reference_output(out: Any) -> Any:
+    """The part of a teacher's output that ``measure_fidelity`` reads, to cache and pass back as
+    its ``teacher`` (the sentence embedding or last hidden state an embedding measure pools, else
+    the primary tensor): a language model's key-value cache or extra hidden states are not kept."""
+    for key in ("sentence_embedding", "last_hidden_state"):
+        value = _field(out, key)
+        if value is not None:
+            return {key: value}
+    return primary_output(out)
+
+
 def _field(out: Any, key: str) -> torch.Tensor | None:
     value = out.get(key) if isinstance(out, Mapping) else getattr(out, key, None)
     return value if isinstance(value, torch.Tensor) else None

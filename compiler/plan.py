@@ -290,11 +290,10 @@ def _check_training_flags(opts: CompileOptions) -> None:
     if m is not None and not (math.isfinite(float(m)) and float(m) > 0):
         raise InputError(f"--train-minutes {m}: must be a positive number of minutes (e.g. 10)")
     given = [f for f, on in (("--train-minutes", m is not None), ("--no-augment", not opts.augment)) if on]
-    if opts.elastic and opts.distill and not opts.pipeline:  # the supernet augments, but counts steps
-        given = [f for f in given if f != "--no-augment"]
+    if opts.elastic and opts.distill and not opts.pipeline:  # elastic.train augments and takes a time budget
+        given = []
     why = ("--no-distill turns distillation off" if not opts.distill else
            "the pipeline says what runs: write distill{minutes=M} or distill{augment=false} there" if opts.pipeline else
-           "elastic supernet training takes --distill-epochs" if opts.elastic else
            "the recipe's stages: run distill.progressive, which takes epochs per stage"
            if getattr(opts.recipe_data, "stages", None) else "")  # fmt: skip
     if given and why:
@@ -459,7 +458,7 @@ class StudentPlanner:
 
                 # no --distill-epochs: elastic.train's own step budget
                 at = next(i for i, p in enumerate(passes) if p.name == "elastic.nest") + 1
-                passes = [*passes[:at], train_pass(self.opts.distill_epochs or 0, self.opts.augment), *passes[at:]]
+                passes = [*passes[:at], train_pass(self.opts.distill_epochs or 0, self.opts.augment, self.opts.train_minutes), *passes[at:]]
             plans.append(Plan(d.name, passes, d.profile))
         return plans
 

@@ -71,6 +71,8 @@ class TrainConfig:
     eval_every: int = 0
     eval_limit: int | None = None
     progress: bool = True
+    #: the progress bar's label
+    progress_label: str = "distill"
     #: identity of the run beyond these settings (the distill pass's spec): part of the fingerprint
     run_key: str = ""
     #: fail when the loss ends above this multiple of its start (``health``); None: do not check
@@ -97,7 +99,7 @@ def not_launched(parallel: str) -> str:
 
 #: settings that do not change what a run computes (left out of the resume fingerprint)
 NOT_FINGERPRINTED = {"checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "log_path", "log_every",
-                     "eval_every", "eval_limit", "progress", "time_budget_s"}  # fmt: skip
+                     "eval_every", "eval_limit", "progress", "progress_label", "time_budget_s"}  # fmt: skip
 
 
 @dataclass

@@ -402,7 +402,8 @@ class DistillTrainer(CheckpointingMixin):
         at, rng = self._start(data, total)
         resumed = at.step if rng is not None else None
         epoch0, position, stopped = at.epoch, at.pos, False
-        bar = StepProgress(total, enabled=c.progress and self.dist.is_main, start=at.step, budget_s=c.time_budget_s)
+        bar = StepProgress(total, enabled=c.progress and self.dist.is_main, start=at.step, description=c.progress_label,
+                           budget_s=c.time_budget_s)
         with bar:
             for epoch in range(epoch0, c.epochs):
                 if at.step >= total or stopped:

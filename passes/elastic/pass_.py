@@ -17,6 +17,7 @@ loss) is an error, not ignored.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -179,9 +180,13 @@ DEFAULT_STEPS = 250
 
 @dataclass(frozen=True)
 class TrainOptions:
-    #: passes over the data (None: as many as ``DEFAULT_STEPS`` steps take, at least one)
+    #: passes over the data (None: as many as ``DEFAULT_STEPS`` steps take, at least one; with
+    #: ``minutes``, until the budget is spent)
     epochs: int | None = None
     max_steps: int | None = None
+    #: wall-clock budget of the training, in minutes (None: none); the learning rate and the
+    #: progressive unlocking follow the budget's fraction spent when that is ahead of the steps
+    minutes: float | None = None
     #: None: ``PRETRAINED_LR`` for a transformer teacher (its output an embedding or next-token
     #: logits), else 1e-3 (see ``default_lr``)
     lr: float | None = None
@@ -209,6 +214,9 @@ class TrainOptions:
             raise ValueError(f"augment must be true or false, got {self.augment!r}")
         _positive("epochs", self.epochs, allow_none=True)
         _positive("max_steps", self.max_steps, allow_none=True)
+        _positive("minutes", self.minutes, float, allow_none=True)
+        if self.minutes is not None and not math.isfinite(self.minutes):
+            raise ValueError(f"minutes must be a finite number, got {self.minutes!r}")
         _positive("lr", self.lr, float, allow_none=True)
         _positive("temperature", self.temperature, float, allow_none=True)
         if self.loss == "cosine" and self.temperature is not None:
@@ -277,7 +285,11 @@ class ElasticTrainPass(Pass):
         work = getattr(state, "work_dir", None)
         ckpt = work / "checkpoints" / "supernet" if work is not None else None
         epochs, max_steps = o.epochs, o.max_steps
-        if epochs is None:  # a step budget: whole epochs up to DEFAULT_STEPS (or max_steps)
+        if epochs is None and o.minutes is not None and max_steps is None:
+            from potstill.passes.distill.pass_ import UNTIL_BUDGET
+
+            epochs = UNTIL_BUDGET
+        elif epochs is None:  # a step budget: whole epochs up to DEFAULT_STEPS (or max_steps)
             from potstill.passes.distill.batches import count_batches
 
             steps = max_steps or DEFAULT_STEPS
@@ -285,7 +297,8 @@ class ElasticTrainPass(Pass):
             max_steps = steps
         task = _teacher_task(state)
         lr = o.lr if o.lr is not None else default_lr(task)
-        cfg = TrainConfig(epochs=epochs, max_steps=max_steps, lr=lr, seed=o.seed, progress=False,
+        cfg = TrainConfig(epochs=epochs, max_steps=max_steps, lr=lr, seed=o.seed, progress_label="elastic.train",
+                          time_budget_s=o.minutes * 60 if o.minutes is not None else None,
                           checkpoint_dir=ckpt, resume=ckpt is not None, checkpoint_every=50 if ckpt else 0)
         loss = ("cosine" if task == "embedding" else "kd") if o.loss == "auto" else o.loss
         if loss not in ROBUST_LOSSES:  # robust training trades clean fidelity by design: not checked
@@ -303,8 +316,13 @@ class ElasticTrainPass(Pass):
         result = train_supernet(net, state.teacher, data, cfg, loss=loss,
                                 random_subnets=o.random_subnets, progressive=o.progressive, balance=o.balance,
                                 **o.loss_options(loss))
-        training = {"loss": loss, "lr": lr, "augmented": augmented, "batchnorm": batchnorm, "steps": result.steps, "final_loss": result.loss, "seconds": result.seconds,
-                    "resumed_from": result.resumed_from, **({"pgd": o.loss_options()} if o.loss in ROBUST_LOSSES else {})}
+        training = {"loss": loss, "lr": lr, "augmented": augmented, "batchnorm": batchnorm, "steps": result.steps,
+                    "final_loss": result.loss, "seconds": result.seconds, "budget_minutes": o.minutes,
+                    "stopped_by_budget": result.stopped_by_budget, "resumed_from": result.resumed_from,
+                    **({"pgd": o.loss_options()} if o.loss in ROBUST_LOSSES else {})}
+        if result.stopped_by_budget:
+            note(f"elastic.train: the {o.minutes:g}-minute budget stopped training after {result.steps} sandwich steps "
+                 f"({result.seconds / 60:.1f} min)")
         net.trained[self.spec()] = training
         state.records.setdefault("elastic", {})["training"] = training
         state.facts.add("distilled")

@@ -81,10 +81,15 @@ def shared_channel_multiple(profiles: Sequence[str]) -> int | None:
     return math.lcm(*multiples) if len(multiples) > 1 else None
 
 
-def train_pass(epochs: int, augment: bool = True) -> Pass:
-    """``elastic.train`` for ``epochs`` epochs (0: its own step budget); ``augment=False`` (``--no-augment``)
-    trains on the images as given."""
-    return get_pass("elastic.train")(**({"epochs": epochs} if epochs else {}), **({} if augment else {"augment": False}))
+def train_pass(epochs: int, augment: bool = True, minutes: float | None = None) -> Pass:
+    """``elastic.train`` for ``epochs`` epochs (0: its own step budget, or until ``minutes`` are spent
+    when given: ``--train-minutes``); ``augment=False`` (``--no-augment``) trains on the images as given."""
+    options: dict[str, Any] = {"epochs": epochs} if epochs else {}
+    if minutes is not None:
+        options["minutes"] = minutes
+    if not augment:
+        options["augment"] = False
+    return get_pass("elastic.train")(**options)
 
 
 def elastic_pipelines(

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 from potstill.errors import InputError
-from potstill.inputs.data import Batch, primary_output
+from potstill.fidelity import infer_task, measure_fidelity, reference_output
+from potstill.inputs.data import Batch
 from torch import nn
 
 from .extract import extract
@@ -52,16 +53,6 @@ def better(a: float, b: float) -> bool:
     return math.isfinite(a) and (not math.isfinite(b) or a > b)
 
 
-def output_agreement(teacher_outputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> float:
-    """Top-1 agreement for logits (last dim > 1 and 2-D), else ``1 − ‖y − y_t‖ / ‖y_t‖``."""
-    if all(t.dim() == 2 and t.shape[-1] > 1 for t in teacher_outputs):
-        same = sum(int((t.argmax(-1) == s.argmax(-1)).sum()) for t, s in zip(teacher_outputs, outputs))
-        return same / max(sum(t.shape[0] for t in teacher_outputs), 1)
-    num = sum(float((t - s).float().pow(2).sum()) for t, s in zip(teacher_outputs, outputs))
-    den = sum(float(t.float().pow(2).sum()) for t in teacher_outputs)
-    return 1.0 - (num / den) ** 0.5 if den > 0 else float("nan")
-
-
 class ConfiguredView(nn.Module):
     """The supernet running as one configuration, as a module (no weights copied)."""
 
@@ -76,19 +67,11 @@ class ConfiguredView(nn.Module):
             return self.supernet.model(*args, **kwargs)
 
 
-def _fidelity_fn() -> Callable[..., Any] | None:
-    try:
-        from potstill.fidelity import measure_fidelity
-    except ImportError:
-        return None
-    return measure_fidelity
-
-
 @dataclass
 class Scorer:
     """Accuracy of a configuration: ``metric(extracted)`` if given, else fidelity to the teacher on the
-    held-out batches (``potstill.fidelity.measure_fidelity``; top-1 agreement / relative error where
-    that module is absent), from the sources that serve the search (``sources``)."""
+    held-out batches (``potstill.fidelity.measure_fidelity`` against the teacher's outputs, computed
+    once), from the sources that serve the search (``sources``)."""
 
     net: Supernet
     teacher: nn.Module
@@ -101,7 +84,10 @@ class Scorer:
     #: the sources the search scores with (``_which_sources``), best of them per configuration: None
     #: until the first score
     sources: tuple[Source, ...] | None = None
-    _teacher_out: list[torch.Tensor] = field(default_factory=list)
+    #: the teacher's outputs as ``measure_fidelity`` reads them (``reference_output``) and their task:
+    #: each candidate then runs only the subnet, not the teacher again
+    _teacher_ref: list[Any] = field(default_factory=list)
+    _task: str | None = None
     _bn_batches: list[Batch] = field(default_factory=list)
     #: the trained weights' BatchNorm statistics as the search found them (re-estimation overwrites them)
     _stored: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -109,8 +95,16 @@ class Scorer:
     def __post_init__(self) -> None:
         if not self.heldout:
             raise InputError("elastic search needs held-out batches to score subnets")
-        with torch.no_grad():
-            self._teacher_out = [primary_output(b.run(self.teacher)).float() for b in self.heldout]
+        was = self.teacher.training
+        self.teacher.eval()
+        try:
+            with torch.no_grad():
+                for b in self.heldout:
+                    out = b.run(self.teacher)
+                    self._task = self._task or infer_task(self.teacher, None, out)
+                    self._teacher_ref.append(reference_output(out))
+        finally:
+            self.teacher.train(was)
         seen = 0
         for b in self.calib:
             if seen >= self.bn_samples:
@@ -144,17 +138,7 @@ class Scorer:
         """The same score for a standalone module (an extracted subnet)."""
         if self.metric is not None:
             return float(self.metric(module))
-        measure = _fidelity_fn()
-        if measure is not None:
-            return float(measure(self.teacher, module, self.heldout).score)
-        was = module.training
-        module.eval()
-        try:
-            with torch.no_grad():
-                outs = [primary_output(b.run(module)).float() for b in self.heldout]
-        finally:
-            module.train(was)
-        return output_agreement(self._teacher_out, outs)
+        return float(measure_fidelity(self._teacher_ref, module, self.heldout, self._task).score)
 
     def __call__(self, config: SubnetConfig) -> float:
         """The configuration's score from the sources that serve the search, the best of them."""
@@ -181,16 +165,12 @@ class Scorer:
             if self.metric is not None:
                 return float(self.metric(extract(self.net, config).module))
             was = self.net.model.training
-            self.net.model.eval()
+            self.net.model.eval()  # the view holds no submodules: measure_fidelity's eval() does not reach them
             try:
-                measure = _fidelity_fn()
-                if measure is not None:
-                    return float(measure(self.teacher, ConfiguredView(self.net, config), self.heldout).score)
-                with torch.no_grad(), self.net.configured(config):
-                    outs = [primary_output(b.run(self.net.model)).float() for b in self.heldout]
+                return float(measure_fidelity(self._teacher_ref, ConfiguredView(self.net, config), self.heldout,
+                                              self._task).score)
             finally:
                 self.net.model.train(was)
-            return output_agreement(self._teacher_out, outs)
 
 
 def best_of(scored: Sequence[tuple[Source, float]]) -> tuple[Source, float]:

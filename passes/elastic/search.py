@@ -38,7 +38,7 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -357,10 +357,14 @@ def _search(net: Supernet, teacher: nn.Module, profile: Any, example_inputs: tup
 
     cache: dict[tuple[int, ...], Candidate] = {}
     t0 = time.perf_counter()
+    dims = space.dims()
+    pop_n = settings.population
+    bound = min(space.size(), 2 * pop_n + len(dims) + 5 + max(pop_n, pop_n // 3) + settings.generations * pop_n)
 
     def evaluate(genome: Sequence[int]) -> Candidate:
         key = space.canonical(genome)
         if key not in cache:
+            tick()
             cfg = space.config(key)
             lat, mem = costs.latency_ms(cfg), costs.memory_mb(cfg)
             violation = 0.0
@@ -371,25 +375,25 @@ def _search(net: Supernet, teacher: nn.Module, profile: Any, example_inputs: tup
             cache[key] = Candidate(key, cfg, scorer(cfg), lat, mem, violation)
         return cache[key]
 
-    rng = random.Random(settings.seed)
-    dims = space.dims()
-    pop = seed_points(space, evaluate, latency_budget, max_evaluations=2 * settings.population)
-    randoms = max(settings.population - len(pop), settings.population // 3)
-    for _ in range(randoms):
-        if len(cache) >= space.size():
-            break
-        pop.append(evaluate([rng.randrange(len(d.choices)) for d in dims]))
-    pop = _select(list({id(c): c for c in pop}.values()), settings.population)
-    for _ in range(settings.generations):
-        children = []
-        for _ in range(settings.population):
-            a, b = _tournament(pop, rng), _tournament(pop, rng)
-            child = [x if rng.random() < 0.5 else y for x, y in zip(a.genome, b.genome)]
-            child = [rng.randrange(len(d.choices)) if rng.random() < settings.mutation else g
-                     for g, d in zip(child, dims)]
-            children.append(evaluate(child))
-        union = list({c.genome: c for c in pop + children}.values())
-        pop = _select(union, settings.population)
+    with scoring_progress(bound) as tick:  # the subnets scored, of at most `bound`
+        rng = random.Random(settings.seed)
+        pop = seed_points(space, evaluate, latency_budget, max_evaluations=2 * settings.population)
+        randoms = max(settings.population - len(pop), settings.population // 3)
+        for _ in range(randoms):
+            if len(cache) >= space.size():
+                break
+            pop.append(evaluate([rng.randrange(len(d.choices)) for d in dims]))
+        pop = _select(list({id(c): c for c in pop}.values()), settings.population)
+        for _ in range(settings.generations):
+            children = []
+            for _ in range(settings.population):
+                a, b = _tournament(pop, rng), _tournament(pop, rng)
+                child = [x if rng.random() < 0.5 else y for x, y in zip(a.genome, b.genome)]
+                child = [rng.randrange(len(d.choices)) if rng.random() < settings.mutation else g
+                         for g, d in zip(child, dims)]
+                children.append(evaluate(child))
+            union = list({c.genome: c for c in pop + children}.values())
+            pop = _select(union, settings.population)
     seconds = time.perf_counter() - t0
     everything = list(cache.values())
     front = sorted(non_dominated_sort(everything)[0], key=lambda c: (c.latency_ms, -c.accuracy))
@@ -427,6 +431,18 @@ def _search(net: Supernet, teacher: nn.Module, profile: Any, example_inputs: tup
                         costs.source, timing)
 
 
+@contextlib.contextmanager
+def scoring_progress(bound: int) -> Iterator[Callable[[], None]]:
+    """A rich bar over the subnets the search scores (at most ``bound``), gone when scoring ends;
+    yields the call that counts one."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]elastic.search: scoring subnets"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("at most,"), TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task("scoring", total=bound)
+        yield lambda: bar.advance(task)
+
+
 def one_precision(anchors: list[tuple[SubnetConfig, float]], artifacts: Sequence[Any],
                   names: Sequence[str]) -> tuple[list[tuple[SubnetConfig, float]], dict[str, Any]]:
     """The predictor's anchors on one precision's line, and a record of each (precision, ms timed,
@@ -437,15 +453,18 @@ def one_precision(anchors: list[tuple[SubnetConfig, float]], artifacts: Sequence
     them mixes two precisions, the likely reason a MiniLM search once predicted 4.25 ms for
     finalists that measured 2.26 ms and judged near-full subnets infeasible. Such an FP32 anchor's time is
     scaled by its own INT8/FP32 medians (both timed in its lowering), so the line is INT8's; an
-    anchor whose INT8 engine was not faster keeps its FP32 time, which is what would ship."""
+    anchor whose INT8 engine was not faster keeps its FP32 time, which is what would ship. The ratio
+    is the fastest rejected INT8 mode's speed-up, timed interleaved with the FP32 engine
+    (``int8_speedup``), else the two engines' separate medians."""
     record: dict[str, Any] = {}
     mixed = len({art.precision for art in artifacts}) > 1
     out = []
     for (config, ms), art, name in zip(anchors, artifacts, names):
         int8, fp32 = art.latency_ms.get("int8_median"), art.latency_ms.get("median")
+        speedup = art.latency_ms.get("int8_speedup") or (fp32 / int8 if int8 and fp32 else None)
         used = ms
-        if mixed and art.precision == "fp32" and int8 and fp32 and 0 < int8 < fp32:
-            used = ms * int8 / fp32
+        if mixed and art.precision == "fp32" and speedup is not None and speedup > 1:
+            used = ms / speedup
         out.append((config, used))
         record[name] = {"precision": art.precision, "ms": ms, "predictor_ms": used}
     return out, record

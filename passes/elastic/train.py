@@ -27,7 +27,7 @@ draws the same subnets and a resumed run continues with the draws it would have 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -50,11 +50,17 @@ class SandwichSampler:
     random_subnets: int = 2
     progressive: bool = True
     seed: int = 0
+    #: the fraction of a wall-clock budget spent (``TimeBudget.fraction``), None without one: a run
+    #: stopped by its budget would otherwise never reach the phases its planned steps put last
+    spent: Callable[[], float] | None = None
 
     def unlocked(self, step: int) -> tuple[str, ...]:
         if not self.progressive:
             return PHASES
-        phase = min(len(PHASES) - 1, step * len(PHASES) // max(self.total_steps, 1))
+        phase = step * len(PHASES) // max(self.total_steps, 1)
+        if self.spent is not None:
+            phase = max(phase, int(self.spent() * len(PHASES)))
+        phase = min(len(PHASES) - 1, phase)
         return PHASES[: phase + 1]
 
     def configs(self, step: int) -> list[SubnetConfig]:
@@ -95,11 +101,12 @@ def train_supernet(
     c = replace(config or TrainConfig(), inplace=True, balance=balance, find_unused_parameters=True)
     per_epoch = c.steps_per_epoch or count_batches(data, c.seed)
     total = min(c.max_steps or per_epoch * c.epochs, per_epoch * c.epochs)
-    sampler = SandwichSampler(net, total, random_subnets, progressive, c.seed)
     if not any(p.requires_grad for p in net.model.parameters()):
         net.model.requires_grad_(True)  # a supernet nested from a frozen teacher copy trains all of it
     largest = StudentSpec(net.model, net.space.largest(), 1.0, net.forward, "largest")
-    trainer = DistillTrainer(largest, teacher, loss, c, sample_students=sampler, **loss_options)
+    trainer = DistillTrainer(largest, teacher, loss, c, **loss_options)
+    spent = trainer.budget.fraction if c.time_budget_s is not None else None
+    trainer.sample_students = SandwichSampler(net, total, random_subnets, progressive, c.seed, spent)
     with net.attached():
         return trainer.fit(data)
 

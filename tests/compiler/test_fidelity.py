@@ -88,6 +88,41 @@ def test_embedding_masked_mean_cosine_and_neighbours():
     assert fid.measures["nn_agreement"] == pytest.approx(2 / 3)
 
 
+class WithExtras(nn.Module):
+    """A Hugging Face-like output: the tensor fidelity reads plus others it does not (a cache)."""
+
+    def __init__(self, key: str, seed: int) -> None:
+        super().__init__()
+        self.key, self.proj = key, nn.Linear(4, 4)
+        torch.manual_seed(seed)
+        nn.init.normal_(self.proj.weight)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.proj(torch.nn.functional.one_hot(input_ids, 4).float())
+        out = {"past_key_values": h * 7.0, self.key: h.mean(1) if self.key == "sentence_embedding" else h}
+        return out if self.key != "logits" else {"logits": h[:, -1], "past_key_values": h}
+
+
+@pytest.mark.parametrize("key", ["last_hidden_state", "sentence_embedding", "logits"])
+def test_cached_teacher_outputs_measure_what_the_teacher_does(key: str) -> None:
+    """``reference_output`` keeps what ``measure_fidelity`` reads and nothing else: the cached
+    outputs, with their task, give the very fidelity the teacher module gives."""
+    from potstill.fidelity import reference_output
+
+    teacher, student = WithExtras(key, 0), WithExtras(key, 1)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 4, (3, 5), generator=g),
+                "attention_mask": torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] * 4 + [0]])} for _ in range(2)]
+    direct = measure_fidelity(teacher, student, batches)
+    outs = [teacher(**b) for b in batches]
+    refs = [reference_output(o) for o in outs]
+    assert all("past_key_values" not in r for r in refs if isinstance(r, dict))
+    cached = measure_fidelity(refs, student, batches, infer_task(teacher, None, outs[0]))
+    assert cached.task == direct.task == ("classification" if key == "logits" else "embedding")
+    assert cached.score == pytest.approx(direct.score, rel=1e-12) and cached.measures == direct.measures
+    assert direct.score < 0.999  # the two models differ: the comparison is not trivially equal
+
+
 def test_causal_lm_agreement_and_perplexity_ratio_by_hand():
     v = 3
     t = torch.log_softmax(torch.tensor([[[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]]]), -1)

@@ -63,7 +63,7 @@ def test_int8_rejected_over_parity_budget(tmp_path: Path) -> None:
     note = next(n for n in art.notes if n.startswith("kept FP32"))
     assert "INT8 rejected" in note and "parity: rel" in note and "vs FP32" in note
     assert art.parity["ok"] and art.parity["int8"]["rel"] > 1e-7
-    assert art.latency_ms["int8_median"] > 0
+    assert art.latency_ms["int8_median"] > 0 and art.latency_ms["int8_speedup"] > 0
 
 
 def test_decision_rule_both_ways() -> None:

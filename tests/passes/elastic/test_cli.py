@@ -44,18 +44,22 @@ def test_elastic_training_defaults_to_its_step_budget() -> None:
     assert not [p for p in plan_students(BASE, "onnxruntime")[0].passes if p.name == "elastic.train"]
 
 
-def test_no_augment_reaches_the_supernet_training() -> None:
+def test_no_augment_and_train_minutes_reach_the_supernet_training() -> None:
     from potstill.plan import check_flags
 
     opts = replace(BASE, augment=False)
-    check_flags(opts)  # --no-augment shapes elastic.train; --train-minutes has nothing to shape
+    check_flags(opts)  # --no-augment and --train-minutes shape elastic.train
     (plan,) = plan_students(opts, "onnxruntime", distill_epochs=3)
     assert next(p for p in plan.passes if p.name == "elastic.train").options.augment is False
     assert "elastic.train{augment=False}" in plan.spec
     (plain,) = plan_students(BASE, "onnxruntime", distill_epochs=3)
     assert next(p for p in plain.passes if p.name == "elastic.train").options.augment is None
+    check_flags(replace(BASE, train_minutes=5.0))
+    (timed,) = plan_students(replace(BASE, train_minutes=5.0), "onnxruntime", distill_epochs=3)
+    train = next(p for p in timed.passes if p.name == "elastic.train")
+    assert train.options.minutes == 5.0 and train.options.epochs is None
     with pytest.raises(InputError, match="--train-minutes: no default distillation would use it"):
-        check_flags(replace(BASE, train_minutes=5.0))
+        check_flags(replace(BASE, train_minutes=5.0, distill=False))
 
 
 def test_several_speedups_make_one_student_each() -> None:

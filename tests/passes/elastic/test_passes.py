@@ -39,6 +39,8 @@ def _state() -> CompileState:
     ("elastic.train{eps=0.1}", "robust losses"),
     ("elastic.train{loss=mse}", "loss must be one of"),
     ("elastic.train{epochs=0}", "epochs"),
+    ("elastic.train{minutes=0}", "minutes"),
+    ("elastic.train{minutes=inf}", "minutes"),
     ("elastic.search{students=0}", "students"),
     ("elastic.search{latency_ms=-1}", "latency_ms"),
     ("elastic.search{speedup=[0.5]}", "speedup"),
@@ -86,6 +88,20 @@ def test_nest_train_search_emits_students_within_measured_budgets() -> None:
             assert s.module(X[:4]).shape == (4, 10)
     for r in search_record["rejected"]:
         assert "speed-up" in r["why"] or "memory" in r["why"]
+
+
+def test_the_time_budget_stops_supernet_training(capsys) -> None:
+    """``minutes`` without epochs trains until the budget is spent, and the console says it stopped
+    there; with a step bound it ends at the steps first."""
+    state = _state()
+    PassManager(build_pipeline("elastic.nest,elastic.train{minutes=0.01,random_subnets=0}")).run(state)
+    training = state.records["elastic"]["training"]
+    assert training["stopped_by_budget"] and training["steps"] > 0 and training["budget_minutes"] == 0.01
+    assert "the 0.01-minute budget stopped training" in capsys.readouterr().err
+    state = _state()
+    PassManager(build_pipeline("elastic.nest,elastic.train{minutes=5,max_steps=2,random_subnets=0}")).run(state)
+    training = state.records["elastic"]["training"]
+    assert training["steps"] == 2 and not training["stopped_by_budget"]
 
 
 def test_an_impossible_latency_budget_binds() -> None:

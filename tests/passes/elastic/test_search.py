@@ -282,3 +282,8 @@ def test_anchors_of_two_precisions_put_the_predictor_on_the_int8_line() -> None:
     assert record["smallest"]["predictor_ms"] == 1.5
     assert one_precision(anchors, [fp32_slow_int8, int8], names)[0] == anchors
     assert one_precision(anchors, [fp32_fast_int8, fp32_fast_int8], names)[0] == anchors
+    # the interleaved speed-up of the fastest rejected INT8 mode decides over the separate medians
+    interleaved = Artifact("onnxruntime", "fp32", latency_ms={"median": 4.0, "int8_median": 2.0, "int8_speedup": 1.5})
+    assert one_precision(anchors, [interleaved, int8], names)[0] == [(large, pytest.approx(4.0)), (small, 1.5)]
+    slower = Artifact("onnxruntime", "fp32", latency_ms={"median": 4.0, "int8_median": 2.0, "int8_speedup": 0.9})
+    assert one_precision(anchors, [slower, int8], names)[0] == anchors

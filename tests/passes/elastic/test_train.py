@@ -39,6 +39,14 @@ def test_sandwich_sampler_draws_per_step_and_unlocks_progressively(cnn) -> None:
     assert sampler.configs(29)[1] == space.smallest()
     specs = sampler(3)
     assert [s.name for s in specs] == ["largest", "smallest", "random0", "random1"]
+    # under a wall-clock budget the phases follow the fraction spent when it is ahead of the steps
+    spent = [0.0]
+    timed = SandwichSampler(net, total_steps=30_000, random_subnets=2, seed=0, spent=lambda: spent[0])
+    assert timed.unlocked(3) == ("width",)
+    spent[0] = 0.5
+    assert timed.unlocked(3) == ("width", "depth")
+    spent[0] = 1.0
+    assert timed.unlocked(3) == ("width", "depth", "expansion") and timed.configs(3)[1] == space.smallest()
 
 
 def _digits():
