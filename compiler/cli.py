@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--distill-epochs", type=int, default=None, metavar="N",
                    help="epochs of distillation in the default pipeline when training data is given (default 3; >= 1)")
     c.add_argument("--train-minutes", type=float, default=None, metavar="M",
-                   help="wall-clock budget of each student's default distillation, in minutes (training stops "
-                        "when it is spent; the manifest says whether it did)")  # fmt: skip
+                   help="wall-clock budget of each student's default distillation (with --elastic: of the supernet's "
+                        "training), in minutes (training stops when it is spent; the manifest says whether it did)")  # fmt: skip
     c.add_argument("--no-augment", action="store_true",
                    help="do not augment image training data (random crops, flips, colour jitter) in the default "
                         "distillation or the elastic supernet's training")  # fmt: skip
