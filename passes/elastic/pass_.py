@@ -496,6 +496,10 @@ class ElasticSearchPass(Pass):
                 s.metrics["elastic"]["shortfall"] = shortfall
             if result.timing:
                 s.metrics["elastic"]["search_timing"] = result.timing
+            s.metrics["elastic"]["search_cost"] = {"subnets_scored": result.evaluated, "scoring_seconds": result.seconds}
+            training = state.records.get("elastic", {}).get("training")
+            if training is not None:  # the supernet's training, as every student of it has it
+                s.metrics["elastic"]["training"] = training
             students.append(s)
         state.students = [s for s in state.students if s is not supernet_student] + students
         record = state.records.setdefault("elastic", {})

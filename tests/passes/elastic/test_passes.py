@@ -84,6 +84,8 @@ def test_nest_train_search_emits_students_within_measured_budgets() -> None:
         e = s.metrics["elastic"]
         assert e["measured_speedup"] >= 1.2 * 0.95 and e["teacher_ms"] > 0 and e["measured_latency_ms"] > 0
         assert 0 <= e["front_index"] < len(search_record["front"])
+        # the manifest carries the supernet's training and what the search spent scoring
+        assert e["training"]["steps"] == 6 and e["search_cost"]["subnets_scored"] == search_record["evaluated"]
         with torch.no_grad():
             assert s.module(X[:4]).shape == (4, 10)
     for r in search_record["rejected"]:
