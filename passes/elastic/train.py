@@ -21,7 +21,11 @@ steps samples widths only, the second adds depth, the last adds expansion ratios
 at full size. With ``loss="rslad"`` or ``"ard"`` every subnet term is adversarial (PGD on the
 input of *that* subnet: the supernet's hooks keep the configuration active through the attack), so
 each extracted subnet is robust (ProARD). The sampler is seeded by ``(seed, step)``: every DDP rank
-draws the same subnets and a resumed run continues with the draws it would have made.
+draws the same subnets and a resumed run continues with the draws it would have made. Under a
+wall-clock budget (``TrainConfig.time_budget_s``) the phases follow the larger of the steps' and the
+budget's fraction done, so a run the budget stops still trains every phase; the phase of a step then
+depends on each rank's clock near a phase boundary, and a resumed run, which gets its whole budget
+again, starts its phases over.
 """
 
 from __future__ import annotations
