@@ -452,16 +452,14 @@ def one_precision(anchors: list[tuple[SubnetConfig, float]], artifacts: Sequence
     because its INT8 engine missed the fidelity bounds (the INT8 engine was faster), the line through
     them mixes two precisions, the likely reason a MiniLM search once predicted 4.25 ms for
     finalists that measured 2.26 ms and judged near-full subnets infeasible. Such an FP32 anchor's time is
-    scaled by its own INT8/FP32 medians (both timed in its lowering), so the line is INT8's; an
-    anchor whose INT8 engine was not faster keeps its FP32 time, which is what would ship. The ratio
-    is the fastest rejected INT8 mode's speed-up, timed interleaved with the FP32 engine
-    (``int8_speedup``), else the two engines' separate medians."""
+    divided by its own INT8 speed-up (``int8_speedup``: the fastest rejected INT8 mode's, timed in its
+    lowering interleaved with the FP32 engine), so the line is INT8's; an anchor whose INT8 engine was
+    not faster keeps its FP32 time, which is what would ship."""
     record: dict[str, Any] = {}
     mixed = len({art.precision for art in artifacts}) > 1
     out = []
     for (config, ms), art, name in zip(anchors, artifacts, names):
-        int8, fp32 = art.latency_ms.get("int8_median"), art.latency_ms.get("median")
-        speedup = art.latency_ms.get("int8_speedup") or (fp32 / int8 if int8 and fp32 else None)
+        speedup = art.latency_ms.get("int8_speedup")
         used = ms
         if mixed and art.precision == "fp32" and speedup is not None and speedup > 1:
             used = ms / speedup

@@ -93,14 +93,14 @@ class WithExtras(nn.Module):
 
     def __init__(self, key: str, seed: int) -> None:
         super().__init__()
-        self.key, self.proj = key, nn.Linear(4, 4)
         torch.manual_seed(seed)
+        self.key, self.proj = key, nn.Linear(4, 4)
         nn.init.normal_(self.proj.weight)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.proj(torch.nn.functional.one_hot(input_ids, 4).float())
-        out = {"past_key_values": h * 7.0, self.key: h.mean(1) if self.key == "sentence_embedding" else h}
-        return out if self.key != "logits" else {"logits": h[:, -1], "past_key_values": h}
+        h = self.proj(torch.nn.functional.one_hot(input_ids, 4).float())  # [B, T, 4]
+        read = {"last_hidden_state": h, "sentence_embedding": h.mean(1), "logits": h[:, -1]}[self.key]
+        return {self.key: read, "past_key_values": h * 7.0}
 
 
 @pytest.mark.parametrize("key", ["last_hidden_state", "sentence_embedding", "logits"])

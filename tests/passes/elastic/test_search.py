@@ -270,8 +270,8 @@ def test_anchors_of_two_precisions_put_the_predictor_on_the_int8_line() -> None:
     from potstill.targets.artifact import Artifact
 
     large, small = SubnetConfig(((0, 4),)), SubnetConfig(((0, 1),))
-    fp32_fast_int8 = Artifact("onnxruntime", "fp32", latency_ms={"median": 4.0, "int8_median": 2.0})
-    fp32_slow_int8 = Artifact("onnxruntime", "fp32", latency_ms={"median": 4.0, "int8_median": 5.0})
+    fp32_fast_int8 = Artifact("onnxruntime", "fp32", latency_ms={"median": 4.0, "int8_median": 2.0, "int8_speedup": 2.0})
+    fp32_slow_int8 = Artifact("onnxruntime", "fp32", latency_ms={"median": 4.0, "int8_median": 5.0, "int8_speedup": 0.8})
     int8 = Artifact("onnxruntime", "int8", latency_ms={"median": 1.0})
     anchors = [(large, 6.0), (small, 1.5)]
     names = ("largest", "smallest")
