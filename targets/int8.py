@@ -28,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -141,6 +143,66 @@ def quantize_dynamic_onnx(fp32_path: Path, out_path: Path) -> Path:
                          reduce_range=products_saturate(),
                          use_external_data_format=Path(fp32_path).stat().st_size > 1_800_000_000)
     return out_path
+
+
+def int8_error(module: nn.Module, runner: Callable[[Inputs], np.ndarray], inputs: Sequence[Inputs],
+               ppl_inputs: Sequence[Inputs]) -> tuple[float, str]:
+    """How far an INT8 engine is from PyTorch, to choose between two engines, and what was measured:
+    a language model's perplexity over PyTorch's on ``ppl_inputs`` (real text), else the squared
+    error over the squared reference at the positions the attention mask keeps, summed over
+    ``inputs``. A shape mismatch, NaN or infinity is ``inf``."""
+    ppl = perplexity_ratio(module, runner, ppl_inputs) if ppl_inputs else None
+    if ppl is not None:
+        return (ppl if math.isfinite(ppl) else math.inf), "perplexity over FP32's"
+    num = den = 0.0
+    for item in inputs:
+        ref, got = torch_reference(module, item), np.asarray(runner(item), np.float64)
+        if got.shape != ref.shape:
+            return math.inf, "relative squared error"
+        keep = kept_positions(item, ref.shape)
+        if keep is not None:
+            ref, got = ref[keep], got[keep]
+        num += float(np.square(got - ref).sum())
+        den += float(np.square(ref).sum())
+    err = num / den if den > 0 else num
+    return (err if math.isfinite(err) else math.inf), "relative squared error"
+
+
+#: SmoothQuant is not tried on graphs whose weights pass this size: their INT8 engine needs external data
+SMOOTHQUANT_MAX_BYTES = 1_800_000_000
+
+
+def smooth_if_better(module: nn.Module, fp32_path: Path, int8_path: Path, stat_inputs: Sequence[Inputs],
+                     open_runner: Callable[[Path], OrtRunner], judge: Sequence[Inputs], ppl_inputs: Sequence[Inputs],
+                     profile: DeviceProfile) -> str:
+    """Dynamic INT8 of the SmoothQuant-rescaled graph (``potstill.targets.smoothquant``, scales from
+    ``stat_inputs``) replaces the plain one at ``int8_path`` only when its error on ``judge`` (or the
+    perplexity on ``ppl_inputs``) is lower; returns the note that says which was kept and why."""
+    from .smoothquant import smooth_onnx
+
+    size = fp32_path.stat().st_size + sum(p.stat().st_size for p in fp32_path.parent.glob(f"{fp32_path.name}*.data"))
+    if size > SMOOTHQUANT_MAX_BYTES:
+        return f"SmoothQuant not tried: {size / 1e9:.1f} GB of FP32 weights"
+    smoothed = int8_path.with_name("model.smoothed.onnx")
+    candidate = int8_path.with_name("model.int8-smoothed.onnx")
+    runner = open_runner(fp32_path)
+    try:
+        report = smooth_onnx(fp32_path, smoothed, [runner.feeds(item) for item in stat_inputs],
+                             lambda path: make_session(path, profile)[0], weight_bits=7 if products_saturate() else 8)
+        if not report.groups:
+            return f"SmoothQuant not kept: no rescaling lowered the simulated INT8 error of the {report.candidates} " \
+                   "activations it could rescale"
+        quantize_dynamic_onnx(smoothed, candidate)
+        (plain, _), (smooth, measure) = (int8_error(module, open_runner(p), judge, ppl_inputs)
+                                         for p in (int8_path, candidate))
+        if smooth < plain:
+            os.replace(candidate, int8_path)
+            return f"{report.describe()}: kept, its {measure} {smooth:.4g} against {plain:.4g} unsmoothed"
+        return f"{report.describe()}: not kept, its {measure} {smooth:.4g} against {plain:.4g} unsmoothed"
+    finally:
+        for path in (smoothed, candidate):
+            for leftover in (path, path.with_name(f"{path.name}.data")):
+                leftover.unlink(missing_ok=True)
 
 
 #: per INT8 mode: the tool that quantises (recorded on the engine) and how the console names it
@@ -386,11 +448,22 @@ def lower_int8(
     # INT8 is judged on rel alone: the largest finite bound stands for "no bound on max_abs"
     budget = Tolerance(max_abs=sys.float_info.max, rel=profile.int8.max_rel_error)
     run_fp32 = partial(session.run, [exported.output_name], fp32_runner.feeds(example))
+
+    def open_runner(path: Path, tool: str = "") -> OrtRunner:
+        return OrtRunner(make_session(path, profile)[0], OnnxExport(path, exported.spec, tool,
+                                                                     output_name=exported.output_name))
+
     seven = f"; {SEVEN_BITS}" if products_saturate() else ""  # dynamic and static (weight-only keeps 8)
     for mode in modes:
         if mode == "dynamic":
             quantize_dynamic_onnx(fp32.files["onnx"], int8_path)
             note = f"dynamic activation scales ({judge}){seven}"
+            if calib is None:
+                note += "; SmoothQuant not tried: no calibration data to scale by"
+            else:  # scales from the batches past those that judge INT8, where there are any
+                note += "; " + smooth_if_better(
+                    module, fp32.files["onnx"], int8_path, calib_inputs[8:] or calib_inputs, open_runner, held_out,
+                    calib_inputs[:8] if lm else [], profile)
         elif mode == "weight-only":
             quantize_weight_only_onnx(fp32.files["onnx"], int8_path)
             note = f"weight-only, activations quantised per block at run time ({judge})"
@@ -399,9 +472,8 @@ def lower_int8(
             quantize_onnx(fp32.files["onnx"], int8_path, feeds, profile.int8.calibration_samples,
                           transformer=bool(kwargs) or bool(hf))
             note = calib_note + seven
-        int8_session, _ = make_session(int8_path, profile)
-        runner = OrtRunner(int8_session, OnnxExport(int8_path, exported.spec, MODE_TOOLS[mode][0],
-                                                    output_name=exported.output_name))
+        runner = open_runner(int8_path, MODE_TOOLS[mode][0])
+        int8_session = runner.session
         parity = check_parity(module, runner, held_out, budget)
         disagreement = top1_disagreement(module, runner, held_out, tokens=lm)
         # a language model on real text: perplexity of that text judges it (None on random tokens)
