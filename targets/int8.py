@@ -48,7 +48,7 @@ from torch import nn
 from .artifact import Artifact
 from .onnx_export import OnnxExport, flat_spec
 from .onnxruntime import OrtRunner, fixed_batch, lower_onnxruntime, make_session
-from .parity import Inputs, check_parity, held_out_inputs, kept_positions, torch_reference
+from .parity import Inputs, check_parity, errors, held_out_inputs, kept_positions, torch_reference
 from .speedup import TeacherClock
 from .timing import time_callable
 
@@ -145,27 +145,49 @@ def quantize_dynamic_onnx(fp32_path: Path, out_path: Path) -> Path:
     return out_path
 
 
+@dataclass
+class EngineError:
+    """How far an INT8 engine is from PyTorch: ``value`` (a language model's perplexity over PyTorch's
+    on real text, else the squared error over the squared reference), its name, and the worst
+    ``rel`` (max-abs error over the reference's max) that the INT8 budget reads."""
+
+    value: float
+    measure: str
+    rel: float
+
+    def within(self, opts: Any) -> bool:
+        """Whether the profile's INT8 budget (``profile.int8``) passes it; NaN and inf never do."""
+        if self.measure == PERPLEXITY:
+            return self.value <= opts.max_perplexity_ratio
+        return self.rel <= opts.max_rel_error
+
+
+PERPLEXITY = "perplexity over FP32's"
+
+
 def int8_error(module: nn.Module, runner: Callable[[Inputs], np.ndarray], inputs: Sequence[Inputs],
-               ppl_inputs: Sequence[Inputs]) -> tuple[float, str]:
-    """How far an INT8 engine is from PyTorch, to choose between two engines, and what was measured:
-    a language model's perplexity over PyTorch's on ``ppl_inputs`` (real text), else the squared
-    error over the squared reference at the positions the attention mask keeps, summed over
-    ``inputs``. A shape mismatch, NaN or infinity is ``inf``."""
+               ppl_inputs: Sequence[Inputs]) -> EngineError:
+    """How far an INT8 engine is from PyTorch, to choose between two engines: a language model's
+    perplexity over PyTorch's on ``ppl_inputs`` (real text), else the squared error over the squared
+    reference at the positions the attention mask keeps, summed over ``inputs``. A shape mismatch,
+    NaN or infinity is ``inf``."""
     ppl = perplexity_ratio(module, runner, ppl_inputs) if ppl_inputs else None
     if ppl is not None:
-        return (ppl if math.isfinite(ppl) else math.inf), "perplexity over FP32's"
-    num = den = 0.0
+        return EngineError(ppl if math.isfinite(ppl) else math.inf, PERPLEXITY, math.nan)
+    num = den = worst = 0.0
     for item in inputs:
         ref, got = torch_reference(module, item), np.asarray(runner(item), np.float64)
         if got.shape != ref.shape:
-            return math.inf, "relative squared error"
+            return EngineError(math.inf, "relative squared error", math.inf)
         keep = kept_positions(item, ref.shape)
         if keep is not None:
             ref, got = ref[keep], got[keep]
         num += float(np.square(got - ref).sum())
         den += float(np.square(ref).sum())
+        worst = max(worst, errors(got, ref)[1])
     err = num / den if den > 0 else num
-    return (err if math.isfinite(err) else math.inf), "relative squared error"
+    return EngineError(err if math.isfinite(err) else math.inf, "relative squared error",
+                       worst if math.isfinite(worst) else math.inf)
 
 
 #: SmoothQuant is not tried on graphs whose weights pass this size: their INT8 engine needs external data
@@ -176,8 +198,10 @@ def smooth_if_better(module: nn.Module, fp32_path: Path, int8_path: Path, stat_i
                      open_runner: Callable[[Path], OrtRunner], judge: Sequence[Inputs], ppl_inputs: Sequence[Inputs],
                      profile: DeviceProfile) -> str:
     """Dynamic INT8 of the SmoothQuant-rescaled graph (``potstill.targets.smoothquant``, scales from
-    ``stat_inputs``) replaces the plain one at ``int8_path`` only when its error on ``judge`` (or the
-    perplexity on ``ppl_inputs``) is lower; returns the note that says which was kept and why."""
+    ``stat_inputs``) replaces the plain one at ``int8_path`` only when it measures better on ``judge``
+    (or by perplexity on ``ppl_inputs``): within the profile's INT8 budget where the plain one is
+    not, or else with the lower error (a lower mean error with a worse worst case that fails
+    ``int8.max_rel_error`` would cost the INT8 engine); returns the note that says which and why."""
     from .smoothquant import smooth_onnx
 
     size = fp32_path.stat().st_size + sum(p.stat().st_size for p in fp32_path.parent.glob(f"{fp32_path.name}*.data"))
@@ -193,12 +217,15 @@ def smooth_if_better(module: nn.Module, fp32_path: Path, int8_path: Path, stat_i
             return f"SmoothQuant not kept: no rescaling lowered the simulated INT8 error of the {report.candidates} " \
                    "activations it could rescale"
         quantize_dynamic_onnx(smoothed, candidate)
-        (plain, _), (smooth, measure) = (int8_error(module, open_runner(p), judge, ppl_inputs)
-                                         for p in (int8_path, candidate))
-        if smooth < plain:
+        plain, smooth = (int8_error(module, open_runner(p), judge, ppl_inputs) for p in (int8_path, candidate))
+        measured = f"its {smooth.measure} {smooth.value:.4g} against {plain.value:.4g} unsmoothed"
+        if smooth.measure != PERPLEXITY:
+            measured += f" (worst rel {smooth.rel:.3g} against {plain.rel:.3g})"
+        # an engine within the INT8 budget wins over one outside it, then the lower error
+        if (not smooth.within(profile.int8), smooth.value) < (not plain.within(profile.int8), plain.value):
             os.replace(candidate, int8_path)
-            return f"{report.describe()}: kept, its {measure} {smooth:.4g} against {plain:.4g} unsmoothed"
-        return f"{report.describe()}: not kept, its {measure} {smooth:.4g} against {plain:.4g} unsmoothed"
+            return f"{report.describe()}: kept, {measured}"
+        return f"{report.describe()}: not kept, {measured}"
     finally:
         for path in (smoothed, candidate):
             for leftover in (path, path.with_name(f"{path.name}.data")):

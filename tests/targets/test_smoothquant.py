@@ -113,10 +113,13 @@ def test_the_lowering_keeps_the_smoothed_engine_only_when_it_measures_better(tmp
     as_inputs = [((torch.from_numpy(f["x"]),), {}) for f in _feeds(outlier, seed=1)]
     judge = [((torch.from_numpy(f["x"]),), {}) for f in _feeds(outlier, seed=2)]
     int8 = quantize_dynamic_onnx(fp32, tmp_path / "model.int8.onnx")
-    before, _ = int8_error(Same(), runner(int8), judge, [])
-    note = smooth_if_better(Same(), fp32, int8, as_inputs, runner, judge, [], load_profile("cpu"))
-    after, measure = int8_error(Same(), runner(int8), judge, [])
-    assert after <= before and measure == "relative squared error", (before, after, note)
+    profile = load_profile("cpu")
+    plain = int8_error(Same(), runner(int8), judge, [])
+    note = smooth_if_better(Same(), fp32, int8, as_inputs, runner, judge, [], profile)
+    kept = int8_error(Same(), runner(int8), judge, [])
+    before, after = plain.value, kept.value
+    assert kept.measure == "relative squared error" and kept.rel > 0, kept
+    assert (not kept.within(profile.int8), after) <= (not plain.within(profile.int8), before), (plain, kept, note)
     assert "SmoothQuant" in note
     if ": kept," in note:
         assert after < before and f"{after:.4g}" in note and f"{before:.4g}" in note, note
