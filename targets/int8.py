@@ -9,7 +9,9 @@ all-MiniLM-L6-v2 it kept mean cosine 0.993 to the FP32 engine at 2.0x its speed 
 Where dynamic INT8 is rejected, ``auto`` tries *weight-only* INT8 next: ONNX Runtime's
 MatMulNBits, 8-bit weights in blocks of 128 inputs with activations quantised per block at run
 time. On SmolLM2-135M (8 x 64 tokens), dynamic INT8 ran 2.5x faster at 2.3x the perplexity;
-weight-only ran 1.3x faster at 1.035x.
+weight-only ran 1.3x faster at 1.035x. With real calibration data, dynamic INT8 is also built from
+the graph rescaled by SmoothQuant (``potstill.targets.smoothquant``), and that engine replaces the
+plain one only where it measures better (``smooth_if_better``).
 Models under ``int8.min_macs`` are not tried.
 The INT8 engine is kept only if it is faster than FP32 by the profile's ``int8.min_speedup`` *and*
 within its budget: ``rel = max|int8 − torch| / max|torch| <= int8.max_rel_error`` and, for
