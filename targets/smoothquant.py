@@ -46,16 +46,18 @@ import numpy as np
 class Smoothed:
     """What ``smooth_onnx`` did: activation tensors smoothed of those it could smooth, the products
     they feed, the largest activation channel over the median before smoothing (how much there was
-    to move), and the median of the strengths chosen."""
+    to move), the median of the strengths chosen, and the limit they were chosen under."""
 
     groups: int
     candidates: int
     products: int
     outlier_ratio: float
     median_alpha: float
+    max_alpha: float = 1.0
 
     def describe(self) -> str:
-        return (f"SmoothQuant: {self.groups} of {self.candidates} activation tensors rescaled, feeding "
+        limit = f" (alpha up to {self.max_alpha:g})" if self.max_alpha < max(ALPHAS) else ""
+        return (f"SmoothQuant{limit}: {self.groups} of {self.candidates} activation tensors rescaled, feeding "
                 f"{self.products} matrix products (median alpha {self.median_alpha:g}; largest channel up to "
                 f"{self.outlier_ratio:.0f}x the median)")
 
@@ -141,14 +143,14 @@ def dynamic_int8_error(x: np.ndarray, bounds: tuple[np.ndarray, np.ndarray], wei
 
 
 def best_scales(bounds: tuple[np.ndarray, np.ndarray], x: np.ndarray, weights: Sequence[np.ndarray],
-                weight_levels: int) -> tuple[np.ndarray | None, float | None]:
-    """The SmoothQuant scales, among ``ALPHAS`` and none, that give the least simulated INT8 error
+                weight_levels: int, alphas: Sequence[float] = ALPHAS) -> tuple[np.ndarray | None, float | None]:
+    """The SmoothQuant scales, among ``alphas`` and none, that give the least simulated INT8 error
     on the sampled rows ``x``: (scales, alpha), or (None, None) where smoothing does not help."""
     a = np.maximum(np.abs(bounds[0]), np.abs(bounds[1]))
     w = np.max([np.abs(wt).max(axis=1) for wt in weights], axis=0)
     best: tuple[float, np.ndarray | None, float | None] = (
         dynamic_int8_error(x, bounds, weights, np.ones_like(a), weight_levels), None, None)
-    for alpha in ALPHAS:
+    for alpha in alphas:
         s = np.clip(np.maximum(a, 1e-5) ** alpha / np.maximum(w, 1e-5) ** (1 - alpha), 1e-5, 1e5)
         err = dynamic_int8_error(x, bounds, weights, s, weight_levels)
         if err < best[0]:
@@ -156,47 +158,66 @@ def best_scales(bounds: tuple[np.ndarray, np.ndarray], x: np.ndarray, weights: S
     return best[1], best[2]
 
 
+class SmoothQuant:
+    """An FP32 graph's smoothable groups and their activation statistics over ``feeds``, gathered
+    once; ``write`` saves a rescaled copy for each strength limit the INT8 lowering tries."""
+
+    def __init__(self, fp32_path: Path, feeds: Sequence[dict[str, np.ndarray]],
+                 open_session: Callable[[Path], Any], workdir: Path) -> None:
+        import onnx
+
+        self.model = onnx.load(str(fp32_path))
+        groups = weight_groups(self.model)
+        self.candidates = len(groups)
+        self.stats = activation_statistics(self.model, list(groups), feeds, open_session, workdir) if groups else {}
+
+    def write(self, out_path: Path, *, weight_bits: int = 8, max_alpha: float = 1.0) -> Smoothed:
+        """Save the graph to ``out_path`` with every constant-weight matrix product's input divided
+        per channel by ``s`` and its weight rows multiplied by it: ``s`` from the activation maxima
+        with the strength (of ``ALPHAS`` up to ``max_alpha``) that gives the group the least simulated
+        dynamic-INT8 error, the group left alone where none lowers it. The copy computes the same
+        function in FP32; a dynamic quantiser then reads flatter activations."""
+        import onnx
+        from onnx import helper, numpy_helper
+
+        from .large_onnx import save_onnx
+
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        inits = {i.name: i for i in model.graph.initializer}
+        levels = 2 ** (weight_bits - 1) - 1
+        alphas = [a for a in ALPHAS if a <= max_alpha]
+        ratios, chosen, products, new_nodes = [], [], 0, []
+        for act, nodes in weight_groups(model).items():
+            lo, hi, x = (v.astype(np.float64) for v in self.stats[act])
+            weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float64) for n in nodes]  # type: ignore[attr-defined]
+            if x.shape[1] != weights[0].shape[0] or not all(np.all(np.isfinite(v)) for v in (lo, hi, x)):
+                continue
+            s, alpha = best_scales((lo, hi), x, weights, levels, alphas)
+            if s is None or alpha is None:
+                continue
+            a = np.maximum(np.abs(lo), np.abs(hi))
+            ratios.append(float(a.max() / max(float(np.median(a)), 1e-12)))
+            chosen.append(alpha)
+            scaled, scale = f"{act}_smoothed", f"{act}_smooth_scale"
+            model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), scale))
+            new_nodes.append((act, helper.make_node("Mul", [act, scale], [scaled], name=f"{act}_smooth")))
+            for node, wt in zip(nodes, weights, strict=True):
+                init = inits[node.input[1]]  # type: ignore[attr-defined]
+                init.CopyFrom(numpy_helper.from_array((wt * s[:, None]).astype(np.float32), init.name))
+                node.input[0] = scaled  # type: ignore[attr-defined]
+                products += 1
+        insert_after(model, new_nodes)
+        save_onnx(model, out_path)
+        return Smoothed(len(new_nodes), self.candidates, products, max(ratios, default=1.0),
+                        float(np.median(chosen)) if chosen else 0.0, max_alpha)
+
+
 def smooth_onnx(fp32_path: Path, out_path: Path, feeds: Sequence[dict[str, np.ndarray]],
-                open_session: Callable[[Path], Any], *, weight_bits: int = 8) -> Smoothed:
-    """Write ``fp32_path`` with SmoothQuant's scales to ``out_path``: every constant-weight matrix
-    product's input divided per channel by ``s`` and its weight rows multiplied by it, ``s`` from
-    the activation maxima over ``feeds`` with the migration strength (``ALPHAS``) that gives the
-    group the least simulated dynamic-INT8 error, or left alone where none lowers it. The result
-    computes the same function in FP32; a dynamic quantiser then reads flatter activations."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    from .large_onnx import save_onnx
-
-    model = onnx.load(str(fp32_path))
-    groups = weight_groups(model)
-    inits = {i.name: i for i in model.graph.initializer}
-    stats = activation_statistics(model, list(groups), feeds, open_session, Path(out_path).parent) if groups else {}
-    levels = 2 ** (weight_bits - 1) - 1
-    ratios, alphas, products, new_nodes = [], [], 0, []
-    for act, nodes in groups.items():
-        lo, hi, x = (v.astype(np.float64) for v in stats[act])
-        weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float64) for n in nodes]  # type: ignore[attr-defined]
-        if x.shape[1] != weights[0].shape[0] or not all(np.all(np.isfinite(v)) for v in (lo, hi, x)):
-            continue
-        s, alpha = best_scales((lo, hi), x, weights, levels)
-        a = np.maximum(np.abs(lo), np.abs(hi))
-        if s is None or alpha is None:
-            continue
-        ratios.append(float(a.max() / max(float(np.median(a)), 1e-12)))
-        alphas.append(alpha)
-        scaled, scale = f"{act}_smoothed", f"{act}_smooth_scale"
-        model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), scale))
-        new_nodes.append((act, helper.make_node("Mul", [act, scale], [scaled], name=f"{act}_smooth")))
-        for node, wt in zip(nodes, weights, strict=True):
-            init = inits[node.input[1]]  # type: ignore[attr-defined]
-            init.CopyFrom(numpy_helper.from_array((wt * s[:, None]).astype(np.float32), init.name))
-            node.input[0] = scaled  # type: ignore[attr-defined]
-            products += 1
-    insert_after(model, new_nodes)
-    save_onnx(model, out_path)
-    return Smoothed(len(new_nodes), len(groups), products, max(ratios, default=1.0),
-                    float(np.median(alphas)) if alphas else 0.0)
+                open_session: Callable[[Path], Any], *, weight_bits: int = 8, max_alpha: float = 1.0) -> Smoothed:
+    """``fp32_path`` rescaled by SmoothQuant (statistics over ``feeds``), saved to ``out_path``."""
+    return SmoothQuant(fp32_path, feeds, open_session, Path(out_path).parent).write(
+        out_path, weight_bits=weight_bits, max_alpha=max_alpha)
 
 
 def insert_after(model: object, placed: Sequence[tuple[str, object]]) -> None:

@@ -9,8 +9,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
-from potstill.targets.int8 import int8_error, quantize_dynamic_onnx, smooth_if_better
+from potstill.profiles import load_profile
+from potstill.targets.int8 import ALPHA_LIMITS, int8_error, quantize_dynamic_onnx, smooth_if_better
+from potstill.targets.onnx_export import FlatSpec, OnnxExport
+from potstill.targets.onnxruntime import OrtRunner
 from potstill.targets.smoothquant import smooth_onnx
 
 
@@ -54,6 +58,26 @@ def _outlier_graph(tmp_path: Path, hidden: int = 64) -> Path:
     return path
 
 
+def _reference(fp32: Path) -> torch.nn.Module:
+    """The graph as PyTorch: the reference both engines are judged against."""
+    weights = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in onnx.load(str(fp32)).graph.initializer}
+
+    class Same(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x @ weights["A"]
+            return h @ weights["B"] + h @ weights["C"] + h
+
+    return Same()
+
+
+def _runner(path: Path) -> OrtRunner:
+    return OrtRunner(_session(path), OnnxExport(path, FlatSpec(["x"], 1, []), "", output_name="y"))
+
+
+def _as_inputs(outlier: float, seed: int) -> list[tuple[tuple[torch.Tensor], dict[str, torch.Tensor]]]:
+    return [((torch.from_numpy(f["x"]),), {}) for f in _feeds(outlier, seed)]
+
+
 def test_smoothing_keeps_the_function_and_lowers_an_outlier_channels_int8_error(tmp_path: Path) -> None:
     fp32 = _outlier_graph(tmp_path)
     calib, judge = _feeds(60.0, seed=1), _feeds(60.0, seed=2)
@@ -89,42 +113,43 @@ def test_flat_activations_are_left_alone(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("outlier", [60.0, 1.0])
 def test_the_lowering_keeps_the_smoothed_engine_only_when_it_measures_better(tmp_path: Path, outlier: float) -> None:
-    """``smooth_if_better`` replaces the plain dynamic engine only with one whose error on the judging
-    inputs is lower, and says which it kept with both errors."""
-    import torch
-    from potstill.profiles import load_profile
-    from potstill.targets.onnx_export import FlatSpec, OnnxExport
-    from potstill.targets.onnxruntime import OrtRunner
-    from torch import nn
-
+    """``smooth_if_better`` replaces the plain dynamic engine only with one that measures better on the
+    judging inputs, and says which it kept with both errors."""
     fp32 = _outlier_graph(tmp_path)
-    weights = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in onnx.load(str(fp32)).graph.initializer}
-
-    class Same(nn.Module):  # the graph as PyTorch: the reference both engines are judged against
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = x @ weights["A"]
-            return h @ weights["B"] + h @ weights["C"] + h
-
-    spec = FlatSpec(["x"], 1, [])
-
-    def runner(path: Path) -> OrtRunner:
-        return OrtRunner(_session(path), OnnxExport(path, spec, "", output_name="y"))
-
-    as_inputs = [((torch.from_numpy(f["x"]),), {}) for f in _feeds(outlier, seed=1)]
-    judge = [((torch.from_numpy(f["x"]),), {}) for f in _feeds(outlier, seed=2)]
+    reference, runner = _reference(fp32), _runner
+    as_inputs, judge = _as_inputs(outlier, 1), _as_inputs(outlier, 2)
     int8 = quantize_dynamic_onnx(fp32, tmp_path / "model.int8.onnx")
     profile = load_profile("cpu")
-    plain = int8_error(Same(), runner(int8), judge, [])
-    note = smooth_if_better(Same(), fp32, int8, as_inputs, runner, judge, [], profile)
-    kept = int8_error(Same(), runner(int8), judge, [])
+    plain = int8_error(reference, runner(int8), judge, [])
+    note = smooth_if_better(reference, fp32, int8, as_inputs, runner, judge, [], profile)
+    kept = int8_error(reference, runner(int8), judge, [])
     before, after = plain.value, kept.value
     assert kept.measure == "relative squared error" and kept.rel > 0, kept
     assert (not kept.within(profile.int8), after) <= (not plain.within(profile.int8), before), (plain, kept, note)
     assert "SmoothQuant" in note
-    if ": kept," in note:
-        assert after < before and f"{after:.4g}" in note and f"{before:.4g}" in note, note
+    if ": kept (" in note:
+        assert after < before and f"{after:.4g}" in note and f"{before:.4g} unsmoothed" in note, note
     else:
-        assert after == before and (": not kept," in note or "SmoothQuant not kept" in note), note
+        assert after == before and "SmoothQuant not kept" in note, note
     if outlier > 1:
-        assert ": kept," in note and after < 0.5 * before, note
+        assert ": kept (" in note and after < 0.5 * before, note
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32.onnx", "model.int8.onnx"]  # nothing left behind
+
+
+@pytest.mark.parametrize("max_rel_error", [1e-9, 10.0])
+def test_weaker_strengths_are_tried_only_while_the_engine_is_outside_the_budget(tmp_path: Path,
+                                                                                max_rel_error: float) -> None:
+    """With a budget no engine meets, every strength limit is tried and the lowest error kept; with
+    one the first smoothed engine meets, no weaker one is built."""
+    fp32 = _outlier_graph(tmp_path)
+    base = load_profile("cpu")
+    profile = base.model_copy(update={"int8": base.int8.model_copy(update={"max_rel_error": max_rel_error})})
+    judge = _as_inputs(60.0, 2)
+    int8 = quantize_dynamic_onnx(fp32, tmp_path / "model.int8.onnx")
+    note = smooth_if_better(_reference(fp32), fp32, int8, _as_inputs(60.0, 1), _runner, judge, [], profile)
+    tried = note.count("up to alpha")
+    assert tried == (len(ALPHA_LIMITS) if max_rel_error < 1 else 1), note
+    assert ": kept (" in note, note
+    kept = int8_error(_reference(fp32), _runner(int8), judge, []).value
+    listed = [float(part.split(": ")[1].split(",")[0]) for part in note.split("; ") if part.startswith("up to alpha")]
+    assert f"{kept:.4g}" == f"{min(listed):.4g}", (kept, listed, note)
