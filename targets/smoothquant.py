@@ -64,8 +64,10 @@ class Smoothed:
 
 def weight_groups(model: object) -> dict[str, list[object]]:
     """Activation tensor name -> the MatMul nodes that read it against a 2-D constant weight read by no
-    other node (a weight shared with an embedding lookup cannot take the scales). Other readers of the
-    activation (a residual sum) keep reading it unscaled."""
+    other node (a weight shared with an embedding lookup cannot take the scales), in float32. Other
+    readers of the activation (a residual sum) keep reading it unscaled."""
+    from onnx import TensorProto
+
     graph = model.graph  # type: ignore[attr-defined]
     inits = {i.name: i for i in graph.initializer}
     readers: dict[str, int] = defaultdict(int)
@@ -77,7 +79,8 @@ def weight_groups(model: object) -> dict[str, list[object]]:
         if node.op_type != "MatMul" or len(node.input) != 2:
             continue
         act, weight = node.input
-        if act in inits or weight not in inits or len(inits[weight].dims) != 2 or readers[weight] != 1:
+        if act in inits or weight not in inits or len(inits[weight].dims) != 2 or readers[weight] != 1 \
+                or inits[weight].data_type != TensorProto.FLOAT:  # the probe reads activations as float32
             continue
         groups[act].append(node)
     return dict(groups)
