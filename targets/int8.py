@@ -209,7 +209,8 @@ def smooth_if_better(module: nn.Module, fp32_path: Path, int8_path: Path, stat_i
     ``stat_inputs``) replaces the plain one at ``int8_path`` only when it measures better on ``judge``
     (or by perplexity on ``ppl_inputs``): within the profile's INT8 budget where the plain one is
     not, or else with the lower error. The strength limits of ``ALPHA_LIMITS`` are tried in turn
-    until an engine is within the budget. Returns the note that says what was kept and why."""
+    until an engine is within the budget; a language model judged by perplexity, a mean the
+    weaker limits do not lower, takes the first alone. Returns the note that says what was kept and why."""
     from .smoothquant import SmoothQuant
 
     size = fp32_path.stat().st_size + sum(p.stat().st_size for p in fp32_path.parent.glob(f"{fp32_path.name}*.data"))
@@ -238,7 +239,7 @@ def smooth_if_better(module: nn.Module, fp32_path: Path, int8_path: Path, stat_i
             if rank(err) < rank(best):
                 os.replace(candidate, int8_path)
                 best, kept = err, report
-            if err.within(opts):
+            if err.within(opts) or err.measure == PERPLEXITY:  # perplexity reads the mean error alone
                 break
         if not tried:
             return f"SmoothQuant not kept: no rescaling lowered the simulated INT8 error of the {stats.candidates} " \
