@@ -159,6 +159,8 @@ class EngineError:
 
     def within(self, opts: Any) -> bool:
         """Whether the profile's INT8 budget (``profile.int8``) passes it; NaN and inf never do."""
+        if not math.isfinite(self.value):
+            return False
         if self.measure == PERPLEXITY:
             return self.value <= opts.max_perplexity_ratio
         return self.rel <= opts.max_rel_error
@@ -186,10 +188,14 @@ def int8_error(module: nn.Module, runner: Callable[[Inputs], np.ndarray], inputs
             ref, got = ref[keep], got[keep]
         num += float(np.square(got - ref).sum())
         den += float(np.square(ref).sum())
-        worst = max(worst, errors(got, ref)[1])
+        rel = errors(got, ref)[1]
+        worst = rel if math.isnan(rel) else max(worst, rel)  # max() would drop a NaN
+        if not math.isfinite(worst):
+            return EngineError(math.inf, "relative squared error", math.inf)
     err = num / den if den > 0 else num
-    return EngineError(err if math.isfinite(err) else math.inf, "relative squared error",
-                       worst if math.isfinite(worst) else math.inf)
+    if not math.isfinite(err):
+        return EngineError(math.inf, "relative squared error", math.inf)
+    return EngineError(err, "relative squared error", worst)
 
 
 #: SmoothQuant is not tried on graphs whose weights pass this size: their INT8 engine needs external data

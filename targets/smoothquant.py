@@ -13,21 +13,23 @@ so the graph computes the same function in FP32 (up to rounding) while ``X / s``
 The division is one ``Mul`` by ``1 / s`` per group, inserted where the group reads ``X``: a
 ``[tokens, hidden]`` elementwise product beside the matrix products it serves. The graph-level form
 covers every family alike (the norm before attention, the attention output, the gated MLP's product,
-an encoder's GELU output, the LM head), where folding into the preceding norm would be written per
-architecture. NNCF's own SmoothQuant does the same insertion but only inside its static quantiser.
+an encoder's GELU output, an untied LM head; a head tied to the embedding is left alone), where
+folding into the preceding norm would be written per architecture. NNCF's own SmoothQuant does the
+same insertion but only inside its static quantiser.
 
 The strength ``alpha`` is chosen per group, as Intel Neural Compressor's auto-tuned SmoothQuant does:
 the one among ``ALPHAS`` (or none) that gives the least simulated dynamic-INT8 error of the group's
 products on sampled calibration rows, the activation range taken over every calibration token (the
 outlier tokens set the run-time scale). The INT8 lowering keeps the smoothed engine only when it
-measures closer to PyTorch than the plain one (``potstill.targets.int8.smooth_if_better``).
+measures better than the plain one (``potstill.targets.int8.smooth_if_better``).
 
 Measured on an AVX2 host without VNNI (7-bit weights), 2 threads:
 - all-MiniLM-L6-v2, 256 held-out sentences (8 x 64 tokens): dynamic INT8 of the teacher's engine kept
   mean cosine 0.9917 and nearest-neighbour agreement 0.875; smoothed (24 activation tensors, 36
-  products), 0.9959 and 0.918, at 1.21x against 1.25x the FP32 engine's speed;
+  products), 0.9959 and 0.918, at 1.49x against 1.54x the FP32 engine's speed;
 - SmolLM2-135M, 64 held-out sentences: perplexity 2.02x the FP32 engine's and next-token agreement
-  0.47; smoothed (119 of 120 tensors), 1.13x and 0.72, at the same 1.3x speed-up.
+  0.47; smoothed (119 of 120 tensors), 1.13x and 0.72, at 1.39x against 1.42x
+  (``bench/smoothquant.py minilm smollm2``).
 """
 
 from __future__ import annotations

@@ -153,3 +153,20 @@ def test_weaker_strengths_are_tried_only_while_the_engine_is_outside_the_budget(
     kept = int8_error(_reference(fp32), _runner(int8), judge, []).value
     listed = [float(part.split(": ")[1].split(",")[0]) for part in note.split("; ") if part.startswith("up to alpha")]
     assert f"{kept:.4g}" == f"{min(listed):.4g}", (kept, listed, note)
+
+
+def test_an_engine_that_gives_nan_never_wins_or_passes(tmp_path: Path) -> None:
+    """A NaN anywhere in the engine's output makes its error inf and fails every budget."""
+    fp32 = _outlier_graph(tmp_path)
+    judge = _as_inputs(60.0, 2)
+
+    def nan_once(item: tuple[tuple[torch.Tensor], dict[str, torch.Tensor]]) -> np.ndarray:
+        out = _runner(fp32)(item)
+        out[0, 0] = np.nan
+        return out
+
+    err = int8_error(_reference(fp32), nan_once, judge, [])
+    assert err.value == float("inf") and err.rel == float("inf"), err
+    assert not err.within(load_profile("cpu").int8)
+    fine = int8_error(_reference(fp32), _runner(fp32), judge, [])
+    assert fine.within(load_profile("cpu").int8) and fine.value < 1e-10, fine
