@@ -21,6 +21,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,10 +43,10 @@ class Logits(nn.Module):
         return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask), self.field)
 
 
-def batches(tok: object, sentences: list[str]) -> list[dict[str, torch.Tensor]]:
+def batches(tok: Any, sentences: list[str]) -> list[dict[str, torch.Tensor]]:
     out = []
     for i in range(0, len(sentences), 8):
-        enc = tok(sentences[i:i + 8], padding="max_length", truncation=True, max_length=64, return_tensors="pt")  # type: ignore[operator]
+        enc = tok(sentences[i:i + 8], padding="max_length", truncation=True, max_length=64, return_tensors="pt")
         out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     return out
 

@@ -208,11 +208,11 @@ SMOOTHQUANT_MAX_BYTES = 1_800_000_000
 ALPHA_LIMITS = (1.0, 0.5, 0.3)
 
 
-def smooth_if_better(module: nn.Module, fp32_path: Path, int8_path: Path, stat_inputs: Sequence[Inputs],
+def smooth_if_better(module: nn.Module, fp32_path: Path, int8_path: Path, stat_feeds: Sequence[dict[str, np.ndarray]],
                      open_runner: Callable[[Path], OrtRunner], judge: Sequence[Inputs], ppl_inputs: Sequence[Inputs],
                      profile: DeviceProfile) -> str:
-    """Dynamic INT8 of the SmoothQuant-rescaled graph (``potstill.targets.smoothquant``, statistics from
-    ``stat_inputs``) replaces the plain one at ``int8_path`` only when it measures better on ``judge``
+    """Dynamic INT8 of the SmoothQuant-rescaled graph (``potstill.targets.smoothquant``, statistics over
+    the engine feeds ``stat_feeds``) replaces the plain one at ``int8_path`` only when it measures better on ``judge``
     (or by perplexity on ``ppl_inputs``): within the profile's INT8 budget where the plain one is
     not, or else with the lower error. The strength limits of ``ALPHA_LIMITS`` are tried in turn
     until an engine is within the budget; a language model judged by perplexity, a mean the
@@ -224,15 +224,13 @@ def smooth_if_better(module: nn.Module, fp32_path: Path, int8_path: Path, stat_i
         return f"SmoothQuant not tried: {size / 1e9:.1f} GB of FP32 weights"
     smoothed = int8_path.with_name("model.smoothed.onnx")
     candidate = int8_path.with_name("model.int8-smoothed.onnx")
-    runner = open_runner(fp32_path)
     opts = profile.int8
 
     def rank(e: EngineError) -> tuple[bool, float]:  # within the budget first, then the lower error
         return not e.within(opts), e.value
 
     try:
-        stats = SmoothQuant(fp32_path, [runner.feeds(item) for item in stat_inputs],
-                            lambda path: make_session(path, profile)[0], int8_path.parent)
+        stats = SmoothQuant(fp32_path, stat_feeds, lambda path: make_session(path, profile)[0], int8_path.parent)
         plain = best = int8_error(module, open_runner(int8_path), judge, ppl_inputs)
         kept, tried = None, []
         for limit in ALPHA_LIMITS:
@@ -518,8 +516,8 @@ def lower_int8(
                 note += "; SmoothQuant not tried: no calibration data to scale by"
             else:  # scales from the batches past those that judge INT8, where there are any
                 note += "; " + smooth_if_better(
-                    module, fp32.files["onnx"], int8_path, calib_inputs[8:] or calib_inputs, open_runner, held_out,
-                    calib_inputs[:8] if lm else [], profile)
+                    module, fp32.files["onnx"], int8_path, [fp32_runner.feeds(i) for i in calib_inputs[8:] or calib_inputs],
+                    open_runner, held_out, calib_inputs[:8] if lm else [], profile)
         elif mode == "weight-only":
             quantize_weight_only_onnx(fp32.files["onnx"], int8_path)
             note = f"weight-only, activations quantised per block at run time ({judge})"

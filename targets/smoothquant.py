@@ -39,9 +39,12 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
 
 
 @dataclass
@@ -64,19 +67,19 @@ class Smoothed:
                 f"{self.outlier_ratio:.0f}x the median)")
 
 
-def weight_groups(model: object) -> dict[str, list[object]]:
+def weight_groups(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     """Activation tensor name -> the MatMul nodes that read it against a 2-D constant weight read by no
     other node (a weight shared with an embedding lookup cannot take the scales), in float32. Other
     readers of the activation (a residual sum) keep reading it unscaled."""
     from onnx import TensorProto
 
-    graph = model.graph  # type: ignore[attr-defined]
+    graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     readers: dict[str, int] = defaultdict(int)
     for node in graph.node:
         for name in node.input:
             readers[name] += 1
-    groups: dict[str, list[object]] = defaultdict(list)
+    groups: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in graph.node:
         if node.op_type != "MatMul" or len(node.input) != 2:
             continue
@@ -95,7 +98,7 @@ ALPHAS = (0.3, 0.5, 0.65, 0.8, 0.9)
 SAMPLE_ROWS = 256
 
 
-def activation_statistics(model: object, names: Sequence[str], feeds: Sequence[dict[str, np.ndarray]],
+def activation_statistics(model: onnx.ModelProto, names: Sequence[str], feeds: Sequence[dict[str, np.ndarray]],
                           open_session: Callable[[Path], Any], workdir: Path
                           ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per named tensor: the per-channel (last axis) minima and maxima over the calibration feeds, and
@@ -106,7 +109,7 @@ def activation_statistics(model: object, names: Sequence[str], feeds: Sequence[d
     from .large_onnx import save_onnx
 
     probe = onnx.ModelProto()
-    probe.CopyFrom(model)  # type: ignore[arg-type]
+    probe.CopyFrom(model)
     del probe.graph.output[:]
     probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".smoothquant-probe.") as tmp:
@@ -192,10 +195,13 @@ class SmoothQuant:
         inits = {i.name: i for i in model.graph.initializer}
         levels = 2 ** (weight_bits - 1) - 1
         alphas = [a for a in ALPHAS if a <= max_alpha]
-        ratios, chosen, products, new_nodes = [], [], 0, []
+        ratios: list[float] = []
+        chosen: list[float] = []
+        new_nodes: list[tuple[str, onnx.NodeProto]] = []
+        products = 0
         for act, nodes in weight_groups(model).items():
             lo, hi, x = (v.astype(np.float64) for v in self.stats[act])
-            weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float64) for n in nodes]  # type: ignore[attr-defined]
+            weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float64) for n in nodes]
             if x.shape[1] != weights[0].shape[0] or not all(np.all(np.isfinite(v)) for v in (lo, hi, x)):
                 continue
             s, alpha = best_scales((lo, hi), x, weights, levels, alphas)
@@ -208,9 +214,9 @@ class SmoothQuant:
             model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), scale))
             new_nodes.append((act, helper.make_node("Mul", [act, scale], [scaled], name=f"{act}_smooth")))
             for node, wt in zip(nodes, weights, strict=True):
-                init = inits[node.input[1]]  # type: ignore[attr-defined]
+                init = inits[node.input[1]]
                 init.CopyFrom(numpy_helper.from_array((wt * s[:, None]).astype(np.float32), init.name))
-                node.input[0] = scaled  # type: ignore[attr-defined]
+                node.input[0] = scaled
                 products += 1
         insert_after(model, new_nodes)
         save_onnx(model, out_path)
@@ -225,11 +231,11 @@ def smooth_onnx(fp32_path: Path, out_path: Path, feeds: Sequence[dict[str, np.nd
         out_path, weight_bits=weight_bits, max_alpha=max_alpha)
 
 
-def insert_after(model: object, placed: Sequence[tuple[str, object]]) -> None:
+def insert_after(model: onnx.ModelProto, placed: Sequence[tuple[str, onnx.NodeProto]]) -> None:
     """Insert each node right after the node that produces its tensor (first for graph inputs), so
     the graph stays topologically sorted."""
-    graph = model.graph  # type: ignore[attr-defined]
-    after: dict[str, list[object]] = defaultdict(list)
+    graph = model.graph
+    after: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for tensor, node in placed:
         after[tensor].append(node)
     nodes = list(graph.node)
